@@ -1,0 +1,3 @@
+"""rlkit: RL post-training for reasoning LLMs."""
+
+__version__ = "0.1.0"
