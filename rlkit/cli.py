@@ -1,0 +1,134 @@
+"""The `rlkit` command: parse the arguments, then call into the package.
+
+Commands import their modules when they run, so `rlkit --help` and a bad recipe fail fast
+without loading torch or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rlkit.config import ConfigError, load_recipe, sources_of
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed without a traceback, exit status 2."""
+
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        # Only the module itself missing is the user's news; a missing import inside it is a bug.
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise
+        raise CommandError(f"{module} is not part of this rlkit installation") from None
+    return getattr(found, name)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.address is not None:
+        cfg.ray.address = args.address
+        sources_of(cfg)["ray.address"] = f"command-line option --address {args.address}"
+    train = _lazy("rlkit.trainer.run", "train")
+    train(cfg, args.recipe)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    evaluate = _lazy("rlkit.trainer.evaluate", "main")
+    evaluate(model=args.model, cfg=cfg, split=args.split, k=args.k, json_path=args.json_path)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    report = importlib.import_module("rlkit.report")
+    try:
+        if len(args.run_dirs) == 1 and not args.labels:
+            paths = report.make_report(args.run_dirs[0], args.out)
+        else:
+            parent = os.path.dirname(os.path.abspath(args.run_dirs[0]))
+            out = args.out or os.path.join(parent, "compare")
+            paths = report.compare_runs(args.run_dirs, out, args.labels)
+    except (OSError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    bench = _lazy("rlkit.bench", "main")
+    return bench([args.target, *args.args]) or 0
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=5"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlkit", description="RL post-training (GRPO-family RLVR) for reasoning LLMs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="run a recipe", description="Run a YAML recipe.")
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/grpo_arithmetic.yaml")
+    _add_overrides(train)
+    train.add_argument(
+        "--address", help='join a Ray cluster ("auto" or host:port) instead of starting one'
+    )
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="held-out accuracy of a checkpoint or model")
+    evaluate.add_argument("model", metavar="CHECKPOINT_OR_MODEL")
+    _add_overrides(evaluate)
+    evaluate.add_argument("--recipe", help="recipe giving the data, prompts and sampling")
+    evaluate.add_argument("--split", default="eval", help="data split (default: eval)")
+    evaluate.add_argument("--k", type=int, help="samples per problem for pass@k")
+    evaluate.add_argument("--json", dest="json_path", metavar="FILE", help="write results here")
+    evaluate.set_defaults(run=_eval)
+
+    report = commands.add_parser(
+        "report",
+        help="plot a run's metrics, or compare runs",
+        description="One RUN_DIR: plots into RUN_DIR/report/. Several: their curves compared.",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="output folder for the PNGs")
+    report.add_argument("--labels", nargs="+", help="legend names of the compared runs")
+    report.set_defaults(run=_report)
+
+    bench = commands.add_parser("bench", help="benchmark rollout or learner throughput")
+    bench.add_argument("target", choices=["rollout", "learner"])
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`train r.yaml --address auto a=1`); argparse leaves those over.
+    if extra and hasattr(args, "overrides") and all("=" in a and a[0] != "-" for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.run(args)
+    except (ConfigError, CommandError) as e:
+        print(f"rlkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
