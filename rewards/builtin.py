@@ -1,0 +1,105 @@
+"""Built-in verifiers: answer correctness and format checks. Each returns a score in [0, 1]."""
+
+from __future__ import annotations
+
+import logging
+import re
+from fractions import Fraction
+from typing import Any
+
+from .answers import (
+    extract_after_hash,
+    extract_boxed,
+    extract_final_answer,
+    extract_last_number,
+    find_numbers,
+    normalize_text,
+    numbers_equal,
+    parse_number,
+)
+from .registry import register_verifier
+
+
+@register_verifier("arithmetic")
+def arithmetic(completion: str, sample: dict) -> float:
+    """The number after `####` if present, else the last number in the text, equals the integer."""
+    after_hash = extract_after_hash(completion)
+    if after_hash is not None:
+        numbers = find_numbers(after_hash)
+        answer = numbers[0] if numbers else None
+    else:
+        answer = extract_last_number(completion)
+    value = parse_number(answer) if answer is not None else None
+    return float(value is not None and value == Fraction(int(str(sample["ground_truth"]).strip())))
+
+
+@register_verifier("numeric")
+def numeric(completion: str, sample: dict, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> float:
+    """The marked final answer (else the last number) equals the ground truth within tolerance."""
+    answer = extract_final_answer(completion)
+    if answer is not None and parse_number(answer) is None:
+        # "The answer is 42 apples": the marked answer's last number.
+        answer = extract_last_number(answer)
+    elif answer is None:
+        answer = extract_last_number(completion)
+    if answer is None:
+        return 0.0
+    return float(
+        numbers_equal(answer, str(sample["ground_truth"]), rel_tol=rel_tol, abs_tol=abs_tol)
+    )
+
+
+@register_verifier("math_verify")
+def math_verify(completion: str, sample: dict, float_rounding: int = 6) -> float:
+    """Mathematical equivalence (`\\frac{1}{2}` == `0.5`, `(x+1)^2` == `x^2+2x+1`) by math-verify."""
+    import math_verify as mv
+
+    # math-verify's own timeouts use SIGALRM, which fails outside the main thread; they are
+    # disabled here and the process pool (`runner.VerifierPool`) enforces the time limit.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    after_hash = extract_after_hash(completion)
+    pred_text = f"${after_hash}$" if after_hash is not None else completion
+    truth = str(sample["ground_truth"])
+    gold = mv.parse(
+        truth if "$" in truth or "\\boxed" in truth else f"${truth}$", parsing_timeout=None
+    )
+    pred = mv.parse(pred_text, parsing_timeout=None)
+    if not gold or not pred:
+        return 0.0
+    return float(mv.verify(gold, pred, float_rounding=float_rounding, timeout_seconds=None))
+
+
+@register_verifier("boxed")
+def boxed(completion: str, sample: dict, rel_tol: float = 1e-6) -> float:
+    """The last `\\boxed{}` holds the ground truth (numerically, else as normalised text)."""
+    answer = extract_boxed(completion)
+    if answer is None:
+        return 0.0
+    return float(_same_answer(answer, str(sample["ground_truth"]), rel_tol))
+
+
+@register_verifier("format_hash")
+def format_hash(completion: str, sample: dict) -> float:
+    """A non-empty answer follows `####`."""
+    return float(extract_after_hash(completion) is not None)
+
+
+@register_verifier("format_boxed")
+def format_boxed(completion: str, sample: dict) -> float:
+    """A complete `\\boxed{...}` is present."""
+    return float(extract_boxed(completion) is not None)
+
+
+@register_verifier("format_regex")
+def format_regex(
+    completion: str, sample: dict, pattern: str = r"####\s*\S", full: bool = False
+) -> float:
+    """The completion matches `pattern` (anywhere, or as a whole with `full=True`; DOTALL)."""
+    match = re.fullmatch if full else re.search
+    return float(match(pattern, completion, flags=re.DOTALL) is not None)
+
+
+def _same_answer(answer: str, truth: Any, rel_tol: float) -> bool:
+    if parse_number(answer) is not None and parse_number(truth) is not None:
+        return numbers_equal(answer, truth, rel_tol=rel_tol)
+    return normalize_text(answer) == normalize_text(truth)

@@ -1,0 +1,243 @@
+"""Built-in verifiable tasks, registered by name.
+
+A task builds samples: `build(split, n, seed, **task_args) -> list[sample]`, where a sample is
+`{"prompt", "ground_truth", "data_source", "extra_info"}`. Splits are disjoint by construction:
+every problem is assigned to train or eval by a stable hash of its canonical key (salted with
+`split_seed`), so held-out problems never appear in train whatever `n` and `seed` the two
+splits are built with; `seed` only picks which problems of the split are drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+SPLITS = ("train", "eval")
+
+ARITHMETIC_PROMPT = "What is {a} {op} {b}? Answer with just the number."
+COUNTDOWN_PROMPT = (
+    "Using the numbers {numbers}, create an equation that equals {target}. "
+    "You can use + - * / and each number once. Put the final equation after ####."
+)
+# Problem spaces up to this size are enumerated; larger ones are sampled.
+_ENUMERATE_LIMIT = 200_000
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    fn: Callable[..., list[dict]]
+    # Name of the verifier that scores this task's samples (see rlkit.rewards).
+    default_verifier: str
+    # A correct response for a sample, for the SFT warm start.
+    reference: Callable[[dict], str]
+
+    def build(self, split: str, n: int, seed: int, **task_args: Any) -> list[dict]:
+        if split not in SPLITS:
+            raise ValueError(f"task {self.name!r}: split must be one of {SPLITS}, got {split!r}")
+        if n < 0:
+            raise ValueError(f"task {self.name!r}: n must be >= 0, got {n}")
+        params = list(inspect.signature(self.fn).parameters)[3:]
+        unknown = sorted(set(task_args) - set(params))
+        if unknown:
+            raise ValueError(f"task {self.name!r}: unknown task_args {unknown}; valid: {params}")
+        return self.fn(split, n, seed, **task_args)
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(name: str, default_verifier: str, reference: Callable[[dict], str]) -> Callable:
+    def decorator(fn: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        _TASKS[name] = Task(name=name, fn=fn, default_verifier=default_verifier, reference=reference)
+        return fn
+
+    return decorator
+
+
+def get_task(name: str) -> Task:
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(list_tasks())}")
+    return _TASKS[name]
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def in_eval_split(key: str, eval_fraction: float, split_seed: int = 0) -> bool:
+    """Stable (process- and platform-independent) assignment of a problem to the eval split."""
+    digest = hashlib.blake2b(f"{split_seed}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
+
+
+def _rng(task: str, split: str, seed: int) -> random.Random:
+    return random.Random(f"{task}/{split}/{seed}")
+
+
+def _chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+@register_task("arithmetic", default_verifier="arithmetic", reference=lambda sample: sample["ground_truth"])
+def arithmetic(
+    split: str,
+    n: int,
+    seed: int,
+    digits: int = 2,
+    ops: str | list[str] = "+",
+    eval_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> list[dict]:
+    """`What is 37 + 48? Answer with just the number.` over `digits`-digit operands."""
+    op_list = [ops] if isinstance(ops, str) else list(ops)
+    if not op_list or any(op not in ("+", "-", "*") for op in op_list):
+        raise ValueError(f"task 'arithmetic': ops must be drawn from '+', '-', '*', got {ops!r}")
+    if digits < 1:
+        raise ValueError(f"task 'arithmetic': digits must be >= 1, got {digits}")
+    low, high = (1 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    want_eval = split == "eval"
+    rng = _rng("arithmetic", split, seed)
+    space = (high - low + 1) ** 2 * len(op_list)
+    if space <= _ENUMERATE_LIMIT:
+        pool = [
+            (a, op, b)
+            for op in op_list
+            for a in range(low, high + 1)
+            for b in range(low, high + 1)
+            if in_eval_split(f"{a}{op}{b}", eval_fraction, split_seed) == want_eval
+        ]
+        problems = _draw_from_pool(pool, n, rng, distinct=want_eval, what="arithmetic")
+    else:
+
+        def draw() -> tuple[int, str, int] | None:
+            a, op, b = rng.randint(low, high), rng.choice(op_list), rng.randint(low, high)
+            return (
+                (a, op, b)
+                if in_eval_split(f"{a}{op}{b}", eval_fraction, split_seed) == want_eval
+                else None
+            )
+
+        problems = _draw_by_rejection(draw, n, what="arithmetic")
+    return [
+        {
+            "prompt": _chat(ARITHMETIC_PROMPT.format(a=a, op=op, b=b)),
+            "ground_truth": str(_apply(a, op, b)),
+            "data_source": "arithmetic",
+            "extra_info": {"split": split, "index": i, "a": a, "op": op, "b": b},
+        }
+        for i, (a, op, b) in enumerate(problems)
+    ]
+
+
+@register_task(
+    "countdown",
+    default_verifier="countdown",
+    reference=lambda sample: f"#### {sample['extra_info']['solution']}",
+)
+def countdown(
+    split: str,
+    n: int,
+    seed: int,
+    num_numbers: int | tuple[int, int] | list[int] = (3, 4),
+    max_number: int = 50,
+    max_target: int = 200,
+    eval_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> list[dict]:
+    """Reach a target with + - * / over 3-4 numbers; every problem is solvable by construction."""
+    counts = [num_numbers] if isinstance(num_numbers, int) else list(num_numbers)
+    if len(counts) not in (1, 2) or min(counts) < 2:
+        raise ValueError(
+            f"task 'countdown': num_numbers must be an int >= 2 or [min, max], got {num_numbers!r}"
+        )
+    want_eval = split == "eval"
+    rng = _rng("countdown", split, seed)
+
+    def draw() -> tuple[list[int], int, str] | None:
+        numbers = [rng.randint(1, max_number) for _ in range(rng.randint(min(counts), max(counts)))]
+        target, solution = _random_equation(numbers, rng)
+        if not 1 <= target <= max_target:
+            return None
+        rng.shuffle(numbers)
+        key = f"{sorted(numbers)}|{target}"
+        return (
+            (numbers, target, solution)
+            if in_eval_split(key, eval_fraction, split_seed) == want_eval
+            else None
+        )
+
+    problems = _draw_by_rejection(draw, n, what="countdown", key=lambda p: f"{sorted(p[0])}|{p[1]}")
+    return [
+        {
+            "prompt": _chat(COUNTDOWN_PROMPT.format(numbers=numbers, target=target)),
+            "ground_truth": json.dumps({"numbers": numbers, "target": target}),
+            "data_source": "countdown",
+            "extra_info": {"split": split, "index": i, "solution": solution},
+        }
+        for i, (numbers, target, solution) in enumerate(problems)
+    ]
+
+
+def _random_equation(numbers: list[int], rng: random.Random) -> tuple[int, str]:
+    """Combine all numbers, in a random tree, into one positive integer; returns (value, equation)."""
+    terms = [(n, str(n)) for n in numbers]
+    while len(terms) > 1:
+        (a, ea), (b, eb) = (
+            terms.pop(rng.randrange(len(terms))),
+            terms.pop(rng.randrange(len(terms))),
+        )
+        ops = ["+", "*"] + (["-"] if a != b else []) + (["/"] if b > 0 and a % b == 0 else [])
+        op = rng.choice(ops)
+        if op == "-" and a < b:
+            (a, ea), (b, eb) = (b, eb), (a, ea)
+        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a // b
+        terms.append((value, f"({ea} {op} {eb})"))
+    value, equation = terms[0]
+    # The outermost parentheses add nothing.
+    return value, equation[1:-1] if equation.startswith("(") else equation
+
+
+def _draw_from_pool(pool: list, n: int, rng: random.Random, distinct: bool, what: str) -> list:
+    """Eval: n distinct problems. Train: whole reshuffled passes over the pool until n are drawn."""
+    if distinct:
+        if n > len(pool):
+            raise ValueError(f"task {what!r}: eval split holds {len(pool)} problems, {n} requested")
+        return rng.sample(pool, n)
+    if not pool and n:
+        raise ValueError(f"task {what!r}: the train split is empty")
+    drawn: list = []
+    while len(drawn) < n:
+        drawn.extend(rng.sample(pool, len(pool)))
+    return drawn[:n]
+
+
+def _draw_by_rejection(
+    draw: Callable[[], Any], n: int, what: str, key: Callable[[Any], str] = str
+) -> list:
+    """n distinct problems from `draw` (which returns None for a rejected candidate)."""
+    seen: set[str] = set()
+    problems: list = []
+    attempts = 0
+    while len(problems) < n:
+        attempts += 1
+        if attempts > 1000 + 200 * n:
+            raise ValueError(
+                f"task {what!r}: found only {len(problems)} of {n} distinct problems; widen the task_args"
+            )
+        problem = draw()
+        if problem is not None and key(problem) not in seen:
+            seen.add(key(problem))
+            problems.append(problem)
+    return problems

@@ -1,0 +1,106 @@
+import json
+import re
+
+import pytest
+from rlkit.rewards import get_verifier
+
+from rlkit.data.tasks import get_task, list_tasks, register_task
+
+
+def keys(samples):
+    return {s["prompt"][0]["content"] for s in samples}
+
+
+def test_registry():
+    assert {"arithmetic", "countdown"} <= set(list_tasks())
+    assert get_task("arithmetic").default_verifier == "arithmetic"
+    assert get_task("countdown").default_verifier == "countdown"
+    with pytest.raises(ValueError, match="arithmetic.*countdown"):
+        get_task("gsm9k")
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("arithmetic", default_verifier="arithmetic", reference=str)(lambda split, n, seed: [])
+
+
+def test_arithmetic_prompt_format_and_truth():
+    samples = get_task("arithmetic").build("train", 50, seed=0)
+    for s in samples:
+        assert s["data_source"] == "arithmetic"
+        assert len(s["prompt"]) == 1 and s["prompt"][0]["role"] == "user"
+        match = re.fullmatch(
+            r"What is (\d{2}) \+ (\d{2})\? Answer with just the number\.", s["prompt"][0]["content"]
+        )
+        assert match, s["prompt"]
+        assert s["ground_truth"] == str(int(match[1]) + int(match[2]))
+
+
+@pytest.mark.parametrize(
+    "task, args", [("arithmetic", {}), ("arithmetic", {"ops": ["+", "-", "*"]}), ("countdown", {})]
+)
+def test_splits_are_disjoint_whatever_the_seeds(task, args):
+    build = get_task(task).build
+    evals = keys(build("eval", 200, seed=0, **args)) | keys(build("eval", 200, seed=1, **args))
+    train = keys(build("train", 3000, seed=0, **args)) | keys(build("train", 3000, seed=7, **args))
+    assert len(evals) > 200 and len(train) > 2000
+    assert not evals & train
+
+
+def test_arithmetic_eval_is_a_seeded_tenth_of_the_8100_problems():
+    build = get_task("arithmetic").build
+    held_out = keys(build("eval", 700, seed=0))
+    # 20000 draws cover the ~7290 remaining problems; together the splits are all 8100.
+    train = keys(build("train", 20000, seed=0))
+    assert not held_out & train
+    assert 7000 < len(train) < 7600
+    with pytest.raises(ValueError, match="eval split holds"):
+        build("eval", 5000, seed=0)
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "countdown"])
+def test_deterministic_per_seed(task):
+    build = get_task(task).build
+    assert build("train", 100, seed=3) == build("train", 100, seed=3)
+    assert build("eval", 50, seed=3) == build("eval", 50, seed=3)
+    assert build("train", 100, seed=3) != build("train", 100, seed=4)
+
+
+def test_arithmetic_ops_and_digits():
+    samples = get_task("arithmetic").build("train", 300, seed=0, digits=3, ops=["-", "*"])
+    ops = set()
+    for s in samples:
+        a, op, b = re.match(r"What is (\d+) (.) (\d+)\?", s["prompt"][0]["content"]).groups()
+        assert len(a) == len(b) == 3
+        assert s["ground_truth"] == str(int(a) - int(b) if op == "-" else int(a) * int(b))
+        ops.add(op)
+    assert ops == {"-", "*"}
+    with pytest.raises(ValueError, match="ops"):
+        get_task("arithmetic").build("train", 1, seed=0, ops="/")
+    with pytest.raises(ValueError, match="unknown task_args.*digts"):
+        get_task("arithmetic").build("train", 1, seed=0, digts=3)
+
+
+def test_reference_answers_pass_the_task_verifier():
+    for name in ["arithmetic", "countdown"]:
+        task = get_task(name)
+        verifier = get_verifier(task.default_verifier)
+        for s in task.build("eval", 100, seed=0):
+            result = verifier(task.reference(s), s)
+            assert (result["score"] if isinstance(result, dict) else result) == 1.0
+
+
+def test_countdown_problems_are_solvable_with_every_number_once():
+    verifier = get_verifier("countdown")
+    samples = get_task("countdown").build("train", 500, seed=0)
+    sizes = set()
+    for s in samples:
+        truth = json.loads(s["ground_truth"])
+        sizes.add(len(truth["numbers"]))
+        assert s["data_source"] == "countdown"
+        assert s["prompt"][0]["content"] == (
+            f"Using the numbers {truth['numbers']}, create an equation that equals {truth['target']}. "
+            "You can use + - * / and each number once. Put the final equation after ####."
+        )
+        assert 1 <= truth["target"] <= 200
+        solution = s["extra_info"]["solution"]
+        assert verifier(f"#### {solution}", s, require_all=True)["score"] == 1.0
+        assert verifier(f"#### {solution} + 1", s)["score"] == 0.0
+    assert sizes == {3, 4}

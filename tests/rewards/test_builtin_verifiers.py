@@ -1,0 +1,108 @@
+import threading
+
+import pytest
+from rlkit.rewards import get_verifier, list_verifiers, register_verifier
+
+
+def sample(truth):
+    return {"prompt": "q", "ground_truth": truth, "data_source": "test", "extra_info": {}}
+
+
+def test_required_verifiers_are_registered():
+    for name in ["arithmetic", "numeric", "math_verify", "boxed", "format_hash", "countdown"]:
+        assert name in list_verifiers()
+
+
+@pytest.mark.parametrize(
+    "completion, score",
+    [
+        ("85", 1.0),
+        ("37 + 48 = 85", 1.0),
+        ("The answer is 85.", 1.0),
+        ("85.0", 1.0),
+        ("#### 85", 1.0),
+        ("I think 85, wait no\n#### 84", 0.0),
+        ("#### 85\nbut also 12", 1.0),
+        ("84", 0.0),
+        ("8 5", 0.0),
+        ("no number", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_arithmetic(completion, score):
+    assert get_verifier("arithmetic")(completion, sample("85")) == score
+
+
+def test_arithmetic_negative_and_thousands():
+    assert get_verifier("arithmetic")("37 - 48 = -11", sample("-11")) == 1.0
+    assert get_verifier("arithmetic")("37-48 = 11", sample("-11")) == 0.0
+    assert get_verifier("arithmetic")("It is 1,776", sample("1776")) == 1.0
+
+
+@pytest.mark.parametrize(
+    "completion, truth, score",
+    [
+        ("#### 1,234", "1234", 1.0),
+        (r"\boxed{\frac{3}{4}}", "0.75", 1.0),
+        ("The answer is 42 apples.", "42", 1.0),
+        ("so we get 7 and then 3.5", "3.5", 1.0),
+        ("#### -2", "2", 0.0),
+        ("#### none", "2", 0.0),
+        ("nothing", "2", 0.0),
+    ],
+)
+def test_numeric(completion, truth, score):
+    assert get_verifier("numeric")(completion, sample(truth)) == score
+
+
+def test_numeric_tolerance_kwarg():
+    verifier = get_verifier("numeric")
+    assert verifier("#### 3.14", sample("3.14159")) == 0.0
+    assert verifier("#### 3.14", sample("3.14159"), rel_tol=1e-3) == 1.0
+
+
+@pytest.mark.parametrize(
+    "completion, truth, score",
+    [
+        ("The answer is 0.5", r"\frac{1}{2}", 1.0),
+        (r"so $\boxed{\frac{1}{2}}$", "0.5", 1.0),
+        (r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+        ("#### 42", "42", 1.0),
+        (r"\boxed{\frac{1}{3}}", "0.5", 0.0),
+        ("no math here", "3", 0.0),
+    ],
+)
+def test_math_verify_equivalence(completion, truth, score):
+    assert get_verifier("math_verify")(completion, sample(truth)) == score
+
+
+def test_math_verify_runs_outside_the_main_thread():
+    results = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            get_verifier("math_verify")(r"\boxed{\frac{2}{4}}", sample("0.5"))
+        )
+    )
+    thread.start()
+    thread.join(timeout=30)
+    assert results == [1.0]
+
+
+def test_boxed_and_format_checks():
+    assert get_verifier("boxed")(r"\boxed{1,234}", sample("1234")) == 1.0
+    assert get_verifier("boxed")(r"\boxed{\text{Paris}}", sample("paris")) == 1.0
+    assert get_verifier("boxed")("1234", sample("1234")) == 0.0
+    assert get_verifier("format_hash")("work\n#### 5", sample("0")) == 1.0
+    assert get_verifier("format_hash")("5", sample("0")) == 0.0
+    assert get_verifier("format_boxed")(r"x \boxed{5}", sample("0")) == 1.0
+    assert get_verifier("format_boxed")(r"x \boxed{5", sample("0")) == 0.0
+    regex = get_verifier("format_regex")
+    assert regex("<think>a</think> 5", sample("0"), pattern=r"<think>.*</think>") == 1.0
+    assert regex("<think>a</think> 5", sample("0"), pattern=r"<think>.*</think>", full=True) == 0.0
+
+
+def test_registry_rejects_duplicates_and_lists_names_on_a_miss():
+    with pytest.raises(ValueError, match="already registered"):
+        register_verifier("arithmetic")(lambda completion, sample: 1.0)
+    with pytest.raises(ValueError, match="arithmetic.*numeric"):
+        get_verifier("no_such_verifier")
