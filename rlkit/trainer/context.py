@@ -1,0 +1,135 @@
+"""What a stage needs from the run: config, data, actors, metrics, checkpoints.
+
+The driver owns this object; stages (`rlvr.py`, `sft.py`) read like the algorithm and call
+its methods for anything that crosses a process boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from rlkit.config.schema import RecipeConfig
+from rlkit.data.stream import PromptStream
+from rlkit.trainer import checkpoint
+from rlkit.trainer.evaluate import accuracy_metrics
+from rlkit.trainer.metrics import MetricsLogger
+from rlkit.trainer.timer import PhaseTimer
+
+
+@dataclass
+class StageSpec:
+    index: int
+    name: str
+    type: str
+    cfg: RecipeConfig
+
+
+@dataclass
+class RunContext:
+    cfg: RecipeConfig  # the current stage's config (recipe + the stage's overrides)
+    run_dir: str
+    learner: Any  # Ray actor handle
+    rollout: Any  # Ray actor handle
+    reward: Any  # Ray actor handle
+    tokenizer: Any
+    train_samples: list[dict[str, Any]]
+    train_prompt_ids: list[list[int]]
+    eval_samples: list[dict[str, Any]]
+    eval_prompt_ids: list[list[int]]
+    stream: PromptStream
+    logger: MetricsLogger
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def call(method, *args, **kwargs):
+        return ray.get(method.remote(*args, **kwargs))
+
+    def generate(self, prompts: list[list[int]], params, n: int) -> list[dict[str, Any]]:
+        return self.call(self.rollout.generate, prompts, params, n)
+
+    def score(self, completions: list[str], samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.call(self.reward.score, completions, samples)
+
+    def sync_weights(self) -> None:
+        # The weights travel learner → object store → rollout worker without touching the driver.
+        ref = self.learner.weights.remote(self.cfg.rollout.dtype)
+        ray.get(self.rollout.load_weights.remote(ref))
+
+    def evaluate(self) -> dict[str, float]:
+        from rlkit.rollout.sampling import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, stop=list(self.cfg.rollout.stop))
+        outs = self.generate(self.eval_prompt_ids, params, 1)
+        scored = self.score([c["text"] for c in outs], self.eval_samples)
+        return accuracy_metrics(scored["scores"], [len(c["token_ids"]) for c in outs], prefix="eval")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.logger.log(row)
+
+    def save_checkpoint(self, stage: StageSpec, step: int) -> str:
+        tmp, final = checkpoint.begin(self.run_dir, stage.index, stage.name, step)
+        self.call(self.learner.save, tmp)
+        state = {
+            "stage_index": stage.index,
+            "stage_name": stage.name,
+            "step": step,
+            "data": self.stream.state(),
+            "rng": _rng_state(),
+            "summary": self.summary,
+        }
+        checkpoint.commit(tmp, final, state, keep=self.cfg.train.keep_checkpoints)
+        return final
+
+    def restore(self, ref: checkpoint.CheckpointRef) -> dict[str, Any]:
+        state = checkpoint.read_state(ref.path)
+        self.call(self.learner.load, ref.path)
+        self.sync_weights()
+        self.stream.load_state(state["data"])
+        _set_rng_state(state["rng"])
+        self.summary.update(state.get("summary", {}))
+        return state
+
+
+def _rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def truncate_metrics(path: str, stage_index: int, step: int) -> None:
+    """Drop rows written after the checkpoint, so a resumed run does not log a step twice."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if (row.get("stage_index", 0), row.get("step", 0)) <= (stage_index, step):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

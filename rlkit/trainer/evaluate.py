@@ -1,0 +1,75 @@
+"""Held-out evaluation: greedy accuracy and pass@k, in a training run or from `rlkit eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from math import comb
+from typing import Any
+
+
+def accuracy_metrics(scores: Sequence[float], lengths: Sequence[int], prefix: str = "eval") -> dict[str, float]:
+    n = max(1, len(scores))
+    return {
+        f"{prefix}/accuracy": sum(1.0 for s in scores if s >= 1.0) / n,
+        f"{prefix}/reward_mean": sum(scores) / n,
+        f"{prefix}/length_mean": sum(lengths) / max(1, len(lengths)),
+    }
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - comb(num_samples - num_correct, k) / comb(num_samples, k)
+
+
+def main(
+    model: str,
+    cfg,
+    split: str = "eval",
+    k: int | None = None,
+    json_path: str | None = None,
+    **_: Any,
+) -> dict[str, float]:
+    """`rlkit eval`: greedy accuracy (and pass@k when k > 1) of a checkpoint on a task split.
+
+    Runs in-process (no Ray): one engine and one verifier pool are all evaluation needs.
+    """
+    import torch
+
+    from rlkit.models.loading import load_model
+    from rlkit.rewards.runner import VerifierPool
+    from rlkit.rollout.engine import Engine
+    from rlkit.rollout.sampling import SamplingParams
+    from rlkit.trainer.data_setup import load_split, verifier_spec
+
+    k = k or cfg.eval.k
+    dtype = torch.bfloat16 if cfg.rollout.dtype == "bfloat16" else torch.float32
+    net, tokenizer = load_model(model, dtype=dtype)
+    net.eval()
+    engine = Engine(net, tokenizer, max_batch_size=cfg.rollout.max_batch_size, dtype=dtype)
+    samples, prompt_ids, _dropped = load_split(cfg, tokenizer, split)
+    pool = VerifierPool(verifier_spec(cfg), cfg.reward.style, cfg.reward.kwargs, cfg.reward.num_workers, cfg.reward.timeout_s, base_dir=os.getcwd())
+    try:
+        greedy = engine.generate(prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, stop=list(cfg.rollout.stop)), n=1)
+        scored = pool.score([c.text for c in greedy], samples)
+        out = accuracy_metrics(scored.scores, [len(c.token_ids) for c in greedy], prefix=split)
+        if k > 1:
+            params = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens, stop=list(cfg.rollout.stop), seed=cfg.train.seed)
+            sampled = engine.generate(prompt_ids, params, n=k)
+            s = pool.score([c.text for c in sampled], [samples[c.prompt_index] for c in sampled])
+            correct = [0] * len(samples)
+            for c, score in zip(sampled, s.scores):
+                correct[c.prompt_index] += score >= 1.0
+            out[f"{split}/pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / max(1, len(samples))
+            out[f"{split}/pass@1_sampled"] = sum(pass_at_k(k, c, 1) for c in correct) / max(1, len(samples))
+    finally:
+        pool.close()
+    out[f"{split}/num_problems"] = len(samples)
+    print(json.dumps(out, indent=1))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return out

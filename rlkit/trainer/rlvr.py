@@ -1,0 +1,158 @@
+"""The RLVR stage: generate → reward → advantages → learn → sync, one named phase at a time."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from rlkit.algorithms import ADVANTAGES, filter_groups
+from rlkit.data.batch import RolloutBatch
+from rlkit.rollout.sampling import SamplingParams
+from rlkit.trainer.context import RunContext, StageSpec
+
+
+class Round(NamedTuple):
+    outs: list[dict[str, Any]]
+    sample_of: list[int]  # training-sample index of each completion
+    rewards: torch.Tensor  # [n_outs]
+    keep: torch.Tensor  # [n_outs] bool: survives dynamic sampling
+    scored: dict[str, Any]
+
+
+def sampling_params(ctx: RunContext, seed: int) -> SamplingParams:
+    r = ctx.cfg.rollout
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop=list(r.stop),
+        seed=seed,
+    )
+
+
+def _rollout(ctx: RunContext, prompt_idx: list[int], seed: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """Generate n samples per prompt; returns completions and the sample index of each."""
+    n = ctx.cfg.rollout.n
+    prompts = [ctx.train_prompt_ids[i] for i in prompt_idx]
+    outs = ctx.generate(prompts, sampling_params(ctx, seed), n)
+    sample_of = [prompt_idx[c["prompt_index"]] for c in outs]
+    return outs, sample_of
+
+
+def _response_metrics(outs: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+    lengths = torch.tensor([len(c["token_ids"]) for c in outs], dtype=torch.float32)
+    truncated = sum(c["finish_reason"] == "length" for c in outs)
+    return {
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/truncated_frac": truncated / len(outs),
+        "throughput/rollout_tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
+    }
+
+
+def _collect(ctx: RunContext, seed: int) -> tuple[list[Round], dict[str, float]]:
+    """Rollout and reward rounds until the batch has prompts_per_step informative groups.
+
+    Without dynamic sampling this is one round. With it (DAPO), groups whose rewards are all
+    equal carry no signal and are dropped; the batch is refilled with fresh prompts.
+    """
+    cfg, timer = ctx.cfg, ctx.timer
+    n = cfg.rollout.n
+    rounds: list[Round] = []
+    pending = ctx.stream.take(cfg.train.prompts_per_step)
+    kept_groups = filtered_groups = 0
+    outs_all: list[dict[str, Any]] = []
+    while pending:
+        with timer.phase("rollout"):
+            outs, sample_of = _rollout(ctx, pending, seed + 7919 * len(rounds))
+        with timer.phase("reward"):
+            scored = ctx.score([c["text"] for c in outs], [ctx.train_samples[i] for i in sample_of])
+        rewards = torch.tensor(scored["scores"], dtype=torch.float32)
+        keep = torch.ones(len(outs), dtype=torch.bool)
+        if cfg.algorithm.dynamic_sampling:
+            keep = filter_groups(rewards, torch.tensor(sample_of, dtype=torch.long))
+        rounds.append(Round(outs, sample_of, rewards, keep, scored))
+        outs_all.extend(outs)
+        kept_groups += int(keep.sum()) // n
+        filtered_groups += (len(outs) - int(keep.sum())) // n
+        short = cfg.train.prompts_per_step - kept_groups
+        if not cfg.algorithm.dynamic_sampling or short <= 0 or len(rounds) > cfg.algorithm.max_refill_rounds:
+            break
+        pending = ctx.stream.take(short)
+    metrics = _response_metrics(outs_all, timer.seconds.get("rollout", 0.0))
+    metrics["rollout/rounds"] = len(rounds)
+    metrics["rollout/filtered_groups"] = filtered_groups
+    return rounds, metrics
+
+
+def run_rlvr(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
+    cfg, timer = ctx.cfg, ctx.timer
+    advantage_fn = ADVANTAGES.get(cfg.algorithm.advantage)
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        row: dict[str, Any] = {"stage": stage.name, "stage_index": stage.index, "step": step}
+        # Rollouts are a function of (seed, stage, step), so a resumed run samples what the
+        # uninterrupted run would have.
+        seed = cfg.train.seed * 1_000_003 + stage.index * 100_003 + step
+        rounds, rollout_metrics = _collect(ctx, seed)
+        row.update(rollout_metrics)
+        with timer.phase("advantage"):
+            batch, reward_metrics = _build_batch(ctx, rounds)
+            batch.advantages = advantage_fn(batch.rewards, batch.group_ids, batch.response_mask)
+        row.update(reward_metrics)
+        with timer.phase("learn"):
+            row.update(ctx.call(ctx.learner.train_step, batch))
+        with timer.phase("sync"):
+            ctx.sync_weights()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+            with timer.phase("eval"):
+                row.update(ctx.evaluate())
+        row.update(timer.pop())
+        ctx.log(row)
+        if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            ctx.save_checkpoint(stage, step)
+
+
+def _build_batch(ctx: RunContext, rounds: list[Round]) -> tuple[RolloutBatch, dict[str, float]]:
+    cfg = ctx.cfg
+    prompts, responses, logps, rewards, gids, loss_mask = [], [], [], [], [], []
+    all_rewards, all_extras, err_metrics = [], [], {}
+    for outs, sample_of, r, keep, scored in rounds:
+        all_rewards.append(r)
+        all_extras.extend(scored["extras"])
+        for k, v in scored["metrics"].items():
+            err_metrics[k] = err_metrics.get(k, 0.0) + float(v)
+        for j, c in enumerate(outs):
+            if not keep[j]:
+                continue
+            prompts.append(ctx.train_prompt_ids[sample_of[j]])
+            responses.append(c["token_ids"])
+            logps.append(c["logprobs"])
+            rewards.append(float(r[j]))
+            gids.append(sample_of[j])
+            masked = cfg.algorithm.overlong == "mask" and c["finish_reason"] == "length"
+            loss_mask.append(not masked)
+    if not prompts:
+        # Every group was filtered out: keep the last round so the step still runs (with zero
+        # advantages it leaves the weights unchanged) and the metrics say so.
+        outs, sample_of, r, _keep, _scored = rounds[-1]
+        for j, c in enumerate(outs):
+            prompts.append(ctx.train_prompt_ids[sample_of[j]])
+            responses.append(c["token_ids"])
+            logps.append(c["logprobs"])
+            rewards.append(float(r[j]))
+            gids.append(sample_of[j])
+            loss_mask.append(True)
+    batch = RolloutBatch.from_sequences(prompts, responses, logps, rewards, gids, loss_mask)
+    every = torch.cat(all_rewards)
+    metrics = {
+        "reward/mean": float(every.mean()),
+        "reward/std": float(every.std()) if every.numel() > 1 else 0.0,
+        "train/accuracy": float((every >= 1.0).float().mean()),
+    }
+    for k, v in err_metrics.items():
+        metrics[f"reward/{k}"] = v
+    return batch, metrics
+
+

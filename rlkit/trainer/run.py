@@ -1,0 +1,128 @@
+"""`rlkit train`: set up the run, start the actors, run the stages, print the outcome."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from rlkit.config import apply_overrides, save_resolved, to_dict
+from rlkit.config.schema import RecipeConfig
+from rlkit.trainer import checkpoint
+from rlkit.trainer.context import RunContext, StageSpec, truncate_metrics
+from rlkit.trainer.memory import PeakMemoryMonitor
+
+
+def stage_specs(cfg: RecipeConfig) -> list[StageSpec]:
+    specs = []
+    names: set[str] = set()
+    for i, st in enumerate(cfg.stages):
+        name = st.name or st.type
+        if name in names:
+            name = f"{name}{i}"
+        names.add(name)
+        stage_cfg = apply_overrides(cfg, st.overrides, where=f"stages[{i}].overrides") if st.overrides else cfg
+        specs.append(StageSpec(index=i, name=name, type=st.type, cfg=stage_cfg))
+    return specs
+
+
+def prepare_run_dir(cfg: RecipeConfig) -> str:
+    """runs/<name>/; a fresh run never writes into an existing run's folder (it takes name-2, ...)."""
+    base = os.path.join(cfg.run.dir, cfg.run.name)
+    if cfg.run.resume:
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"run.resume=true but {base} does not exist: nothing to resume")
+        return base
+    path, k = base, 1
+    while os.path.exists(path) and os.listdir(path):
+        k += 1
+        path = f"{base}-{k}"
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    specs = stage_specs(cfg)  # validates every stage's overrides before anything starts
+    run_dir = prepare_run_dir(cfg)
+    save_resolved(cfg, run_dir)
+    monitor = PeakMemoryMonitor().start()
+    from rlkit.trainer.launch import launch
+
+    resume_from = checkpoint.latest(run_dir) if cfg.run.resume else None
+    if resume_from is not None:
+        # Rows logged after the checkpoint would be logged again: drop them before logging starts.
+        truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), resume_from.stage_index, resume_from.step)
+    ctx = launch(cfg, run_dir)
+    try:
+        if resume_from is None:
+            ctx.summary["eval_before"] = _eval_row(ctx, specs[0], step=0)
+        summary = _run_stages(ctx, specs, resume_from, t_start)
+    finally:
+        monitor.stop()
+        ctx.logger.close()
+        import ray
+
+        ray.shutdown()
+    summary["peak_memory_gb"] = monitor.peak_bytes / 2**30
+    summary["run_dir"] = run_dir
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    from rlkit.report import make_report
+
+    plots = make_report(run_dir)
+    _print_summary(summary, plots)
+    return summary
+
+
+def _eval_row(ctx: RunContext, stage: StageSpec, step: int) -> dict[str, float]:
+    with ctx.timer.phase("eval"):
+        metrics = ctx.evaluate()
+    row = {"stage": stage.name, "stage_index": stage.index, "step": step, **metrics, **ctx.timer.pop()}
+    ctx.log(row)
+    return metrics
+
+
+def _run_stages(ctx: RunContext, specs: list[StageSpec], resume_from, t_start: float) -> dict[str, Any]:
+    from rlkit.trainer.rlvr import run_rlvr
+    from rlkit.trainer.sft import run_sft
+
+    runners = {"rlvr": run_rlvr, "sft": run_sft}
+    t_first_step = None
+    for spec in specs:
+        start_step = 0
+        if resume_from is not None:
+            if spec.index < resume_from.stage_index:
+                continue
+            if spec.index == resume_from.stage_index:
+                start_step = resume_from.step
+        ctx.cfg = spec.cfg
+        ctx.call(ctx.learner.configure, spec.cfg)
+        if resume_from is not None and spec.index == resume_from.stage_index:
+            ctx.restore(resume_from)
+        ctx.logger.start_stage(f"{spec.index}:{spec.name}", total=spec.cfg.train.steps, initial=start_step)
+        if t_first_step is None:
+            t_first_step = time.perf_counter()
+            ctx.summary.setdefault("setup_seconds", t_first_step - t_start)
+        runners[spec.type](ctx, spec, start_step)
+    t_end = time.perf_counter()
+    ctx.summary["train_seconds"] = t_end - (t_first_step or t_end)
+    ctx.summary["eval_after"] = _eval_row(ctx, specs[-1], step=specs[-1].cfg.train.steps)
+    ctx.summary["config"] = to_dict(ctx.cfg)
+    return ctx.summary
+
+
+def _print_summary(summary: dict[str, Any], plots: list[str]) -> None:
+    before = summary.get("eval_before", {}).get("eval/accuracy")
+    after = summary.get("eval_after", {}).get("eval/accuracy")
+    lines = ["", "rlkit: training finished"]
+    if before is not None:
+        lines.append(f"  held-out accuracy before: {before:.3f}")
+    if after is not None:
+        lines.append(f"  held-out accuracy after:  {after:.3f}")
+    lines.append(f"  set-up {summary.get('setup_seconds', 0):.0f} s, training {summary.get('train_seconds', 0):.0f} s, peak memory {summary['peak_memory_gb']:.2f} GB")
+    lines.append(f"  run directory: {summary['run_dir']}")
+    if plots:
+        lines.append(f"  plots: {os.path.dirname(plots[0])}/ ({', '.join(os.path.basename(p) for p in plots)})")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,219 @@
+"""The learner: holds the trainable policy and its optimizer, runs the policy-gradient update.
+
+A plain class, so it is tested without Ray; `rlkit.workers.actors` wraps it as a Ray actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+
+import torch
+
+from rlkit.algorithms import POLICY_LOSSES, aggregate, kl_penalty, tis_weights, token_logprobs
+from rlkit.config.schema import RecipeConfig
+from rlkit.data.batch import RolloutBatch
+from rlkit.models.loading import load_model, save_pretrained
+from rlkit.trainer.optim import build_optimizer, build_scheduler
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Learner:
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RecipeConfig,
+        num_threads: int | None = None,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        torch.manual_seed(cfg.train.seed)
+        model_cfg = cfg.model
+        self.model, self.tokenizer = load_model(model_path, dtype=_DTYPES[model_cfg.dtype])
+        self.model.gradient_checkpointing = model_cfg.gradient_checkpointing
+        self.model.train()
+        self.compute_dtype = None if model_cfg.compute_dtype == "none" else _DTYPES[model_cfg.compute_dtype]
+        self.ref_model: torch.nn.Module | None = None
+        self.configure(cfg)
+
+    def configure(self, cfg: RecipeConfig) -> None:
+        """Start a stage: its algorithm settings, a fresh optimizer and schedule on the current weights."""
+        self.algo = cfg.algorithm
+        self.train_cfg = cfg.train
+        self.optim_cfg = cfg.optim
+        # Log-probs are taken under the distribution the sampler drew from (logits / temperature).
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.opt = build_optimizer(self.model.parameters(), cfg.optim)
+        self.sched = build_scheduler(self.opt, cfg.train.steps, cfg.optim)
+        self.policy_loss = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
+        # The KL reference is the policy as the stage starts.
+        self.ref_model = None
+        if cfg.algorithm.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def _autocast(self):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=self.compute_dtype)
+
+    def response_logprobs(
+        self, model: torch.nn.Module, mb: RolloutBatch, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of the response tokens; the LM head never sees prompt positions."""
+        with self._autocast():
+            hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
+        n, t = mb.response_ids.shape
+        resp_lens = mb.attention_mask.sum(1) - mb.prompt_lens  # [n]
+        steps = torch.arange(t)
+        valid = steps[None, :] < resp_lens[:, None]  # [n, T]
+        # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
+        pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(max=hidden.shape[1] - 1)  # [n, T]
+        rows = torch.arange(n)[:, None].expand(n, t)
+        h = hidden[rows[valid], pos[valid]]  # [M, H]
+        logp_flat, ent_flat = token_logprobs(
+            h, model.lm_head_weight, mb.response_ids[valid], with_entropy=with_entropy, temperature=self.temperature
+        )
+        logp = hidden.new_zeros(n, t, dtype=torch.float32).masked_scatter(valid, logp_flat)
+        ent = None
+        if ent_flat is not None:
+            ent = hidden.new_zeros(n, t, dtype=torch.float32).masked_scatter(valid, ent_flat)
+        return logp, ent
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        return torch.cat(
+            [
+                torch.nn.functional.pad(lp, (0, batch.response_ids.shape[1] - lp.shape[1]))
+                for lp in (self.response_logprobs(model, mb)[0] for mb in batch.split(self.train_cfg.micro_batch_size))
+            ]
+        )
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """One rollout batch: recompute old log-probs, then PPO epochs over mini-batches."""
+        if batch.advantages is None:
+            raise ValueError("train_step needs batch.advantages (computed by the driver)")
+        start = time.perf_counter()
+        self.model.train()
+        cfg, algo = self.train_cfg, self.algo
+        # On-policy with one update per batch, the learner's old log-probs are exactly the detached
+        # log-probs of the training forward pass (the weights have not moved yet): no second pass.
+        fused_old = cfg.mini_batches == 1 and cfg.ppo_epochs == 1
+        old_logp = None if fused_old else self._score(self.model, batch)  # [N, T]
+        ref_logp = self._score(self.ref_model, batch) if self.ref_model is not None else None
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        order = torch.arange(len(batch))
+        grad_norms = []
+        processed_tokens = 0
+        # A sample whose advantage is zero on every token adds exactly zero to the PPO loss and
+        # its gradient (its old log-probs come from this very pass), so with no KL or entropy term
+        # it is skipped; it still counts in the loss normalisers, so the update is unchanged.
+        # GRPO zeroes every group whose rewards are all equal: early and late in training, most.
+        skip_zero = fused_old and self.ref_model is None and algo.entropy_coef == 0
+        active = (batch.advantages != 0).any(1) | ~torch.tensor(skip_zero)  # [N]
+        for _ in range(cfg.ppo_epochs):
+            for mini_idx in order.chunk(cfg.mini_batches):
+                mini = batch.select(mini_idx)
+                n_tokens = max(1.0, float(mini.response_mask.sum()))
+                n_seqs = max(1.0, float((mini.response_mask.sum(1) > 0).sum()))
+                live = torch.arange(len(mini))[active[mini_idx]]
+                for mb_idx in live.split(cfg.micro_batch_size):
+                    if len(mb_idx) == 0:
+                        continue
+                    mb = mini.select(mb_idx)
+                    gidx = mini_idx[mb_idx]
+                    processed_tokens += int(mb.attention_mask.sum())
+                    logp, ent = self.response_logprobs(self.model, mb, with_entropy=True)
+                    t = logp.shape[1]
+                    old = logp.detach() if old_logp is None else old_logp[gidx, :t]
+                    mask = mb.response_mask
+                    weights, stats = None, {}
+                    if algo.tis_cap is not None:
+                        weights, tis_stats = tis_weights(old, mb.sampler_logp, mask, algo.tis_cap)
+                        stats = {f"actor/{k}": v for k, v in tis_stats.items()}
+                    loss, pl_stats = self.policy_loss(
+                        logp, old, mb.advantages, mask,
+                        eps_low=algo.eps_low, eps_high=algo.eps_high, weights=weights,
+                        agg=algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs,
+                    )
+                    stats.update({f"actor/{k}": v for k, v in pl_stats.items() if k != "num_tokens"})
+                    if ref_logp is not None:
+                        kl = kl_penalty(logp, ref_logp[gidx, :t], algo.kl_estimator)
+                        kl_loss = aggregate(kl, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs)
+                        loss = loss + algo.kl_coef * kl_loss
+                        stats["actor/kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
+                    if ent is not None:
+                        stats["actor/entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+                        if algo.entropy_coef > 0:
+                            ent_loss = aggregate(ent, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs)
+                            loss = loss - algo.entropy_coef * ent_loss
+                    loss.backward()
+                    w = float(mask.sum())
+                    weight_total += w
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * w
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)))
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+        lr = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        elapsed = time.perf_counter() - start
+        out = {k: v / max(weight_total, 1.0) for k, v in sums.items()}
+        out["actor/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
+        out["actor/lr"] = lr
+        out["throughput/learner_tokens_per_s"] = processed_tokens / max(elapsed, 1e-9)
+        out["actor/skipped_frac"] = 1.0 - float(active.float().mean())
+        return out
+
+    def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """Cross-entropy on the response tokens (token-mean over the batch), one optimizer step."""
+        start = time.perf_counter()
+        self.model.train()
+        n_tokens = max(1.0, float(batch.response_mask.sum()))
+        total = 0.0
+        for mb in batch.split(self.train_cfg.micro_batch_size):
+            logp, _ = self.response_logprobs(self.model, mb)
+            loss = -(logp * mb.response_mask).sum() / n_tokens
+            loss.backward()
+            total += float(loss)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        elapsed = time.perf_counter() - start
+        return {
+            "sft/loss": total,
+            "actor/grad_norm": grad_norm,
+            "actor/lr": lr,
+            "throughput/learner_tokens_per_s": int(batch.attention_mask.sum()) / max(elapsed, 1e-9),
+        }
+
+    def weights(self, dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
+        """The policy's weights for the rollout workers, cast to their dtype."""
+        target = _DTYPES[dtype]
+        return {k: v.detach().to(target) for k, v in self.model.state_dict().items()}
+
+    def save(self, path: str) -> None:
+        save_pretrained(self.model, self.tokenizer, os.path.join(path, "model"))
+        torch.save(
+            {
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            os.path.join(path, "learner.pt"),
+        )
+
+    def load(self, path: str, with_optimizer: bool = True) -> None:
+        model, _ = load_model(os.path.join(path, "model"), dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(model.state_dict())
+        state_file = os.path.join(path, "learner.pt")
+        if with_optimizer and os.path.exists(state_file):
+            state = torch.load(state_file, weights_only=False)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
