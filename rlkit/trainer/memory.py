@@ -8,15 +8,21 @@ import threading
 import psutil
 
 
-def tree_rss_bytes(root: psutil.Process | None = None) -> int:
+def tree_rss(root: psutil.Process | None = None) -> dict[int, tuple[str, int]]:
+    """pid -> (process title, RSS bytes) for `root` and all its descendants."""
     root = root or psutil.Process()
-    total = 0
+    out: dict[int, tuple[str, int]] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            title = " ".join(proc.cmdline()[:1]) or proc.name()
+            out[proc.pid] = (title[:60], proc.memory_info().rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total
+    return out
+
+
+def tree_rss_bytes(root: psutil.Process | None = None) -> int:
+    return sum(rss for _, rss in tree_rss(root).values())
 
 
 class PeakMemoryMonitor:
@@ -25,6 +31,8 @@ class PeakMemoryMonitor:
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.peak_bytes = 0
+        # The breakdown at the moment of the peak, largest first: where the memory went.
+        self.peak_breakdown: list[tuple[str, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rlkit-mem", daemon=True)
 
@@ -33,8 +41,11 @@ class PeakMemoryMonitor:
         return self
 
     def sample(self) -> int:
-        now = tree_rss_bytes()
-        self.peak_bytes = max(self.peak_bytes, now)
+        procs = tree_rss()
+        now = sum(rss for _, rss in procs.values())
+        if now > self.peak_bytes:
+            self.peak_bytes = now
+            self.peak_breakdown = sorted(procs.values(), key=lambda x: -x[1])
         return now
 
     def _run(self) -> None:

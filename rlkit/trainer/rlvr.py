@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rlkit.algorithms import ADVANTAGES, filter_groups
+from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.trainer.context import RunContext, StageSpec
@@ -20,8 +21,8 @@ class Round(NamedTuple):
     scored: dict[str, Any]
 
 
-def sampling_params(ctx: RunContext, seed: int) -> SamplingParams:
-    r = ctx.cfg.rollout
+def sampling_params(cfg: RecipeConfig, seed: int) -> SamplingParams:
+    r = cfg.rollout
     return SamplingParams(
         temperature=r.temperature,
         top_p=r.top_p,
@@ -36,7 +37,7 @@ def _rollout(ctx: RunContext, prompt_idx: list[int], seed: int) -> tuple[list[di
     """Generate n samples per prompt; returns completions and the sample index of each."""
     n = ctx.cfg.rollout.n
     prompts = [ctx.train_prompt_ids[i] for i in prompt_idx]
-    outs = ctx.generate(prompts, sampling_params(ctx, seed), n)
+    outs = ctx.generate(prompts, sampling_params(ctx.cfg, seed), n)
     sample_of = [prompt_idx[c["prompt_index"]] for c in outs]
     return outs, sample_of
 

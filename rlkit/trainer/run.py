@@ -66,6 +66,7 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
 
         ray.shutdown()
     summary["peak_memory_gb"] = monitor.peak_bytes / 2**30
+    summary["peak_memory_by_process_gb"] = [[title, rss / 2**30] for title, rss in monitor.peak_breakdown[:8]]
     summary["run_dir"] = run_dir
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)

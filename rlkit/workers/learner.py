@@ -5,7 +5,6 @@ A plain class, so it is tested without Ray; `rlkit.workers.actors` wraps it as a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import time
@@ -17,6 +16,7 @@ from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.models.loading import load_model, save_pretrained
 from rlkit.trainer.optim import build_optimizer, build_scheduler
+from rlkit.workers.master_weights import MasterWeights, StateView
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -35,7 +35,10 @@ class Learner:
         self.model, self.tokenizer = load_model(model_path, dtype=_DTYPES[model_cfg.dtype])
         self.model.gradient_checkpointing = model_cfg.gradient_checkpointing
         self.model.train()
-        self.compute_dtype = None if model_cfg.compute_dtype == "none" else _DTYPES[model_cfg.compute_dtype]
+        # compute_dtype bf16: the model computes in bf16, the optimizer updates fp32 master weights.
+        self.master: MasterWeights | None = None
+        if model_cfg.compute_dtype != "none" and _DTYPES[model_cfg.compute_dtype] != _DTYPES[model_cfg.dtype]:
+            self.master = MasterWeights(self.model, _DTYPES[model_cfg.compute_dtype])
         self.ref_model: torch.nn.Module | None = None
         self.configure(cfg)
 
@@ -46,7 +49,7 @@ class Learner:
         self.optim_cfg = cfg.optim
         # Log-probs are taken under the distribution the sampler drew from (logits / temperature).
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-        self.opt = build_optimizer(self.model.parameters(), cfg.optim)
+        self.opt = build_optimizer(self._trainable(), cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.train.steps, cfg.optim)
         self.policy_loss = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
         # The KL reference is the policy as the stage starts.
@@ -54,17 +57,28 @@ class Learner:
         if cfg.algorithm.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
 
-    def _autocast(self):
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=self.compute_dtype)
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return self.master.parameters() if self.master is not None else list(self.model.parameters())
+
+    def _optimizer_step(self) -> float:
+        """Clip, step, zero; returns the gradient norm before clipping."""
+        if self.master is not None:
+            self.master.grads_to_master()
+        norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), self.optim_cfg.grad_clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.master.master_to_model()
+        return norm
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        return self.master.state_dict(self.model) if self.master is not None else self.model.state_dict()
 
     def response_logprobs(
         self, model: torch.nn.Module, mb: RolloutBatch, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) of the response tokens; the LM head never sees prompt positions."""
-        with self._autocast():
-            hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
+        hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
         n, t = mb.response_ids.shape
         resp_lens = mb.attention_mask.sum(1) - mb.prompt_lens  # [n]
         steps = torch.arange(t)
@@ -155,9 +169,7 @@ class Learner:
                     weight_total += w
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)))
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                grad_norms.append(self._optimizer_step())
         lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
         elapsed = time.perf_counter() - start
@@ -179,10 +191,8 @@ class Learner:
             loss = -(logp * mb.response_mask).sum() / n_tokens
             loss.backward()
             total += float(loss)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
         lr = self.opt.param_groups[0]["lr"]
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        grad_norm = self._optimizer_step()
         self.sched.step()
         elapsed = time.perf_counter() - start
         return {
@@ -195,10 +205,13 @@ class Learner:
     def weights(self, dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
         """The policy's weights for the rollout workers, cast to their dtype."""
         target = _DTYPES[dtype]
-        return {k: v.detach().to(target) for k, v in self.model.state_dict().items()}
+        state = self.model.state_dict()
+        if next(iter(state.values())).dtype != target:
+            state = self._full_state()
+        return {k: v.detach().to(target) for k, v in state.items()}
 
     def save(self, path: str) -> None:
-        save_pretrained(self.model, self.tokenizer, os.path.join(path, "model"))
+        save_pretrained(StateView(self.model.args, self._full_state()), self.tokenizer, os.path.join(path, "model"))
         torch.save(
             {
                 "optimizer": self.opt.state_dict(),
@@ -209,8 +222,11 @@ class Learner:
         )
 
     def load(self, path: str, with_optimizer: bool = True) -> None:
-        model, _ = load_model(os.path.join(path, "model"), dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(model.state_dict())
+        model, _ = load_model(os.path.join(path, "model"), dtype=torch.float32)
+        if self.master is not None:
+            self.master.load(model.state_dict())
+        else:
+            self.model.load_state_dict(model.state_dict())
         state_file = os.path.join(path, "learner.pt")
         if with_optimizer and os.path.exists(state_file):
             state = torch.load(state_file, weights_only=False)

@@ -1,0 +1,57 @@
+"""Mixed precision without autocast: the model computes in bf16, the optimizer updates fp32.
+
+Autocast re-casts every weight at every matmul of every forward and backward; on a CPU that
+cast is a quarter of a learner step. Keeping the model's parameters in bf16 and a float32
+master copy for the optimizer (as FSDP's mixed precision does) casts once per optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class MasterWeights:
+    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+        """`model` holds the full-precision weights; it is cast to `compute_dtype` in place."""
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in model.parameters() if p.requires_grad]
+        model.to(compute_dtype)
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.master
+
+    @torch.no_grad()
+    def grads_to_master(self) -> None:
+        for p, m in zip(self.model_params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        for p, m in zip(self.model_params, self.master):
+            p.copy_(m)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with float32 master values in place of the bf16 parameters."""
+        master = dict(zip(self.names, self.master))
+        return {k: master[k].detach() if k in master else v for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for name, m in zip(self.names, self.master):
+            m.copy_(state[name])
+        self.master_to_model()
+
+
+class StateView:
+    """What `save_pretrained` reads from a model (its args and state dict), with other values."""
+
+    def __init__(self, args: Any, state: dict[str, torch.Tensor]) -> None:
+        self.args = args
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
