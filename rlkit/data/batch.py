@@ -46,7 +46,9 @@ class RolloutBatch:
     ) -> RolloutBatch:
         n = len(prompts)
         if not (len(responses) == len(sampler_logps) == len(rewards) == len(group_ids) == n):
-            raise ValueError("prompts, responses, sampler_logps, rewards and group_ids must have one entry per sample")
+            raise ValueError(
+                "prompts, responses, sampler_logps, rewards and group_ids must have one entry per sample"
+            )
         total = max(len(p) + len(r) for p, r in zip(prompts, responses))
         t_max = max(1, max(len(r) for r in responses))
         input_ids = torch.zeros(n, total, dtype=torch.long)
@@ -93,7 +95,9 @@ class RolloutBatch:
     def trim(self) -> RolloutBatch:
         """Drop trailing columns that are padding in every row."""
         seq_len = int(self.attention_mask.sum(1).max().item()) if len(self) else 0
-        resp_len = int((self.attention_mask.sum(1) - self.prompt_lens).max().item()) if len(self) else 0
+        resp_len = (
+            int((self.attention_mask.sum(1) - self.prompt_lens).max().item()) if len(self) else 0
+        )
         resp_len = max(1, resp_len)
         self.input_ids = self.input_ids[:, :seq_len]
         self.attention_mask = self.attention_mask[:, :seq_len]
@@ -123,5 +127,7 @@ class RolloutBatch:
                 kw[f.name] = torch.cat(values)
             else:
                 width = max(v.shape[1] for v in values)
-                kw[f.name] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values])
+                kw[f.name] = torch.cat(
+                    [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values]
+                )
         return RolloutBatch(**kw)

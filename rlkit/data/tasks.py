@@ -56,7 +56,9 @@ def register_task(name: str, default_verifier: str, reference: Callable[[dict], 
     def decorator(fn: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
         if name in _TASKS:
             raise ValueError(f"task {name!r} is already registered")
-        _TASKS[name] = Task(name=name, fn=fn, default_verifier=default_verifier, reference=reference)
+        _TASKS[name] = Task(
+            name=name, fn=fn, default_verifier=default_verifier, reference=reference
+        )
         return fn
 
     return decorator
@@ -90,7 +92,9 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-@register_task("arithmetic", default_verifier="arithmetic", reference=lambda sample: sample["ground_truth"])
+@register_task(
+    "arithmetic", default_verifier="arithmetic", reference=lambda sample: sample["ground_truth"]
+)
 def arithmetic(
     split: str,
     n: int,

@@ -95,7 +95,9 @@ def latest(run_dir: str) -> CheckpointRef | None:
         steps = _steps(os.path.join(root, name))
         if not steps:
             continue
-        ref = CheckpointRef(int(m.group(1)), m.group(2), steps[-1], os.path.join(root, name, f"step_{steps[-1]}"))
+        ref = CheckpointRef(
+            int(m.group(1)), m.group(2), steps[-1], os.path.join(root, name, f"step_{steps[-1]}")
+        )
         if best is None or (ref.stage_index, ref.step) > (best.stage_index, best.step):
             best = ref
     return best

@@ -67,10 +67,16 @@ class RunContext:
     def evaluate(self) -> dict[str, float]:
         from rlkit.rollout.sampling import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, stop=list(self.cfg.rollout.stop))
+        params = SamplingParams(
+            temperature=0.0,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            stop=list(self.cfg.rollout.stop),
+        )
         outs = self.generate(self.eval_prompt_ids, params, 1)
         scored = self.score([c["text"] for c in outs], self.eval_samples)
-        return accuracy_metrics(scored["scores"], [len(c["token_ids"]) for c in outs], prefix="eval")
+        return accuracy_metrics(
+            scored["scores"], [len(c["token_ids"]) for c in outs], prefix="eval"
+        )
 
     def log(self, row: dict[str, Any]) -> None:
         self.logger.log(row)

@@ -9,7 +9,9 @@ from math import comb
 from typing import Any
 
 
-def accuracy_metrics(scores: Sequence[float], lengths: Sequence[int], prefix: str = "eval") -> dict[str, float]:
+def accuracy_metrics(
+    scores: Sequence[float], lengths: Sequence[int], prefix: str = "eval"
+) -> dict[str, float]:
     n = max(1, len(scores))
     return {
         f"{prefix}/accuracy": sum(1.0 for s in scores if s >= 1.0) / n,
@@ -51,20 +53,42 @@ def main(
     net.eval()
     engine = Engine(net, tokenizer, max_batch_size=cfg.rollout.max_batch_size, dtype=dtype)
     samples, prompt_ids, _dropped = load_split(cfg, tokenizer, split)
-    pool = VerifierPool(verifier_spec(cfg), cfg.reward.style, cfg.reward.kwargs, cfg.reward.num_workers, cfg.reward.timeout_s, base_dir=os.getcwd())
+    pool = VerifierPool(
+        verifier_spec(cfg),
+        cfg.reward.style,
+        cfg.reward.kwargs,
+        cfg.reward.num_workers,
+        cfg.reward.timeout_s,
+        base_dir=os.getcwd(),
+    )
     try:
-        greedy = engine.generate(prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, stop=list(cfg.rollout.stop)), n=1)
+        greedy = engine.generate(
+            prompt_ids,
+            SamplingParams(
+                temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, stop=list(cfg.rollout.stop)
+            ),
+            n=1,
+        )
         scored = pool.score([c.text for c in greedy], samples)
         out = accuracy_metrics(scored.scores, [len(c.token_ids) for c in greedy], prefix=split)
         if k > 1:
-            params = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens, stop=list(cfg.rollout.stop), seed=cfg.train.seed)
+            params = SamplingParams(
+                temperature=cfg.eval.temperature,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                stop=list(cfg.rollout.stop),
+                seed=cfg.train.seed,
+            )
             sampled = engine.generate(prompt_ids, params, n=k)
             s = pool.score([c.text for c in sampled], [samples[c.prompt_index] for c in sampled])
             correct = [0] * len(samples)
             for c, score in zip(sampled, s.scores):
                 correct[c.prompt_index] += score >= 1.0
-            out[f"{split}/pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / max(1, len(samples))
-            out[f"{split}/pass@1_sampled"] = sum(pass_at_k(k, c, 1) for c in correct) / max(1, len(samples))
+            out[f"{split}/pass@{k}"] = sum(pass_at_k(k, c, k) for c in correct) / max(
+                1, len(samples)
+            )
+            out[f"{split}/pass@1_sampled"] = sum(pass_at_k(k, c, 1) for c in correct) / max(
+                1, len(samples)
+            )
     finally:
         pool.close()
     out[f"{split}/num_problems"] = len(samples)

@@ -27,7 +27,9 @@ def init_ray(cfg: RecipeConfig, num_cpus: int) -> None:
     # Actors inherit the driver's environment; quiet, single-threaded BLAS start-up in each.
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+        ray.init(
+            address=cfg.ray.address, runtime_env={"env_vars": env}, logging_level=logging.WARNING
+        )
         return
     ray.init(
         num_cpus=num_cpus,
@@ -54,10 +56,19 @@ def launch(cfg: RecipeConfig, run_dir: str) -> RunContext:
         )
     place = plan(cfg)
     init_ray(cfg, place.num_cpus)
-    learner = ray.remote(num_cpus=place.learner_cpus)(Learner).remote(model_dir, cfg, place.learner_threads)
-    rollout = ray.remote(num_cpus=place.rollout_cpus)(RolloutWorker).remote(model_dir, cfg.rollout, place.rollout_threads)
+    learner = ray.remote(num_cpus=place.learner_cpus)(Learner).remote(
+        model_dir, cfg, place.learner_threads
+    )
+    rollout = ray.remote(num_cpus=place.rollout_cpus)(RolloutWorker).remote(
+        model_dir, cfg.rollout, place.rollout_threads
+    )
     reward = ray.remote(num_cpus=place.reward_cpus)(RewardPool).remote(
-        verifier_spec(cfg), cfg.reward.style, cfg.reward.kwargs, cfg.reward.num_workers, cfg.reward.timeout_s, os.getcwd()
+        verifier_spec(cfg),
+        cfg.reward.style,
+        cfg.reward.kwargs,
+        cfg.reward.num_workers,
+        cfg.reward.timeout_s,
+        os.getcwd(),
     )
     logger = MetricsLogger(
         run_dir,
@@ -84,5 +95,11 @@ def launch(cfg: RecipeConfig, run_dir: str) -> RunContext:
     ctx.summary["dropped_prompts"] = {"train": dropped_train, "eval": dropped_eval}
     ctx.summary["model_dir"] = model_dir
     # The rollout worker loaded the same checkpoint as the learner: no initial sync needed.
-    ray.get([learner.__ray_ready__.remote(), rollout.__ray_ready__.remote(), reward.__ray_ready__.remote()])
+    ray.get(
+        [
+            learner.__ray_ready__.remote(),
+            rollout.__ray_ready__.remote(),
+            reward.__ray_ready__.remote(),
+        ]
+    )
     return ctx

@@ -33,7 +33,9 @@ def sampling_params(cfg: RecipeConfig, seed: int) -> SamplingParams:
     )
 
 
-def _rollout(ctx: RunContext, prompt_idx: list[int], seed: int) -> tuple[list[dict[str, Any]], list[int]]:
+def _rollout(
+    ctx: RunContext, prompt_idx: list[int], seed: int
+) -> tuple[list[dict[str, Any]], list[int]]:
     """Generate n samples per prompt; returns completions and the sample index of each."""
     n = ctx.cfg.rollout.n
     prompts = [ctx.train_prompt_ids[i] for i in prompt_idx]
@@ -79,7 +81,11 @@ def _collect(ctx: RunContext, seed: int) -> tuple[list[Round], dict[str, float]]
         kept_groups += int(keep.sum()) // n
         filtered_groups += (len(outs) - int(keep.sum())) // n
         short = cfg.train.prompts_per_step - kept_groups
-        if not cfg.algorithm.dynamic_sampling or short <= 0 or len(rounds) > cfg.algorithm.max_refill_rounds:
+        if (
+            not cfg.algorithm.dynamic_sampling
+            or short <= 0
+            or len(rounds) > cfg.algorithm.max_refill_rounds
+        ):
             break
         pending = ctx.stream.take(short)
     metrics = _response_metrics(outs_all, timer.seconds.get("rollout", 0.0))
@@ -155,5 +161,3 @@ def _build_batch(ctx: RunContext, rounds: list[Round]) -> tuple[RolloutBatch, di
     for k, v in err_metrics.items():
         metrics[f"reward/{k}"] = v
     return batch, metrics
-
-

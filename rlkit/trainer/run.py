@@ -22,7 +22,11 @@ def stage_specs(cfg: RecipeConfig) -> list[StageSpec]:
         if name in names:
             name = f"{name}{i}"
         names.add(name)
-        stage_cfg = apply_overrides(cfg, st.overrides, where=f"stages[{i}].overrides") if st.overrides else cfg
+        stage_cfg = (
+            apply_overrides(cfg, st.overrides, where=f"stages[{i}].overrides")
+            if st.overrides
+            else cfg
+        )
         specs.append(StageSpec(index=i, name=name, type=st.type, cfg=stage_cfg))
     return specs
 
@@ -53,7 +57,9 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     resume_from = checkpoint.latest(run_dir) if cfg.run.resume else None
     if resume_from is not None:
         # Rows logged after the checkpoint would be logged again: drop them before logging starts.
-        truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), resume_from.stage_index, resume_from.step)
+        truncate_metrics(
+            os.path.join(run_dir, "metrics.jsonl"), resume_from.stage_index, resume_from.step
+        )
     ctx = launch(cfg, run_dir)
     try:
         if resume_from is None:
@@ -66,7 +72,9 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
 
         ray.shutdown()
     summary["peak_memory_gb"] = monitor.peak_bytes / 2**30
-    summary["peak_memory_by_process_gb"] = [[title, rss / 2**30] for title, rss in monitor.peak_breakdown[:8]]
+    summary["peak_memory_by_process_gb"] = [
+        [title, rss / 2**30] for title, rss in monitor.peak_breakdown[:8]
+    ]
     summary["run_dir"] = run_dir
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -80,12 +88,20 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
 def _eval_row(ctx: RunContext, stage: StageSpec, step: int) -> dict[str, float]:
     with ctx.timer.phase("eval"):
         metrics = ctx.evaluate()
-    row = {"stage": stage.name, "stage_index": stage.index, "step": step, **metrics, **ctx.timer.pop()}
+    row = {
+        "stage": stage.name,
+        "stage_index": stage.index,
+        "step": step,
+        **metrics,
+        **ctx.timer.pop(),
+    }
     ctx.log(row)
     return metrics
 
 
-def _run_stages(ctx: RunContext, specs: list[StageSpec], resume_from, t_start: float) -> dict[str, Any]:
+def _run_stages(
+    ctx: RunContext, specs: list[StageSpec], resume_from, t_start: float
+) -> dict[str, Any]:
     from rlkit.trainer.rlvr import run_rlvr
     from rlkit.trainer.sft import run_sft
 
@@ -102,7 +118,9 @@ def _run_stages(ctx: RunContext, specs: list[StageSpec], resume_from, t_start: f
         ctx.call(ctx.learner.configure, spec.cfg)
         if resume_from is not None and spec.index == resume_from.stage_index:
             ctx.restore(resume_from)
-        ctx.logger.start_stage(f"{spec.index}:{spec.name}", total=spec.cfg.train.steps, initial=start_step)
+        ctx.logger.start_stage(
+            f"{spec.index}:{spec.name}", total=spec.cfg.train.steps, initial=start_step
+        )
         if t_first_step is None:
             t_first_step = time.perf_counter()
             ctx.summary.setdefault("setup_seconds", t_first_step - t_start)
@@ -122,8 +140,12 @@ def _print_summary(summary: dict[str, Any], plots: list[str]) -> None:
         lines.append(f"  held-out accuracy before: {before:.3f}")
     if after is not None:
         lines.append(f"  held-out accuracy after:  {after:.3f}")
-    lines.append(f"  set-up {summary.get('setup_seconds', 0):.0f} s, training {summary.get('train_seconds', 0):.0f} s, peak memory {summary['peak_memory_gb']:.2f} GB")
+    lines.append(
+        f"  set-up {summary.get('setup_seconds', 0):.0f} s, training {summary.get('train_seconds', 0):.0f} s, peak memory {summary['peak_memory_gb']:.2f} GB"
+    )
     lines.append(f"  run directory: {summary['run_dir']}")
     if plots:
-        lines.append(f"  plots: {os.path.dirname(plots[0])}/ ({', '.join(os.path.basename(p) for p in plots)})")
+        lines.append(
+            f"  plots: {os.path.dirname(plots[0])}/ ({', '.join(os.path.basename(p) for p in plots)})"
+        )
     print("\n".join(lines), flush=True)

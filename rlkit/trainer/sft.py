@@ -17,12 +17,18 @@ def sft_examples(ctx: RunContext) -> list[tuple[list[int], list[int]]]:
     eos = tok.eos_token_id
     pairs: list[tuple[Any, str]]
     if cfg.sft.train_files:
-        pairs = [(p["prompt"], p["response"]) for path in cfg.sft.train_files for p in load_sft_pairs(path)]
+        pairs = [
+            (p["prompt"], p["response"])
+            for path in cfg.sft.train_files
+            for p in load_sft_pairs(path)
+        ]
         prompt_ids = [apply_chat(tok, p) for p, _ in pairs]
     else:
         task = get_task(cfg.data.task) if cfg.data.task else None
         if task is None:
-            raise ValueError("the sft stage needs sft.train_files or a built-in data.task with reference answers")
+            raise ValueError(
+                "the sft stage needs sft.train_files or a built-in data.task with reference answers"
+            )
         pairs = [(s["prompt"], task.reference(s)) for s in ctx.train_samples]
         prompt_ids = ctx.train_prompt_ids
     out = []

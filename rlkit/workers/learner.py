@@ -37,7 +37,10 @@ class Learner:
         self.model.train()
         # compute_dtype bf16: the model computes in bf16, the optimizer updates fp32 master weights.
         self.master: MasterWeights | None = None
-        if model_cfg.compute_dtype != "none" and _DTYPES[model_cfg.compute_dtype] != _DTYPES[model_cfg.dtype]:
+        if (
+            model_cfg.compute_dtype != "none"
+            and _DTYPES[model_cfg.compute_dtype] != _DTYPES[model_cfg.dtype]
+        ):
             self.master = MasterWeights(self.model, _DTYPES[model_cfg.compute_dtype])
         self.ref_model: torch.nn.Module | None = None
         self.configure(cfg)
@@ -58,7 +61,9 @@ class Learner:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
-        return self.master.parameters() if self.master is not None else list(self.model.parameters())
+        return (
+            self.master.parameters() if self.master is not None else list(self.model.parameters())
+        )
 
     def _optimizer_step(self) -> float:
         """Clip, step, zero; returns the gradient norm before clipping."""
@@ -72,7 +77,11 @@ class Learner:
         return norm
 
     def _full_state(self) -> dict[str, torch.Tensor]:
-        return self.master.state_dict(self.model) if self.master is not None else self.model.state_dict()
+        return (
+            self.master.state_dict(self.model)
+            if self.master is not None
+            else self.model.state_dict()
+        )
 
     def response_logprobs(
         self, model: torch.nn.Module, mb: RolloutBatch, with_entropy: bool = False
@@ -84,11 +93,17 @@ class Learner:
         steps = torch.arange(t)
         valid = steps[None, :] < resp_lens[:, None]  # [n, T]
         # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
-        pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(max=hidden.shape[1] - 1)  # [n, T]
+        pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(
+            max=hidden.shape[1] - 1
+        )  # [n, T]
         rows = torch.arange(n)[:, None].expand(n, t)
         h = hidden[rows[valid], pos[valid]]  # [M, H]
         logp_flat, ent_flat = token_logprobs(
-            h, model.lm_head_weight, mb.response_ids[valid], with_entropy=with_entropy, temperature=self.temperature
+            h,
+            model.lm_head_weight,
+            mb.response_ids[valid],
+            with_entropy=with_entropy,
+            temperature=self.temperature,
         )
         logp = hidden.new_zeros(n, t, dtype=torch.float32).masked_scatter(valid, logp_flat)
         ent = None
@@ -101,7 +116,10 @@ class Learner:
         return torch.cat(
             [
                 torch.nn.functional.pad(lp, (0, batch.response_ids.shape[1] - lp.shape[1]))
-                for lp in (self.response_logprobs(model, mb)[0] for mb in batch.split(self.train_cfg.micro_batch_size))
+                for lp in (
+                    self.response_logprobs(model, mb)[0]
+                    for mb in batch.split(self.train_cfg.micro_batch_size)
+                )
             ]
         )
 
@@ -149,20 +167,35 @@ class Learner:
                         weights, tis_stats = tis_weights(old, mb.sampler_logp, mask, algo.tis_cap)
                         stats = {f"actor/{k}": v for k, v in tis_stats.items()}
                     loss, pl_stats = self.policy_loss(
-                        logp, old, mb.advantages, mask,
-                        eps_low=algo.eps_low, eps_high=algo.eps_high, weights=weights,
-                        agg=algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs,
+                        logp,
+                        old,
+                        mb.advantages,
+                        mask,
+                        eps_low=algo.eps_low,
+                        eps_high=algo.eps_high,
+                        weights=weights,
+                        agg=algo.loss_agg,
+                        global_tokens=n_tokens,
+                        global_seqs=n_seqs,
                     )
-                    stats.update({f"actor/{k}": v for k, v in pl_stats.items() if k != "num_tokens"})
+                    stats.update(
+                        {f"actor/{k}": v for k, v in pl_stats.items() if k != "num_tokens"}
+                    )
                     if ref_logp is not None:
                         kl = kl_penalty(logp, ref_logp[gidx, :t], algo.kl_estimator)
-                        kl_loss = aggregate(kl, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs)
+                        kl_loss = aggregate(
+                            kl, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs
+                        )
                         loss = loss + algo.kl_coef * kl_loss
                         stats["actor/kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
                     if ent is not None:
-                        stats["actor/entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+                        stats["actor/entropy"] = float(
+                            (ent.detach() * mask).sum() / mask.sum().clamp(min=1)
+                        )
                         if algo.entropy_coef > 0:
-                            ent_loss = aggregate(ent, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs)
+                            ent_loss = aggregate(
+                                ent, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs
+                            )
                             loss = loss - algo.entropy_coef * ent_loss
                     loss.backward()
                     w = float(mask.sum())
@@ -211,7 +244,11 @@ class Learner:
         return {k: v.detach().to(target) for k, v in state.items()}
 
     def save(self, path: str) -> None:
-        save_pretrained(StateView(self.model.args, self._full_state()), self.tokenizer, os.path.join(path, "model"))
+        save_pretrained(
+            StateView(self.model.args, self._full_state()),
+            self.tokenizer,
+            os.path.join(path, "model"),
+        )
         torch.save(
             {
                 "optimizer": self.opt.state_dict(),

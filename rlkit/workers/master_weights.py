@@ -16,7 +16,11 @@ class MasterWeights:
     def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
         """`model` holds the full-precision weights; it is cast to `compute_dtype` in place."""
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in model.parameters() if p.requires_grad]
+        self.master = [
+            torch.nn.Parameter(p.detach().float().clone())
+            for p in model.parameters()
+            if p.requires_grad
+        ]
         model.to(compute_dtype)
         self.model_params = [p for p in model.parameters() if p.requires_grad]
 

@@ -25,7 +25,11 @@ class RewardPool:
 
     def score(self, completions: list[str], samples: list[dict[str, Any]]) -> dict[str, Any]:
         result = self.pool.score(completions, samples)
-        return {"scores": list(result.scores), "extras": list(result.extras), "metrics": dict(result.metrics)}
+        return {
+            "scores": list(result.scores),
+            "extras": list(result.extras),
+            "metrics": dict(result.metrics),
+        }
 
     def close(self) -> None:
         self.pool.close()

@@ -23,7 +23,9 @@ class RolloutWorker:
         model.eval()
         self.engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, dtype=dtype)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[dict[str, Any]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1
+    ) -> list[dict[str, Any]]:
         completions = self.engine.generate(prompts, params, n=n)
         return [
             {

@@ -1,0 +1,239 @@
+"""Decoder-only transformer of the Llama / Qwen2 / Qwen3 family.
+
+Parameter names follow Hugging Face (`model.layers.N.self_attn.q_proj.weight`, ...), so a
+checkpoint's safetensors load 1:1. Two entry points share every weight and every op but
+attention:
+
+- `forward(input_ids, attention_mask)`: full causal attention over a right-padded batch
+  (training, scoring);
+- `forward_cached(input_ids, positions, cache)`: the new tokens' keys and values go to `cache`,
+  which also computes their attention (`cache.attend`), so a KV cache decides where keys live
+  (dense slots, a compressed subset, pages) without the decoder knowing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rlkit.models.config import ModelArgs, rope_frequencies
+
+
+class AttentionCache(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' k/v [B, KVH, T, D] and return attention of q [B, H, T, D]
+        (RoPE already applied to q and k) over everything cached: [B, H, T, D]."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, multiply in the input dtype (as Hugging Face does).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the half-split layout: x [B, heads, T, D], cos/sin [B, 1, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        h, d = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(h, args.num_heads * d, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * d, h, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(d, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """Inference only: one GEMM for q, k and v. The three weights become views of the
+        fused matrix, so `load_state_dict` into them updates it."""
+        self.qkv = _fuse((self.q_proj, self.k_proj, self.v_proj))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        cos: torch.Tensor,  # [B, 1, T, D]
+        sin: torch.Tensor,
+        cache: AttentionCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.qkv is not None:
+            qkv = F.linear(x, *self.qkv).view(B, T, -1, self.head_dim)
+            q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        else:
+            q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotate(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = rotate(k.transpose(1, 2), cos, sin)  # [B, KVH, T, D]
+        v = v.transpose(1, 2)
+        if cache is None:
+            # Right padding: with a causal mask no real token ever sees a pad token.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = cache.attend(self.layer, q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, i = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=args.mlp_bias)
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """Inference only: one GEMM for gate and up (weights become views of it)."""
+        self.gate_up = _fuse((self.gate_proj, self.up_proj))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the linears' weights (and biases) along the output dim; each linear's
+    parameters become views of the result."""
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(m, name) for m in linears]
+        if parts[0] is None:
+            return None
+        fused = torch.cat([p.detach() for p in parts])  # [sum(out), ...]
+        start = 0
+        for m, p in zip(linears, parts, strict=True):
+            setattr(m, name, nn.Parameter(fused[start : start + p.shape[0]], requires_grad=False))
+            start += p.shape[0]
+        return fused
+
+    weight = cat("weight")
+    assert weight is not None
+    return weight, cat("bias")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    """The `model.` prefix of Hugging Face names."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Trunk(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+        # Not a buffer: `.to(bfloat16)` would round the frequencies and shift every position.
+        self._inv_freq, self._rope_scale = rope_frequencies(args)
+        self.gradient_checkpointing = False
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Inference only (the rollout engine): fuse q/k/v and gate/up into one GEMM each.
+        Parameters keep their names and stay loadable; they no longer train."""
+        for layer in self.model.layers:
+            cast(DecoderLayer, layer).self_attn.fuse()
+            cast(DecoderLayer, layer).mlp.fuse()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight  # [V, hidden]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight)  # [..., V]
+
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, D] for true token positions [B, T]."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self._inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos() * self._rope_scale, emb.sin() * self._rope_scale
+        return cos.to(dtype), sin.to(dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] of a right-padded batch.
+
+        attention_mask [B, T] (1 = real token) must be right padding: each row is ones then
+        zeros. Hidden states at pad positions are finite and meaningless.
+        """
+        B, T = input_ids.shape
+        if attention_mask is not None and bool(
+            (attention_mask[:, 1:] > attention_mask[:, :-1]).any()
+        ):
+            raise ValueError("attention_mask must be right-padded (ones, then zeros, in each row)")
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        return self._run(input_ids, positions, None)
+
+    def forward_cached(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: AttentionCache
+    ) -> torch.Tensor:
+        """Hidden states [B, T, hidden] of T new tokens per sequence at true positions [B, T];
+        `cache` stores their keys/values and attends over the sequence's cached ones."""
+        return self._run(input_ids, positions, cache)
+
+    def _run(self, input_ids, positions, cache):
+        x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
+        cos, sin = self.rope(positions, x.dtype)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if use_ckpt and cache is None:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache)
+        return self.model.norm(x)

@@ -1,0 +1,81 @@
+"""Sampling parameters and the token sampler (temperature, top-k, top-p, greedy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    # 0 is greedy decoding.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # 0 disables top-k.
+    top_k: int = 0
+    max_new_tokens: int = 256
+    # Strings that end a completion; the stop string stays in the text.
+    stop: list[str] = field(default_factory=list)
+    # Token ids that end a completion like EOS does (kept in the token ids).
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    # None: drawn from torch's global generator, so torch.manual_seed still reproduces a run.
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
+    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probabilities [N, V] of the distribution tokens are drawn from.
+
+    Temperature first, then top-k, then top-p (Hugging Face's order); masked tokens get -inf.
+    Greedy decoding reports the temperature-1 distribution.
+    """
+    if params.temperature == 0:
+        return torch.log_softmax(logits.float(), dim=-1)
+    # One float32 copy, scaled in place: every pass over [N, V] counts at a 50k vocabulary.
+    scaled = logits.to(torch.float32, copy=True).div_(params.temperature)  # [N, V]
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]  # [N, 1]
+        scaled.masked_fill_(scaled < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass
+        # before it already does (the most likely token always survives).
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scaled.masked_fill_(drop, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [N] and their log-probabilities [N] (float32) under the sampling distribution."""
+    logp = sampling_logprobs(logits, params)  # [N, V]
+    if params.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        # Inverse-CDF draw: one uniform per row (torch's per-element exponential / multinomial
+        # sampling costs ~20x more on CPU at a 50k vocabulary). The CDF is summed in float64 so
+        # that tail tokens keep their probability once most of the mass is behind them.
+        cdf = logp.exp().cumsum(dim=-1, dtype=torch.float64)  # [N, V]
+        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+        tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+        tokens = tokens.clamp_max_(cdf.shape[-1] - 1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]

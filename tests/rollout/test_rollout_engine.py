@@ -1,0 +1,182 @@
+import pytest
+import torch
+
+from rlkit.rollout import SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_greedy_matches_uncached_forward(arch, make_engine, reference, prompts, greedy_reference):
+    engine = make_engine(arch)
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=12, **GREEDY))
+    assert [c.prompt_index for c in out] == [0, 1, 2, 3]
+    for c, p in zip(out, prompts, strict=True):
+        assert c.token_ids == greedy_reference(reference(arch), p, 12)
+        assert c.finish_reason == "length" and len(c.logprobs) == 12
+
+
+def test_n_samples_share_prefill_and_match_n1(make_engine, prompts):
+    engine = make_engine()
+    params = SamplingParams(max_new_tokens=10, **GREEDY)
+    single = engine.generate(prompts, params)
+    multi = engine.generate(prompts, params, n=3)
+    assert [c.prompt_index for c in multi] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for i, c in enumerate(multi):
+        ref = single[i // 3]
+        assert c.token_ids == ref.token_ids
+        torch.testing.assert_close(c.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+
+
+def test_continuous_batching_matches_one_batch(make_engine, prompts):
+    params = SamplingParams(max_new_tokens=9, stop_token_ids=[17, 99], **GREEDY)
+    big = make_engine(max_batch_size=64).generate(prompts, params, n=2)
+    # 8 sequences through 3 slots: admission, compaction and refill all happen.
+    small = make_engine(max_batch_size=3, sync_every=2).generate(prompts, params, n=2)
+    assert [c.token_ids for c in small] == [c.token_ids for c in big]
+    assert [c.finish_reason for c in small] == [c.finish_reason for c in big]
+    for a, b in zip(small, big, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_stop_token_ends_completion_and_is_kept(make_engine, prompts):
+    engine = make_engine()
+    free = engine.generate(prompts[:1], SamplingParams(max_new_tokens=16, **GREEDY))[0].token_ids
+    stop = free[5]
+    first = free.index(stop)
+    out = engine.generate(
+        prompts[:1], SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=[stop])
+    )[0]
+    assert out.token_ids == free[: first + 1]
+    assert out.finish_reason == "stop" and len(out.logprobs) == first + 1
+
+    # The same token as the model's EOS; ignore_eos decodes through it.
+    engine.eos_ids = {stop}
+    eos = engine.generate(prompts[:1], SamplingParams(max_new_tokens=16, temperature=0.0))[0]
+    assert eos.token_ids == out.token_ids and eos.finish_reason == "stop"
+    through = engine.generate(
+        prompts[:1], SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    )[0]
+    assert through.token_ids == free and through.finish_reason == "length"
+
+
+def test_stop_string_cuts_after_it(make_engine):
+    engine = make_engine()
+    tok = engine.tokenizer
+    prompt = tok.encode("hello there")
+    free = engine.generate([prompt], SamplingParams(max_new_tokens=40, **GREEDY))[0]
+    pieces = [tok.decode([t]) for t in free.token_ids]
+    # A stop string of two consecutive printable ASCII tokens somewhere after the start.
+    j = next(
+        i
+        for i in range(3, len(pieces) - 1)
+        if (pieces[i] + pieces[i + 1]).isascii()
+        and (pieces[i] + pieces[i + 1]).isprintable()
+        and pieces[i].strip()
+        and pieces[i + 1].strip()
+    )
+    stop = pieces[j] + pieces[j + 1]
+    out = engine.generate(
+        [prompt], SamplingParams(max_new_tokens=40, stop=["@@never@@", stop], **GREEDY)
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.text.endswith(stop) and out.text.count(stop) == 1
+    assert len(out.token_ids) <= j + 2 and out.token_ids == free.token_ids[: len(out.token_ids)]
+    assert stop in tok.decode(out.token_ids) and stop not in tok.decode(out.token_ids[:-1])
+
+
+def test_max_new_tokens_and_max_seq_len(make_engine, prompts):
+    out = make_engine().generate(prompts, SamplingParams(max_new_tokens=3, **GREEDY))
+    assert all(len(c.token_ids) == 3 and c.finish_reason == "length" for c in out)
+    capped = make_engine(max_seq_len=35).generate(
+        prompts[2:3], SamplingParams(max_new_tokens=20, **GREEDY)
+    )[0]
+    assert len(prompts[2]) + len(capped.token_ids) == 35 and capped.finish_reason == "length"
+    one = make_engine().generate(prompts, SamplingParams(max_new_tokens=1, **GREEDY))
+    assert all(len(c.token_ids) == 1 for c in one)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)],
+    ids=["t1", "t0.7-k5", "t1.3-p0.8"],
+)
+def test_sampled_logprobs_match_recomputation(params, make_engine, reference, prompts):
+    from rlkit.rollout import sampling_logprobs
+
+    sp = SamplingParams(max_new_tokens=12, seed=3, ignore_eos=True, **params)
+    out = make_engine().generate(prompts, sp, n=2)
+    model = reference()
+    for c in out:
+        prompt = prompts[c.prompt_index]
+        ids = torch.tensor([prompt + c.token_ids])
+        with torch.no_grad():
+            logits = model.logits(model(ids))[0, len(prompt) - 1 : -1]  # [T, V]
+        logp = sampling_logprobs(logits, sp)
+        expected = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert torch.isfinite(expected).all(), "a token outside the top-k / top-p set was sampled"
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+        if "top_k" not in params and "top_p" not in params:
+            plain = torch.log_softmax(logits / sp.temperature, -1)
+            torch.testing.assert_close(
+                torch.tensor(c.logprobs),
+                plain.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0],
+                atol=1e-4,
+                rtol=0,
+            )
+
+
+def test_top_k_1_equals_greedy(make_engine, prompts):
+    engine = make_engine()
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=8, **GREEDY))
+    top1 = engine.generate(
+        prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1, seed=5, ignore_eos=True)
+    )
+    assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
+    assert all(abs(lp) < 1e-6 for c in top1 for lp in c.logprobs)
+
+
+def test_seed_reproduces_and_varies(make_engine, prompts):
+    engine = make_engine()
+    params = dict(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    a = engine.generate(prompts, SamplingParams(seed=1, **params), n=2)
+    b = engine.generate(prompts, SamplingParams(seed=1, **params), n=2)
+    c = engine.generate(prompts, SamplingParams(seed=2, **params), n=2)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    # Samples of one prompt differ from each other (each slot draws its own noise).
+    assert a[0].token_ids != a[1].token_ids
+
+
+def test_load_state_dict_updates_weights(make_engine, reference, prompts):
+    engine = make_engine(dtype=torch.bfloat16)
+    params = SamplingParams(max_new_tokens=8, **GREEDY)
+    before = [c.token_ids for c in engine.generate(prompts, params)]
+    state = {k: v.clone() for k, v in reference().state_dict().items()}
+    state["model.norm.weight"] = -state["model.norm.weight"]  # flips every logit
+    engine.load_state_dict(state)
+    assert engine.model.model.norm.weight.dtype == torch.bfloat16
+    after = [c.token_ids for c in engine.generate(prompts, params)]
+    assert after != before
+    engine.load_state_dict(reference().state_dict())
+    assert [c.token_ids for c in engine.generate(prompts, params)] == before
+
+
+def test_bfloat16_engine_runs_close_to_float32(make_engine, prompts):
+    params = SamplingParams(max_new_tokens=6, **GREEDY)
+    f32 = make_engine().generate(prompts, params)
+    bf16 = make_engine(dtype=torch.bfloat16).generate(prompts, params)
+    for a, b in zip(f32, bf16, strict=True):
+        assert all(lp <= 0 for lp in b.logprobs)
+        assert a.token_ids[0] == b.token_ids[0]
+        assert abs(a.logprobs[0] - b.logprobs[0]) < 0.1
+
+
+def test_rejects_bad_prompts(make_engine):
+    engine = make_engine(max_seq_len=8)
+    with pytest.raises(ValueError):
+        engine.generate([], SamplingParams())
+    with pytest.raises(ValueError):
+        engine.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.generate([list(range(8))], SamplingParams())
