@@ -15,6 +15,7 @@ from rlkit.algorithms import POLICY_LOSSES, aggregate, kl_penalty, tis_weights, 
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.models.loading import load_model, save_pretrained
+from rlkit.models.shared_prefix import response_hidden
 from rlkit.trainer.optim import build_optimizer, build_scheduler
 from rlkit.workers.master_weights import MasterWeights, StateView
 
@@ -87,17 +88,21 @@ class Learner:
         self, model: torch.nn.Module, mb: RolloutBatch, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) of the response tokens; the LM head never sees prompt positions."""
-        hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
         n, t = mb.response_ids.shape
-        resp_lens = mb.attention_mask.sum(1) - mb.prompt_lens  # [n]
+        seq_lens = mb.attention_mask.sum(1)  # [n]
+        resp_lens = seq_lens - mb.prompt_lens  # [n]
         steps = torch.arange(t)
         valid = steps[None, :] < resp_lens[:, None]  # [n, T]
-        # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
-        pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(
-            max=hidden.shape[1] - 1
-        )  # [n, T]
-        rows = torch.arange(n)[:, None].expand(n, t)
-        h = hidden[rows[valid], pos[valid]]  # [M, H]
+        if bool((mb.prompt_lens >= 2).all()):
+            # Each group's prompt runs once; its samples attend to the shared keys/values.
+            hidden = response_hidden(model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids)  # [n, R, H]
+            h = hidden[:, :t][valid]  # [M, H]
+        else:
+            hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
+            # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
+            pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(max=hidden.shape[1] - 1)  # [n, T]
+            rows = torch.arange(n)[:, None].expand(n, t)
+            h = hidden[rows[valid], pos[valid]]  # [M, H]
         logp_flat, ent_flat = token_logprobs(
             h,
             model.lm_head_weight,
