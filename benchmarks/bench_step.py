@@ -17,13 +17,13 @@ import statistics
 import time
 
 import torch
+from rlkit.rewards.runner import VerifierPool
 
 from rlkit.algorithms import ADVANTAGES
 from rlkit.config import load_recipe
 from rlkit.data.batch import RolloutBatch
 from rlkit.models.loading import resolve_model_dir
 from rlkit.models.tokenizer import load_tokenizer
-from rlkit.rewards.runner import VerifierPool
 from rlkit.trainer.data_setup import load_split, verifier_spec
 from rlkit.trainer.rlvr import sampling_params
 from rlkit.workers.learner import Learner
@@ -44,17 +44,23 @@ def main() -> None:
     samples, prompt_ids, _ = load_split(cfg, tok, "train")
     worker = RolloutWorker(model_dir, cfg.rollout, args.threads)
     learner = Learner(model_dir, cfg, args.threads)
-    pool = VerifierPool(verifier_spec(cfg), cfg.reward.style, cfg.reward.kwargs, 1, cfg.reward.timeout_s)
+    pool = VerifierPool(
+        verifier_spec(cfg), cfg.reward.style, cfg.reward.kwargs, 1, cfg.reward.timeout_s
+    )
     p = cfg.train.prompts_per_step
     rollout_tps, learn_tps, rollout_s, learn_s = [], [], [], []
     try:
         for rep in range(args.repeats + 1):
             idx = list(range(rep * p, (rep + 1) * p))
             t0 = time.perf_counter()
-            outs = worker.generate([prompt_ids[i] for i in idx], sampling_params(cfg, seed=rep), cfg.rollout.n)
+            outs = worker.generate(
+                [prompt_ids[i] for i in idx], sampling_params(cfg, seed=rep), cfg.rollout.n
+            )
             t_roll = time.perf_counter() - t0
             gen_tokens = sum(len(o["token_ids"]) for o in outs)
-            scores = pool.score([o["text"] for o in outs], [samples[idx[o["prompt_index"]]] for o in outs]).scores
+            scores = pool.score(
+                [o["text"] for o in outs], [samples[idx[o["prompt_index"]]] for o in outs]
+            ).scores
             batch = RolloutBatch.from_sequences(
                 [prompt_ids[idx[o["prompt_index"]]] for o in outs],
                 [o["token_ids"] for o in outs],
@@ -62,7 +68,9 @@ def main() -> None:
                 scores,
                 [o["prompt_index"] for o in outs],
             )
-            batch.advantages = ADVANTAGES.get(cfg.algorithm.advantage)(batch.rewards, batch.group_ids, batch.response_mask)
+            batch.advantages = ADVANTAGES.get(cfg.algorithm.advantage)(
+                batch.rewards, batch.group_ids, batch.response_mask
+            )
             t0 = time.perf_counter()
             metrics = learner.train_step(batch)
             t_learn = time.perf_counter() - t0

@@ -8,7 +8,8 @@ and is predicted by the hidden state one position earlier.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -24,8 +25,6 @@ class RolloutBatch:
     rewards: torch.Tensor  # [N] float32
     group_ids: torch.Tensor  # [N] int64: samples of one prompt share an id
     advantages: torch.Tensor | None = None  # [N, T] float32
-    # Per-sample extras that stay on the driver side of the algorithms (not tensors).
-    meta: dict[str, list] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -80,15 +79,10 @@ class RolloutBatch:
         """Rows `index` (bool mask or int indices), with padding trimmed to the rows kept."""
         if index.dtype == torch.bool:
             index = index.nonzero().squeeze(1)
-        kw = {}
+        kw: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                kw[f.name] = value[index]
-            elif f.name == "meta":
-                kw[f.name] = {k: [v[i] for i in index.tolist()] for k, v in value.items()}
-            else:
-                kw[f.name] = value
+            kw[f.name] = value[index] if isinstance(value, torch.Tensor) else value
         out = RolloutBatch(**kw)
         return out.trim()
 
@@ -111,23 +105,3 @@ class RolloutBatch:
         """Consecutive micro-batches of at most `micro_batch_size` sequences."""
         idx = torch.arange(len(self))
         return [self.select(chunk) for chunk in idx.split(micro_batch_size)]
-
-    @staticmethod
-    def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
-        if not batches:
-            raise ValueError("concat needs at least one batch")
-        kw = {}
-        for f in fields(RolloutBatch):
-            values = [getattr(b, f.name) for b in batches]
-            if f.name == "meta":
-                kw[f.name] = {k: [x for v in values for x in v[k]] for k in values[0]}
-            elif values[0] is None:
-                kw[f.name] = None
-            elif values[0].dim() == 1:
-                kw[f.name] = torch.cat(values)
-            else:
-                width = max(v.shape[1] for v in values)
-                kw[f.name] = torch.cat(
-                    [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values]
-                )
-        return RolloutBatch(**kw)

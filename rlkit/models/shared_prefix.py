@@ -75,5 +75,7 @@ def response_hidden(
     suffix_pos = prompt_lens[:, None] - 1 + steps  # [N, R] true positions
     prefix_ok = cols[None, None, :] < pre_lens[row_group][:, None, None]  # [N, 1, P]
     causal = steps[None, :, None] >= steps[None, None, :]  # [1, R, R]
-    mask = torch.cat([prefix_ok.expand(n, r, p), causal.expand(n, r, r)], dim=2)[:, None]  # [N, 1, R, P + R]
+    mask = torch.cat([prefix_ok.expand(n, r, p), causal.expand(n, r, r)], dim=2)[
+        :, None
+    ]  # [N, 1, R, P + R]
     return model.forward_cached(suffix_ids, suffix_pos, _AttendToPrefix(record, row_group, mask))

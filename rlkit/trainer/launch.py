@@ -97,9 +97,9 @@ def launch(cfg: RecipeConfig, run_dir: str) -> RunContext:
     # The rollout worker loaded the same checkpoint as the learner: no initial sync needed.
     ray.get(
         [
-            learner.__ray_ready__.remote(),
-            rollout.__ray_ready__.remote(),
-            reward.__ray_ready__.remote(),
+            learner.__ray_ready__.remote(),  # type: ignore[union-attr]
+            rollout.__ray_ready__.remote(),  # type: ignore[union-attr]
+            reward.__ray_ready__.remote(),  # type: ignore[union-attr]
         ]
     )
     return ctx

@@ -62,7 +62,7 @@ class MetricsLogger:
             self._bar = None
         self._file.close()
         if self._wandb is not None:
-            self._wandb.finish(quiet=True)
+            self._wandb.finish()
             self._wandb = None
 
 
@@ -90,7 +90,7 @@ def _start_wandb(run_dir: str, mode: str, project: str, name: str, config: dict[
         project=project,
         name=name,
         dir=run_dir,
-        mode=mode,
+        mode=mode,  # type: ignore[arg-type]
         config=config or {},
         settings=wandb.Settings(console="off", x_disable_stats=True),
     )

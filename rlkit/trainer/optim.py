@@ -18,7 +18,9 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, foreach=True
+    )
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

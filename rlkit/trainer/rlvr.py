@@ -124,7 +124,9 @@ def run_rlvr(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
 def _build_batch(ctx: RunContext, rounds: list[Round]) -> tuple[RolloutBatch, dict[str, float]]:
     cfg = ctx.cfg
     prompts, responses, logps, rewards, gids, loss_mask = [], [], [], [], [], []
-    all_rewards, all_extras, err_metrics = [], [], {}
+    all_rewards: list[torch.Tensor] = []
+    all_extras: list[dict[str, Any]] = []
+    err_metrics: dict[str, float] = {}
     for outs, sample_of, r, keep, scored in rounds:
         all_rewards.append(r)
         all_extras.extend(scored["extras"])

@@ -14,6 +14,7 @@ import torch
 from rlkit.algorithms import POLICY_LOSSES, aggregate, kl_penalty, tis_weights, token_logprobs
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
+from rlkit.models.decoder import Decoder
 from rlkit.models.loading import load_model, save_pretrained
 from rlkit.models.shared_prefix import response_hidden
 from rlkit.trainer.optim import build_optimizer, build_scheduler
@@ -43,7 +44,7 @@ class Learner:
             and _DTYPES[model_cfg.compute_dtype] != _DTYPES[model_cfg.dtype]
         ):
             self.master = MasterWeights(self.model, _DTYPES[model_cfg.compute_dtype])
-        self.ref_model: torch.nn.Module | None = None
+        self.ref_model: Decoder | None = None
         self.configure(cfg)
 
     def configure(self, cfg: RecipeConfig) -> None:
@@ -85,7 +86,7 @@ class Learner:
         )
 
     def response_logprobs(
-        self, model: torch.nn.Module, mb: RolloutBatch, with_entropy: bool = False
+        self, model: Decoder, mb: RolloutBatch, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) of the response tokens; the LM head never sees prompt positions."""
         n, t = mb.response_ids.shape
@@ -95,12 +96,16 @@ class Learner:
         valid = steps[None, :] < resp_lens[:, None]  # [n, T]
         if bool((mb.prompt_lens >= 2).all()):
             # Each group's prompt runs once; its samples attend to the shared keys/values.
-            hidden = response_hidden(model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids)  # [n, R, H]
+            hidden = response_hidden(
+                model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids
+            )  # [n, R, H]
             h = hidden[:, :t][valid]  # [M, H]
         else:
             hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
             # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
-            pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(max=hidden.shape[1] - 1)  # [n, T]
+            pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(
+                max=hidden.shape[1] - 1
+            )  # [n, T]
             rows = torch.arange(n)[:, None].expand(n, t)
             h = hidden[rows[valid], pos[valid]]  # [M, H]
         logp_flat, ent_flat = token_logprobs(
@@ -117,7 +122,7 @@ class Learner:
         return logp, ent
 
     @torch.no_grad()
-    def _score(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    def _score(self, model: Decoder, batch: RolloutBatch) -> torch.Tensor:
         return torch.cat(
             [
                 torch.nn.functional.pad(lp, (0, batch.response_ids.shape[1] - lp.shape[1]))
@@ -249,8 +254,9 @@ class Learner:
         return {k: v.detach().to(target) for k, v in state.items()}
 
     def save(self, path: str) -> None:
+        # StateView carries the fp32 master values under the model's names and args.
         save_pretrained(
-            StateView(self.model.args, self._full_state()),
+            StateView(self.model.args, self._full_state()),  # type: ignore[arg-type]
             self.tokenizer,
             os.path.join(path, "model"),
         )

@@ -18,7 +18,9 @@ def test_registry():
     with pytest.raises(ValueError, match="arithmetic.*countdown"):
         get_task("gsm9k")
     with pytest.raises(ValueError, match="already registered"):
-        register_task("arithmetic", default_verifier="arithmetic", reference=str)(lambda split, n, seed: [])
+        register_task("arithmetic", default_verifier="arithmetic", reference=str)(
+            lambda split, n, seed: []
+        )
 
 
 def test_arithmetic_prompt_format_and_truth():

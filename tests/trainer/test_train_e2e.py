@@ -19,7 +19,9 @@ def _rows(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_train_writes_metrics_checkpoints_and_report(tmp_path, tiny_model_dir, tiny_recipe, parity_verifier):
+def test_train_writes_metrics_checkpoints_and_report(
+    tmp_path, tiny_model_dir, tiny_recipe, parity_verifier
+):
     recipe = tiny_recipe(str(tmp_path / "r.yaml"), tiny_model_dir, str(tmp_path / "runs"), steps=3)
     assert main(["train", recipe, "train.save_every=2", f"reward.verifier={parity_verifier}"]) == 0
     run_dir = str(tmp_path / "runs" / "e2e")
@@ -74,5 +76,27 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tiny_r
     steps = [r["step"] for r in _rows(run_dir) if "reward/mean" in r]
     # Every step exactly once: rows past the checkpoint from the killed run were dropped.
     assert steps == [1, 2, 3, 4, 5, 6]
-    state = json.load(open(os.path.join(run_dir, "checkpoints", "0_rlvr", "step_6", "trainer_state.json")))
+    state = json.load(
+        open(os.path.join(run_dir, "checkpoints", "0_rlvr", "step_6", "trainer_state.json"))
+    )
     assert state["step"] == 6 and state["data"]["pos"] == 6 * 4 % 64
+
+
+def test_sft_then_rlvr_stages_in_one_run(tmp_path, tiny_model_dir, tiny_recipe, parity_verifier):
+    extra = """stages:
+  - type: sft
+    overrides: {train.steps: 2, sft.batch_size: 4, optim.lr: 1.0e-2}
+  - type: rlvr
+"""
+    recipe = tiny_recipe(
+        str(tmp_path / "r.yaml"), tiny_model_dir, str(tmp_path / "runs"), steps=2, extra=extra
+    )
+    assert main(["train", recipe, f"reward.verifier={parity_verifier}"]) == 0
+    run_dir = str(tmp_path / "runs" / "e2e")
+    rows = _rows(run_dir)
+    sft = [r for r in rows if r["stage"] == "sft" and "sft/loss" in r]
+    rl = [r for r in rows if r["stage"] == "rlvr" and "reward/mean" in r]
+    assert [r["step"] for r in sft] == [1, 2] and [r["step"] for r in rl] == [1, 2]
+    assert sft[1]["sft/loss"] < sft[0]["sft/loss"]  # lr 1e-2 on 4 fixed-ish answers: the loss falls
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "0_sft", "step_2", "model"))
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "1_rlvr", "step_2", "model"))

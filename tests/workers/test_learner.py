@@ -21,16 +21,22 @@ def model_dir(tmp_path_factory):
 
 def _batch():
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 250, (5,), generator=g).tolist() for _ in range(2) for _ in range(2)]
+    prompts = [
+        torch.randint(0, 250, (5,), generator=g).tolist() for _ in range(2) for _ in range(2)
+    ]
     responses = [torch.randint(0, 250, (4,), generator=g).tolist() for _ in range(4)]
-    b = RolloutBatch.from_sequences(prompts, responses, [[-5.0] * 4] * 4, [1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1])
+    b = RolloutBatch.from_sequences(
+        prompts, responses, [[-5.0] * 4] * 4, [1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1]
+    )
     b.advantages = ADVANTAGES.get("grpo")(b.rewards, b.group_ids, b.response_mask)
     return b
 
 
 @pytest.mark.parametrize("compute", ["none", "bfloat16"])
 def test_update_follows_the_advantage(model_dir, compute, tmp_path):
-    cfg = load_recipe(None, [f"model.compute_dtype={compute}", "optim.lr=1e-2", "train.micro_batch_size=3"])
+    cfg = load_recipe(
+        None, [f"model.compute_dtype={compute}", "optim.lr=1e-2", "train.micro_batch_size=3"]
+    )
     learner = Learner(model_dir, cfg, num_threads=1)
     batch = _batch()
     before, _ = learner.response_logprobs(learner.model, batch)
@@ -47,7 +53,9 @@ def test_update_follows_the_advantage(model_dir, compute, tmp_path):
     saved, _ = load_model(os.path.join(tmp_path, "model"))
     if compute == "bfloat16":
         master = dict(zip(learner.master.names, learner.master.master))
-        torch.testing.assert_close(saved.state_dict()["model.norm.weight"], master["model.norm.weight"].detach())
+        torch.testing.assert_close(
+            saved.state_dict()["model.norm.weight"], master["model.norm.weight"].detach()
+        )
     # A fresh learner loading the checkpoint continues from the same weights.
     other = Learner(model_dir, cfg, num_threads=1)
     other.load(str(tmp_path))
