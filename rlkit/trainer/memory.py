@@ -8,21 +8,26 @@ import threading
 import psutil
 
 
-def tree_rss(root: psutil.Process | None = None) -> dict[int, tuple[str, int]]:
-    """pid -> (process title, RSS bytes) for `root` and all its descendants."""
+def tree_rss(root: psutil.Process | None = None) -> dict[int, tuple[str, int, int]]:
+    """pid -> (process title, RSS bytes, PSS bytes) for `root` and all its descendants.
+
+    RSS counts a shared page (Ray's object store, shared libraries) once in every process that
+    maps it; PSS divides it among them, so the PSS sum is the tree's real footprint.
+    """
     root = root or psutil.Process()
-    out: dict[int, tuple[str, int]] = {}
+    out: dict[int, tuple[str, int, int]] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
             title = " ".join(proc.cmdline()[:1]) or proc.name()
-            out[proc.pid] = (title[:60], proc.memory_info().rss)
+            info = proc.memory_full_info()
+            out[proc.pid] = (title[:60], info.rss, getattr(info, "pss", info.rss))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
 
 
 def tree_rss_bytes(root: psutil.Process | None = None) -> int:
-    return sum(rss for _, rss in tree_rss(root).values())
+    return sum(rss for _, rss, _ in tree_rss(root).values())
 
 
 class PeakMemoryMonitor:
@@ -31,6 +36,7 @@ class PeakMemoryMonitor:
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.peak_pss_bytes = 0
         # The breakdown at the moment of the peak, largest first: where the memory went.
         self.peak_breakdown: list[tuple[str, int]] = []
         self._stop = threading.Event()
@@ -42,10 +48,11 @@ class PeakMemoryMonitor:
 
     def sample(self) -> int:
         procs = tree_rss()
-        now = sum(rss for _, rss in procs.values())
+        now = sum(rss for _, rss, _ in procs.values())
+        self.peak_pss_bytes = max(self.peak_pss_bytes, sum(pss for _, _, pss in procs.values()))
         if now > self.peak_bytes:
             self.peak_bytes = now
-            self.peak_breakdown = sorted(procs.values(), key=lambda x: -x[1])
+            self.peak_breakdown = sorted(((t, r) for t, r, _ in procs.values()), key=lambda x: -x[1])
         return now
 
     def _run(self) -> None:

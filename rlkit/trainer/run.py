@@ -72,6 +72,7 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
 
         ray.shutdown()
     summary["peak_memory_gb"] = monitor.peak_bytes / 2**30
+    summary["peak_memory_pss_gb"] = monitor.peak_pss_bytes / 2**30
     summary["peak_memory_by_process_gb"] = [
         [title, rss / 2**30] for title, rss in monitor.peak_breakdown[:8]
     ]
@@ -142,6 +143,7 @@ def _print_summary(summary: dict[str, Any], plots: list[str]) -> None:
         lines.append(f"  held-out accuracy after:  {after:.3f}")
     lines.append(
         f"  set-up {summary.get('setup_seconds', 0):.0f} s, training {summary.get('train_seconds', 0):.0f} s, peak memory {summary['peak_memory_gb']:.2f} GB"
+        f" (sum of RSS; {summary['peak_memory_pss_gb']:.2f} GB PSS)"
     )
     lines.append(f"  run directory: {summary['run_dir']}")
     if plots:
