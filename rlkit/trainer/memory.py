@@ -52,7 +52,9 @@ class PeakMemoryMonitor:
         self.peak_pss_bytes = max(self.peak_pss_bytes, sum(pss for _, _, pss in procs.values()))
         if now > self.peak_bytes:
             self.peak_bytes = now
-            self.peak_breakdown = sorted(((t, r) for t, r, _ in procs.values()), key=lambda x: -x[1])
+            self.peak_breakdown = sorted(
+                ((t, r) for t, r, _ in procs.values()), key=lambda x: -x[1]
+            )
         return now
 
     def _run(self) -> None:
