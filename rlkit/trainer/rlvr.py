@@ -123,15 +123,15 @@ def run_rlvr(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
 
 def _build_batch(ctx: RunContext, rounds: list[Round]) -> tuple[RolloutBatch, dict[str, float]]:
     cfg = ctx.cfg
+    if not any(bool(rd.keep.any()) for rd in rounds):
+        # Every group was filtered out: keep the last round so the step still runs (with zero
+        # advantages it leaves the weights unchanged) and the metrics say so.
+        rounds = [*rounds[:-1], rounds[-1]._replace(keep=torch.ones_like(rounds[-1].keep))]
     prompts, responses, logps, rewards, gids, loss_mask = [], [], [], [], [], []
-    all_rewards: list[torch.Tensor] = []
-    all_extras: list[dict[str, Any]] = []
-    err_metrics: dict[str, float] = {}
+    reward_stats: dict[str, list[float]] = {}
     for outs, sample_of, r, keep, scored in rounds:
-        all_rewards.append(r)
-        all_extras.extend(scored["extras"])
         for k, v in scored["metrics"].items():
-            err_metrics[k] = err_metrics.get(k, 0.0) + float(v)
+            reward_stats.setdefault(k, []).append(float(v))
         for j, c in enumerate(outs):
             if not keep[j]:
                 continue
@@ -142,24 +142,15 @@ def _build_batch(ctx: RunContext, rounds: list[Round]) -> tuple[RolloutBatch, di
             gids.append(sample_of[j])
             masked = cfg.algorithm.overlong == "mask" and c["finish_reason"] == "length"
             loss_mask.append(not masked)
-    if not prompts:
-        # Every group was filtered out: keep the last round so the step still runs (with zero
-        # advantages it leaves the weights unchanged) and the metrics say so.
-        outs, sample_of, r, _keep, _scored = rounds[-1]
-        for j, c in enumerate(outs):
-            prompts.append(ctx.train_prompt_ids[sample_of[j]])
-            responses.append(c["token_ids"])
-            logps.append(c["logprobs"])
-            rewards.append(float(r[j]))
-            gids.append(sample_of[j])
-            loss_mask.append(True)
     batch = RolloutBatch.from_sequences(prompts, responses, logps, rewards, gids, loss_mask)
-    every = torch.cat(all_rewards)
+    every = torch.cat([rd.rewards for rd in rounds])
     metrics = {
         "reward/mean": float(every.mean()),
         "reward/std": float(every.std()) if every.numel() > 1 else 0.0,
         "train/accuracy": float((every >= 1.0).float().mean()),
     }
-    for k, v in err_metrics.items():
-        metrics[f"reward/{k}"] = v
+    # Counts and seconds add up across refill rounds; means are averaged.
+    for k, vals in reward_stats.items():
+        additive = k.endswith("_count") or k.endswith("time_s")
+        metrics[f"reward/{k}"] = sum(vals) if additive else sum(vals) / len(vals)
     return batch, metrics

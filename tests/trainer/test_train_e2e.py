@@ -100,3 +100,23 @@ def test_sft_then_rlvr_stages_in_one_run(tmp_path, tiny_model_dir, tiny_recipe, 
     assert sft[1]["sft/loss"] < sft[0]["sft/loss"]  # lr 1e-2 on 4 fixed-ish answers: the loss falls
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "0_sft", "step_2", "model"))
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "1_rlvr", "step_2", "model"))
+
+
+def test_dynamic_sampling_refills_the_batch(tmp_path, tiny_model_dir, tiny_recipe, parity_verifier):
+    recipe = tiny_recipe(str(tmp_path / "r.yaml"), tiny_model_dir, str(tmp_path / "runs"), steps=2)
+    args = [
+        "train",
+        recipe,
+        f"reward.verifier={parity_verifier}",
+        "algorithm.dynamic_sampling=true",
+        "rollout.n=2",
+    ]
+    assert main(args) == 0
+    rows = [r for r in _rows(str(tmp_path / "runs" / "e2e")) if "reward/mean" in r]
+    assert len(rows) == 2
+    for r in rows:
+        # With 2 samples per prompt and a coin-flip verifier about half the groups are uniform
+        # and dropped; each dropped group triggers a refill round (at most 1 + max_refill_rounds).
+        assert 1 <= r["rollout/rounds"] <= 4
+        assert r["rollout/filtered_groups"] >= 0
+        assert r["rollout/rounds"] > 1 or r["rollout/filtered_groups"] == 0
