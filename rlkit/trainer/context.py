@@ -44,8 +44,10 @@ class RunContext:
     train_prompt_ids: list[list[int]]
     eval_samples: list[dict[str, Any]]
     eval_prompt_ids: list[list[int]]
-    stream: PromptStream
+    stream: PromptStream  # the current stage's order over its items, saved in checkpoints
     logger: MetricsLogger
+    # The SFT stage's (prompt ids, response ids) pairs; None in RL stages.
+    sft_examples: list[tuple[list[int], list[int]]] | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +82,19 @@ class RunContext:
 
     def log(self, row: dict[str, Any]) -> None:
         self.logger.log(row)
+
+    def end_step(self, stage: StageSpec, step: int, row: dict[str, Any]) -> None:
+        """What every stage does after its update: sync, periodic eval, log, checkpoint."""
+        train = self.cfg.train
+        with self.timer.phase("sync"):
+            self.sync_weights()
+        if train.eval_every and step % train.eval_every == 0 and step != train.steps:
+            with self.timer.phase("eval"):
+                row.update(self.evaluate())
+        row.update(self.timer.pop())
+        self.log(row)
+        if step == train.steps or (train.save_every and step % train.save_every == 0):
+            self.save_checkpoint(stage, step)
 
     def save_checkpoint(self, stage: StageSpec, step: int) -> str:
         tmp, final = checkpoint.begin(self.run_dir, stage.index, stage.name, step)

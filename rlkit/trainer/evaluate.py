@@ -39,16 +39,15 @@ def main(
 
     Runs in-process (no Ray): one engine and one verifier pool are all evaluation needs.
     """
-    import torch
 
-    from rlkit.models.loading import load_model
+    from rlkit.models.loading import DTYPES, load_model
     from rlkit.rewards.runner import VerifierPool
     from rlkit.rollout.engine import Engine
     from rlkit.rollout.sampling import SamplingParams
     from rlkit.trainer.data_setup import load_split, verifier_spec
 
     k = k or cfg.eval.k
-    dtype = torch.bfloat16 if cfg.rollout.dtype == "bfloat16" else torch.float32
+    dtype = DTYPES[cfg.rollout.dtype]
     net, tokenizer = load_model(model, dtype=dtype)
     net.eval()
     engine = Engine(net, tokenizer, max_batch_size=cfg.rollout.max_batch_size, dtype=dtype)

@@ -110,15 +110,7 @@ def run_rlvr(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
         row.update(reward_metrics)
         with timer.phase("learn"):
             row.update(ctx.call(ctx.learner.train_step, batch))
-        with timer.phase("sync"):
-            ctx.sync_weights()
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-            with timer.phase("eval"):
-                row.update(ctx.evaluate())
-        row.update(timer.pop())
-        ctx.log(row)
-        if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-            ctx.save_checkpoint(stage, step)
+        ctx.end_step(stage, step, row)
 
 
 def _build_batch(ctx: RunContext, rounds: list[Round]) -> tuple[RolloutBatch, dict[str, float]]:

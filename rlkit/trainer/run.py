@@ -9,6 +9,7 @@ from typing import Any
 
 from rlkit.config import apply_overrides, save_resolved, to_dict
 from rlkit.config.schema import RecipeConfig
+from rlkit.data.stream import PromptStream
 from rlkit.trainer import checkpoint
 from rlkit.trainer.context import RunContext, StageSpec, truncate_metrics
 from rlkit.trainer.memory import PeakMemoryMonitor
@@ -104,7 +105,7 @@ def _run_stages(
     ctx: RunContext, specs: list[StageSpec], resume_from, t_start: float
 ) -> dict[str, Any]:
     from rlkit.trainer.rlvr import run_rlvr
-    from rlkit.trainer.sft import run_sft
+    from rlkit.trainer.sft import run_sft, sft_examples
 
     runners = {"rlvr": run_rlvr, "sft": run_sft}
     t_first_step = None
@@ -116,6 +117,11 @@ def _run_stages(
             if spec.index == resume_from.stage_index:
                 start_step = resume_from.step
         ctx.cfg = spec.cfg
+        # Each stage walks its own items in its own seeded order: the task's prompts for RL,
+        # the SFT pairs (which may come from other files) for SFT.
+        ctx.sft_examples = sft_examples(ctx) if spec.type == "sft" else None
+        n_items = len(ctx.sft_examples) if ctx.sft_examples is not None else len(ctx.train_samples)
+        ctx.stream = PromptStream(n_items, spec.cfg.data.seed)
         ctx.call(ctx.learner.configure, spec.cfg)
         if resume_from is not None and spec.index == resume_from.stage_index:
             ctx.restore(resume_from)

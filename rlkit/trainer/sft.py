@@ -42,13 +42,13 @@ def sft_examples(ctx: RunContext) -> list[tuple[list[int], list[int]]]:
 
 def run_sft(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
     cfg = ctx.cfg
-    examples = sft_examples(ctx)
-    bs = cfg.sft.batch_size
+    examples = ctx.sft_examples
+    if examples is None:
+        raise RuntimeError("run_sft needs ctx.sft_examples (set when the stage starts)")
     for step in range(start_step + 1, cfg.train.steps + 1):
         row: dict[str, Any] = {"stage": stage.name, "stage_index": stage.index, "step": step}
         with ctx.timer.phase("learn"):
-            idx = ctx.stream.take(bs)
-            chosen = [examples[i % len(examples)] for i in idx]
+            chosen = [examples[i] for i in ctx.stream.take(cfg.sft.batch_size)]
             batch = RolloutBatch.from_sequences(
                 [p for p, _ in chosen],
                 [r for _, r in chosen],
@@ -57,12 +57,4 @@ def run_sft(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
                 list(range(len(chosen))),
             )
             row.update(ctx.call(ctx.learner.sft_step, batch))
-        with ctx.timer.phase("sync"):
-            ctx.sync_weights()
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-            with ctx.timer.phase("eval"):
-                row.update(ctx.evaluate())
-        row.update(ctx.timer.pop())
-        ctx.log(row)
-        if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-            ctx.save_checkpoint(stage, step)
+        ctx.end_step(stage, step, row)

@@ -15,12 +15,10 @@ from rlkit.algorithms import POLICY_LOSSES, aggregate, kl_penalty, tis_weights, 
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.models.decoder import Decoder
-from rlkit.models.loading import load_model, save_pretrained
+from rlkit.models.loading import DTYPES, load_model, save_pretrained
 from rlkit.models.shared_prefix import response_hidden
 from rlkit.trainer.optim import build_optimizer, build_scheduler
 from rlkit.workers.master_weights import MasterWeights, StateView
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Learner:
@@ -34,16 +32,16 @@ class Learner:
             torch.set_num_threads(num_threads)
         torch.manual_seed(cfg.train.seed)
         model_cfg = cfg.model
-        self.model, self.tokenizer = load_model(model_path, dtype=_DTYPES[model_cfg.dtype])
+        self.model, self.tokenizer = load_model(model_path, dtype=DTYPES[model_cfg.dtype])
         self.model.gradient_checkpointing = model_cfg.gradient_checkpointing
         self.model.train()
         # compute_dtype bf16: the model computes in bf16, the optimizer updates fp32 master weights.
         self.master: MasterWeights | None = None
         if (
             model_cfg.compute_dtype != "none"
-            and _DTYPES[model_cfg.compute_dtype] != _DTYPES[model_cfg.dtype]
+            and DTYPES[model_cfg.compute_dtype] != DTYPES[model_cfg.dtype]
         ):
-            self.master = MasterWeights(self.model, _DTYPES[model_cfg.compute_dtype])
+            self.master = MasterWeights(self.model, DTYPES[model_cfg.compute_dtype])
         self.ref_model: Decoder | None = None
         self.configure(cfg)
 
@@ -247,7 +245,7 @@ class Learner:
 
     def weights(self, dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
         """The policy's weights for the rollout workers, cast to their dtype."""
-        target = _DTYPES[dtype]
+        target = DTYPES[dtype]
         state = self.model.state_dict()
         if next(iter(state.values())).dtype != target:
             state = self._full_state()

@@ -7,18 +7,16 @@ from typing import Any
 import torch
 
 from rlkit.config.schema import RolloutConfig
-from rlkit.models.loading import load_model
+from rlkit.models.loading import DTYPES, load_model
 from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
-        dtype = _DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.dtype]
         model, tokenizer = load_model(model_path, dtype=dtype)
         model.eval()
         self.engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, dtype=dtype)
