@@ -1,0 +1,419 @@
+"""Decode attention over each sequence's retained KV (Sparse-RL rollouts).
+
+One new query token per sequence attends to the entries that sequence kept in its cache row.
+A compressed KV cache keeps each sequence's retained entries compacted at the front of its row
+with its own length, so a batch reads `k[b, :, :lengths[b]]` for every b; entries at or past a
+sequence's length are garbage and never contribute.
+
+    sparse_decode_attention(q, k, v, lengths, scale=None) -> out
+
+    q        [B, H, D]         one query token per sequence
+    k, v     [B, KVH, L, D]    any strides (e.g. `cache.k[layer, :B, :, :L]`); H % KVH == 0,
+                               query head h reads kv head h // (H // KVH) (GQA)
+    lengths  [B] int32/int64   valid entries per sequence; clamped to [0, L]; a sequence of
+                               length 0 gets an output of zeros
+    scale    default 1/sqrt(D)
+    out      [B, H, D], q's dtype
+
+Three functions: `sparse_decode_attention_reference` (plain PyTorch), the Triton kernel
+`sparse_decode_attention_triton`, and the dispatcher `sparse_decode_attention`, which runs the
+kernel for CUDA tensors when Triton is importable and the reference otherwise.
+
+Kernel (flash-decoding): one program per (sequence, kv head, split) handles all G = H // KVH
+query heads of the group, so each K/V block is read from memory once for the whole group. It
+walks its share of the sequence's first `length` entries in blocks of BLOCK_N with an online
+softmax (running max and sum, float32 accumulators). When B * KVH programs would leave the
+GPU's multiprocessors idle (small batch, long context), each sequence is also split over its
+own length into `num_splits` chunks of whole blocks (cdiv(length, num_splits), so ragged
+sequences split evenly); each split writes its normalised partial output and base-2
+log-sum-exp, and a second small kernel combines them. With one split the first kernel writes
+the output itself. Padded query rows (G < 16, the least tl.dot takes) and padded head-dim
+columns (D not a power of two) are masked; fp32 inputs use an exact fp32 dot, not tf32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: CPU-only installs run the reference.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "sparse_decode_attention",
+    "sparse_decode_attention_reference",
+    "sparse_decode_attention_triton",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Raise ValueError naming the first thing wrong with the arguments."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
+    if k.dim() != 4:
+        raise ValueError(f"k must be [B, KVH, L, D], got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
+    B, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"batch mismatch: q has B={B}, k/v have B={k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"head_dim mismatch: q has D={D}, k/v have D={k.shape[3]}")
+    kvh = k.shape[1]
+    if kvh == 0 or H % kvh != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of kv heads KVH={kvh}")
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"lengths must be [B]=[{B}], got shape {tuple(lengths.shape)}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q dtype must be float32, bfloat16 or float16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    devices = {q.device, k.device, v.device, lengths.device}
+    if len(devices) != 1:
+        raise ValueError(
+            f"q, k, v and lengths must be on one device, got {sorted(map(str, devices))}"
+        )
+
+
+def sparse_decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    *,
+    exact: bool = True,
+) -> torch.Tensor:
+    """Plain-PyTorch decode attention with the contract of the module docstring.
+
+    The G query heads that share a kv head become G query rows of that head, and one
+    `F.scaled_dot_product_attention` over [B, KVH, G, D] with a boolean mask built from
+    `lengths` does the rest (much faster on CPU than SDPA's GQA mode for a single token).
+
+    exact=True (the default): the math runs in float32 and the result is cast to q's dtype
+    once. exact=False runs SDPA in the inputs' dtype: the same for float32 inputs; for
+    bf16/fp16 it skips upcasting the whole K/V (several times faster on CPU, whose SDPA kernel
+    still accumulates in float32) and differs from exact=True by about one bf16/fp16 rounding.
+    """
+    _check(q, k, v, lengths)
+    B, H, D = q.shape
+    kvh, L = k.shape[1], k.shape[2]
+    G = H // kvh
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    dtype = torch.float32 if exact else q.dtype
+    qg = q.reshape(B, kvh, G, D).to(dtype)
+    kk, vv = k.to(dtype), v.to(dtype)
+    lens = lengths.to(torch.int64)
+    mask = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
+    empty = lens <= 0
+    # A row with no valid entry would be all -inf (NaN); let it attend to everything and zero it.
+    mask = mask | empty[:, None]
+    out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask[:, None, None, :], scale=scale)
+    out = out.reshape(B, H, D)
+    out = torch.where(
+        empty[:, None, None], torch.zeros((), dtype=out.dtype, device=out.device), out
+    )
+    return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_partial_kernel(
+        Q,
+        K,
+        V,
+        Lens,
+        Out,
+        MidO,
+        MidLse,
+        qk_scale,  # scale * log2(e): the softmax runs in base 2
+        L,
+        num_splits,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vl,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DIRECT: tl.constexpr,  # one split: write the output here, no combine step
+        IEEE_DOT: tl.constexpr,
+    ):
+        # 64-bit indices: a view of a large cache easily puts b * stride_kb past 2**31.
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+
+        length = tl.load(Lens + b).to(tl.int32)
+        length = tl.minimum(tl.maximum(length, 0), L)
+        # This split's share of the sequence, a whole number of blocks.
+        chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+
+        offs_g = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        heads = kvh * G + offs_g
+        mask_g = offs_g < G
+        mask_d = offs_d < D
+
+        q = tl.load(
+            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=mask_g[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_H, BLOCK_D]
+        if IEEE_DOT:
+            q = q.to(tl.float32)
+
+        k_base = K + b * stride_kb + kvh * stride_kh + offs_d[None, :] * stride_kd
+        v_base = V + b * stride_vb + kvh * stride_vh + offs_d[None, :] * stride_vd
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + offs_n
+            mask_n = pos < end
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + pos[:, None] * stride_kl, mask=kv_mask, other=0.0)  # [N, D]
+            if IEEE_DOT:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))  # [BLOCK_H, N]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + pos[:, None] * stride_vl, mask=kv_mask, other=0.0)  # [N, D]
+            if IEEE_DOT:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        if DIRECT:
+            tl.store(
+                Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                o.to(Out.dtype.element_ty),
+                mask=mask_g[:, None] & mask_d[None, :],
+            )
+        else:
+            # MidO [B, H, num_splits, BLOCK_D] and MidLse [B, H, num_splits], contiguous.
+            H = tl.num_programs(1) * G
+            row = (b * H + heads) * num_splits + split  # [BLOCK_H]
+            tl.store(
+                MidO + row[:, None] * BLOCK_D + offs_d[None, :],
+                o,
+                mask=mask_g[:, None],
+            )
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(MidLse + row, lse, mask=mask_g)
+
+    @triton.jit
+    def _decode_combine_kernel(
+        MidO,
+        MidLse,
+        Out,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        H,
+        num_splits,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_s = offs_s < num_splits
+        row = (b * H + h) * num_splits + offs_s
+        lse = tl.load(MidLse + row, mask=mask_s, other=float("-inf"))  # [S]
+        o = tl.load(
+            MidO + row[:, None] * BLOCK_D + offs_d[None, :], mask=mask_s[:, None], other=0.0
+        )
+        m = tl.max(lse, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m_safe)  # empty splits: exp2(-inf) = 0
+        total = tl.sum(w, 0)
+        out = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+        tl.store(
+            Out + b * stride_ob + h * stride_oh + offs_d * stride_od,
+            out.to(Out.dtype.element_ty),
+            mask=offs_d < D,
+        )
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _pick_num_splits(B: int, kvh: int, L: int, block_n: int, device: torch.device) -> int:
+    """Split over L only while B * KVH programs leave multiprocessors idle (fewer than two
+    per SM), aiming at ~3 per SM, in chunks of at least 4 blocks (so the combine step stays
+    cheap next to the reads). H100 measurements (benchmarks/RESULTS.md): splitting 96 or 192
+    programs at L >= 4096 cut the time 1.3-2.3x; splitting 256 was neutral, 512 cost ~5%."""
+    if device.type != "cuda":
+        return 1
+    programs = B * kvh
+    sms = _sm_count(device)
+    if programs >= 2 * sms:
+        return 1
+    want = -(-3 * sms // programs)
+    by_len = max(1, L // (4 * block_n))
+    return max(1, min(want, by_len, 64))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def sparse_decode_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """The Triton kernel (contract in the module docstring). The keyword-only knobs are for
+    tests and benchmarks: num_splits (None: chosen from B * KVH, L and the GPU's multiprocessor
+    count), block_n (KV entries per block), num_warps, num_stages."""
+    if not HAS_TRITON:
+        raise RuntimeError("sparse_decode_attention_triton needs triton, which is not importable")
+    _check(q, k, v, lengths)
+    B, H, D = q.shape
+    kvh, L = k.shape[1], k.shape[2]
+    G = H // kvh
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if B == 0 or H == 0 or D == 0:
+        return out
+
+    BLOCK_D = max(16, _next_pow2(D))
+    BLOCK_H = max(16, _next_pow2(G))  # tl.dot needs at least 16 rows
+    if block_n is None:
+        block_n = 64
+    if num_splits is None:
+        num_splits = _pick_num_splits(B, kvh, L, block_n, q.device)
+    num_splits = max(1, int(num_splits))
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 2
+    # float32 inputs get an exact float32 dot (not tf32). Off CUDA the kernel only runs under
+    # TRITON_INTERPRET=1, whose tl.dot multiplies bf16 bit patterns as integers (triton 3.x):
+    # there bf16 operands are upcast to float32 first.
+    ieee = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
+    opts: dict[str, Any] = {"num_warps": num_warps, "num_stages": num_stages}
+
+    if num_splits > 1:
+        mid_o = torch.empty((B, H, num_splits, BLOCK_D), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out  # unused
+
+    _decode_partial_kernel[(B, kvh, num_splits)](
+        q,
+        k,
+        v,
+        lengths,
+        out,
+        mid_o,
+        mid_lse,
+        scale * 1.4426950408889634,
+        L,
+        num_splits,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        G=G,
+        D=D,
+        BLOCK_H=BLOCK_H,
+        BLOCK_D=BLOCK_D,
+        BLOCK_N=block_n,
+        DIRECT=num_splits == 1,
+        IEEE_DOT=ieee,
+        **opts,
+    )
+    if num_splits > 1:
+        _decode_combine_kernel[(B, H)](
+            mid_o,
+            mid_lse,
+            out,
+            *out.stride(),
+            H,
+            num_splits,
+            D=D,
+            BLOCK_D=BLOCK_D,
+            BLOCK_S=max(2, _next_pow2(num_splits)),
+            num_warps=4 if BLOCK_D >= 128 else 2,
+        )
+    return out
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention over each sequence's first `lengths[b]` KV entries (module docstring):
+    the Triton kernel for CUDA tensors when Triton is importable, else the PyTorch reference
+    (in the inputs' dtype, the fast form; see `sparse_decode_attention_reference`)."""
+    if q.is_cuda and HAS_TRITON:
+        return sparse_decode_attention_triton(q, k, v, lengths, scale)
+    return sparse_decode_attention_reference(q, k, v, lengths, scale, exact=False)

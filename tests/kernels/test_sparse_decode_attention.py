@@ -1,0 +1,263 @@
+"""rlkit.kernels.sparse_decode_attention: the Triton kernel against the PyTorch reference.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 in a subprocess (this file run as a script):
+the variable must be set before Triton decorates the kernel, and setting it in this process
+would change how every other Triton kernel imported by the same pytest run behaves. On a CUDA
+machine the `gpu` tests run the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from rlkit.kernels import sparse_decode_attention as sda
+
+# name: (B, H, KVH, D, L, dtype, num_splits, lengths spec, strided views)
+# lengths spec: "ragged" (random, first = L, last 1), "ragged32" (the same as int32), "full"
+# (all == L), "zero" (last row 0)
+CASES: dict[str, tuple] = {
+    "g1_d64_bf16_ragged": (3, 4, 4, 64, 48, torch.bfloat16, 1, "ragged", False),
+    "g3_d64_fp32_ragged_strided": (3, 6, 2, 64, 80, torch.float32, 1, "ragged", True),
+    "g4_d32_bf16_split3_strided": (3, 8, 2, 32, 64, torch.bfloat16, 3, "ragged", True),
+    "g4_d64_fp32_full_split2": (2, 8, 2, 64, 64, torch.float32, 2, "full", False),
+    "g3_d64_bf16_full": (2, 3, 1, 64, 40, torch.bfloat16, 1, "full", True),
+    "g4_d32_fp16_zero_split2": (3, 4, 1, 32, 48, torch.float16, 2, "zero", False),
+    "g1_d48_fp32_ragged_pad_d": (2, 2, 2, 48, 33, torch.float32, 1, "ragged", False),
+    "g3_d32_bf16_int32_lengths": (2, 6, 2, 32, 70, torch.bfloat16, 4, "ragged32", True),
+}
+
+# Largest |triton - exact reference| allowed, by dtype (outputs are O(1)).
+ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def make_inputs(case: tuple, seed: int, device: str = "cpu"):
+    B, H, KVH, D, L, dtype, _, spec, strided = case
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    if strided:
+        # Views of a bigger cache [layers, slots, KVH, max_len, D], as the engine passes them;
+        # q is every other head of a [B, 2H, D] tensor.
+        k_cache = randn(2, B + 2, KVH, L + 24, D)
+        v_cache = randn(2, B + 2, KVH, L + 24, D)
+        k, v = k_cache[1, :B, :, :L], v_cache[1, 1 : B + 1, :, :L]
+        q = randn(B, 2 * H, D)[:, ::2]
+        assert not k.is_contiguous() and not q.is_contiguous()
+    else:
+        k, v, q = randn(B, KVH, L, D), randn(B, KVH, L, D), randn(B, H, D)
+    if spec == "full":
+        lengths = torch.full((B,), L)
+    else:
+        lengths = torch.randint(1, L + 1, (B,), generator=g)
+        lengths[0] = L
+        lengths[-1] = 0 if spec == "zero" else 1
+    lengths = lengths.to(torch.int32 if spec == "ragged32" else torch.int64).to(device)
+    # Poison the entries past each length (finite: stale cache entries are real numbers, and
+    # SDPA's mask does not survive NaN); leaked, they would dominate the output.
+    for b in range(B):
+        k[b, :, int(lengths[b]) :] = 1e4
+        v[b, :, int(lengths[b]) :] = -1e4
+    return q, k, v, lengths
+
+
+def run_cases(device: str) -> dict[str, dict]:
+    """Run every case through the kernel; max abs error against the exact reference."""
+    results = {}
+    for i, (name, case) in enumerate(CASES.items()):
+        q, k, v, lengths = make_inputs(case, seed=i, device=device)
+        try:
+            out = sda.sparse_decode_attention_triton(q, k, v, lengths, num_splits=case[6])
+        except Exception as e:  # reported per case by the parent
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        ref = sda.sparse_decode_attention_reference(q, k, v, lengths)
+        zero_rows = lengths == 0
+        results[name] = {
+            "max_err": (out.float() - ref.float()).abs().max().item(),
+            "finite": bool(torch.isfinite(out.float()).all()),
+            "zero_rows_zero": bool((out[zero_rows] == 0).all()),
+            "dtype_ok": out.dtype == q.dtype and tuple(out.shape) == tuple(q.shape),
+        }
+    return results
+
+
+def _check_result(name: str, res: dict) -> None:
+    if "0-dimensional arrays can be converted" in res.get("error", ""):
+        # Older interpreters (triton 3.6) cannot take loop bounds loaded from memory.
+        pytest.skip(f"this triton's interpreter cannot run the kernel: {res['error']}")
+    assert "error" not in res, res.get("error")
+    assert res["dtype_ok"]
+    assert res["finite"], f"{name}: non-finite output (garbage past a length leaked?)"
+    assert res["zero_rows_zero"], f"{name}: a length-0 row is not all zeros"
+    assert res["max_err"] <= ATOL[CASES[name][5]], f"{name}: max error {res['max_err']}"
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, dict]:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sda.HAS_TRITON, reason="triton not importable")
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_interpreted_matches_reference(name, interpreted_results):
+    _check_result(name, interpreted_results[name])
+
+
+def _naive(q, k, v, lengths, scale=None):
+    """Loop per sequence and head, float64."""
+    B, H, D = q.shape
+    G = H // k.shape[1]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        for h in range(H):
+            if n == 0:
+                continue
+            kk = k[b, h // G, :n].double()
+            w = torch.softmax(kk @ q[b, h].double() * scale, 0)
+            out[b, h] = w @ v[b, h // G, :n].double()
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_reference_matches_naive_loop(name):
+    q, k, v, lengths = make_inputs(CASES[name], seed=100)
+    want = _naive(q, k, v, lengths)
+    exact = sda.sparse_decode_attention_reference(q, k, v, lengths)
+    fast = sda.sparse_decode_attention_reference(q, k, v, lengths, exact=False)
+    assert exact.dtype == fast.dtype == q.dtype
+    tol = ATOL[q.dtype] / 2 if q.dtype != torch.float32 else 1e-5
+    assert (exact.double() - want).abs().max() <= tol
+    assert (fast.double() - want).abs().max() <= 2 * tol
+    assert torch.isfinite(fast.float()).all()
+
+
+def test_reference_scale_argument():
+    q, k, v, lengths = make_inputs(CASES["g4_d64_fp32_full_split2"], seed=3)
+    got = sda.sparse_decode_attention_reference(q, k, v, lengths, scale=0.3)
+    assert torch.allclose(got.double(), _naive(q, k, v, lengths, scale=0.3), atol=1e-5)
+
+
+def test_dispatcher_uses_reference_on_cpu(monkeypatch):
+    q, k, v, lengths = make_inputs(CASES["g3_d64_bf16_full"], seed=5)
+    calls = []
+    real = sda.sparse_decode_attention_reference
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the Triton kernel must not run for CPU tensors")
+
+    monkeypatch.setattr(sda, "sparse_decode_attention_reference", spy)
+    monkeypatch.setattr(sda, "sparse_decode_attention_triton", no_triton)
+    got = sda.sparse_decode_attention(q, k, v, lengths)
+    assert len(calls) == 1
+    assert torch.equal(got, real(q, k, v, lengths, exact=False))
+    assert (got.float() - real(q, k, v, lengths).float()).abs().max() <= ATOL[q.dtype]
+
+
+def _bad(**change):
+    q, k, v, lengths = make_inputs(CASES["g4_d64_fp32_full_split2"], seed=7)  # B=2 H=8 KVH=2
+    args = {"q": q, "k": k, "v": v, "lengths": lengths}
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"q": torch.randn(2, 1, 8, 64)}, r"q must be \[B, H, D\]"),
+        ({"k": torch.randn(2, 2, 64)}, r"k must be \[B, KVH, L, D\]"),
+        ({"v": torch.randn(2, 2, 63, 64)}, "v shape"),
+        ({"q": torch.randn(3, 8, 64)}, "batch mismatch"),
+        ({"q": torch.randn(2, 8, 32)}, "head_dim mismatch"),
+        ({"q": torch.randn(2, 7, 64)}, r"H=7 must be a multiple of kv heads KVH=2"),
+        ({"lengths": torch.tensor([1, 2, 3])}, r"lengths must be \[B\]"),
+        ({"lengths": torch.tensor([1.0, 2.0])}, "int32 or int64"),
+        ({"q": torch.randn(2, 8, 64, dtype=torch.float64)}, "q dtype"),
+        ({"q": torch.randn(2, 8, 64, dtype=torch.bfloat16)}, "share a dtype"),
+    ],
+)
+@pytest.mark.parametrize(
+    "fn",
+    [sda.sparse_decode_attention, sda.sparse_decode_attention_reference],
+    ids=["dispatch", "ref"],
+)
+def test_bad_arguments_raise_value_error(fn, change, match):
+    with pytest.raises(ValueError, match=match):
+        fn(**_bad(**change))
+
+
+# ------------------------------------------------------------------ compiled kernel on CUDA
+
+GPU_CASES = {
+    **CASES,
+    "smollm_b64_l1000_bf16": (64, 9, 3, 64, 1000, torch.bfloat16, None, "ragged", True),
+    "big_b4_l4096_bf16_autosplit": (4, 32, 8, 128, 4096, torch.bfloat16, None, "ragged", True),
+    "big_b4_l4096_fp16_autosplit": (4, 32, 8, 128, 4096, torch.float16, None, "full", False),
+    "big_b8_l2048_fp32_split7": (8, 32, 8, 128, 2048, torch.float32, 7, "zero", True),
+    "g8_d128_b16_l777_bf16": (16, 64, 8, 128, 777, torch.bfloat16, None, "zero", False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and sda.HAS_TRITON), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_triton_cuda_matches_reference(name):
+    case = GPU_CASES[name]
+    q, k, v, lengths = make_inputs(case, seed=11, device="cuda")
+    ref = sda.sparse_decode_attention_reference(q, k, v, lengths)
+    for splits in {case[6], 1, 5}:
+        out = sda.sparse_decode_attention_triton(q, k, v, lengths, num_splits=splits)
+        assert out.dtype == q.dtype
+        assert torch.isfinite(out.float()).all()
+        assert (out[lengths == 0] == 0).all()
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= ATOL[q.dtype], f"{name} splits={splits}: max error {err}"
+    disp = sda.sparse_decode_attention(q, k, v, lengths)
+    assert torch.equal(disp, sda.sparse_decode_attention_triton(q, k, v, lengths))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and sda.HAS_TRITON), reason="needs CUDA")
+def test_triton_cuda_offsets_past_2_31():
+    """A sequence that starts past element 2**31 of its cache: 32-bit offsets would wrap."""
+    B, H, KVH, L, D = 2, 8, 2, 64, 64
+    seq = 2**31  # the second sequence's first element
+    buf = torch.empty(seq + 3 * KVH * L * D, dtype=torch.bfloat16, device="cuda")
+    strides = (seq, L * D, D, 1)
+    k = buf.as_strided((B, KVH, L, D), strides, storage_offset=0)
+    v = buf.as_strided((B, KVH, L, D), strides, storage_offset=2 * KVH * L * D)
+    k.copy_(torch.randn(B, KVH, L, D, device="cuda"))
+    v.copy_(torch.randn(B, KVH, L, D, device="cuda"))
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([L, 37], device="cuda")
+    ref = sda.sparse_decode_attention_reference(q, k, v, lengths)
+    for splits in (1, 3):
+        out = sda.sparse_decode_attention_triton(q, k, v, lengths, num_splits=splits)
+        assert (out.float() - ref.float()).abs().max().item() <= ATOL[q.dtype]
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(json.dumps(run_cases("cpu")))
