@@ -25,6 +25,12 @@ Point = tuple[float, Any, dict]
 _FIGURES: list[tuple[str, str, Callable[[str], bool]]] = [
     ("reward.png", "Reward", lambda k: k.startswith("reward/")),
     ("accuracy.png", "Held-out accuracy", lambda k: k.startswith("eval/")),
+    # JudgeRLVR: judge accuracy on train items (judge/accuracy) and held-out (eval/judge_*).
+    (
+        "judge.png",
+        "Judge (JudgeRLVR)",
+        lambda k: k.startswith("judge/") or k.startswith("eval/judge_"),
+    ),
     ("response_length.png", "Responses (lengths in tokens)", lambda k: k.startswith("response/")),
     ("kl.png", "KL divergence", lambda k: k.startswith("actor/") and "kl" in k),
     (
@@ -46,6 +52,7 @@ _TIMING_TOTALS = ("timing/step", "timing/total")
 # file, title, key: one curve per run on shared axes
 _COMPARED = [
     ("accuracy.png", "Held-out accuracy", "eval/accuracy"),
+    ("judge_accuracy.png", "Held-out judge accuracy", "eval/judge_accuracy"),
     ("reward.png", "Mean reward", "reward/mean"),
     ("response_length.png", "Mean response length (tokens)", "response/length_mean"),
     ("rollout_throughput.png", "Rollout tokens / s", "throughput/rollout_tokens_per_s"),

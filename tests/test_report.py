@@ -105,3 +105,18 @@ def test_compare_runs_draws_one_png_per_curve(tmp_path):
     assert all((tmp_path / "cmp" / n).stat().st_size > 0 for n in names)
     with pytest.raises(ValueError, match="1 labels for 2 runs"):
         compare_runs([dense, sparse], str(tmp_path / "cmp"), labels=["dense"])
+
+
+def test_judge_metrics_get_their_figure_and_comparison(tmp_path):
+    rows = synthetic_rows()
+    for row in rows:
+        if row["stage"] == "judge":
+            row.update({"judge/accuracy": 0.5, "judge/parse_fail_frac": 0.1})
+        if "eval/accuracy" in row:
+            row["eval/judge_accuracy"] = 0.6
+    run = write_run(tmp_path / "run", rows)
+    names = {p.split("/")[-1] for p in make_report(run)}
+    assert "judge.png" in names
+    other = write_run(tmp_path / "other", rows)
+    compared = compare_runs([run, other], str(tmp_path / "cmp"))
+    assert "judge_accuracy.png" in {p.split("/")[-1] for p in compared}

@@ -57,8 +57,62 @@ class RewardConfig:
 
 
 @dataclass
+class KVCompressionConfig:
+    """Sparse-RL: rollouts decode against a compressed KV cache (ALGORITHMS.md section 3).
+
+    Whenever a sequence's cache exceeds `budget` entries (checked every `interval` decode
+    steps), a policy scores the cached entries and keeps the best `budget - window` plus the
+    last `window`; each sequence (and, for `layer_hybrid`, each layer) keeps its own entries.
+    """
+
+    # "none": dense rollouts.
+    policy: Literal["none", "snapkv", "rkv", "h2o", "streaming", "layer_hybrid"] = "none"
+    # Entries kept per sequence and layer after a compression.
+    budget: int = 512
+    # The last `window` entries are always kept (and give SnapKV its observation queries).
+    window: int = 8
+    # Decode steps between compression checks (1: every step).
+    interval: int = 128
+    # StreamingLLM's attention-sink tokens kept at the start.
+    sink: int = 4
+    # SnapKV's max-pooling kernel along positions.
+    pool_kernel: int = 7
+    # R-KV: score = lam * importance - (1 - lam) * redundancy; keys whose cosine similarity
+    # is under `rkv_threshold` do not count as redundant.
+    rkv_lambda: float = 0.1
+    rkv_threshold: float = 0.5
+    # layer_hybrid: every `full_every`-th layer (0, k, 2k, ...) keeps its full KV; the layers
+    # after it keep what its attention ranks highest ("oracle"), or only a local window when
+    # `hybrid_local` is true (NSA-style local/global alternation).
+    full_every: int = 2
+    hybrid_local: bool = False
+
+
+@dataclass
+class VLLMConfig:
+    """Options of the vLLM backend (`rollout.engine: vllm`)."""
+
+    # Python interpreter of an environment with vLLM installed; null: .venv-vllm/bin/python
+    # under the repository root (scripts/setup_vllm.sh), else this interpreter if it has vLLM.
+    python: str | None = None
+    # GPU only: the fraction of GPU memory vLLM takes (weights + KV cache).
+    gpu_memory_utilization: float = 0.5
+    # Release GPU memory between rollouts (vLLM sleep mode, level 1) so the learner can use it.
+    # A no-op (with a warning) where vLLM has no sleep mode, e.g. its CPU backend.
+    sleep_between_steps: bool = False
+    enforce_eager: bool = True
+    # CPU backend only: KV cache space in GiB (vLLM's kv_cache_memory_bytes).
+    cpu_kv_cache_gb: float = 1.0
+    # Seconds to wait for the vLLM server to start (import, load, warm up), and for one reply.
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 3600.0
+    # Extra keyword arguments for vllm.LLM (e.g. max_num_batched_tokens).
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RolloutConfig:
-    engine: Literal["native"] = "native"
+    engine: Literal["native", "vllm"] = "native"
     # Samples per prompt (the GRPO group size).
     n: int = 8
     temperature: float = 1.0
@@ -72,6 +126,30 @@ class RolloutConfig:
     # Most sequences decoded at once; the rest wait for a free slot.
     max_batch_size: int = 256
     num_workers: int = 1
+    kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class SparseCorrectionConfig:
+    """Sparse-RL's learner corrections for compressed-KV rollouts (ALGORITHMS.md section 3).
+
+    rho_t = exp(clamp(logp_dense_old_t - logp_sparse_t, +-log_ratio_clamp)). They apply only
+    when `rollout.kv_compression.policy` is not "none"; there they replace TIS.
+    """
+
+    # Token-level rejection: tokens with rho outside [rho_low, rho_high] leave the loss mask;
+    # a sample with any rho < veto_threshold leaves the batch.
+    rejection: bool = True
+    rho_low: float = 0.5
+    rho_high: float = 1.5
+    veto_threshold: float = 1e-4
+    # Importance reweighting: w_t = min(rho_t, weight_cap), optionally divided by its mean
+    # over the batch's surviving tokens.
+    reweight: bool = True
+    weight_cap: float = 1.5
+    normalize_weights: bool = False
+    log_ratio_clamp: float = 20.0
 
 
 @dataclass
@@ -91,6 +169,7 @@ class AlgorithmConfig:
     tis_cap: float | None = 2.0
     # Samples cut at max_new_tokens: keep them, or drop them from the loss.
     overlong: Literal["keep", "mask"] = "keep"
+    sparse: SparseCorrectionConfig = field(default_factory=SparseCorrectionConfig)
 
 
 @dataclass
@@ -133,6 +212,46 @@ class SFTConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """JudgeRLVR's judge stage (`stages: [{type: judge}, {type: generate}]`, ALGORITHMS.md §2).
+
+    Candidate solutions are sampled on the train split from the current policy (and from
+    `extra_checkpoints`), labelled by the task's verifier, and turned into judge items: mixed
+    problems (pass rate strictly between 0 and 1) first, positives and negatives balanced per
+    problem. The policy writes a short critique and a verdict; reward 1 when it matches the label.
+    """
+
+    # The judge's user message with {problem} and {solution}; null: the built-in one
+    # (rlkit/data/judge.py DEFAULT_TEMPLATE), which asks for a last line `Verdict: correct|incorrect`.
+    template: str | None = None
+    # Train problems sampled per (re)build of the judge set, and candidates per problem from
+    # the policy and from each extra checkpoint.
+    num_problems: int = 64
+    candidates_per_problem: int = 8
+    # Judge items per mixed problem (half correct, half incorrect).
+    pairs_per_problem: int = 4
+    # When mixed problems give fewer items, all-correct / all-wrong problems fill up to this.
+    min_pairs: int = 32
+    # Sampling of candidates; null: rollout.temperature / rollout.max_new_tokens.
+    temperature: float | None = None
+    candidate_max_new_tokens: int | None = None
+    # Tokens per verdict (critique + verdict line), in training and held-out evaluation.
+    max_new_tokens: int = 64
+    # Rebuild the judge set from the current policy every N steps (0: built once per stage).
+    refresh_every: int = 0
+    # More candidate sources: rlkit checkpoints (.../step_N), HF model dirs or .gguf files; each
+    # is pushed to the rollout worker for sampling, then the policy's weights are put back.
+    extra_checkpoints: list[str] = field(default_factory=list)
+    # Held-out judge items, built once per run from the initial model on the first
+    # num_eval_problems eval problems: exactly balanced, at most num_eval_pairs / 2 per label.
+    num_eval_problems: int = 128
+    num_eval_pairs: int = 64
+    # Held-out judge accuracy at every evaluation (before, every eval_every, final); null: when
+    # the recipe has a judge stage. Set true in a plain RLVR recipe to compare runs on it.
+    evaluate: bool | None = None
+
+
+@dataclass
 class EvalConfig:
     max_new_tokens: int = 256
     # pass@k sample count for `rlkit eval` (greedy accuracy is always reported).
@@ -161,7 +280,8 @@ class RayConfig:
 
 @dataclass
 class StageConfig:
-    type: Literal["sft", "rlvr"] = "rlvr"
+    # "generate" is JudgeRLVR's second stage: RLVR on the task, the same runner as "rlvr".
+    type: Literal["sft", "rlvr", "judge", "generate"] = "rlvr"
     name: str | None = None
     # Dotted overrides applied to the recipe for this stage only, e.g. {train.steps: 20}.
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +297,7 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ class RunContext:
     sft_examples: list[tuple[list[int], list[int]]] | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     summary: dict[str, Any] = field(default_factory=dict)
+    # More held-out metrics, merged into every evaluation (e.g. JudgeRLVR's eval/judge_accuracy).
+    eval_hooks: list[Callable[[], dict[str, float]]] = field(default_factory=list)
 
     @staticmethod
     def call(method, *args, **kwargs):
@@ -76,9 +79,12 @@ class RunContext:
         )
         outs = self.generate(self.eval_prompt_ids, params, 1)
         scored = self.score([c["text"] for c in outs], self.eval_samples)
-        return accuracy_metrics(
+        metrics = accuracy_metrics(
             scored["scores"], [len(c["token_ids"]) for c in outs], prefix="eval"
         )
+        for hook in self.eval_hooks:
+            metrics.update(hook())
+        return metrics
 
     def log(self, row: dict[str, Any]) -> None:
         self.logger.log(row)

@@ -33,13 +33,43 @@ def sampling_params(cfg: RecipeConfig, seed: int) -> SamplingParams:
     )
 
 
+class TaskSource:
+    """What an RL stage trains on: item prompts, which items come next, how completions score.
+
+    This one is the task's train split scored by its verifier (the rlvr / generate stages);
+    `trainer/judge.py` subclasses it for the judge stage. Items are indices into `prompt_ids`.
+    """
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.prompt_ids: list[list[int]] = ctx.train_prompt_ids
+
+    def start_step(self, step: int) -> None:
+        """Called before each step's rollouts."""
+
+    def take(self, k: int) -> list[int]:
+        return self.ctx.stream.take(k)
+
+    def sampling(self, cfg: RecipeConfig, seed: int) -> SamplingParams:
+        return sampling_params(cfg, seed)
+
+    def score(self, texts: list[str], items: list[int]) -> dict[str, Any]:
+        """{"scores", "extras", "metrics"}, as `RewardPool.score` returns them."""
+        return self.ctx.score(texts, [self.ctx.train_samples[i] for i in items])
+
+    def step_metrics(self) -> dict[str, float]:
+        """Extra metrics for the step's row, after its rollouts were scored."""
+        return {}
+
+
 def _rollout(
-    ctx: RunContext, prompt_idx: list[int], seed: int
+    ctx: RunContext, prompt_idx: list[int], seed: int, source: TaskSource | None = None
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Generate n samples per prompt; returns completions and the sample index of each."""
+    source = source or TaskSource(ctx)
     n = ctx.cfg.rollout.n
-    prompts = [ctx.train_prompt_ids[i] for i in prompt_idx]
-    outs = ctx.generate(prompts, sampling_params(ctx.cfg, seed), n)
+    prompts = [source.prompt_ids[i] for i in prompt_idx]
+    outs = ctx.generate(prompts, source.sampling(ctx.cfg, seed), n)
     sample_of = [prompt_idx[c["prompt_index"]] for c in outs]
     return outs, sample_of
 
@@ -55,23 +85,26 @@ def _response_metrics(outs: list[dict[str, Any]], seconds: float) -> dict[str, f
     }
 
 
-def _collect(ctx: RunContext, seed: int) -> tuple[list[Round], dict[str, float]]:
+def _collect(
+    ctx: RunContext, seed: int, source: TaskSource | None = None
+) -> tuple[list[Round], dict[str, float]]:
     """Rollout and reward rounds until the batch has prompts_per_step informative groups.
 
     Without dynamic sampling this is one round. With it (DAPO), groups whose rewards are all
     equal carry no signal and are dropped; the batch is refilled with fresh prompts.
     """
     cfg, timer = ctx.cfg, ctx.timer
+    source = source or TaskSource(ctx)
     n = cfg.rollout.n
     rounds: list[Round] = []
-    pending = ctx.stream.take(cfg.train.prompts_per_step)
+    pending = source.take(cfg.train.prompts_per_step)
     kept_groups = filtered_groups = 0
     outs_all: list[dict[str, Any]] = []
     while pending:
         with timer.phase("rollout"):
-            outs, sample_of = _rollout(ctx, pending, seed + 7919 * len(rounds))
+            outs, sample_of = _rollout(ctx, pending, seed + 7919 * len(rounds), source)
         with timer.phase("reward"):
-            scored = ctx.score([c["text"] for c in outs], [ctx.train_samples[i] for i in sample_of])
+            scored = source.score([c["text"] for c in outs], sample_of)
         rewards = torch.tensor(scored["scores"], dtype=torch.float32)
         keep = torch.ones(len(outs), dtype=torch.bool)
         if cfg.algorithm.dynamic_sampling:
@@ -87,25 +120,30 @@ def _collect(ctx: RunContext, seed: int) -> tuple[list[Round], dict[str, float]]
             or len(rounds) > cfg.algorithm.max_refill_rounds
         ):
             break
-        pending = ctx.stream.take(short)
+        pending = source.take(short)
     metrics = _response_metrics(outs_all, timer.seconds.get("rollout", 0.0))
     metrics["rollout/rounds"] = len(rounds)
     metrics["rollout/filtered_groups"] = filtered_groups
     return rounds, metrics
 
 
-def run_rlvr(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
+def run_rlvr(
+    ctx: RunContext, stage: StageSpec, start_step: int, source: TaskSource | None = None
+) -> None:
     cfg, timer = ctx.cfg, ctx.timer
+    source = source or TaskSource(ctx)
     advantage_fn = ADVANTAGES.get(cfg.algorithm.advantage)
     for step in range(start_step + 1, cfg.train.steps + 1):
         row: dict[str, Any] = {"stage": stage.name, "stage_index": stage.index, "step": step}
         # Rollouts are a function of (seed, stage, step), so a resumed run samples what the
         # uninterrupted run would have.
         seed = cfg.train.seed * 1_000_003 + stage.index * 100_003 + step
-        rounds, rollout_metrics = _collect(ctx, seed)
+        source.start_step(step)
+        rounds, rollout_metrics = _collect(ctx, seed, source)
         row.update(rollout_metrics)
+        row.update(source.step_metrics())
         with timer.phase("advantage"):
-            batch, reward_metrics = _build_batch(ctx, rounds)
+            batch, reward_metrics = _build_batch(ctx, rounds, source)
             batch.advantages = advantage_fn(batch.rewards, batch.group_ids, batch.response_mask)
         row.update(reward_metrics)
         with timer.phase("learn"):
@@ -113,8 +151,11 @@ def run_rlvr(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
         ctx.end_step(stage, step, row)
 
 
-def _build_batch(ctx: RunContext, rounds: list[Round]) -> tuple[RolloutBatch, dict[str, float]]:
+def _build_batch(
+    ctx: RunContext, rounds: list[Round], source: TaskSource | None = None
+) -> tuple[RolloutBatch, dict[str, float]]:
     cfg = ctx.cfg
+    source = source or TaskSource(ctx)
     if not any(bool(rd.keep.any()) for rd in rounds):
         # Every group was filtered out: keep the last round so the step still runs (with zero
         # advantages it leaves the weights unchanged) and the metrics say so.
@@ -127,7 +168,7 @@ def _build_batch(ctx: RunContext, rounds: list[Round]) -> tuple[RolloutBatch, di
         for j, c in enumerate(outs):
             if not keep[j]:
                 continue
-            prompts.append(ctx.train_prompt_ids[sample_of[j]])
+            prompts.append(source.prompt_ids[sample_of[j]])
             responses.append(c["token_ids"])
             logps.append(c["logprobs"])
             rewards.append(float(r[j]))

@@ -10,7 +10,7 @@ from typing import Any
 from rlkit.config import apply_overrides, save_resolved, to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
-from rlkit.trainer import checkpoint
+from rlkit.trainer import checkpoint, judge
 from rlkit.trainer.context import RunContext, StageSpec, truncate_metrics
 from rlkit.trainer.memory import PeakMemoryMonitor
 
@@ -28,7 +28,11 @@ def stage_specs(cfg: RecipeConfig) -> list[StageSpec]:
             if st.overrides
             else cfg
         )
+        if st.type == "judge":
+            judge.check_config(stage_cfg)
         specs.append(StageSpec(index=i, name=name, type=st.type, cfg=stage_cfg))
+    if judge.evaluates(cfg):
+        judge.check_config(cfg)
     return specs
 
 
@@ -63,6 +67,10 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
         )
     ctx = launch(cfg, run_dir)
     try:
+        if judge.evaluates(cfg):
+            # Built (or reloaded) while the rollout worker still holds the initial model.
+            with ctx.timer.phase("judge_data"):
+                ctx.eval_hooks.append(judge.HeldOutJudge(ctx, cfg))
         if resume_from is None:
             ctx.summary["eval_before"] = _eval_row(ctx, specs[0], step=0)
         summary = _run_stages(ctx, specs, resume_from, t_start)
@@ -107,7 +115,7 @@ def _run_stages(
     from rlkit.trainer.rlvr import run_rlvr
     from rlkit.trainer.sft import run_sft, sft_examples
 
-    runners = {"rlvr": run_rlvr, "sft": run_sft}
+    runners = {"rlvr": run_rlvr, "sft": run_sft, "judge": judge.run_judge, "generate": run_rlvr}
     t_first_step = None
     for spec in specs:
         start_step = 0
@@ -121,9 +129,13 @@ def _run_stages(
         # the SFT pairs (which may come from other files) for SFT.
         ctx.sft_examples = sft_examples(ctx) if spec.type == "sft" else None
         n_items = len(ctx.sft_examples) if ctx.sft_examples is not None else len(ctx.train_samples)
+        resuming = resume_from is not None and spec.index == resume_from.stage_index
+        if spec.type == "judge" and resuming:
+            # The judge stage walks its current judge set, whose size the checkpoint records.
+            n_items = checkpoint.read_state(resume_from.path)["data"]["size"]
         ctx.stream = PromptStream(n_items, spec.cfg.data.seed)
         ctx.call(ctx.learner.configure, spec.cfg)
-        if resume_from is not None and spec.index == resume_from.stage_index:
+        if resuming:
             ctx.restore(resume_from)
         ctx.logger.start_stage(
             f"{spec.index}:{spec.name}", total=spec.cfg.train.steps, initial=start_step
@@ -132,6 +144,10 @@ def _run_stages(
             t_first_step = time.perf_counter()
             ctx.summary.setdefault("setup_seconds", t_first_step - t_start)
         runners[spec.type](ctx, spec, start_step)
+        if spec.type == "judge" and spec is not specs[-1] and start_step < spec.cfg.train.steps:
+            # Stage-1 judge accuracy (held-out), before the generate stage moves the weights.
+            metrics = _eval_row(ctx, spec, step=spec.cfg.train.steps)
+            ctx.summary.setdefault("eval_after_stage", {})[spec.name] = metrics
     t_end = time.perf_counter()
     ctx.summary["train_seconds"] = t_end - (t_first_step or t_end)
     ctx.summary["eval_after"] = _eval_row(ctx, specs[-1], step=specs[-1].cfg.train.steps)
@@ -147,6 +163,12 @@ def _print_summary(summary: dict[str, Any], plots: list[str]) -> None:
         lines.append(f"  held-out accuracy before: {before:.3f}")
     if after is not None:
         lines.append(f"  held-out accuracy after:  {after:.3f}")
+    judge_before = summary.get("eval_before", {}).get("eval/judge_accuracy")
+    judge_after = summary.get("eval_after", {}).get("eval/judge_accuracy")
+    if judge_before is not None:
+        lines.append(f"  held-out judge accuracy before: {judge_before:.3f}")
+    if judge_after is not None:
+        lines.append(f"  held-out judge accuracy after:  {judge_after:.3f}")
     lines.append(
         f"  set-up {summary.get('setup_seconds', 0):.0f} s, training {summary.get('train_seconds', 0):.0f} s, peak memory {summary['peak_memory_gb']:.2f} GB"
         f" (sum of RSS; {summary['peak_memory_pss_gb']:.2f} GB PSS)"
