@@ -1,4 +1,5 @@
-"""Pure tensor RL algorithms: advantages, policy losses, KL, log-probs, sampling, TIS.
+"""Pure tensor RL algorithms: advantages, policy losses, KL, log-probs, sampling, TIS,
+Sparse-RL corrections.
 
 No Ray, no YAML, no files: tensors in, tensors and numbers out. Variants are picked by name
 from `ADVANTAGES` and `POLICY_LOSSES`.
@@ -23,6 +24,7 @@ from rlkit.algorithms.losses import (
 )
 from rlkit.algorithms.registry import Registry
 from rlkit.algorithms.sampling import filter_groups, select_groups
+from rlkit.algorithms.sparse_rl import sparse_corrections
 from rlkit.algorithms.tis import tis_weights
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "reinforce_pp_baseline",
     "rloo",
     "select_groups",
+    "sparse_corrections",
     "tis_weights",
     "token_logprobs",
 ]

@@ -232,8 +232,11 @@ class Decoder(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            if use_ckpt and cache is None:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            # A cache may be recomputed when its attend() is a pure function of its inputs and
+            # of tensors it only reads (the shared-prefix suffix pass); a KV cache that writes
+            # is not.
+            if use_ckpt and (cache is None or getattr(cache, "recomputable", False)):
+                x = checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache)
         return self.model.norm(x)

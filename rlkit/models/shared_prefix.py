@@ -32,6 +32,9 @@ class _RecordPrefix:
 class _AttendToPrefix:
     """Suffix queries attend to their group's prefix (up to its length) and causally to themselves."""
 
+    # attend() only reads the recorded prefix: gradient checkpointing may re-run it.
+    recomputable = True
+
     def __init__(self, prefix: _RecordPrefix, group: torch.Tensor, mask: torch.Tensor) -> None:
         self.prefix = prefix
         self.group = group  # [N] index of each row's prefix

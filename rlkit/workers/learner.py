@@ -11,13 +11,21 @@ import time
 
 import torch
 
-from rlkit.algorithms import POLICY_LOSSES, aggregate, kl_penalty, tis_weights, token_logprobs
+from rlkit.algorithms import (
+    POLICY_LOSSES,
+    aggregate,
+    kl_penalty,
+    sparse_corrections,
+    tis_weights,
+    token_logprobs,
+)
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.models.decoder import Decoder
 from rlkit.models.loading import DTYPES, load_model, save_pretrained
 from rlkit.models.shared_prefix import response_hidden
 from rlkit.trainer.optim import build_optimizer, build_scheduler
+from rlkit.workers import heap
 from rlkit.workers.master_weights import MasterWeights, StateView
 
 
@@ -55,6 +63,11 @@ class Learner:
         self.opt = build_optimizer(self._trainable(), cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.train.steps, cfg.optim)
         self.policy_loss = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
+        # Sparse-RL: rollouts decoded against a compressed KV cache are corrected by the
+        # dense-vs-sparse ratio (rejection and/or reweighting), in place of TIS.
+        sp = cfg.algorithm.sparse
+        compressed = cfg.rollout.kv_compression.policy != "none"
+        self.sparse = sp if compressed and (sp.rejection or sp.reweight) else None
         # The KL reference is the policy as the stage starts.
         self.ref_model = None
         if cfg.algorithm.kl_coef > 0:
@@ -68,7 +81,9 @@ class Learner:
     def _optimizer_step(self) -> float:
         """Clip, step, zero; returns the gradient norm before clipping."""
         if self.master is not None:
-            self.master.grads_to_master()
+            norm = self.master.step(self.opt, self.optim_cfg.grad_clip)
+            self.opt.zero_grad(set_to_none=True)
+            return norm
         norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), self.optim_cfg.grad_clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -112,6 +127,9 @@ class Learner:
             mb.response_ids[valid],
             with_entropy=with_entropy,
             temperature=self.temperature,
+            # 256 rows x a 49k vocab: ~50 MB of float32 logits per chunk (1024 rows cost the
+            # default recipe ~0.25 GB of peak memory; benchmarks/NOTES.md).
+            chunk_size=256,
         )
         logp = hidden.new_zeros(n, t, dtype=torch.float32).masked_scatter(valid, logp_flat)
         ent = None
@@ -141,24 +159,39 @@ class Learner:
         # On-policy with one update per batch, the learner's old log-probs are exactly the detached
         # log-probs of the training forward pass (the weights have not moved yet): no second pass.
         fused_old = cfg.mini_batches == 1 and cfg.ppo_epochs == 1
+        # Sparse-RL weights normalised by their batch mean need every sample's old log-probs first.
+        if self.sparse is not None and self.sparse.normalize_weights:
+            fused_old = False
         old_logp = None if fused_old else self._score(self.model, batch)  # [N, T]
         ref_logp = self._score(self.ref_model, batch) if self.ref_model is not None else None
         sums: dict[str, float] = {}
+        extremes: dict[str, float] = {}
         weight_total = 0.0
         order = torch.arange(len(batch))
         grad_norms = []
         processed_tokens = 0
         # A sample whose advantage is zero on every token adds exactly zero to the PPO loss and
-        # its gradient (its old log-probs come from this very pass), so with no KL or entropy term
+        # its gradient (the clipped objective is A times a ratio), so with no KL or entropy term
         # it is skipped; it still counts in the loss normalisers, so the update is unchanged.
         # GRPO zeroes every group whose rewards are all equal: early and late in training, most.
-        skip_zero = fused_old and self.ref_model is None and algo.entropy_coef == 0
+        skip_zero = self.ref_model is None and algo.entropy_coef == 0
         active = (batch.advantages != 0).any(1) | ~torch.tensor(skip_zero)  # [N]
+        # With old log-probs in hand, Sparse-RL's corrections are taken over the whole batch
+        # (exact batch-mean normalisation; the normalisers count the surviving tokens). In the
+        # fused on-policy pass they are taken per micro-batch and the normalisers count the
+        # rollout's valid tokens (a rejected token then adds zero instead of leaving the mean).
+        loss_mask, sparse_w = batch.response_mask, None
+        weight_total_sparse = 0.0
+        if self.sparse is not None and old_logp is not None:
+            loss_mask, sparse_w, sp_stats = self._sparse(old_logp, batch.sampler_logp, loss_mask)
+            self._merge_stats(sp_stats, 1.0, sums, extremes)
+            weight_total_sparse = 1.0
         for _ in range(cfg.ppo_epochs):
             for mini_idx in order.chunk(cfg.mini_batches):
                 mini = batch.select(mini_idx)
-                n_tokens = max(1.0, float(mini.response_mask.sum()))
-                n_seqs = max(1.0, float((mini.response_mask.sum(1) > 0).sum()))
+                mini_mask = loss_mask[mini_idx]
+                n_tokens = max(1.0, float(mini_mask.sum()))
+                n_seqs = max(1.0, float((mini_mask.sum(1) > 0).sum()))
                 live = torch.arange(len(mini))[active[mini_idx]]
                 for mb_idx in live.split(cfg.micro_batch_size):
                     if len(mb_idx) == 0:
@@ -169,9 +202,17 @@ class Learner:
                     logp, ent = self.response_logprobs(self.model, mb, with_entropy=True)
                     t = logp.shape[1]
                     old = logp.detach() if old_logp is None else old_logp[gidx, :t]
-                    mask = mb.response_mask
+                    mask = loss_mask[gidx, :t]
                     weights, stats = None, {}
-                    if algo.tis_cap is not None:
+                    if self.sparse is not None:
+                        if old_logp is not None:  # corrected over the whole batch above
+                            weights = None if sparse_w is None else sparse_w[gidx, :t]
+                        else:
+                            mask, weights, sp_stats = self._sparse(old, mb.sampler_logp, mask)
+                            n_valid = float(mb.response_mask.sum())
+                            self._merge_stats(sp_stats, n_valid, sums, extremes)
+                            weight_total_sparse += n_valid
+                    elif algo.tis_cap is not None:
                         weights, tis_stats = tis_weights(old, mb.sampler_logp, mask, algo.tis_cap)
                         stats = {f"actor/{k}": v for k, v in tis_stats.items()}
                     loss, pl_stats = self.policy_loss(
@@ -214,12 +255,51 @@ class Learner:
         lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
         elapsed = time.perf_counter() - start
-        out = {k: v / max(weight_total, 1.0) for k, v in sums.items()}
+        sparse_keys = {k for k in sums if k.startswith("sparse/")}
+        out = {
+            k: v / max(weight_total_sparse if k in sparse_keys else weight_total, 1e-9)
+            for k, v in sums.items()
+        }
+        out.update(extremes)
         out["actor/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         out["actor/lr"] = lr
         out["throughput/learner_tokens_per_s"] = processed_tokens / max(elapsed, 1e-9)
         out["actor/skipped_frac"] = 1.0 - float(active.float().mean())
+        heap.trim()
         return out
+
+    def _sparse(
+        self, old: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        sp = self.sparse
+        assert sp is not None
+        return sparse_corrections(
+            old,
+            sampler,
+            mask,
+            rejection=sp.rejection,
+            rho_low=sp.rho_low,
+            rho_high=sp.rho_high,
+            veto_threshold=sp.veto_threshold,
+            reweight=sp.reweight,
+            weight_cap=sp.weight_cap,
+            normalize=sp.normalize_weights,
+            log_ratio_clamp=sp.log_ratio_clamp,
+        )
+
+    @staticmethod
+    def _merge_stats(
+        stats: dict[str, float], weight: float, sums: dict[str, float], extremes: dict[str, float]
+    ) -> None:
+        """Sparse-RL metrics under `sparse/`: means weighted by valid tokens, max of maxima, min of minima."""
+        for k, v in stats.items():
+            key = "sparse/" + k.removeprefix("sparse_")
+            if k.endswith("_max"):
+                extremes[key] = max(extremes.get(key, v), v)
+            elif k.endswith("_min"):
+                extremes[key] = min(extremes.get(key, v), v)
+            else:
+                sums[key] = sums.get(key, 0.0) + v * weight
 
     def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
         """Cross-entropy on the response tokens (token-mean over the batch), one optimizer step."""
@@ -236,6 +316,7 @@ class Learner:
         grad_norm = self._optimizer_step()
         self.sched.step()
         elapsed = time.perf_counter() - start
+        heap.trim()
         return {
             "sft/loss": total,
             "actor/grad_norm": grad_norm,

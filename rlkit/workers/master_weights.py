@@ -34,6 +34,35 @@ class MasterWeights:
             p.grad = None
 
     @torch.no_grad()
+    def step(self, opt: torch.optim.Optimizer, max_norm: float) -> float:
+        """Clip and step one parameter at a time; returns the gradient norm before clipping.
+
+        Same update as grads_to_master + clip_grad_norm_ + opt.step() + master_to_model, but
+        only one float32 gradient exists at a time (all of them at once are 4 bytes per
+        parameter, 540 MB for a 135M model). The norm is taken from the compute-dtype grads in
+        float32, which equals the norm of their float32 copies.
+        """
+        grads = [p.grad for p in self.model_params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+        )
+        coef = float((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        for p, m in zip(self.model_params, self.master):
+            if p.grad is None:
+                continue
+            m.grad = p.grad.float()
+            p.grad = None
+            if coef < 1.0:
+                m.grad.mul_(coef)
+            # The optimizer steps exactly the parameters that have a gradient: this one.
+            opt.step()
+            m.grad = None
+            p.copy_(m)
+        return float(norm)
+
+    @torch.no_grad()
     def master_to_model(self) -> None:
         for p, m in zip(self.model_params, self.master):
             p.copy_(m)

@@ -8,12 +8,17 @@ from rlkit.models.shared_prefix import response_hidden
 from rlkit.models.tiny import tiny_args
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_matches_per_sample_forward(arch):
+@pytest.mark.parametrize(
+    "arch,ckpt", [("llama", False), ("qwen2", False), ("qwen3", False), ("llama", True)]
+)
+def test_matches_per_sample_forward(arch, ckpt):
     torch.manual_seed(0)
     model = Decoder(tiny_args(arch))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
+    # Gradient checkpointing re-runs the suffix pass's layers in backward: same gradients.
+    model.gradient_checkpointing = ckpt
+    model.train()
     g = torch.Generator().manual_seed(1)
     prompts = {7: [5, 9, 11, 3], 2: [8, 1, 4, 6, 2, 10], 5: [12, 13]}
     rows = [(7, 3), (2, 1), (7, 5), (5, 4), (2, 2)]  # (group, response length); groups interleaved

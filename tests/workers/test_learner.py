@@ -74,3 +74,40 @@ def test_zero_advantage_batch_leaves_weights_unchanged(model_dir):
     assert m["actor/skipped_frac"] == 1.0
     for k, v in learner.model.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+def _with_sampler_logp(learner, batch, veto_row):
+    """Sampler log-probs equal to the learner's dense ones, except one sample's, which the
+    compressed cache made far more likely than the dense policy finds them (rho ~ 0)."""
+    dense, _ = learner.response_logprobs(learner.model, batch)
+    sampler = dense.detach().clone()
+    sampler[veto_row] += 12.0  # rho = exp(-12) < veto_threshold
+    batch.sampler_logp = sampler * batch.response_mask
+    return batch
+
+
+@pytest.mark.parametrize("batch_level", [True, False])
+def test_sparse_corrections_drop_the_vetoed_sample(model_dir, batch_level):
+    sparse = ["rollout.kv_compression.policy=snapkv", "optim.lr=1e-2", "train.micro_batch_size=2"]
+    if batch_level:
+        sparse.append("algorithm.sparse.normalize_weights=true")
+    a = Learner(model_dir, load_recipe(None, sparse), num_threads=1)
+    batch = _with_sampler_logp(a, _batch(), veto_row=1)
+    metrics = a.train_step(batch)
+    assert metrics["sparse/vetoed_frac"] == pytest.approx(0.25)
+    assert metrics["sparse/rho_min"] < 1e-4 and metrics["sparse/rho_max"] == pytest.approx(1.0)
+    assert metrics["sparse/masked_token_frac"] == pytest.approx(0.25)
+    assert "actor/tis_ratio_mean" not in metrics  # the corrections replace TIS
+
+    # The same step without compression, on the batch with that sample masked out by hand.
+    b = Learner(
+        model_dir, load_recipe(None, [*sparse[1:], "algorithm.tis_cap=null"]), num_threads=1
+    )
+    ref = _batch()
+    ref.response_mask[1] = 0
+    if not batch_level:
+        # The fused pass keeps the rollout's token count as the normaliser: scale to match.
+        ref.advantages = ref.advantages * 12 / 16
+    b.train_step(ref)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
