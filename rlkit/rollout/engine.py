@@ -5,6 +5,11 @@ its keys/values written straight into the slots of its n samples. Decoding steps
 sequences at once; every `sync_every` steps (and whenever a sequence reaches its token limit)
 the host reads the new tokens, finishes sequences (EOS, stop ids, stop strings, length),
 compacts the survivors into slots 0..B-1 and admits waiting sequences into the freed slots.
+
+With `kv_compression` (Sparse-RL), the cache is a `CompressedKVCache`: prompts longer than the
+budget are compressed as they are prefilled, and every `interval` decode steps of a sequence
+its slot is compressed again if it holds more than the budget; the sampler's log-probs are those of this sparse policy.
+`Engine.stats` describes the last `generate` call (KV bytes allocated and retained).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlkit.config.schema import KVCompressionConfig
 from rlkit.models.decoder import Decoder
 from rlkit.models.loading import load_weights
 from rlkit.models.tokenizer import eos_token_ids
-from rlkit.rollout.kv_cache import KVCache
+from rlkit.rollout.compression import validate
+from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
 from rlkit.rollout.sampling import SamplingParams, make_generator, sample
 from rlkit.rollout.stopping import StopChecker
 
@@ -69,6 +76,15 @@ class Engine:
     sized per call to min(max_seq_len, longest prompt + max_new_tokens) and kept for reuse.
     sync_every: decode steps between host checks of finished sequences.
     max_prefill_tokens: padded prompt tokens per prefill forward.
+    kv_compression: Sparse-RL's compressed KV (None or policy "none": dense). The compressed
+    layers' cache then holds budget + interval entries per slot, not the whole sequence.
+
+    `stats` (after each `generate`): kv_bytes_peak (bytes of the cache's K/V storage as
+    allocated), kv_bytes_retained_per_seq (mean over sequences of the entries held when the
+    sequence finished, summed over layers, times bytes per entry), kv_bytes_dense_per_seq
+    (what a dense cache holds at that moment: prompt + fed completion tokens, i.e. all but the
+    last sampled token, times bytes per token), kv_retained_frac (their ratio),
+    compression_events ((sequence, layer) compressions in the call).
     """
 
     def __init__(
@@ -80,6 +96,7 @@ class Engine:
         dtype: torch.dtype = torch.bfloat16,
         sync_every: int = 4,
         max_prefill_tokens: int = 8192,
+        kv_compression: KVCompressionConfig | None = None,
     ):
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
@@ -92,6 +109,12 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_ids = eos_token_ids(tokenizer, model.args)
         self.cache: KVCache | None = None
+        self.compression = kv_compression
+        if kv_compression is not None and kv_compression.policy == "none":
+            self.compression = None
+        if self.compression is not None:
+            validate(self.compression)
+        self.stats: dict[str, float] = {}
         if self.device.type == "cpu":
             _reuse_freed_memory()
 
@@ -101,9 +124,29 @@ class Engine:
         load_weights(self.model, state_dict)
 
     def _cache_for(self, slots: int, length: int) -> KVCache:
-        if self.cache is None or not self.cache.fits(slots, length, self.dtype):
+        a, c = self.model.args, self.compression
+        if c is not None:
+            # A row holds at most `budget` entries after prefill or a compression, and gains
+            # at most `interval` before the next one.
+            small = min(length, c.budget + c.interval)
+            old = self.cache
+            if not (
+                isinstance(old, CompressedKVCache)
+                and old.fits_compressed(slots, small, length, self.dtype, c)
+            ):
+                self.cache = old = None  # free the old one before allocating
+                self.cache = CompressedKVCache(
+                    a.num_layers, slots, small, length, a.num_heads, a.num_kv_heads,
+                    a.head_dim, c, self.dtype, self.device,
+                )  # fmt: skip
+            assert self.cache is not None
+            return self.cache
+        if (
+            self.cache is None
+            or isinstance(self.cache, CompressedKVCache)
+            or not self.cache.fits(slots, length, self.dtype)
+        ):
             self.cache = None  # free the old one before allocating
-            a = self.model.args
             self.cache = KVCache(
                 a.num_layers, slots, length, a.num_kv_heads, a.head_dim, self.dtype, self.device
             )
@@ -155,6 +198,11 @@ class _Run:
         self.limit = np.zeros(0, dtype=np.int64)
         self.waiting = deque(range(total))
         self.results: list[Completion | None] = [None] * total
+        # Compression; per sequence the entries held at its finish and its true length then.
+        self.compression = engine.compression
+        self.events0 = getattr(self.cache, "events", 0)
+        self.held = np.zeros(total, dtype=np.int64)
+        self.true_len = np.zeros(total, dtype=np.int64)
 
     def execute(self) -> list[Completion]:
         while self.waiting or self.seq:
@@ -163,7 +211,20 @@ class _Run:
             for _ in range(steps):
                 self._decode_step()
             self._retire()
+        self._record_stats()
         return [r for r in self.results if r is not None]
+
+    def _record_stats(self) -> None:
+        c = self.cache
+        dense = float(self.true_len.mean()) * c.bytes_per_token
+        retained = float(self.held.mean()) * c.bytes_per_entry
+        self.e.stats = {
+            "kv_bytes_peak": float(c.allocated_bytes),
+            "kv_bytes_retained_per_seq": retained,
+            "kv_bytes_dense_per_seq": dense,
+            "kv_retained_frac": retained / dense if dense else 1.0,
+            "compression_events": float(getattr(c, "events", 0) - self.events0),
+        }
 
     def _admit(self) -> None:
         """Prefill waiting sequences into free slots, one forward per distinct prompt."""
@@ -209,7 +270,7 @@ class _Run:
         self.count_dev[first:end] = 1
         self.seq.extend(seqs)
         prompt_len = np.array([len(self.prompts[s // self.n]) for s in seqs], dtype=np.int64)
-        limit = np.minimum(self.params.max_new_tokens, self.cache.max_len - prompt_len)
+        limit = np.minimum(self.params.max_new_tokens, self.cache.capacity - prompt_len)
         self.count = np.concatenate([self.count, np.ones(len(seqs), dtype=np.int64)])
         self.limit = np.concatenate([self.limit, limit])
         for s in seqs:
@@ -227,6 +288,13 @@ class _Run:
         self.last[:B] = tok
         self.count_dev[:B] += 1
         self.count += 1
+        if self.compression is not None:
+            # Each sequence is checked every `interval` of its own decode steps, so what it
+            # keeps does not depend on when it was admitted next to others.
+            due = np.nonzero((self.count - 1) % self.compression.interval == 0)[0]
+            if len(due):
+                assert isinstance(self.cache, CompressedKVCache)
+                self.cache.compress(due)
 
     def _sample(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [N] and sampler log-probs [N] from final hidden states [N, hidden]."""
@@ -254,6 +322,8 @@ class _Run:
                 self._finish(s, count, "length")
             else:
                 continue
+            self.held[s] = self.cache.entries_held(b)
+            self.true_len[s] = self.cache.positions[b]
             finished.append(b)
         if finished:
             self._compact(finished)

@@ -9,11 +9,10 @@ with no copy). Keys are stored after RoPE. Each slot has
 
 In dense decoding the two are equal. They are kept apart for what extends this cache:
 
-- Compressed KV (Sparse-RL): a policy picks the entries to keep in a slot, gathers them to
-  the front of the row and lowers `lengths[s]`; `positions[s]` keeps counting, and because
-  keys were rotated at their true positions nothing is re-rotated. Per-layer budgets turn
-  `lengths` into [layers, slots] and the mask below into one per layer. The policy sees the
-  queries through `attend` (SnapKV scores the last window's attention).
+- Compressed KV (Sparse-RL, `CompressedKVCache` below): a policy picks the entries to keep
+  in a slot, gathers them to the front of the row and lowers the slot's length;
+  `positions[s]` keeps counting, and because keys were rotated at their true positions
+  nothing is re-rotated. Lengths there are per (layer group, slot), masks per group.
 - Draft verification (MTP / SAM speculative decoding): `begin_decode(B, T)` takes T >= 1 new
   tokens per slot, writes them after each slot's entries and builds a causal mask among them;
   rejected drafts are dropped by lowering `lengths` and `positions` again (`rewind`), and
@@ -26,9 +25,15 @@ so that building a step needs no device-to-host sync.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from rlkit.config.schema import KVCompressionConfig
+from rlkit.kernels.sparse_decode_attention import sparse_decode_attention
+from rlkit.rollout.compression import POLICIES, CompressionInputs, oracle_scores, validate
 
 
 class KVCache:
@@ -55,8 +60,27 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        layers, _, heads, _, dim = self.k.shape
-        return 2 * layers * heads * dim * self.k.element_size()
+        """KV bytes of one token in every layer."""
+        return self.k.shape[0] * self.bytes_per_entry
+
+    @property
+    def bytes_per_entry(self) -> int:
+        """KV bytes of one entry of one layer."""
+        heads, dim = self.k.shape[2], self.k.shape[4]
+        return 2 * heads * dim * self.k.element_size()
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens (prompt + completion) a slot can hold."""
+        return self.max_len
+
+    @property
+    def allocated_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def entries_held(self, slot: int) -> int:
+        """KV entries a slot holds, summed over layers."""
+        return self.k.shape[0] * int(self.lengths[slot])
 
     def begin_prefill(self, slots: torch.Tensor, rows: torch.Tensor, lengths: list[int]) -> None:
         """Next forward holds new sequences: batch row `rows[i]` (a prompt, right-padded) is
@@ -125,3 +149,388 @@ class KVCache:
         self.v[:, d, :, :n] = self.v[:, s, :, :n]
         self.lengths[dst] = self.lengths[src]
         self.positions[dst] = self.positions[src]
+
+
+class CompressedKVCache(KVCache):
+    """KV cache whose rows hold a compressed subset of each sequence's tokens (Sparse-RL).
+
+    `cfg` (KVCompressionConfig) names the policy (`rollout/compression.py`). Every sequence
+    (slot) keeps its own entries, gathered to the front of its row in their original order,
+    so the last `window` entries are always the newest tokens; `positions[s]` keeps counting
+    the true positions (keys were rotated at them when computed, nothing is re-rotated).
+
+    Per-layer lengths. Layers whose entries are always chosen at the same moments hold the
+    same number of them, so lengths are kept per *length group* and per slot,
+    `group_lengths` [groups, slots], and `layer_lengths` expands them to [layers, slots]:
+    one group (every layer) for snapkv / rkv / h2o / streaming; for `layer_hybrid` group 0 is
+    the compressed layers and group 1 the full layers (every `full_every`-th, never
+    compressed). `lengths` is group 0's row (a view). Masks and decode lengths are built once
+    per group and step.
+
+    Storage. Compressed layers live in `k`, `v` [compressed layers, slots, KVH, max_len, D]
+    with max_len only what a row can hold between compressions (budget + interval: a prompt
+    longer than the budget is compressed while it is written); full layers of `layer_hybrid`
+    in `kf`, `vf` [full layers, slots, KVH, full_len, D].
+
+    Statistics, kept only for the policies that read them:
+    - `queries` [layers that need them, slots, H, window, D]: each slot's last `window`
+      queries in a ring (position p at p % window), for snapkv / rkv (every layer) and the
+      full layers of layer_hybrid; scores are computed only when compressing.
+    - `accumulated` [layers, slots, KVH, max_len] float32 (h2o): attention received so far;
+      decode attention is computed explicitly, to get the probabilities, only under h2o.
+    - `entry_pos` [full layers, slots, max_len] (layer_hybrid, oracle): the true position of
+      each entry of the compressed layers after full layer g (all of them keep the same set),
+      to look up the full layer's scores.
+
+    Compression happens inside prefill (a prompt longer than the budget: SnapKV scores use the
+    prompt's last `window` queries) and in `compress`, which the engine calls for each
+    slot every `cfg.interval` of its decode steps; `events` counts (sequence, layer) compressions.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        full_len: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cfg: KVCompressionConfig,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ):
+        validate(cfg)
+        self.cfg = cfg
+        self.policy = POLICIES.get(cfg.policy)
+        self.num_layers, self.num_slots, self.device = num_layers, num_slots, torch.device(device)
+        self.max_len, self.full_len = min(max_len, full_len), full_len
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        hybrid = cfg.policy == "layer_hybrid"
+        self.oracle = hybrid and not cfg.hybrid_local
+        self.full_layers = [i for i in range(num_layers) if hybrid and i % cfg.full_every == 0]
+        self.comp_layers = [i for i in range(num_layers) if i not in self.full_layers]
+        # layer -> (group, index in its store); group 0: compressed (k, v), 1: full (kf, vf).
+        self.where = {i: (0, j) for j, i in enumerate(self.comp_layers)}
+        self.where.update({i: (1, j) for j, i in enumerate(self.full_layers)})
+        kv = (num_slots, num_kv_heads)
+        self.k = torch.zeros(
+            (len(self.comp_layers), *kv, self.max_len, head_dim), dtype=dtype, device=device
+        )
+        self.v = torch.zeros_like(self.k)
+        self.kf = torch.zeros(
+            (len(self.full_layers), *kv, full_len, head_dim), dtype=dtype, device=device
+        )
+        self.vf = torch.zeros_like(self.kf)
+        self.group_lengths = np.zeros((2, num_slots), dtype=np.int64)
+        self.lengths = self.group_lengths[0]  # a view: updated with group_lengths
+        self.positions = np.zeros(num_slots, dtype=np.int64)
+        # Ring of the last `window` queries, for the layers whose scores need them.
+        if cfg.policy in ("snapkv", "rkv"):
+            q_layers = self.comp_layers
+        else:
+            q_layers = self.full_layers if self.oracle else []
+        self.q_index = {i: j for j, i in enumerate(q_layers)}
+        w = cfg.window
+        self.queries = torch.zeros(
+            (len(q_layers), num_slots, num_heads, w, head_dim), dtype=dtype, device=device
+        )
+        self.h2o = cfg.policy == "h2o"
+        self.accumulated = torch.zeros(
+            (len(self.comp_layers) if self.h2o else 0, *kv, self.max_len),
+            dtype=torch.float32,
+            device=device,
+        )
+        self.entry_pos = torch.zeros(
+            (len(self.full_layers) if self.oracle else 0, num_slots, self.max_len),
+            dtype=torch.long,
+            device=device,
+        )
+        self.events = 0
+        self._mode: str | None = None
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    def fits(self, num_slots: int, max_len: int, dtype: torch.dtype) -> bool:
+        raise NotImplementedError("the engine sizes a CompressedKVCache with fits_compressed")
+
+    def fits_compressed(
+        self,
+        num_slots: int,
+        max_len: int,
+        full_len: int,
+        dtype: torch.dtype,
+        cfg: KVCompressionConfig,
+    ) -> bool:
+        return (
+            self.cfg == cfg
+            and self.num_slots >= num_slots
+            and self.max_len >= min(max_len, full_len)
+            and self.full_len >= full_len
+            and self.k.dtype == dtype
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.full_len
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_layers * self.bytes_per_entry
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kf, self.vf))
+
+    @property
+    def layer_lengths(self) -> np.ndarray:
+        """Entries held per (layer, slot): [layers, slots]."""
+        groups = np.array([self.where[i][0] for i in range(self.num_layers)])
+        return self.group_lengths[groups]
+
+    def entries_held(self, slot: int) -> int:
+        compressed, full = self.group_lengths[:, slot].tolist()
+        return len(self.comp_layers) * compressed + len(self.full_layers) * full
+
+    def _store(self, layer: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        group, j = self.where[layer]
+        if group == 0:
+            return group, self.k[j], self.v[j]
+        return group, self.kf[j], self.vf[j]
+
+    # -- prefill ---------------------------------------------------------------------------
+
+    def begin_prefill(self, slots: torch.Tensor, rows: torch.Tensor, lengths: list[int]) -> None:
+        self._mode = "prefill"
+        self._slots, self._rows = slots.to(self.device), rows.to(self.device)
+        self._row_len = np.asarray(lengths, dtype=np.int64)
+        # Rows (prompts) longer than the budget, compressed as they are written.
+        self._squeeze = np.nonzero(self._row_len > self.cfg.budget)[0]
+        self._oracle_scores: dict[int, torch.Tensor] = {}
+        idx = slots.tolist()
+        src = self._row_len[rows.tolist()]
+        self.group_lengths[0, idx] = np.minimum(src, self.cfg.budget)
+        self.group_lengths[1, idx] = src
+        self.positions[idx] = src
+        self.events += int((src > self.cfg.budget).sum()) * len(self.comp_layers)
+
+    def _last_queries(
+        self, q: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last `window` queries [R, H, w, D] of right-padded prompts q [R, H, T, D], and
+        their positions [R, w] (negative where a prompt is shorter than the window)."""
+        R, H, _, D = q.shape
+        w = self.cfg.window
+        pos = lengths[:, None] - w + torch.arange(w, device=q.device)  # [R, w]
+        idx = pos.clamp(min=0)[:, None, :, None].expand(R, H, w, D)
+        return q.gather(2, idx), pos
+
+    def _prefill(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        R, H, T, D = q.shape
+        cfg, slots, rows = self.cfg, self._slots, self._rows
+        lens = torch.from_numpy(self._row_len).to(self.device)
+        colsum = None
+        if self.h2o:
+            out, colsum = _causal_attention_with_colsum(q, k, v, lens)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        group, ks, vs = self._store(layer)
+        last_q = None
+        if layer in self.q_index:
+            last_q, pos = self._last_queries(q, lens)
+            ring = pos.remainder(cfg.window)[rows]  # [S, w]
+            ring_q = self.queries[self.q_index[layer]]
+            ring_q[slots[:, None], :, ring] = last_q[rows].transpose(1, 2)
+        squeeze = torch.from_numpy(self._squeeze).to(self.device)
+        if group == 1:  # a full layer of layer_hybrid
+            ks[slots, :, :T] = k[rows]
+            vs[slots, :, :T] = v[rows]
+            if self.oracle and len(self._squeeze) and last_q is not None:
+                self._oracle_scores[self.where[layer][1]] = oracle_scores(
+                    last_q[squeeze], k[squeeze], lens[squeeze], cfg.pool_kernel
+                )
+            return out
+        keep = min(T, cfg.budget)
+        idx = torch.arange(keep, device=self.device).expand(R, self.num_kv_heads, keep)
+        if len(self._squeeze):
+            inputs = CompressionInputs(k[squeeze], lens[squeeze])
+            if last_q is not None:
+                inputs.queries = last_q[squeeze]
+            if colsum is not None:
+                inputs.accumulated = colsum[squeeze]
+            if self.oracle:
+                inputs.oracle = self._oracle_scores[layer // cfg.full_every]
+            chosen = self.policy(inputs, cfg)  # [Rc, KVH or 1, budget]
+            idx = idx.clone()
+            idx[squeeze] = chosen.expand(-1, self.num_kv_heads, -1)
+        gidx = idx[..., None].expand(-1, -1, -1, D)
+        ks[slots, :, :keep] = k.gather(2, gidx)[rows]
+        vs[slots, :, :keep] = v.gather(2, gidx)[rows]
+        if colsum is not None:
+            self.accumulated[self.where[layer][1]][slots, :, :keep] = colsum.gather(2, idx)[rows]
+        if self.oracle:
+            self.entry_pos[layer // cfg.full_every][slots, :keep] = idx[:, 0][rows]
+        return out
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def begin_decode(self, batch: int, new_tokens: int = 1) -> torch.Tensor:
+        self._mode = "decode"
+        dev = self.device
+        pos0 = torch.from_numpy(self.positions[:batch].copy()).to(dev)
+        steps = torch.arange(new_tokens, device=dev)
+        self._gwrite: list[torch.Tensor] = []
+        self._gkv_len: list[int] = []
+        self._gmask: list[torch.Tensor] = []
+        self._glens: list[torch.Tensor] = []
+        for g in range(2 if self.full_layers else 1):
+            start = torch.from_numpy(self.group_lengths[g, :batch].copy()).to(dev)
+            write = start[:, None] + steps  # [B, T]
+            kv_len = int(self.group_lengths[g, :batch].max()) + new_tokens
+            keys = torch.arange(kv_len, device=dev)
+            self._gwrite.append(write)
+            self._gkv_len.append(kv_len)
+            self._gmask.append((keys[None, None, :] <= write[:, :, None])[:, None])  # [B, 1, T, L]
+            self._glens.append(write[:, -1] + 1)
+        if self.q_index:
+            self._ring = (pos0[:, None] + steps).remainder(self.cfg.window)
+        if self.oracle:  # the new entries of the compressed layers and their true positions
+            slots = torch.arange(batch, device=dev)[:, None]
+            self.entry_pos[:, slots, self._gwrite[0]] = pos0[:, None] + steps
+        self.group_lengths[:, :batch] += new_tokens
+        self.positions[:batch] += new_tokens
+        return pos0[:, None] + steps
+
+    def rewind(self, counts: np.ndarray) -> None:
+        """Forget the last counts[b] entries of slots 0..len(counts)-1 (not across a
+        compression: the entries must still be the newest ones)."""
+        self.group_lengths[:, : len(counts)] -= counts
+        self.positions[: len(counts)] -= counts
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self._mode == "prefill":
+            return self._prefill(layer, q, k, v)
+        B, H, T, D = q.shape
+        kvh = k.shape[1]
+        group, ks, vs = self._store(layer)
+        write, kv_len = self._gwrite[group], self._gkv_len[group]
+        slots = torch.arange(B, device=self.device)[:, None]  # [B, 1]
+        ks[slots, :, write] = k.transpose(1, 2)
+        vs[slots, :, write] = v.transpose(1, 2)
+        if layer in self.q_index:
+            self.queries[self.q_index[layer]][slots, :, self._ring] = q.transpose(1, 2)
+        keys, values = ks[:B, :, :kv_len], vs[:B, :, :kv_len]
+        G = H // kvh
+        if self.h2o:
+            qg = q.reshape(B, kvh, G * T, D).float()
+            logits = qg @ keys.float().transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G*T, L]
+            mask = self._gmask[group] if T == 1 else self._gmask[group].repeat(1, 1, G, 1)
+            probs = logits.masked_fill(~mask, -math.inf).softmax(dim=-1)
+            acc = self.accumulated[self.where[layer][1]]
+            acc[slots, :, write] = 0.0  # a fresh entry has received nothing yet
+            acc[:B, :, :kv_len] += probs.sum(dim=2)
+            return (probs @ values.float()).to(q.dtype).view(B, H, T, D)
+        if T == 1:
+            out = sparse_decode_attention(q[:, :, 0], keys, values, self._glens[group])
+            return out[:, :, None]
+        mask = self._gmask[group].repeat(1, 1, G, 1)
+        out = F.scaled_dot_product_attention(
+            q.reshape(B, kvh, G * T, D), keys, values, attn_mask=mask
+        )
+        return out.view(B, H, T, D)
+
+    # -- compression during decode ---------------------------------------------------------
+
+    def compress(self, slots: np.ndarray | list[int]) -> int:
+        """Compress those of `slots` whose compressed layers hold more than the budget;
+        returns the number of (sequence, layer) compressions."""
+        cfg, dev = self.cfg, self.device
+        slots = np.asarray(slots, dtype=np.int64)
+        rows_np = slots[self.group_lengths[0, slots] > cfg.budget]
+        if len(rows_np) == 0 or not self.comp_layers:
+            return 0
+        rows = torch.from_numpy(rows_np).to(dev)
+        R, kvh, D, w = len(rows_np), self.num_kv_heads, self.head_dim, cfg.window
+        L = int(self.group_lengths[0, rows_np].max())
+        lens = torch.from_numpy(self.group_lengths[0, rows_np].copy()).to(dev)
+        ring = None
+        if self.q_index:
+            qpos = torch.from_numpy(self.positions[rows_np].copy()).to(dev)[:, None] - w
+            ring = (qpos + torch.arange(w, device=dev)).remainder(w)  # [R, w], oldest first
+        oracle: dict[int, torch.Tensor] = {}
+        chosen_of: dict[int, torch.Tensor] = {}
+        if self.oracle:
+            assert ring is not None
+            Lf = int(self.group_lengths[1, rows_np].max())
+            flens = torch.from_numpy(self.group_lengths[1, rows_np].copy()).to(dev)
+            for j, f in enumerate(self.full_layers):
+                queries = self.queries[self.q_index[f]][rows[:, None], :, ring].transpose(1, 2)
+                scores = oracle_scores(queries, self.kf[j][rows, :, :Lf], flens, cfg.pool_kernel)
+                # Entries past a row's length hold stale positions: clamp, keep_top drops them.
+                at = self.entry_pos[j][rows, :L].clamp(max=Lf - 1)
+                oracle[j] = scores.gather(1, at)  # [R, L]
+        for j, layer in enumerate(self.comp_layers):
+            keys, values = self.k[j][rows, :, :L], self.v[j][rows, :, :L]
+            inputs = CompressionInputs(keys, lens)
+            if layer in self.q_index:
+                assert ring is not None
+                ring_q = self.queries[self.q_index[layer]]
+                inputs.queries = ring_q[rows[:, None], :, ring].transpose(1, 2)
+            acc = self.accumulated[j][rows, :, :L] if self.h2o else None
+            inputs.accumulated = acc
+            if self.oracle:
+                inputs.oracle = oracle[layer // cfg.full_every]
+            chosen = self.policy(inputs, cfg).expand(-1, kvh, -1)  # [R, KVH, budget]
+            gidx = chosen[..., None].expand(-1, -1, -1, D)
+            self.k[j][rows, :, : cfg.budget] = keys.gather(2, gidx)
+            self.v[j][rows, :, : cfg.budget] = values.gather(2, gidx)
+            if acc is not None:
+                self.accumulated[j][rows, :, : cfg.budget] = acc.gather(2, chosen)
+            if self.oracle:
+                chosen_of[layer // cfg.full_every] = chosen[:, 0]
+        for g, chosen in chosen_of.items():
+            self.entry_pos[g][rows, : cfg.budget] = self.entry_pos[g][rows, :L].gather(1, chosen)
+        self.group_lengths[0, rows_np] = cfg.budget
+        n = R * len(self.comp_layers)
+        self.events += n
+        return n
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        if not src:
+            return
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        n = int(self.group_lengths[0, src].max())
+        self.k[:, d, :, :n] = self.k[:, s, :, :n]
+        self.v[:, d, :, :n] = self.v[:, s, :, :n]
+        self.accumulated[:, d, :, :n] = self.accumulated[:, s, :, :n]
+        self.entry_pos[:, d, :n] = self.entry_pos[:, s, :n]
+        if self.full_layers:
+            nf = int(self.group_lengths[1, src].max())
+            self.kf[:, d, :, :nf] = self.kf[:, s, :, :nf]
+            self.vf[:, d, :, :nf] = self.vf[:, s, :, :nf]
+        self.queries[:, d] = self.queries[:, s]
+        self.group_lengths[:, dst] = self.group_lengths[:, src]
+        self.positions[dst] = self.positions[src]
+
+
+def _causal_attention_with_colsum(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of right-padded prompts, explicitly: the output [R, H, T, D] and the
+    attention each key received from the prompt's real queries, summed over queries and the
+    query heads of its group, [R, KVH, T] float32 (H2O's initial statistic)."""
+    R, H, T, D = q.shape
+    kvh = k.shape[1]
+    G = H // kvh
+    qg = q.reshape(R, kvh, G * T, D).float()
+    logits = qg @ k.float().transpose(-1, -2) / math.sqrt(D)  # [R, KVH, G*T, T]
+    t = torch.arange(T, device=q.device)
+    causal = (t[None, :] <= t[:, None]).repeat(G, 1)  # [G*T, T]
+    probs = logits.masked_fill(~causal, -math.inf).softmax(dim=-1)
+    out = (probs @ v.float()).to(q.dtype).view(R, H, T, D)
+    real = (t[None, :] < lengths[:, None]).repeat(1, G)  # [R, G*T]
+    colsum = (probs * real[:, None, :, None]).sum(dim=2)
+    return out, colsum

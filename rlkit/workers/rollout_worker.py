@@ -10,21 +10,40 @@ from rlkit.config.schema import RolloutConfig
 from rlkit.models.loading import DTYPES, load_model
 from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
+from rlkit.rollout.vllm_engine import VLLMEngine
+from rlkit.workers import heap
 
 
 class RolloutWorker:
+    engine: Engine | VLLMEngine
+
     def __init__(self, model_path: str, cfg: RolloutConfig, num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        if cfg.engine == "vllm":
+            # vLLM runs in its own environment and process (rollout/vllm_engine.py).
+            if getattr(getattr(cfg, "kv_compression", None), "policy", "none") != "none":
+                raise ValueError("rollout.kv_compression needs rollout.engine: native")
+            self.engine = VLLMEngine(
+                model_path, cfg.vllm, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size
+            )
+            return
         dtype = DTYPES[cfg.dtype]
         model, tokenizer = load_model(model_path, dtype=dtype)
         model.eval()
-        self.engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, dtype=dtype)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            max_batch_size=cfg.max_batch_size,
+            dtype=dtype,
+            kv_compression=cfg.kv_compression,
+        )
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, n: int = 1
     ) -> list[dict[str, Any]]:
         completions = self.engine.generate(prompts, params, n=n)
+        heap.trim()
         return [
             {
                 "prompt_index": c.prompt_index,
@@ -38,3 +57,9 @@ class RolloutWorker:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.engine.load_state_dict(state_dict)
+        del state_dict
+        heap.trim()
+
+    def stats(self) -> dict[str, float]:
+        """The engine's figures of the last `generate` (KV bytes; see `Engine`), if any."""
+        return dict(getattr(self.engine, "stats", {}))
