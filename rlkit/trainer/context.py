@@ -61,6 +61,10 @@ class RunContext:
     def generate(self, prompts: list[list[int]], params, n: int) -> list[dict[str, Any]]:
         return self.call(self.rollout.generate, prompts, params, n)
 
+    def rollout_stats(self) -> dict[str, float]:
+        """The rollout engine's figures for its last generate (KV bytes; Sparse-RL compression)."""
+        return {f"rollout/{k}": float(v) for k, v in self.call(self.rollout.stats).items()}
+
     def score(self, completions: list[str], samples: list[dict[str, Any]]) -> dict[str, Any]:
         return self.call(self.reward.score, completions, samples)
 

@@ -100,9 +100,11 @@ def _collect(
     pending = source.take(cfg.train.prompts_per_step)
     kept_groups = filtered_groups = 0
     outs_all: list[dict[str, Any]] = []
+    kv_stats: list[dict[str, float]] = []
     while pending:
         with timer.phase("rollout"):
             outs, sample_of = _rollout(ctx, pending, seed + 7919 * len(rounds), source)
+        kv_stats.append(ctx.rollout_stats())
         with timer.phase("reward"):
             scored = source.score([c["text"] for c in outs], sample_of)
         rewards = torch.tensor(scored["scores"], dtype=torch.float32)
@@ -122,6 +124,15 @@ def _collect(
             break
         pending = source.take(short)
     metrics = _response_metrics(outs_all, timer.seconds.get("rollout", 0.0))
+    # KV figures per round: peaks and event counts over the rounds, the rest averaged.
+    for k in kv_stats[0] if kv_stats else ():
+        vals = [st[k] for st in kv_stats if k in st]
+        if k.endswith("_peak") or k.endswith("_max"):
+            metrics[k] = max(vals)
+        elif k.endswith("_events"):
+            metrics[k] = sum(vals)
+        else:
+            metrics[k] = sum(vals) / len(vals)
     metrics["rollout/rounds"] = len(rounds)
     metrics["rollout/filtered_groups"] = filtered_groups
     return rounds, metrics

@@ -1,0 +1,369 @@
+"""`rlkit bench rollout`: the same prompts through each engine and mode, side by side.
+
+    rlkit bench rollout [--model M] [--batch 32] [--prompt-len 64] [--max-new-tokens 256]
+                        [--modes dense,sparse] [--engines native,hf,vllm] [--json FILE]
+
+Every row generates `batch` sequences of exactly `max_new_tokens` tokens (sampling with
+ignore_eos, so every engine does the same work) from the same random prompts, after one
+warm-up run, and reports the median of `--repeats` timed runs:
+
+- tokens_per_s: generated tokens / wall seconds of the generate call (for vLLM, the seconds
+  spent inside `LLM.generate`, measured in its server: no pipe or pickling time);
+- prefill_s: a one-token generate of the same prompts (prefill plus one sampling step);
+- ms_per_step: (generate seconds - prefill_s) / (max_new_tokens - 1), one decode step of
+  the whole batch;
+- kv_bytes_peak: K/V storage the engine held (native: its preallocated cache as allocated;
+  hf: the dynamic cache at its largest, batch x (prompt + new) x bytes per token; vllm: the
+  same count, since its pool is sized by a setting, not by the request);
+- peak_mem_bytes: the largest resident memory of the generating process during the row (on
+  CUDA: the GPU's peak allocation);
+- ratio_vs_native_dense: tokens_per_s over the native dense row's.
+
+Modes are modes of the native engine: `dense`, and `sparse` (a compressed KV cache, policy
+and budget from the options). Other engines run dense only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psutil
+import torch
+
+from rlkit.config.schema import DEFAULT_MODEL, KVCompressionConfig, VLLMConfig
+from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
+from rlkit.rollout.sampling import SamplingParams
+
+MODES = ("dense", "sparse")
+ENGINES = ("native", "hf", "vllm")
+COLUMNS = (
+    ("engine", "engine", "{}"),
+    ("mode", "mode", "{}"),
+    ("tokens_per_s", "tok/s", "{:.1f}"),
+    ("ms_per_step", "ms/step", "{:.1f}"),
+    ("prefill_s", "prefill s", "{:.3f}"),
+    ("kv_bytes_peak", "KV peak MiB", "{:.1f}"),
+    ("peak_mem_bytes", "peak mem GiB", "{:.2f}"),
+    ("ratio_vs_native_dense", "vs native dense", "{:.2f}x"),
+)
+
+
+class _PeakRSS:
+    """Largest RSS of a process while the block runs (sampled every 20 ms)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> _PeakRSS:
+        self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclasses.dataclass
+class _Runner:
+    """One engine in one mode: `generate(max_new_tokens)` returns (seconds, tokens made)."""
+
+    engine: str
+    mode: str
+    generate: Callable[[int, int], tuple[float, int]]
+    kv_bytes: Callable[[], float]
+    pid: int | None = None
+    close: Callable[[], None] = lambda: None
+
+
+def _bytes_per_token(model_dir: str, dtype: torch.dtype) -> int:
+    with open(f"{model_dir}/config.json") as f:
+        cfg = json.load(f)
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    size = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * size
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _params(args: argparse.Namespace, new_tokens: int, seed: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=new_tokens,
+        ignore_eos=True,
+        seed=seed,
+    )
+
+
+def _native(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runner:
+    from rlkit.rollout.engine import Engine
+
+    dtype = DTYPES[args.dtype]
+    model, tok = load_model(model_dir, dtype=dtype)
+    model = model.to(args.device)
+    compression = None
+    if mode == "sparse":
+        compression = KVCompressionConfig(
+            policy=args.policy,
+            budget=args.budget,
+            window=args.window,
+            interval=args.interval,
+        )
+    engine = Engine(model, tok, max_batch_size=args.batch, dtype=dtype, kv_compression=compression)
+
+    def generate(new_tokens: int, seed: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, _params(args, new_tokens, seed))
+        return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
+
+    return _Runner("native", mode, generate, lambda: float(engine.stats["kv_bytes_peak"]))
+
+
+def _hf(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runner:
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().to(args.device)
+    ids = torch.tensor(prompts, device=args.device)  # equal lengths: no padding
+    mask = torch.ones_like(ids)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        eos = model.generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, list) else eos
+    per_token = _bytes_per_token(model_dir, dtype)
+
+    @torch.inference_mode()
+    def generate(new_tokens: int, seed: int) -> tuple[float, int]:
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None,
+            top_p=args.top_p,
+            top_k=args.top_k or None,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # ignore EOS
+            use_cache=True,
+            pad_token_id=pad,
+        )
+        _sync(args.device)
+        return time.perf_counter() - t0, int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+
+    return _Runner(
+        "hf",
+        mode,
+        generate,
+        lambda: float(args.batch * (args.prompt_len + args.max_new_tokens) * per_token),
+    )
+
+
+def _vllm(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runner:
+    from rlkit.rollout.vllm_engine import VLLMEngine
+
+    cfg = VLLMConfig(python=args.vllm_python, cpu_kv_cache_gb=args.vllm_kv_gb)
+    engine = VLLMEngine(
+        model_dir,
+        cfg,
+        dtype=args.dtype,
+        max_batch_size=args.batch,
+        max_seq_len=args.prompt_len + args.max_new_tokens,
+    )
+    per_token = _bytes_per_token(model_dir, DTYPES[args.dtype])
+
+    def generate(new_tokens: int, seed: int) -> tuple[float, int]:
+        outs = engine.generate(prompts, _params(args, new_tokens, seed))
+        return engine.last_generate_seconds, sum(len(o.token_ids) for o in outs)
+
+    proc = engine._proc
+    return _Runner(
+        "vllm",
+        mode,
+        generate,
+        lambda: float(args.batch * (args.prompt_len + args.max_new_tokens) * per_token),
+        pid=proc.pid if proc is not None else None,
+        close=engine.close,
+    )
+
+
+_BUILDERS = {"native": _native, "hf": _hf, "vllm": _vllm}
+
+
+def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
+    n_new = args.max_new_tokens
+    runner.generate(min(n_new, 8), 0)  # warm-up: allocation, thread pools, first kernels
+    prefill = statistics.median(runner.generate(1, 100 + i)[0] for i in range(args.repeats))
+    times, tokens = [], 0
+    cuda = args.device.startswith("cuda") and runner.pid is None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with _PeakRSS(runner.pid) as mem:
+        for i in range(args.repeats):
+            seconds, tokens = runner.generate(n_new, 1 + i)
+            times.append(seconds)
+    peak_mem = torch.cuda.max_memory_allocated() if cuda else mem.peak
+    if tokens != args.batch * n_new:
+        raise RuntimeError(
+            f"{runner.engine}/{runner.mode} generated {tokens} tokens, expected "
+            f"{args.batch} x {n_new}: the rows would not be comparable"
+        )
+    seconds = statistics.median(times)
+    return {
+        "engine": runner.engine,
+        "mode": runner.mode,
+        "tokens_per_s": tokens / seconds,
+        "ms_per_step": 1000 * max(seconds - prefill, 0.0) / max(n_new - 1, 1),
+        "prefill_s": prefill,
+        "kv_bytes_peak": runner.kv_bytes(),
+        "peak_mem_bytes": peak_mem,
+        "seconds": seconds,
+        "seconds_all": times,
+        "tokens": tokens,
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return "-"
+        if key == "kv_bytes_peak":
+            value = value / 2**20
+        elif key == "peak_mem_bytes":
+            value = value / 2**30
+        return fmt.format(value)
+
+    cells = [[title for _, title, _ in COLUMNS]] + [
+        [cell(r, key, fmt) for key, _, fmt in COLUMNS] for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _csv(text: str, valid: Sequence[str], what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in valid]
+    if bad or not items:
+        raise SystemExit(f"rlkit bench: unknown {what} {bad or text!r}; valid: {', '.join(valid)}")
+    return items
+
+
+def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(
+        prog="rlkit bench rollout", description=__doc__.split("\n")[0] if __doc__ else None
+    )
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--modes", default="dense")
+    ap.add_argument("--engines", default="native,hf")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda (native and hf engines; peak memory is then the GPU's peak allocation)",
+    )
+    sparse = ap.add_argument_group("sparse mode (compressed KV cache)")
+    sparse.add_argument(
+        "--policy", default="snapkv", choices=["snapkv", "rkv", "h2o", "streaming", "layer_hybrid"]
+    )
+    sparse.add_argument("--budget", type=int, default=256)
+    sparse.add_argument("--window", type=int, default=8)
+    sparse.add_argument("--interval", type=int, default=32)
+    vllm = ap.add_argument_group("vllm engine")
+    vllm.add_argument("--vllm-python", default=None, help="interpreter of the vLLM env")
+    vllm.add_argument("--vllm-kv-gb", type=float, default=2.0, help="vLLM CPU KV cache GiB")
+    ap.add_argument("--json", default=None, help="write the rows to this file as JSON")
+    args = ap.parse_args(list(argv))
+    modes = _csv(args.modes, MODES, "mode")
+    engines = _csv(args.engines, ENGINES, "engine")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = resolve_model_dir(args.model)
+    with open(f"{model_dir}/config.json") as f:
+        vocab = json.load(f)["vocab_size"]
+    g = torch.Generator().manual_seed(args.seed)
+    # Ordinary token ids (the low ids are special in most vocabularies), one length for all.
+    low = min(1000, vocab // 2)
+    prompts = torch.randint(low, vocab, (args.batch, args.prompt_len), generator=g).tolist()
+
+    plan = [("native", m) for m in modes if "native" in engines]
+    plan += [(e, "dense") for e in engines if e != "native"]
+    skipped = [f"{e}/{m}" for e in engines if e != "native" for m in modes if m != "dense"]
+    if skipped:
+        print(f"rlkit bench: {', '.join(skipped)} skipped (only the native engine has modes)")
+    rows = []
+    for engine, mode in plan:
+        print(f"rlkit bench: {engine} {mode} ...", file=sys.stderr, flush=True)
+        runner = _BUILDERS[engine](args, model_dir, mode, prompts)
+        try:
+            rows.append(_measure(runner, args))
+        finally:
+            runner.close()
+            del runner
+            gc.collect()
+    base = next((r for r in rows if r["engine"] == "native" and r["mode"] == "dense"), None)
+    for r in rows:
+        r["ratio_vs_native_dense"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+    settings = {
+        k: getattr(args, k)
+        for k in ("model", "batch", "prompt_len", "max_new_tokens", "dtype", "temperature")
+    }
+    settings["threads"] = torch.get_num_threads()
+    settings["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    if "sparse" in modes:
+        settings.update(
+            policy=args.policy, budget=args.budget, window=args.window, interval=args.interval
+        )
+    print(", ".join(f"{k}={v}" for k, v in settings.items()))
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([{**r, "settings": settings} for r in rows], f, indent=1)
+        print(f"rlkit bench: rows written to {args.json}")
+    return rows
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] not in ("rollout",):
+        print("usage: rlkit bench rollout [options]   (rlkit bench rollout --help)")
+        return 2
+    rollout(argv[1:])
+    return 0

@@ -1,0 +1,59 @@
+"""`rlkit bench rollout` on a tiny model: every row measured, same work, JSON as documented."""
+
+import json
+
+import pytest
+
+from rlkit.bench import format_table, main, rollout
+from rlkit.models.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(str(tmp_path_factory.mktemp("bench") / "m"), "llama", seed=3)
+
+
+def test_rows_json_and_ratios(model_dir, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = [
+        "--model", model_dir, "--batch", "3", "--prompt-len", "20", "--max-new-tokens", "24",
+        "--repeats", "2", "--modes", "dense,sparse", "--engines", "native,hf",
+        "--budget", "12", "--window", "4", "--interval", "4", "--threads", "1",
+        "--json", str(out),
+    ]  # fmt: skip
+    rows = rollout(argv)
+    assert [(r["engine"], r["mode"]) for r in rows] == [
+        ("native", "dense"),
+        ("native", "sparse"),
+        ("hf", "dense"),
+    ]
+    for r in rows:
+        assert r["tokens"] == 3 * 24  # ignore_eos: every row does the same work
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["prefill_s"] > 0 and r["ms_per_step"] >= 0 and r["peak_mem_bytes"] > 0
+    assert rows[0]["ratio_vs_native_dense"] == 1.0
+    assert rows[2]["ratio_vs_native_dense"] == pytest.approx(
+        rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    )
+    # The compressed cache holds at most budget + interval entries per sequence, not 44.
+    assert rows[1]["kv_bytes_peak"] < rows[0]["kv_bytes_peak"]
+    saved = json.loads(out.read_text())
+    for row in saved:
+        assert {"engine", "mode", "tokens_per_s", "kv_bytes_peak", "ratio_vs_native_dense"} <= set(
+            row
+        )
+    table = capsys.readouterr().out
+    assert "vs native dense" in table and "sparse" in table
+
+
+def test_bad_choices_name_the_valid_ones(model_dir):
+    with pytest.raises(SystemExit, match="valid: dense, sparse"):
+        rollout(["--model", model_dir, "--modes", "dense,spec"])
+    with pytest.raises(SystemExit, match="valid: native, hf, vllm"):
+        rollout(["--model", model_dir, "--engines", "trt"])
+    assert main([]) == 2
+
+
+def test_table_formats_missing_values():
+    text = format_table([{"engine": "native", "mode": "dense", "tokens_per_s": 10.0}])
+    assert "native" in text and "-" in text
