@@ -84,6 +84,7 @@ class Engine:
     sequence finished, summed over layers, times bytes per entry), kv_bytes_dense_per_seq
     (what a dense cache holds at that moment: prompt + fed completion tokens, i.e. all but the
     last sampled token, times bytes per token), kv_retained_frac (their ratio),
+    kv_retained_frac_max (the largest per-sequence ratio),
     compression_events ((sequence, layer) compressions in the call).
     """
 
@@ -223,6 +224,14 @@ class _Run:
             "kv_bytes_retained_per_seq": retained,
             "kv_bytes_dense_per_seq": dense,
             "kv_retained_frac": retained / dense if dense else 1.0,
+            # The least-compressed sequence: 1 - this is what every sequence lost at least.
+            "kv_retained_frac_max": float(
+                (
+                    self.held * c.bytes_per_entry / np.maximum(self.true_len * c.bytes_per_token, 1)
+                ).max()
+            )
+            if len(self.held)
+            else 1.0,
             "compression_events": float(getattr(c, "events", 0) - self.events0),
         }
 

@@ -256,6 +256,7 @@ def test_stats_and_small_allocation(name, deep_dir):
     assert s["kv_bytes_retained_per_seq"] == pytest.approx(held.mean() * entry)
     assert s["kv_bytes_dense_per_seq"] == pytest.approx(true.mean() * a.num_layers * entry)
     assert s["kv_retained_frac"] == pytest.approx(held.mean() / (true.mean() * a.num_layers))
+    assert s["kv_retained_frac_max"] == pytest.approx((held / (true * a.num_layers)).max())
     # The compressed layers' storage holds budget + interval entries, not prompt + new.
     dense_len = max(len(p) for p in prompts) + new
     slots = len(prompts)
@@ -265,6 +266,7 @@ def test_stats_and_small_allocation(name, deep_dir):
     dense.generate(prompts, SamplingParams(max_new_tokens=new, **GREEDY))
     assert dense.stats["kv_bytes_peak"] == slots * a.num_layers * dense_len * entry
     assert dense.stats["kv_retained_frac"] == 1.0 and dense.stats["compression_events"] == 0
+    assert dense.stats["kv_retained_frac_max"] == 1.0
     # Events: (sequence, layer) compressions, one per compressed layer and step over budget.
     # A prompt over the budget once at prefill, then every decode step k (1..new-1) after
     # which prompt + k entries exceed it.
