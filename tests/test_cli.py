@@ -92,7 +92,7 @@ def test_bench_forwards_argv_or_says_it_is_missing(monkeypatch, capsys):
     assert main(["bench", "rollout", "--batch", "4"]) == 0
     assert got == [["rollout", "--batch", "4"]]
     monkeypatch.setitem(sys.modules, "rlkit.bench", None)
-    assert main(["bench", "learner"]) == 2
+    assert main(["bench", "rollout"]) == 2
     assert "rlkit.bench is not part of this rlkit installation" in capsys.readouterr().err
 
 
