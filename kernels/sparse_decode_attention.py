@@ -59,8 +59,15 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
-    """Raise ValueError naming the first thing wrong with the arguments."""
+def _check(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None,
+) -> tuple[int, int, int, int, int, float]:
+    """Raise ValueError naming the first thing wrong with the arguments; else return
+    (B, H, D, KVH, G, scale), the scale defaulting to 1/sqrt(D)."""
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
     if k.dim() != 4:
@@ -88,6 +95,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
         raise ValueError(
             f"q, k, v and lengths must be on one device, got {sorted(map(str, devices))}"
         )
+    return B, H, D, kvh, H // kvh, (1.0 / math.sqrt(D) if scale is None else scale)
 
 
 def sparse_decode_attention_reference(
@@ -110,12 +118,8 @@ def sparse_decode_attention_reference(
     bf16/fp16 it skips upcasting the whole K/V (several times faster on CPU, whose SDPA kernel
     still accumulates in float32) and differs from exact=True by about one bf16/fp16 rounding.
     """
-    _check(q, k, v, lengths)
-    B, H, D = q.shape
-    kvh, L = k.shape[1], k.shape[2]
-    G = H // kvh
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
+    B, H, D, kvh, G, scale = _check(q, k, v, lengths, scale)
+    L = k.shape[2]
     dtype = torch.float32 if exact else q.dtype
     qg = q.reshape(B, kvh, G, D).to(dtype)
     kk, vv = k.to(dtype), v.to(dtype)
@@ -331,12 +335,8 @@ def sparse_decode_attention_triton(
     count), block_n (KV entries per block), num_warps, num_stages."""
     if not HAS_TRITON:
         raise RuntimeError("sparse_decode_attention_triton needs triton, which is not importable")
-    _check(q, k, v, lengths)
-    B, H, D = q.shape
-    kvh, L = k.shape[1], k.shape[2]
-    G = H // kvh
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
+    B, H, D, kvh, G, scale = _check(q, k, v, lengths, scale)
+    L = k.shape[2]
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0 or H == 0 or D == 0:
         return out

@@ -40,6 +40,7 @@ import psutil
 import torch
 
 from rlkit.config.schema import DEFAULT_MODEL, KVCompressionConfig, VLLMConfig
+from rlkit.models.config import ModelArgs
 from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.rollout.sampling import SamplingParams
 
@@ -96,14 +97,15 @@ class _Runner:
     close: Callable[[], None] = lambda: None
 
 
-def _bytes_per_token(model_dir: str, dtype: torch.dtype) -> int:
+def _model_args(model_dir: str) -> ModelArgs:
     with open(f"{model_dir}/config.json") as f:
-        cfg = json.load(f)
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    size = torch.tensor([], dtype=dtype).element_size()
-    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * size
+        return ModelArgs.from_hf(json.load(f))
+
+
+def _bytes_per_token(model_dir: str, dtype: torch.dtype) -> int:
+    """K and V of one token over all layers, as a dense KVCache stores them."""
+    a = _model_args(model_dir)
+    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * dtype.itemsize
 
 
 def _sync(device: str) -> None:
@@ -317,8 +319,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
-    with open(f"{model_dir}/config.json") as f:
-        vocab = json.load(f)["vocab_size"]
+    vocab = _model_args(model_dir).vocab_size
     g = torch.Generator().manual_seed(args.seed)
     # Ordinary token ids (the low ids are special in most vocabularies), one length for all.
     low = min(1000, vocab // 2)

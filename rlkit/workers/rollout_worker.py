@@ -22,7 +22,7 @@ class RolloutWorker:
             torch.set_num_threads(num_threads)
         if cfg.engine == "vllm":
             # vLLM runs in its own environment and process (rollout/vllm_engine.py).
-            if getattr(getattr(cfg, "kv_compression", None), "policy", "none") != "none":
+            if cfg.kv_compression.policy != "none":
                 raise ValueError("rollout.kv_compression needs rollout.engine: native")
             self.engine = VLLMEngine(
                 model_path, cfg.vllm, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size
