@@ -108,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--labels", nargs="+", help="legend names of the compared runs")
     report.set_defaults(run=_report)
 
-    bench = commands.add_parser("bench", help="benchmark rollout throughput (engines and modes side by side)")
+    bench = commands.add_parser(
+        "bench", help="benchmark rollout throughput (engines and modes side by side)"
+    )
     bench.add_argument("target", choices=["rollout"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     bench.set_defaults(run=_bench)

@@ -24,7 +24,12 @@ Point = tuple[float, Any, dict]
 # file, title, which keys it plots
 _FIGURES: list[tuple[str, str, Callable[[str], bool]]] = [
     ("reward.png", "Reward", lambda k: k.startswith("reward/")),
-    ("accuracy.png", "Held-out accuracy", lambda k: k.startswith("eval/")),
+    # eval_sparse/: the same under the rollouts' compressed KV cache (Sparse-RL runs).
+    (
+        "accuracy.png",
+        "Held-out accuracy",
+        lambda k: k.startswith("eval/") or k.startswith("eval_sparse/"),
+    ),
     # JudgeRLVR: judge accuracy on train items (judge/accuracy) and held-out (eval/judge_*).
     (
         "judge.png",
@@ -52,6 +57,11 @@ _TIMING_TOTALS = ("timing/step", "timing/total")
 # file, title, key: one curve per run on shared axes
 _COMPARED = [
     ("accuracy.png", "Held-out accuracy", "eval/accuracy"),
+    (
+        "sparse_eval_accuracy.png",
+        "Held-out accuracy, compressed KV",
+        "eval_sparse/accuracy",
+    ),
     ("judge_accuracy.png", "Held-out judge accuracy", "eval/judge_accuracy"),
     ("reward.png", "Mean reward", "reward/mean"),
     ("response_length.png", "Mean response length (tokens)", "response/length_mean"),

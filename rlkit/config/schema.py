@@ -257,6 +257,9 @@ class EvalConfig:
     # pass@k sample count for `rlkit eval` (greedy accuracy is always reported).
     k: int = 1
     temperature: float = 1.0
+    # Under rollout.kv_compression, eval/accuracy is always the dense model's (as deployed);
+    # this also logs eval_sparse/* measured with the rollouts' compressed cache.
+    sparse_too: bool = True
 
 
 @dataclass

@@ -119,13 +119,21 @@ class Engine:
         if self.device.type == "cpu":
             _reuse_freed_memory()
 
+    def release_cache(self) -> None:
+        """Free the KV cache between calls (the next `generate` allocates a fresh one).
+
+        The RL loop calls this after each rollout: the cache (hundreds of MB at RL batch
+        sizes) would otherwise sit idle through the learner's step, the run's memory peak.
+        """
+        self.cache = None
+
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy new weights (any dtype, e.g. the learner's float32) into the engine's model."""
         load_weights(self.model, state_dict)
 
-    def _cache_for(self, slots: int, length: int) -> KVCache:
-        a, c = self.model.args, self.compression
+    def _cache_for(self, slots: int, length: int, compress: bool = True) -> KVCache:
+        a, c = self.model.args, (self.compression if compress else None)
         if c is not None:
             # A row holds at most `budget` entries after prefill or a compression, and gains
             # at most `interval` before the next one.
@@ -155,28 +163,39 @@ class Engine:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
     ) -> list[Completion]:
-        """n completions per prompt, prompt-major: result[i * n + j] is sample j of prompt i."""
+        """n completions per prompt, prompt-major: result[i * n + j] is sample j of prompt i.
+
+        compress=False decodes this call against a dense cache even when the engine has
+        `kv_compression` (a Sparse-RL run's held-out evaluation of the model as deployed).
+        """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
         longest = max(len(p) for p in prompts)
         if longest >= self.max_seq_len:
             raise ValueError(f"a prompt has {longest} tokens; max_seq_len is {self.max_seq_len}")
-        run = _Run(self, prompts, params, n)
+        run = _Run(self, prompts, params, n, compress)
         return run.execute()
 
 
 class _Run:
     """State of one `generate` call. Per-slot arrays cover slots 0..B-1 (the running batch)."""
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int):
+    def __init__(
+        self,
+        engine: Engine,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        compress: bool = True,
+    ):
         self.e, self.prompts, self.params, self.n = engine, prompts, params, n
         self.model = engine.model
         dev = engine.device
         total = len(prompts) * n
         length = min(engine.max_seq_len, max(len(p) for p in prompts) + params.max_new_tokens)
-        self.cache = engine._cache_for(min(engine.max_batch_size, total), length)
+        self.cache = engine._cache_for(min(engine.max_batch_size, total), length, compress)
         self.slots = self.cache.num_slots
         self.gen = make_generator(params, dev)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_ids)
@@ -200,7 +219,7 @@ class _Run:
         self.waiting = deque(range(total))
         self.results: list[Completion | None] = [None] * total
         # Compression; per sequence the entries held at its finish and its true length then.
-        self.compression = engine.compression
+        self.compression = engine.compression if compress else None
         self.events0 = getattr(self.cache, "events", 0)
         self.held = np.zeros(total, dtype=np.int64)
         self.true_len = np.zeros(total, dtype=np.int64)

@@ -58,8 +58,10 @@ class RunContext:
     def call(method, *args, **kwargs):
         return ray.get(method.remote(*args, **kwargs))
 
-    def generate(self, prompts: list[list[int]], params, n: int) -> list[dict[str, Any]]:
-        return self.call(self.rollout.generate, prompts, params, n)
+    def generate(
+        self, prompts: list[list[int]], params, n: int, compress: bool = True
+    ) -> list[dict[str, Any]]:
+        return self.call(self.rollout.generate, prompts, params, n, compress)
 
     def rollout_stats(self) -> dict[str, float]:
         """The rollout engine's figures for its last generate (KV bytes; Sparse-RL compression)."""
@@ -81,14 +83,20 @@ class RunContext:
             max_new_tokens=self.cfg.eval.max_new_tokens,
             stop=list(self.cfg.rollout.stop),
         )
-        outs = self.generate(self.eval_prompt_ids, params, 1)
-        scored = self.score([c["text"] for c in outs], self.eval_samples)
-        metrics = accuracy_metrics(
-            scored["scores"], [len(c["token_ids"]) for c in outs], prefix="eval"
-        )
+        # The model as deployed: dense attention, even when rollouts use a compressed cache.
+        metrics = self._greedy_accuracy(params, compress=False, prefix="eval")
+        if self.cfg.rollout.kv_compression.policy != "none" and self.cfg.eval.sparse_too:
+            metrics.update(self._greedy_accuracy(params, compress=True, prefix="eval_sparse"))
         for hook in self.eval_hooks:
             metrics.update(hook())
         return metrics
+
+    def _greedy_accuracy(self, params, compress: bool, prefix: str) -> dict[str, float]:
+        outs = self.generate(self.eval_prompt_ids, params, 1, compress)
+        scored = self.score([c["text"] for c in outs], self.eval_samples)
+        return accuracy_metrics(
+            scored["scores"], [len(c["token_ids"]) for c in outs], prefix=prefix
+        )
 
     def log(self, row: dict[str, Any]) -> None:
         self.logger.log(row)

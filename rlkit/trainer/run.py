@@ -163,6 +163,12 @@ def _print_summary(summary: dict[str, Any], plots: list[str]) -> None:
         lines.append(f"  held-out accuracy before: {before:.3f}")
     if after is not None:
         lines.append(f"  held-out accuracy after:  {after:.3f}")
+    sparse_before = summary.get("eval_before", {}).get("eval_sparse/accuracy")
+    sparse_after = summary.get("eval_after", {}).get("eval_sparse/accuracy")
+    if sparse_before is not None and sparse_after is not None:
+        lines.append(
+            f"  under the rollouts' KV compression: {sparse_before:.3f} -> {sparse_after:.3f}"
+        )
     judge_before = summary.get("eval_before", {}).get("eval/judge_accuracy")
     judge_after = summary.get("eval_after", {}).get("eval/judge_accuracy")
     if judge_before is not None:

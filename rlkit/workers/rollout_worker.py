@@ -40,9 +40,16 @@ class RolloutWorker:
         )
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
     ) -> list[dict[str, Any]]:
-        completions = self.engine.generate(prompts, params, n=n)
+        """compress=False: a dense cache for this call even under rollout.kv_compression."""
+        if isinstance(self.engine, Engine):
+            completions = self.engine.generate(prompts, params, n=n, compress=compress)
+        else:
+            completions = self.engine.generate(prompts, params, n=n)
+        if isinstance(self.engine, Engine):
+            # Learning comes next: its peak should not include an idle KV cache.
+            self.engine.release_cache()
         heap.trim()
         return [
             {

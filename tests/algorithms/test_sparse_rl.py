@@ -22,9 +22,7 @@ def test_rejection_and_veto_by_hand():
     )
     keep, w, m = sparse_corrections(old, sparse, mask, reweight=False)
     assert w is None
-    torch.testing.assert_close(
-        keep, torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
-    )
+    torch.testing.assert_close(keep, torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 0]]))
     # valid tokens: 4 + 3 + 2 = 9; out of bounds: 0.4, 1.6, 1e-5 -> 3/9
     assert m["sparse_rejected_token_frac"] == pytest.approx(3 / 9)
     assert m["sparse_vetoed_frac"] == pytest.approx(1 / 3)

@@ -303,3 +303,20 @@ def test_bad_config_is_rejected(deep_dir):
     with pytest.raises(ValueError, match="unknown kv compression policy"):
         engine(deep_dir, kv_compression=KVCompressionConfig(policy="nope"))  # type: ignore[arg-type]
     assert engine(deep_dir, kv_compression=KVCompressionConfig()).compression is None
+
+
+def test_compress_false_decodes_dense_in_a_sparse_engine(deep_dir):
+    """A Sparse-RL run evaluates the model as deployed: compress=False gives exactly the dense
+    engine's output, and the next call compresses again."""
+    c = cfg("snapkv", budget=6, window=2, interval=1)
+    prompts = long_prompts()
+    params = SamplingParams(max_new_tokens=10, **GREEDY)
+    eng = engine(deep_dir, kv_compression=c)
+    sparse = [o.token_ids for o in eng.generate(prompts, params)]
+    dense_out = eng.generate(prompts, params, compress=False)
+    assert eng.stats["compression_events"] == 0 and eng.stats["kv_retained_frac"] == 1.0
+    want = [o.token_ids for o in engine(deep_dir).generate(prompts, params)]
+    assert [o.token_ids for o in dense_out] == want
+    assert sparse != want  # budget 6 really changes the outputs
+    assert [o.token_ids for o in eng.generate(prompts, params)] == sparse
+    assert eng.stats["compression_events"] > 0

@@ -180,3 +180,17 @@ def test_rejects_bad_prompts(make_engine):
         engine.generate([[]], SamplingParams())
     with pytest.raises(ValueError, match="max_seq_len"):
         engine.generate([list(range(8))], SamplingParams())
+
+
+def test_rollout_worker_frees_the_cache_and_generates_the_same_after(tiny_dirs, prompts):
+    """The RL loop's worker drops the KV cache after each rollout (it would sit idle through
+    the learner's step); the next rollout allocates a fresh one and is unchanged."""
+    from rlkit.config.schema import RolloutConfig
+    from rlkit.workers.rollout_worker import RolloutWorker
+
+    worker = RolloutWorker(tiny_dirs["qwen3"], RolloutConfig(dtype="float32"))
+    params = SamplingParams(max_new_tokens=8, **GREEDY)
+    first = worker.generate(prompts, params, n=2)
+    assert worker.engine.cache is None
+    again = worker.generate(prompts, params, n=2)
+    assert [c["token_ids"] for c in again] == [c["token_ids"] for c in first]

@@ -120,3 +120,34 @@ def test_dynamic_sampling_refills_the_batch(tmp_path, tiny_model_dir, tiny_recip
         assert 1 <= r["rollout/rounds"] <= 4
         assert r["rollout/filtered_groups"] >= 0
         assert r["rollout/rounds"] > 1 or r["rollout/filtered_groups"] == 0
+
+
+def test_sparse_rl_run_logs_compression_corrections_and_both_evals(
+    tmp_path, tiny_model_dir, tiny_recipe, parity_verifier
+):
+    """rollout.kv_compression through Ray: the rollout's KV metrics and the learner's
+    corrections are logged per step; held-out accuracy is measured dense (the model as
+    deployed) and, beside it, under the rollouts' compression."""
+    recipe = tiny_recipe(str(tmp_path / "r.yaml"), tiny_model_dir, str(tmp_path / "runs"), steps=2)
+    args = [
+        "train",
+        recipe,
+        f"reward.verifier={parity_verifier}",
+        "rollout.kv_compression.policy=snapkv",
+        "rollout.kv_compression.budget=8",
+        "rollout.kv_compression.window=2",
+        "rollout.kv_compression.interval=1",
+    ]
+    assert main(args) == 0
+    rows = _rows(str(tmp_path / "runs" / "e2e"))
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        # Arithmetic prompts in the chat template are far over 8 entries.
+        assert 0 < r["rollout/kv_retained_frac_max"] < 0.6
+        assert r["rollout/compression_events"] > 0
+        assert 0.0 <= r["sparse/rejected_token_frac"] <= 1.0
+        assert r["sparse/rho_min"] <= r["sparse/rho_mean"] <= r["sparse/rho_max"]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert all("eval_sparse/accuracy" in r for r in evals)
