@@ -20,13 +20,15 @@ warm-up run, and reports the median of `--repeats` timed runs:
 - ratio_vs_native_dense: tokens_per_s over the native dense row's.
 
 Modes are modes of the native engine: `dense`, and `sparse` (a compressed KV cache, policy
-and budget from the options). Other engines run dense only.
+and budget from the options). Other engines run dense only, except `native-plain`: the
+native engine without oneDNN-prepacked weights, for what prepacking is worth.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import statistics
@@ -45,7 +47,10 @@ from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.rollout.sampling import SamplingParams
 
 MODES = ("dense", "sparse")
-ENGINES = ("native", "hf", "vllm")
+# native-plain: the native engine without oneDNN-prepacked weights (`Engine(prepack=False)`),
+# to show what prepacking is worth on this machine.
+ENGINES = ("native", "native-plain", "hf", "vllm")
+_MODAL = ("native", "native-plain")
 COLUMNS = (
     ("engine", "engine", "{}"),
     ("mode", "mode", "{}"),
@@ -124,7 +129,9 @@ def _params(args: argparse.Namespace, new_tokens: int, seed: int) -> SamplingPar
     )
 
 
-def _native(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runner:
+def _native(
+    args: argparse.Namespace, model_dir: str, mode: str, prompts, plain: bool = False
+) -> _Runner:
     from rlkit.rollout.engine import Engine
 
     dtype = DTYPES[args.dtype]
@@ -138,14 +145,22 @@ def _native(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Ru
             window=args.window,
             interval=args.interval,
         )
-    engine = Engine(model, tok, max_batch_size=args.batch, dtype=dtype, kv_compression=compression)
+    name = "native-plain" if plain else "native"
+    engine = Engine(
+        model,
+        tok,
+        max_batch_size=args.batch,
+        dtype=dtype,
+        kv_compression=compression,
+        prepack=False if plain else None,
+    )
 
     def generate(new_tokens: int, seed: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         outs = engine.generate(prompts, _params(args, new_tokens, seed))
         return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
 
-    return _Runner("native", mode, generate, lambda: float(engine.stats["kv_bytes_peak"]))
+    return _Runner(name, mode, generate, lambda: float(engine.stats["kv_bytes_peak"]))
 
 
 def _hf(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runner:
@@ -216,7 +231,12 @@ def _vllm(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runn
     )
 
 
-_BUILDERS = {"native": _native, "hf": _hf, "vllm": _vllm}
+_BUILDERS: dict[str, Callable[..., _Runner]] = {
+    "native": _native,
+    "native-plain": functools.partial(_native, plain=True),
+    "hf": _hf,
+    "vllm": _vllm,
+}
 
 
 def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
@@ -325,9 +345,9 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     low = min(1000, vocab // 2)
     prompts = torch.randint(low, vocab, (args.batch, args.prompt_len), generator=g).tolist()
 
-    plan = [("native", m) for m in modes if "native" in engines]
-    plan += [(e, "dense") for e in engines if e != "native"]
-    skipped = [f"{e}/{m}" for e in engines if e != "native" for m in modes if m != "dense"]
+    plan = [(e, m) for e in _MODAL if e in engines for m in modes]
+    plan += [(e, "dense") for e in engines if e not in _MODAL]
+    skipped = [f"{e}/{m}" for e in engines if e not in _MODAL for m in modes if m != "dense"]
     if skipped:
         print(f"rlkit bench: {', '.join(skipped)} skipped (only the native engine has modes)")
     rows = []

@@ -22,6 +22,34 @@ from torch.utils.checkpoint import checkpoint
 
 from rlkit.models.config import ModelArgs, rope_frequencies
 
+Weights = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN-prepacked linear weights are available for this device and dtype."""
+    return (
+        device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float32)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def prepack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
+    """weight [out, in] reordered into oneDNN's blocked layout for GEMMs of about
+    `batch_hint` rows: the layout change is done once instead of at every call."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for a plain or a prepacked (`prepack`) weight; the same oneDNN GEMM either
+    way, so the results are identical."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 class AttentionCache(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -66,12 +94,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, args.rms_norm_eps)
             self.k_norm = RMSNorm(d, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # Inference only: fused q/k/v and the output projection (plain or prepacked weights).
+        self.qkv: Weights | None = None
+        self.o: Weights | None = None
 
     def fuse(self) -> None:
         """Inference only: one GEMM for q, k and v. The three weights become views of the
         fused matrix, so `load_state_dict` into them updates it."""
         self.qkv = _fuse((self.q_proj, self.k_proj, self.v_proj))
+        self.o = (self.o_proj.weight, self.o_proj.bias)
 
     def forward(
         self,
@@ -82,7 +113,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv is not None:
-            qkv = F.linear(x, *self.qkv).view(B, T, -1, self.head_dim)
+            qkv = linear(x, *self.qkv).view(B, T, -1, self.head_dim)
             q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         else:
             q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
@@ -98,7 +129,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             out = cache.attend(self.layer, q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return linear(out, *self.o) if self.o is not None else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -108,20 +140,23 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=args.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=args.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=args.mlp_bias)
-        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # Inference only: fused gate/up and the down projection (plain or prepacked weights).
+        self.gate_up: Weights | None = None
+        self.down: Weights | None = None
 
     def fuse(self) -> None:
         """Inference only: one GEMM for gate and up (weights become views of it)."""
         self.gate_up = _fuse((self.gate_proj, self.up_proj))
+        self.down = (self.down_proj.weight, self.down_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+        if self.gate_up is not None and self.down is not None:
+            gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
+            return linear(F.silu(gate) * up, *self.down)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _fuse(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fuse(linears: tuple[nn.Linear, ...]) -> Weights:
     """Concatenate the linears' weights (and biases) along the output dim; each linear's
     parameters become views of the result."""
 
@@ -174,6 +209,10 @@ class Decoder(nn.Module):
         # Not a buffer: `.to(bfloat16)` would round the frequencies and shift every position.
         self._inv_freq, self._rope_scale = rope_frequencies(args)
         self.gradient_checkpointing = False
+        # Set by `prepack_weights` (inference on CPU).
+        self.prepacked = False
+        self._batch_hint = 1
+        self._lm_head_packed: torch.Tensor | None = None
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -186,11 +225,68 @@ class Decoder(nn.Module):
             cast(DecoderLayer, layer).self_attn.fuse()
             cast(DecoderLayer, layer).mlp.fuse()
 
+    # Per layer: (module, fused tuple attribute, parameter names it is made of).
+    _PACKED = (
+        ("self_attn", "qkv", ("q_proj", "k_proj", "v_proj")),
+        ("self_attn", "o", ("o_proj",)),
+        ("mlp", "gate_up", ("gate_proj", "up_proj")),
+        ("mlp", "down", ("down_proj",)),
+    )
+
+    def prepack_weights(self, batch_hint: int) -> None:
+        """Inference on CPU, after `fuse_projections`: every linear of the layers and the LM
+        head compute with oneDNN-prepacked weights (`can_prepack`), reordered once for GEMMs
+        of about `batch_hint` rows instead of at every call. The layers' plain weights are
+        released (no second copy of the model), so their parameters become empty and new
+        weights load through `load_weights` (which calls `load_prepacked`). Outputs are
+        identical to the unpacked model's: the same GEMM reads a different layout."""
+        self._batch_hint = batch_hint
+        for layer in self.model.layers:
+            for part, attr, names in self._PACKED:
+                module = getattr(layer, part)
+                weight, bias = getattr(module, attr)
+                setattr(module, attr, (prepack(weight, batch_hint), bias))
+                for name in names:
+                    lin = getattr(module, name)
+                    lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
+        self._lm_head_packed = prepack(self.lm_head.weight.detach(), batch_hint)
+        self.prepacked = True
+
+    def load_prepacked(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Load a Hugging Face state dict into a prepacked model: the layers' linear weights
+        are fused, cast and packed from `state`; everything else is copied in place. Returns
+        what does not match (missing or unexpected names); then nothing was loaded."""
+        dtype = self.model.norm.weight.dtype
+        groups = [
+            (getattr(layer, part), attr, [f"model.layers.{i}.{part}.{n}.weight" for n in names])
+            for i, layer in enumerate(self.model.layers)
+            for part, attr, names in self._PACKED
+        ]
+        packed_keys = {k for _, _, keys in groups for k in keys}
+        rest = {k: v for k, v in state.items() if k not in packed_keys}
+        own = {k for k, v in self.state_dict().items() if v.numel()}  # packed ones are empty
+        if self.args.tie_word_embeddings:
+            own.discard("lm_head.weight")
+        problems = sorted((packed_keys - set(state)) | (own - set(rest)))
+        problems += [f"(unexpected) {k}" for k in sorted(set(rest) - own)]
+        if problems:
+            return problems
+        for module, attr, keys in groups:
+            parts = [state[k].to(dtype) for k in keys]
+            fused = parts[0] if len(parts) == 1 else torch.cat(parts)
+            setattr(module, attr, (prepack(fused, self._batch_hint), getattr(module, attr)[1]))
+        self.load_state_dict(rest, strict=False)
+        self.tie_weights()
+        self._lm_head_packed = prepack(self.lm_head.weight.detach(), self._batch_hint)
+        return []
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.lm_head.weight  # [V, hidden]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._lm_head_packed is not None:
+            return linear(hidden, self._lm_head_packed, None)
         return F.linear(hidden, self.lm_head.weight)  # [..., V]
 
     def rope(

@@ -114,6 +114,11 @@ def load_weights(model: Decoder, state: dict[str, Any], assign: bool = False) ->
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if model.args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    if model.prepacked:  # an inference copy with oneDNN-packed linears (rollout engine)
+        problems = model.load_prepacked(state)
+        if problems:
+            raise ValueError(f"checkpoint does not match the model: {problems}")
+        return
     missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     if model.args.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]

@@ -194,3 +194,37 @@ def test_rollout_worker_frees_the_cache_and_generates_the_same_after(tiny_dirs, 
     assert worker.engine.cache is None
     again = worker.generate(prompts, params, n=2)
     assert [c["token_ids"] for c in again] == [c["token_ids"] for c in first]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_prepacked_weights_give_identical_outputs_and_reload(arch, make_engine, reference, prompts):
+    from rlkit.models.decoder import can_prepack
+
+    if not can_prepack(torch.device("cpu"), torch.bfloat16):
+        pytest.fail("this CPU build of torch has no oneDNN bf16 prepacking; the engine needs it")
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
+    packed = make_engine(arch, dtype=torch.bfloat16, prepack=True)
+    plain = make_engine(arch, dtype=torch.bfloat16, prepack=False)
+    assert packed.model.prepacked and not plain.model.prepacked
+    # The layers' plain weights are released: no second copy of the model.
+    assert packed.model.model.layers[0].mlp.down_proj.weight.numel() == 0
+
+    def outputs(engine):
+        return [(c.token_ids, c.logprobs) for c in engine.generate(prompts, params, n=2)]
+
+    assert outputs(packed) == outputs(plain)
+    # New weights in every packed linear (and the biases) reload into the packed layout.
+    g = torch.Generator().manual_seed(0)
+    state = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.dim() else v
+        for k, v in reference(arch).state_dict().items()
+    }
+    packed.load_state_dict(state)
+    plain.load_state_dict(state)
+    assert outputs(packed) == outputs(plain)
+    fresh = make_engine(arch, dtype=torch.bfloat16, prepack=False)
+    assert outputs(fresh) != outputs(plain)
+    bad = {k: v for k, v in state.items() if "layers.1.mlp.up_proj" not in k}
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj\.weight"):
+        packed.load_state_dict(bad)
+    assert outputs(packed) == outputs(plain)  # a rejected state dict loads nothing
