@@ -20,6 +20,8 @@ import time
 import torch
 from rlkit.rewards.runner import score
 
+from rlkit.algorithms.logprobs import token_logprobs
+from rlkit.algorithms.sparse_rl import sparse_corrections
 from rlkit.config import load_recipe
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.models.loading import load_model
@@ -27,16 +29,24 @@ from rlkit.rollout import Engine, SamplingParams
 from rlkit.trainer.data_setup import load_split, verifier_spec
 
 
-def dense_logprobs(model, prompts, outs) -> list[torch.Tensor]:
-    res = []
+def mismatch(model, prompts, outs) -> dict[str, float]:
+    """Sparse-RL's correction metrics (`sparse_corrections`, default bounds) for completions
+    `outs` of `prompts`, against the dense log-probs of `model`."""
+    T = max(len(o.token_ids) for o in outs)
+    dense = torch.zeros(len(outs), T)
+    sparse = torch.zeros(len(outs), T)
+    mask = torch.zeros(len(outs), T)
     with torch.inference_mode():
-        for o in outs:
-            p = prompts[o.prompt_index]
-            ids = torch.tensor([p + o.token_ids])
-            hidden = model(ids)[0, len(p) - 1 : -1].float()
-            logp = torch.log_softmax(hidden @ model.lm_head.weight.float().T, -1)
-            res.append(logp.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0])
-    return res
+        for i, o in enumerate(outs):
+            p, n = prompts[o.prompt_index], len(o.token_ids)
+            hidden = model(torch.tensor([p + o.token_ids]))[0, len(p) - 1 : -1]
+            dense[i, :n] = token_logprobs(hidden, model.lm_head_weight, torch.tensor(o.token_ids))[
+                0
+            ]
+            sparse[i, :n] = torch.tensor(o.logprobs)
+            mask[i, :n] = 1.0
+    log_ratio = ((dense - sparse) * mask).abs().sum() / mask.sum()
+    return {**sparse_corrections(dense, sparse, mask)[2], "mean_abs_logratio": float(log_ratio)}
 
 
 def main() -> None:
@@ -52,11 +62,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = load_recipe(args.recipe)
-    model, tok = load_model(cfg.model.path, dtype=torch.bfloat16)
-    ref, _ = load_model(cfg.model.path, dtype=torch.float32)
+    ref, tok = load_model(cfg.model.path, dtype=torch.float32)
     ref.eval()
     samples, prompts, _ = load_split(cfg, tok, "eval")
-    train, train_prompts, _ = load_split(cfg, tok, "train")
+    _, train_prompts, _ = load_split(cfg, tok, "train")
     train_prompts = train_prompts[: args.n]
     rows = []
     for name in args.policies.split(","):
@@ -83,19 +92,13 @@ def main() -> None:
             train_prompts, SamplingParams(temperature=1.0, max_new_tokens=48, seed=1), n=8
         )
         stats = dict(eng.stats)
-        dense = dense_logprobs(ref, train_prompts, sampled)
-        lr = torch.cat([d - torch.tensor(o.logprobs) for d, o in zip(dense, sampled)])
-        rho = lr.clamp(-20, 20).exp()
-        veto = sum(
-            bool((((d - torch.tensor(o.logprobs)).clamp(-20, 20).exp()) < 1e-4).any())
-            for d, o in zip(dense, sampled)
-        )
+        m = mismatch(ref, train_prompts, sampled)
         row = {
             "policy": name,
             "greedy_acc": sum(acc) / len(acc),
-            "rho_out_frac": float(((rho < 0.5) | (rho > 1.5)).float().mean()),
-            "veto_frac": veto / len(sampled),
-            "mean_abs_logratio": float(lr.abs().mean()),
+            "rho_out_frac": m["sparse_rejected_token_frac"],
+            "veto_frac": m["sparse_vetoed_frac"],
+            "mean_abs_logratio": m["mean_abs_logratio"],
             "kv_retained_frac_max": stats.get("kv_retained_frac_max", 1.0),
             "kv_retained_frac": stats.get("kv_retained_frac", 1.0),
             "seconds": time.perf_counter() - t0,

@@ -210,7 +210,6 @@ class Decoder(nn.Module):
         self._inv_freq, self._rope_scale = rope_frequencies(args)
         self.gradient_checkpointing = False
         # Set by `prepack_weights` (inference on CPU).
-        self.prepacked = False
         self._batch_hint = 1
         self._lm_head_packed: torch.Tensor | None = None
 
@@ -233,6 +232,23 @@ class Decoder(nn.Module):
         ("mlp", "down", ("down_proj",)),
     )
 
+    @property
+    def prepacked(self) -> bool:
+        return self._lm_head_packed is not None
+
+    def _packed_groups(self) -> list[tuple[nn.Module, str, tuple[str, ...], list[str]]]:
+        """(module, fused attribute, its linears, their weights' state-dict names) per layer."""
+        return [
+            (
+                getattr(layer, part),
+                attr,
+                names,
+                [f"model.layers.{i}.{part}.{n}.weight" for n in names],
+            )
+            for i, layer in enumerate(self.model.layers)
+            for part, attr, names in self._PACKED
+        ]
+
     def prepack_weights(self, batch_hint: int) -> None:
         """Inference on CPU, after `fuse_projections`: every linear of the layers and the LM
         head compute with oneDNN-prepacked weights (`can_prepack`), reordered once for GEMMs
@@ -241,28 +257,21 @@ class Decoder(nn.Module):
         weights load through `load_weights` (which calls `load_prepacked`). Outputs are
         identical to the unpacked model's: the same GEMM reads a different layout."""
         self._batch_hint = batch_hint
-        for layer in self.model.layers:
-            for part, attr, names in self._PACKED:
-                module = getattr(layer, part)
-                weight, bias = getattr(module, attr)
-                setattr(module, attr, (prepack(weight, batch_hint), bias))
-                for name in names:
-                    lin = getattr(module, name)
-                    lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
+        for module, attr, names, _ in self._packed_groups():
+            weight, bias = getattr(module, attr)
+            setattr(module, attr, (prepack(weight, batch_hint), bias))
+            for name in names:
+                lin = getattr(module, name)
+                lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
         self._lm_head_packed = prepack(self.lm_head.weight.detach(), batch_hint)
-        self.prepacked = True
 
     def load_prepacked(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Load a Hugging Face state dict into a prepacked model: the layers' linear weights
         are fused, cast and packed from `state`; everything else is copied in place. Returns
         what does not match (missing or unexpected names); then nothing was loaded."""
         dtype = self.model.norm.weight.dtype
-        groups = [
-            (getattr(layer, part), attr, [f"model.layers.{i}.{part}.{n}.weight" for n in names])
-            for i, layer in enumerate(self.model.layers)
-            for part, attr, names in self._PACKED
-        ]
-        packed_keys = {k for _, _, keys in groups for k in keys}
+        groups = self._packed_groups()
+        packed_keys = {k for *_, keys in groups for k in keys}
         rest = {k: v for k, v in state.items() if k not in packed_keys}
         own = {k for k, v in self.state_dict().items() if v.numel()}  # packed ones are empty
         if self.args.tie_word_embeddings:
@@ -271,7 +280,7 @@ class Decoder(nn.Module):
         problems += [f"(unexpected) {k}" for k in sorted(set(rest) - own)]
         if problems:
             return problems
-        for module, attr, keys in groups:
+        for module, attr, _, keys in groups:
             parts = [state[k].to(dtype) for k in keys]
             fused = parts[0] if len(parts) == 1 else torch.cat(parts)
             setattr(module, attr, (prepack(fused, self._batch_hint), getattr(module, attr)[1]))

@@ -141,8 +141,10 @@ class Engine:
         """Copy new weights (any dtype, e.g. the learner's float32) into the engine's model."""
         load_weights(self.model, state_dict)
 
-    def _cache_for(self, slots: int, length: int, compress: bool = True) -> KVCache:
-        a, c = self.model.args, (self.compression if compress else None)
+    def _cache_for(
+        self, slots: int, length: int, compression: KVCompressionConfig | None
+    ) -> KVCache:
+        a, c = self.model.args, compression
         if c is not None:
             # A row holds at most `budget` entries after prefill or a compression, and gains
             # at most `interval` before the next one.
@@ -184,7 +186,7 @@ class Engine:
         longest = max(len(p) for p in prompts)
         if longest >= self.max_seq_len:
             raise ValueError(f"a prompt has {longest} tokens; max_seq_len is {self.max_seq_len}")
-        run = _Run(self, prompts, params, n, compress)
+        run = _Run(self, prompts, params, n, self.compression if compress else None)
         return run.execute()
 
 
@@ -197,14 +199,14 @@ class _Run:
         prompts: list[list[int]],
         params: SamplingParams,
         n: int,
-        compress: bool = True,
+        compression: KVCompressionConfig | None,
     ):
         self.e, self.prompts, self.params, self.n = engine, prompts, params, n
         self.model = engine.model
         dev = engine.device
         total = len(prompts) * n
         length = min(engine.max_seq_len, max(len(p) for p in prompts) + params.max_new_tokens)
-        self.cache = engine._cache_for(min(engine.max_batch_size, total), length, compress)
+        self.cache = engine._cache_for(min(engine.max_batch_size, total), length, compression)
         self.slots = self.cache.num_slots
         self.gen = make_generator(params, dev)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_ids)
@@ -228,7 +230,7 @@ class _Run:
         self.waiting = deque(range(total))
         self.results: list[Completion | None] = [None] * total
         # Compression; per sequence the entries held at its finish and its true length then.
-        self.compression = engine.compression if compress else None
+        self.compression = compression
         self.events0 = getattr(self.cache, "events", 0)
         self.held = np.zeros(total, dtype=np.int64)
         self.true_len = np.zeros(total, dtype=np.int64)

@@ -45,11 +45,10 @@ class RolloutWorker:
         """compress=False: a dense cache for this call even under rollout.kv_compression."""
         if isinstance(self.engine, Engine):
             completions = self.engine.generate(prompts, params, n=n, compress=compress)
-        else:
-            completions = self.engine.generate(prompts, params, n=n)
-        if isinstance(self.engine, Engine):
             # Learning comes next: its peak should not include an idle KV cache.
             self.engine.release_cache()
+        else:
+            completions = self.engine.generate(prompts, params, n=n)
         heap.trim()
         return [
             {

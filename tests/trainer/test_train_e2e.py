@@ -102,17 +102,23 @@ def test_sft_then_rlvr_stages_in_one_run(tmp_path, tiny_model_dir, tiny_recipe, 
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "1_rlvr", "step_2", "model"))
 
 
+def _train_two_steps(tmp_path, model_dir, tiny_recipe, verifier, *overrides) -> list[dict]:
+    """`rlkit train` of the tiny recipe for 2 steps with the parity verifier; the metric rows."""
+    recipe = tiny_recipe(str(tmp_path / "r.yaml"), model_dir, str(tmp_path / "runs"), steps=2)
+    assert main(["train", recipe, f"reward.verifier={verifier}", *overrides]) == 0
+    return _rows(str(tmp_path / "runs" / "e2e"))
+
+
 def test_dynamic_sampling_refills_the_batch(tmp_path, tiny_model_dir, tiny_recipe, parity_verifier):
-    recipe = tiny_recipe(str(tmp_path / "r.yaml"), tiny_model_dir, str(tmp_path / "runs"), steps=2)
-    args = [
-        "train",
-        recipe,
-        f"reward.verifier={parity_verifier}",
+    rows = _train_two_steps(
+        tmp_path,
+        tiny_model_dir,
+        tiny_recipe,
+        parity_verifier,
         "algorithm.dynamic_sampling=true",
         "rollout.n=2",
-    ]
-    assert main(args) == 0
-    rows = [r for r in _rows(str(tmp_path / "runs" / "e2e")) if "reward/mean" in r]
+    )
+    rows = [r for r in rows if "reward/mean" in r]
     assert len(rows) == 2
     for r in rows:
         # With 2 samples per prompt and a coin-flip verifier about half the groups are uniform
@@ -128,18 +134,16 @@ def test_sparse_rl_run_logs_compression_corrections_and_both_evals(
     """rollout.kv_compression through Ray: the rollout's KV metrics and the learner's
     corrections are logged per step; held-out accuracy is measured dense (the model as
     deployed) and, beside it, under the rollouts' compression."""
-    recipe = tiny_recipe(str(tmp_path / "r.yaml"), tiny_model_dir, str(tmp_path / "runs"), steps=2)
-    args = [
-        "train",
-        recipe,
-        f"reward.verifier={parity_verifier}",
+    rows = _train_two_steps(
+        tmp_path,
+        tiny_model_dir,
+        tiny_recipe,
+        parity_verifier,
         "rollout.kv_compression.policy=snapkv",
         "rollout.kv_compression.budget=8",
         "rollout.kv_compression.window=2",
         "rollout.kv_compression.interval=1",
-    ]
-    assert main(args) == 0
-    rows = _rows(str(tmp_path / "runs" / "e2e"))
+    )
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
