@@ -17,7 +17,9 @@ sequence's length are garbage and never contribute.
 
 Three functions: `sparse_decode_attention_reference` (plain PyTorch), the Triton kernel
 `sparse_decode_attention_triton`, and the dispatcher `sparse_decode_attention`, which runs the
-kernel for CUDA tensors when Triton is importable and the reference otherwise.
+kernel for CUDA tensors when Triton is importable, the C kernel of `cpu.py`
+for bf16 CPU tensors when it is built for this CPU, and the reference otherwise. The dense
+engine's decode step calls it too (every entry of a sequence counts).
 
 Kernel (flash-decoding): one program per (sequence, kv head, split) handles all G = H // KVH
 query heads of the group, so each K/V block is read from memory once for the whole group. It
@@ -38,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rlkit.kernels import cpu as cpu_kernels
 
 try:  # Triton is optional: CPU-only installs run the reference.
     import triton
@@ -410,10 +413,20 @@ def sparse_decode_attention(
     v: torch.Tensor,
     lengths: torch.Tensor,
     scale: float | None = None,
+    *,
+    cpu_kernel: bool = True,
 ) -> torch.Tensor:
     """Decode attention over each sequence's first `lengths[b]` KV entries (module docstring):
-    the Triton kernel for CUDA tensors when Triton is importable, else the PyTorch reference
-    (in the inputs' dtype, the fast form; see `sparse_decode_attention_reference`)."""
+    the Triton kernel for CUDA tensors when Triton is importable; on CPU the C kernel of
+    `cpu_decode_attention` for bf16 when it is built for this CPU; else the PyTorch reference
+    (in the inputs' dtype, the fast form; see `sparse_decode_attention_reference`).
+
+    Dense decoding is the case where every sequence's length is all of its entries.
+    cpu_kernel=False skips the C kernel (to compare against ATen's attention)."""
     if q.is_cuda and HAS_TRITON:
         return sparse_decode_attention_triton(q, k, v, lengths, scale)
+    if cpu_kernel and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        scale = _check(q, k, v, lengths, scale)[-1]
+        if cpu_kernels.supports(q, k, v):
+            return cpu_kernels.decode_attention(q, k, v, lengths, scale)
     return sparse_decode_attention_reference(q, k, v, lengths, scale, exact=False)

@@ -20,8 +20,9 @@ warm-up run, and reports the median of `--repeats` timed runs:
 - ratio_vs_native_dense: tokens_per_s over the native dense row's.
 
 Modes are modes of the native engine: `dense`, and `sparse` (a compressed KV cache, policy
-and budget from the options). Other engines run dense only, except `native-plain`: the
-native engine without oneDNN-prepacked weights, for what prepacking is worth.
+and budget from the options). Other engines run dense only, except two ablations of the
+native engine, for what each CPU lever is worth: `native-plain` (no oneDNN-prepacked
+weights) and `native-torch` (PyTorch ops in the decode step instead of the C kernels).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.rollout.sampling import SamplingParams
 
 MODES = ("dense", "sparse")
-# native-plain: the native engine without oneDNN-prepacked weights (`Engine(prepack=False)`),
-# to show what prepacking is worth on this machine.
-ENGINES = ("native", "native-plain", "hf", "vllm")
-_MODAL = ("native", "native-plain")
+# Ablations of the native engine, to show what each CPU lever is worth on this machine:
+# native-plain without oneDNN-prepacked weights (`Engine(prepack=False)`), native-torch with
+# PyTorch ops in the decode step instead of the C kernels (`Engine(cpu_kernels=False)`).
+ENGINES = ("native", "native-plain", "native-torch", "hf", "vllm")
+_MODAL = ("native", "native-plain", "native-torch")
 COLUMNS = (
     ("engine", "engine", "{}"),
     ("mode", "mode", "{}"),
@@ -130,7 +132,11 @@ def _params(args: argparse.Namespace, new_tokens: int, seed: int) -> SamplingPar
 
 
 def _native(
-    args: argparse.Namespace, model_dir: str, mode: str, prompts, plain: bool = False
+    args: argparse.Namespace,
+    model_dir: str,
+    mode: str,
+    prompts,
+    name: str = "native",
 ) -> _Runner:
     from rlkit.rollout.engine import Engine
 
@@ -145,14 +151,14 @@ def _native(
             window=args.window,
             interval=args.interval,
         )
-    name = "native-plain" if plain else "native"
     engine = Engine(
         model,
         tok,
         max_batch_size=args.batch,
         dtype=dtype,
         kv_compression=compression,
-        prepack=False if plain else None,
+        prepack=False if name == "native-plain" else None,
+        cpu_kernels=name != "native-torch",
     )
 
     def generate(new_tokens: int, seed: int) -> tuple[float, int]:
@@ -233,7 +239,8 @@ def _vllm(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runn
 
 _BUILDERS: dict[str, Callable[..., _Runner]] = {
     "native": _native,
-    "native-plain": functools.partial(_native, plain=True),
+    "native-plain": functools.partial(_native, name="native-plain"),
+    "native-torch": functools.partial(_native, name="native-torch"),
     "hf": _hf,
     "vllm": _vllm,
 }

@@ -17,7 +17,7 @@ def test_rows_json_and_ratios(model_dir, tmp_path, capsys):
     out = tmp_path / "rows.json"
     argv = [
         "--model", model_dir, "--batch", "3", "--prompt-len", "20", "--max-new-tokens", "24",
-        "--repeats", "2", "--modes", "dense,sparse", "--engines", "native,native-plain,hf",
+        "--repeats", "2", "--modes", "dense,sparse", "--engines", "native,native-plain,native-torch,hf",
         "--budget", "12", "--window", "4", "--interval", "4", "--threads", "1",
         "--json", str(out),
     ]  # fmt: skip
@@ -27,6 +27,8 @@ def test_rows_json_and_ratios(model_dir, tmp_path, capsys):
         ("native", "sparse"),
         ("native-plain", "dense"),
         ("native-plain", "sparse"),
+        ("native-torch", "dense"),
+        ("native-torch", "sparse"),
         ("hf", "dense"),
     ]
     for r in rows:
@@ -34,8 +36,8 @@ def test_rows_json_and_ratios(model_dir, tmp_path, capsys):
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
         assert r["prefill_s"] > 0 and r["ms_per_step"] >= 0 and r["peak_mem_bytes"] > 0
     assert rows[0]["ratio_vs_native_dense"] == 1.0
-    assert rows[4]["ratio_vs_native_dense"] == pytest.approx(
-        rows[4]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    assert rows[6]["ratio_vs_native_dense"] == pytest.approx(
+        rows[6]["tokens_per_s"] / rows[0]["tokens_per_s"]
     )
     # The compressed cache holds at most budget + interval entries per sequence, not 44.
     assert rows[1]["kv_bytes_peak"] < rows[0]["kv_bytes_peak"]
@@ -51,7 +53,7 @@ def test_rows_json_and_ratios(model_dir, tmp_path, capsys):
 def test_bad_choices_name_the_valid_ones(model_dir):
     with pytest.raises(SystemExit, match="valid: dense, sparse"):
         rollout(["--model", model_dir, "--modes", "dense,spec"])
-    with pytest.raises(SystemExit, match="valid: native, native-plain, hf, vllm"):
+    with pytest.raises(SystemExit, match="valid: native, native-plain, native-torch, hf, vllm"):
         rollout(["--model", model_dir, "--engines", "trt"])
     assert main([]) == 2
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rlkit.kernels import cpu as cpu_kernels
 from rlkit.models.config import ModelArgs, rope_frequencies
 
 Weights = tuple[torch.Tensor, torch.Tensor | None]
@@ -56,6 +57,21 @@ class AttentionCache(Protocol):
         """Store the new tokens' k/v [B, KVH, T, D] and return attention of q [B, H, T, D]
         (RoPE already applied to q and k) over everything cached: [B, H, T, D]."""
         ...
+
+
+class FusedDecodeCache(AttentionCache, Protocol):
+    def fused_target(self, layer: int) -> FusedTarget | None:
+        """For a one-token decode step: where `layer`'s new k/v go and what it attends over,
+        for `cpu_kernels.rope_append_attend`; None when the layer needs `attend` (e.g. a
+        policy that reads the attention probabilities)."""
+        ...
+
+
+# k store, v store [B, KVH, cap, D], lengths [B] after the token, query ring [B, H, W, D] and
+# the token's ring slot [B] (or None, None).
+FusedTarget = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None
+]
 
 
 class RMSNorm(nn.Module):
@@ -113,12 +129,23 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv is not None:
-            qkv = linear(x, *self.qkv).view(B, T, -1, self.head_dim)
-            q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        else:
-            q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-            k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+            return self.attend_projected(linear(x, *self.qkv), cos, sin, cache)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        return self._attend(q, k, v, cos, sin, cache)
+
+    def attend_projected(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None
+    ) -> torch.Tensor:
+        """The rest of `forward` after the fused q/k/v projection qkv [B, T, (H + 2 KVH) D]."""
+        B, T = qkv.shape[:2]
+        qkv = qkv.view(B, T, -1, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        return self._attend(q, k, v, cos, sin, cache)
+
+    def _attend(self, q, k, v, cos, sin, cache):
+        B, T = q.shape[:2]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rotate(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
@@ -331,6 +358,57 @@ class Decoder(nn.Module):
         """Hidden states [B, T, hidden] of T new tokens per sequence at true positions [B, T];
         `cache` stores their keys/values and attends over the sequence's cached ones."""
         return self._run(input_ids, positions, cache)
+
+    def can_fuse_decode(self) -> bool:
+        """Whether `forward_decode_fused` runs for this model as it is now: bf16 on CPU, fused
+        projections, the C kernels built for this CPU and taking its head layout, no q/k norm."""
+        a, w = self.args, self.model.norm.weight
+        return (
+            w.device.type == "cpu"
+            and w.dtype == torch.bfloat16
+            and not a.qk_norm
+            and all(cast(DecoderLayer, lay).self_attn.qkv is not None for lay in self.model.layers)
+            and cpu_kernels.supports_heads(a.num_heads, a.num_kv_heads, a.head_dim)
+            and cpu_kernels.available()
+        )
+
+    def forward_decode_fused(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: FusedDecodeCache
+    ) -> torch.Tensor:
+        """`forward_cached` for one new token per sequence (input_ids, positions [B, 1]) on
+        the CPU kernels (`can_fuse_decode`): per layer four GEMMs and three kernel calls
+        (residual add + RMSNorm, RoPE + cache append + attention, SiLU * up) instead of some
+        twenty PyTorch ops. Same rounding points as the PyTorch path. Returns [B, 1, hidden]."""
+        B = input_ids.shape[0]
+        a = self.args
+        layers = [cast(DecoderLayer, lay) for lay in self.model.layers]
+        x = self.model.embed_tokens(
+            input_ids[:, 0]
+        )  # [B, hidden], a fresh tensor: updated in place
+        cos4, sin4 = self.rope(positions, x.dtype)  # [B, 1, 1, D]
+        cos, sin = cos4.view(B, -1), sin4.view(B, -1)
+        scale = a.head_dim**-0.5
+        eps = a.rms_norm_eps
+        h = cpu_kernels.add_rms_norm(x, None, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            assert attn.qkv is not None and attn.o is not None
+            assert mlp.gate_up is not None and mlp.down is not None
+            qkv = linear(h, *attn.qkv)  # [B, (H + 2 KVH) D]
+            target = cache.fused_target(i)
+            if target is None:
+                out = attn.attend_projected(qkv[:, None], cos4, sin4, cache)[:, 0]
+            else:
+                k, v, lengths, ring, ring_pos = target
+                att = cpu_kernels.rope_append_attend(
+                    qkv, cos, sin, k, v, lengths, a.num_heads, scale, ring, ring_pos
+                )
+                out = linear(att, *attn.o)
+            h = cpu_kernels.add_rms_norm(x, out, layer.post_attention_layernorm.weight, eps)
+            down = linear(cpu_kernels.silu_mul(linear(h, *mlp.gate_up)), *mlp.down)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = cpu_kernels.add_rms_norm(x, down, norm.weight, eps)
+        return h[:, None]
 
     def _run(self, input_ids, positions, cache):
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]

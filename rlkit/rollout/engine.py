@@ -82,6 +82,9 @@ class Engine:
     layers' cache then holds budget + interval entries per slot, not the whole sequence.
     prepack: oneDNN-prepacked linear weights (`Decoder.prepack_weights`; default: on where
     `can_prepack`, i.e. on CPU). Same outputs, faster GEMMs, no second copy of the weights.
+    cpu_kernels: decode steps through the C kernels on CPU (bf16, where they are built:
+    `rlkit.kernels.cpu`; `Decoder.forward_decode_fused`); False runs PyTorch ops (ATen's
+    SDPA for attention), to compare.
 
     `stats` (after each `generate`): kv_bytes_peak (bytes of the cache's K/V storage as
     allocated), kv_bytes_retained_per_seq (mean over sequences of the entries held when the
@@ -103,6 +106,7 @@ class Engine:
         max_prefill_tokens: int = 8192,
         kv_compression: KVCompressionConfig | None = None,
         prepack: bool | None = None,
+        cpu_kernels: bool = True,
     ):
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
@@ -119,6 +123,9 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_ids = eos_token_ids(tokenizer, model.args)
         self.cache: KVCache | None = None
+        self.cpu_kernels = cpu_kernels
+        # One-token decode steps through the C kernels (bf16 on CPU where they are built).
+        self.fused_decode = cpu_kernels and self.model.can_fuse_decode()
         self.compression = kv_compression
         if kv_compression is not None and kv_compression.policy == "none":
             self.compression = None
@@ -157,7 +164,7 @@ class Engine:
                 self.cache = old = None  # free the old one before allocating
                 self.cache = CompressedKVCache(
                     a.num_layers, slots, small, length, a.num_heads, a.num_kv_heads,
-                    a.head_dim, c, self.dtype, self.device,
+                    a.head_dim, c, self.dtype, self.device, self.cpu_kernels,
                 )  # fmt: skip
             assert self.cache is not None
             return self.cache
@@ -168,8 +175,9 @@ class Engine:
         ):
             self.cache = None  # free the old one before allocating
             self.cache = KVCache(
-                a.num_layers, slots, length, a.num_kv_heads, a.head_dim, self.dtype, self.device
-            )
+                a.num_layers, slots, length, a.num_kv_heads, a.head_dim, self.dtype, self.device,
+                self.cpu_kernels,
+            )  # fmt: skip
         return self.cache
 
     @torch.inference_mode()
@@ -318,7 +326,10 @@ class _Run:
     def _decode_step(self) -> None:
         B = len(self.seq)
         positions = self.cache.begin_decode(B)  # [B, 1]
-        hidden = self.model.forward_cached(self.last[:B, None], positions, self.cache)
+        if self.e.fused_decode:
+            hidden = self.model.forward_decode_fused(self.last[:B, None], positions, self.cache)
+        else:
+            hidden = self.model.forward_cached(self.last[:B, None], positions, self.cache)
         tok, logp = self._sample(hidden[:, -1])
         seq, count = self.seq_dev[:B], self.count_dev[:B]
         self.out_tokens[seq, count] = tok

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.kernels.sparse_decode_attention import sparse_decode_attention
+from rlkit.models.decoder import FusedTarget
 from rlkit.rollout.compression import POLICIES, CompressionInputs, oracle_scores, validate
 
 
@@ -46,8 +47,10 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        cpu_kernels: bool = True,
     ):
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        self.cpu_kernels = cpu_kernels
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_slots, self.max_len, self.device = num_slots, max_len, torch.device(device)
@@ -102,6 +105,7 @@ class KVCache:
         steps = torch.arange(new_tokens, device=self.device)
         self._write = start[:, None] + steps  # [B, T]
         self._kv_len = int(self.lengths[:batch].max()) + new_tokens
+        self._lens = self._write[:, -1] + 1  # [B] entries each slot's last query sees
         keys = torch.arange(self._kv_len, device=self.device)
         # Query t of slot b sees entries before its own write index, and itself.
         mask = keys[None, None, :] <= self._write[:, :, None]  # [B, T, L]
@@ -130,6 +134,11 @@ class KVCache:
         self.v[layer][slots, :, self._write] = v.transpose(1, 2)
         keys = self.k[layer, :B, :, : self._kv_len]  # [B, KVH, L, D]
         values = self.v[layer, :B, :, : self._kv_len]
+        if T == 1:  # one query per sequence over its own entries: the decode kernel
+            out = sparse_decode_attention(
+                q[:, :, 0], keys, values, self._lens, cpu_kernel=self.cpu_kernels
+            )
+            return out[:, :, None]
         # The G query heads that share a kv head become G*T query rows of that head: plain
         # SDPA on [B, KVH, G*T, D] runs much faster on CPU than its GQA mode for short T.
         group = H // kvh
@@ -137,6 +146,12 @@ class KVCache:
         mask = self._mask if T == 1 else self._mask.repeat(1, 1, group, 1)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.view(B, H, T, D)
+
+    def fused_target(self, layer: int) -> FusedTarget | None:
+        """The fused decode step's view of `layer` (see `FusedDecodeCache`), after
+        `begin_decode(B, 1)`."""
+        B = self._lens.shape[0]
+        return self.k[layer, :B], self.v[layer, :B], self._lens, None, None
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy slots src[i] -> dst[i] (compaction after sequences finish)."""
@@ -199,9 +214,11 @@ class CompressedKVCache(KVCache):
         cfg: KVCompressionConfig,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        cpu_kernels: bool = True,
     ):
         validate(cfg)
         self.cfg = cfg
+        self.cpu_kernels = cpu_kernels
         self.policy = POLICIES.get(cfg.policy)
         self.num_layers, self.num_slots, self.device = num_layers, num_slots, torch.device(device)
         self.max_len, self.full_len = min(max_len, full_len), full_len
@@ -433,13 +450,27 @@ class CompressedKVCache(KVCache):
             acc[:B, :, :kv_len] += probs.sum(dim=2)
             return (probs @ values.float()).to(q.dtype).view(B, H, T, D)
         if T == 1:
-            out = sparse_decode_attention(q[:, :, 0], keys, values, self._glens[group])
+            out = sparse_decode_attention(
+                q[:, :, 0], keys, values, self._glens[group], cpu_kernel=self.cpu_kernels
+            )
             return out[:, :, None]
         mask = self._gmask[group].repeat(1, 1, G, 1)
         out = F.scaled_dot_product_attention(
             q.reshape(B, kvh, G * T, D), keys, values, attn_mask=mask
         )
         return out.view(B, H, T, D)
+
+    def fused_target(self, layer: int) -> FusedTarget | None:
+        """The fused decode step's view of `layer` after `begin_decode(B, 1)`; None under H2O
+        (its statistic needs the attention probabilities)."""
+        if self.h2o:
+            return None
+        group, ks, vs = self._store(layer)
+        lens = self._glens[group]
+        B = lens.shape[0]
+        if layer in self.q_index:
+            return ks[:B], vs[:B], lens, self.queries[self.q_index[layer]][:B], self._ring[:, 0]
+        return ks[:B], vs[:B], lens, None, None
 
     # -- compression during decode ---------------------------------------------------------
 

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from rlkit.kernels import cpu as cpu_kernel
 from rlkit.kernels import sparse_decode_attention as sda
 
 # name: (B, H, KVH, D, L, dtype, num_splits, lengths spec, strided views)
@@ -154,24 +155,42 @@ def test_reference_scale_argument():
     assert torch.allclose(got.double(), _naive(q, k, v, lengths, scale=0.3), atol=1e-5)
 
 
-def test_dispatcher_uses_reference_on_cpu(monkeypatch):
-    q, k, v, lengths = make_inputs(CASES["g3_d64_bf16_full"], seed=5)
-    calls = []
-    real = sda.sparse_decode_attention_reference
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_dispatcher_on_cpu(monkeypatch, dtype, c_kernel):
+    """CPU tensors never reach Triton: bf16 goes to the C kernel when it takes the arguments,
+    everything else to the reference in the inputs' dtype."""
+    case = list(CASES["g3_d64_bf16_full"])
+    case[5] = dtype
+    q, k, v, lengths = make_inputs(tuple(case), seed=5)
+    calls: list[str] = []
+    real_ref, real_c = sda.sparse_decode_attention_reference, cpu_kernel.decode_attention
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+    def spy_ref(*args, **kwargs):
+        calls.append("reference")
+        return real_ref(*args, **kwargs)
+
+    def spy_c(*args, **kwargs):
+        calls.append("c")
+        return real_c(*args, **kwargs)
 
     def no_triton(*args, **kwargs):
         raise AssertionError("the Triton kernel must not run for CPU tensors")
 
-    monkeypatch.setattr(sda, "sparse_decode_attention_reference", spy)
+    monkeypatch.setattr(sda, "sparse_decode_attention_reference", spy_ref)
     monkeypatch.setattr(sda, "sparse_decode_attention_triton", no_triton)
+    monkeypatch.setattr(cpu_kernel, "decode_attention", spy_c)
+    if not c_kernel:
+        monkeypatch.setattr(cpu_kernel, "supports", lambda *a: False)
+    elif not cpu_kernel.available():
+        pytest.skip(f"C kernel unavailable: {cpu_kernel.unavailable_reason()}")
     got = sda.sparse_decode_attention(q, k, v, lengths)
-    assert len(calls) == 1
-    assert torch.equal(got, real(q, k, v, lengths, exact=False))
-    assert (got.float() - real(q, k, v, lengths).float()).abs().max() <= ATOL[q.dtype]
+    want = "c" if c_kernel and dtype == torch.bfloat16 else "reference"
+    assert calls == [want]
+    exact = real_ref(q, k, v, lengths)
+    if want == "reference":
+        assert torch.equal(got, real_ref(q, k, v, lengths, exact=False))
+    assert (got.float() - exact.float()).abs().max() <= ATOL[q.dtype]
 
 
 def _bad(**change):

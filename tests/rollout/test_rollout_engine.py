@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -228,3 +229,108 @@ def test_prepacked_weights_give_identical_outputs_and_reload(arch, make_engine, 
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj\.weight"):
         packed.load_state_dict(bad)
     assert outputs(packed) == outputs(plain)  # a rejected state dict loads nothing
+
+
+def test_cpu_kernels_sample_like_the_pytorch_step(tmp_path, monkeypatch, prompts):
+    """With the C kernels (head_dim 64, three query heads per kv head, as SmolLM2) the bf16
+    engine's decode steps run fused (`forward_decode_fused`), the compressed cache's too, and
+    its sampler log-probs are as close to a float32 recomputation as the PyTorch step's."""
+    from rlkit.kernels import cpu as cpu_kernel
+
+    from rlkit.config.schema import KVCompressionConfig
+    from rlkit.models import load_model
+    from rlkit.models.tiny import save_tiny_model
+    from rlkit.rollout import Engine, sampling_logprobs
+
+    if not cpu_kernel.available():
+        pytest.fail(f"the C kernels must build on this machine: {cpu_kernel.unavailable_reason()}")
+    path = save_tiny_model(
+        str(tmp_path / "m"), "llama", seed=4, hidden_size=192, head_dim=64, num_heads=3,
+        num_kv_heads=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    calls = []
+    real = cpu_kernel.rope_append_attend
+    monkeypatch.setattr(cpu_kernel, "rope_append_attend", lambda *a: calls.append(1) or real(*a))
+    reference = load_model(path)[0].eval()
+    sp = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    sparse = KVCompressionConfig(policy="snapkv", budget=12, window=4, interval=4)
+
+    def max_error(kernels: bool, compression) -> float:
+        model, tok = load_model(path)
+        engine = Engine(
+            model, tok, dtype=torch.bfloat16, cpu_kernels=kernels, kv_compression=compression
+        )
+        assert engine.fused_decode == kernels
+        before = len(calls)
+        out = engine.generate(prompts, sp, n=2)
+        assert (len(calls) > before) == kernels
+        if compression is not None:  # no dense recomputation of compressed sampling
+            return 0.0
+        worst = 0.0
+        for c in out:
+            ids = torch.tensor([prompts[c.prompt_index] + c.token_ids])
+            with torch.no_grad():
+                logits = reference.logits(reference(ids))[0, len(prompts[c.prompt_index]) - 1 : -1]
+            want = sampling_logprobs(logits, sp).gather(-1, torch.tensor(c.token_ids)[:, None])
+            worst = max(worst, (torch.tensor(c.logprobs) - want[:, 0]).abs().max().item())
+        return worst
+
+    fused, plain = max_error(True, None), max_error(False, None)
+    assert fused <= max(1.5 * plain, 0.02), (fused, plain)
+    max_error(True, sparse)
+    max_error(False, sparse)
+
+
+@pytest.mark.parametrize(
+    "arch, policy", [("llama", None), ("qwen2", None), ("llama", "snapkv"), ("llama", "h2o")]
+)
+def test_fused_decode_step_matches_the_pytorch_step(tmp_path, arch, policy):
+    """`Decoder.forward_decode_fused` against `forward_cached` from the same cache state: same
+    hidden states and the same cache contents up to bf16 rounding, for the dense cache, a
+    compressed one that keeps a query ring (snapkv) and one whose layers fall back to
+    `attend` (h2o); qwen2 has q/k/v biases."""
+    import copy
+
+    from rlkit.config.schema import KVCompressionConfig
+    from rlkit.models import load_model
+    from rlkit.models.tiny import save_tiny_model
+    from rlkit.rollout import Engine
+    from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
+
+    path = save_tiny_model(
+        str(tmp_path / arch), arch, seed=5, hidden_size=192, head_dim=64, num_heads=3,
+        num_kv_heads=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    model, tok = load_model(path)
+    engine = Engine(model, tok, dtype=torch.bfloat16)
+    assert engine.fused_decode, "the C kernels must build here and take this model"
+    m, a = engine.model, engine.model.args
+    B, cap = 4, 48
+    if policy is None:
+        cache = KVCache(a.num_layers, B, cap, a.num_kv_heads, a.head_dim, torch.bfloat16)
+    else:
+        cfg = KVCompressionConfig(policy=policy, budget=12, window=4, interval=4)
+        cache = CompressedKVCache(
+            a.num_layers, B, cap, cap, a.num_heads, a.num_kv_heads, a.head_dim, cfg,
+            torch.bfloat16,
+        )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    lengths = [9, 5, 9, 3]
+    tokens = torch.randint(0, 250, (B, 9), generator=g)
+    with torch.inference_mode():
+        cache.begin_prefill(torch.arange(B), torch.arange(B), lengths)
+        m.forward_cached(tokens, torch.arange(9).expand(B, 9), cache)
+        fused = copy.deepcopy(cache)
+        if policy is not None:  # deepcopy does not keep `lengths` a view of `group_lengths`
+            fused.lengths = fused.group_lengths[0]
+        for _ in range(6):
+            ids = torch.randint(0, 250, (B, 1), generator=g)
+            want = m.forward_cached(ids, cache.begin_decode(B), cache)
+            got = m.forward_decode_fused(ids, fused.begin_decode(B), fused)
+            scale = want.float().abs().max()
+            assert (got.float() - want.float()).abs().max() <= 0.03 * scale
+    for name in ("k", "v", "queries", "accumulated"):
+        if hasattr(cache, name) and getattr(cache, name).numel():
+            ref, out = getattr(cache, name).float(), getattr(fused, name).float()
+            assert (out - ref).abs().max() <= 0.03 * ref.abs().max().clamp(min=1e-6), name
+    assert np.array_equal(cache.lengths, fused.lengths)

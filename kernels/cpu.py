@@ -1,0 +1,307 @@
+"""CPU kernels for the rollout engine's bf16 decode step: a small C library (`cpu.c`, x86-64
+with AVX-512 BF16), each entry point beside the PyTorch code it replaces (its reference).
+
+- `decode_attention(q, k, v, lengths, scale)`: `sparse_decode_attention`'s contract (q
+  [B, H, D], k/v [B, KVH, L, D] with any strides but a unit stride along D, lengths [B]).
+  ATen's CPU flash-attention kernel handles one query row per kv head poorly; this reads each
+  K/V row once for all G query heads of its group and keeps the step a streaming read of the
+  cache.
+- `rope_append_attend(qkv, cos, sin, k, v, lengths, num_heads, scale, q_ring, ring_pos)`: the
+  attention block of a decode step after the fused qkv GEMM: RoPE on q and k
+  (`rlkit.models.decoder.rotate`), the new k and v written into the cache at `lengths - 1`,
+  and attention over each sequence's entries (optionally the rotated query stored in a ring
+  of recent queries). One pass instead of split, transposes, two RoPEs, two index_puts and
+  SDPA.
+- `add_rms_norm(x, delta, weight, eps)`: x += delta in place (the residual stream), then
+  RMSNorm (`rlkit.models.decoder.RMSNorm`); `delta=None` skips the add.
+- `silu_mul(gate_up)`: silu(gate) * up of the fused gate/up GEMM's output.
+
+Rounding follows the PyTorch code step for step (bf16 wherever PyTorch materialises a bf16
+tensor, float32 in between); only summation orders differ (benchmarks/NOTES.md, "CPU decode
+kernels").
+
+The C file is compiled on first use with the system C compiler (`$CC`, default `gcc`) into
+`$RLKIT_KERNEL_CACHE` (default `~/.cache/rlkit/kernels`), keyed by a hash of the source and
+flags, and loaded with ctypes. It links the OpenMP runtime (libgomp) that PyTorch loaded, so
+it shares PyTorch's threads. Nothing here is required: without a compiler, on a CPU without
+AVX-512 BF16, or with `RLKIT_CPU_KERNELS=0`, `available()` is False and callers use PyTorch;
+`unavailable_reason()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "add_rms_norm",
+    "available",
+    "decode_attention",
+    "rope_append_attend",
+    "silu_mul",
+    "supports",
+    "unavailable_reason",
+]
+
+_SOURCE = Path(__file__).with_name("cpu.c")
+_FLAGS = [
+    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
+    "-fopenmp", "-shared", "-fPIC",
+]  # fmt: skip
+_MAX_D, _MAX_G = 256, 16  # cpu.c's MAX_D, MAX_G
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_loaded = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RLKIT_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rlkit" / "kernels"
+
+
+def _build() -> Path:
+    """Compile the C source once per (source, flags, compiler); return the library's path."""
+    cc = os.environ.get("CC", "gcc")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"rlkit_cpu-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the target and rename: processes compiling at once never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _reason, _loaded
+    with _lock:
+        if _loaded:
+            return _lib
+        _loaded = True
+        if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
+            _reason = "disabled by RLKIT_CPU_KERNELS=0"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            _reason = f"could not build or load the C kernel: {exc}"
+            return None
+        if not lib.rlkit_cpu_supported():
+            _reason = "this CPU lacks AVX-512 BF16"
+            return None
+        i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        lib.rlkit_decode_attention_bf16.argtypes = [
+            ptr, i64, i64,  # q, its batch and head strides
+            ptr, i64, i64, i64,  # k and strides
+            ptr, i64, i64, i64,  # v and strides
+            ptr, ptr,  # lengths, out
+            i32, i32, i32, i32, i32,  # B H KVH L D
+            f32,
+        ]  # fmt: skip
+        lib.rlkit_decode_attention_bf16.restype = i32
+        lib.rlkit_rope_append_attend_bf16.argtypes = [
+            ptr, i64, ptr, ptr, i64,  # qkv, its row stride, cos, sin, their row stride
+            ptr, i64, i64, i64,  # k store and strides
+            ptr, i64, i64, i64,  # v store and strides
+            i64, ptr, ptr,  # capacity, lengths, out
+            i32, i32, i32, i32, f32,  # B H KVH D scale
+            ptr, i64, i64, i64, ptr,  # q ring, its strides, ring positions
+        ]  # fmt: skip
+        lib.rlkit_rope_append_attend_bf16.restype = i32
+        lib.rlkit_add_rms_norm_bf16.argtypes = [
+            ptr, i64, ptr, i64, ptr, f32, ptr, i64, i64, i64
+        ]  # fmt: skip
+        lib.rlkit_add_rms_norm_bf16.restype = None
+        lib.rlkit_silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
+        lib.rlkit_silu_mul_bf16.restype = None
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the C kernel is built and this CPU runs it."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True)."""
+    _load()
+    return _reason
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes these (already validated) arguments: bf16 on CPU, D a
+    multiple of 32 up to 256, at most 16 query heads per kv head, unit stride along D."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and supports_heads(q.shape[1], k.shape[1], q.shape[-1])
+        and all(t.stride(-1) == 1 for t in (q, k, v))
+        and available()
+    )
+
+
+def supports_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the attention kernels take this head layout (bf16 on CPU assumed)."""
+    return (
+        head_dim % 32 == 0
+        and head_dim <= _MAX_D
+        and num_heads % num_kv_heads == 0
+        and num_heads // num_kv_heads <= _MAX_G
+    )
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"rlkit CPU kernels unavailable: {unavailable_reason()}")
+    return lib
+
+
+def _rows(t: torch.Tensor, name: str) -> None:
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(
+            f"{name} must be a 2-D bf16 CPU tensor with unit stride along rows, got "
+            f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}"
+        )
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Run the attention kernel on arguments that `supports` accepted; [B, H, D] bf16."""
+    lib = _lib_or_raise()
+    B, H, D = q.shape
+    kvh, L = k.shape[1], k.shape[2]
+    lens = lengths.to(torch.int64).contiguous()
+    out = torch.empty((B, H, D), dtype=q.dtype)
+    failed = lib.rlkit_decode_attention_bf16(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+        lens.data_ptr(), out.data_ptr(), B, H, kvh, L, D, scale,
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("decode_attention: scratch allocation failed")
+    return out
+
+
+def rope_append_attend(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    q_ring: torch.Tensor | None = None,
+    ring_pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode token per sequence: qkv [B, (H + 2 KVH) * D] (the fused projection's rows),
+    cos/sin [B, D] at each token's true position, cache stores k/v [B, KVH, cap, D] (views
+    with a unit stride along D), lengths [B] int64 = entries after this token (each new k/v
+    is written at lengths[b] - 1). q_ring [B, H, W, D] and ring_pos [B]: also store each
+    rotated query at ring_pos[b]. Returns attention [B, H * D] bf16."""
+    lib = _lib_or_raise()
+    B, kvh, cap, D = k.shape
+    if not supports_heads(num_heads, kvh, D):
+        raise ValueError(f"unsupported heads: H={num_heads} KVH={kvh} D={D}")
+    _rows(qkv, "qkv")
+    _rows(cos, "cos")
+    _rows(sin, "sin")
+    if qkv.shape != (B, (num_heads + 2 * kvh) * D) or cos.shape != (B, D) or sin.shape != cos.shape:
+        raise ValueError(
+            f"shapes: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)} for B={B} "
+            f"H={num_heads} KVH={kvh} D={D}"
+        )
+    if cos.stride(0) != sin.stride(0):
+        raise ValueError("cos and sin must share a row stride")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != torch.bfloat16 or t.stride(-1) != 1 or t.shape != k.shape:
+            raise ValueError(f"{name} store must be bf16 [B, KVH, cap, D] with unit stride in D")
+    lens = lengths.to(torch.int64).contiguous()
+    ring_args: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    if q_ring is not None:
+        assert ring_pos is not None
+        if q_ring.shape[:2] != (B, num_heads) or q_ring.shape[3] != D or q_ring.stride(3) != 1:
+            raise ValueError(f"q_ring must be [B, H, W, D], got {tuple(q_ring.shape)}")
+        pos = ring_pos.to(torch.int64).contiguous()
+        ring_args = (q_ring.data_ptr(), q_ring.stride(0), q_ring.stride(1), q_ring.stride(2),
+                     pos.data_ptr())  # fmt: skip
+    out = torch.empty((B, num_heads * D), dtype=torch.bfloat16)
+    status = lib.rlkit_rope_append_attend_bf16(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
+        k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+        cap, lens.data_ptr(), out.data_ptr(), B, num_heads, kvh, D, scale, *ring_args,
+    )  # fmt: skip
+    if status == 2:
+        raise ValueError(
+            f"lengths must be in [1, {cap}] (the cache's capacity), got {lens.tolist()}"
+        )
+    if status:
+        raise MemoryError("rope_append_attend: scratch allocation failed")
+    return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """x [N, dim] bf16 (updated in place to x + delta when delta is given), weight [dim] bf16:
+    RMSNorm(x) as a new [N, dim] tensor."""
+    lib = _lib_or_raise()
+    _rows(x, "x")
+    if delta is not None:
+        _rows(delta, "delta")
+        if delta.shape != x.shape:
+            raise ValueError(f"delta {tuple(delta.shape)} differs from x {tuple(x.shape)}")
+    if weight.dtype != torch.bfloat16 or weight.shape != (x.shape[1],) or weight.stride(0) != 1:
+        raise ValueError(
+            f"weight must be bf16 [{x.shape[1]}], got {weight.dtype} {tuple(weight.shape)}"
+        )
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib.rlkit_add_rms_norm_bf16(
+        x.data_ptr(), x.stride(0),
+        None if delta is None else delta.data_ptr(), 0 if delta is None else delta.stride(0),
+        weight.data_ptr(), eps, out.data_ptr(), out.stride(0), x.shape[0], x.shape[1],
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [N, 2 * inter] bf16 (gate then up): silu(gate) * up, [N, inter]."""
+    lib = _lib_or_raise()
+    _rows(gate_up, "gate_up")
+    n, two = gate_up.shape
+    if two % 2:
+        raise ValueError(f"gate_up's width must be even, got {two}")
+    out = torch.empty((n, two // 2), dtype=torch.bfloat16)
+    lib.rlkit_silu_mul_bf16(
+        gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), n, two // 2
+    )
+    return out

@@ -1,0 +1,254 @@
+"""rlkit.kernels.cpu: the C kernels (AVX-512 BF16) against the PyTorch code they replace,
+their argument checks, and the fallbacks when they cannot be built."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rlkit.kernels import cpu as cpu_kernel
+from rlkit.kernels import sparse_decode_attention as sda
+
+from rlkit.models.decoder import RMSNorm, rotate
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernel.available(), reason=f"C kernel unavailable: {cpu_kernel.unavailable_reason()}"
+)
+
+# (B, H, KVH, D, L, lengths spec, strided)
+CASES = {
+    "smollm2_g3_d64": (4, 9, 3, 64, 200, "ragged", True),
+    "g1_d32_tail": (3, 2, 2, 32, 17, "ragged", False),
+    "g4_d128": (2, 8, 2, 128, 77, "ragged", True),
+    "g8_d256_full": (2, 8, 1, 256, 40, "full", False),
+    "g16_d64_long": (1, 16, 1, 64, 1031, "full", True),
+    "zero_and_past_end": (4, 4, 2, 64, 33, "edge", False),
+    "int32_lengths": (3, 6, 2, 64, 48, "int32", True),
+}
+
+
+def make(case, seed):
+    B, H, KVH, D, L, spec, strided = case
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (2 * torch.randn(*shape, generator=g)).bfloat16()
+
+    if strided:  # views of a [layers, slots, KVH, max_len, D] cache, q every other head
+        k = randn(2, B + 1, KVH, L + 5, D)[1, :B, :, :L]
+        v = randn(2, B + 1, KVH, L + 5, D)[0, 1:, :, :L]
+        q = randn(B, 2 * H, D)[:, ::2]
+    else:
+        k, v, q = randn(B, KVH, L, D), randn(B, KVH, L, D), randn(B, H, D)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    if spec == "full":
+        lengths[:] = L
+    if spec == "edge":  # a sequence with nothing, and lengths past L (clamped to L)
+        lengths = torch.tensor([0, L + 7, 1, L])
+    lengths = lengths.to(torch.int32 if spec == "int32" else torch.int64)
+    for b in range(B):  # stale entries past a length must not leak into the output
+        k[b, :, int(lengths[b]) :] = 1e4
+        v[b, :, int(lengths[b]) :] = -1e4
+    return q, k, v, lengths
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(CASES))
+def test_c_kernel_matches_float32_reference(name):
+    q, k, v, lengths = make(CASES[name], seed=len(name))
+    assert cpu_kernel.supports(q, k, v)
+    D = q.shape[-1]
+    got = cpu_kernel.decode_attention(q, k, v, lengths, 1 / math.sqrt(D))
+    want = sda.sparse_decode_attention_reference(q, k, v, lengths.clamp(max=k.shape[2]))
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    assert torch.isfinite(got.float()).all()
+    zero = lengths == 0
+    assert (got[zero] == 0).all()
+    # Both round one float32 result to bf16: at most one bf16 step apart (outputs are O(1)).
+    err = (got.float() - want.float()).abs()
+    assert err.max() <= 2**-7 * want.float().abs().clamp(min=1).max()
+    # ...and mostly identical.
+    assert (err == 0).float().mean() > 0.9
+
+
+@needs_kernel
+def test_c_kernel_scale_argument():
+    q, k, v, lengths = make(CASES["smollm2_g3_d64"], seed=1)
+    got = cpu_kernel.decode_attention(q, k, v, lengths, 0.3)
+    want = sda.sparse_decode_attention_reference(q, k, v, lengths, scale=0.3)
+    assert (got.float() - want.float()).abs().max() <= 2**-6
+
+
+@needs_kernel
+def test_supports_rejects_what_the_kernel_cannot_take():
+    q, k, v, _ = make(CASES["smollm2_g3_d64"], seed=2)
+    assert cpu_kernel.supports(q, k, v)
+    assert not cpu_kernel.supports(q.float(), k.float(), v.float())  # bf16 only
+    q48, k48 = q[..., :48], k[..., :48]
+    assert not cpu_kernel.supports(q48, k48, v[..., :48])  # D not a multiple of 32
+    assert not cpu_kernel.supports(
+        q.transpose(0, 1).contiguous().transpose(0, 1)[..., ::2], k[..., ::2], v[..., ::2]
+    )  # stride along D
+    q17 = torch.zeros(1, 17, 64, dtype=torch.bfloat16)
+    k1 = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    assert not cpu_kernel.supports(q17, k1, k1)  # G = 17 > 16
+
+
+def _fresh_module(monkeypatch, tmp_path, **env):
+    monkeypatch.setenv("RLKIT_KERNEL_CACHE", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return importlib.reload(cpu_kernel)
+
+
+def test_unbuildable_kernel_falls_back_with_a_reason(monkeypatch, tmp_path):
+    try:
+        mod = _fresh_module(monkeypatch, tmp_path, CC="/nonexistent/cc")
+        assert not mod.available()
+        assert "could not build" in (mod.unavailable_reason() or "")
+        q, k, v, lengths = make(CASES["smollm2_g3_d64"], seed=3)
+        assert not mod.supports(q, k, v)
+        # The dispatcher still answers, through the reference.
+        got = sda.sparse_decode_attention(q, k, v, lengths)
+        want = sda.sparse_decode_attention_reference(q, k, v, lengths)
+        assert (got.float() - want.float()).abs().max() <= 2**-5
+        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cpu_kernel)
+
+
+def test_disabled_by_environment(monkeypatch, tmp_path):
+    try:
+        mod = _fresh_module(monkeypatch, tmp_path, RLKIT_CPU_KERNELS="0")
+        assert not mod.available()
+        assert mod.unavailable_reason() == "disabled by RLKIT_CPU_KERNELS=0"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cpu_kernel)
+
+
+@needs_kernel
+def test_builds_into_the_cache_dir_once(monkeypatch, tmp_path):
+    try:
+        mod = _fresh_module(monkeypatch, tmp_path)
+        assert mod.available()
+        built = list(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"
+        stamp = built[0].stat().st_mtime_ns
+        mod = importlib.reload(mod)
+        assert mod.available()
+        assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cpu_kernel)
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of b's bf16 spacing (0 where equal)."""
+    spacing = torch.finfo(torch.bfloat16).eps * b.float().abs().clamp(min=1e-30)
+    return (a.float() - b.float()).abs() / spacing
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim, rows", [(576, 32), (72, 5), (2048, 3)])
+def test_add_rms_norm_matches_rmsnorm(dim, rows):
+    g = torch.Generator().manual_seed(dim)
+    base = (3 * torch.randn(rows, 2 * dim, generator=g)).bfloat16()
+    x = base[:, :dim]  # a strided view: the residual stream is updated in place
+    delta = torch.randn(rows, dim, generator=g).bfloat16()
+    norm = RMSNorm(dim, 1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim, generator=g) + 0.5)
+    want_x = x + delta
+    want = norm(want_x)
+    got = cpu_kernel.add_rms_norm(x, delta, norm.weight.detach(), 1e-5)
+    assert torch.equal(x, want_x)  # the add rounds once to bf16, as PyTorch's
+    # Sums of squares in another order: at most one bf16 step, and rarely.
+    ulps = _ulps_apart(got, want)
+    assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.98
+    # Without delta: a plain RMSNorm; x untouched.
+    before = x.clone()
+    plain = cpu_kernel.add_rms_norm(x, None, norm.weight.detach(), 1e-5)
+    assert torch.equal(x, before) and torch.equal(plain, got)
+
+
+@needs_kernel
+@pytest.mark.parametrize("inter, rows", [(1536, 32), (40, 3)])
+def test_silu_mul_matches_pytorch(inter, rows):
+    g = torch.Generator().manual_seed(inter)
+    gate_up = (4 * torch.randn(rows, 2 * inter, generator=g)).bfloat16()
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturation and zeros
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = cpu_kernel.silu_mul(gate_up)
+    ulps = _ulps_apart(got, want)
+    assert torch.isfinite(got.float()).all()
+    assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
+
+
+def _rope(B, D, g):
+    pos = torch.randint(0, 4000, (B, 1), generator=g).float()
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
+    emb = torch.cat([pos * inv, pos * inv], dim=-1)
+    return emb.cos().bfloat16(), emb.sin().bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "H, KVH, D, ring", [(9, 3, 64, False), (4, 2, 128, True), (2, 2, 32, True)]
+)
+def test_rope_append_attend_matches_pytorch(H, KVH, D, ring):
+    g = torch.Generator().manual_seed(H * D)
+    B, cap, W = 5, 40, 4
+    qkv = torch.randn(B, (H + 2 * KVH) * D, generator=g).bfloat16()
+    cos, sin = _rope(B, D, g)
+    k_store = torch.randn(B + 1, KVH, cap, D, generator=g).bfloat16()
+    v_store = torch.randn(B + 1, KVH, cap, D, generator=g).bfloat16()
+    lengths = torch.tensor([1, 7, 16, 33, cap])
+    q_ring = torch.zeros(B, H, W, D, dtype=torch.bfloat16) if ring else None
+    ring_pos = torch.tensor([0, 3, 1, 2, 3]) if ring else None
+    # PyTorch: split, rotate, write at lengths - 1, attend over lengths.
+    q, k, v = qkv.view(B, -1, D).split([H, KVH, KVH], dim=1)
+    q_rot = rotate(q[:, :, None], cos[:, None, None], sin[:, None, None])[:, :, 0]
+    k_rot = rotate(k[:, :, None], cos[:, None, None], sin[:, None, None])[:, :, 0]
+    want_k, want_v = k_store[:B].clone(), v_store[:B].clone()
+    rows = torch.arange(B)
+    want_k[rows, :, lengths - 1] = k_rot
+    want_v[rows, :, lengths - 1] = v
+    want = sda.sparse_decode_attention_reference(q_rot, want_k, want_v, lengths).reshape(B, -1)
+
+    got = cpu_kernel.rope_append_attend(
+        qkv, cos, sin, k_store[:B], v_store[:B], lengths, H, D**-0.5, q_ring, ring_pos
+    )
+    assert torch.equal(k_store[:B], want_k)  # RoPE rounds as PyTorch's, entries land in place
+    assert torch.equal(v_store[:B], want_v)
+    assert _ulps_apart(got, want).max() <= 2
+    if ring:
+        assert torch.equal(q_ring[rows, :, ring_pos], q_rot)
+        assert (q_ring.float().abs().sum((1, 3)) > 0).sum() == B  # only those slots written
+
+
+@needs_kernel
+def test_rope_append_attend_rejects_bad_arguments():
+    B, H, KVH, D, cap = 2, 4, 2, 64, 8
+    qkv = torch.zeros(B, (H + 2 * KVH) * D, dtype=torch.bfloat16)
+    cs = torch.zeros(B, D, dtype=torch.bfloat16)
+    k = torch.zeros(B, KVH, cap, D, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, 8\]"):
+        cpu_kernel.rope_append_attend(qkv, cs, cs, k, k.clone(), torch.tensor([0, 3]), H, 0.1)
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, 8\]"):
+        cpu_kernel.rope_append_attend(qkv, cs, cs, k, k.clone(), torch.tensor([9, 3]), H, 0.1)
+    with pytest.raises(ValueError, match="shapes: qkv"):
+        cpu_kernel.rope_append_attend(
+            qkv[:, :-64], cs, cs, k, k.clone(), torch.tensor([1, 1]), H, 0.1
+        )
+    with pytest.raises(ValueError, match="qkv must be a 2-D bf16"):
+        cpu_kernel.rope_append_attend(
+            qkv.float(), cs, cs, k, k.clone(), torch.tensor([1, 1]), H, 0.1
+        )
+    with pytest.raises(ValueError, match="unsupported heads"):
+        cpu_kernel.rope_append_attend(qkv, cs, cs, k, k.clone(), torch.tensor([1, 1]), 3, 0.1)
