@@ -10,6 +10,7 @@
  *                                  attention over the sequence's entries
  *   rlkit_add_rms_norm_bf16        optional residual add (in place), then RMSNorm
  *   rlkit_silu_mul_bf16            silu(gate) * up of the fused gate/up GEMM's output
+ *   rlkit_sample_rows_bf16         temperature sampling with the sampled tokens' log-probs
  *
  * Rounding follows the PyTorch code step for step: every bf16 tensor that PyTorch would
  * materialise is rounded to bf16 (round to nearest even) at the same point, and everything
@@ -38,7 +39,7 @@
 int rlkit_cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512bf16");
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
 }
 
 /* -- bf16 helpers ------------------------------------------------------------------------ */
@@ -404,5 +405,65 @@ void rlkit_silu_mul_bf16(const uint16_t *gu, int64_t gu_rs, uint16_t *out, int64
             __m512 s = round_bf16x16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
             _mm256_mask_storeu_epi16(o + i, m, to_bf16x16(_mm512_mul_ps(s, maskz_load_bf16x16(m, u + i))));
         }
+    }
+}
+
+/* -- sampling ------------------------------------------------------------------------------ */
+
+/* Temperature sampling over full rows of bf16 logits, as rlkit.rollout.sampling.sample without
+ * top-k / top-p: x = logit * inv_temp in float32, log-probs x - max - log(sum exp(x - max)),
+ * and the inverse-CDF draw of one uniform u[r] in [0, 1): the first token whose running sum
+ * of probabilities (float64) exceeds u * total. Writes tokens[r] and logprobs[r]. */
+void rlkit_sample_rows_bf16(const uint16_t *logits, int64_t rs, int64_t rows, int64_t V,
+                            float inv_temp, const double *u, int64_t *tokens, float *logprobs) {
+    const __m512 it = _mm512_set1_ps(inv_temp);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *x = logits + r * rs;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < V; i += 16) {
+            __mmask16 m = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1u);
+            __m512 xv = _mm512_mul_ps(maskz_load_bf16x16(m, x + i), it);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, xv);
+        }
+        const float mx = _mm512_reduce_max_ps(vmax);
+        const __m512 vm = _mm512_set1_ps(mx);
+        /* Per-block sums in float64, as the reference's float64 cumulative sum. */
+        double total = 0.0;
+        for (int64_t i = 0; i < V; i += 16) {
+            __mmask16 m = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1u);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_mul_ps(maskz_load_bf16x16(m, x + i), it), vm));
+            e = _mm512_maskz_mov_ps(m, e);
+            total += _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e))) +
+                     _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+        }
+        const float lse = mx + logf((float)total);
+        const double target = u[r] * total;
+        double run = 0.0;
+        int64_t tok = V - 1;
+        for (int64_t i = 0; i < V; i += 16) {
+            __mmask16 m = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1u);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_mul_ps(maskz_load_bf16x16(m, x + i), it), vm));
+            e = _mm512_maskz_mov_ps(m, e);
+            double block = _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e))) +
+                           _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+            if (run + block > target) { /* the token is in this block: walk it */
+                float p[16];
+                _mm512_storeu_ps(p, e);
+                int64_t n = V - i < 16 ? V - i : 16;
+                tok = i + n - 1;
+                for (int64_t t = 0; t < n; t++) {
+                    run += p[t];
+                    if (run > target) {
+                        tok = i + t;
+                        break;
+                    }
+                }
+                break;
+            }
+            run += block;
+        }
+        tokens[r] = tok;
+        logprobs[r] = bf16_to_f32(x[tok]) * inv_temp - lse;
     }
 }

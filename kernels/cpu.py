@@ -15,6 +15,10 @@ with AVX-512 BF16), each entry point beside the PyTorch code it replaces (its re
 - `add_rms_norm(x, delta, weight, eps)`: x += delta in place (the residual stream), then
   RMSNorm (`rlkit.models.decoder.RMSNorm`); `delta=None` skips the add.
 - `silu_mul(gate_up)`: silu(gate) * up of the fused gate/up GEMM's output.
+- `sample_rows(logits, temperature, u)`: `rlkit.rollout.sampling.sample` without top-k /
+  top-p: the inverse-CDF draw of one given uniform per row and the drawn tokens' log-probs,
+  in three streaming passes over the bf16 logits instead of float32 copies of [N, V]
+  (scale, log-softmax, exp, float64 cumsum, searchsorted, gather).
 
 Rounding follows the PyTorch code step for step (bf16 wherever PyTorch materialises a bf16
 tensor, float32 in between); only summation orders differ (benchmarks/NOTES.md, "CPU decode
@@ -45,6 +49,7 @@ __all__ = [
     "available",
     "decode_attention",
     "rope_append_attend",
+    "sample_rows",
     "silu_mul",
     "supports",
     "unavailable_reason",
@@ -52,7 +57,7 @@ __all__ = [
 
 _SOURCE = Path(__file__).with_name("cpu.c")
 _FLAGS = [
-    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
+    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
     "-fopenmp", "-shared", "-fPIC",
 ]  # fmt: skip
 _MAX_D, _MAX_G = 256, 16  # cpu.c's MAX_D, MAX_G
@@ -138,6 +143,8 @@ def _load() -> ctypes.CDLL | None:
         lib.rlkit_add_rms_norm_bf16.restype = None
         lib.rlkit_silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
         lib.rlkit_silu_mul_bf16.restype = None
+        lib.rlkit_sample_rows_bf16.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr, ptr]
+        lib.rlkit_sample_rows_bf16.restype = None
         _lib = lib
         return lib
 
@@ -305,3 +312,25 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), n, two // 2
     )
     return out
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: float, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] bf16 (unit stride along V), temperature > 0, u [N] float64 uniforms in
+    [0, 1): tokens [N] int64 and their log-probs [N] float32 under softmax(logits / T)."""
+    lib = _lib_or_raise()
+    _rows(logits, "logits")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n, vocab = logits.shape
+    u = u.to(torch.float64).contiguous()
+    if u.shape != (n,):
+        raise ValueError(f"u must be [{n}], got {tuple(u.shape)}")
+    tokens = torch.empty(n, dtype=torch.int64)
+    logprobs = torch.empty(n, dtype=torch.float32)
+    lib.rlkit_sample_rows_bf16(
+        logits.data_ptr(), logits.stride(0), n, vocab, 1.0 / temperature, u.data_ptr(),
+        tokens.data_ptr(), logprobs.data_ptr(),
+    )  # fmt: skip
+    return tokens, logprobs

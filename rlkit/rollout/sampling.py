@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlkit.kernels import cpu as cpu_kernels
+
 
 @dataclass
 class SamplingParams:
@@ -66,7 +68,23 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens [N] and their log-probabilities [N] (float32) under the sampling distribution."""
+    """Next tokens [N] and their log-probabilities [N] (float32) under the sampling distribution.
+
+    Plain temperature sampling of bf16 logits on CPU runs in the C kernel
+    (`rlkit.kernels.cpu.sample_rows`) when it is built: the same uniform per row from
+    `generator` and the same inverse-CDF rule, without materialising [N, V] float tensors."""
+    if (
+        params.temperature > 0
+        and params.top_p >= 1
+        and not 0 < params.top_k < logits.shape[-1]
+        and logits.dtype == torch.bfloat16
+        and logits.device.type == "cpu"
+        and logits.dim() == 2
+        and logits.stride(-1) == 1
+        and cpu_kernels.available()
+    ):
+        u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)
+        return cpu_kernels.sample_rows(logits, params.temperature, u[:, 0])
     logp = sampling_logprobs(logits, params)  # [N, V]
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)

@@ -252,3 +252,43 @@ def test_rope_append_attend_rejects_bad_arguments():
         )
     with pytest.raises(ValueError, match="unsupported heads"):
         cpu_kernel.rope_append_attend(qkv, cs, cs, k, k.clone(), torch.tensor([1, 1]), 3, 0.1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("temperature, vocab", [(1.0, 49152), (0.7, 1000), (1.3, 37)])
+def test_sample_rows_draws_what_the_pytorch_sampler_draws(monkeypatch, temperature, vocab):
+    from rlkit.rollout import sampling
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = (3 * torch.randn(64, vocab, generator=g)).bfloat16()
+    logits[0, 5] = 40.0  # a near one-hot row
+    params = sampling.SamplingParams(temperature=temperature)
+    calls = []
+    real = cpu_kernel.sample_rows
+    monkeypatch.setattr(cpu_kernel, "sample_rows", lambda *a: calls.append(1) or real(*a))
+    tokens, logp = sampling.sample(logits, params, torch.Generator().manual_seed(3))
+    assert calls, "bf16 temperature sampling on CPU must take the kernel"
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    want_tokens, want_logp = sampling.sample(logits, params, torch.Generator().manual_seed(3))
+    # Same uniform per row, same inverse-CDF rule: the same tokens (a boundary case would need
+    # a uniform within ~1e-7 of a CDF step) and their log-probs to float32 rounding.
+    assert torch.equal(tokens, want_tokens)
+    assert (logp - want_logp).abs().max() <= 1e-4
+    assert tokens[0] == 5
+
+
+def test_sampler_keeps_pytorch_for_top_k_top_p_and_float32(monkeypatch):
+    from rlkit.rollout import sampling
+
+    monkeypatch.setattr(
+        cpu_kernel, "sample_rows", lambda *a: (_ for _ in ()).throw(AssertionError("kernel"))
+    )
+    logits = torch.randn(4, 50)
+    for params, x in [
+        (sampling.SamplingParams(temperature=1.0, top_k=5), logits.bfloat16()),
+        (sampling.SamplingParams(temperature=1.0, top_p=0.9), logits.bfloat16()),
+        (sampling.SamplingParams(temperature=0.0), logits.bfloat16()),
+        (sampling.SamplingParams(temperature=1.0), logits),
+    ]:
+        tokens, _ = sampling.sample(x, params, torch.Generator().manual_seed(0))
+        assert tokens.shape == (4,)
