@@ -62,6 +62,11 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* The lanes of a row of n elements that the 16-wide block starting at i covers. */
+static inline __mmask16 lanes(int64_t i, int64_t n) {
+    return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+}
+
 static inline __m512 load_bf16x16(const uint16_t *p) {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
@@ -215,7 +220,7 @@ INLINE void attend_d(const uint16_t *q, int64_t q_sh, const uint16_t *k, int64_t
             vsum = _mm512_add_ps(vsum, e);
         }
         if (j < len) {
-            __mmask16 tail = (__mmask16)((1u << (len - j)) - 1u);
+            const __mmask16 tail = lanes(j, len);
             __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), vm));
             e = _mm512_maskz_mov_ps(tail, e);
             _mm512_mask_storeu_ps(s + j, tail, e);
@@ -370,7 +375,7 @@ void rlkit_add_rms_norm_bf16(uint16_t *x, int64_t x_rs, const uint16_t *delta, i
         const uint16_t *dr = delta ? delta + r * d_rs : NULL;
         __m512 ss = _mm512_setzero_ps();
         for (int64_t i = 0; i < dim; i += 16) {
-            __mmask16 m = dim - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dim - i)) - 1u);
+            const __mmask16 m = lanes(i, dim);
             __m512 xv = maskz_load_bf16x16(m, xr + i);
             if (dr) {
                 xv = round_bf16x16(_mm512_add_ps(xv, maskz_load_bf16x16(m, dr + i)));
@@ -381,7 +386,7 @@ void rlkit_add_rms_norm_bf16(uint16_t *x, int64_t x_rs, const uint16_t *delta, i
         const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / dim + eps));
         uint16_t *orow = out + r * o_rs;
         for (int64_t i = 0; i < dim; i += 16) {
-            __mmask16 m = dim - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dim - i)) - 1u);
+            const __mmask16 m = lanes(i, dim);
             __m512 h = round_bf16x16(_mm512_mul_ps(maskz_load_bf16x16(m, xr + i), inv));
             __m512 y = _mm512_mul_ps(h, maskz_load_bf16x16(m, w + i));
             _mm256_mask_storeu_epi16(orow + i, m, to_bf16x16(y));
@@ -398,8 +403,7 @@ void rlkit_silu_mul_bf16(const uint16_t *gu, int64_t gu_rs, uint16_t *out, int64
         const uint16_t *g = gu + r * gu_rs, *u = g + inter;
         uint16_t *o = out + r * o_rs;
         for (int64_t i = 0; i < inter; i += 16) {
-            __mmask16 m =
-                inter - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (inter - i)) - 1u);
+            const __mmask16 m = lanes(i, inter);
             __m512 gv = maskz_load_bf16x16(m, g + i);
             __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
             __m512 s = round_bf16x16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
@@ -409,6 +413,20 @@ void rlkit_silu_mul_bf16(const uint16_t *gu, int64_t gu_rs, uint16_t *out, int64
 }
 
 /* -- sampling ------------------------------------------------------------------------------ */
+
+/* exp(x * inv_temp - max) over the 16-wide block of a row of V logits at i; 0 past the row. */
+static inline __m512 block_probs(const uint16_t *x, int64_t i, int64_t V, __m512 inv_temp,
+                                 __m512 max) {
+    const __mmask16 m = lanes(i, V);
+    __m512 z = _mm512_sub_ps(_mm512_mul_ps(maskz_load_bf16x16(m, x + i), inv_temp), max);
+    return _mm512_maskz_mov_ps(m, exp512(z));
+}
+
+/* The sum of the 16 lanes in float64. */
+static inline double block_sum(__m512 e) {
+    return _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e))) +
+           _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+}
 
 /* Temperature sampling over full rows of bf16 logits, as rlkit.rollout.sampling.sample without
  * top-k / top-p: x = logit * inv_temp in float32, log-probs x - max - log(sum exp(x - max)),
@@ -422,7 +440,7 @@ void rlkit_sample_rows_bf16(const uint16_t *logits, int64_t rs, int64_t rows, in
         const uint16_t *x = logits + r * rs;
         __m512 vmax = _mm512_set1_ps(-INFINITY);
         for (int64_t i = 0; i < V; i += 16) {
-            __mmask16 m = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1u);
+            const __mmask16 m = lanes(i, V);
             __m512 xv = _mm512_mul_ps(maskz_load_bf16x16(m, x + i), it);
             vmax = _mm512_mask_max_ps(vmax, m, vmax, xv);
         }
@@ -430,23 +448,14 @@ void rlkit_sample_rows_bf16(const uint16_t *logits, int64_t rs, int64_t rows, in
         const __m512 vm = _mm512_set1_ps(mx);
         /* Per-block sums in float64, as the reference's float64 cumulative sum. */
         double total = 0.0;
-        for (int64_t i = 0; i < V; i += 16) {
-            __mmask16 m = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1u);
-            __m512 e = exp512(_mm512_sub_ps(_mm512_mul_ps(maskz_load_bf16x16(m, x + i), it), vm));
-            e = _mm512_maskz_mov_ps(m, e);
-            total += _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e))) +
-                     _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
-        }
+        for (int64_t i = 0; i < V; i += 16) total += block_sum(block_probs(x, i, V, it, vm));
         const float lse = mx + logf((float)total);
         const double target = u[r] * total;
         double run = 0.0;
         int64_t tok = V - 1;
         for (int64_t i = 0; i < V; i += 16) {
-            __mmask16 m = V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1u);
-            __m512 e = exp512(_mm512_sub_ps(_mm512_mul_ps(maskz_load_bf16x16(m, x + i), it), vm));
-            e = _mm512_maskz_mov_ps(m, e);
-            double block = _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e))) +
-                           _mm512_reduce_add_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+            const __m512 e = block_probs(x, i, V, it, vm);
+            const double block = block_sum(e);
             if (run + block > target) { /* the token is in this block: walk it */
                 float p[16];
                 _mm512_storeu_ps(p, e);

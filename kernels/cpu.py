@@ -29,7 +29,8 @@ The C file is compiled on first use with the system C compiler (`$CC`, default `
 flags, and loaded with ctypes. It links the OpenMP runtime (libgomp) that PyTorch loaded, so
 it shares PyTorch's threads. Nothing here is required: without a compiler, on a CPU without
 AVX-512 BF16, or with `RLKIT_CPU_KERNELS=0`, `available()` is False and callers use PyTorch;
-`unavailable_reason()` says why.
+`unavailable_reason()` says why, and `missing_prerequisite()` tells a machine that lacks
+something apart from a build that failed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -48,6 +50,7 @@ __all__ = [
     "add_rms_norm",
     "available",
     "decode_attention",
+    "missing_prerequisite",
     "rope_append_attend",
     "sample_rows",
     "silu_mul",
@@ -61,6 +64,8 @@ _FLAGS = [
     "-fopenmp", "-shared", "-fPIC",
 ]  # fmt: skip
 _MAX_D, _MAX_G = 256, 16  # cpu.c's MAX_D, MAX_G
+# /proc/cpuinfo names of what _FLAGS compile for.
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma")
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -101,52 +106,76 @@ def _build() -> Path:
     return out
 
 
+def missing_prerequisite() -> str | None:
+    """What this machine lacks for the kernels, found without building them (None: nothing):
+    they are disabled (RLKIT_CPU_KERNELS=0), there is no C compiler, or the CPU lacks the
+    AVX-512 features they use. Where this is None and `available()` is False, the build or
+    load failed: a bug, not a property of the machine (the tests fail then, not skip)."""
+    if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
+        return "disabled by RLKIT_CPU_KERNELS=0"
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        return f"no C compiler: {cc!r} is not on PATH"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return "cannot read the CPU's features (/proc/cpuinfo)"
+    missing = [flag for flag in _CPU_FLAGS if flag not in flags]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
 def _load() -> ctypes.CDLL | None:
     global _lib, _reason, _loaded
+    if _loaded:  # every kernel call asks: no lock once loaded
+        return _lib
     with _lock:
-        if _loaded:
-            return _lib
-        _loaded = True
-        if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
-            _reason = "disabled by RLKIT_CPU_KERNELS=0"
-            return None
-        try:
-            lib = ctypes.CDLL(str(_build()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            _reason = f"could not build or load the C kernel: {exc}"
-            return None
-        if not lib.rlkit_cpu_supported():
-            _reason = "this CPU lacks AVX-512 BF16"
-            return None
-        i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.rlkit_decode_attention_bf16.argtypes = [
-            ptr, i64, i64,  # q, its batch and head strides
-            ptr, i64, i64, i64,  # k and strides
-            ptr, i64, i64, i64,  # v and strides
-            ptr, ptr,  # lengths, out
-            i32, i32, i32, i32, i32,  # B H KVH L D
-            f32,
-        ]  # fmt: skip
-        lib.rlkit_decode_attention_bf16.restype = i32
-        lib.rlkit_rope_append_attend_bf16.argtypes = [
-            ptr, i64, ptr, ptr, i64,  # qkv, its row stride, cos, sin, their row stride
-            ptr, i64, i64, i64,  # k store and strides
-            ptr, i64, i64, i64,  # v store and strides
-            i64, ptr, ptr,  # capacity, lengths, out
-            i32, i32, i32, i32, f32,  # B H KVH D scale
-            ptr, i64, i64, i64, ptr,  # q ring, its strides, ring positions
-        ]  # fmt: skip
-        lib.rlkit_rope_append_attend_bf16.restype = i32
-        lib.rlkit_add_rms_norm_bf16.argtypes = [
-            ptr, i64, ptr, i64, ptr, f32, ptr, i64, i64, i64
-        ]  # fmt: skip
-        lib.rlkit_add_rms_norm_bf16.restype = None
-        lib.rlkit_silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
-        lib.rlkit_silu_mul_bf16.restype = None
-        lib.rlkit_sample_rows_bf16.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr, ptr]
-        lib.rlkit_sample_rows_bf16.restype = None
-        _lib = lib
-        return lib
+        if not _loaded:
+            _lib, _reason = _open()
+            _loaded = True  # last: a thread that sees it sees _lib and _reason set
+    return _lib
+
+
+def _open() -> tuple[ctypes.CDLL | None, str | None]:
+    """Build and load the library: (it, None), or (None, why not)."""
+    if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
+        return None, "disabled by RLKIT_CPU_KERNELS=0"
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return None, f"could not build or load the C kernel: {exc}"
+    if not lib.rlkit_cpu_supported():
+        return None, "this CPU lacks AVX-512 BF16"
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.rlkit_decode_attention_bf16.argtypes = [
+        ptr, i64, i64,  # q, its batch and head strides
+        ptr, i64, i64, i64,  # k and strides
+        ptr, i64, i64, i64,  # v and strides
+        ptr, ptr,  # lengths, out
+        i32, i32, i32, i32, i32,  # B H KVH L D
+        f32,
+    ]  # fmt: skip
+    lib.rlkit_decode_attention_bf16.restype = i32
+    lib.rlkit_rope_append_attend_bf16.argtypes = [
+        ptr, i64, ptr, ptr, i64,  # qkv, its row stride, cos, sin, their row stride
+        ptr, i64, i64, i64,  # k store and strides
+        ptr, i64, i64, i64,  # v store and strides
+        i64, ptr, ptr,  # capacity, lengths, out
+        i32, i32, i32, i32, f32,  # B H KVH D scale
+        ptr, i64, i64, i64, ptr,  # q ring, its strides, ring positions
+    ]  # fmt: skip
+    lib.rlkit_rope_append_attend_bf16.restype = i32
+    lib.rlkit_add_rms_norm_bf16.argtypes = [
+        ptr, i64, ptr, i64, ptr, f32, ptr, i64, i64, i64
+    ]  # fmt: skip
+    lib.rlkit_add_rms_norm_bf16.restype = None
+    lib.rlkit_silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
+    lib.rlkit_silu_mul_bf16.restype = None
+    lib.rlkit_sample_rows_bf16.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr, ptr]
+    lib.rlkit_sample_rows_bf16.restype = None
+    return lib, None
 
 
 def available() -> bool:

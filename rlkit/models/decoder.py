@@ -382,9 +382,8 @@ class Decoder(nn.Module):
         B = input_ids.shape[0]
         a = self.args
         layers = [cast(DecoderLayer, lay) for lay in self.model.layers]
-        x = self.model.embed_tokens(
-            input_ids[:, 0]
-        )  # [B, hidden], a fresh tensor: updated in place
+        # [B, hidden]: a fresh tensor, the residual stream the kernels update in place.
+        x = self.model.embed_tokens(input_ids[:, 0])
         cos4, sin4 = self.rope(positions, x.dtype)  # [B, 1, 1, D]
         cos, sin = cos4.view(B, -1), sin4.view(B, -1)
         scale = a.head_dim**-0.5

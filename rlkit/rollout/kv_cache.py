@@ -106,10 +106,11 @@ class KVCache:
         self._write = start[:, None] + steps  # [B, T]
         self._kv_len = int(self.lengths[:batch].max()) + new_tokens
         self._lens = self._write[:, -1] + 1  # [B] entries each slot's last query sees
-        keys = torch.arange(self._kv_len, device=self.device)
-        # Query t of slot b sees entries before its own write index, and itself.
-        mask = keys[None, None, :] <= self._write[:, :, None]  # [B, T, L]
-        self._mask = mask[:, None]  # [B, 1, T, L]
+        if new_tokens > 1:  # one token per slot attends by `_lens` alone
+            keys = torch.arange(self._kv_len, device=self.device)
+            # Query t of slot b sees entries before its own write index, and itself.
+            mask = keys[None, None, :] <= self._write[:, :, None]  # [B, T, L]
+            self._mask = mask[:, None]  # [B, 1, T, L]
         self.lengths[:batch] += new_tokens
         self.positions[:batch] += new_tokens
         return pos0[:, None] + steps
@@ -143,7 +144,7 @@ class KVCache:
         # SDPA on [B, KVH, G*T, D] runs much faster on CPU than its GQA mode for short T.
         group = H // kvh
         qg = q.reshape(B, kvh, group * T, D)
-        mask = self._mask if T == 1 else self._mask.repeat(1, 1, group, 1)
+        mask = self._mask.repeat(1, 1, group, 1)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.view(B, H, T, D)
 

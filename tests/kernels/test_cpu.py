@@ -14,9 +14,18 @@ from rlkit.kernels import sparse_decode_attention as sda
 
 from rlkit.models.decoder import RMSNorm, rotate
 
+# Skip only where the machine lacks what the kernels need (no compiler, no AVX-512 BF16, or
+# RLKIT_CPU_KERNELS=0); where it has it, a build that fails fails the tests below.
 needs_kernel = pytest.mark.skipif(
-    not cpu_kernel.available(), reason=f"C kernel unavailable: {cpu_kernel.unavailable_reason()}"
+    cpu_kernel.missing_prerequisite() is not None,
+    reason=f"machine lacks a kernel prerequisite: {cpu_kernel.missing_prerequisite()}",
 )
+
+
+@needs_kernel
+def test_kernels_build_where_the_machine_has_what_they_need():
+    assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+
 
 # (B, H, KVH, D, L, lengths spec, strided)
 CASES = {
@@ -292,3 +301,11 @@ def test_sampler_keeps_pytorch_for_top_k_top_p_and_float32(monkeypatch):
     ]:
         tokens, _ = sampling.sample(x, params, torch.Generator().manual_seed(0))
         assert tokens.shape == (4,)
+
+
+def test_missing_prerequisite_names_what_the_machine_lacks(monkeypatch):
+    monkeypatch.setenv("RLKIT_CPU_KERNELS", "0")
+    assert cpu_kernel.missing_prerequisite() == "disabled by RLKIT_CPU_KERNELS=0"
+    monkeypatch.setenv("RLKIT_CPU_KERNELS", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert cpu_kernel.missing_prerequisite() == "no C compiler: '/nonexistent/cc' is not on PATH"

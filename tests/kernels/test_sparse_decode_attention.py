@@ -182,8 +182,8 @@ def test_dispatcher_on_cpu(monkeypatch, dtype, c_kernel):
     monkeypatch.setattr(cpu_kernel, "decode_attention", spy_c)
     if not c_kernel:
         monkeypatch.setattr(cpu_kernel, "supports", lambda *a: False)
-    elif not cpu_kernel.available():
-        pytest.skip(f"C kernel unavailable: {cpu_kernel.unavailable_reason()}")
+    elif cpu_kernel.missing_prerequisite():
+        pytest.skip(f"machine lacks a kernel prerequisite: {cpu_kernel.missing_prerequisite()}")
     got = sda.sparse_decode_attention(q, k, v, lengths)
     want = "c" if c_kernel and dtype == torch.bfloat16 else "reference"
     assert calls == [want]

@@ -231,6 +231,17 @@ def test_prepacked_weights_give_identical_outputs_and_reload(arch, make_engine, 
     assert outputs(packed) == outputs(plain)  # a rejected state dict loads nothing
 
 
+def _kernel_shaped_model(tmp_path, arch: str, seed: int) -> str:
+    """A random checkpoint whose heads the CPU kernels take: head_dim 64, three query heads
+    per kv head (SmolLM2's layout), untied embeddings."""
+    from rlkit.models.tiny import save_tiny_model
+
+    return save_tiny_model(
+        str(tmp_path / arch), arch, seed=seed, hidden_size=192, head_dim=64, num_heads=3,
+        num_kv_heads=1, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
 def test_cpu_kernels_sample_like_the_pytorch_step(tmp_path, monkeypatch, prompts):
     """With the C kernels (head_dim 64, three query heads per kv head, as SmolLM2) the bf16
     engine's decode steps run fused (`forward_decode_fused`), the compressed cache's too, and
@@ -239,15 +250,11 @@ def test_cpu_kernels_sample_like_the_pytorch_step(tmp_path, monkeypatch, prompts
 
     from rlkit.config.schema import KVCompressionConfig
     from rlkit.models import load_model
-    from rlkit.models.tiny import save_tiny_model
     from rlkit.rollout import Engine, sampling_logprobs
 
-    if not cpu_kernel.available():
-        pytest.skip(f"C kernels unavailable: {cpu_kernel.unavailable_reason()}")
-    path = save_tiny_model(
-        str(tmp_path / "m"), "llama", seed=4, hidden_size=192, head_dim=64, num_heads=3,
-        num_kv_heads=1, tie_word_embeddings=False,
-    )  # fmt: skip
+    if cpu_kernel.missing_prerequisite():
+        pytest.skip(f"machine lacks a kernel prerequisite: {cpu_kernel.missing_prerequisite()}")
+    path = _kernel_shaped_model(tmp_path, "llama", seed=4)
     calls = []
     real = cpu_kernel.rope_append_attend
     monkeypatch.setattr(cpu_kernel, "rope_append_attend", lambda *a: calls.append(1) or real(*a))
@@ -293,18 +300,14 @@ def test_fused_decode_step_matches_the_pytorch_step(tmp_path, arch, policy):
 
     from rlkit.config.schema import KVCompressionConfig
     from rlkit.models import load_model
-    from rlkit.models.tiny import save_tiny_model
     from rlkit.rollout import Engine
     from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
 
-    path = save_tiny_model(
-        str(tmp_path / arch), arch, seed=5, hidden_size=192, head_dim=64, num_heads=3,
-        num_kv_heads=1, tie_word_embeddings=False,
-    )  # fmt: skip
+    path = _kernel_shaped_model(tmp_path, arch, seed=5)
     from rlkit.kernels import cpu as cpu_kernel
 
-    if not cpu_kernel.available():
-        pytest.skip(f"C kernels unavailable: {cpu_kernel.unavailable_reason()}")
+    if cpu_kernel.missing_prerequisite():
+        pytest.skip(f"machine lacks a kernel prerequisite: {cpu_kernel.missing_prerequisite()}")
     model, tok = load_model(path)
     engine = Engine(model, tok, dtype=torch.bfloat16)
     assert engine.fused_decode, "the kernels are built: this model's layout must take them"
