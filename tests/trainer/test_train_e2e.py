@@ -57,8 +57,24 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tiny_r
     recipe = tiny_recipe(str(tmp_path / "r.yaml"), tiny_model_dir, run_root, steps=6, extra="")
     run_dir = os.path.join(run_root, "e2e")
     ckpt = os.path.join(run_dir, "checkpoints", "0_rlvr", "step_2", "trainer_state.json")
+    # A verifier slow enough that the run is still going when step 2's checkpoint is seen:
+    # tiny-model steps take ~40 ms, and step 6 prunes step 2's checkpoint (keep 2).
+    slow = tmp_path / "slow_verifier.py"
+    slow.write_text(
+        "import time\n\ndef score(completion, sample):\n    time.sleep(0.1)\n    return 0.0\n"
+    )
+    verifier = f"reward.verifier={slow}:score"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlkit.cli", "train", recipe, "train.save_every=2", "train.steps=6"],
+        [
+            sys.executable,
+            "-m",
+            "rlkit.cli",
+            "train",
+            recipe,
+            "train.save_every=2",
+            "train.steps=6",
+            verifier,
+        ],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -72,7 +88,10 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tiny_r
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert main(["train", recipe, "train.save_every=2", "train.steps=6", "run.resume=true"]) == 0
+    assert (
+        main(["train", recipe, "train.save_every=2", "train.steps=6", "run.resume=true", verifier])
+        == 0
+    )
     steps = [r["step"] for r in _rows(run_dir) if "reward/mean" in r]
     # Every step exactly once: rows past the checkpoint from the killed run were dropped.
     assert steps == [1, 2, 3, 4, 5, 6]
