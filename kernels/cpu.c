@@ -11,6 +11,9 @@
  *   rlkit_add_rms_norm_bf16        optional residual add (in place), then RMSNorm
  *   rlkit_silu_mul_bf16            silu(gate) * up of the fused gate/up GEMM's output
  *   rlkit_sample_rows_bf16         temperature sampling with the sampled tokens' log-probs
+ *   rlkit_window_scores_bf16       SnapKV's window attention scores (KV compression)
+ *   rlkit_keep_top_f32             the entries a compression keeps (budget, window)
+ *   rlkit_compact_rows             the kept entries moved to the front of their rows
  *
  * Rounding follows the PyTorch code step for step: every bf16 tensor that PyTorch would
  * materialise is rounded to bf16 (round to nearest even) at the same point, and everything
@@ -475,4 +478,173 @@ void rlkit_sample_rows_bf16(const uint16_t *logits, int64_t rs, int64_t rows, in
         tokens[r] = tok;
         logprobs[r] = bf16_to_f32(x[tok]) * inv_temp - lse;
     }
+}
+
+/* -- KV compression (Sparse-RL) ------------------------------------------------------------ */
+
+/* out[j] = scale * q . k_j for j < n (q: D bf16 with unit stride, D a multiple of 32). */
+static void dot_scores(const uint16_t *q, const uint16_t *k, int64_t k_sl, int64_t n, int D,
+                       float scale, float *out) {
+    const int C = D / 32;
+    __m512bh qc[8];
+    for (int c = 0; c < C; c++) qc[c] = (__m512bh)_mm512_loadu_si512((const void *)(q + 32 * c));
+    const __m512 vs = _mm512_set1_ps(scale);
+    int64_t j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16) {
+        __m512 acc[16];
+        for (int e = 0; e < 16; e++) {
+            acc[e] = _mm512_setzero_ps();
+            for (int c = 0; c < C; c++)
+                acc[e] = _mm512_dpbf16_ps(
+                    acc[e], qc[c],
+                    (__m512bh)_mm512_loadu_si512((const void *)(k + (j0 + e) * k_sl + 32 * c)));
+        }
+        _mm512_storeu_ps(out + j0, _mm512_mul_ps(reduce16(acc), vs));
+    }
+    for (; j0 < n; j0++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < C; c++)
+            acc = _mm512_dpbf16_ps(
+                acc, qc[c], (__m512bh)_mm512_loadu_si512((const void *)(k + j0 * k_sl + 32 * c)));
+        out[j0] = _mm512_reduce_add_ps(acc) * scale;
+    }
+}
+
+/* SnapKV's window attention (rlkit.rollout.compression.window_attention): for each sequence r
+ * and kv head h, the softmax attention that the W window queries of each of the G query heads
+ * of the group give the entries, averaged over those G * W rows, float32 out[r, h, 0..L).
+ * Query i (oldest first) sits at entry lens[r] - W + i and sees entries 0..that; entries at
+ * or past lens[r] get 0. Returns 0, 1 if a scratch allocation failed, 2 if a length is
+ * outside [W, L]. */
+int rlkit_window_scores_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int64_t q_si,
+                             const uint16_t *k, int64_t k_sr, int64_t k_sh, int64_t k_sl,
+                             const int64_t *lens, float *out, int64_t R, int H, int KVH, int W,
+                             int64_t L, int D, float scale) {
+    for (int64_t r = 0; r < R; r++)
+        if (lens[r] < W || lens[r] > L) return 2;
+    const int G = H / KVH;
+    const float inv_rows = 1.0f / (float)(G * W);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *s = (float *)malloc(sizeof(float) * (size_t)(L > 0 ? L : 1));
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < R * KVH; it++) {
+            if (!s) {
+                failed = 1;
+                continue;
+            }
+            const int64_t r = it / KVH, h = it % KVH, len = lens[r];
+            float *acc = out + it * L;
+            memset(acc, 0, sizeof(float) * (size_t)L);
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < W; i++) {
+                    const int64_t n = len - W + i + 1; /* entries query i sees */
+                    dot_scores(q + r * q_sr + (h * G + g) * q_sh + i * q_si, k + r * k_sr + h * k_sh,
+                               k_sl, n, D, scale, s);
+                    __m512 vmax = _mm512_set1_ps(-INFINITY);
+                    for (int64_t j = 0; j < n; j += 16)
+                        vmax = _mm512_mask_max_ps(vmax, lanes(j, n), vmax,
+                                                  _mm512_maskz_loadu_ps(lanes(j, n), s + j));
+                    const __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+                    __m512 vsum = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < n; j += 16) {
+                        const __mmask16 t = lanes(j, n);
+                        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm));
+                        e = _mm512_maskz_mov_ps(t, e);
+                        _mm512_mask_storeu_ps(s + j, t, e);
+                        vsum = _mm512_add_ps(vsum, e);
+                    }
+                    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+                    for (int64_t j = 0; j < n; j += 16) {
+                        const __mmask16 t = lanes(j, n);
+                        __m512 a = _mm512_maskz_loadu_ps(t, acc + j);
+                        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, s + j), inv, a);
+                        _mm512_mask_storeu_ps(acc + j, t, a);
+                    }
+                }
+            for (int64_t j = 0; j < L; j++) acc[j] *= inv_rows;
+        }
+        free(s);
+    }
+    return failed;
+}
+
+/* An unsigned key in the order of torch.sort on float32 (NaN above everything, -0 == +0). */
+static inline uint32_t order_key(float f) {
+    if (f != f) return 0xffffffffu;
+    if (f == 0.0f) f = 0.0f;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* rlkit.rollout.compression.keep_top: for each row (r, x) of scores [R, X, L] (unit stride
+ * along L), the `budget` entries to keep, ascending, into out [R, X, budget]: the last
+ * `window` valid entries (scored +inf) and the highest scores among the others, entries at or
+ * past lens[r] scored -inf; ties go to the earlier entry (a stable descending sort). Found by
+ * building the budget-th largest key bit by bit, not by sorting. budget <= L. Returns 1 if a
+ * scratch allocation failed. */
+int rlkit_keep_top_f32(const float *scores, int64_t s_sr, int64_t s_sx, const int64_t *lens,
+                       int64_t R, int64_t X, int64_t L, int64_t budget, int64_t window,
+                       int64_t *out) {
+    const uint32_t pos_inf = order_key(INFINITY), neg_inf = order_key(-INFINITY);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        uint32_t *key = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(L > 0 ? L : 1));
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < R * X; it++) {
+            if (!key) {
+                failed = 1;
+                continue;
+            }
+            const int64_t r = it / X, x = it % X, len = lens[r];
+            const float *s = scores + r * s_sr + x * s_sx;
+            for (int64_t j = 0; j < L; j++)
+                key[j] = j >= len ? neg_inf : (j >= len - window ? pos_inf : order_key(s[j]));
+            uint32_t t = 0; /* the largest t with at least `budget` keys >= t */
+            for (int b = 31; b >= 0; b--) {
+                const uint32_t cand = t | (1u << b);
+                int64_t cnt = 0;
+                for (int64_t j = 0; j < L; j++) cnt += key[j] >= cand;
+                if (cnt >= budget) t = cand;
+            }
+            int64_t above = 0;
+            for (int64_t j = 0; j < L; j++) above += key[j] > t;
+            int64_t ties = budget - above, n = 0;
+            int64_t *o = out + it * budget;
+            for (int64_t j = 0; j < L && n < budget; j++)
+                if (key[j] > t || (key[j] == t && ties-- > 0)) o[n++] = j;
+        }
+        free(key);
+    }
+    return failed;
+}
+
+/* Compaction after a compression, in place: for each sequence r (store slot rows[r]) and
+ * head h, entry j of the row becomes entry idx[r, h, j] for j < budget (idx strictly
+ * ascending from >= 0, so every source lies at or after its destination and a forward copy
+ * is safe). The store is addressed in bytes: slot, head and entry strides, and row_bytes
+ * per entry (K/V rows, or one float of H2O's statistic). idx's head stride 0 shares one row
+ * among the heads. Returns 2, moving nothing, if an index row is not strictly ascending or
+ * leaves [0, L). */
+int rlkit_compact_rows(uint8_t *base, int64_t sb_slot, int64_t sb_head, int64_t sb_entry,
+                       int64_t row_bytes, const int64_t *rows, int64_t R, int64_t heads,
+                       const int64_t *idx, int64_t i_sr, int64_t i_sh, int64_t budget, int64_t L) {
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t *ix = idx + r * i_sr + h * i_sh;
+            for (int64_t j = 0; j < budget; j++)
+                if (ix[j] < 0 || ix[j] >= L || (j > 0 && ix[j] <= ix[j - 1])) return 2;
+        }
+#pragma omp parallel for schedule(static)
+    for (int64_t it = 0; it < R * heads; it++) {
+        const int64_t r = it / heads, h = it % heads;
+        uint8_t *p = base + rows[r] * sb_slot + h * sb_head;
+        const int64_t *ix = idx + r * i_sr + h * i_sh;
+        for (int64_t j = 0; j < budget; j++)
+            if (ix[j] != j) memmove(p + j * sb_entry, p + ix[j] * sb_entry, (size_t)row_bytes);
+    }
+    return 0;
 }

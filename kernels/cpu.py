@@ -20,6 +20,15 @@ with AVX-512 BF16), each entry point beside the PyTorch code it replaces (its re
   in three streaming passes over the bf16 logits instead of float32 copies of [N, V]
   (scale, log-softmax, exp, float64 cumsum, searchsorted, gather).
 
+KV compression (Sparse-RL, `rlkit.rollout.kv_cache.CompressedKVCache.compress`), where
+PyTorch spends its time in gathers, index copies and a stable sort of every row:
+- `window_scores(queries, keys, lengths)`: SnapKV's window attention
+  (`rlkit.rollout.compression.window_attention`), reading the cache store in place.
+- `keep_top(scores, lengths, budget, window)`: `rlkit.rollout.compression.keep_top`, the
+  budget-th largest score found bit by bit instead of a sort, ties to the earlier entry.
+- `compact_rows(store, rows, idx)`: the kept entries moved to the front of their rows in
+  place, instead of gather + index_put through copies.
+
 Rounding follows the PyTorch code step for step (bf16 wherever PyTorch materialises a bf16
 tensor, float32 in between); only summation orders differ (benchmarks/NOTES.md, "CPU decode
 kernels").
@@ -49,13 +58,16 @@ import torch
 __all__ = [
     "add_rms_norm",
     "available",
+    "compact_rows",
     "decode_attention",
+    "keep_top",
     "missing_prerequisite",
     "rope_append_attend",
     "sample_rows",
     "silu_mul",
     "supports",
     "unavailable_reason",
+    "window_scores",
 ]
 
 _SOURCE = Path(__file__).with_name("cpu.c")
@@ -175,6 +187,21 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
     lib.rlkit_silu_mul_bf16.restype = None
     lib.rlkit_sample_rows_bf16.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr, ptr]
     lib.rlkit_sample_rows_bf16.restype = None
+    lib.rlkit_window_scores_bf16.argtypes = [
+        ptr, i64, i64, i64,  # queries and strides
+        ptr, i64, i64, i64,  # keys and strides
+        ptr, ptr,  # lengths, out
+        i64, i32, i32, i32, i64, i32, f32,  # R H KVH W L D scale
+    ]  # fmt: skip
+    lib.rlkit_window_scores_bf16.restype = i32
+    lib.rlkit_keep_top_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr]
+    lib.rlkit_keep_top_f32.restype = i32
+    lib.rlkit_compact_rows.argtypes = [
+        ptr, i64, i64, i64, i64,  # store, its byte strides (slot, head, entry), bytes per entry
+        ptr, i64, i64,  # rows, R, heads
+        ptr, i64, i64, i64, i64,  # idx, its strides (row, head), budget, L
+    ]  # fmt: skip
+    lib.rlkit_compact_rows.restype = i32
     return lib, None
 
 
@@ -363,3 +390,89 @@ def sample_rows(
         tokens.data_ptr(), logprobs.data_ptr(),
     )  # fmt: skip
     return tokens, logprobs
+
+
+def _bf16_d(t: torch.Tensor, name: str) -> None:
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.stride(-1) != 1:
+        raise ValueError(f"{name} must be a bf16 CPU tensor with unit stride along its last dim")
+
+
+def window_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """queries [R, H, W, D] (oldest first), keys [R, KVH, L, D] (bf16, any strides but unit
+    along D), lengths [R] in [W, L]: float32 [R, KVH, L], the window attention each entry
+    gets, averaged over the queries and the heads of its kv head's group."""
+    lib = _lib_or_raise()
+    R, H, W, D = queries.shape
+    kvh, L = keys.shape[1], keys.shape[2]
+    _bf16_d(queries, "queries")
+    _bf16_d(keys, "keys")
+    if keys.shape[0] != R or keys.shape[3] != D or not supports_heads(H, kvh, D):
+        raise ValueError(f"queries {tuple(queries.shape)} do not fit keys {tuple(keys.shape)}")
+    lens = lengths.to(torch.int64).contiguous()
+    out = torch.empty((R, kvh, L), dtype=torch.float32)
+    status = lib.rlkit_window_scores_bf16(
+        queries.data_ptr(), queries.stride(0), queries.stride(1), queries.stride(2),
+        keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
+        lens.data_ptr(), out.data_ptr(), R, H, kvh, W, L, D, 1.0 / D**0.5,
+    )  # fmt: skip
+    if status == 2:
+        raise ValueError(f"lengths must be in [{W}, {L}] (window, keys), got {lens.tolist()}")
+    if status:
+        raise MemoryError("window_scores: scratch allocation failed")
+    return out
+
+
+def keep_top(scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: int) -> torch.Tensor:
+    """scores [R, X, L] float32 (unit stride along L), lengths [R], budget <= L: int64
+    [R, X, budget], ascending: the last `window` valid entries and the highest-scored others,
+    ties to the earlier entry."""
+    lib = _lib_or_raise()
+    if scores.dtype != torch.float32 or scores.device.type != "cpu" or scores.stride(-1) != 1:
+        raise ValueError("scores must be a float32 CPU tensor with unit stride along entries")
+    R, X, L = scores.shape
+    if not 0 < budget <= L:
+        raise ValueError(f"budget must be in [1, {L}] (the entries), got {budget}")
+    lens = lengths.to(torch.int64).contiguous()
+    out = torch.empty((R, X, budget), dtype=torch.int64)
+    failed = lib.rlkit_keep_top_f32(
+        scores.data_ptr(), scores.stride(0), scores.stride(1), lens.data_ptr(), R, X, L,
+        budget, window, out.data_ptr(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("keep_top: scratch allocation failed")
+    return out
+
+
+def compact_rows(store: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> None:
+    """In place: for each r, head h and j < budget, store[rows[r], h, j] = store[rows[r], h,
+    idx[r, h, j]] (old values). store [S, heads, L, ...] (the trailing dims of an entry
+    contiguous), rows [R], idx [R, heads or 1, budget] int64, each row strictly ascending in
+    [0, L): the kept entries of a compression moved to the front of their rows."""
+    lib = _lib_or_raise()
+    if store.device.type != "cpu" or store.dim() < 3:
+        raise ValueError(f"store must be a CPU tensor [S, heads, L, ...], got {tuple(store.shape)}")
+    entry = store[0, 0, 0] if store.dim() > 3 else None
+    if entry is not None and not entry.is_contiguous():
+        raise ValueError("an entry of the store (its trailing dims) must be contiguous")
+    S, heads, L = store.shape[:3]
+    R = rows.shape[0]
+    if (
+        idx.dtype != torch.int64
+        or idx.dim() != 3
+        or idx.shape[0] != R
+        or idx.shape[1] not in (1, heads)
+    ):
+        raise ValueError(f"idx must be int64 [{R}, {heads} or 1, budget], got {tuple(idx.shape)}")
+    rows = rows.to(torch.int64).contiguous()
+    if R and (int(rows.min()) < 0 or int(rows.max()) >= S):
+        raise ValueError(f"rows must be in [0, {S}), got {rows.tolist()}")
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    size = store.element_size()
+    row_bytes = size * (entry.numel() if entry is not None else 1)
+    status = lib.rlkit_compact_rows(
+        store.data_ptr(), store.stride(0) * size, store.stride(1) * size, store.stride(2) * size,
+        row_bytes, rows.data_ptr(), R, heads, idx.data_ptr(), idx.stride(0),
+        idx.stride(1) if idx.shape[1] == heads else 0, idx.shape[2], L,
+    )  # fmt: skip
+    if status:
+        raise ValueError(f"idx rows must be strictly ascending within [0, {L})")

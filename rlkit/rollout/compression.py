@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from rlkit.algorithms.registry import Registry
 from rlkit.config.schema import KVCompressionConfig
+from rlkit.kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -42,6 +43,9 @@ class CompressionInputs:
     accumulated: torch.Tensor | None = None
     # [B, L] per-entry scores from the preceding full layer (layer_hybrid).
     oracle: torch.Tensor | None = None
+    # Score and select with the CPU C kernels where they apply (bf16 keys on the CPU and the
+    # kernels built); the PyTorch code below is their reference.
+    kernels: bool = False
 
 
 Policy = Callable[[CompressionInputs, KVCompressionConfig], torch.Tensor]
@@ -63,10 +67,15 @@ def validate(cfg: KVCompressionConfig) -> None:
         raise ValueError(f"full_every must be >= 1, got {cfg.full_every}")
 
 
-def keep_top(scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: int) -> torch.Tensor:
+def keep_top(
+    scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: int, kernels: bool = False
+) -> torch.Tensor:
     """Indices [B, X, budget], ascending, of the `budget` entries to keep: the last `window`
-    valid entries, then the highest `scores` [B, X, L] among the other valid ones."""
+    valid entries, then the highest `scores` [B, X, L] among the other valid ones.
+    kernels=True selects with the CPU kernel (same choice, no sort) when it applies."""
     L = scores.shape[-1]
+    if kernels and scores.device.type == "cpu" and budget <= L and cpu_kernels.available():
+        return cpu_kernels.keep_top(scores.float(), lengths, budget, window)
     idx = torch.arange(L, device=scores.device)
     lens = lengths.to(scores.device)[:, None, None]
     s = scores.float().masked_fill(idx >= lens - window, math.inf)
@@ -79,14 +88,25 @@ def keep_top(scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: i
 
 
 def window_attention(
-    queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor
+    queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, kernels: bool = False
 ) -> torch.Tensor:
     """Attention probabilities [B, KVH, L] (float32) that the last `window` queries
     [B, H, window, D] give the entries, averaged over the queries and the query heads of
     each kv head's group. Query i sits at entry `length - window + i` and sees only entries up
-    to it (causal), and never the padding."""
+    to it (causal), and never the padding. kernels=True computes it with the CPU kernel,
+    reading `keys` in place, where it applies (bf16 on the CPU)."""
     B, H, w, D = queries.shape
     kvh, L = keys.shape[1], keys.shape[2]
+    if (
+        kernels
+        and keys.device.type == "cpu"
+        and keys.dtype == queries.dtype == torch.bfloat16
+        and cpu_kernels.supports_heads(H, kvh, D)
+        and queries.stride(-1) == keys.stride(-1) == 1
+        and bool(((lengths >= w) & (lengths <= L)).all())
+        and cpu_kernels.available()
+    ):
+        return cpu_kernels.window_scores(queries, keys, lengths)
     group = H // kvh
     q = queries.reshape(B, kvh, group * w, D).float()
     logits = q @ keys.float().transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G*w, L]
@@ -100,7 +120,7 @@ def window_attention(
 def pooled_importance(inputs: CompressionInputs, kernel: int) -> torch.Tensor:
     """SnapKV's score [B, KVH, L]: window attention max-pooled along entries."""
     assert inputs.queries is not None, "this policy needs the window's queries"
-    scores = window_attention(inputs.queries, inputs.keys, inputs.lengths)
+    scores = window_attention(inputs.queries, inputs.keys, inputs.lengths, inputs.kernels)
     if kernel <= 1:
         return scores
     B, kvh, L = scores.shape
@@ -130,7 +150,7 @@ def redundancy(keys: torch.Tensor, lengths: torch.Tensor, threshold: float) -> t
 @POLICIES.register("snapkv")
 def snapkv(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
     scores = pooled_importance(inputs, cfg.pool_kernel)
-    return keep_top(scores, inputs.lengths, cfg.budget, cfg.window)
+    return keep_top(scores, inputs.lengths, cfg.budget, cfg.window, inputs.kernels)
 
 
 @POLICIES.register("rkv")
@@ -138,14 +158,16 @@ def rkv(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
     importance = pooled_importance(inputs, cfg.pool_kernel)
     red = redundancy(inputs.keys, inputs.lengths, cfg.rkv_threshold)
     lam = cfg.rkv_lambda
-    return keep_top(lam * importance - (1 - lam) * red, inputs.lengths, cfg.budget, cfg.window)
+    scores = lam * importance - (1 - lam) * red
+    return keep_top(scores, inputs.lengths, cfg.budget, cfg.window, inputs.kernels)
 
 
 @POLICIES.register("h2o")
 def h2o(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
     assert inputs.accumulated is not None, "h2o needs the accumulated attention"
     L = inputs.keys.shape[2]
-    return keep_top(inputs.accumulated[..., :L], inputs.lengths, cfg.budget, cfg.window)
+    acc = inputs.accumulated[..., :L]
+    return keep_top(acc, inputs.lengths, cfg.budget, cfg.window, inputs.kernels)
 
 
 def _recency(inputs: CompressionInputs, sink: int) -> torch.Tensor:
@@ -158,7 +180,8 @@ def _recency(inputs: CompressionInputs, sink: int) -> torch.Tensor:
 
 @POLICIES.register("streaming")
 def streaming(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
-    return keep_top(_recency(inputs, cfg.sink), inputs.lengths, cfg.budget, cfg.window)
+    scores = _recency(inputs, cfg.sink)
+    return keep_top(scores, inputs.lengths, cfg.budget, cfg.window, inputs.kernels)
 
 
 @POLICIES.register("layer_hybrid")
@@ -170,13 +193,18 @@ def layer_hybrid(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.T
     else:
         assert inputs.oracle is not None, "layer_hybrid needs the full layer's scores"
         scores = inputs.oracle[:, None, : inputs.keys.shape[2]]
-    return keep_top(scores, inputs.lengths, cfg.budget, cfg.window)
+    return keep_top(scores, inputs.lengths, cfg.budget, cfg.window, inputs.kernels)
 
 
 def oracle_scores(
-    queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, kernel: int
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    kernel: int,
+    kernels: bool = False,
 ) -> torch.Tensor:
     """A full layer's per-token ranking [B, L] for the compressed layers after it: SnapKV's
     pooled window attention, averaged over kv heads (one token set per sequence, as heads of
     different layers do not correspond)."""
-    return pooled_importance(CompressionInputs(keys, lengths, queries), kernel).mean(dim=1)
+    inputs = CompressionInputs(keys, lengths, queries, kernels=kernels)
+    return pooled_importance(inputs, kernel).mean(dim=1)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from rlkit.config.schema import KVCompressionConfig
+from rlkit.kernels import cpu as cpu_kernels
 from rlkit.kernels.sparse_decode_attention import sparse_decode_attention
 from rlkit.models.decoder import FusedTarget
 from rlkit.rollout.compression import POLICIES, CompressionInputs, oracle_scores, validate
@@ -367,13 +368,13 @@ class CompressedKVCache(KVCache):
             vs[slots, :, :T] = v[rows]
             if self.oracle and len(self._squeeze) and last_q is not None:
                 self._oracle_scores[self.where[layer][1]] = oracle_scores(
-                    last_q[squeeze], k[squeeze], lens[squeeze], cfg.pool_kernel
+                    last_q[squeeze], k[squeeze], lens[squeeze], cfg.pool_kernel, self._kernels()
                 )
             return out
         keep = min(T, cfg.budget)
         idx = torch.arange(keep, device=self.device).expand(R, self.num_kv_heads, keep)
         if len(self._squeeze):
-            inputs = CompressionInputs(k[squeeze], lens[squeeze])
+            inputs = CompressionInputs(k[squeeze], lens[squeeze], kernels=self._kernels())
             if last_q is not None:
                 inputs.queries = last_q[squeeze]
             if colsum is not None:
@@ -475,6 +476,11 @@ class CompressedKVCache(KVCache):
 
     # -- compression during decode ---------------------------------------------------------
 
+    def _kernels(self) -> bool:
+        """Whether compressions run on the CPU C kernels: selection and compaction for any
+        dtype, SnapKV's scores for bf16 (`window_attention` checks what it takes)."""
+        return self.cpu_kernels and self.device.type == "cpu" and cpu_kernels.available()
+
     def compress(self, slots: np.ndarray | list[int]) -> int:
         """Compress those of `slots` whose compressed layers hold more than the budget;
         returns the number of (sequence, layer) compressions."""
@@ -499,13 +505,23 @@ class CompressedKVCache(KVCache):
             flens = torch.from_numpy(self.group_lengths[1, rows_np].copy()).to(dev)
             for j, f in enumerate(self.full_layers):
                 queries = self.queries[self.q_index[f]][rows[:, None], :, ring].transpose(1, 2)
-                scores = oracle_scores(queries, self.kf[j][rows, :, :Lf], flens, cfg.pool_kernel)
+                scores = oracle_scores(
+                    queries, self.kf[j][rows, :, :Lf], flens, cfg.pool_kernel, self._kernels()
+                )
                 # Entries past a row's length hold stale positions: clamp, keep_top drops them.
                 at = self.entry_pos[j][rows, :L].clamp(max=Lf - 1)
                 oracle[j] = scores.gather(1, at)  # [R, L]
+        # A run of consecutive slots (the usual case: sequences started together) is read in
+        # place; other row sets are gathered for the policy. The C kernels compact in place.
+        fast = self._kernels()
+        span = slice(int(rows_np[0]), int(rows_np[0]) + R)
+        in_place = bool((np.diff(rows_np) == 1).all())
         for j, layer in enumerate(self.comp_layers):
-            keys, values = self.k[j][rows, :, :L], self.v[j][rows, :, :L]
-            inputs = CompressionInputs(keys, lens)
+            if in_place:
+                keys, values = self.k[j][span, :, :L], self.v[j][span, :, :L]
+            else:
+                keys, values = self.k[j][rows, :, :L], self.v[j][rows, :, :L]
+            inputs = CompressionInputs(keys, lens, kernels=fast)
             if layer in self.q_index:
                 assert ring is not None
                 ring_q = self.queries[self.q_index[layer]]
@@ -515,11 +531,15 @@ class CompressedKVCache(KVCache):
             if self.oracle:
                 inputs.oracle = oracle[layer // cfg.full_every]
             chosen = self.policy(inputs, cfg).expand(-1, kvh, -1)  # [R, KVH, budget]
-            gidx = chosen[..., None].expand(-1, -1, -1, D)
-            self.k[j][rows, :, : cfg.budget] = keys.gather(2, gidx)
-            self.v[j][rows, :, : cfg.budget] = values.gather(2, gidx)
-            if acc is not None:
-                self.accumulated[j][rows, :, : cfg.budget] = acc.gather(2, chosen)
+            if fast:
+                for store in (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ()):
+                    cpu_kernels.compact_rows(store, rows, chosen)
+            else:
+                gidx = chosen[..., None].expand(-1, -1, -1, D)
+                self.k[j][rows, :, : cfg.budget] = keys.gather(2, gidx)
+                self.v[j][rows, :, : cfg.budget] = values.gather(2, gidx)
+                if acc is not None:
+                    self.accumulated[j][rows, :, : cfg.budget] = acc.gather(2, chosen)
             if self.oracle:
                 chosen_of[layer // cfg.full_every] = chosen[:, 0]
         for g, chosen in chosen_of.items():

@@ -309,3 +309,111 @@ def test_missing_prerequisite_names_what_the_machine_lacks(monkeypatch):
     monkeypatch.setenv("RLKIT_CPU_KERNELS", "1")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert cpu_kernel.missing_prerequisite() == "no C compiler: '/nonexistent/cc' is not on PATH"
+
+
+# -- KV compression kernels -----------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "H, KVH, W, D, strided", [(9, 3, 8, 64, True), (4, 4, 1, 32, False), (16, 1, 5, 128, True)]
+)
+def test_window_scores_match_window_attention(H, KVH, W, D, strided):
+    from rlkit.rollout.compression import window_attention
+
+    g = torch.Generator().manual_seed(H + W)
+    R, L = 5, 70
+    if strided:  # a view of a [slots, KVH, max_len, D] store, queries from a ring transposed
+        keys = (2 * torch.randn(R + 2, KVH, L + 9, D, generator=g)).bfloat16()[1 : R + 1, :, :L]
+        queries = torch.randn(R, W, H, D, generator=g).bfloat16().transpose(1, 2)
+    else:
+        keys = (2 * torch.randn(R, KVH, L, D, generator=g)).bfloat16()
+        queries = torch.randn(R, H, W, D, generator=g).bfloat16()
+    lengths = torch.tensor([L, W, 33, W + 1, 64])  # the shortest a window allows, and full rows
+    ref = window_attention(queries, keys, lengths)
+    got = cpu_kernel.window_scores(queries, keys, lengths)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    assert (got[1, :, W:] == 0).all()  # nothing past a row's length
+    torch.testing.assert_close(got.sum(-1), torch.ones(R, KVH), atol=1e-5, rtol=0)
+    # The policy path picks the kernel only when asked.
+    torch.testing.assert_close(window_attention(queries, keys, lengths, kernels=True), got)
+
+
+@needs_kernel
+def test_window_scores_reject_lengths_outside_the_window_and_keys():
+    q, k = torch.zeros(2, 4, 3, 32).bfloat16(), torch.zeros(2, 2, 10, 32).bfloat16()
+    with pytest.raises(ValueError, match=r"lengths must be in \[3, 10\]"):
+        cpu_kernel.window_scores(q, k, torch.tensor([2, 10]))
+    with pytest.raises(ValueError, match=r"lengths must be in \[3, 10\]"):
+        cpu_kernel.window_scores(q, k, torch.tensor([3, 11]))
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernel.window_scores(q.float(), k, torch.tensor([3, 3]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("budget, window", [(12, 3), (40, 1), (64, 8), (9, 8)])
+def test_keep_top_matches_the_stable_sort(budget, window):
+    from rlkit.rollout.compression import keep_top
+
+    g = torch.Generator().manual_seed(budget)
+    R, X, L = 6, 3, 64
+    # Coarse scores make many ties (max-pooling makes plateaus); infinities, NaN and -0.0.
+    scores = (torch.randn(R, X, L, generator=g) * 4).round() / 4
+    scores[0, 0, :] = 0.0
+    scores[0, 1, ::2] = -0.0
+    scores[1, 0, 5:9] = math.inf
+    scores[1, 1, 3] = -math.inf
+    scores[2, 2, 10] = math.nan
+    lengths = torch.tensor([L, budget + 1, 50, L, budget + 3, 40]).clamp(max=L)
+    ref = keep_top(scores, lengths, budget, window)
+    got = cpu_kernel.keep_top(scores, lengths, budget, window)
+    assert torch.equal(got, ref)
+    # One row of scores shared by all sequences (a stride-0 expand, as the streaming policy's).
+    shared = torch.arange(L, dtype=torch.float32).expand(R, 1, L)
+    assert torch.equal(
+        cpu_kernel.keep_top(shared, lengths, budget, window),
+        keep_top(shared, lengths, budget, window),
+    )
+
+
+@needs_kernel
+def test_keep_top_rejects_a_budget_over_the_entries():
+    with pytest.raises(ValueError, match=r"budget must be in \[1, 8\]"):
+        cpu_kernel.keep_top(torch.zeros(1, 1, 8), torch.tensor([8]), 9, 2)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernel.keep_top(torch.zeros(1, 1, 8, dtype=torch.float64), torch.tensor([8]), 4, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, entry", [(torch.bfloat16, (64,)), (torch.float32, ())])
+def test_compact_rows_matches_gather(dtype, entry):
+    from rlkit.rollout.compression import keep_top
+
+    g = torch.Generator().manual_seed(1)
+    S, heads, L, budget = 7, 3, 40, 17
+    store = torch.randn(S, heads, L + 4, *entry, generator=g).to(dtype)[:, :, :L]
+    before = store.clone()
+    rows = torch.tensor([5, 0, 3])
+    for shared in (False, True):
+        idx = keep_top(
+            torch.randn(3, 1 if shared else heads, L, generator=g), torch.full((3,), L), budget, 4
+        )
+        store.copy_(before)
+        cpu_kernel.compact_rows(store, rows, idx)
+        expect = before.clone()
+        full = idx.expand(-1, heads, -1)
+        gidx = full.reshape(*full.shape, *([1] * len(entry))).expand(-1, -1, -1, *entry)
+        expect[rows, :, :budget] = before[rows].gather(2, gidx)
+        assert torch.equal(store, expect)  # other slots and entries past the budget untouched
+
+
+@needs_kernel
+def test_compact_rows_rejects_indices_out_of_order_and_moves_nothing():
+    store = torch.randn(2, 1, 10, 32).bfloat16()
+    before = store.clone()
+    for bad in ([0, 2, 2], [3, 1, 5], [0, 1, 10], [-1, 1, 2]):
+        with pytest.raises(ValueError, match="strictly ascending"):
+            cpu_kernel.compact_rows(store, torch.tensor([1]), torch.tensor([[bad]]))
+        assert torch.equal(store, before)
+    with pytest.raises(ValueError, match="rows must be in"):
+        cpu_kernel.compact_rows(store, torch.tensor([2]), torch.tensor([[[0, 1]]]))

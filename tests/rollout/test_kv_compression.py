@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from rlkit.kernels import cpu as cpu_kernels
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.models import load_model
@@ -320,3 +321,49 @@ def test_compress_false_decodes_dense_in_a_sparse_engine(deep_dir):
     assert sparse != want  # budget 6 really changes the outputs
     assert [o.token_ids for o in eng.generate(prompts, params)] == sparse
     assert eng.stats["compression_events"] > 0
+
+
+@pytest.mark.skipif(
+    cpu_kernels.missing_prerequisite() is not None,
+    reason=f"machine lacks a kernel prerequisite: {cpu_kernels.missing_prerequisite()}",
+)
+@pytest.mark.parametrize("name", [*POLICY_NAMES, "layer_hybrid_local"])
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [3, 0, 2]], ids=["consecutive", "scattered"])
+def test_compress_on_the_cpu_kernels_equals_pytorch(name, rows):
+    """A compression through the C kernels (scores, selection, compaction in place) leaves
+    the cache exactly as the PyTorch path does, for rows read in place or gathered."""
+    hybrid_local = name == "layer_hybrid_local"
+    c = cfg("layer_hybrid" if hybrid_local else name, budget=24, window=4, interval=8,
+            hybrid_local=hybrid_local)  # fmt: skip
+    layers, S, H, KVH, D, full_len = 4, 5, 6, 2, 64, 64
+    caches = [
+        CompressedKVCache(
+            layers, S, c.budget + c.interval, full_len, H, KVH, D, c, torch.bfloat16, cpu_kernels=on
+        )  # fmt: skip
+        for on in (True, False)
+    ]
+    g = torch.Generator().manual_seed(5)
+    lengths = np.array([32, 30, 25, 31, 20])  # slot 4 is under the budget: left alone
+    for cache in caches:  # the same contents in both
+        g.manual_seed(5)
+        for t in (cache.k, cache.v, cache.kf, cache.vf, cache.queries):
+            t.copy_(torch.randn(t.shape, generator=g))
+        cache.accumulated.copy_(torch.rand(cache.accumulated.shape, generator=g))
+        cache.group_lengths[0] = lengths
+        cache.group_lengths[1] = lengths + 20
+        cache.positions[:] = lengths + 20
+        if cache.oracle:  # each compressed entry's true position, ascending, < full lengths
+            pos = torch.sort(torch.randperm(50, generator=g)[: cache.max_len]).values
+            cache.entry_pos[:] = pos
+    assert caches[0]._kernels() and not caches[1]._kernels()
+    events = [cache.compress(rows) for cache in caches]
+    assert (
+        events[0]
+        == events[1]
+        == len([r for r in rows if lengths[r] > c.budget]) * len(caches[0].comp_layers)
+    )
+    fast, ref = caches
+    assert (fast.group_lengths == ref.group_lengths).all()
+    for attr in ("k", "v", "kf", "vf", "queries", "accumulated", "entry_pos"):
+        assert torch.equal(getattr(fast, attr), getattr(ref, attr)), attr
+    assert (fast.group_lengths[0, rows] == np.minimum(lengths[rows], c.budget)).all()
