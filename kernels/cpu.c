@@ -13,6 +13,7 @@
  *   rlkit_sample_rows_bf16         temperature sampling with the sampled tokens' log-probs
  *   rlkit_window_scores_bf16       SnapKV's window attention scores (KV compression)
  *   rlkit_keep_top_f32             the entries a compression keeps (budget, window)
+ *   rlkit_redundancy_bf16          R-KV's key redundancy (KV compression)
  *   rlkit_compact_rows             the kept entries moved to the front of their rows
  *
  * Rounding follows the PyTorch code step for step: every bf16 tensor that PyTorch would
@@ -647,4 +648,70 @@ int rlkit_compact_rows(uint8_t *base, int64_t sb_slot, int64_t sb_head, int64_t 
             if (ix[j] != j) memmove(p + j * sb_entry, p + ix[j] * sb_entry, (size_t)row_bytes);
     }
     return 0;
+}
+
+/* R-KV's redundancy (rlkit.rollout.compression.redundancy): for each sequence r and kv head
+ * h, out[r, h, i] = the sum of cos(k_i, k_j) over the other valid entries j whose cosine is
+ * at least `threshold`, divided by max(lens[r] - 1, 1); float32, keys normalised in float32
+ * as F.normalize (eps 1e-12). Entries at or past lens[r] get 0. D a multiple of 16. Returns 1
+ * if a scratch allocation failed, 2 if a length is outside [0, L]. */
+int rlkit_redundancy_bf16(const uint16_t *k, int64_t k_sr, int64_t k_sh, int64_t k_sl,
+                          const int64_t *lens, float *out, int64_t R, int KVH, int64_t L, int D,
+                          float threshold) {
+    for (int64_t r = 0; r < R; r++)
+        if (lens[r] < 0 || lens[r] > L) return 2;
+    const int F = D / 16;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *kn = (float *)malloc(sizeof(float) * (size_t)(L > 0 ? L : 1) * (size_t)D);
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < R * KVH; it++) {
+            if (!kn) {
+                failed = 1;
+                continue;
+            }
+            const int64_t r = it / KVH, h = it % KVH, len = lens[r];
+            const uint16_t *kb = k + r * k_sr + h * k_sh;
+            float *o = out + it * L;
+            for (int64_t j = 0; j < len; j++) {
+                __m512 sq = _mm512_setzero_ps();
+                for (int f = 0; f < F; f++) {
+                    __m512 x = load_bf16x16(kb + j * k_sl + 16 * f);
+                    sq = _mm512_fmadd_ps(x, x, sq);
+                }
+                float norm = sqrtf(_mm512_reduce_add_ps(sq));
+                const __m512 inv = _mm512_set1_ps(1.0f / (norm > 1e-12f ? norm : 1e-12f));
+                for (int f = 0; f < F; f++)
+                    _mm512_storeu_ps(kn + j * D + 16 * f,
+                                     _mm512_mul_ps(load_bf16x16(kb + j * k_sl + 16 * f), inv));
+            }
+            const __m512 thr = _mm512_set1_ps(threshold);
+            const float inv_others = 1.0f / (float)(len - 1 > 1 ? len - 1 : 1);
+            for (int64_t i = 0; i < len; i++) {
+                __m512 qi[16];
+                for (int f = 0; f < F; f++) qi[f] = _mm512_loadu_ps(kn + i * D + 16 * f);
+                __m512 total = _mm512_setzero_ps();
+                for (int64_t j0 = 0; j0 < len; j0 += 16) {
+                    const int64_t n = len - j0 < 16 ? len - j0 : 16;
+                    __m512 acc[16];
+                    for (int e = 0; e < 16; e++) {
+                        acc[e] = _mm512_setzero_ps();
+                        if (e < n)
+                            for (int f = 0; f < F; f++)
+                                acc[e] = _mm512_fmadd_ps(
+                                    qi[f], _mm512_loadu_ps(kn + (j0 + e) * D + 16 * f), acc[e]);
+                    }
+                    const __m512 sim = reduce16(acc);
+                    __mmask16 keep = lanes(j0, len) & _mm512_cmp_ps_mask(sim, thr, _CMP_GE_OQ);
+                    if (i >= j0 && i < j0 + 16) keep &= (__mmask16)~(1u << (i - j0));
+                    total = _mm512_mask_add_ps(total, keep, total, sim);
+                }
+                o[i] = _mm512_reduce_add_ps(total) * inv_others;
+            }
+            for (int64_t i = len; i < L; i++) o[i] = 0.0f;
+        }
+        free(kn);
+    }
+    return failed;
 }

@@ -24,6 +24,9 @@ KV compression (Sparse-RL, `rlkit.rollout.kv_cache.CompressedKVCache.compress`),
 PyTorch spends its time in gathers, index copies and a stable sort of every row:
 - `window_scores(queries, keys, lengths)`: SnapKV's window attention
   (`rlkit.rollout.compression.window_attention`), reading the cache store in place.
+- `redundancy(keys, lengths, threshold)`: R-KV's mean thresholded cosine similarity of each
+  key to the other keys (`rlkit.rollout.compression.redundancy`), one row of similarities at
+  a time instead of [L, L] blocks through five elementwise passes.
 - `keep_top(scores, lengths, budget, window)`: `rlkit.rollout.compression.keep_top`, the
   budget-th largest score found bit by bit instead of a sort, ties to the earlier entry.
 - `compact_rows(store, rows, idx)`: the kept entries moved to the front of their rows in
@@ -62,6 +65,7 @@ __all__ = [
     "decode_attention",
     "keep_top",
     "missing_prerequisite",
+    "redundancy",
     "rope_append_attend",
     "sample_rows",
     "silu_mul",
@@ -194,6 +198,8 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
         i64, i32, i32, i32, i64, i32, f32,  # R H KVH W L D scale
     ]  # fmt: skip
     lib.rlkit_window_scores_bf16.restype = i32
+    lib.rlkit_redundancy_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i32, i64, i32, f32]
+    lib.rlkit_redundancy_bf16.restype = i32
     lib.rlkit_keep_top_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr]
     lib.rlkit_keep_top_f32.restype = i32
     lib.rlkit_compact_rows.argtypes = [
@@ -419,6 +425,28 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tens
         raise ValueError(f"lengths must be in [{W}, {L}] (window, keys), got {lens.tolist()}")
     if status:
         raise MemoryError("window_scores: scratch allocation failed")
+    return out
+
+
+def redundancy(keys: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:
+    """keys [R, KVH, L, D] bf16 (unit stride along D, D a multiple of 16), lengths [R] in
+    [0, L]: float32 [R, KVH, L], each valid key's summed cosine similarity (those >=
+    threshold) to the other valid keys over (length - 1); 0 past a row's length."""
+    lib = _lib_or_raise()
+    _bf16_d(keys, "keys")
+    R, kvh, L, D = keys.shape
+    if D % 16 or D > _MAX_D:
+        raise ValueError(f"head_dim must be a multiple of 16 up to {_MAX_D}, got {D}")
+    lens = lengths.to(torch.int64).contiguous()
+    out = torch.empty((R, kvh, L), dtype=torch.float32)
+    status = lib.rlkit_redundancy_bf16(
+        keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2), lens.data_ptr(),
+        out.data_ptr(), R, kvh, L, D, threshold,
+    )  # fmt: skip
+    if status == 2:
+        raise ValueError(f"lengths must be in [0, {L}], got {lens.tolist()}")
+    if status:
+        raise MemoryError("redundancy: scratch allocation failed")
     return out
 
 

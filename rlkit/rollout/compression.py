@@ -128,10 +128,24 @@ def pooled_importance(inputs: CompressionInputs, kernel: int) -> torch.Tensor:
     return pooled[..., :L].reshape(B, kvh, L)
 
 
-def redundancy(keys: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:
+def redundancy(
+    keys: torch.Tensor, lengths: torch.Tensor, threshold: float, kernels: bool = False
+) -> torch.Tensor:
     """R-KV's redundancy [B, KVH, L]: mean cosine similarity of each key to the other valid
-    keys of its head, similarities under `threshold` counted as 0."""
-    B, kvh, L, _ = keys.shape
+    keys of its head, similarities under `threshold` counted as 0. kernels=True computes it
+    with the CPU kernel where it applies (bf16 keys on the CPU); there, entries past a row's
+    length get 0 (here they get a value that `keep_top` never reads)."""
+    B, kvh, L, D = keys.shape
+    if (
+        kernels
+        and keys.device.type == "cpu"
+        and keys.dtype == torch.bfloat16
+        and D % 16 == 0
+        and D <= 256
+        and keys.stride(-1) == 1
+        and cpu_kernels.available()
+    ):
+        return cpu_kernels.redundancy(keys, lengths, threshold)
     valid = torch.arange(L, device=keys.device) < lengths.to(keys.device)[:, None]  # [B, L]
     others = (lengths.to(keys.device) - 1).clamp(min=1).float()[:, None, None]
     out = torch.empty(B, kvh, L, dtype=torch.float32, device=keys.device)
@@ -156,7 +170,7 @@ def snapkv(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
 @POLICIES.register("rkv")
 def rkv(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
     importance = pooled_importance(inputs, cfg.pool_kernel)
-    red = redundancy(inputs.keys, inputs.lengths, cfg.rkv_threshold)
+    red = redundancy(inputs.keys, inputs.lengths, cfg.rkv_threshold, inputs.kernels)
     lam = cfg.rkv_lambda
     scores = lam * importance - (1 - lam) * red
     return keep_top(scores, inputs.lengths, cfg.budget, cfg.window, inputs.kernels)

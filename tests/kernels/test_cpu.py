@@ -417,3 +417,25 @@ def test_compact_rows_rejects_indices_out_of_order_and_moves_nothing():
         assert torch.equal(store, before)
     with pytest.raises(ValueError, match="rows must be in"):
         cpu_kernel.compact_rows(store, torch.tensor([2]), torch.tensor([[[0, 1]]]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("D, threshold", [(64, 0.5), (32, 0.0), (128, -0.2)])
+def test_redundancy_matches_pytorch(D, threshold):
+    from rlkit.rollout.compression import redundancy
+
+    g = torch.Generator().manual_seed(D)
+    R, KVH, L = 6, 2, 45
+    keys = torch.randn(R, KVH, L + 3, D, generator=g).bfloat16()[:, :, :L]
+    keys[0, 0, 7] = keys[0, 0, 2]  # a duplicate: similarity 1 with each other
+    keys[1, 1, 4] = 0  # a zero key (normalised by eps: similarity 0)
+    lengths = torch.tensor([L, 17, 1, 0, 30, L])
+    ref = redundancy(keys, lengths, threshold)
+    got = cpu_kernel.redundancy(keys, lengths, threshold)
+    valid = (torch.arange(L) < lengths[:, None])[:, None].expand_as(ref)
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-6, rtol=1e-5)
+    assert (got[~valid] == 0).all()
+    assert got[0, 0, 2] >= 1 / (L - 1) - 1e-6  # the duplicate counts fully
+    torch.testing.assert_close(redundancy(keys, lengths, threshold, kernels=True), got)
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, 45\]"):
+        cpu_kernel.redundancy(keys, torch.tensor([46, 0, 0, 0, 0, 0]), threshold)
