@@ -412,7 +412,7 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tens
     kvh, L = keys.shape[1], keys.shape[2]
     _bf16_d(queries, "queries")
     _bf16_d(keys, "keys")
-    if keys.shape[0] != R or keys.shape[3] != D or not supports_heads(H, kvh, D):
+    if W < 1 or keys.shape[0] != R or keys.shape[3] != D or not supports_heads(H, kvh, D):
         raise ValueError(f"queries {tuple(queries.shape)} do not fit keys {tuple(keys.shape)}")
     lens = lengths.to(torch.int64).contiguous()
     out = torch.empty((R, kvh, L), dtype=torch.float32)

@@ -328,7 +328,9 @@ def test_compress_false_decodes_dense_in_a_sparse_engine(deep_dir):
     reason=f"machine lacks a kernel prerequisite: {cpu_kernels.missing_prerequisite()}",
 )
 @pytest.mark.parametrize("name", [*POLICY_NAMES, "layer_hybrid_local"])
-@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [3, 0, 2]], ids=["consecutive", "scattered"])
+@pytest.mark.parametrize(
+    "rows", [[0, 1, 2, 3], [1, 2, 3, 4], [3, 0, 2]], ids=["consecutive", "offset", "scattered"]
+)
 def test_compress_on_the_cpu_kernels_equals_pytorch(name, rows):
     """A compression through the C kernels (scores, selection, compaction in place) leaves
     the cache exactly as the PyTorch path does, for rows read in place or gathered."""
