@@ -21,8 +21,10 @@ warm-up run, and reports the median of `--repeats` timed runs:
 
 Modes are modes of the native engine: `dense`, and `sparse` (a compressed KV cache, policy
 and budget from the options). Other engines run dense only, except two ablations of the
-native engine, for what each CPU lever is worth: `native-plain` (no oneDNN-prepacked
-weights) and `native-torch` (PyTorch ops in the decode step instead of the C kernels).
+native engine, for what each lever is worth: `native-plain` (no oneDNN-prepacked weights)
+and `native-torch` (PyTorch ops in the decode step instead of the C kernels) on a CPU, and
+`native-eager` (decode steps launched one kernel at a time, not replayed from CUDA graphs)
+on a GPU.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ from rlkit.rollout.sampling import SamplingParams
 MODES = ("dense", "sparse")
 # Ablations of the native engine, to show what each CPU lever is worth on this machine:
 # native-plain without oneDNN-prepacked weights (`Engine(prepack=False)`), native-torch with
-# PyTorch ops in the decode step instead of the C kernels (`Engine(cpu_kernels=False)`).
-ENGINES = ("native", "native-plain", "native-torch", "hf", "vllm")
-_MODAL = ("native", "native-plain", "native-torch")
+# PyTorch ops in the decode step instead of the C kernels (`Engine(cpu_kernels=False)`),
+# native-eager without CUDA-graph decode steps (`Engine(cuda_graphs=False)`).
+ENGINES = ("native", "native-plain", "native-torch", "native-eager", "hf", "vllm")
+_MODAL = ("native", "native-plain", "native-torch", "native-eager")
 COLUMNS = (
     ("engine", "engine", "{}"),
     ("mode", "mode", "{}"),
@@ -159,6 +162,7 @@ def _native(
         kv_compression=compression,
         prepack=False if name == "native-plain" else None,
         cpu_kernels=name != "native-torch",
+        cuda_graphs=False if name == "native-eager" else None,
     )
 
     def generate(new_tokens: int, seed: int) -> tuple[float, int]:
@@ -241,6 +245,7 @@ _BUILDERS: dict[str, Callable[..., _Runner]] = {
     "native": _native,
     "native-plain": functools.partial(_native, name="native-plain"),
     "native-torch": functools.partial(_native, name="native-torch"),
+    "native-eager": functools.partial(_native, name="native-eager"),
     "hf": _hf,
     "vllm": _vllm,
 }

@@ -53,7 +53,9 @@ def test_rows_json_and_ratios(model_dir, tmp_path, capsys):
 def test_bad_choices_name_the_valid_ones(model_dir):
     with pytest.raises(SystemExit, match="valid: dense, sparse"):
         rollout(["--model", model_dir, "--modes", "dense,spec"])
-    with pytest.raises(SystemExit, match="valid: native, native-plain, native-torch, hf, vllm"):
+    with pytest.raises(
+        SystemExit, match="valid: native, native-plain, native-torch, native-eager, hf, vllm"
+    ):
         rollout(["--model", model_dir, "--engines", "trt"])
     assert main([]) == 2
 

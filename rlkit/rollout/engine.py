@@ -28,6 +28,7 @@ from rlkit.models.decoder import Decoder, can_prepack
 from rlkit.models.loading import load_weights
 from rlkit.models.tokenizer import eos_token_ids
 from rlkit.rollout.compression import validate
+from rlkit.rollout.cuda_graphs import DecodeGraphs, supported
 from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
 from rlkit.rollout.sampling import SamplingParams, make_generator, sample
 from rlkit.rollout.stopping import StopChecker
@@ -85,6 +86,9 @@ class Engine:
     cpu_kernels: decode steps through the C kernels on CPU (bf16, where they are built:
     `rlkit.kernels.cpu`; `Decoder.forward_decode_fused`); False runs PyTorch ops (ATen's
     SDPA for attention), to compare.
+    cuda_graphs: decode steps replayed from CUDA graphs, one per padded batch size
+    (`rollout/cuda_graphs.py`; default: on for CUDA; not under the h2o policy). True on a CPU
+    runs the same padded steps without capturing them (the path tested there).
 
     `stats` (after each `generate`): kv_bytes_peak (bytes of the cache's K/V storage as
     allocated), kv_bytes_retained_per_seq (mean over sequences of the entries held when the
@@ -107,6 +111,7 @@ class Engine:
         kv_compression: KVCompressionConfig | None = None,
         prepack: bool | None = None,
         cpu_kernels: bool = True,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
@@ -126,6 +131,10 @@ class Engine:
         self.cpu_kernels = cpu_kernels
         # One-token decode steps through the C kernels (bf16 on CPU where they are built).
         self.fused_decode = cpu_kernels and self.model.can_fuse_decode()
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and not self.fused_decode
+        self._graphs: DecodeGraphs | None = None
         self.compression = kv_compression
         if kv_compression is not None and kv_compression.policy == "none":
             self.compression = None
@@ -142,6 +151,15 @@ class Engine:
         sizes) would otherwise sit idle through the learner's step, the run's memory peak.
         """
         self.cache = None
+        self._graphs = None  # their memory pool and their views of the cache
+
+    def _decode_graphs(self, cache: KVCache) -> DecodeGraphs | None:
+        """The replayable decode steps for `cache` (None: eager steps)."""
+        if not self.cuda_graphs or not supported(cache):
+            return None
+        if self._graphs is None or self._graphs.cache is not cache:
+            self._graphs = DecodeGraphs(self.model, cache, capture=cache.device.type == "cuda")
+        return self._graphs
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -162,6 +180,7 @@ class Engine:
                 and old.fits_compressed(slots, small, length, self.dtype, c)
             ):
                 self.cache = old = None  # free the old one before allocating
+                self._graphs = None
                 self.cache = CompressedKVCache(
                     a.num_layers, slots, small, length, a.num_heads, a.num_kv_heads,
                     a.head_dim, c, self.dtype, self.device, self.cpu_kernels,
@@ -174,6 +193,7 @@ class Engine:
             or not self.cache.fits(slots, length, self.dtype)
         ):
             self.cache = None  # free the old one before allocating
+            self._graphs = None
             self.cache = KVCache(
                 a.num_layers, slots, length, a.num_kv_heads, a.head_dim, self.dtype, self.device,
                 self.cpu_kernels,
@@ -216,6 +236,7 @@ class _Run:
         length = min(engine.max_seq_len, max(len(p) for p in prompts) + params.max_new_tokens)
         self.cache = engine._cache_for(min(engine.max_batch_size, total), length, compression)
         self.slots = self.cache.num_slots
+        self.graphs = engine._decode_graphs(self.cache)
         self.gen = make_generator(params, dev)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_ids)
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
@@ -325,11 +346,14 @@ class _Run:
 
     def _decode_step(self) -> None:
         B = len(self.seq)
-        positions = self.cache.begin_decode(B)  # [B, 1]
-        if self.e.fused_decode:
-            hidden = self.model.forward_decode_fused(self.last[:B, None], positions, self.cache)
+        if self.graphs is not None:
+            hidden = self.graphs.step(B, self.last)
         else:
-            hidden = self.model.forward_cached(self.last[:B, None], positions, self.cache)
+            positions = self.cache.begin_decode(B)  # [B, 1]
+            if self.e.fused_decode:
+                hidden = self.model.forward_decode_fused(self.last[:B, None], positions, self.cache)
+            else:
+                hidden = self.model.forward_cached(self.last[:B, None], positions, self.cache)
         tok, logp = self._sample(hidden[:, -1])
         seq, count = self.seq_dev[:B], self.count_dev[:B]
         self.out_tokens[seq, count] = tok

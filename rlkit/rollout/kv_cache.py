@@ -97,10 +97,30 @@ class KVCache:
         self.lengths[idx] = src
         self.positions[idx] = src
 
-    def begin_decode(self, batch: int, new_tokens: int = 1) -> torch.Tensor:
+    def _static_rows(self, rows: int) -> torch.Tensor:
+        """The device buffer [rows, slots] (int64) behind a padded decode step's inputs:
+        allocated once, so a CUDA graph captured over its views reads each step's values."""
+        buf = getattr(self, "_static", None)
+        if buf is None or buf.shape[0] != rows:
+            buf = self._static = torch.zeros(
+                (rows, self.num_slots), dtype=torch.long, device=self.device
+            )
+        return buf
+
+    def begin_decode(
+        self, batch: int, new_tokens: int = 1, pad_to: int | None = None
+    ) -> torch.Tensor:
         """Next forward appends `new_tokens` tokens to each of slots 0..batch-1; returns their
-        true positions [batch, new_tokens]."""
+        true positions [batch, new_tokens].
+
+        pad_to=P (one new token, batch <= P <= slots): a step of P rows whose inputs live in
+        one fixed device buffer and whose attention spans every row's whole capacity (only
+        each row's length counts), so the same forward, captured once as a CUDA graph, runs
+        every step of P rows. Rows batch..P-1 are padding: free slots, written at entry 0
+        and attending to 1 entry. Returns positions [P, 1]."""
         self._mode = "decode"
+        if pad_to is not None:
+            return self._begin_padded(batch, pad_to)
         start = torch.from_numpy(self.lengths[:batch].copy()).to(self.device)  # [B]
         pos0 = torch.from_numpy(self.positions[:batch].copy()).to(self.device)
         steps = torch.arange(new_tokens, device=self.device)
@@ -115,6 +135,21 @@ class KVCache:
         self.lengths[:batch] += new_tokens
         self.positions[:batch] += new_tokens
         return pos0[:, None] + steps
+
+    def _begin_padded(self, batch: int, pad: int) -> torch.Tensor:
+        if not batch <= pad <= self.num_slots:
+            raise ValueError(f"pad_to must be in [{batch}, {self.num_slots}], got {pad}")
+        host = np.zeros((3, pad), dtype=np.int64)  # write index, length, position
+        host[0, :batch] = self.lengths[:batch]
+        host[1] = host[0] + 1
+        host[2, :batch] = self.positions[:batch]
+        buf = self._static_rows(3)
+        buf[:, :pad].copy_(torch.from_numpy(host), non_blocking=False)
+        self._write, self._lens = buf[0, :pad, None], buf[1, :pad]
+        self._kv_len = self.max_len
+        self.lengths[:batch] += 1
+        self.positions[:batch] += 1
+        return buf[2, :pad, None]
 
     def rewind(self, counts: np.ndarray) -> None:
         """Forget the last counts[b] entries of slots 0..len(counts)-1 (rejected drafts)."""
@@ -395,8 +430,12 @@ class CompressedKVCache(KVCache):
 
     # -- decode ----------------------------------------------------------------------------
 
-    def begin_decode(self, batch: int, new_tokens: int = 1) -> torch.Tensor:
+    def begin_decode(
+        self, batch: int, new_tokens: int = 1, pad_to: int | None = None
+    ) -> torch.Tensor:
         self._mode = "decode"
+        if pad_to is not None:
+            return self._begin_padded_compressed(batch, pad_to)
         dev = self.device
         pos0 = torch.from_numpy(self.positions[:batch].copy()).to(dev)
         steps = torch.arange(new_tokens, device=dev)
@@ -421,6 +460,35 @@ class CompressedKVCache(KVCache):
         self.group_lengths[:, :batch] += new_tokens
         self.positions[:batch] += new_tokens
         return pos0[:, None] + steps
+
+    def _begin_padded_compressed(self, batch: int, pad: int) -> torch.Tensor:
+        """`KVCache.begin_decode(pad_to=...)` for the compressed cache: per length group the
+        write index and length, the query ring's index and the positions in one buffer."""
+        if not batch <= pad <= self.num_slots:
+            raise ValueError(f"pad_to must be in [{batch}, {self.num_slots}], got {pad}")
+        if self.h2o:  # its statistic needs every row's exact span; not captured
+            raise ValueError("a padded decode step does not take the h2o policy")
+        groups = 2 if self.full_layers else 1
+        host = np.zeros((2 * groups + 2, pad), dtype=np.int64)
+        for g in range(groups):
+            host[2 * g, :batch] = self.group_lengths[g, :batch]
+            host[2 * g + 1] = host[2 * g] + 1
+        host[-2, :batch] = self.positions[:batch] % self.cfg.window
+        host[-1, :batch] = self.positions[:batch]
+        buf = self._static_rows(2 * groups + 2)
+        buf[:, :pad].copy_(torch.from_numpy(host))
+        self._gwrite = [buf[2 * g, :pad, None] for g in range(groups)]
+        self._glens = [buf[2 * g + 1, :pad] for g in range(groups)]
+        self._gkv_len = [self.max_len, self.full_len][:groups]
+        self._gmask = []
+        if self.q_index:
+            self._ring = buf[-2, :pad, None]
+        if self.oracle:  # the real rows' new entries and their true positions (not captured)
+            slots = torch.arange(batch, device=self.device)
+            self.entry_pos[:, slots, buf[0, :batch]] = buf[-1, :batch]
+        self.group_lengths[:, :batch] += 1
+        self.positions[:batch] += 1
+        return buf[-1, :pad, None]
 
     def rewind(self, counts: np.ndarray) -> None:
         """Forget the last counts[b] entries of slots 0..len(counts)-1 (not across a

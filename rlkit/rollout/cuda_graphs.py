@@ -1,0 +1,87 @@
+"""Decode steps replayed from CUDA graphs.
+
+On a GPU a one-token decode step of a small model is bound by launching its kernels from
+Python (~10 per layer), not by the GPU: at batch 32 the H100 spends ~25 ms per step whatever
+the batch or context (benchmarks/NOTES.md). `DecodeGraphs` captures the model's decode forward
+once per padded batch size (a bucket: 1, 2, 4, 8, ... up to the cache's slots) and replays it:
+one launch per step instead of hundreds.
+
+What makes a step replayable: the cache's `begin_decode(B, pad_to=P)` writes the step's write
+indices, lengths and positions into one device buffer that never moves and spans every row's
+whole capacity (the attention kernel reads only each row's length), and this class feeds the
+tokens through a fixed buffer too. Rows B..P-1 of a bucket are padding over free slots. The
+weights are updated in place by a weight sync (`load_weights` copies), so graphs stay valid;
+a new cache (a different size) gets new graphs. Sampling and everything on the host stay
+outside the graph.
+
+`capture=False` runs the same padded step eagerly: the path tested on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlkit.models.decoder import Decoder
+from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Padded batch sizes: powers of two below `max_batch`, then `max_batch`."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return [*out, max_batch]
+
+
+def supported(cache: KVCache) -> bool:
+    """Whether a cache takes padded decode steps (H2O's statistic needs exact spans)."""
+    return not (isinstance(cache, CompressedKVCache) and cache.h2o)
+
+
+class DecodeGraphs:
+    def __init__(self, model: Decoder, cache: KVCache, capture: bool = True):
+        if not supported(cache):
+            raise ValueError("CUDA-graph decode does not take an h2o cache")
+        self.model, self.cache, self.capture = model, cache, capture
+        self.buckets = buckets(cache.num_slots)
+        dev = cache.device
+        self.tokens = torch.zeros((cache.num_slots, 1), dtype=torch.long, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.steps: dict[int, int] = {}  # steps run per bucket
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def step(self, batch: int, last: torch.Tensor) -> torch.Tensor:
+        """One decode step of slots 0..batch-1 fed tokens last[:batch]: hidden states
+        [batch, 1, hidden] (a view of the graph's output, valid until the next step)."""
+        pad = self.bucket(batch)
+        self.steps[pad] = self.steps.get(pad, 0) + 1
+        positions = self.cache.begin_decode(batch, pad_to=pad)
+        self.tokens[:batch, 0].copy_(last[:batch])
+        tokens = self.tokens[:pad]
+        if not self.capture:
+            return self.model.forward_cached(tokens, positions, self.cache)[:batch]
+        if pad not in self.graphs:
+            self.graphs[pad] = self._capture(tokens, positions)
+        graph, out = self.graphs[pad]
+        graph.replay()
+        return out[:batch]
+
+    def _capture(
+        self, tokens: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream (lazy initialisation, Triton compilation), then capture.
+        # Both run this step's own inputs, so the cache writes they make are the step's own:
+        # the replay that follows writes the same values again.
+        side = torch.cuda.Stream(device=tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            self.model.forward_cached(tokens, positions, self.cache)
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.model.forward_cached(tokens, positions, self.cache)
+        return graph, out

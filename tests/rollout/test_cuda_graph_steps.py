@@ -1,0 +1,116 @@
+"""Padded decode steps (`rollout/cuda_graphs.py`): the steps a CUDA graph replays, run eagerly
+here (`Engine(cuda_graphs=True)` on a CPU), must decode exactly as the plain steps do, with
+the batch shrinking through the buckets, slots refilled, and compressed caches."""
+
+import pytest
+import torch
+
+from rlkit.config.schema import KVCompressionConfig
+from rlkit.rollout import SamplingParams
+from rlkit.rollout.cuda_graphs import DecodeGraphs, buckets
+from rlkit.rollout.kv_cache import CompressedKVCache
+
+GREEDY = dict(temperature=0.0)
+POLICIES = [None, "snapkv", "rkv", "streaming", "layer_hybrid"]
+
+
+def compression(policy):
+    if policy is None:
+        return None
+    return KVCompressionConfig(policy=policy, budget=10, window=3, interval=3, full_every=2)
+
+
+def test_buckets_cover_every_batch_up_to_the_slots():
+    assert buckets(1) == [1]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(12) == [1, 2, 4, 8, 12]
+    for b in range(1, 13):
+        assert min(x for x in buckets(12) if x >= b) - b < b  # padding stays under half
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("params", [dict(**GREEDY), dict(temperature=1.0, seed=3)])
+def test_padded_steps_decode_like_plain_steps(make_engine, prompts, policy, params):
+    # 8 sequences through 5 slots with stops at different steps: the running batch goes
+    # 5 -> 4 -> 3 ... (buckets 8 covering 5, 4, 2, 1) and freed slots are refilled.
+    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], **params)
+    kw = dict(max_batch_size=5, sync_every=2, kv_compression=compression(policy))
+    plain = make_engine(cuda_graphs=False, **kw)
+    padded = make_engine(cuda_graphs=True, **kw)
+    ref = plain.generate(prompts, sp, n=2)
+    out = padded.generate(prompts, sp, n=2)
+    assert padded._graphs is not None and not padded._graphs.capture
+    assert plain._graphs is None
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    assert [c.finish_reason for c in out] == [c.finish_reason for c in ref]
+    assert len(padded._graphs.steps) > 1  # the batch went through several buckets
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    if policy is not None:
+        assert padded.stats["compression_events"] == plain.stats["compression_events"] > 0
+
+
+def test_h2o_steps_stay_eager(make_engine, prompts):
+    h2o = KVCompressionConfig(policy="h2o", budget=10, window=3, interval=3)
+    engine = make_engine(cuda_graphs=True, kv_compression=h2o)
+    engine.generate(prompts, SamplingParams(max_new_tokens=4, **GREEDY))
+    assert engine._graphs is None
+    # compress=False: the same engine decodes a dense cache, which takes padded steps.
+    engine.generate(prompts, SamplingParams(max_new_tokens=4, **GREEDY), compress=False)
+    assert engine._graphs is not None
+    a = engine.model.args
+    cache = CompressedKVCache(a.num_layers, 2, 13, 40, a.num_heads, a.num_kv_heads, a.head_dim, h2o)
+    with pytest.raises(ValueError, match="h2o"):
+        DecodeGraphs(engine.model, cache, capture=False)
+    with pytest.raises(ValueError, match="h2o"):
+        cache.begin_decode(1, pad_to=2)
+
+
+def test_a_new_cache_gets_new_steps_and_release_drops_them(make_engine, prompts):
+    engine = make_engine(cuda_graphs=True)
+    engine.generate(prompts, SamplingParams(max_new_tokens=4, **GREEDY))
+    first = engine._graphs
+    assert first is not None and first.cache is engine.cache
+    engine.generate(prompts, SamplingParams(max_new_tokens=40, **GREEDY))  # a longer cache
+    assert engine._graphs is not first and engine._graphs.cache is engine.cache
+    engine.release_cache()
+    assert engine._graphs is None and engine.cache is None
+
+
+def test_padded_begin_decode_rejects_a_pad_outside_the_slots(make_engine, prompts):
+    engine = make_engine(cuda_graphs=True, max_batch_size=4)
+    engine.generate(prompts, SamplingParams(max_new_tokens=2, **GREEDY))
+    with pytest.raises(ValueError, match=r"pad_to must be in \[3, 4\]"):
+        engine.cache.begin_decode(3, pad_to=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cuda_graph_steps_decode_like_eager_steps(tiny_dirs, prompts, policy):
+    """On a GPU: replayed graphs against launched steps (the attention of a padded step spans
+    each row's capacity, so its split into blocks and the float sums may differ slightly)."""
+    from rlkit.models import load_model
+    from rlkit.rollout import Engine
+
+    def make(graphs):
+        model, tok = load_model(tiny_dirs["qwen3"])
+        return Engine(
+            model.to("cuda"), tok, dtype=torch.float32, max_batch_size=5, sync_every=2,
+            kv_compression=compression(policy), cuda_graphs=graphs,
+        )  # fmt: skip
+
+    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], **GREEDY)
+    graphed, eager = make(True), make(False)
+    out, ref = graphed.generate(prompts, sp, n=2), eager.generate(prompts, sp, n=2)
+    assert graphed._graphs is not None and graphed._graphs.capture
+    assert len(graphed._graphs.graphs) > 1  # several buckets captured
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+    # A weight sync copies in place: the captured graphs decode with the new weights.
+    fresh, _ = load_model(tiny_dirs["qwen3"])
+    state = {k: v * 0.5 for k, v in fresh.state_dict().items()}
+    graphed.load_state_dict(state)
+    eager.load_state_dict(state)
+    out, ref = graphed.generate(prompts, sp, n=2), eager.generate(prompts, sp, n=2)
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
