@@ -483,6 +483,13 @@ void rlkit_sample_rows_bf16(const uint16_t *logits, int64_t rs, int64_t rows, in
 
 /* -- KV compression (Sparse-RL) ------------------------------------------------------------ */
 
+/* Whether any of the n lengths lies outside [lo, hi]. */
+static int any_outside(const int64_t *lens, int64_t n, int64_t lo, int64_t hi) {
+    for (int64_t i = 0; i < n; i++)
+        if (lens[i] < lo || lens[i] > hi) return 1;
+    return 0;
+}
+
 /* out[j] = scale * q . k_j for j < n (q: D bf16 with unit stride, D a multiple of 32). */
 static void dot_scores(const uint16_t *q, const uint16_t *k, int64_t k_sl, int64_t n, int D,
                        float scale, float *out) {
@@ -521,8 +528,7 @@ int rlkit_window_scores_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int6
                              const uint16_t *k, int64_t k_sr, int64_t k_sh, int64_t k_sl,
                              const int64_t *lens, float *out, int64_t R, int H, int KVH, int W,
                              int64_t L, int D, float scale) {
-    for (int64_t r = 0; r < R; r++)
-        if (lens[r] < W || lens[r] > L) return 2;
+    if (any_outside(lens, R, W, L)) return 2;
     const int G = H / KVH;
     const float inv_rows = 1.0f / (float)(G * W);
     int failed = 0;
@@ -658,8 +664,7 @@ int rlkit_compact_rows(uint8_t *base, int64_t sb_slot, int64_t sb_head, int64_t 
 int rlkit_redundancy_bf16(const uint16_t *k, int64_t k_sr, int64_t k_sh, int64_t k_sl,
                           const int64_t *lens, float *out, int64_t R, int KVH, int64_t L, int D,
                           float threshold) {
-    for (int64_t r = 0; r < R; r++)
-        if (lens[r] < 0 || lens[r] > L) return 2;
+    if (any_outside(lens, R, 0, L)) return 2;
     const int F = D / 16;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)

@@ -54,6 +54,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -251,6 +252,16 @@ def _lib_or_raise() -> ctypes.CDLL:
     return lib
 
 
+def _check_status(status: int, kernel: str, bad_arguments: Callable[[], str] = lambda: "") -> None:
+    """The C entry points return 0, 1 when a scratch allocation failed, 2 when an argument
+    is out of range (`bad_arguments()` says which and how; built only then: the decode step
+    calls some kernels once per layer)."""
+    if status == 2:
+        raise ValueError(bad_arguments())
+    if status:
+        raise MemoryError(f"{kernel}: scratch allocation failed")
+
+
 def _rows(t: torch.Tensor, name: str) -> None:
     if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
         raise ValueError(
@@ -274,8 +285,7 @@ def decode_attention(
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
         lens.data_ptr(), out.data_ptr(), B, H, kvh, L, D, scale,
     )  # fmt: skip
-    if failed:
-        raise MemoryError("decode_attention: scratch allocation failed")
+    _check_status(failed, "decode_attention")
     return out
 
 
@@ -329,12 +339,11 @@ def rope_append_attend(
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
         cap, lens.data_ptr(), out.data_ptr(), B, num_heads, kvh, D, scale, *ring_args,
     )  # fmt: skip
-    if status == 2:
-        raise ValueError(
-            f"lengths must be in [1, {cap}] (the cache's capacity), got {lens.tolist()}"
-        )
-    if status:
-        raise MemoryError("rope_append_attend: scratch allocation failed")
+    _check_status(
+        status,
+        "rope_append_attend",
+        lambda: f"lengths must be in [1, {cap}] (the cache's capacity), got {lens.tolist()}",
+    )
     return out
 
 
@@ -421,10 +430,11 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tens
         keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
         lens.data_ptr(), out.data_ptr(), R, H, kvh, W, L, D, 1.0 / D**0.5,
     )  # fmt: skip
-    if status == 2:
-        raise ValueError(f"lengths must be in [{W}, {L}] (window, keys), got {lens.tolist()}")
-    if status:
-        raise MemoryError("window_scores: scratch allocation failed")
+    _check_status(
+        status,
+        "window_scores",
+        lambda: f"lengths must be in [{W}, {L}] (window, keys), got {lens.tolist()}",
+    )
     return out
 
 
@@ -443,10 +453,7 @@ def redundancy(keys: torch.Tensor, lengths: torch.Tensor, threshold: float) -> t
         keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2), lens.data_ptr(),
         out.data_ptr(), R, kvh, L, D, threshold,
     )  # fmt: skip
-    if status == 2:
-        raise ValueError(f"lengths must be in [0, {L}], got {lens.tolist()}")
-    if status:
-        raise MemoryError("redundancy: scratch allocation failed")
+    _check_status(status, "redundancy", lambda: f"lengths must be in [0, {L}], got {lens.tolist()}")
     return out
 
 
@@ -466,8 +473,7 @@ def keep_top(scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: i
         scores.data_ptr(), scores.stride(0), scores.stride(1), lens.data_ptr(), R, X, L,
         budget, window, out.data_ptr(),
     )  # fmt: skip
-    if failed:
-        raise MemoryError("keep_top: scratch allocation failed")
+    _check_status(failed, "keep_top")
     return out
 
 

@@ -58,6 +58,7 @@ class KVCache:
         self.lengths = np.zeros(num_slots, dtype=np.int64)
         self.positions = np.zeros(num_slots, dtype=np.int64)
         self._mode: str | None = None
+        self._static: torch.Tensor | None = None  # padded steps' inputs (`_padded_inputs`)
 
     def fits(self, num_slots: int, max_len: int, dtype: torch.dtype) -> bool:
         return self.num_slots >= num_slots and self.max_len >= max_len and self.k.dtype == dtype
@@ -97,14 +98,18 @@ class KVCache:
         self.lengths[idx] = src
         self.positions[idx] = src
 
-    def _static_rows(self, rows: int) -> torch.Tensor:
-        """The device buffer [rows, slots] (int64) behind a padded decode step's inputs:
-        allocated once, so a CUDA graph captured over its views reads each step's values."""
-        buf = getattr(self, "_static", None)
-        if buf is None or buf.shape[0] != rows:
-            buf = self._static = torch.zeros(
-                (rows, self.num_slots), dtype=torch.long, device=self.device
+    def _padded_inputs(self, batch: int, pad: int, host: np.ndarray) -> torch.Tensor:
+        """Copy a padded step's inputs host [rows, pad] (int64) into the cache's fixed device
+        buffer [rows, slots], allocated on first use and never moved, so that a CUDA graph
+        captured over its views reads each step's values; returns buf[:, :pad]."""
+        if not batch <= pad <= self.num_slots:
+            raise ValueError(f"pad_to must be in [{batch}, {self.num_slots}], got {pad}")
+        if self._static is None:
+            self._static = torch.zeros(
+                (host.shape[0], self.num_slots), dtype=torch.long, device=self.device
             )
+        buf = self._static[:, :pad]
+        buf.copy_(torch.from_numpy(host))
         return buf
 
     def begin_decode(
@@ -137,19 +142,16 @@ class KVCache:
         return pos0[:, None] + steps
 
     def _begin_padded(self, batch: int, pad: int) -> torch.Tensor:
-        if not batch <= pad <= self.num_slots:
-            raise ValueError(f"pad_to must be in [{batch}, {self.num_slots}], got {pad}")
         host = np.zeros((3, pad), dtype=np.int64)  # write index, length, position
         host[0, :batch] = self.lengths[:batch]
         host[1] = host[0] + 1
         host[2, :batch] = self.positions[:batch]
-        buf = self._static_rows(3)
-        buf[:, :pad].copy_(torch.from_numpy(host), non_blocking=False)
-        self._write, self._lens = buf[0, :pad, None], buf[1, :pad]
+        buf = self._padded_inputs(batch, pad, host)
+        self._write, self._lens = buf[0, :, None], buf[1]
         self._kv_len = self.max_len
         self.lengths[:batch] += 1
         self.positions[:batch] += 1
-        return buf[2, :pad, None]
+        return buf[2, :, None]
 
     def rewind(self, counts: np.ndarray) -> None:
         """Forget the last counts[b] entries of slots 0..len(counts)-1 (rejected drafts)."""
@@ -302,6 +304,7 @@ class CompressedKVCache(KVCache):
         )
         self.events = 0
         self._mode: str | None = None
+        self._static: torch.Tensor | None = None
 
     # -- sizes -----------------------------------------------------------------------------
 
@@ -464,8 +467,6 @@ class CompressedKVCache(KVCache):
     def _begin_padded_compressed(self, batch: int, pad: int) -> torch.Tensor:
         """`KVCache.begin_decode(pad_to=...)` for the compressed cache: per length group the
         write index and length, the query ring's index and the positions in one buffer."""
-        if not batch <= pad <= self.num_slots:
-            raise ValueError(f"pad_to must be in [{batch}, {self.num_slots}], got {pad}")
         if self.h2o:  # its statistic needs every row's exact span; not captured
             raise ValueError("a padded decode step does not take the h2o policy")
         groups = 2 if self.full_layers else 1
@@ -475,20 +476,19 @@ class CompressedKVCache(KVCache):
             host[2 * g + 1] = host[2 * g] + 1
         host[-2, :batch] = self.positions[:batch] % self.cfg.window
         host[-1, :batch] = self.positions[:batch]
-        buf = self._static_rows(2 * groups + 2)
-        buf[:, :pad].copy_(torch.from_numpy(host))
-        self._gwrite = [buf[2 * g, :pad, None] for g in range(groups)]
-        self._glens = [buf[2 * g + 1, :pad] for g in range(groups)]
+        buf = self._padded_inputs(batch, pad, host)
+        self._gwrite = [buf[2 * g, :, None] for g in range(groups)]
+        self._glens = [buf[2 * g + 1] for g in range(groups)]
         self._gkv_len = [self.max_len, self.full_len][:groups]
         self._gmask = []
         if self.q_index:
-            self._ring = buf[-2, :pad, None]
+            self._ring = buf[-2, :, None]
         if self.oracle:  # the real rows' new entries and their true positions (not captured)
             slots = torch.arange(batch, device=self.device)
             self.entry_pos[:, slots, buf[0, :batch]] = buf[-1, :batch]
         self.group_lengths[:, :batch] += 1
         self.positions[:batch] += 1
-        return buf[-1, :pad, None]
+        return buf[-1, :, None]
 
     def rewind(self, counts: np.ndarray) -> None:
         """Forget the last counts[b] entries of slots 0..len(counts)-1 (not across a
