@@ -11,11 +11,15 @@ import re
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from rlkit.config.errors import ConfigError
 
-# Recipes are a few KB; the pure-Python parser reads about a MB per second.
-MAX_FILE_BYTES = 1 << 20
+# Recipes are a few KB. This bounds the worst case, a flow list of 32k one-character items,
+# to about half a second with libyaml (and two with PyYAML's pure-Python parser).
+MAX_FILE_BYTES = 64 << 10
 # Mappings and lists inside each other (a recipe needs about 6).
 MAX_DEPTH = 40
 # Values after expanding aliases: a YAML bomb of a few lines expands to billions.
@@ -26,29 +30,58 @@ class _LimitError(yaml.MarkedYAMLError):
     """A bound of this module exceeded at a place in the document."""
 
 
-class _Loader(yaml.SafeLoader):
-    yaml_implicit_resolvers: dict = {}
+class _Bounded:
+    """The composer's hooks, shared by both loaders: nesting depth and alias expansion."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         # The composer recurses once per nesting level; stop long before Python's limit.
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
+                mark = self.peek_event().start_mark  # type: ignore[attr-defined]
                 problem = f"nested more than {MAX_DEPTH} levels deep"
                 raise _LimitError(None, None, problem, mark)
-            return super().compose_node(parent, index)
+            return super().compose_node(parent, index)  # type: ignore[misc]
         finally:
             self._depth -= 1
 
     def compose_document(self) -> Any:
-        node = super().compose_document()
+        node = super().compose_document()  # type: ignore[misc]
         _check_expansion(node)
         return node
+
+
+class _PyLoader(_Bounded, yaml.SafeLoader):
+    yaml_implicit_resolvers: dict = {}
+    # ReaderError.position counts characters.
+    byte_offsets = False
+
+
+_LOADERS: list[type] = [_PyLoader]
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _CLoader(_Bounded, CParser, Composer, SafeConstructor, Resolver):  # type: ignore[misc]
+        """libyaml scans and parses (several times faster than PyYAML's Python); composing
+        stays in Python, where `_Bounded` sees every node."""
+
+        yaml_implicit_resolvers: dict = {}
+        # ReaderError.position counts UTF-8 bytes.
+        byte_offsets = True
+        get_single_node = Composer.get_single_node
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+    _LOADERS.append(_CLoader)
+
+# The loader recipes are read with: libyaml's when PyYAML was built with it.
+_Loader: type = _LOADERS[-1]
 
 
 class _Dumper(yaml.SafeDumper):
@@ -70,9 +103,9 @@ _CORE_SCALARS = [
         list("-+.0123456789"),
     ),
 ]
-for _cls in (_Loader, _Dumper):
+for _cls in (*_LOADERS, _Dumper):
     for _tag, _regexp, _first in _CORE_SCALARS:
-        _cls.add_implicit_resolver(_tag, re.compile(_regexp), _first)
+        _cls.add_implicit_resolver(_tag, re.compile(_regexp), _first)  # type: ignore[attr-defined]
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
@@ -86,7 +119,8 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
         raise _LimitError(None, None, "integer too large", node.start_mark) from None
 
 
-_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+for _cls in _LOADERS:
+    _cls.add_constructor("tag:yaml.org,2002:int", _construct_int)  # type: ignore[attr-defined]
 
 
 def _check_expansion(root: yaml.Node | None) -> None:
@@ -122,7 +156,9 @@ def _check_expansion(root: yaml.Node | None) -> None:
         size(root)
 
 
-def _line_of(text: str, position: int) -> int:
+def _line_of(text: str, position: int, byte_offsets: bool) -> int:
+    if byte_offsets:
+        return text.encode("utf-8")[:position].count(b"\n") + 1
     return text.count("\n", 0, position) + 1
 
 
@@ -145,7 +181,7 @@ def read_text(path: str) -> str:
     except OSError as e:
         raise ConfigError(path, "", f"cannot read the recipe: {e.strerror or e}") from None
     if len(raw) > MAX_FILE_BYTES:
-        problem = f"the recipe is larger than {MAX_FILE_BYTES >> 20} MiB; recipes are a few KB"
+        problem = f"the recipe is larger than {MAX_FILE_BYTES >> 10} KiB; recipes are a few KB"
         raise ConfigError(path, "", problem)
     return _decode(raw, path)
 
@@ -176,7 +212,7 @@ def compose(
     except yaml.reader.ReaderError as e:
         code = e.character if isinstance(e.character, int) else ord(e.character)
         problem = f"invalid YAML: control character #x{code:04x}"
-        raise fail(_line_of(text, e.position), problem) from None
+        raise fail(_line_of(text, e.position, _Loader.byte_offsets), problem) from None
     except yaml.YAMLError as e:
         raise fail(None, f"invalid YAML: {' '.join(str(e).split())}") from None
     finally:
@@ -188,7 +224,7 @@ def compose(
 def parse_value(text: str, where: str, key: str) -> Any:
     """A command-line override's value, read with the same rules and bounds as a file."""
     if len(text) > MAX_FILE_BYTES:
-        raise ConfigError(where, key, f"the value is longer than {MAX_FILE_BYTES >> 20} MiB")
+        raise ConfigError(where, key, f"the value is longer than {MAX_FILE_BYTES >> 10} KiB")
     return compose(text, where, key, lines=False)[0]
 
 
