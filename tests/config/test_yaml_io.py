@@ -50,10 +50,9 @@ def test_recursive_alias(tmp_path):
 def test_deep_nesting(tmp_path, opener, closer):
     depth = 10_000
     text = "data:\n  task_args: {x: " + opener * depth + "1" + closer * depth + "}\n"
-    # libyaml stops at its own limit (1000) first; a shallower excess reaches the composer's.
-    assert error_of(tmp_path, text).startswith(":2:") and "nesting depth" in error_of(
-        tmp_path, text
-    )
+    # libyaml may stop at its own limit (1000) first; a shallower excess reaches the composer's.
+    message = error_of(tmp_path, text)
+    assert message.startswith(":2:") and ("nesting depth" in message or "nested more" in message)
     text = "data:\n  task_args: {x: " + opener * 100 + "1" + closer * 100 + "}\n"
     assert error_of(tmp_path, text) == f":2: refused: nested more than {MAX_DEPTH} levels deep"
 
