@@ -4,8 +4,7 @@ import time
 
 import pytest
 
-from rlkit.config import ConfigError, load_recipe
-from rlkit.config import yaml_io
+from rlkit.config import ConfigError, load_recipe, yaml_io
 from rlkit.config.yaml_io import MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES
 
 
