@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,12 @@ class CommandError(Exception):
 # What the user can fix from the message alone: exit status 2 (USAGE).
 _USER_ERRORS = (ConfigError, DataError, CommandError)
 _DEBUG_HINT = "run with --debug or RLKIT_DEBUG=1 for the traceback"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # One line, like every other error (argparse would print the usage above it).
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _lazy(module: str, name: str) -> Callable[..., Any]:
@@ -100,7 +107,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rlkit", description="RL post-training (GRPO-family RLVR) for reasoning LLMs."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -217,3 +217,14 @@ def test_check_imports_no_torch_or_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert out.stderr.strip().splitlines()[-1] == "0 []"
+
+
+@pytest.mark.parametrize(
+    "argv", [["train"], ["tran", "x"], ["check", "r.yaml", "--bogus"], ["eval", "m", "--k", "x"]]
+)
+def test_usage_errors_are_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and err.rstrip().endswith("--help)")

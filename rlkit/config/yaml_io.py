@@ -34,6 +34,8 @@ class _Bounded:
     """The composer's hooks, shared by both loaders: nesting depth and alias expansion."""
 
     _depth = 0
+    # Whether ReaderError.position counts UTF-8 bytes (libyaml) or characters (PyYAML).
+    byte_offsets = False
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         # The composer recurses once per nesting level; stop long before Python's limit.
@@ -55,11 +57,9 @@ class _Bounded:
 
 class _PyLoader(_Bounded, yaml.SafeLoader):
     yaml_implicit_resolvers: dict = {}
-    # ReaderError.position counts characters.
-    byte_offsets = False
 
 
-_LOADERS: list[type] = [_PyLoader]
+_LOADERS: list[Any] = [_PyLoader]
 if yaml.__with_libyaml__:
     from yaml._yaml import CParser
 
@@ -68,7 +68,6 @@ if yaml.__with_libyaml__:
         stays in Python, where `_Bounded` sees every node."""
 
         yaml_implicit_resolvers: dict = {}
-        # ReaderError.position counts UTF-8 bytes.
         byte_offsets = True
         get_single_node = Composer.get_single_node
 
@@ -81,7 +80,7 @@ if yaml.__with_libyaml__:
     _LOADERS.append(_CLoader)
 
 # The loader recipes are read with: libyaml's when PyYAML was built with it.
-_Loader: type = _LOADERS[-1]
+_Loader: Any = _LOADERS[-1]
 
 
 class _Dumper(yaml.SafeDumper):
