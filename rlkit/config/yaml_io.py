@@ -123,36 +123,47 @@ for _cls in _LOADERS:
 
 
 def _check_expansion(root: yaml.Node | None) -> None:
-    """Refuse a document whose aliases expand past MAX_VALUES values, or refer to themselves.
+    """Refuse a document that aliases make too big or too deep, or that contains itself.
 
-    An alias is the same node object as its anchor, so the document is a graph; its expanded
-    size is counted once per distinct node (memoised), never by expanding it.
+    An alias is the same node object as its anchor, so the document is a graph: a chain of
+    anchors each holding an alias of the one before is deep although no line is indented,
+    and a few lines of aliases of aliases expand to billions of values. Each distinct node's
+    expanded size and height are computed once (memoised), never by expanding it.
     """
-    sizes: dict[int, int] = {}
+    memo: dict[int, tuple[int, int]] = {}
     open_nodes: set[int] = set()
 
-    def size(node: yaml.Node) -> int:
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
         key = id(node)
-        if key in sizes:
-            return sizes[key]
         if key in open_nodes:
-            raise _LimitError(None, None, "an alias refers to the value that contains it",
-                              node.start_mark)  # fmt: skip
-        open_nodes.add(key)
-        total = 1
-        if isinstance(node, yaml.SequenceNode):
-            total += sum(size(item) for item in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total += sum(size(k) + size(v) for k, v in node.value)
-        open_nodes.discard(key)
-        if total > MAX_VALUES:
-            problem = f"expands to more than {MAX_VALUES} values (aliases repeating aliases?)"
+            raise _LimitError(
+                None, None, "an alias refers to the value that contains it", node.start_mark
+            )
+        if key not in memo:
+            if depth > MAX_DEPTH:
+                problem = f"nested more than {MAX_DEPTH} levels deep (with aliases expanded)"
+                raise _LimitError(None, None, problem, node.start_mark)
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            open_nodes.add(key)
+            walked = [walk(child, depth + 1) for child in children]
+            open_nodes.discard(key)
+            size = 1 + sum(s for s, _ in walked)
+            if size > MAX_VALUES:
+                problem = f"expands to more than {MAX_VALUES} values (aliases repeating aliases?)"
+                raise _LimitError(None, None, problem, node.start_mark)
+            memo[key] = size, 1 + max((h for _, h in walked), default=0)
+        size, height = memo[key]
+        if depth + height - 1 > MAX_DEPTH:
+            problem = f"nested more than {MAX_DEPTH} levels deep (with aliases expanded)"
             raise _LimitError(None, None, problem, node.start_mark)
-        sizes[key] = total
-        return total
+        return size, height
 
     if root is not None:
-        size(root)
+        walk(root, 1)
 
 
 def _line_of(text: str, position: int, byte_offsets: bool) -> int:

@@ -347,6 +347,10 @@ def build_cases() -> list[Case]:
         cases.append(Case("deep nesting", recipe=flow.encode(), says="nest"))
     block = "".join("  " * i + f"k{i}:\n" for i in range(60)) + "  " * 60 + "v\n"
     cases.append(Case("deep nesting", recipe=block.encode(), says="nested more than"))
+    for length in (45, 400):
+        # No line is indented, but each anchor holds an alias of the one before.
+        chain = "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, length))
+        cases.append(Case("deep nesting", recipe=chain.encode(), says="with aliases expanded"))
     cases.append(
         Case(
             "deep nesting",

@@ -41,6 +41,15 @@ def test_small_aliases_are_fine(tmp_path):
     assert load_recipe(str(path)).stages[0].overrides == {"optim.lr": 1e-5}
 
 
+def test_a_chain_of_aliases_is_as_deep_as_its_expansion(tmp_path):
+    chain = "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 60))
+    message = error_of(tmp_path, chain)
+    line = int(message.split(":")[1])
+    # Refused where the chain first gets too deep: about MAX_DEPTH anchors down.
+    assert MAX_DEPTH - 5 <= line <= MAX_DEPTH + 1
+    assert message.endswith(f"nested more than {MAX_DEPTH} levels deep (with aliases expanded)")
+
+
 def test_recursive_alias(tmp_path):
     assert "refers to the value that contains it" in error_of(tmp_path, "a: &a [1, *a]\n")
 
