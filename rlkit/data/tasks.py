@@ -45,7 +45,10 @@ class Task:
         params = list(inspect.signature(self.fn).parameters)[3:]
         unknown = sorted(set(task_args) - set(params))
         if unknown:
-            raise ValueError(f"task {self.name!r}: unknown task_args {unknown}; valid: {params}")
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise ValueError(
+                f"task {self.name!r}: unknown task_args {unknown[:5]}{more}; valid: {params}"
+            )
         return self.fn(split, n, seed, **task_args)
 
 
