@@ -7,7 +7,9 @@ alias) is refused with a `ConfigError` at the file and line, before any of it is
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from typing import Any
 
 import yaml
@@ -186,6 +188,9 @@ def _decode(raw: bytes, path: str) -> str:
 def read_text(path: str) -> str:
     """The recipe file's text, refused when it is not a small UTF-8 file."""
     try:
+        # A FIFO or a device would block or never end: a recipe is a regular file.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(path, "", "cannot read the recipe: not a regular file")
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:

@@ -1,5 +1,6 @@
 """Hostile recipe files are refused quickly, at their line, never with a traceback or a hang."""
 
+import os
 import time
 
 import pytest
@@ -68,8 +69,13 @@ def test_deep_nesting(tmp_path, opener, closer):
 def test_huge_file_and_endless_device(tmp_path):
     big = "# " + "x" * MAX_FILE_BYTES + "\ntrain: {steps: 1}\n"
     assert "larger than 64 KiB" in error_of(tmp_path, big)
-    with pytest.raises(ConfigError, match="larger than 64 KiB"):
+    with pytest.raises(ConfigError, match="not a regular file"):
         load_recipe("/dev/zero")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_recipe(str(tmp_path / "fifo"))
+    with pytest.raises(ConfigError, match="Is a directory|not a regular file"):
+        load_recipe(str(tmp_path))
 
 
 def test_non_utf8_names_line_and_column(tmp_path):
