@@ -29,6 +29,9 @@ from .registry import get_verifier
 
 Style = Literal["auto", "rlkit", "verl", "trl"]
 STYLES = ("auto", "rlkit", "verl", "trl")
+# The fields of a sample besides its prompt (rlkit.data's loaders and tasks build these); a TRL
+# function receives each as a keyword argument holding one list per batch.
+SAMPLE_FIELDS = ("data_source", "extra_info", "ground_truth")
 
 
 @dataclass
@@ -51,6 +54,39 @@ class BatchVerifier:
         if self.style == "trl":
             return self._call_trl(completions, samples)
         return [self._call_one(c, s) for c, s in zip(completions, samples, strict=True)]
+
+    def check_call(self, kwargs: dict[str, Any] | None = None) -> None:
+        """Raise ValueError unless the function accepts the call this style makes with these
+        keyword arguments (default: its own), so a wrong kwarg fails before any scoring."""
+        kwargs = self.kwargs if kwargs is None else kwargs
+        if self.style == "rlkit":
+            fixed: dict[str, Any] = {}
+        elif self.style == "verl":
+            fixed = dict.fromkeys(("data_source", "solution_str", "ground_truth", "extra_info"))
+        else:
+            fixed = dict.fromkeys(("prompts", "completions", *SAMPLE_FIELDS))
+        clash = sorted(set(fixed) & set(kwargs))
+        if clash:
+            raise ValueError(
+                f"verifier {self.spec!r} ({self.style} style) already receives {', '.join(clash)} "
+                "from each sample; they cannot be keyword arguments too"
+            )
+        try:
+            signature = inspect.signature(self.fn)
+        except (TypeError, ValueError):
+            return  # a builtin without a readable signature: nothing to check
+        try:
+            if self.style == "rlkit":
+                signature.bind("", {}, **kwargs)
+            else:
+                signature.bind(**fixed, **kwargs)
+        except TypeError as e:
+            params = ", ".join(signature.parameters)
+            raise ValueError(
+                f"verifier {self.spec!r} ({self.style} style) cannot be called with "
+                f"{'keyword arguments ' + ', '.join(kwargs) if kwargs else 'no keyword arguments'}: "
+                f"{e}; its parameters: {params}"
+            ) from None
 
     def _call_one(self, completion: str, sample: dict) -> Any:
         if self.style == "rlkit":

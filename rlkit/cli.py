@@ -1,7 +1,9 @@
 """The `rlkit` command: parse the arguments, then call into the package.
 
-Commands import their modules when they run, so `rlkit --help` and a bad recipe fail fast
-without loading torch or Ray.
+Commands import their modules when they run, so `rlkit --help`, `rlkit check` and a bad recipe
+fail fast without loading torch or Ray. Every failure is one line on stderr,
+`rlkit <command>: error: ...`, and an exit status from `rlkit.exit_codes`; `--debug` or
+RLKIT_DEBUG=1 lets the traceback through instead.
 """
 
 from __future__ import annotations
@@ -10,14 +12,28 @@ import argparse
 import importlib
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rlkit.config import ConfigError, load_recipe, sources_of
+from rlkit.config import ConfigError, dump_recipe, load_recipe, sources_of
+from rlkit.data.loaders import DataError
+from rlkit.exit_codes import ExitCode
 
 
 class CommandError(Exception):
     """A user-facing failure: printed without a traceback, exit status 2."""
+
+
+# What the user can fix from the message alone: exit status 2 (USAGE).
+_USER_ERRORS = (ConfigError, DataError, CommandError)
+_DEBUG_HINT = "run with --debug or RLKIT_DEBUG=1 for the traceback"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # One line, like every other error (argparse would print the usage above it).
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _lazy(module: str, name: str) -> Callable[..., Any]:
@@ -39,6 +55,21 @@ def _train(args: argparse.Namespace) -> int:
     train = _lazy("rlkit.trainer.run", "train")
     train(cfg, args.recipe)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    load_raw = _lazy("rlkit.trainer.data_setup", "load_raw")
+    raw = load_raw(cfg)
+    sys.stdout.write(f"# resolved recipe of {args.recipe}\n{dump_recipe(cfg)}")
+    sys.stdout.flush()
+    stages = ", ".join(s.name or s.type for s in cfg.stages)
+    print(
+        f"rlkit check: {args.recipe} is valid (stages: {stages}; "
+        f"{len(raw['train'])} train and {len(raw['eval'])} eval samples)",
+        file=sys.stderr,
+    )
+    return ExitCode.OK
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -76,7 +107,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rlkit", description="RL post-training (GRPO-family RLVR) for reasoning LLMs."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -88,6 +119,16 @@ def _parser() -> argparse.ArgumentParser:
         "--address", help='join a Ray cluster ("auto" or host:port) instead of starting one'
     )
     train.set_defaults(run=_train)
+
+    check = commands.add_parser(
+        "check",
+        help="validate a recipe and its data; print the resolved recipe",
+        description="Validate a recipe (every value, the files and verifier it names, its data) "
+        "and print the resolved recipe as YAML, without starting anything. Exit status 0: valid.",
+    )
+    check.add_argument("recipe", help="YAML recipe, e.g. recipes/grpo_arithmetic.yaml")
+    _add_overrides(check)
+    check.set_defaults(run=_check)
 
     evaluate = commands.add_parser("eval", help="held-out accuracy of a checkpoint or model")
     evaluate.add_argument("model", metavar="CHECKPOINT_OR_MODEL")
@@ -114,7 +155,30 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("target", choices=["rollout"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     bench.set_defaults(run=_bench)
+    for sub in (parser, train, check, evaluate, report, bench):
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            # Set only where given, so `rlkit --debug train` and `rlkit train --debug` both work.
+            default=False if sub is parser else argparse.SUPPRESS,
+            help="show the traceback of an error (also RLKIT_DEBUG=1)",
+        )
     return parser
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The error a Ray actor raised, not Ray's wrapper around it (whose text is a traceback)."""
+    for _ in range(8):
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException) or cause is error:
+            break
+        error = cause
+    return error
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,11 +189,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get("RLKIT_DEBUG", "") not in ("", "0")
     try:
-        return args.run(args)
-    except (ConfigError, CommandError) as e:
-        print(f"rlkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"rlkit {args.command}: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Exception as e:
+        if debug:
+            raise
+        cause = _cause(e)
+        if isinstance(cause, _USER_ERRORS):
+            print(f"rlkit {args.command}: error: {_one_line(str(cause))}", file=sys.stderr)
+            return ExitCode.USAGE
+        text = _one_line(str(cause), limit=500) or "(no message)"
+        print(
+            f"rlkit {args.command}: error: {type(cause).__name__}: {text} ({_DEBUG_HINT})",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILURE
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
 from rlkit.cli import main
+from rlkit.config import load_recipe
 
 
 def test_help_lists_the_commands(capsys):
@@ -12,7 +14,7 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "eval", "report", "bench"):
+    for command in ("train", "check", "eval", "report", "bench"):
         assert command in out
 
 
@@ -75,15 +77,13 @@ def test_config_errors_raised_by_the_trainer_exit_2(tmp_path, monkeypatch, capsy
     from rlkit.config import config_error
 
     def train(cfg, recipe_path):
-        raise config_error(
-            cfg, "algorithm.advantage", "unknown estimator 'grpp'; valid: grpo, rloo"
-        )
+        raise config_error(cfg, "algorithm.advantage", "found wanting by the trainer")
 
     monkeypatch.setitem(sys.modules, "rlkit.trainer.run", types.SimpleNamespace(train=train))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("algorithm:\n  advantage: grpp\n")
+    recipe.write_text("algorithm:\n  advantage: rloo\n")
     assert main(["train", str(recipe)]) == 2
-    assert f"{recipe}:2: algorithm.advantage: unknown estimator" in capsys.readouterr().err
+    assert f"{recipe}:2: algorithm.advantage: found wanting" in capsys.readouterr().err
 
 
 def test_bench_forwards_argv_or_says_it_is_missing(monkeypatch, capsys):
@@ -102,3 +102,129 @@ def test_report_prints_the_png_paths(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(tmp_path / "plots" / "reward.png")]
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_check_prints_the_resolved_recipe_and_exits_0(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["check", "recipes/sparse_grpo_arithmetic.yaml", "train.steps=7"]) == 0
+    out, err = capsys.readouterr()
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(out)
+    expected = load_recipe("recipes/sparse_grpo_arithmetic.yaml", ["train.steps=7"])
+    assert load_recipe(str(resolved)) == expected
+    assert err.startswith("rlkit check: recipes/sparse_grpo_arithmetic.yaml is valid")
+    assert "20000 train and 200 eval samples" in err
+
+
+def test_check_reads_the_data(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_bytes(
+        b'{"prompt": "p", "ground_truth": "1"}\n{"prompt": "\xff"}\n'
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"data:\n  task: null\n  train_files: [{tmp_path}/d.jsonl]\n  eval_files: [{tmp_path}/d.jsonl]\n"
+        "reward:\n  verifier: arithmetic\n"
+    )
+    assert main(["check", str(recipe)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err
+        == f"rlkit check: error: {tmp_path}/d.jsonl: line 2: not UTF-8 text: byte 0xff at column 13\n"
+    )
+
+
+def _failing_trainer(monkeypatch, error):
+    def train(cfg, recipe_path):
+        raise error
+
+    monkeypatch.setitem(sys.modules, "rlkit.trainer.run", types.SimpleNamespace(train=train))
+
+
+def test_a_runtime_failure_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    _failing_trainer(
+        monkeypatch, RuntimeError("the learner died\n  Traceback (most recent call last): ...")
+    )
+    monkeypatch.delenv("RLKIT_DEBUG", raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n")
+    assert main(["train", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "rlkit train: error: RuntimeError: the learner died Traceback (most recent"
+    )
+    assert err.rstrip().endswith("(run with --debug or RLKIT_DEBUG=1 for the traceback)")
+
+
+@pytest.mark.parametrize("how", [["--debug", "train"], ["train", "--debug"], "env"])
+def test_debug_lets_the_traceback_through(tmp_path, monkeypatch, how):
+    _failing_trainer(monkeypatch, RuntimeError("boom"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n")
+    if how == "env":
+        monkeypatch.setenv("RLKIT_DEBUG", "1")
+        argv = ["train", str(recipe)]
+    else:
+        monkeypatch.delenv("RLKIT_DEBUG", raising=False)
+        argv = [*how, str(recipe)] if how[0] == "--debug" else [how[0], str(recipe), how[1]]
+    with pytest.raises(RuntimeError, match="boom"):
+        main(argv)
+
+
+def test_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
+    _failing_trainer(monkeypatch, KeyboardInterrupt())
+    monkeypatch.delenv("RLKIT_DEBUG", raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n")
+    assert main(["train", str(recipe)]) == 130
+    assert capsys.readouterr().err == "rlkit train: interrupted\n"
+
+
+class FakeRayTaskError(Exception):
+    """Like ray.exceptions.RayTaskError: its text is the remote traceback, `.cause` the error."""
+
+    def __init__(self, cause):
+        super().__init__(
+            "ray::Learner.train_step() (pid=1)\nTraceback (most recent call last):\n  ..."
+        )
+        self.cause = cause
+
+
+def test_an_actors_error_is_reported_not_rays_wrapper(tmp_path, monkeypatch, capsys):
+    from rlkit.data.loaders import DataError
+
+    monkeypatch.delenv("RLKIT_DEBUG", raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n")
+    _failing_trainer(monkeypatch, FakeRayTaskError(DataError("d.jsonl: line 4: invalid JSON")))
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err == "rlkit train: error: d.jsonl: line 4: invalid JSON\n"
+    _failing_trainer(monkeypatch, FakeRayTaskError(MemoryError("out of memory")))
+    assert main(["train", str(recipe)]) == 1
+    assert capsys.readouterr().err.startswith("rlkit train: error: MemoryError: out of memory (")
+
+
+def test_check_imports_no_torch_or_ray():
+    code = (
+        "import sys; from rlkit.cli import main; rc = main(['check', 'recipes/grpo_arithmetic.yaml']);"
+        "print(rc, sorted({'torch', 'ray'} & set(sys.modules)), file=sys.stderr)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stderr.strip().splitlines()[-1] == "0 []"
+
+
+@pytest.mark.parametrize(
+    "argv", [["train"], ["tran", "x"], ["check", "r.yaml", "--bogus"], ["eval", "m", "--k", "x"]]
+)
+def test_usage_errors_are_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and err.rstrip().endswith("--help)")

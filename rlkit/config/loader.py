@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -21,49 +22,15 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from rlkit.config import rules, yaml_io
 from rlkit.config.errors import ConfigError
 from rlkit.config.schema import RecipeConfig
 
 # Maps a key path to the place that set it.
 Locate = Callable[[str], str]
 
-
-class _Loader(yaml.SafeLoader):
-    yaml_implicit_resolvers: dict = {}
-
-
-class _Dumper(yaml.SafeDumper):
-    yaml_implicit_resolvers: dict = {}
-
-
-# YAML 1.2 core-schema scalars instead of PyYAML's YAML 1.1 ones: `yes`/`on` stay strings (a
-# bool field must be given true/false), `3e-6` is a float (YAML 1.1 reads it as a string),
-# `010` is ten, `2024-01-01` is a string. The dumper shares them so it quotes what the loader
-# would misread.
-_CORE_SCALARS = [
-    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
-    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
-    (
-        "tag:yaml.org,2002:float",
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
-        list("-+.0123456789"),
-    ),
-]
-for _cls in (_Loader, _Dumper):
-    for _tag, _regexp, _first in _CORE_SCALARS:
-        _cls.add_implicit_resolver(_tag, re.compile(_regexp), _first)
-
-
-def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    text = str(loader.construct_scalar(node))
-    if text.startswith(("0o", "0x")):
-        return int(text[2:], 8 if text[1] == "o" else 16)
-    return int(text, 10)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+# Integers in a recipe are counts, sizes and seeds; anything beyond this is a typo.
+INT_LIMIT = 2**31 - 1
 
 _KEY = re.compile(r"[^.\[\]\s]+(?:\.[^.\[\]\s]+|\[\d+\])*")
 _KEY_PART = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
@@ -131,6 +98,7 @@ def _build(tp: Any, value: Any, key: str, locate: Locate) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, key, locate)
     if tp is Any:
+        _check_plain(value, key, locate)
         return copy.deepcopy(value)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -170,8 +138,35 @@ def _build(tp: Any, value: Any, key: str, locate: Locate) -> Any:
         # Exact types: a bool is not an integer here; an integer is a fine float.
         if type(value) is not tp and not (tp is float and type(value) is int):
             raise _type_error(tp, value, key, locate)
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(locate(key), key, f"must be a finite number, got {_describe(value)}")
+        if tp is int and not -INT_LIMIT <= value <= INT_LIMIT:
+            problem = f"must be within +-{INT_LIMIT}, got {_describe(value)}"
+            raise ConfigError(locate(key), key, problem)
         return float(value) if tp is float else value
     raise TypeError(f"the recipe loader does not support the schema type {tp!r} of {key}")
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: Any, key: str, locate: Locate) -> None:
+    """Free-form values (task_args, kwargs) hold only what YAML's core schema writes."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if not isinstance(name, str):
+                problem = f"keys must be strings, got {_describe(name)}"
+                raise ConfigError(locate(key), key, problem)
+            _check_plain(item, _join(key, name), locate)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, _join(key, i), locate)
+    elif not isinstance(value, _PLAIN):
+        problem = (
+            f"expected strings, numbers, booleans, null, lists or mappings, "
+            f"got {type(value).__name__} (from a YAML tag?)"
+        )
+        raise ConfigError(locate(key), key, problem)
 
 
 def _build_dataclass(cls: Any, value: Any, key: str, locate: Locate) -> Any:
@@ -252,25 +247,13 @@ def _map_lines(node: yaml.Node, key: str, path: str, lines: dict[str, str]) -> N
 
 def _read_yaml(path: str) -> tuple[dict, dict[str, str]]:
     """The recipe file's mapping and the line of every key path in it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(path, "", f"cannot read the recipe: {e.strerror}") from None
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise ConfigError(where, "", f"invalid YAML: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(path, "", f"invalid YAML: {e}") from None
-    finally:
-        loader.dispose()
-    if data is None:
-        return {}, {}
+    data, node = yaml_io.compose(yaml_io.read_text(path), path)
+    if data is None or data == {}:
+        problem = (
+            "the recipe is empty; a recipe names at least what it changes from the defaults "
+            "(see recipes/grpo_arithmetic.yaml)"
+        )
+        raise ConfigError(path, "", problem)
     if not isinstance(data, dict):
         problem = (
             f"a recipe is a mapping of sections (model:, data:, train:, ...), got {_describe(data)}"
@@ -338,79 +321,20 @@ def _apply(data: dict, sources: dict[str, str], key: str, value: Any, where: str
         sources[canonical] = where
 
 
+def _override_where(text: str) -> str:
+    shown = text if len(text) <= 120 else text[:117] + "..."
+    return f"command-line override {shown!r}"
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
-    where = f"command-line override '{text}'"
+    where = _override_where(text)
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(where, "", "expected key=value, e.g. train.steps=5")
-    try:
-        value = yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(
-            where, key.strip(), f"cannot parse the value as YAML: {problem}"
-        ) from None
-    return key.strip(), value
+    return key.strip(), yaml_io.parse_value(raw, where, key.strip())
 
 
-def _get(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-_POSITIVE = [
-    "data.max_prompt_tokens", "reward.timeout_s", "reward.num_workers", "rollout.n",
-    "rollout.max_new_tokens", "rollout.max_batch_size", "rollout.num_workers", "optim.lr",
-    "optim.eps", "train.steps", "train.prompts_per_step", "train.mini_batches",
-    "train.ppo_epochs", "train.micro_batch_size", "train.keep_checkpoints", "sft.epochs",
-    "sft.batch_size", "eval.max_new_tokens", "eval.k", "algorithm.tis_cap", "ray.num_cpus",
-    "ray.object_store_memory_mb",
-]  # fmt: skip
-_NON_NEGATIVE = [
-    "data.num_train", "data.num_eval", "data.seed", "rollout.temperature", "rollout.top_k",
-    "algorithm.eps_low", "algorithm.eps_high", "algorithm.kl_coef", "algorithm.entropy_coef",
-    "algorithm.max_refill_rounds", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
-    "train.seed", "train.eval_every", "train.save_every", "eval.temperature",
-]  # fmt: skip
-_UNIT_INTERVAL = ["rollout.top_p", "optim.min_lr_ratio", "algorithm.eps_low"]
-_NON_EMPTY = ["model.path", "run.name", "run.dir", "reward.verifier", "data.task"]
-
-
-def validate(cfg: RecipeConfig, locate: Locate) -> None:
-    """Value checks beyond types; the first failure raises a ConfigError at its key."""
-
-    def fail(key: str, problem: str) -> None:
-        raise ConfigError(locate(key), key, problem)
-
-    for key in _POSITIVE:
-        value = _get(cfg, key)
-        # Written as `not x > 0` so that NaN fails too.
-        if value is not None and not value > 0:
-            fail(key, f"must be positive, got {value}")
-    for key in _NON_NEGATIVE:
-        if not _get(cfg, key) >= 0:
-            fail(key, f"must be >= 0, got {_get(cfg, key)}")
-    for key in _UNIT_INTERVAL:
-        if not 0 <= _get(cfg, key) <= 1:
-            fail(key, f"must be between 0 and 1, got {_get(cfg, key)}")
-    for key in _NON_EMPTY:
-        if _get(cfg, key) == "":
-            fail(key, "must not be empty")
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        fail("optim.betas", f"must be two numbers in [0, 1), got {cfg.optim.betas}")
-    if "" in cfg.rollout.stop:
-        fail("rollout.stop", "an empty stop string would stop every sequence at once")
-    if cfg.data.task is None and not cfg.data.train_files:
-        fail("data.task", "is null and data.train_files is empty: name a task or give train files")
-    if cfg.train.mini_batches > cfg.train.prompts_per_step * cfg.rollout.n:
-        rollouts = cfg.train.prompts_per_step * cfg.rollout.n
-        fail(
-            "train.mini_batches",
-            f"{cfg.train.mini_batches} mini-batches of {rollouts} rollouts per step leaves some empty",
-        )
-    if not cfg.stages:
-        fail("stages", "needs at least one stage")
+validate = rules.validate
 
 
 def sources_of(cfg: RecipeConfig) -> dict[str, str]:
@@ -437,6 +361,8 @@ def _finish(data: dict, sources: dict[str, str], path: str | None) -> RecipeConf
 def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> RecipeConfig:
     """Recipe file (None: all defaults) + `key=value` overrides -> a validated RecipeConfig.
 
+    An empty recipe file is an error (it is a mistake more often than a wish for defaults).
+
     Every stage's `overrides` are applied once here too, so a typo in the last stage fails
     at load time rather than after the earlier stages have trained.
     """
@@ -448,10 +374,11 @@ def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> RecipeConfig
             data[name] = _merge(data.get(name), value)
     for text in overrides:
         key, value = _parse_override(text)
-        _apply(data, sources, key, value, f"command-line override '{text}'")
+        _apply(data, sources, key, value, _override_where(text))
     cfg = _finish(data, sources, path)
     for i, stage in enumerate(cfg.stages):
-        apply_overrides(cfg, stage.overrides, f"stages[{i}].overrides")
+        staged = apply_overrides(cfg, stage.overrides, f"stages[{i}].overrides")
+        rules.validate_stage(staged, i, _locator(sources_of(staged), path))
     return cfg
 
 
@@ -479,6 +406,10 @@ def apply_overrides(cfg: RecipeConfig, overrides: Mapping[str, Any], where: str)
             place = f"{in_file(f'{where}.{leaf}')} ({where})"
             if leaf.split(".")[0].split("[")[0] == "stages":
                 raise ConfigError(place, leaf, "a stage's overrides cannot change the stage list")
+            why = rules.launch_only(leaf)
+            if why:
+                problem = f"cannot be set in a stage's overrides: {why} (set it at the top level)"
+                raise ConfigError(place, leaf, problem)
             _apply(data, sources, leaf, item, place)
     return _finish(data, sources, path)
 
@@ -489,7 +420,7 @@ def to_dict(cfg: RecipeConfig) -> dict[str, Any]:
 
 def dump_recipe(cfg: RecipeConfig) -> str:
     """The resolved recipe as YAML that `load_recipe` reads back to an equal config."""
-    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    return yaml_io.dump(to_dict(cfg))
 
 
 def save_resolved(cfg: RecipeConfig, run_dir: str) -> str:

@@ -2,7 +2,8 @@
 
 Every recipe key is a field here. The loader (`rlkit.config.loader`) builds these dataclasses
 from YAML plus dotted `key=value` overrides and rejects unknown keys, wrong types and values
-outside a `Literal`'s choices, naming the key, the file and the line.
+outside a `Literal`'s choices, naming the key, the file and the line; `rlkit.config.rules`
+holds every key's range and the rules between keys.
 """
 
 from __future__ import annotations
@@ -154,8 +155,9 @@ class SparseCorrectionConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = "grpo"
-    policy_loss: str = "ppo_clip"
+    # Names registered in rlkit.algorithms (ADVANTAGES, POLICY_LOSSES); a test keeps them equal.
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    policy_loss: Literal["ppo_clip"] = "ppo_clip"
     eps_low: float = 0.2
     eps_high: float = 0.28
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
@@ -207,7 +209,7 @@ class SFTConfig:
     # JSONL with `prompt` and `response` (strings, or `messages` in chat format); null: the
     # task's reference answers ("#### <answer>" style) are used.
     train_files: list[str] = field(default_factory=list)
-    epochs: int = 1
+    # Examples per step; the stage runs train.steps steps over them in a seeded order.
     batch_size: int = 16
 
 

@@ -9,12 +9,14 @@ becomes a string; a dict or list (verl's countdown stores one) is kept as it is,
 SFT records: `prompt` and `response` strings, or `messages` ending with an assistant message.
 
 A malformed record raises `DataError` naming the file, the JSONL line (1-based) or the parquet
-row (0-based), and the field.
+row (0-based), and the field; so do bytes that are not UTF-8, a file that is not readable
+parquet, a file without records, and a ground truth that is null or a non-finite number.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,12 +27,18 @@ class DataError(ValueError):
 
 
 def load_samples(path: str) -> list[dict]:
-    return [_sample(record, where) for record, where in _records(path)]
+    return _non_empty([_sample(record, where) for record, where in _records(path)], path)
 
 
 def load_sft_pairs(path: str) -> list[dict]:
     """`{"prompt": str | messages, "response": str}` per record."""
-    return [_sft_pair(record, where) for record, where in _records(path)]
+    return _non_empty([_sft_pair(record, where) for record, where in _records(path)], path)
+
+
+def _non_empty(items: list[dict], path: str) -> list[dict]:
+    if not items:
+        raise DataError(f"{path}: the file holds no records")
+    return items
 
 
 def drop_long_prompts(
@@ -48,24 +56,41 @@ def _records(path: str) -> Iterator[tuple[Any, str]]:
     if path.endswith(".jsonl"):
         yield from _jsonl_records(path)
     elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for row, record in enumerate(pq.read_table(path).to_pylist()):
+        for row, record in enumerate(_parquet_rows(path)):
             yield record, f"{path}: row {row} (0-based)"
     else:
         raise DataError(f"{path}: unsupported file type; expected .jsonl or .parquet")
 
 
+def _parquet_rows(path: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        # An empty, truncated or non-parquet file; Arrow's text can span lines.
+        reason = " ".join(str(e).split())[:300]
+        raise DataError(f"{path}: not a readable parquet file: {reason}") from None
+
+
 def _jsonl_records(path: str) -> Iterator[tuple[Any, str]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}: line {line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                raise DataError(f"{where}: {problem}") from None
             if not line.strip():
                 continue
-            where = f"{path}: line {line_no}"
             try:
                 yield json.loads(line), where
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: invalid JSON: nested too deeply") from None
 
 
 def _sample(record: Any, where: str) -> dict:
@@ -135,6 +160,8 @@ def _ground_truth(record: dict, where: str) -> Any:
         raise DataError(
             f"{where}: field {field!r} must be a string, number, dict or list, got bool"
         )
+    if isinstance(truth, float) and not math.isfinite(truth):
+        raise DataError(f"{where}: field {field!r} is {truth}, not an answer")
     if isinstance(truth, (int, float)):
         return str(truth)
     if not isinstance(truth, (str, dict, list)):

@@ -45,7 +45,10 @@ class Task:
         params = list(inspect.signature(self.fn).parameters)[3:]
         unknown = sorted(set(task_args) - set(params))
         if unknown:
-            raise ValueError(f"task {self.name!r}: unknown task_args {unknown}; valid: {params}")
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise ValueError(
+                f"task {self.name!r}: unknown task_args {unknown[:5]}{more}; valid: {params}"
+            )
         return self.fn(split, n, seed, **task_args)
 
 
@@ -80,6 +83,21 @@ def in_eval_split(key: str, eval_fraction: float, split_seed: int = 0) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < eval_fraction
 
 
+def _int_arg(task: str, name: str, value: Any, low: int, high: int) -> int:
+    """A task argument that must be an integer in [low, high] (bounded so a build stays small)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(
+            f"task {task!r}: {name} must be an integer in [{low}, {high}], got {value!r}"
+        )
+    return value
+
+
+def _fraction_arg(task: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"task {task!r}: {name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
 def _rng(task: str, split: str, seed: int) -> random.Random:
     return random.Random(f"{task}/{split}/{seed}")
 
@@ -105,11 +123,12 @@ def arithmetic(
     split_seed: int = 0,
 ) -> list[dict]:
     """`What is 37 + 48? Answer with just the number.` over `digits`-digit operands."""
-    op_list = [ops] if isinstance(ops, str) else list(ops)
+    op_list = [ops] if isinstance(ops, str) else list(ops) if isinstance(ops, list) else []
     if not op_list or any(op not in ("+", "-", "*") for op in op_list):
         raise ValueError(f"task 'arithmetic': ops must be drawn from '+', '-', '*', got {ops!r}")
-    if digits < 1:
-        raise ValueError(f"task 'arithmetic': digits must be >= 1, got {digits}")
+    _int_arg("arithmetic", "digits", digits, 1, 18)
+    _fraction_arg("arithmetic", "eval_fraction", eval_fraction)
+    _int_arg("arithmetic", "split_seed", split_seed, 0, 2**31 - 1)
     low, high = (1 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
     want_eval = split == "eval"
     rng = _rng("arithmetic", split, seed)
@@ -161,11 +180,20 @@ def countdown(
     split_seed: int = 0,
 ) -> list[dict]:
     """Reach a target with + - * / over 3-4 numbers; every problem is solvable by construction."""
-    counts = [num_numbers] if isinstance(num_numbers, int) else list(num_numbers)
-    if len(counts) not in (1, 2) or min(counts) < 2:
+    counts = (
+        [num_numbers] if isinstance(num_numbers, int)
+        else list(num_numbers) if isinstance(num_numbers, (list, tuple))
+        else []
+    )  # fmt: skip
+    if len(counts) not in (1, 2) or not all(type(c) is int and 2 <= c <= 8 for c in counts):
         raise ValueError(
-            f"task 'countdown': num_numbers must be an int >= 2 or [min, max], got {num_numbers!r}"
+            "task 'countdown': num_numbers must be an integer in [2, 8] or [min, max] of them, "
+            f"got {num_numbers!r}"
         )
+    _int_arg("countdown", "max_number", max_number, 1, 10**6)
+    _int_arg("countdown", "max_target", max_target, 1, 10**9)
+    _fraction_arg("countdown", "eval_fraction", eval_fraction)
+    _int_arg("countdown", "split_seed", split_seed, 0, 2**31 - 1)
     want_eval = split == "eval"
     rng = _rng("countdown", split, seed)
 

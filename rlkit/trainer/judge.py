@@ -33,8 +33,7 @@ from typing import Any
 
 import ray
 
-from rlkit.config import config_error
-from rlkit.config.schema import DEFAULT_MODEL, RecipeConfig
+from rlkit.config.schema import RecipeConfig
 from rlkit.data import judge as judge_lib
 from rlkit.data.stream import PromptStream
 from rlkit.models.loading import DTYPES, read_state_dict, resolve_model_dir
@@ -42,38 +41,6 @@ from rlkit.models.tokenizer import apply_chat
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.trainer.context import RunContext, StageSpec
 from rlkit.trainer.rlvr import TaskSource, run_rlvr, sampling_params
-
-_POSITIVE = (
-    "num_problems",
-    "candidates_per_problem",
-    "pairs_per_problem",
-    "min_pairs",
-    "max_new_tokens",
-    "num_eval_problems",
-    "num_eval_pairs",
-)
-
-
-def check_config(cfg: RecipeConfig) -> None:
-    """Value checks of the `judge` section, raised at the key that set it."""
-    j = cfg.judge
-    for name in _POSITIVE:
-        if not getattr(j, name) > 0:
-            raise config_error(cfg, f"judge.{name}", f"must be positive, got {getattr(j, name)}")
-    if j.refresh_every < 0:
-        raise config_error(cfg, "judge.refresh_every", f"must be >= 0, got {j.refresh_every}")
-    if j.temperature is not None and j.temperature < 0:
-        raise config_error(cfg, "judge.temperature", f"must be >= 0, got {j.temperature}")
-    if j.candidate_max_new_tokens is not None and j.candidate_max_new_tokens <= 0:
-        raise config_error(cfg, "judge.candidate_max_new_tokens", "must be positive")
-    if j.template is not None:
-        try:
-            judge_lib.check_template(j.template)
-        except ValueError as e:
-            raise config_error(cfg, "judge.template", str(e)) from None
-    for i, path in enumerate(j.extra_checkpoints):
-        if not os.path.exists(path) and path != DEFAULT_MODEL:
-            raise config_error(cfg, f"judge.extra_checkpoints[{i}]", f"{path} does not exist")
 
 
 def evaluates(cfg: RecipeConfig) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
@@ -42,12 +43,19 @@ def init_ray(cfg: RecipeConfig, num_cpus: int) -> None:
     )
 
 
-def launch(cfg: RecipeConfig, run_dir: str) -> RunContext:
+def launch(
+    cfg: RecipeConfig, run_dir: str, raw_data: dict[str, list[dict[str, Any]]] | None = None
+) -> RunContext:
+    """`raw_data`: the splits as `data_setup.load_raw` read them (None: read them here)."""
+    raw_data = raw_data or {}
     # Convert the embedded default model once, here, before two actors race to do it.
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
-    train_samples, train_ids, dropped_train = load_split(cfg, tokenizer, "train")
-    eval_samples, eval_ids, dropped_eval = load_split(cfg, tokenizer, "eval")
+    # Tokenized before Ray starts, so a split left empty stops the run here.
+    train_samples, train_ids, dropped_train = load_split(
+        cfg, tokenizer, "train", raw_data.get("train")
+    )
+    eval_samples, eval_ids, dropped_eval = load_split(cfg, tokenizer, "eval", raw_data.get("eval"))
     if dropped_train or dropped_eval:
         print(
             f"rlkit: dropped {dropped_train} train and {dropped_eval} eval prompts longer than "

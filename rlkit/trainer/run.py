@@ -12,6 +12,7 @@ from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
 from rlkit.trainer import checkpoint, judge
 from rlkit.trainer.context import RunContext, StageSpec, truncate_metrics
+from rlkit.trainer.data_setup import load_raw
 from rlkit.trainer.memory import PeakMemoryMonitor
 
 
@@ -28,11 +29,7 @@ def stage_specs(cfg: RecipeConfig) -> list[StageSpec]:
             if st.overrides
             else cfg
         )
-        if st.type == "judge":
-            judge.check_config(stage_cfg)
         specs.append(StageSpec(index=i, name=name, type=st.type, cfg=stage_cfg))
-    if judge.evaluates(cfg):
-        judge.check_config(cfg)
     return specs
 
 
@@ -53,7 +50,9 @@ def prepare_run_dir(cfg: RecipeConfig) -> str:
 
 def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
-    specs = stage_specs(cfg)  # validates every stage's overrides before anything starts
+    specs = stage_specs(cfg)
+    # Data errors (a bad file, an empty split) surface here, before the run directory exists.
+    raw_data = load_raw(cfg)
     run_dir = prepare_run_dir(cfg)
     save_resolved(cfg, run_dir)
     monitor = PeakMemoryMonitor().start()
@@ -65,7 +64,7 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
         truncate_metrics(
             os.path.join(run_dir, "metrics.jsonl"), resume_from.stage_index, resume_from.step
         )
-    ctx = launch(cfg, run_dir)
+    ctx = launch(cfg, run_dir, raw_data)
     try:
         if judge.evaluates(cfg):
             # Built (or reloaded) while the rollout worker still holds the initial model.

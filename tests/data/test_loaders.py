@@ -129,6 +129,92 @@ def test_blank_lines_are_skipped_and_line_numbers_stay_true(tmp_path):
         load_samples(str(path))
 
 
+def test_non_utf8_line_is_named_and_a_bom_is_fine(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(RECORDS[1]).encode()
+    path.write_bytes(
+        b"\xef\xbb\xbf" + good + b"\n" + good + b"\n" + good[:12] + b"\xff\xfe" + good[12:]
+    )
+    with pytest.raises(DataError) as info:
+        load_samples(str(path))
+    assert str(info.value) == f"{path}: line 3: not UTF-8 text: byte 0xff at column 13"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    assert load_samples(str(path))[0]["ground_truth"] == "6"
+
+
+@pytest.mark.parametrize("truth", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_ground_truth_is_an_error_not_an_answer(tmp_path, truth):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"prompt": "p", "ground_truth": 1}\n{"prompt": "p", "ground_truth": ' + truth + "}\n"
+    )
+    with pytest.raises(
+        DataError, match=r"line 2: field 'ground_truth' is -?(nan|inf), not an answer"
+    ):
+        load_samples(str(path))
+    table = pa.Table.from_pylist(
+        [
+            {
+                "prompt": "p",
+                "reward_model": {"ground_truth": float(truth.lower().replace("inity", ""))},
+            }
+        ]
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"row 0 \(0-based\): field 'reward_model.ground_truth'"):
+        load_samples(str(tmp_path / "d.parquet"))
+
+
+def test_null_ground_truth_in_parquet_is_missing(tmp_path):
+    table = pa.Table.from_pylist(
+        [{"prompt": "p", "ground_truth": "1"}, {"prompt": "p", "ground_truth": None}]
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(
+        DataError,
+        match=r"row 1 \(0-based\): field 'reward_model.ground_truth' \(or 'ground_truth'\) is missing",
+    ):
+        load_samples(str(tmp_path / "d.parquet"))
+
+
+def test_empty_truncated_and_fake_parquet(tmp_path):
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "p", "ground_truth": "1"}] * 20), tmp_path / "ok.parquet"
+    )
+    data = (tmp_path / "ok.parquet").read_bytes()
+    for name, content in [
+        ("empty", b""),
+        ("truncated", data[: len(data) // 2]),
+        ("fake", b"PAR1 not really"),
+    ]:
+        path = tmp_path / f"{name}.parquet"
+        path.write_bytes(content)
+        with pytest.raises(DataError) as info:
+            load_samples(str(path))
+        assert str(info.value).startswith(f"{path}: not a readable parquet file: ")
+        assert "\n" not in str(info.value)
+
+
+def test_files_without_records(tmp_path):
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "p", "ground_truth": "1"}]).slice(0, 0),
+        tmp_path / "none.parquet",
+    )
+    for name in ("blank.jsonl", "none.parquet"):
+        with pytest.raises(DataError, match="the file holds no records"):
+            load_samples(str(tmp_path / name))
+        with pytest.raises(DataError, match="the file holds no records"):
+            load_sft_pairs(str(tmp_path / name))
+
+
+def test_deeply_nested_json_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "p", "ground_truth": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match="line 1: invalid JSON: nested too deeply"):
+        load_samples(str(path))
+
+
 def test_unsupported_and_missing_files(tmp_path):
     (tmp_path / "d.csv").write_text("prompt\n")
     with pytest.raises(DataError, match="unsupported file type"):

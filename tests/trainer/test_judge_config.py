@@ -1,4 +1,4 @@
-"""JudgeRLVR recipe checks that run before anything starts (no Ray)."""
+"""JudgeRLVR recipe checks that run when the recipe loads (no Ray)."""
 
 import pytest
 
@@ -32,9 +32,8 @@ def test_judge_and_generate_stages_and_defaults():
     ],
 )
 def test_bad_judge_settings_fail_at_their_key(override, key):
-    cfg = load_recipe(None, [*STAGES, override])
     with pytest.raises(ConfigError) as e:
-        stage_specs(cfg)
+        load_recipe(None, [*STAGES, override])
     assert e.value.key == key
 
 
