@@ -37,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_common.h"
+
 #define MAX_D 256
 #define MAX_G 16
 
@@ -483,13 +485,6 @@ void rlkit_sample_rows_bf16(const uint16_t *logits, int64_t rs, int64_t rows, in
 
 /* -- KV compression (Sparse-RL) ------------------------------------------------------------ */
 
-/* Whether any of the n lengths lies outside [lo, hi]. */
-static int any_outside(const int64_t *lens, int64_t n, int64_t lo, int64_t hi) {
-    for (int64_t i = 0; i < n; i++)
-        if (lens[i] < lo || lens[i] > hi) return 1;
-    return 0;
-}
-
 /* out[j] = scale * q . k_j for j < n (q: D bf16 with unit stride, D a multiple of 32). */
 static void dot_scores(const uint16_t *q, const uint16_t *k, int64_t k_sl, int64_t n, int D,
                        float scale, float *out) {
@@ -575,85 +570,6 @@ int rlkit_window_scores_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int6
         free(s);
     }
     return failed;
-}
-
-/* An unsigned key in the order of torch.sort on float32 (NaN above everything, -0 == +0). */
-static inline uint32_t order_key(float f) {
-    if (f != f) return 0xffffffffu;
-    if (f == 0.0f) f = 0.0f;
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-/* rlkit.rollout.compression.keep_top: for each row (r, x) of scores [R, X, L] (unit stride
- * along L), the `budget` entries to keep, ascending, into out [R, X, budget]: the last
- * `window` valid entries (scored +inf) and the highest scores among the others, entries at or
- * past lens[r] scored -inf; ties go to the earlier entry (a stable descending sort). Found by
- * building the budget-th largest key bit by bit, not by sorting. budget <= L. Returns 1 if a
- * scratch allocation failed. */
-int rlkit_keep_top_f32(const float *scores, int64_t s_sr, int64_t s_sx, const int64_t *lens,
-                       int64_t R, int64_t X, int64_t L, int64_t budget, int64_t window,
-                       int64_t *out) {
-    const uint32_t pos_inf = order_key(INFINITY), neg_inf = order_key(-INFINITY);
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        uint32_t *key = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(L > 0 ? L : 1));
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < R * X; it++) {
-            if (!key) {
-                failed = 1;
-                continue;
-            }
-            const int64_t r = it / X, x = it % X, len = lens[r];
-            const float *s = scores + r * s_sr + x * s_sx;
-            for (int64_t j = 0; j < L; j++)
-                key[j] = j >= len ? neg_inf : (j >= len - window ? pos_inf : order_key(s[j]));
-            uint32_t t = 0; /* the largest t with at least `budget` keys >= t */
-            for (int b = 31; b >= 0; b--) {
-                const uint32_t cand = t | (1u << b);
-                int64_t cnt = 0;
-                for (int64_t j = 0; j < L; j++) cnt += key[j] >= cand;
-                if (cnt >= budget) t = cand;
-            }
-            int64_t above = 0;
-            for (int64_t j = 0; j < L; j++) above += key[j] > t;
-            int64_t ties = budget - above, n = 0;
-            int64_t *o = out + it * budget;
-            for (int64_t j = 0; j < L && n < budget; j++)
-                if (key[j] > t || (key[j] == t && ties-- > 0)) o[n++] = j;
-        }
-        free(key);
-    }
-    return failed;
-}
-
-/* Compaction after a compression, in place: for each sequence r (store slot rows[r]) and
- * head h, entry j of the row becomes entry idx[r, h, j] for j < budget (idx strictly
- * ascending from >= 0, so every source lies at or after its destination and a forward copy
- * is safe). The store is addressed in bytes: slot, head and entry strides, and row_bytes
- * per entry (K/V rows, or one float of H2O's statistic). idx's head stride 0 shares one row
- * among the heads. Returns 2, moving nothing, if an index row is not strictly ascending or
- * leaves [0, L). */
-int rlkit_compact_rows(uint8_t *base, int64_t sb_slot, int64_t sb_head, int64_t sb_entry,
-                       int64_t row_bytes, const int64_t *rows, int64_t R, int64_t heads,
-                       const int64_t *idx, int64_t i_sr, int64_t i_sh, int64_t budget, int64_t L) {
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t h = 0; h < heads; h++) {
-            const int64_t *ix = idx + r * i_sr + h * i_sh;
-            for (int64_t j = 0; j < budget; j++)
-                if (ix[j] < 0 || ix[j] >= L || (j > 0 && ix[j] <= ix[j - 1])) return 2;
-        }
-#pragma omp parallel for schedule(static)
-    for (int64_t it = 0; it < R * heads; it++) {
-        const int64_t r = it / heads, h = it % heads;
-        uint8_t *p = base + rows[r] * sb_slot + h * sb_head;
-        const int64_t *ix = idx + r * i_sr + h * i_sh;
-        for (int64_t j = 0; j < budget; j++)
-            if (ix[j] != j) memmove(p + j * sb_entry, p + ix[j] * sb_entry, (size_t)row_bytes);
-    }
-    return 0;
 }
 
 /* R-KV's redundancy (rlkit.rollout.compression.redundancy): for each sequence r and kv head

@@ -1,5 +1,24 @@
-"""CPU kernels for the rollout engine's bf16 decode step: a small C library (`cpu.c`, x86-64
-with AVX-512 BF16), each entry point beside the PyTorch code it replaces (its reference).
+"""CPU kernels for the rollout engine's decode step: small C libraries, one per instruction
+set, each entry point beside the PyTorch code it replaces (its reference).
+
+Two builds, chosen by the engine's dtype:
+
+- bf16 (`cpu.c`, x86-64 with AVX-512 BF16): bf16 weights and KV cache, products in bf16 with
+  float32 accumulation, rounded to bf16 wherever PyTorch materialises a bf16 tensor;
+- float32 (`cpu_avx2.c`, x86-64 with AVX2 and FMA): float32 weights and KV cache, float32
+  arithmetic. This is what a CPU without native bf16 runs (`rlkit.device`): there bf16 GEMMs
+  are emulated and several times slower than float32 ones.
+
+Both share plain C (`cpu_common.h`). Everything else (another dtype, another CPU, aarch64, no
+compiler) runs the PyTorch references.
+
+The instruction set in use is the machine's, capped by `RLKIT_CPU_ISA` (`avx512_bf16`,
+`avx2` or `generic`): `RLKIT_CPU_ISA=avx2` on an AVX-512 BF16 machine runs exactly what an
+AVX2-only machine runs (float32 engine, AVX2 kernels), `generic` what a machine without
+either runs (PyTorch ops), so each path is tested on the richer machine too.
+`RLKIT_CPU_KERNELS=0` disables the libraries alone.
+
+Entry points (`dtype` below is the build's: bf16 or float32):
 
 - `decode_attention(q, k, v, lengths, scale)`: `sparse_decode_attention`'s contract (q
   [B, H, D], k/v [B, KVH, L, D] with any strides but a unit stride along D, lengths [B]).
@@ -17,7 +36,7 @@ with AVX-512 BF16), each entry point beside the PyTorch code it replaces (its re
 - `silu_mul(gate_up)`: silu(gate) * up of the fused gate/up GEMM's output.
 - `sample_rows(logits, temperature, u)`: `rlkit.rollout.sampling.sample` without top-k /
   top-p: the inverse-CDF draw of one given uniform per row and the drawn tokens' log-probs,
-  in three streaming passes over the bf16 logits instead of float32 copies of [N, V]
+  in three streaming passes over the logits instead of float32 copies of [N, V]
   (scale, log-softmax, exp, float64 cumsum, searchsorted, gather).
 
 KV compression (Sparse-RL, `rlkit.rollout.kv_cache.CompressedKVCache.compress`), where
@@ -31,18 +50,19 @@ PyTorch spends its time in gathers, index copies and a stable sort of every row:
   budget-th largest score found bit by bit instead of a sort, ties to the earlier entry.
 - `compact_rows(store, rows, idx)`: the kept entries moved to the front of their rows in
   place, instead of gather + index_put through copies.
+  (These two take any dtype; they come from whichever build loads.)
 
-Rounding follows the PyTorch code step for step (bf16 wherever PyTorch materialises a bf16
-tensor, float32 in between); only summation orders differ (benchmarks/NOTES.md, "CPU decode
-kernels").
+Rounding follows the PyTorch code step for step (bf16 build: bf16 wherever PyTorch
+materialises a bf16 tensor, float32 in between); only summation orders (and, in the float32
+build, fused multiply-adds) differ (benchmarks/NOTES.md, "CPU decode kernels").
 
-The C file is compiled on first use with the system C compiler (`$CC`, default `gcc`) into
-`$RLKIT_KERNEL_CACHE` (default `~/.cache/rlkit/kernels`), keyed by a hash of the source and
-flags, and loaded with ctypes. It links the OpenMP runtime (libgomp) that PyTorch loaded, so
-it shares PyTorch's threads. Nothing here is required: without a compiler, on a CPU without
-AVX-512 BF16, or with `RLKIT_CPU_KERNELS=0`, `available()` is False and callers use PyTorch;
-`unavailable_reason()` says why, and `missing_prerequisite()` tells a machine that lacks
-something apart from a build that failed.
+A C file is compiled on first use with the system C compiler (`$CC`, default `gcc`) into
+`$RLKIT_KERNEL_CACHE` (default `~/.cache/rlkit/kernels`), keyed by a hash of its source, the
+shared header and the flags, and loaded with ctypes. It links the OpenMP runtime (libgomp)
+that PyTorch loaded, so it shares PyTorch's threads. Nothing here is required: where a build
+cannot run, `available(dtype)` is False and callers use PyTorch; `unavailable_reason(dtype)`
+says why, and `missing_prerequisite(dtype)` tells a machine that lacks something apart from
+a build that failed.
 """
 
 from __future__ import annotations
@@ -50,21 +70,27 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "ISAS",
     "add_rms_norm",
     "available",
     "compact_rows",
     "decode_attention",
+    "isa",
     "keep_top",
+    "machine_isa",
     "missing_prerequisite",
     "redundancy",
     "rope_append_attend",
@@ -75,19 +101,85 @@ __all__ = [
     "window_scores",
 ]
 
-_SOURCE = Path(__file__).with_name("cpu.c")
-_FLAGS = [
-    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
-    "-fopenmp", "-shared", "-fPIC",
-]  # fmt: skip
-_MAX_D, _MAX_G = 256, 16  # cpu.c's MAX_D, MAX_G
-# /proc/cpuinfo names of what _FLAGS compile for.
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma")
+_DIR = Path(__file__).parent
+_COMMON = _DIR / "cpu_common.h"
+_MAX_D, _MAX_G = 256, 16  # the C files' MAX_D, MAX_G
+
+# Instruction-set levels, poorest first. Each x86 level includes the one before it.
+ISAS = ("generic", "avx2", "avx512_bf16")
+# /proc/cpuinfo flags each level needs.
+_ISA_FLAGS = {
+    "generic": (),
+    "avx2": ("avx2", "fma"),
+    "avx512_bf16": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
+}
+
+
+@dataclass(frozen=True)
+class _Build:
+    isa: str  # the level it needs
+    source: str
+    flags: tuple[str, ...]
+    dtype: torch.dtype  # of weights, cache and activations it takes
+    suffix: str  # of its entry points' names
+
+
+_BUILDS = {
+    torch.bfloat16: _Build(
+        "avx512_bf16",
+        "cpu.c",
+        tuple("-O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma".split())
+        + ("-fopenmp", "-shared", "-fPIC"),
+        torch.bfloat16,
+        "bf16",
+    ),
+    torch.float32: _Build(
+        "avx2",
+        "cpu_avx2.c",
+        ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"),
+        torch.float32,
+        "f32",
+    ),
+}
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
-_loaded = False
+# Per build dtype: (library or None, why not). Filled once per process (`_load`).
+_libs: dict[torch.dtype, tuple[ctypes.CDLL | None, str | None]] = {}
+
+
+@cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None: not readable, e.g. not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return frozenset()
+
+
+def machine_isa() -> str:
+    """The richest level of `ISAS` this machine runs (x86-64 only; "generic" elsewhere)."""
+    flags = _cpu_flags()
+    if flags is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    return max((lvl for lvl in ISAS if all(f in flags for f in _ISA_FLAGS[lvl])), key=ISAS.index)
+
+
+@cache
+def isa() -> str:
+    """The level in use: the machine's, capped by `RLKIT_CPU_ISA` (which can only lower it:
+    asking for more than the CPU has gives the CPU's). Read once per process, like the
+    libraries it decides."""
+    forced = os.environ.get("RLKIT_CPU_ISA", "").strip().lower()
+    have = machine_isa()
+    if not forced:
+        return have
+    if forced not in ISAS:
+        raise ValueError(f"RLKIT_CPU_ISA={forced!r}: expected one of {', '.join(ISAS)}")
+    return min(forced, have, key=ISAS.index)
 
 
 def _cache_dir() -> Path:
@@ -98,12 +190,13 @@ def _cache_dir() -> Path:
     return Path(base) / "rlkit" / "kernels"
 
 
-def _build() -> Path:
-    """Compile the C source once per (source, flags, compiler); return the library's path."""
+def _build(b: _Build) -> Path:
+    """Compile a build's source once per (source, header, flags, compiler); its path."""
     cc = os.environ.get("CC", "gcc")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"rlkit_cpu-{key}.so"
+    source = _DIR / b.source
+    text = source.read_bytes() + _COMMON.read_bytes()
+    key = hashlib.sha256(text + " ".join([cc, *b.flags]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"rlkit_cpu_{b.suffix}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,10 +205,10 @@ def _build() -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120
+            [cc, *b.flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=120
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cc} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -123,50 +216,63 @@ def _build() -> Path:
     return out
 
 
-def missing_prerequisite() -> str | None:
-    """What this machine lacks for the kernels, found without building them (None: nothing):
-    they are disabled (RLKIT_CPU_KERNELS=0), there is no C compiler, or the CPU lacks the
-    AVX-512 features they use. Where this is None and `available()` is False, the build or
-    load failed: a bug, not a property of the machine (the tests fail then, not skip)."""
+def missing_prerequisite(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """What this machine lacks for the kernels of `dtype`, found without building them (None:
+    nothing): there are none for that dtype, they are disabled (RLKIT_CPU_KERNELS=0), there is
+    no C compiler, or the instruction set in use (`isa`) lacks the build's. Where this is None
+    and `available(dtype)` is False, the build or load failed: a bug, not a property of the
+    machine (the tests fail then, not skip)."""
+    b = _BUILDS.get(dtype)
+    if b is None:
+        return f"no CPU kernels for {dtype}"
     if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
         return "disabled by RLKIT_CPU_KERNELS=0"
     cc = os.environ.get("CC", "gcc")
     if shutil.which(cc) is None:
         return f"no C compiler: {cc!r} is not on PATH"
+    level = isa()
+    if ISAS.index(level) >= ISAS.index(b.isa):
+        return None
+    if machine_isa() != level:
+        return f"RLKIT_CPU_ISA={level} leaves out the {b.isa} kernels"
+    flags = _cpu_flags() or frozenset()
+    missing = [f for f in _ISA_FLAGS[b.isa] if f not in flags]
+    what = ", ".join(missing) if missing else f"{b.isa} (not an x86-64 CPU)"
+    return f"this CPU lacks {what}"
+
+
+def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
+    found = _libs.get(dtype)  # every kernel call asks: no lock once loaded
+    if found is None:
+        with _lock:
+            found = _libs.get(dtype)
+            if found is None:
+                found = _open(dtype)
+                _libs[dtype] = found
+    return found[0]
+
+
+def _open(dtype: torch.dtype) -> tuple[ctypes.CDLL | None, str | None]:
+    """Build and load the library of `dtype`: (it, None), or (None, why not)."""
+    why = missing_prerequisite(dtype)
+    if why is not None:
+        return None, why
+    b = _BUILDS[dtype]
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(
-                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
-            )
-    except OSError:
-        return "cannot read the CPU's features (/proc/cpuinfo)"
-    missing = [flag for flag in _CPU_FLAGS if flag not in flags]
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
-
-
-def _load() -> ctypes.CDLL | None:
-    global _lib, _reason, _loaded
-    if _loaded:  # every kernel call asks: no lock once loaded
-        return _lib
-    with _lock:
-        if not _loaded:
-            _lib, _reason = _open()
-            _loaded = True  # last: a thread that sees it sees _lib and _reason set
-    return _lib
-
-
-def _open() -> tuple[ctypes.CDLL | None, str | None]:
-    """Build and load the library: (it, None), or (None, why not)."""
-    if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
-        return None, "disabled by RLKIT_CPU_KERNELS=0"
-    try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(_build(b)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return None, f"could not build or load the C kernel: {exc}"
+        return None, f"could not build or load the {b.isa} C kernels: {exc}"
     if not lib.rlkit_cpu_supported():
-        return None, "this CPU lacks AVX-512 BF16"
+        return None, f"this CPU lacks {b.isa}"
+    _declare(lib, b.suffix)
+    return lib, None
+
+
+def _declare(lib: ctypes.CDLL, s: str) -> None:
+    """Argument and return types of a build's entry points (both builds share them)."""
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.rlkit_decode_attention_bf16.argtypes = [
+    fn = getattr(lib, f"rlkit_decode_attention_{s}")
+    fn.argtypes = [
         ptr, i64, i64,  # q, its batch and head strides
         ptr, i64, i64, i64,  # k and strides
         ptr, i64, i64, i64,  # v and strides
@@ -174,8 +280,9 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
         i32, i32, i32, i32, i32,  # B H KVH L D
         f32,
     ]  # fmt: skip
-    lib.rlkit_decode_attention_bf16.restype = i32
-    lib.rlkit_rope_append_attend_bf16.argtypes = [
+    fn.restype = i32
+    fn = getattr(lib, f"rlkit_rope_append_attend_{s}")
+    fn.argtypes = [
         ptr, i64, ptr, ptr, i64,  # qkv, its row stride, cos, sin, their row stride
         ptr, i64, i64, i64,  # k store and strides
         ptr, i64, i64, i64,  # v store and strides
@@ -183,24 +290,27 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
         i32, i32, i32, i32, f32,  # B H KVH D scale
         ptr, i64, i64, i64, ptr,  # q ring, its strides, ring positions
     ]  # fmt: skip
-    lib.rlkit_rope_append_attend_bf16.restype = i32
-    lib.rlkit_add_rms_norm_bf16.argtypes = [
-        ptr, i64, ptr, i64, ptr, f32, ptr, i64, i64, i64
-    ]  # fmt: skip
-    lib.rlkit_add_rms_norm_bf16.restype = None
-    lib.rlkit_silu_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64, i64]
-    lib.rlkit_silu_mul_bf16.restype = None
-    lib.rlkit_sample_rows_bf16.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr, ptr]
-    lib.rlkit_sample_rows_bf16.restype = None
-    lib.rlkit_window_scores_bf16.argtypes = [
+    fn.restype = i32
+    fn = getattr(lib, f"rlkit_add_rms_norm_{s}")
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, f32, ptr, i64, i64, i64]
+    fn.restype = None
+    fn = getattr(lib, f"rlkit_silu_mul_{s}")
+    fn.argtypes = [ptr, i64, ptr, i64, i64, i64]
+    fn.restype = None
+    fn = getattr(lib, f"rlkit_sample_rows_{s}")
+    fn.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr, ptr]
+    fn.restype = None
+    fn = getattr(lib, f"rlkit_window_scores_{s}")
+    fn.argtypes = [
         ptr, i64, i64, i64,  # queries and strides
         ptr, i64, i64, i64,  # keys and strides
         ptr, ptr,  # lengths, out
         i64, i32, i32, i32, i64, i32, f32,  # R H KVH W L D scale
     ]  # fmt: skip
-    lib.rlkit_window_scores_bf16.restype = i32
-    lib.rlkit_redundancy_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i32, i64, i32, f32]
-    lib.rlkit_redundancy_bf16.restype = i32
+    fn.restype = i32
+    fn = getattr(lib, f"rlkit_redundancy_{s}")
+    fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i32, i64, i32, f32]
+    fn.restype = i32
     lib.rlkit_keep_top_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr]
     lib.rlkit_keep_top_f32.restype = i32
     lib.rlkit_compact_rows.argtypes = [
@@ -209,47 +319,76 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
         ptr, i64, i64, i64, i64,  # idx, its strides (row, head), budget, L
     ]  # fmt: skip
     lib.rlkit_compact_rows.restype = i32
-    return lib, None
 
 
-def available() -> bool:
-    """True when the C kernel is built and this CPU runs it."""
-    return _load() is not None
+def available(dtype: torch.dtype | None = None) -> bool:
+    """True when the kernels of `dtype` are built and this CPU runs them (dtype None: those of
+    any dtype, for the dtype-free kernels keep_top and compact_rows)."""
+    if dtype is None:
+        return any(_load(d) is not None for d in _BUILDS)
+    return dtype in _BUILDS and _load(dtype) is not None
 
 
-def unavailable_reason() -> str | None:
-    """Why `available()` is False (None when it is True)."""
-    _load()
-    return _reason
+def unavailable_reason(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why `available(dtype)` is False (None when it is True)."""
+    if dtype not in _BUILDS:
+        return f"no CPU kernels for {dtype}"
+    _load(dtype)
+    return _libs[dtype][1]
+
+
+def describe() -> str:
+    """What runs here, for start-up logs: e.g. "C kernels avx2 (float32)"."""
+    ready = [f"{_BUILDS[d].isa} ({str(d).removeprefix('torch.')})" for d in _BUILDS if available(d)]
+    if ready:
+        return "C kernels " + ", ".join(ready)
+    return f"PyTorch ops (no C kernels: {unavailable_reason(torch.float32)})"
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `decode_attention` takes these (already validated) arguments: bf16 on CPU, D a
-    multiple of 32 up to 256, at most 16 query heads per kv head, unit stride along D."""
+    """Whether `decode_attention` takes these (already validated) arguments: q, k, v of one
+    dtype whose kernels run here (`available`), on CPU, a head layout `supports_heads` takes,
+    unit stride along D."""
     return (
         q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
-        and supports_heads(q.shape[1], k.shape[1], q.shape[-1])
+        and q.dtype == k.dtype == v.dtype
+        and supports_heads(q.shape[1], k.shape[1], q.shape[-1], q.dtype)
         and all(t.stride(-1) == 1 for t in (q, k, v))
-        and available()
+        and available(q.dtype)
     )
 
 
-def supports_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    """Whether the attention kernels take this head layout (bf16 on CPU assumed)."""
+def supports_heads(
+    num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16
+) -> bool:
+    """Whether the attention kernels take this head layout: head_dim a multiple of 32 (bf16)
+    or 8 (float32) up to 256, at most 16 query heads per kv head."""
+    block = 32 if dtype == torch.bfloat16 else 8
     return (
-        head_dim % 32 == 0
+        head_dim % block == 0
         and head_dim <= _MAX_D
         and num_heads % num_kv_heads == 0
         and num_heads // num_kv_heads <= _MAX_G
     )
 
 
-def _lib_or_raise() -> ctypes.CDLL:
-    lib = _load()
+def _lib_for(dtype: torch.dtype, kernel: str) -> tuple[ctypes.CDLL, str]:
+    """The library that runs `kernel` for tensors of `dtype`, and its entry points' suffix."""
+    if dtype not in _BUILDS:
+        raise ValueError(f"{kernel}: no CPU kernel for {dtype} (bf16 or float32)")
+    lib = _load(dtype)
     if lib is None:
-        raise RuntimeError(f"rlkit CPU kernels unavailable: {unavailable_reason()}")
-    return lib
+        raise RuntimeError(f"rlkit CPU kernels unavailable: {unavailable_reason(dtype)}")
+    return lib, _BUILDS[dtype].suffix
+
+
+def _any_lib() -> ctypes.CDLL:
+    """A loaded library, for the dtype-free kernels (keep_top, compact_rows)."""
+    for d in _BUILDS:
+        lib = _load(d)
+        if lib is not None:
+            return lib
+    raise RuntimeError(f"rlkit CPU kernels unavailable: {unavailable_reason(torch.float32)}")
 
 
 def _check_status(status: int, kernel: str, bad_arguments: Callable[[], str] = lambda: "") -> None:
@@ -262,10 +401,11 @@ def _check_status(status: int, kernel: str, bad_arguments: Callable[[], str] = l
         raise MemoryError(f"{kernel}: scratch allocation failed")
 
 
-def _rows(t: torch.Tensor, name: str) -> None:
-    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
+def _rows(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
+        what = "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
         raise ValueError(
-            f"{name} must be a 2-D bf16 CPU tensor with unit stride along rows, got "
+            f"{name} must be a 2-D {what} CPU tensor with unit stride along rows, got "
             f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}"
         )
 
@@ -273,13 +413,13 @@ def _rows(t: torch.Tensor, name: str) -> None:
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Run the attention kernel on arguments that `supports` accepted; [B, H, D] bf16."""
-    lib = _lib_or_raise()
+    """Run the attention kernel on arguments that `supports` accepted; [B, H, D] in q's dtype."""
+    lib, s = _lib_for(q.dtype, "decode_attention")
     B, H, D = q.shape
     kvh, L = k.shape[1], k.shape[2]
     lens = lengths.to(torch.int64).contiguous()
     out = torch.empty((B, H, D), dtype=q.dtype)
-    failed = lib.rlkit_decode_attention_bf16(
+    failed = getattr(lib, f"rlkit_decode_attention_{s}")(
         q.data_ptr(), q.stride(0), q.stride(1),
         k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
@@ -305,14 +445,16 @@ def rope_append_attend(
     cos/sin [B, D] at each token's true position, cache stores k/v [B, KVH, cap, D] (views
     with a unit stride along D), lengths [B] int64 = entries after this token (each new k/v
     is written at lengths[b] - 1). q_ring [B, H, W, D] and ring_pos [B]: also store each
-    rotated query at ring_pos[b]. Returns attention [B, H * D] bf16."""
-    lib = _lib_or_raise()
+    rotated query at ring_pos[b]. All of qkv's dtype (bf16 or float32). Returns attention
+    [B, H * D]."""
+    dtype = qkv.dtype
+    lib, s = _lib_for(dtype, "rope_append_attend")
     B, kvh, cap, D = k.shape
-    if not supports_heads(num_heads, kvh, D):
+    if not supports_heads(num_heads, kvh, D, dtype):
         raise ValueError(f"unsupported heads: H={num_heads} KVH={kvh} D={D}")
-    _rows(qkv, "qkv")
-    _rows(cos, "cos")
-    _rows(sin, "sin")
+    _rows(qkv, "qkv", dtype)
+    _rows(cos, "cos", dtype)
+    _rows(sin, "sin", dtype)
     if qkv.shape != (B, (num_heads + 2 * kvh) * D) or cos.shape != (B, D) or sin.shape != cos.shape:
         raise ValueError(
             f"shapes: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)} for B={B} "
@@ -321,19 +463,24 @@ def rope_append_attend(
     if cos.stride(0) != sin.stride(0):
         raise ValueError("cos and sin must share a row stride")
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != torch.bfloat16 or t.stride(-1) != 1 or t.shape != k.shape:
-            raise ValueError(f"{name} store must be bf16 [B, KVH, cap, D] with unit stride in D")
+        if t.dtype != dtype or t.stride(-1) != 1 or t.shape != k.shape:
+            raise ValueError(f"{name} store must be {dtype} [B, KVH, cap, D] with unit stride in D")
     lens = lengths.to(torch.int64).contiguous()
     ring_args: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     if q_ring is not None:
         assert ring_pos is not None
-        if q_ring.shape[:2] != (B, num_heads) or q_ring.shape[3] != D or q_ring.stride(3) != 1:
-            raise ValueError(f"q_ring must be [B, H, W, D], got {tuple(q_ring.shape)}")
+        if (
+            q_ring.shape[:2] != (B, num_heads)
+            or q_ring.shape[3] != D
+            or q_ring.stride(3) != 1
+            or q_ring.dtype != dtype
+        ):
+            raise ValueError(f"q_ring must be {dtype} [B, H, W, D], got {tuple(q_ring.shape)}")
         pos = ring_pos.to(torch.int64).contiguous()
         ring_args = (q_ring.data_ptr(), q_ring.stride(0), q_ring.stride(1), q_ring.stride(2),
                      pos.data_ptr())  # fmt: skip
-    out = torch.empty((B, num_heads * D), dtype=torch.bfloat16)
-    status = lib.rlkit_rope_append_attend_bf16(
+    out = torch.empty((B, num_heads * D), dtype=dtype)
+    status = getattr(lib, f"rlkit_rope_append_attend_{s}")(
         qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
         k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
@@ -350,20 +497,21 @@ def rope_append_attend(
 def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """x [N, dim] bf16 (updated in place to x + delta when delta is given), weight [dim] bf16:
-    RMSNorm(x) as a new [N, dim] tensor."""
-    lib = _lib_or_raise()
-    _rows(x, "x")
+    """x [N, dim] (updated in place to x + delta when delta is given), weight [dim], all of
+    x's dtype (bf16 or float32): RMSNorm(x) as a new [N, dim] tensor."""
+    dtype = x.dtype
+    lib, s = _lib_for(dtype, "add_rms_norm")
+    _rows(x, "x", dtype)
     if delta is not None:
-        _rows(delta, "delta")
+        _rows(delta, "delta", dtype)
         if delta.shape != x.shape:
             raise ValueError(f"delta {tuple(delta.shape)} differs from x {tuple(x.shape)}")
-    if weight.dtype != torch.bfloat16 or weight.shape != (x.shape[1],) or weight.stride(0) != 1:
+    if weight.dtype != dtype or weight.shape != (x.shape[1],) or weight.stride(0) != 1:
         raise ValueError(
-            f"weight must be bf16 [{x.shape[1]}], got {weight.dtype} {tuple(weight.shape)}"
+            f"weight must be {dtype} [{x.shape[1]}], got {weight.dtype} {tuple(weight.shape)}"
         )
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    lib.rlkit_add_rms_norm_bf16(
+    getattr(lib, f"rlkit_add_rms_norm_{s}")(
         x.data_ptr(), x.stride(0),
         None if delta is None else delta.data_ptr(), 0 if delta is None else delta.stride(0),
         weight.data_ptr(), eps, out.data_ptr(), out.stride(0), x.shape[0], x.shape[1],
@@ -372,14 +520,15 @@ def add_rms_norm(
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [N, 2 * inter] bf16 (gate then up): silu(gate) * up, [N, inter]."""
-    lib = _lib_or_raise()
-    _rows(gate_up, "gate_up")
+    """gate_up [N, 2 * inter] (gate then up; bf16 or float32): silu(gate) * up, [N, inter]."""
+    dtype = gate_up.dtype
+    lib, s = _lib_for(dtype, "silu_mul")
+    _rows(gate_up, "gate_up", dtype)
     n, two = gate_up.shape
     if two % 2:
         raise ValueError(f"gate_up's width must be even, got {two}")
-    out = torch.empty((n, two // 2), dtype=torch.bfloat16)
-    lib.rlkit_silu_mul_bf16(
+    out = torch.empty((n, two // 2), dtype=dtype)
+    getattr(lib, f"rlkit_silu_mul_{s}")(
         gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), n, two // 2
     )
     return out
@@ -388,10 +537,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def sample_rows(
     logits: torch.Tensor, temperature: float, u: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, V] bf16 (unit stride along V), temperature > 0, u [N] float64 uniforms in
-    [0, 1): tokens [N] int64 and their log-probs [N] float32 under softmax(logits / T)."""
-    lib = _lib_or_raise()
-    _rows(logits, "logits")
+    """logits [N, V] (bf16 or float32, unit stride along V), temperature > 0, u [N] float64
+    uniforms in [0, 1): tokens [N] int64 and their log-probs [N] float32 under
+    softmax(logits / T)."""
+    lib, s = _lib_for(logits.dtype, "sample_rows")
+    _rows(logits, "logits", logits.dtype)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n, vocab = logits.shape
@@ -400,32 +550,34 @@ def sample_rows(
         raise ValueError(f"u must be [{n}], got {tuple(u.shape)}")
     tokens = torch.empty(n, dtype=torch.int64)
     logprobs = torch.empty(n, dtype=torch.float32)
-    lib.rlkit_sample_rows_bf16(
+    getattr(lib, f"rlkit_sample_rows_{s}")(
         logits.data_ptr(), logits.stride(0), n, vocab, 1.0 / temperature, u.data_ptr(),
         tokens.data_ptr(), logprobs.data_ptr(),
     )  # fmt: skip
     return tokens, logprobs
 
 
-def _bf16_d(t: torch.Tensor, name: str) -> None:
-    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.stride(-1) != 1:
-        raise ValueError(f"{name} must be a bf16 CPU tensor with unit stride along its last dim")
+def _unit_d(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or t.stride(-1) != 1:
+        what = "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
+        raise ValueError(f"{name} must be a {what} CPU tensor with unit stride along its last dim")
 
 
 def window_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """queries [R, H, W, D] (oldest first), keys [R, KVH, L, D] (bf16, any strides but unit
-    along D), lengths [R] in [W, L]: float32 [R, KVH, L], the window attention each entry
-    gets, averaged over the queries and the heads of its kv head's group."""
-    lib = _lib_or_raise()
+    """queries [R, H, W, D] (oldest first), keys [R, KVH, L, D] (bf16 or float32, one dtype,
+    any strides but unit along D), lengths [R] in [W, L]: float32 [R, KVH, L], the window
+    attention each entry gets, averaged over the queries and the heads of its kv head's group."""
+    dtype = keys.dtype
+    lib, s = _lib_for(dtype, "window_scores")
     R, H, W, D = queries.shape
     kvh, L = keys.shape[1], keys.shape[2]
-    _bf16_d(queries, "queries")
-    _bf16_d(keys, "keys")
-    if W < 1 or keys.shape[0] != R or keys.shape[3] != D or not supports_heads(H, kvh, D):
+    _unit_d(queries, "queries", dtype)
+    _unit_d(keys, "keys", dtype)
+    if W < 1 or keys.shape[0] != R or keys.shape[3] != D or not supports_heads(H, kvh, D, dtype):
         raise ValueError(f"queries {tuple(queries.shape)} do not fit keys {tuple(keys.shape)}")
     lens = lengths.to(torch.int64).contiguous()
     out = torch.empty((R, kvh, L), dtype=torch.float32)
-    status = lib.rlkit_window_scores_bf16(
+    status = getattr(lib, f"rlkit_window_scores_{s}")(
         queries.data_ptr(), queries.stride(0), queries.stride(1), queries.stride(2),
         keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
         lens.data_ptr(), out.data_ptr(), R, H, kvh, W, L, D, 1.0 / D**0.5,
@@ -439,17 +591,19 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tens
 
 
 def redundancy(keys: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:
-    """keys [R, KVH, L, D] bf16 (unit stride along D, D a multiple of 16), lengths [R] in
-    [0, L]: float32 [R, KVH, L], each valid key's summed cosine similarity (those >=
-    threshold) to the other valid keys over (length - 1); 0 past a row's length."""
-    lib = _lib_or_raise()
-    _bf16_d(keys, "keys")
+    """keys [R, KVH, L, D] (bf16: D a multiple of 16; float32: of 8; unit stride along D),
+    lengths [R] in [0, L]: float32 [R, KVH, L], each valid key's summed cosine similarity
+    (those >= threshold) to the other valid keys over (length - 1); 0 past a row's length."""
+    dtype = keys.dtype
+    lib, s = _lib_for(dtype, "redundancy")
+    _unit_d(keys, "keys", dtype)
     R, kvh, L, D = keys.shape
-    if D % 16 or D > _MAX_D:
-        raise ValueError(f"head_dim must be a multiple of 16 up to {_MAX_D}, got {D}")
+    block = 16 if dtype == torch.bfloat16 else 8
+    if D % block or D > _MAX_D:
+        raise ValueError(f"head_dim must be a multiple of {block} up to {_MAX_D}, got {D}")
     lens = lengths.to(torch.int64).contiguous()
     out = torch.empty((R, kvh, L), dtype=torch.float32)
-    status = lib.rlkit_redundancy_bf16(
+    status = getattr(lib, f"rlkit_redundancy_{s}")(
         keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2), lens.data_ptr(),
         out.data_ptr(), R, kvh, L, D, threshold,
     )  # fmt: skip
@@ -461,7 +615,7 @@ def keep_top(scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: i
     """scores [R, X, L] float32 (unit stride along L), lengths [R], budget <= L: int64
     [R, X, budget], ascending: the last `window` valid entries and the highest-scored others,
     ties to the earlier entry."""
-    lib = _lib_or_raise()
+    lib = _any_lib()
     if scores.dtype != torch.float32 or scores.device.type != "cpu" or scores.stride(-1) != 1:
         raise ValueError("scores must be a float32 CPU tensor with unit stride along entries")
     R, X, L = scores.shape
@@ -482,7 +636,7 @@ def compact_rows(store: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> 
     idx[r, h, j]] (old values). store [S, heads, L, ...] (the trailing dims of an entry
     contiguous), rows [R], idx [R, heads or 1, budget] int64, each row strictly ascending in
     [0, L): the kept entries of a compression moved to the front of their rows."""
-    lib = _lib_or_raise()
+    lib = _any_lib()
     if store.device.type != "cpu" or store.dim() < 3:
         raise ValueError(f"store must be a CPU tensor [S, heads, L, ...], got {tuple(store.shape)}")
     entry = store[0, 0, 0] if store.dim() > 3 else None

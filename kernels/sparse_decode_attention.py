@@ -418,14 +418,14 @@ def sparse_decode_attention(
 ) -> torch.Tensor:
     """Decode attention over each sequence's first `lengths[b]` KV entries (module docstring):
     the Triton kernel for CUDA tensors when Triton is importable; on CPU the C kernel of
-    `cpu_decode_attention` for bf16 when it is built for this CPU; else the PyTorch reference
+    `rlkit.kernels.cpu` for bf16 or float32 when it is built for this CPU; else the PyTorch reference
     (in the inputs' dtype, the fast form; see `sparse_decode_attention_reference`).
 
     Dense decoding is the case where every sequence's length is all of its entries.
     cpu_kernel=False skips the C kernel (to compare against ATen's attention)."""
     if q.is_cuda and HAS_TRITON:
         return sparse_decode_attention_triton(q, k, v, lengths, scale)
-    if cpu_kernel and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if cpu_kernel and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32):
         scale = _check(q, k, v, lengths, scale)[-1]
         if cpu_kernels.supports(q, k, v):
             return cpu_kernels.decode_attention(q, k, v, lengths, scale)

@@ -360,16 +360,16 @@ class Decoder(nn.Module):
         return self._run(input_ids, positions, cache)
 
     def can_fuse_decode(self) -> bool:
-        """Whether `forward_decode_fused` runs for this model as it is now: bf16 on CPU, fused
-        projections, the C kernels built for this CPU and taking its head layout, no q/k norm."""
+        """Whether `forward_decode_fused` runs for this model as it is now: on CPU, fused
+        projections, the C kernels of its dtype (bf16 or float32) built for this CPU and taking
+        its head layout, no q/k norm."""
         a, w = self.args, self.model.norm.weight
         return (
             w.device.type == "cpu"
-            and w.dtype == torch.bfloat16
             and not a.qk_norm
             and all(cast(DecoderLayer, lay).self_attn.qkv is not None for lay in self.model.layers)
-            and cpu_kernels.supports_heads(a.num_heads, a.num_kv_heads, a.head_dim)
-            and cpu_kernels.available()
+            and cpu_kernels.supports_heads(a.num_heads, a.num_kv_heads, a.head_dim, w.dtype)
+            and cpu_kernels.available(w.dtype)
         )
 
     def forward_decode_fused(
@@ -378,7 +378,8 @@ class Decoder(nn.Module):
         """`forward_cached` for one new token per sequence (input_ids, positions [B, 1]) on
         the CPU kernels (`can_fuse_decode`): per layer four GEMMs and three kernel calls
         (residual add + RMSNorm, RoPE + cache append + attention, SiLU * up) instead of some
-        twenty PyTorch ops. Same rounding points as the PyTorch path. Returns [B, 1, hidden]."""
+        twenty PyTorch ops. Same rounding points as the PyTorch path (bf16 model), or float32
+        throughout (float32 model). Returns [B, 1, hidden]."""
         B = input_ids.shape[0]
         a = self.args
         layers = [cast(DecoderLayer, lay) for lay in self.model.layers]

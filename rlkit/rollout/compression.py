@@ -74,7 +74,7 @@ def keep_top(
     valid entries, then the highest `scores` [B, X, L] among the other valid ones.
     kernels=True selects with the CPU kernel (same choice, no sort) when it applies."""
     L = scores.shape[-1]
-    if kernels and scores.device.type == "cpu" and budget <= L and cpu_kernels.available():
+    if kernels and scores.device.type == "cpu" and budget <= L and cpu_kernels.available(None):
         return cpu_kernels.keep_top(scores.float(), lengths, budget, window)
     idx = torch.arange(L, device=scores.device)
     lens = lengths.to(scores.device)[:, None, None]
@@ -94,17 +94,17 @@ def window_attention(
     [B, H, window, D] give the entries, averaged over the queries and the query heads of
     each kv head's group. Query i sits at entry `length - window + i` and sees only entries up
     to it (causal), and never the padding. kernels=True computes it with the CPU kernel,
-    reading `keys` in place, where it applies (bf16 on the CPU)."""
+    reading `keys` in place, where it applies (bf16 or float32 on the CPU)."""
     B, H, w, D = queries.shape
     kvh, L = keys.shape[1], keys.shape[2]
     if (
         kernels
         and keys.device.type == "cpu"
-        and keys.dtype == queries.dtype == torch.bfloat16
-        and cpu_kernels.supports_heads(H, kvh, D)
+        and keys.dtype == queries.dtype
+        and cpu_kernels.supports_heads(H, kvh, D, keys.dtype)
         and queries.stride(-1) == keys.stride(-1) == 1
         and bool(((lengths >= w) & (lengths <= L)).all())
-        and cpu_kernels.available()
+        and cpu_kernels.available(keys.dtype)
     ):
         return cpu_kernels.window_scores(queries, keys, lengths)
     group = H // kvh
@@ -133,17 +133,16 @@ def redundancy(
 ) -> torch.Tensor:
     """R-KV's redundancy [B, KVH, L]: mean cosine similarity of each key to the other valid
     keys of its head, similarities under `threshold` counted as 0. kernels=True computes it
-    with the CPU kernel where it applies (bf16 keys on the CPU); there, entries past a row's
+    with the CPU kernel where it applies (bf16 or float32 keys on the CPU); there, entries past a row's
     length get 0 (here they get a value that `keep_top` never reads)."""
     B, kvh, L, D = keys.shape
     if (
         kernels
         and keys.device.type == "cpu"
-        and keys.dtype == torch.bfloat16
-        and D % 16 == 0
+        and D % (16 if keys.dtype == torch.bfloat16 else 8) == 0
         and D <= 256
         and keys.stride(-1) == 1
-        and cpu_kernels.available()
+        and cpu_kernels.available(keys.dtype)
     ):
         return cpu_kernels.redundancy(keys, lengths, threshold)
     valid = torch.arange(L, device=keys.device) < lengths.to(keys.device)[:, None]  # [B, L]

@@ -546,8 +546,9 @@ class CompressedKVCache(KVCache):
 
     def _kernels(self) -> bool:
         """Whether compressions run on the CPU C kernels: selection and compaction for any
-        dtype, SnapKV's scores for bf16 (`window_attention` checks what it takes)."""
-        return self.cpu_kernels and self.device.type == "cpu" and cpu_kernels.available()
+        dtype, SnapKV's and R-KV's scores for the dtypes that have kernels (the policies check
+        what they take)."""
+        return self.cpu_kernels and self.device.type == "cpu" and cpu_kernels.available(None)
 
     def compress(self, slots: np.ndarray | list[int]) -> int:
         """Compress those of `slots` whose compressed layers hold more than the budget;

@@ -70,18 +70,18 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [N] and their log-probabilities [N] (float32) under the sampling distribution.
 
-    Plain temperature sampling of bf16 logits on CPU runs in the C kernel
+    Plain temperature sampling of bf16 or float32 logits on CPU runs in the C kernel
     (`rlkit.kernels.cpu.sample_rows`) when it is built: the same uniform per row from
     `generator` and the same inverse-CDF rule, without materialising [N, V] float tensors."""
     if (
         params.temperature > 0
         and params.top_p >= 1
         and not 0 < params.top_k < logits.shape[-1]
-        and logits.dtype == torch.bfloat16
+        and logits.dtype in (torch.bfloat16, torch.float32)
         and logits.device.type == "cpu"
         and logits.dim() == 2
         and logits.stride(-1) == 1
-        and cpu_kernels.available()
+        and cpu_kernels.available(logits.dtype)
     ):
         u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)
         return cpu_kernels.sample_rows(logits, params.temperature, u[:, 0])

@@ -158,8 +158,9 @@ def test_reference_scale_argument():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("c_kernel", [True, False])
 def test_dispatcher_on_cpu(monkeypatch, dtype, c_kernel):
-    """CPU tensors never reach Triton: bf16 goes to the C kernel when it takes the arguments,
-    everything else to the reference in the inputs' dtype."""
+    """CPU tensors never reach Triton: bf16 and float32 go to the C kernel of their dtype when
+    it is built here and takes the arguments, everything else to the reference in the inputs'
+    dtype."""
     case = list(CASES["g3_d64_bf16_full"])
     case[5] = dtype
     q, k, v, lengths = make_inputs(tuple(case), seed=5)
@@ -182,10 +183,12 @@ def test_dispatcher_on_cpu(monkeypatch, dtype, c_kernel):
     monkeypatch.setattr(cpu_kernel, "decode_attention", spy_c)
     if not c_kernel:
         monkeypatch.setattr(cpu_kernel, "supports", lambda *a: False)
-    elif cpu_kernel.missing_prerequisite():
-        pytest.skip(f"machine lacks a kernel prerequisite: {cpu_kernel.missing_prerequisite()}")
+    elif cpu_kernel.missing_prerequisite(dtype):
+        pytest.skip(
+            f"machine lacks a kernel prerequisite: {cpu_kernel.missing_prerequisite(dtype)}"
+        )
     got = sda.sparse_decode_attention(q, k, v, lengths)
-    want = "c" if c_kernel and dtype == torch.bfloat16 else "reference"
+    want = "c" if c_kernel else "reference"
     assert calls == [want]
     exact = real_ref(q, k, v, lengths)
     if want == "reference":

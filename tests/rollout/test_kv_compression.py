@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from rlkit.kernels import cpu as cpu_kernels
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.models import load_model
@@ -323,15 +322,11 @@ def test_compress_false_decodes_dense_in_a_sparse_engine(deep_dir):
     assert eng.stats["compression_events"] > 0
 
 
-@pytest.mark.skipif(
-    cpu_kernels.missing_prerequisite() is not None,
-    reason=f"machine lacks a kernel prerequisite: {cpu_kernels.missing_prerequisite()}",
-)
 @pytest.mark.parametrize("name", [*POLICY_NAMES, "layer_hybrid_local"])
 @pytest.mark.parametrize(
     "rows", [[0, 1, 2, 3], [1, 2, 3, 4], [3, 0, 2]], ids=["consecutive", "offset", "scattered"]
 )
-def test_compress_on_the_cpu_kernels_equals_pytorch(name, rows):
+def test_compress_on_the_cpu_kernels_equals_pytorch(name, rows, kernel_dtype):
     """A compression through the C kernels (scores, selection, compaction in place) leaves
     the cache exactly as the PyTorch path does, for rows read in place or gathered."""
     hybrid_local = name == "layer_hybrid_local"
@@ -340,7 +335,7 @@ def test_compress_on_the_cpu_kernels_equals_pytorch(name, rows):
     layers, S, H, KVH, D, full_len = 4, 5, 6, 2, 64, 64
     caches = [
         CompressedKVCache(
-            layers, S, c.budget + c.interval, full_len, H, KVH, D, c, torch.bfloat16, cpu_kernels=on
+            layers, S, c.budget + c.interval, full_len, H, KVH, D, c, kernel_dtype, cpu_kernels=on
         )  # fmt: skip
         for on in (True, False)
     ]

@@ -1,0 +1,554 @@
+/* CPU kernels for the rollout engine's float32 decode step (x86-64 with AVX2 and FMA).
+ *
+ * The float32 twin of cpu.c: the same entry points with an _f32 suffix, for engines whose
+ * weights and KV cache are float32 — the engine's choice on a CPU without native bf16
+ * arithmetic (AVX2-only x86), where bf16 GEMMs are emulated and run several times slower.
+ * cpu.py compiles and loads this file and documents each entry point; the PyTorch code they
+ * replace is the reference they are tested against (tests/kernels/test_cpu.py):
+ *
+ *   rlkit_decode_attention_f32    one query token per sequence over its first lengths[b]
+ *                                 K/V entries (GQA): sparse_decode_attention's contract
+ *   rlkit_rope_append_attend_f32  the attention block of a decode step after the fused qkv
+ *                                 GEMM: RoPE on q and k, k and v appended to the cache,
+ *                                 attention over the sequence's entries
+ *   rlkit_add_rms_norm_f32        optional residual add (in place), then RMSNorm
+ *   rlkit_silu_mul_f32            silu(gate) * up of the fused gate/up GEMM's output
+ *   rlkit_sample_rows_f32         temperature sampling with the sampled tokens' log-probs
+ *   rlkit_window_scores_f32       SnapKV's window attention scores (KV compression)
+ *   rlkit_redundancy_f32          R-KV's key redundancy (KV compression)
+ *   rlkit_keep_top_f32, rlkit_compact_rows   (cpu_common.h, shared with cpu.c)
+ *
+ * Everything is float32, as the PyTorch code it replaces; results differ from it only by
+ * summation order and fused multiply-adds (a few float32 ulps).
+ *
+ * Attention: one work item per (sequence, kv head) covers the G = H / KVH query heads that
+ * share the kv head, so each key and value row is read from memory once for the whole group.
+ * Pass 1 takes 8 keys at a time per query head (8 partial-sum vectors, one transpose-reduce);
+ * pass 2 accumulates p * v for up to 2 query heads x 32 dims in registers (16 ymm).
+ *
+ * Limits (cpu.py checks them and falls back to PyTorch otherwise): head_dim a multiple of 8
+ * up to 256, at most 16 query heads per kv head.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_common.h"
+
+#define MAX_D 256
+#define MAX_G 16
+#define INLINE static inline __attribute__((always_inline))
+
+int rlkit_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* -- helpers ------------------------------------------------------------------------------- */
+
+/* The lanes of a row of n elements that the 8-wide block starting at i covers, as a mask for
+ * _mm256_maskload_ps / _mm256_maskstore_ps (all lanes when n - i >= 8). */
+INLINE __m256i lanes8(int64_t i, int64_t n) {
+    const int64_t k = n - i >= 8 ? 8 : n - i;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Lane i of the result = the sum of the 8 lanes of v[i]. */
+INLINE __m256 reduce8(const __m256 v[8]) {
+    __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
+    /* per 128-bit half: a0 = (v0 pairs, v1 pairs), ... */
+    __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
+    /* b0 low half: partial sums of v0..v3 (low lanes), high half: the other partials */
+    __m256 lo = _mm256_permute2f128_ps(b0, b1, 0x20), hi = _mm256_permute2f128_ps(b0, b1, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+
+/* exp(x) for float32 lanes: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial,
+ * times 2^n built in the exponent bits. Relative error about 2e-7; lanes below -87.3 give 0
+ * and lanes above 88.72 give +inf (as expf). */
+INLINE __m256 exp256(__m256 x) {
+    const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+    const __m256 huge = _mm256_cmp_ps(x, _mm256_set1_ps(88.72283f), _CMP_GT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    p = _mm256_andnot_ps(tiny, p);
+    return _mm256_blendv_ps(p, _mm256_set1_ps(INFINITY), huge);
+}
+
+/* -- attention ----------------------------------------------------------------------------- */
+
+/* scores[j] = scale * q . k_j for j < n (q and each key: F blocks of 8 floats). */
+INLINE void dot_rows(const float *q, const float *k, int64_t k_sl, int64_t n, float scale,
+                     float *out, const int F) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    int64_t j0 = 0;
+    for (; j0 + 8 <= n; j0 += 8) {
+        const float *kb = k + j0 * k_sl;
+        __m256 acc[8];
+        for (int e = 0; e < 8; e++) acc[e] = _mm256_setzero_ps();
+        for (int f = 0; f < F; f++) {
+            const __m256 qf = _mm256_loadu_ps(q + 8 * f);
+            for (int e = 0; e < 8; e++)
+                acc[e] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(kb + e * k_sl + 8 * f), acc[e]);
+        }
+        _mm256_storeu_ps(out + j0, _mm256_mul_ps(reduce8(acc), vs));
+    }
+    for (; j0 < n; j0++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int f = 0; f < F; f++)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * f), _mm256_loadu_ps(k + j0 * k_sl + 8 * f),
+                                  acc);
+        out[j0] = hsum8(acc) * scale;
+    }
+}
+
+/* Softmax of n scores in place, unnormalised: s[j] = exp(s[j] - max); returns 1 / sum. */
+static float softmax_row(float *s, int64_t n) {
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+    float m = hmax8(vmax);
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vsum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        _mm256_storeu_ps(s + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float total = hsum8(vsum);
+    for (; j < n; j++) {
+        s[j] = expf(s[j] - m);
+        total += s[j];
+    }
+    return 1.0f / total;
+}
+
+/* Pass 2 for GN query heads and FN blocks of 8 dims starting at dim 8 * f0 (compile-time GN,
+ * FN: the GN * FN accumulators stay in registers): out_g[dims] = sum_j p_gj v_j[dims] * inv_g. */
+INLINE void pass2(const float *v, int64_t v_sl, int64_t len, const float *p, const float *inv,
+                  float *out, int D, int f0, const int GN, const int FN) {
+    __m256 acc[2][4];
+    for (int g = 0; g < GN; g++)
+        for (int f = 0; f < FN; f++) acc[g][f] = _mm256_setzero_ps();
+    const float *vb = v + 8 * f0;
+    for (int64_t j = 0; j < len; j++) {
+        const float *vj = vb + j * v_sl;
+        if (j + 8 < len) _mm_prefetch((const char *)(vj + 8 * v_sl), _MM_HINT_T0);
+        __m256 pb[2];
+        for (int g = 0; g < GN; g++) pb[g] = _mm256_broadcast_ss(p + g * len + j);
+        for (int f = 0; f < FN; f++) {
+            const __m256 vf = _mm256_loadu_ps(vj + 8 * f);
+            for (int g = 0; g < GN; g++) acc[g][f] = _mm256_fmadd_ps(pb[g], vf, acc[g][f]);
+        }
+    }
+    for (int g = 0; g < GN; g++) {
+        const __m256 s = _mm256_set1_ps(inv[g]);
+        for (int f = 0; f < FN; f++)
+            _mm256_storeu_ps(out + g * D + 8 * (f0 + f), _mm256_mul_ps(acc[g][f], s));
+    }
+}
+
+/* Attention of G float32 query rows q[g * q_sh ...] over len entries of one kv head, for a
+ * compile-time F = D / 8 (the dispatcher below instantiates each supported one). */
+INLINE void attend_f(const float *q, int64_t q_sh, const float *k, int64_t k_sl, const float *v,
+                     int64_t v_sl, int64_t len, int G, float scale, float *scores, float *out,
+                     const int F) {
+    const int D = 8 * F;
+    if (len <= 0) {
+        memset(out, 0, sizeof(float) * (size_t)G * D);
+        return;
+    }
+    /* The next keys, while this head's scores compute (the cache is read from DRAM). */
+    float inv_sum[MAX_G];
+    for (int g = 0; g < G; g++) {
+        dot_rows(q + g * q_sh, k, k_sl, len, scale, scores + g * len, F);
+        inv_sum[g] = softmax_row(scores + g * len, len);
+    }
+    /* Pass 2 in tiles of up to 2 heads x 4 blocks of 8 dims (8 accumulators). */
+    for (int g0 = 0; g0 < G; g0 += 2) {
+        const int gn = G - g0 < 2 ? G - g0 : 2;
+        for (int f0 = 0; f0 < F; f0 += 4) {
+            const int fn = F - f0 < 4 ? F - f0 : 4;
+            const float *p = scores + g0 * len;
+            float *o = out + g0 * D;
+#define PASS2(GN_, FN_) pass2(v, v_sl, len, p, inv_sum + g0, o, D, f0, GN_, FN_)
+            if (gn == 2) {
+                switch (fn) {
+                case 1: PASS2(2, 1); break;
+                case 2: PASS2(2, 2); break;
+                case 3: PASS2(2, 3); break;
+                default: PASS2(2, 4); break;
+                }
+            } else {
+                switch (fn) {
+                case 1: PASS2(1, 1); break;
+                case 2: PASS2(1, 2); break;
+                case 3: PASS2(1, 3); break;
+                default: PASS2(1, 4); break;
+                }
+            }
+#undef PASS2
+        }
+    }
+}
+
+static void attend_one(const float *q, int64_t q_sh, const float *k, int64_t k_sl,
+                       const float *v, int64_t v_sl, int64_t len, int G, int D, float scale,
+                       float *scores, float *out) {
+    switch (D / 8) {
+#define ATTEND_CASE(f)                                                                       \
+    case f: attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, f); break;
+        ATTEND_CASE(1) ATTEND_CASE(2) ATTEND_CASE(3) ATTEND_CASE(4) ATTEND_CASE(5)
+        ATTEND_CASE(6) ATTEND_CASE(7) ATTEND_CASE(8) ATTEND_CASE(10) ATTEND_CASE(12)
+        ATTEND_CASE(14) ATTEND_CASE(16) ATTEND_CASE(20) ATTEND_CASE(24) ATTEND_CASE(28)
+        ATTEND_CASE(32)
+#undef ATTEND_CASE
+    default: /* other multiples of 8 up to 256: the same code without a constant F */
+        attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, D / 8);
+    }
+}
+
+/* Returns 0 on success, 1 if a scratch allocation failed (out is then unspecified). */
+int rlkit_decode_attention_f32(const float *q, int64_t q_sb, int64_t q_sh, const float *k,
+                               int64_t k_sb, int64_t k_sh, int64_t k_sl, const float *v,
+                               int64_t v_sb, int64_t v_sh, int64_t v_sl, const int64_t *lengths,
+                               float *out, int B, int H, int KVH, int L, int D, float scale) {
+    const int G = H / KVH;
+    const int64_t items = (int64_t)B * KVH;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)G * (size_t)(L > 0 ? L : 1));
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            if (!scores) {
+                failed = 1;
+                continue;
+            }
+            const int64_t b = it / KVH, h = it % KVH;
+            int64_t len = lengths[b];
+            len = len < 0 ? 0 : (len > L ? L : len);
+            attend_one(q + b * q_sb + h * G * q_sh, q_sh, k + b * k_sb + h * k_sh, k_sl,
+                       v + b * v_sb + h * v_sh, v_sl, len, G, D, scale, scores,
+                       out + (b * H + h * G) * (int64_t)D);
+        }
+        free(scores);
+    }
+    return failed;
+}
+
+/* RoPE, half-split layout, as rlkit.models.decoder.rotate in float32:
+ * out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1). D / 2 a multiple of 4. */
+static void rope_row(const float *x, const float *cos, const float *sin, int D, float *out) {
+    const int half = D / 2;
+    int d = 0;
+    for (; d + 8 <= half; d += 8) {
+        __m256 x1 = _mm256_loadu_ps(x + d), x2 = _mm256_loadu_ps(x + half + d);
+        __m256 lo = _mm256_sub_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(cos + d)),
+                                  _mm256_mul_ps(x2, _mm256_loadu_ps(sin + d)));
+        __m256 hi = _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(cos + half + d)),
+                                  _mm256_mul_ps(x1, _mm256_loadu_ps(sin + half + d)));
+        _mm256_storeu_ps(out + d, lo);
+        _mm256_storeu_ps(out + half + d, hi);
+    }
+    for (; d < half; d++) {
+        const float x1 = x[d], x2 = x[half + d];
+        out[d] = x1 * cos[d] - x2 * sin[d];
+        out[half + d] = x2 * cos[half + d] + x1 * sin[half + d];
+    }
+}
+
+/* The attention block of one decode step, after the fused qkv GEMM (float32 throughout).
+ *   qkv      [B, (H + 2 KVH) * D] rows of stride qkv_rs: q heads, then k heads, then v heads
+ *   cos, sin [B, D] rows of stride cs_rs (the token's true position)
+ *   k, v     cache stores [B, KVH, cap, D] with strides (sb, sh, sl)
+ *   lengths  [B] entries of each sequence after this token: the new k/v go to lengths[b] - 1
+ *   out      [B, H * D] contiguous
+ *   q_ring   optional [B, H, W, D] (strides rb, rh, rw): the rotated query is also stored at
+ *            ring_pos[b] (the compressed cache's recent-query window)
+ * Returns 0, 1 if a scratch allocation failed, 2 if a length is outside [1, cap]. */
+int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *cos,
+                                 const float *sin, int64_t cs_rs, float *k, int64_t k_sb,
+                                 int64_t k_sh, int64_t k_sl, float *v, int64_t v_sb, int64_t v_sh,
+                                 int64_t v_sl, int64_t cap, const int64_t *lengths, float *out,
+                                 int B, int H, int KVH, int D, float scale, float *q_ring,
+                                 int64_t r_sb, int64_t r_sh, int64_t r_sw,
+                                 const int64_t *ring_pos) {
+    const int G = H / KVH;
+    int64_t max_len = 0;
+    for (int b = 0; b < B; b++) {
+        if (lengths[b] < 1 || lengths[b] > cap) return 2;
+        max_len = lengths[b] > max_len ? lengths[b] : max_len;
+    }
+    const int64_t items = (int64_t)B * KVH;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)G * (size_t)max_len);
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            if (!scores) {
+                failed = 1;
+                continue;
+            }
+            const int64_t b = it / KVH, h = it % KVH;
+            const float *row = qkv + b * qkv_rs;
+            const float *cb = cos + b * cs_rs, *sb = sin + b * cs_rs;
+            const int64_t len = lengths[b];
+            float *kd = k + b * k_sb + h * k_sh, *vd = v + b * v_sb + h * v_sh;
+            rope_row(row + (int64_t)(H + h) * D, cb, sb, D, kd + (len - 1) * k_sl);
+            memcpy(vd + (len - 1) * v_sl, row + (int64_t)(H + KVH + h) * D, sizeof(float) * D);
+            float qr[MAX_G * MAX_D];
+            for (int g = 0; g < G; g++) {
+                rope_row(row + (int64_t)(h * G + g) * D, cb, sb, D, qr + g * D);
+                if (q_ring)
+                    memcpy(q_ring + b * r_sb + (h * G + g) * r_sh + ring_pos[b] * r_sw, qr + g * D,
+                           sizeof(float) * D);
+            }
+            attend_one(qr, D, kd, k_sl, vd, v_sl, len, G, D, scale, scores,
+                       out + (b * H + h * G) * (int64_t)D);
+        }
+        free(scores);
+    }
+    return failed;
+}
+
+/* -- row-wise ops -------------------------------------------------------------------------- */
+
+/* For each of `rows` rows of `dim`: if delta, x += delta in place (the residual stream); then
+ * out = w * (x * rsqrt(mean(x^2) + eps)), as RMSNorm in rlkit.models.decoder. */
+void rlkit_add_rms_norm_f32(float *x, int64_t x_rs, const float *delta, int64_t d_rs,
+                            const float *w, float eps, float *out, int64_t o_rs, int64_t rows,
+                            int64_t dim) {
+#pragma omp parallel for schedule(static) if (rows * dim >= (1 << 14))
+    for (int64_t r = 0; r < rows; r++) {
+        float *xr = x + r * x_rs;
+        const float *dr = delta ? delta + r * d_rs : NULL;
+        __m256 ss = _mm256_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 8) {
+            const __m256i m = lanes8(i, dim);
+            __m256 xv = _mm256_maskload_ps(xr + i, m);
+            if (dr) {
+                xv = _mm256_add_ps(xv, _mm256_maskload_ps(dr + i, m));
+                _mm256_maskstore_ps(xr + i, m, xv);
+            }
+            ss = _mm256_fmadd_ps(xv, xv, ss);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)dim + eps));
+        float *orow = out + r * o_rs;
+        for (int64_t i = 0; i < dim; i += 8) {
+            const __m256i m = lanes8(i, dim);
+            __m256 h = _mm256_mul_ps(_mm256_maskload_ps(xr + i, m), inv);
+            _mm256_maskstore_ps(orow + i, m, _mm256_mul_ps(_mm256_maskload_ps(w + i, m), h));
+        }
+    }
+}
+
+/* out[r] = silu(gate) * up with gate = row[:inter], up = row[inter:], as F.silu(gate) * up. */
+void rlkit_silu_mul_f32(const float *gu, int64_t gu_rs, float *out, int64_t o_rs, int64_t rows,
+                        int64_t inter) {
+#pragma omp parallel for schedule(static) if (rows * inter >= (1 << 14))
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * gu_rs, *u = g + inter;
+        float *o = out + r * o_rs;
+        for (int64_t i = 0; i < inter; i += 8) {
+            const __m256i m = lanes8(i, inter);
+            __m256 gv = _mm256_maskload_ps(g + i, m);
+            __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_maskstore_ps(o + i, m, _mm256_mul_ps(s, _mm256_maskload_ps(u + i, m)));
+        }
+    }
+}
+
+/* -- sampling ------------------------------------------------------------------------------ */
+
+/* exp(x * inv_temp - max) over the 8-wide block of a row of V logits at i; 0 past the row. */
+INLINE __m256 block_probs(const float *x, int64_t i, int64_t V, __m256 inv_temp, __m256 max) {
+    const __m256i m = lanes8(i, V);
+    __m256 z = _mm256_sub_ps(_mm256_mul_ps(_mm256_maskload_ps(x + i, m), inv_temp), max);
+    return _mm256_and_ps(exp256(z), _mm256_castsi256_ps(m));
+}
+
+/* The sum of the 8 lanes in float64. */
+INLINE double block_sum(__m256 e) {
+    __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e)),
+                              _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
+/* Temperature sampling over full rows of float32 logits, as rlkit.rollout.sampling.sample
+ * without top-k / top-p: x = logit * inv_temp, log-probs x - max - log(sum exp(x - max)), and
+ * the inverse-CDF draw of one uniform u[r] in [0, 1): the first token whose running sum of
+ * probabilities (float64) exceeds u * total. Writes tokens[r] and logprobs[r]. */
+void rlkit_sample_rows_f32(const float *logits, int64_t rs, int64_t rows, int64_t V,
+                           float inv_temp, const double *u, int64_t *tokens, float *logprobs) {
+    const __m256 it = _mm256_set1_ps(inv_temp);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = logits + r * rs;
+        __m256 vmax = _mm256_set1_ps(-INFINITY);
+        int64_t i = 0;
+        for (; i + 8 <= V; i += 8) vmax = _mm256_max_ps(vmax, _mm256_mul_ps(_mm256_loadu_ps(x + i), it));
+        float mx = hmax8(vmax);
+        for (; i < V; i++) mx = x[i] * inv_temp > mx ? x[i] * inv_temp : mx;
+        const __m256 vm = _mm256_set1_ps(mx);
+        double total = 0.0;
+        for (i = 0; i < V; i += 8) total += block_sum(block_probs(x, i, V, it, vm));
+        const float lse = mx + logf((float)total);
+        const double target = u[r] * total;
+        double run = 0.0;
+        int64_t tok = V - 1;
+        for (i = 0; i < V; i += 8) {
+            const __m256 e = block_probs(x, i, V, it, vm);
+            const double block = block_sum(e);
+            if (run + block > target) { /* the token is in this block: walk it */
+                float p[8];
+                _mm256_storeu_ps(p, e);
+                const int64_t n = V - i < 8 ? V - i : 8;
+                tok = i + n - 1;
+                for (int64_t t = 0; t < n; t++) {
+                    run += p[t];
+                    if (run > target) {
+                        tok = i + t;
+                        break;
+                    }
+                }
+                break;
+            }
+            run += block;
+        }
+        tokens[r] = tok;
+        logprobs[r] = x[tok] * inv_temp - lse;
+    }
+}
+
+/* -- KV compression (Sparse-RL) ------------------------------------------------------------ */
+
+/* SnapKV's window attention (rlkit.rollout.compression.window_attention), float32: for each
+ * sequence r and kv head h, the softmax attention that the W window queries of each of the G
+ * query heads of the group give the entries, averaged over those G * W rows, out[r, h, 0..L).
+ * Query i (oldest first) sits at entry lens[r] - W + i and sees entries 0..that; entries at
+ * or past lens[r] get 0. Returns 0, 1 if a scratch allocation failed, 2 if a length is
+ * outside [W, L]. */
+int rlkit_window_scores_f32(const float *q, int64_t q_sr, int64_t q_sh, int64_t q_si,
+                            const float *k, int64_t k_sr, int64_t k_sh, int64_t k_sl,
+                            const int64_t *lens, float *out, int64_t R, int H, int KVH, int W,
+                            int64_t L, int D, float scale) {
+    if (any_outside(lens, R, W, L)) return 2;
+    const int G = H / KVH;
+    const float inv_rows = 1.0f / (float)(G * W);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *s = (float *)malloc(sizeof(float) * (size_t)(L > 0 ? L : 1));
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < R * KVH; it++) {
+            if (!s) {
+                failed = 1;
+                continue;
+            }
+            const int64_t r = it / KVH, h = it % KVH, len = lens[r];
+            float *acc = out + it * L;
+            memset(acc, 0, sizeof(float) * (size_t)L);
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < W; i++) {
+                    const int64_t n = len - W + i + 1; /* entries query i sees */
+                    dot_rows(q + r * q_sr + (h * G + g) * q_sh + i * q_si, k + r * k_sr + h * k_sh,
+                             k_sl, n, scale, s, D / 8);
+                    const __m256 inv = _mm256_set1_ps(softmax_row(s, n));
+                    for (int64_t j = 0; j < n; j += 8) {
+                        const __m256i t = lanes8(j, n);
+                        __m256 a = _mm256_maskload_ps(acc + j, t);
+                        a = _mm256_fmadd_ps(_mm256_maskload_ps(s + j, t), inv, a);
+                        _mm256_maskstore_ps(acc + j, t, a);
+                    }
+                }
+            for (int64_t j = 0; j < L; j++) acc[j] *= inv_rows;
+        }
+        free(s);
+    }
+    return failed;
+}
+
+/* R-KV's redundancy (rlkit.rollout.compression.redundancy), float32 keys: for each sequence r
+ * and kv head h, out[r, h, i] = the sum of cos(k_i, k_j) over the other valid entries j whose
+ * cosine is at least `threshold`, divided by max(lens[r] - 1, 1); keys normalised as
+ * F.normalize (eps 1e-12). Entries at or past lens[r] get 0. D a multiple of 8. Returns 1 if
+ * a scratch allocation failed, 2 if a length is outside [0, L]. */
+int rlkit_redundancy_f32(const float *k, int64_t k_sr, int64_t k_sh, int64_t k_sl,
+                         const int64_t *lens, float *out, int64_t R, int KVH, int64_t L, int D,
+                         float threshold) {
+    if (any_outside(lens, R, 0, L)) return 2;
+    const int F = D / 8;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *kn = (float *)malloc(sizeof(float) * (size_t)(L > 0 ? L : 1) * (size_t)D);
+        float *sim = (float *)malloc(sizeof(float) * (size_t)(L > 0 ? L : 1));
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < R * KVH; it++) {
+            if (!kn || !sim) {
+                failed = 1;
+                continue;
+            }
+            const int64_t r = it / KVH, h = it % KVH, len = lens[r];
+            const float *kb = k + r * k_sr + h * k_sh;
+            float *o = out + it * L;
+            for (int64_t j = 0; j < len; j++) {
+                __m256 sq = _mm256_setzero_ps();
+                for (int f = 0; f < F; f++) {
+                    const __m256 x = _mm256_loadu_ps(kb + j * k_sl + 8 * f);
+                    sq = _mm256_fmadd_ps(x, x, sq);
+                }
+                const float norm = sqrtf(hsum8(sq));
+                const __m256 inv = _mm256_set1_ps(1.0f / (norm > 1e-12f ? norm : 1e-12f));
+                for (int f = 0; f < F; f++)
+                    _mm256_storeu_ps(kn + j * D + 8 * f,
+                                     _mm256_mul_ps(_mm256_loadu_ps(kb + j * k_sl + 8 * f), inv));
+            }
+            const float inv_others = 1.0f / (float)(len - 1 > 1 ? len - 1 : 1);
+            for (int64_t i = 0; i < len; i++) {
+                dot_rows(kn + i * D, kn, D, len, 1.0f, sim, F);
+                float total = 0.0f;
+                for (int64_t j = 0; j < len; j++)
+                    if (j != i && sim[j] >= threshold) total += sim[j];
+                o[i] = total * inv_others;
+            }
+            for (int64_t i = len; i < L; i++) o[i] = 0.0f;
+        }
+        free(kn);
+        free(sim);
+    }
+    return failed;
+}
