@@ -45,6 +45,7 @@ import psutil
 import torch
 
 from rlkit.config.schema import DEFAULT_MODEL, KVCompressionConfig, VLLMConfig
+from rlkit.device import cpu_summary, pick_dtype
 from rlkit.models.config import ModelArgs
 from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.rollout.sampling import SamplingParams
@@ -323,7 +324,13 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     ap.add_argument("--modes", default="dense")
     ap.add_argument("--engines", default="native,hf")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *sorted(DTYPES)],
+        help="of every engine; auto: bfloat16 where the device computes it natively, else "
+        "float32 (rlkit/device.py)",
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -346,6 +353,9 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     vllm.add_argument("--vllm-kv-gb", type=float, default=2.0, help="vLLM CPU KV cache GiB")
     ap.add_argument("--json", default=None, help="write the rows to this file as JSON")
     args = ap.parse_args(list(argv))
+    choice = pick_dtype(args.dtype, args.device)
+    args.dtype = choice.name
+    print(f"rlkit bench: {choice.name} ({choice.why})", file=sys.stderr)
     modes = _csv(args.modes, MODES, "mode")
     engines = _csv(args.engines, ENGINES, "engine")
     if args.threads:
@@ -380,6 +390,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         for k in ("model", "batch", "prompt_len", "max_new_tokens", "dtype", "temperature")
     }
     settings["threads"] = torch.get_num_threads()
+    settings["cpu"] = cpu_summary()
     settings["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     if "sparse" in modes:
         settings.update(

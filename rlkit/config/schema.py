@@ -22,8 +22,10 @@ class ModelConfig:
     path: str = DEFAULT_MODEL
     # Parameter dtype of the learner's master weights.
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # Autocast dtype for the learner's forward/backward ("none": run in the parameter dtype).
-    compute_dtype: Literal["none", "bfloat16"] = "bfloat16"
+    # Dtype the learner's forward/backward computes in ("none": the parameter dtype; bf16 keeps
+    # a float32 master copy for the optimizer). "auto": bfloat16 where the hardware computes
+    # it natively (a GPU, a CPU with AVX-512 BF16), else none (rlkit/device.py).
+    compute_dtype: Literal["auto", "none", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False
 
 
@@ -122,8 +124,10 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
-    # Dtype of the rollout worker's copy of the weights.
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Dtype of the rollout worker's copy of the weights and of its KV cache. "auto": bfloat16
+    # where the hardware computes it natively (a GPU, a CPU with AVX-512 BF16), else float32
+    # (rlkit/device.py); the worker logs its choice at start-up.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Most sequences decoded at once; the rest wait for a free slot.
     max_batch_size: int = 256
     num_workers: int = 1

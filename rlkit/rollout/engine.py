@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from rlkit.config.schema import KVCompressionConfig
+from rlkit.device import DTYPE_NAMES
+from rlkit.kernels import cpu as cpu_kernels
 from rlkit.models.decoder import Decoder, can_prepack
 from rlkit.models.loading import load_weights
 from rlkit.models.tokenizer import eos_token_ids
@@ -143,6 +145,20 @@ class Engine:
         self.stats: dict[str, float] = {}
         if self.device.type == "cpu":
             _reuse_freed_memory()
+
+    def describe(self) -> str:
+        """How this engine computes, for start-up logs: dtype, weights, decode step."""
+        parts = [DTYPE_NAMES.get(self.dtype, str(self.dtype)), self.device.type]
+        if self.model.prepacked:
+            parts.append("oneDNN-prepacked weights")
+        if self.fused_decode:
+            parts.append(f"decode step on {cpu_kernels.describe()}")
+        elif self.device.type == "cpu":
+            why = cpu_kernels.unavailable_reason(self.dtype) if self.cpu_kernels else "turned off"
+            parts.append(f"decode step on PyTorch ops (C kernels: {why})")
+        elif self.cuda_graphs:
+            parts.append("CUDA-graph decode steps")
+        return ", ".join(parts)
 
     def release_cache(self) -> None:
         """Free the KV cache between calls (the next `generate` allocates a fresh one).

@@ -53,6 +53,9 @@ class RunContext:
     summary: dict[str, Any] = field(default_factory=dict)
     # More held-out metrics, merged into every evaluation (e.g. JudgeRLVR's eval/judge_accuracy).
     eval_hooks: list[Callable[[], dict[str, float]]] = field(default_factory=list)
+    # The dtype the rollout worker resolved `rollout.dtype` to on its machine ("auto" there);
+    # weights are cast to it before they travel.
+    rollout_dtype: str = "float32"
 
     @staticmethod
     def call(method, *args, **kwargs):
@@ -72,7 +75,7 @@ class RunContext:
 
     def sync_weights(self) -> None:
         # The weights travel learner → object store → rollout worker without touching the driver.
-        ref = self.learner.weights.remote(self.cfg.rollout.dtype)
+        ref = self.learner.weights.remote(self.rollout_dtype)
         ray.get(self.rollout.load_weights.remote(ref))
 
     def evaluate(self) -> dict[str, float]:

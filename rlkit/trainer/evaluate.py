@@ -40,17 +40,19 @@ def main(
     Runs in-process (no Ray): one engine and one verifier pool are all evaluation needs.
     """
 
-    from rlkit.models.loading import DTYPES, load_model
+    from rlkit.device import pick_dtype
+    from rlkit.models.loading import load_model
     from rlkit.rewards.runner import VerifierPool
     from rlkit.rollout.engine import Engine
     from rlkit.rollout.sampling import SamplingParams
     from rlkit.trainer.data_setup import load_split, verifier_spec
 
     k = k or cfg.eval.k
-    dtype = DTYPES[cfg.rollout.dtype]
-    net, tokenizer = load_model(model, dtype=dtype)
+    choice = pick_dtype(cfg.rollout.dtype, "cpu")
+    net, tokenizer = load_model(model, dtype=choice.dtype)
     net.eval()
-    engine = Engine(net, tokenizer, max_batch_size=cfg.rollout.max_batch_size, dtype=dtype)
+    engine = Engine(net, tokenizer, max_batch_size=cfg.rollout.max_batch_size, dtype=choice.dtype)
+    print(f"rlkit eval: {engine.describe()} ({choice.why})", flush=True)
     samples, prompt_ids, _dropped = load_split(cfg, tokenizer, split)
     pool = VerifierPool(
         verifier_spec(cfg),

@@ -75,7 +75,7 @@ def _push_checkpoint(ctx: RunContext, path: str) -> None:
     model_dir = os.path.join(path, "model")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         model_dir = resolve_model_dir(path)
-    dtype = DTYPES[ctx.cfg.rollout.dtype]
+    dtype = DTYPES[ctx.rollout_dtype]
     state = {k: v.to(dtype) for k, v in read_state_dict(model_dir).items()}
     ray.get(ctx.rollout.load_weights.remote(ray.put(state)))
 

@@ -110,4 +110,5 @@ def launch(
             reward.__ray_ready__.remote(),  # type: ignore[union-attr]
         ]
     )
+    ctx.rollout_dtype = str(ray.get(rollout.weights_dtype.remote()))  # type: ignore[attr-defined]
     return ctx

@@ -21,6 +21,7 @@ from rlkit.algorithms import (
 )
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
+from rlkit.device import pick_dtype, slow_dtype_warning
 from rlkit.models.decoder import Decoder
 from rlkit.models.loading import DTYPES, load_model, save_pretrained
 from rlkit.models.shared_prefix import response_hidden
@@ -43,13 +44,21 @@ class Learner:
         self.model, self.tokenizer = load_model(model_path, dtype=DTYPES[model_cfg.dtype])
         self.model.gradient_checkpointing = model_cfg.gradient_checkpointing
         self.model.train()
-        # compute_dtype bf16: the model computes in bf16, the optimizer updates fp32 master weights.
-        self.master: MasterWeights | None = None
-        if (
-            model_cfg.compute_dtype != "none"
-            and DTYPES[model_cfg.compute_dtype] != DTYPES[model_cfg.dtype]
+        device = torch.device("cpu")
+        spec = model_cfg.compute_dtype
+        choice = pick_dtype(model_cfg.dtype if spec == "none" else spec, device)
+        if spec == "bfloat16" and (
+            warning := slow_dtype_warning(choice.dtype, device, "model.compute_dtype")
         ):
-            self.master = MasterWeights(self.model, DTYPES[model_cfg.compute_dtype])
+            print(f"rlkit: warning: {warning}", flush=True)
+        # A compute dtype below the parameters' (bf16 over float32): the model computes in it,
+        # the optimizer updates float32 master weights.
+        self.master: MasterWeights | None = None
+        if choice.dtype != DTYPES[model_cfg.dtype]:
+            self.master = MasterWeights(self.model, choice.dtype)
+        why = "model.compute_dtype=none" if spec == "none" else choice.why
+        master = ", float32 master weights" if self.master is not None else ""
+        print(f"rlkit learner: {choice.name} compute{master} ({why})", flush=True)
         self.ref_model: Decoder | None = None
         self.configure(cfg)
 

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from rlkit.config.schema import RolloutConfig
-from rlkit.models.loading import DTYPES, load_model
+from rlkit.device import pick_dtype, slow_dtype_warning
+from rlkit.models.loading import load_model
 from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.rollout.vllm_engine import VLLMEngine
@@ -20,24 +21,31 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        device = torch.device("cpu")
+        choice = pick_dtype(cfg.dtype, device)
+        self.dtype = choice.name
+        warning = slow_dtype_warning(choice.dtype, device, "rollout.dtype")
+        if warning and cfg.dtype != "auto":
+            print(f"rlkit: warning: {warning}", flush=True)
         if cfg.engine == "vllm":
             # vLLM runs in its own environment and process (rollout/vllm_engine.py).
             if cfg.kv_compression.policy != "none":
                 raise ValueError("rollout.kv_compression needs rollout.engine: native")
             self.engine = VLLMEngine(
-                model_path, cfg.vllm, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size
+                model_path, cfg.vllm, dtype=choice.dtype, max_batch_size=cfg.max_batch_size
             )
+            print(f"rlkit rollout: vLLM, {choice.name} ({choice.why})", flush=True)
             return
-        dtype = DTYPES[cfg.dtype]
-        model, tokenizer = load_model(model_path, dtype=dtype)
+        model, tokenizer = load_model(model_path, dtype=choice.dtype)
         model.eval()
         self.engine = Engine(
             model,
             tokenizer,
             max_batch_size=cfg.max_batch_size,
-            dtype=dtype,
+            dtype=choice.dtype,
             kv_compression=cfg.kv_compression,
         )
+        print(f"rlkit rollout: {self.engine.describe()} ({choice.why})", flush=True)
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
@@ -60,6 +68,10 @@ class RolloutWorker:
             }
             for c in completions
         ]
+
+    def weights_dtype(self) -> str:
+        """The dtype name `rollout.dtype` resolved to here: what weights should arrive in."""
+        return self.dtype
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.engine.load_state_dict(state_dict)

@@ -109,5 +109,9 @@ def test_sparse_corrections_drop_the_vetoed_sample(model_dir, batch_level):
         # The fused pass keeps the rollout's token count as the normaliser: scale to match.
         ref.advantages = ref.advantages * 12 / 16
     b.train_step(ref)
+    # Adam's first step moves every weight by about lr (1e-2) times the sign of its gradient,
+    # so a sample that counted would show as 1e-2; float32 summation-order noise (the vetoed
+    # sample stays in its micro-batch's padded forward) moves a few tiny-gradient weights by
+    # ~1e-5 (float32 compute, the "auto" choice on a CPU without native bf16).
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=name)

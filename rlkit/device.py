@@ -1,0 +1,100 @@
+"""What the hardware a worker runs on computes well: the one place that looks at it.
+
+A recipe says `auto` for `rollout.dtype` and `model.compute_dtype` (the defaults); each worker
+resolves that on its own machine (a Ray cluster may mix them) with `pick_dtype`:
+
+- on a CUDA device, bf16 where the device computes it (compute capability 8 and newer);
+- on a CPU, bf16 where the CPU computes it natively (AVX-512 BF16, which AMX machines also
+  have, with oneDNN's bf16 kernels in this torch build), float32 elsewhere. Without native
+  bf16 (AVX2-only x86, aarch64 here), bf16 GEMMs are emulated and run several times slower
+  than float32 ones.
+
+`RLKIT_CPU_ISA` (`rlkit.kernels.cpu.isa`) lowers what the CPU is taken to have, so the
+portable choices are tested on the richer machine too. An explicit dtype always wins;
+`slow_dtype_warning` says when it is slow where it runs.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from rlkit.kernels import cpu as cpu_kernels
+
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` computes bf16 matrix products natively."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return (
+        cpu_kernels.isa() == "avx512_bf16"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def _cpu_name() -> str:
+    isa = cpu_kernels.isa()
+    if isa != cpu_kernels.machine_isa():
+        return f"this CPU as RLKIT_CPU_ISA={isa}"
+    return {
+        "avx512_bf16": "this CPU (AVX-512 BF16)",
+        "avx2": "this CPU (AVX2, no AVX-512 BF16)",
+    }.get(isa, "this CPU (no AVX2)")
+
+
+def cpu_summary() -> str:
+    """The CPU's model and the instruction set in use, for benchmark records:
+    "AMD EPYC, isa avx2 (machine avx2)"."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    return f"{model}, isa {cpu_kernels.isa()} (machine {cpu_kernels.machine_isa()})"
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype
+    why: str  # for start-up logs: "float32: no native bf16 on this CPU (AVX2, ...)"
+
+    @property
+    def name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+
+def pick_dtype(spec: str, device: torch.device | str = "cpu") -> DtypeChoice:
+    """The compute dtype for `spec` ("auto", "float32" or "bfloat16") on `device`."""
+    device = torch.device(device)
+    if spec != "auto":
+        if spec not in _BY_NAME:
+            raise ValueError(f"unknown dtype {spec!r}: expected auto, float32 or bfloat16")
+        return DtypeChoice(_BY_NAME[spec], "set in the recipe")
+    where = (
+        _cpu_name() if device.type == "cpu" else f"this GPU ({torch.cuda.get_device_name(device)})"
+    )
+    if native_bf16(device):
+        return DtypeChoice(torch.bfloat16, f"auto: native bf16 on {where}")
+    return DtypeChoice(torch.float32, f"auto: no native bf16 on {where}")
+
+
+def slow_dtype_warning(dtype: torch.dtype, device: torch.device | str, key: str) -> str | None:
+    """A warning when `dtype`, set explicitly under `key`, computes slowly on `device`."""
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        where = _cpu_name() if torch.device(device).type == "cpu" else "this GPU"
+        return (
+            f"{key}=bfloat16 on {where}: it has no native bf16 arithmetic, so bf16 matrix "
+            f"products are emulated and several times slower than float32; "
+            f"{key}=auto picks float32 here"
+        )
+    return None
