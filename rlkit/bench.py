@@ -49,6 +49,7 @@ from rlkit.device import cpu_summary, pick_dtype
 from rlkit.models.config import ModelArgs
 from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.rollout.sampling import SamplingParams
+from rlkit.workers.placement import local_device
 
 MODES = ("dense", "sparse")
 # Ablations of the native engine, to show what each CPU lever is worth on this machine:
@@ -338,8 +339,10 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     ap.add_argument(
         "--device",
-        default="cpu",
-        help="cpu or cuda (native and hf engines; peak memory is then the GPU's peak allocation)",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="as the recipe's device: auto takes the GPU when there is one (native and hf "
+        "engines; peak memory is then the GPU's peak allocation)",
     )
     sparse = ap.add_argument_group("sparse mode (compressed KV cache)")
     sparse.add_argument(
@@ -353,6 +356,8 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     vllm.add_argument("--vllm-kv-gb", type=float, default=2.0, help="vLLM CPU KV cache GiB")
     ap.add_argument("--json", default=None, help="write the rows to this file as JSON")
     args = ap.parse_args(list(argv))
+    args.device, where = local_device(args.device)
+    print(f"rlkit bench: {args.device} ({where})", file=sys.stderr)
     choice = pick_dtype(args.dtype, args.device)
     args.dtype = choice.name
     print(f"rlkit bench: {choice.name} ({choice.why})", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Any
 from rlkit.config import ConfigError, dump_recipe, load_recipe, sources_of
 from rlkit.data.loaders import DataError
 from rlkit.exit_codes import ExitCode
+from rlkit.workers.placement import PlacementError
 
 
 class CommandError(Exception):
@@ -26,7 +27,7 @@ class CommandError(Exception):
 
 
 # What the user can fix from the message alone: exit status 2 (USAGE).
-_USER_ERRORS = (ConfigError, DataError, CommandError)
+_USER_ERRORS = (ConfigError, DataError, CommandError, PlacementError)
 _DEBUG_HINT = "run with --debug or RLKIT_DEBUG=1 for the traceback"
 
 

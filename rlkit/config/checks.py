@@ -172,3 +172,12 @@ def judge_template(value: str) -> None:
 def not_a_file(value: str) -> None:
     if os.path.exists(value) and not os.path.isdir(value):
         raise Invalid(f"{value} exists and is not a directory")
+
+
+def cuda_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU, found without importing torch (so `rlkit
+    check` stays fast): a device node, and CUDA_VISIBLE_DEVICES not hiding every device."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return any(os.path.exists(f"/dev/nvidia{i}") for i in range(16))

@@ -21,6 +21,7 @@ from rlkit.config.checks import (
     Invalid,
     all_of,
     at_least,
+    cuda_visible,
     data_file,
     each,
     executable,
@@ -50,6 +51,7 @@ SPLIT_SIZE = in_range(1, 1_000_000)
 TIMEOUT = in_range(0, 86_400, low_open=True)
 
 RULES: dict[str, Check | None] = {
+    "device": None,  # a GPU must be there: _cuda_here
     "model.path": model_path,
     "model.dtype": None,
     "model.compute_dtype": None,
@@ -174,6 +176,7 @@ RULES: dict[str, Check | None] = {
 # below) and the sampling keys of rollout.* (n, temperature, top_p, top_k, max_new_tokens,
 # stop), which go with every generate call.
 LAUNCH_ONLY: dict[str, str] = {
+    "device": "the workers are placed once, at launch",
     "model": "the learner and the rollout worker load the model once, at launch",
     "data": "the prompts are loaded and tokenized once, at launch",
     "reward": "the verifier pool starts once, at launch",
@@ -320,6 +323,16 @@ def _verifier(cfg: RecipeConfig) -> None:
         raise Invalid(str(e), key="reward.kwargs") from None
 
 
+def _cuda_here(cfg: RecipeConfig) -> None:
+    # A local run needs the GPU on this machine; a cluster's GPUs are checked when Ray joins it.
+    if cfg.device == "cuda" and cfg.ray.address is None and not cuda_visible():
+        raise Invalid(
+            "is cuda but this machine has no CUDA device (no /dev/nvidia*, or "
+            "CUDA_VISIBLE_DEVICES hides them); use device=cpu or device=auto",
+            key="device",
+        )
+
+
 def _resume_finds_the_run(cfg: RecipeConfig) -> None:
     path = os.path.join(cfg.run.dir, cfg.run.name)
     if cfg.run.resume and not os.path.isdir(path):
@@ -335,6 +348,7 @@ CROSS_RULES: list[Callable[[RecipeConfig], None]] = [
     _data_named,
     _task_args,
     _verifier,
+    _cuda_here,
     _resume_finds_the_run,
 ]
 

@@ -298,6 +298,10 @@ class StageConfig:
 
 @dataclass
 class RecipeConfig:
+    # Where the learner and the rollout engine compute: "cuda" puts both on one GPU (they
+    # share it, handing it to each other between phases); "auto" takes the GPU when there is
+    # one and says so at start-up (rlkit/workers/placement.py decides, once, for every actor).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

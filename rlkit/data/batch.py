@@ -86,6 +86,18 @@ class RolloutBatch:
         out = RolloutBatch(**kw)
         return out.trim()
 
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The batch with every tensor on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        kw = {
+            f.name: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return RolloutBatch(**kw)
+
     def trim(self) -> RolloutBatch:
         """Drop trailing columns that are padding in every row."""
         seq_len = int(self.attention_mask.sum(1).max().item()) if len(self) else 0

@@ -56,6 +56,9 @@ class RunContext:
     # The dtype the rollout worker resolved `rollout.dtype` to on its machine ("auto" there);
     # weights are cast to it before they travel.
     rollout_dtype: str = "float32"
+    # Learner and rollout engine in one actor (`learner` and `rollout` are the same handle):
+    # the sync is a copy inside it.
+    colocated: bool = False
 
     @staticmethod
     def call(method, *args, **kwargs):
@@ -73,10 +76,15 @@ class RunContext:
     def score(self, completions: list[str], samples: list[dict[str, Any]]) -> dict[str, Any]:
         return self.call(self.reward.score, completions, samples)
 
-    def sync_weights(self) -> None:
-        # The weights travel learner → object store → rollout worker without touching the driver.
+    def sync_weights(self) -> dict[str, float]:
+        """Learner → rollout engine. Colocated: a device-to-device copy inside the actor.
+        Else the weights travel learner → object store → rollout worker without touching the
+        driver. Returns {"sync/ms": ...} when the actor timed its copy."""
+        if self.colocated:
+            return {"sync/ms": float(self.call(self.learner.sync_engine))}
         ref = self.learner.weights.remote(self.rollout_dtype)
         ray.get(self.rollout.load_weights.remote(ref))
+        return {}
 
     def evaluate(self) -> dict[str, float]:
         from rlkit.rollout.sampling import SamplingParams
@@ -108,7 +116,7 @@ class RunContext:
         """What every stage does after its update: sync, periodic eval, log, checkpoint."""
         train = self.cfg.train
         with self.timer.phase("sync"):
-            self.sync_weights()
+            row.update(self.sync_weights())
         if train.eval_every and step % train.eval_every == 0 and step != train.steps:
             with self.timer.phase("eval"):
                 row.update(self.evaluate())

@@ -46,11 +46,13 @@ def main(
     from rlkit.rollout.engine import Engine
     from rlkit.rollout.sampling import SamplingParams
     from rlkit.trainer.data_setup import load_split, verifier_spec
+    from rlkit.workers.placement import local_device
 
     k = k or cfg.eval.k
-    choice = pick_dtype(cfg.rollout.dtype, "cpu")
+    where = local_device(cfg.device)[0]
+    choice = pick_dtype(cfg.rollout.dtype, where)
     net, tokenizer = load_model(model, dtype=choice.dtype)
-    net.eval()
+    net = net.to(where).eval()
     engine = Engine(net, tokenizer, max_batch_size=cfg.rollout.max_batch_size, dtype=choice.dtype)
     print(f"rlkit eval: {engine.describe()} ({choice.why})", flush=True)
     samples, prompt_ids, _dropped = load_split(cfg, tokenizer, split)

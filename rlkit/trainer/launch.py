@@ -16,13 +16,14 @@ from rlkit.models.tokenizer import load_tokenizer
 from rlkit.trainer.context import RunContext
 from rlkit.trainer.data_setup import load_split, verifier_spec
 from rlkit.trainer.metrics import MetricsLogger
+from rlkit.workers.colocated import ColocatedWorker
 from rlkit.workers.learner import Learner
-from rlkit.workers.placement import plan
+from rlkit.workers.placement import Placement, plan, visible_gpus
 from rlkit.workers.reward_pool import RewardPool
 from rlkit.workers.rollout_worker import RolloutWorker
 
 
-def init_ray(cfg: RecipeConfig, num_cpus: int) -> None:
+def init_ray(cfg: RecipeConfig, num_cpus: int, num_gpus: int = 0) -> None:
     if ray.is_initialized():
         return
     # Actors inherit the driver's environment; quiet, single-threaded BLAS start-up in each.
@@ -34,6 +35,7 @@ def init_ray(cfg: RecipeConfig, num_cpus: int) -> None:
         return
     ray.init(
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
         object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
         include_dashboard=False,
         runtime_env={"env_vars": env},
@@ -41,6 +43,18 @@ def init_ray(cfg: RecipeConfig, num_cpus: int) -> None:
         log_to_driver=True,
         configure_logging=True,
     )
+
+
+def _placement(cfg: RecipeConfig) -> Placement:
+    """Count the GPUs (this machine's, or the cluster's once Ray joins it), plan, start Ray."""
+    if cfg.ray.address:
+        init_ray(cfg, 0)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        return plan(cfg, gpus)
+    gpus = visible_gpus() if cfg.device != "cpu" else 0
+    place = plan(cfg, gpus)
+    init_ray(cfg, place.num_cpus, place.num_gpus)
+    return place
 
 
 def launch(
@@ -62,14 +76,22 @@ def launch(
             f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}",
             flush=True,
         )
-    place = plan(cfg)
-    init_ray(cfg, place.num_cpus)
-    learner = ray.remote(num_cpus=place.learner_cpus)(Learner).remote(
-        model_dir, cfg, place.learner_threads
-    )
-    rollout = ray.remote(num_cpus=place.rollout_cpus)(RolloutWorker).remote(
-        model_dir, cfg.rollout, place.rollout_threads
-    )
+    place = _placement(cfg)
+    print(f"rlkit: {place.device} ({place.why})", flush=True)
+    learner: Any
+    rollout: Any
+    if place.colocated:
+        # One actor holds the learner and the rollout engine on one GPU: both handles are it.
+        learner = rollout = ray.remote(num_cpus=place.learner_cpus, num_gpus=place.learner_gpus)(
+            ColocatedWorker
+        ).remote(model_dir, cfg, place.learner_threads, place.device)
+    else:
+        learner = ray.remote(num_cpus=place.learner_cpus, num_gpus=place.learner_gpus)(
+            Learner
+        ).remote(model_dir, cfg, place.learner_threads, place.device)
+        rollout = ray.remote(num_cpus=place.rollout_cpus, num_gpus=place.rollout_gpus)(
+            RolloutWorker
+        ).remote(model_dir, cfg.rollout, place.rollout_threads, place.device)
     reward = ray.remote(num_cpus=place.reward_cpus)(RewardPool).remote(
         verifier_spec(cfg),
         cfg.reward.style,
@@ -111,4 +133,5 @@ def launch(
         ]
     )
     ctx.rollout_dtype = str(ray.get(rollout.weights_dtype.remote()))  # type: ignore[attr-defined]
+    ctx.colocated = place.colocated
     return ctx

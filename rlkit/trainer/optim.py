@@ -9,7 +9,9 @@ import torch
 from rlkit.config.schema import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over `params`; fused=True (CUDA parameters) takes PyTorch's fused kernel, one
+    launch for all of them, else the foreach implementation."""
     # No weight decay on norms and biases (1-D tensors), as is usual for transformers.
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -18,8 +20,9 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    impl = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, foreach=True
+        groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, **impl
     )
 
 

@@ -127,7 +127,7 @@ def _collect(
     # KV figures per round: peaks and event counts over the rounds, the rest averaged.
     for k in kv_stats[0] if kv_stats else ():
         vals = [st[k] for st in kv_stats if k in st]
-        if k.endswith("_peak") or k.endswith("_max"):
+        if k.endswith("_peak") or k.endswith("_max") or "_peak_" in k:
             metrics[k] = max(vals)
         elif k.endswith("_events"):
             metrics[k] = sum(vals)

@@ -36,19 +36,23 @@ class Learner:
         model_path: str,
         cfg: RecipeConfig,
         num_threads: int | None = None,
+        device: str = "cpu",
     ) -> None:
+        """device: where the model, its optimizer states and every batch live (the run's
+        placement decides it: rlkit/workers/placement.py)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         torch.manual_seed(cfg.train.seed)
+        self.device = torch.device(device)
         model_cfg = cfg.model
-        self.model, self.tokenizer = load_model(model_path, dtype=DTYPES[model_cfg.dtype])
+        model, self.tokenizer = load_model(model_path, dtype=DTYPES[model_cfg.dtype])
+        self.model = model.to(self.device)
         self.model.gradient_checkpointing = model_cfg.gradient_checkpointing
         self.model.train()
-        device = torch.device("cpu")
         spec = model_cfg.compute_dtype
-        choice = pick_dtype(model_cfg.dtype if spec == "none" else spec, device)
+        choice = pick_dtype(model_cfg.dtype if spec == "none" else spec, self.device)
         if spec == "bfloat16" and (
-            warning := slow_dtype_warning(choice.dtype, device, "model.compute_dtype")
+            warning := slow_dtype_warning(choice.dtype, self.device, "model.compute_dtype")
         ):
             print(f"rlkit: warning: {warning}", flush=True)
         # A compute dtype below the parameters' (bf16 over float32): the model computes in it,
@@ -58,7 +62,7 @@ class Learner:
             self.master = MasterWeights(self.model, choice.dtype)
         why = "model.compute_dtype=none" if spec == "none" else choice.why
         master = ", float32 master weights" if self.master is not None else ""
-        print(f"rlkit learner: {choice.name} compute{master} ({why})", flush=True)
+        print(f"rlkit learner: {choice.name} compute{master} on {self.device} ({why})", flush=True)
         self.ref_model: Decoder | None = None
         self.configure(cfg)
 
@@ -69,7 +73,7 @@ class Learner:
         self.optim_cfg = cfg.optim
         # Log-probs are taken under the distribution the sampler drew from (logits / temperature).
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-        self.opt = build_optimizer(self._trainable(), cfg.optim)
+        self.opt = build_optimizer(self._trainable(), cfg.optim, fused=self.device.type == "cuda")
         self.sched = build_scheduler(self.opt, cfg.train.steps, cfg.optim)
         self.policy_loss = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
         # Sparse-RL: rollouts decoded against a compressed KV cache are corrected by the
@@ -90,7 +94,11 @@ class Learner:
     def _optimizer_step(self) -> float:
         """Clip, step, zero; returns the gradient norm before clipping."""
         if self.master is not None:
-            norm = self.master.step(self.opt, self.optim_cfg.grad_clip)
+            # On a CPU, one float32 gradient at a time (memory); on a GPU, all at once through
+            # the fused optimizer (one launch per tensor list, not per parameter).
+            norm = self.master.step(
+                self.opt, self.optim_cfg.grad_clip, one_at_a_time=self.device.type == "cpu"
+            )
             self.opt.zero_grad(set_to_none=True)
             return norm
         norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), self.optim_cfg.grad_clip))
@@ -112,9 +120,10 @@ class Learner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) of the response tokens; the LM head never sees prompt positions."""
         n, t = mb.response_ids.shape
+        dev = mb.input_ids.device
         seq_lens = mb.attention_mask.sum(1)  # [n]
         resp_lens = seq_lens - mb.prompt_lens  # [n]
-        steps = torch.arange(t)
+        steps = torch.arange(t, device=dev)
         valid = steps[None, :] < resp_lens[:, None]  # [n, T]
         if bool((mb.prompt_lens >= 2).all()):
             # Each group's prompt runs once; its samples attend to the shared keys/values.
@@ -128,7 +137,7 @@ class Learner:
             pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(
                 max=hidden.shape[1] - 1
             )  # [n, T]
-            rows = torch.arange(n)[:, None].expand(n, t)
+            rows = torch.arange(n, device=dev)[:, None].expand(n, t)
             h = hidden[rows[valid], pos[valid]]  # [M, H]
         logp_flat, ent_flat = token_logprobs(
             h,
@@ -148,6 +157,7 @@ class Learner:
 
     @torch.no_grad()
     def _score(self, model: Decoder, batch: RolloutBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
         return torch.cat(
             [
                 torch.nn.functional.pad(lp, (0, batch.response_ids.shape[1] - lp.shape[1]))
@@ -163,6 +173,8 @@ class Learner:
         if batch.advantages is None:
             raise ValueError("train_step needs batch.advantages (computed by the driver)")
         start = time.perf_counter()
+        self._begin_phase()
+        batch = batch.to(self.device)
         self.model.train()
         cfg, algo = self.train_cfg, self.algo
         # On-policy with one update per batch, the learner's old log-probs are exactly the detached
@@ -184,7 +196,9 @@ class Learner:
         # it is skipped; it still counts in the loss normalisers, so the update is unchanged.
         # GRPO zeroes every group whose rewards are all equal: early and late in training, most.
         skip_zero = self.ref_model is None and algo.entropy_coef == 0
-        active = (batch.advantages != 0).any(1) | ~torch.tensor(skip_zero)  # [N]
+        # Index bookkeeping stays on the CPU (indexing device tensors with it is fine).
+        assert batch.advantages is not None
+        active = batch.advantages.ne(0).any(1).cpu() | (not skip_zero)  # [N]
         # With old log-probs in hand, Sparse-RL's corrections are taken over the whole batch
         # (exact batch-mean normalisation; the normalisers count the surviving tokens). In the
         # fused on-policy pass they are taken per micro-batch and the normalisers count the
@@ -274,8 +288,25 @@ class Learner:
         out["actor/lr"] = lr
         out["throughput/learner_tokens_per_s"] = processed_tokens / max(elapsed, 1e-9)
         out["actor/skipped_frac"] = 1.0 - float(active.float().mean())
+        out["actor/tokens"] = float(processed_tokens)
+        out.update(self._end_phase())
         heap.trim()
         return out
+
+    def _begin_phase(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _end_phase(self) -> dict[str, float]:
+        """The phase's peak device memory (GPU only): allocated by tensors, and reserved by
+        PyTorch's caching allocator (what the process holds)."""
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "memory/learner_peak_allocated_gb": torch.cuda.max_memory_allocated(self.device)
+            / 2**30,
+            "memory/learner_peak_reserved_gb": torch.cuda.max_memory_reserved(self.device) / 2**30,
+        }
 
     def _sparse(
         self, old: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor
@@ -313,6 +344,8 @@ class Learner:
     def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
         """Cross-entropy on the response tokens (token-mean over the batch), one optimizer step."""
         start = time.perf_counter()
+        self._begin_phase()
+        batch = batch.to(self.device)
         self.model.train()
         n_tokens = max(1.0, float(batch.response_mask.sum()))
         total = 0.0
@@ -331,15 +364,17 @@ class Learner:
             "actor/grad_norm": grad_norm,
             "actor/lr": lr,
             "throughput/learner_tokens_per_s": int(batch.attention_mask.sum()) / max(elapsed, 1e-9),
+            **self._end_phase(),
         }
 
-    def weights(self, dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
-        """The policy's weights for the rollout workers, cast to their dtype."""
+    def weights(self, dtype: str = "bfloat16", device: str = "cpu") -> dict[str, torch.Tensor]:
+        """The policy's weights for the rollout workers, cast to their dtype, on `device`
+        (the CPU for the object store; the learner's own device for an in-process copy)."""
         target = DTYPES[dtype]
         state = self.model.state_dict()
         if next(iter(state.values())).dtype != target:
             state = self._full_state()
-        return {k: v.detach().to(target) for k, v in state.items()}
+        return {k: v.detach().to(device=device, dtype=target) for k, v in state.items()}
 
     def save(self, path: str) -> None:
         # StateView carries the fp32 master values under the model's names and args.
@@ -365,7 +400,7 @@ class Learner:
             self.model.load_state_dict(model.state_dict())
         state_file = os.path.join(path, "learner.pt")
         if with_optimizer and os.path.exists(state_file):
-            state = torch.load(state_file, weights_only=False)
+            state = torch.load(state_file, weights_only=False, map_location=self.device)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])

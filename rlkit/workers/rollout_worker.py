@@ -18,17 +18,31 @@ from rlkit.workers import heap
 class RolloutWorker:
     engine: Engine | VLLMEngine
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        num_threads: int | None = None,
+        device: str = "cpu",
+        release_cache: bool = True,
+    ) -> None:
+        """device: where the engine computes (the run's placement decides it).
+        release_cache: drop the KV cache after each rollout, so that it does not sit through
+        the learner's step (a CPU's memory peak); a GPU worker that shares its device with a
+        learner decides per rollout instead (`ColocatedWorker`), since a kept cache keeps its
+        captured CUDA graphs."""
         if num_threads:
             torch.set_num_threads(num_threads)
-        device = torch.device("cpu")
-        choice = pick_dtype(cfg.dtype, device)
+        self.device = torch.device(device)
+        self.release_cache = release_cache
+        choice = pick_dtype(cfg.dtype, self.device)
         self.dtype = choice.name
-        warning = slow_dtype_warning(choice.dtype, device, "rollout.dtype")
+        warning = slow_dtype_warning(choice.dtype, self.device, "rollout.dtype")
         if warning and cfg.dtype != "auto":
             print(f"rlkit: warning: {warning}", flush=True)
         if cfg.engine == "vllm":
-            # vLLM runs in its own environment and process (rollout/vllm_engine.py).
+            # vLLM runs in its own environment and process (rollout/vllm_engine.py), on the
+            # device its own build targets.
             if cfg.kv_compression.policy != "none":
                 raise ValueError("rollout.kv_compression needs rollout.engine: native")
             self.engine = VLLMEngine(
@@ -37,7 +51,7 @@ class RolloutWorker:
             print(f"rlkit rollout: vLLM, {choice.name} ({choice.why})", flush=True)
             return
         model, tokenizer = load_model(model_path, dtype=choice.dtype)
-        model.eval()
+        model = model.to(self.device).eval()
         self.engine = Engine(
             model,
             tokenizer,
@@ -54,7 +68,8 @@ class RolloutWorker:
         if isinstance(self.engine, Engine):
             completions = self.engine.generate(prompts, params, n=n, compress=compress)
             # Learning comes next: its peak should not include an idle KV cache.
-            self.engine.release_cache()
+            if self.release_cache:
+                self.engine.release_cache()
         else:
             completions = self.engine.generate(prompts, params, n=n)
         heap.trim()

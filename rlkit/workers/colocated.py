@@ -1,0 +1,132 @@
+"""Learner and rollout engine in one process on one GPU (verl's hybrid engine, slime's
+colocated mode): the phases alternate, so they hand the device to each other, and the weight
+sync is a device-to-device copy inside the process, no host round trip and no IPC.
+
+Why one process and not two actors sharing the GPU through CUDA IPC handles: measured on the
+lent H200 (benchmarks/bench_sync.py, benchmarks/RESULTS.md "GPU weight sync"), the in-process
+copy is the IPC route's consumer-side copy minus the handle exchange; and one process shares
+one caching allocator, so the KV cache the engine frees is memory the learner reuses at once.
+
+Memory hand-off: the engine keeps its KV cache (and the CUDA graphs captured over it) between
+rollouts while the device has room for the learner's step beside it; when it does not (free
+memory after a rollout under the learner's last peak), it frees the cache before the learner
+runs. Each phase's peak device memory goes into the metrics row.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from rlkit.config.schema import RecipeConfig
+from rlkit.data.batch import RolloutBatch
+from rlkit.rollout.engine import Engine
+from rlkit.rollout.sampling import SamplingParams
+from rlkit.workers.learner import Learner
+from rlkit.workers.rollout_worker import RolloutWorker
+
+# Headroom kept free beyond the learner's last peak when deciding to keep the KV cache.
+_MARGIN_BYTES = 1 << 30
+
+
+class ColocatedWorker:
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RecipeConfig,
+        num_threads: int | None = None,
+        device: str = "cuda",
+    ) -> None:
+        self.device = torch.device(device)
+        self.learner = Learner(model_path, cfg, num_threads, device=device)
+        self.rollout = RolloutWorker(
+            model_path, cfg.rollout, num_threads, device=device, release_cache=False
+        )
+        self._learner_peak = 0  # bytes the learner's last step held (reserved)
+        self._rollout_stats: dict[str, float] = {}
+
+    # -- rollout side ----------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+    ) -> list[dict[str, Any]]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        out = self.rollout.generate(prompts, params, n, compress)
+        stats: dict[str, float] = {}
+        if cuda:
+            # rollout/gpu_peak_*: the metrics row's names (RunContext.rollout_stats prefixes).
+            stats["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            stats["gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            stats["kv_cache_released"] = float(self._make_room())
+        self._rollout_stats = stats
+        return out
+
+    def _make_room(self) -> bool:
+        """Free the engine's KV cache if the learner's next step might not fit beside it."""
+        engine = self.rollout.engine
+        if not isinstance(engine, Engine) or engine.cache is None or not self._learner_peak:
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        # What the learner can get: free device memory plus the allocator's unused reserve.
+        room = free + (reserved - allocated)
+        if room >= self._learner_peak + _MARGIN_BYTES:
+            return False
+        engine.release_cache()
+        return True
+
+    def stats(self) -> dict[str, float]:
+        return {**self.rollout.stats(), **self._rollout_stats}
+
+    def weights_dtype(self) -> str:
+        return self.rollout.weights_dtype()
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Other weights into the engine (JudgeRLVR's extra checkpoints); `sync_engine` puts
+        the policy's back."""
+        self.rollout.load_weights(state_dict)
+
+    # -- learner side ----------------------------------------------------------------------
+
+    def configure(self, cfg: RecipeConfig) -> None:
+        self.learner.configure(cfg)
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        out = self.learner.train_step(batch)
+        if self.device.type == "cuda":
+            self._learner_peak = max(
+                self._learner_peak, torch.cuda.max_memory_reserved(self.device)
+            )
+        return out
+
+    def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
+        return self.learner.sft_step(batch)
+
+    def weights(self, dtype: str = "bfloat16", device: str = "cpu") -> dict[str, torch.Tensor]:
+        return self.learner.weights(dtype, device)
+
+    def save(self, path: str) -> None:
+        self.learner.save(path)
+
+    def load(self, path: str, with_optimizer: bool = True) -> None:
+        self.learner.load(path, with_optimizer)
+
+    # -- the sync --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sync_engine(self) -> float:
+        """Copy the learner's weights into the engine on the device; returns milliseconds."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        state = self.learner.weights(self.rollout.weights_dtype(), device=str(self.device))
+        self.rollout.engine.load_state_dict(state)
+        del state
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return 1000 * (time.perf_counter() - t0)

@@ -1,0 +1,50 @@
+"""The colocated worker (learner + rollout engine in one process): the in-process weight sync
+and the phases through one object. On CPU here; tests/workers/test_gpu.py runs it on CUDA."""
+
+import pytest
+import torch
+
+from rlkit.algorithms import ADVANTAGES
+from rlkit.config import load_recipe
+from rlkit.data.batch import RolloutBatch
+from rlkit.models.tiny import save_tiny_model
+from rlkit.rollout.sampling import SamplingParams
+from rlkit.workers.colocated import ColocatedWorker
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny") / "m"), tie_word_embeddings=False)
+
+
+def _engine_state(worker):
+    model = worker.rollout.engine.model
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.numel()}
+
+
+def test_sync_copies_the_learners_weights_into_the_engine(model_dir):
+    cfg = load_recipe(None, ["optim.lr=1e-2", "rollout.dtype=float32", "model.compute_dtype=none"])
+    w = ColocatedWorker(model_dir, cfg, num_threads=1, device="cpu")
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=0)
+    outs = w.generate(prompts, params, n=4)
+    assert len(outs) == 8
+    batch = RolloutBatch.from_sequences(
+        [prompts[o["prompt_index"]] for o in outs],
+        [o["token_ids"] for o in outs],
+        [o["logprobs"] for o in outs],
+        [float(i % 2) for i in range(8)],
+        [o["prompt_index"] for o in outs],
+    )
+    batch.advantages = ADVANTAGES.get("grpo")(batch.rewards, batch.group_ids, batch.response_mask)
+    before = _engine_state(w)
+    w.train_step(batch)
+    assert all(torch.equal(v, _engine_state(w)[k]) for k, v in before.items())  # not yet
+    ms = w.sync_engine()
+    assert ms >= 0
+    learner = w.learner.model.state_dict()
+    after = _engine_state(w)
+    moved = [k for k in after if not torch.equal(after[k], before[k])]
+    assert moved, "the update must reach the engine"
+    for k in after:
+        assert torch.equal(after[k], learner[k].to(after[k].dtype)), k
