@@ -63,6 +63,12 @@ def response_hidden(
     pre_lens = prompt_lens[first] - 1  # [G]
     if bool((pre_lens < 1).any()):
         raise ValueError("shared-prefix forward needs prompts of at least 2 tokens")
+    cols_all = torch.arange(input_ids.shape[1], device=device)
+    in_prompt = cols_all < prompt_lens[:, None]  # [N, L]
+    if bool(((input_ids != input_ids[first][row_group]) & in_prompt).any()) or bool(
+        (prompt_lens != prompt_lens[first][row_group]).any()
+    ):
+        raise ValueError("rows with equal group_ids must have identical prompts")
     p = int(pre_lens.max())
     cols = torch.arange(p, device=device)
     prefix_ids = torch.where(cols < pre_lens[:, None], input_ids[first, :p], 0)  # [G, P]

@@ -29,6 +29,23 @@ from rlkit.trainer.optim import build_optimizer, build_scheduler
 from rlkit.workers import heap
 from rlkit.workers.master_weights import MasterWeights, StateView
 
+# The shared-prefix forward (each group's prompt once) pays when it removes at least this
+# fraction of a micro-batch's tokens: its attention takes an explicit mask, which runs slower
+# than plain causal attention (a flash kernel on a GPU), so long responses after short prompts
+# (a 64-token prompt, 1024-token responses: 5% of the tokens) run the plain forward.
+_SHARED_PREFIX_MIN_SAVING = 0.2
+
+
+def _sharing_pays(mb: RolloutBatch) -> bool:
+    """Whether computing each group's prompt once removes enough of the micro-batch's tokens."""
+    total = int(mb.attention_mask.sum())
+    uniq, group = torch.unique(mb.group_ids, return_inverse=True)
+    # One prompt length per group (a group's samples share their prompt).
+    per_group = mb.prompt_lens.new_zeros(len(uniq)).scatter_(0, group, mb.prompt_lens)
+    # Prompt tokens repeated across a group's samples (one copy per group is still computed).
+    repeated = int(mb.prompt_lens.sum() - per_group.sum())
+    return total > 0 and repeated / total >= _SHARED_PREFIX_MIN_SAVING
+
 
 class Learner:
     def __init__(
@@ -125,7 +142,7 @@ class Learner:
         resp_lens = seq_lens - mb.prompt_lens  # [n]
         steps = torch.arange(t, device=dev)
         valid = steps[None, :] < resp_lens[:, None]  # [n, T]
-        if bool((mb.prompt_lens >= 2).all()):
+        if bool((mb.prompt_lens >= 2).all()) and _sharing_pays(mb):
             # Each group's prompt runs once; its samples attend to the shared keys/values.
             hidden = response_hidden(
                 model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids

@@ -21,9 +21,9 @@ def model_dir(tmp_path_factory):
 
 def _batch():
     g = torch.Generator().manual_seed(0)
-    prompts = [
-        torch.randint(0, 250, (5,), generator=g).tolist() for _ in range(2) for _ in range(2)
-    ]
+    # Two groups of two samples; a group's samples share their prompt.
+    group_prompts = [torch.randint(0, 250, (5,), generator=g).tolist() for _ in range(2)]
+    prompts = [group_prompts[i // 2] for i in range(4)]
     responses = [torch.randint(0, 250, (4,), generator=g).tolist() for _ in range(4)]
     b = RolloutBatch.from_sequences(
         prompts, responses, [[-5.0] * 4] * 4, [1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1]
@@ -115,3 +115,17 @@ def test_sparse_corrections_drop_the_vetoed_sample(model_dir, batch_level):
     # ~1e-5 (float32 compute, the "auto" choice on a CPU without native bf16).
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_shared_prefix_forward_only_where_it_removes_enough_tokens():
+    from rlkit.workers.learner import _sharing_pays
+
+    def batch(prompt_len, resp_len, n=8):
+        return RolloutBatch.from_sequences(
+            [[1] * prompt_len] * n, [[2] * resp_len] * n, [[0.0] * resp_len] * n,
+            [0.0] * n, [0] * n,
+        )  # fmt: skip
+
+    assert _sharing_pays(batch(40, 20))  # the default recipe's shape: most tokens are prompt
+    assert not _sharing_pays(batch(64, 1024))  # 5% of the tokens: plain causal attention
+    assert not _sharing_pays(batch(40, 20, n=1))  # nothing repeated
