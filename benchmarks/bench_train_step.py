@@ -1,0 +1,177 @@
+"""Time whole RL steps on the trainer's colocated worker: rollout, reward, advantage, learner
+step and weight sync, each phase timed, on any device (a GPU above all).
+
+    python benchmarks/bench_train_step.py --model M --device cuda --prompts 64 --n 8 \\
+        --prompt-len 64 --max-new-tokens 1024 --steps 3 [--bench] [--json FILE] [key=value ...]
+
+The worker is `rlkit.workers.colocated.ColocatedWorker`, the object `rlkit train` runs as its
+one actor on a GPU, called in this process (no Ray: one step's Ray overhead is a few
+milliseconds of actor calls). Prompts are random token ids of `--prompt-len` (the same ones
+every step, so steps do the same work); sampling ignores EOS, so every sample is exactly
+`--max-new-tokens` long; rewards are a seeded coin per sample, so GRPO advantages are non-zero
+and the learner runs every sample. The first step is a warm-up (CUDA graphs, allocator); the
+table gives the median of the rest:
+
+- rollout_s, rollout_tokens_per_s: the generate call, generated tokens per second;
+- learner_s, learner_tokens: the train_step call and the prompt + response tokens it ran;
+- learner_mfu: 6 x parameters x learner tokens / learner_s / --peak-tflops (the convention
+  of model FLOPs utilisation: no recomputation counted);
+- sync_ms: the learner -> engine copy (ColocatedWorker.sync_engine);
+- step_s: the whole step (the phases above plus building the batch).
+
+--bench also runs `rlkit bench rollout`'s native engine on the same number of sequences,
+prompt length and new tokens (every sequence its own prompt), in the same process, to compare
+the trainer's rollout throughput with the engine's alone. key=value overrides go to the recipe
+(e.g. train.micro_batch_size=16 model.gradient_checkpointing=true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from rlkit.algorithms import ADVANTAGES
+from rlkit.config import load_recipe
+from rlkit.data.batch import RolloutBatch
+from rlkit.device import cpu_summary
+from rlkit.models.config import ModelArgs
+from rlkit.rollout.sampling import SamplingParams
+from rlkit.workers.colocated import ColocatedWorker
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    ap.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak")
+    ap.add_argument("--bench", action="store_true", help="also time the engine alone")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = load_recipe(
+        None,
+        [
+            f"model.path={args.model}",
+            f"rollout.n={args.n}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            f"rollout.max_batch_size={args.prompts * args.n}",
+            "optim.lr=1e-6",
+            *args.overrides,
+        ],
+    )
+    worker = ColocatedWorker(args.model, cfg, device=args.device)
+    with open(f"{args.model}/config.json") as f:
+        model_args = ModelArgs.from_hf(json.load(f))
+    n_params = sum(p.numel() for p in worker.learner.model.parameters())
+    g = torch.Generator().manual_seed(0)
+    low = min(1000, model_args.vocab_size // 2)
+    prompts = torch.randint(
+        low, model_args.vocab_size, (args.prompts, args.prompt_len), generator=g
+    ).tolist()
+    coin = torch.Generator().manual_seed(1)
+    rows = []
+    for step in range(args.steps + 1):
+        params = SamplingParams(
+            temperature=1.0, max_new_tokens=args.max_new_tokens, ignore_eos=True, seed=step
+        )
+        _sync(args.device)
+        t0 = time.perf_counter()
+        outs = worker.generate(prompts, params, n=args.n)
+        _sync(args.device)
+        t1 = time.perf_counter()
+        rewards = torch.randint(0, 2, (len(outs),), generator=coin).float().tolist()
+        batch = RolloutBatch.from_sequences(
+            [prompts[o["prompt_index"]] for o in outs],
+            [o["token_ids"] for o in outs],
+            [o["logprobs"] for o in outs],
+            rewards,
+            [o["prompt_index"] for o in outs],
+        )
+        batch.advantages = ADVANTAGES.get(cfg.algorithm.advantage)(
+            batch.rewards, batch.group_ids, batch.response_mask
+        )
+        t2 = time.perf_counter()
+        metrics = worker.train_step(batch)
+        _sync(args.device)
+        t3 = time.perf_counter()
+        sync_ms = worker.sync_engine()
+        t4 = time.perf_counter()
+        generated = sum(len(o["token_ids"]) for o in outs)
+        tokens = metrics["actor/tokens"]
+        row = {
+            "step": step,
+            "rollout_s": t1 - t0,
+            "rollout_tokens_per_s": generated / (t1 - t0),
+            "generated_tokens": generated,
+            "learner_s": t3 - t2,
+            "learner_tokens": tokens,
+            "learner_mfu": 6 * n_params * tokens / (t3 - t2) / (args.peak_tflops * 1e12),
+            "sync_ms": sync_ms,
+            "step_s": t4 - t0,
+            "rollout_gpu_peak_gb": worker.stats().get("gpu_peak_reserved_gb"),
+            "learner_gpu_peak_gb": metrics.get("actor/gpu_peak_reserved_gb"),
+            "kv_cache_released": worker.stats().get("kv_cache_released"),
+        }
+        print(
+            ("warm-up" if step == 0 else f"step {step}")
+            + ": "
+            + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)),
+            flush=True,
+        )
+        if step > 0:
+            rows.append(row)
+    summary: dict = {
+        k: statistics.median(r[k] for r in rows)
+        for k in rows[0]
+        if k != "step" and rows[0][k] is not None
+    }
+    summary.update(
+        device=torch.cuda.get_device_name() if args.device == "cuda" else cpu_summary(),
+        params=n_params,
+        prompts=args.prompts,
+        n=args.n,
+        prompt_len=args.prompt_len,
+        max_new_tokens=args.max_new_tokens,
+        overrides=args.overrides,
+    )
+    if args.bench:
+        del worker
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+        from rlkit import bench
+
+        bench_rows = bench.rollout(
+            [
+                "--model", args.model, "--device", args.device,
+                "--batch", str(args.prompts * args.n), "--prompt-len", str(args.prompt_len),
+                "--max-new-tokens", str(args.max_new_tokens), "--engines", "native",
+                "--repeats", "1",
+            ]
+        )  # fmt: skip
+        summary["bench_tokens_per_s"] = bench_rows[0]["tokens_per_s"]
+        summary["rollout_vs_bench"] = (
+            summary["rollout_tokens_per_s"] / bench_rows[0]["tokens_per_s"]
+        )
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"summary": summary, "steps": rows}, f, indent=1)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
