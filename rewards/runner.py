@@ -1,30 +1,55 @@
 """Score completions with a verifier in worker processes, each call under a timeout.
 
-A verifier that raises, hangs, or returns no number gives reward 0.0 for its sample(s) and is
-counted; scoring never raises over it. A worker stuck past the timeout is killed (SIGKILL) and
-replaced, so a verifier caught in `time.sleep(1e9)` or `while True: pass` costs one timeout,
-not the run. Per-sample styles (rlkit, verl) get one call, hence one timeout, per sample; a TRL
-batch function gets one call per chunk (one chunk per worker) and the timeout covers that call.
+A verifier that raises, hangs, crashes, exceeds a sandbox limit or returns no number gives
+reward 0.0 for its sample(s), counted by kind; scoring never raises over it. Per-sample styles
+(rlkit, verl) get one call, hence one timeout, per sample; a TRL batch function gets one call
+per chunk (one chunk per worker) and the timeout covers that call.
 
-Workers are fresh interpreters (`subprocess`: fork+exec, safe when the parent holds threads)
-that import only rlkit.rewards and the verifier; `worker.py` has the protocol.
+Each pool slot is a worker process (`worker.py`: a fresh interpreter started with
+fork+exec, safe when the parent holds threads, that imports only rlkit.rewards and the
+verifier) whose call processes run the verifier. The worker times the calls and kills a failed
+call's whole process tree; the pool only keeps a backstop deadline on the worker itself and
+replaces a worker that dies. Nothing a verifier started outlives the pool: workers kill
+everything below them when the pool closes, and when the pool's process dies their socket
+reaches EOF and they do the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import pickle
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.connection import wait
+from typing import IO, Any
 
+from . import proctree
 from .adapters import Style, resolve_verifier
-from .worker import Result, normalize_result
+from .frames import FrameError, FrameReader, send_frame
+from .results import (
+    MAX_EXTRAS,
+    Result,
+    cap_text,
+    describe_exception,
+    normalize_result,
+    output_excerpt,
+)
+from .sandbox import Sandbox, check
+
+# The kinds of failure, each counted as `<kind>_count` in the metrics.
+KINDS = ("error", "crash", "timeout", "limit", "invalid")
+# A worker enforces the timeout itself; the pool gives up on it this much later.
+_GRACE_S = 3.0
 
 
 @dataclass
@@ -35,51 +60,55 @@ class ScoreResult:
     n_errors: int = 0
     n_timeouts: int = 0
     n_invalid: int = 0
+    n_crashes: int = 0
+    n_limits: int = 0
+    # "sample i: ..." for the failure of the lowest sample index, and per kind.
     first_error: str | None = None
-    # score_mean, error_count, timeout_count, invalid_count, time_s, and `<extra>_mean` for each
-    # numeric extra field (averaged over the samples that returned it).
+    first_errors: dict[str, str] = field(default_factory=dict)
+    # Bytes the verifier wrote to stdout/stderr (captured by the workers, never printed).
+    output_bytes: int = 0
+    # score_mean, <kind>_count for each kind, time_s, and `<extra>_mean` for each numeric
+    # extra field (averaged over the samples that returned it).
     metrics: dict[str, float] = field(default_factory=dict)
 
 
 class _Outcomes:
     def __init__(self, n: int) -> None:
         self.result = ScoreResult(scores=[0.0] * n, extras=[{} for _ in range(n)])
-        # The failure of the lowest sample index, whatever order the workers finish in.
-        self._first: tuple[int, str] | None = None
+        self.counts = dict.fromkeys(KINDS, 0)
+        # The failure of the lowest sample index (overall and per kind), whatever order the
+        # workers finish in.
+        self._first: dict[str | None, tuple[int, str]] = {}
 
     def ok(self, indices: list[int], results: list[Result]) -> None:
         for i, (value, extras, reason) in zip(indices, results, strict=True):
             if value is None:
-                self.result.n_invalid += 1
-                self._note(i, f"invalid result: {reason}")
+                self.fail([i], "invalid", f"invalid result: {reason}")
             else:
                 self.result.scores[i] = value
                 self.result.extras[i] = extras
 
-    def error(self, indices: list[int], message: str) -> None:
-        self.result.n_errors += len(indices)
-        self._note(indices[0], message)
-
-    def timeout(self, indices: list[int], timeout_s: float) -> None:
-        self.result.n_timeouts += len(indices)
-        self._note(indices[0], f"timed out after {timeout_s} s")
-
-    def _note(self, index: int, message: str) -> None:
-        if self._first is None or index < self._first[0]:
-            self._first = (index, message)
+    def fail(self, indices: list[int], kind: str, message: str) -> None:
+        self.counts[kind] += len(indices)
+        for key in (None, kind):
+            if key not in self._first or indices[0] < self._first[key][0]:
+                self._first[key] = (indices[0], message)
 
     def finish(self, elapsed_s: float) -> ScoreResult:
         r = self.result
-        if self._first is not None:
-            r.first_error = f"sample {self._first[0]}: {self._first[1]}"
+        c = self.counts
+        r.n_errors, r.n_crashes, r.n_timeouts = c["error"], c["crash"], c["timeout"]
+        r.n_limits, r.n_invalid = c["limit"], c["invalid"]
+        for key, (index, message) in self._first.items():
+            text = cap_text(f"sample {index}: {message}")
+            if key is None:
+                r.first_error = text
+            else:
+                r.first_errors[key] = text
         n = len(r.scores)
-        r.metrics = {
-            "score_mean": sum(r.scores) / n if n else 0.0,
-            "error_count": float(r.n_errors),
-            "timeout_count": float(r.n_timeouts),
-            "invalid_count": float(r.n_invalid),
-            "time_s": elapsed_s,
-        }
+        r.metrics = {"score_mean": sum(r.scores) / n if n else 0.0}
+        r.metrics.update({f"{kind}_count": float(c[kind]) for kind in KINDS})
+        r.metrics["time_s"] = elapsed_s
         numeric: dict[str, list[float]] = {}
         for extras in r.extras:
             for key, value in extras.items():
@@ -99,7 +128,10 @@ class _Task:
 @dataclass
 class _Worker:
     process: subprocess.Popen
-    conn: Connection
+    sock: socket.socket
+    reader: FrameReader
+    # The worker's own stdout/stderr until it is ready (import-time output, start-up errors).
+    log: IO[bytes] | None
     started_at: float
     ready: bool = False
     task: _Task | None = None
@@ -109,8 +141,10 @@ class _Worker:
 class VerifierPool:
     """Worker processes that keep one resolved verifier loaded across `score` calls.
 
-    `num_workers=0` scores in the calling process: no start-up cost, but no timeout either.
-    Not thread-safe: one `score` call at a time.
+    `num_workers=0` scores in the calling process: no start-up cost, but no timeout, no
+    sandbox and no protection either. Not thread-safe: one `score` call at a time.
+    `sandbox` limits each call (see `sandbox.py`); a limit that this machine cannot enforce is
+    a ValueError here.
     """
 
     def __init__(
@@ -122,21 +156,28 @@ class VerifierPool:
         timeout_s: float = 10.0,
         base_dir: str | None = None,
         start_timeout_s: float = 60.0,
+        sandbox: Sandbox | None = None,
     ) -> None:
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if type(num_workers) is not int or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        self.sandbox = sandbox or Sandbox()
+        if self.sandbox.active and num_workers == 0:
+            raise ValueError("a sandbox needs worker processes: num_workers must be >= 1")
         # Resolving here turns a bad spec into a ValueError before any process starts.
         self.verifier = resolve_verifier(spec, style, kwargs, base_dir)
-        self.timeout_s = timeout_s
-        self.start_timeout_s = start_timeout_s
+        # How `network: false` is enforced here (None: network allowed).
+        self.network_mode = check(self.sandbox) if self.sandbox.active else None
+        self.timeout_s = float(timeout_s)
+        self.start_timeout_s = float(start_timeout_s)
         self._base_dir = base_dir
         self._next_task_id = 0
         self._closed = False
         self._slots: list[_Worker | None] = [self._start() for _ in range(num_workers)]
-        # Kills the workers if the pool is dropped, or the interpreter exits, without close().
-        self._finalizer = weakref.finalize(self, _kill_all, self._slots)
+        # Stops the workers if the pool is dropped, or the interpreter exits, without close().
+        self._finalizer = weakref.finalize(self, _shutdown, self._slots)
 
     def score(self, completions: list[str], samples: list[dict]) -> ScoreResult:
         if self._closed:
@@ -154,22 +195,11 @@ class VerifierPool:
         return outcomes.finish(time.monotonic() - start)
 
     def close(self) -> None:
+        """Stop every worker and everything below it; safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        for worker in self._slots:
-            if worker is not None:
-                try:
-                    worker.conn.send(None)
-                except OSError:
-                    pass
-        for slot, worker in enumerate(self._slots):
-            if worker is not None:
-                try:
-                    worker.process.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    pass
-                self._kill(slot)
+        self._finalizer()
 
     def __enter__(self) -> VerifierPool:
         return self
@@ -192,7 +222,7 @@ class VerifierPool:
             raw = self.verifier([completions[i] for i in indices], [samples[i] for i in indices])
             outcomes.ok(indices, [normalize_result(r) for r in raw])
         except Exception as e:
-            outcomes.error(indices, f"{type(e).__name__}: {e}")
+            outcomes.fail(indices, "error", describe_exception(e))
 
     def _run(
         self,
@@ -205,17 +235,17 @@ class VerifierPool:
         while pending or self._busy():
             if start_failure is not None:
                 while pending:
-                    outcomes.error(pending.popleft(), start_failure)
+                    outcomes.fail(pending.popleft(), "error", start_failure)
                 if not self._busy():
                     return
-            self._dispatch(pending, completions, samples, may_start=start_failure is None)
+            self._dispatch(pending, completions, samples, outcomes, start_failure is None)
             live = [w for w in self._slots if w is not None]
             deadlines = [w.deadline for w in live if w.task is not None]
             deadlines += [w.started_at + self.start_timeout_s for w in live if not w.ready]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            for conn in wait([w.conn for w in live], timeout=wait_s):
+            for sock in wait([w.sock for w in live], timeout=wait_s):
                 slot = next(
-                    s for s, w in enumerate(self._slots) if w is not None and w.conn is conn
+                    s for s, w in enumerate(self._slots) if w is not None and w.sock is sock
                 )
                 start_failure = self._receive(slot, outcomes) or start_failure
             now = time.monotonic()
@@ -223,7 +253,11 @@ class VerifierPool:
                 if worker is None:
                     continue
                 if worker.task is not None and now >= worker.deadline:
-                    outcomes.timeout(worker.task.indices, self.timeout_s)
+                    outcomes.fail(
+                        worker.task.indices,
+                        "timeout",
+                        f"timed out after {self.timeout_s} s (the worker did not answer)",
+                    )
                     self._kill(slot)
                 elif not worker.ready and now >= worker.started_at + self.start_timeout_s:
                     start_failure = f"verifier worker did not start within {self.start_timeout_s} s"
@@ -234,6 +268,7 @@ class VerifierPool:
         pending: deque[list[int]],
         completions: list[str],
         samples: list[dict],
+        outcomes: _Outcomes,
         may_start: bool,
     ) -> None:
         for slot in range(len(self._slots)):
@@ -249,48 +284,78 @@ class VerifierPool:
             indices = pending.popleft()
             task = _Task(self._next_task_id, indices)
             self._next_task_id += 1
+            message = (
+                task.task_id,
+                [completions[i] for i in indices],
+                [samples[i] for i in indices],
+            )
             try:
-                worker.conn.send(
-                    (task.task_id, [completions[i] for i in indices], [samples[i] for i in indices])
-                )
+                send_frame(worker.sock, pickle.dumps(message), timeout=self.timeout_s)
             except OSError:
-                # The worker died while idle; the task waits for its replacement.
+                # The worker died (or stopped reading) while idle; the task waits for its
+                # replacement.
                 pending.appendleft(indices)
                 self._kill(slot)
                 continue
             worker.task = task
-            worker.deadline = time.monotonic() + self.timeout_s
+            worker.deadline = time.monotonic() + self.timeout_s + _GRACE_S
 
     def _receive(self, slot: int, outcomes: _Outcomes) -> str | None:
-        """Handle one message from (or the death of) a worker; returns a start-up failure."""
+        """Handle what a worker sent (or its death); returns a start-up failure."""
         worker = self._slots[slot]
         assert worker is not None
         try:
-            message = worker.conn.recv()
-        except (EOFError, OSError):
-            try:
-                code = worker.process.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                code = None
-            died = f"verifier worker died (exit code {code})"
+            frames = worker.reader.read()
+            for frame in frames:
+                failure = self._handle(worker, json.loads(frame), outcomes)
+                if failure is not None:
+                    self._kill(slot)
+                    return failure
+        except (FrameError, ValueError, TypeError, KeyError) as e:
+            broken = cap_text(f"verifier worker broke the protocol: {describe_exception(e)}")
             if worker.task is not None:
-                outcomes.error(worker.task.indices, died)
+                outcomes.fail(worker.task.indices, "crash", broken)
+                worker.task = None
+            self._kill(slot)
+            return None if worker.ready else broken
+        if worker.reader.eof:
+            end = time.monotonic() + 1.0
+            while not _exited(worker.process.pid) and time.monotonic() < end:
+                time.sleep(0.005)
+            died = f"verifier worker died ({_status(worker.process.pid)}){_log_tail(worker)}"
+            if worker.task is not None:
+                outcomes.fail(worker.task.indices, "crash", died)
+                worker.task = None
             self._kill(slot)
             return None if worker.ready else died
+        return None
+
+    def _handle(self, worker: _Worker, message: Any, outcomes: _Outcomes) -> str | None:
         if not worker.ready:
             kind, payload = message
             if kind == "ready":
                 worker.ready = True
+                if worker.log is not None:
+                    worker.log.close()
+                    worker.log = None
                 return None
-            self._kill(slot)
-            return f"verifier worker failed to start: {payload}"
-        task_id, status, payload = message
-        if worker.task is None or task_id != worker.task.task_id:
+            return f"verifier worker failed to start: {cap_text(str(payload))}{_log_tail(worker)}"
+        task_id, kind, payload, (output_bytes, excerpt) = message
+        task = worker.task
+        if task is None or task_id != task.task_id:
             return None
-        if status == "ok":
-            outcomes.ok(worker.task.indices, payload)
+        outcomes.result.output_bytes += int(output_bytes)
+        if kind == "ok":
+            outcomes.ok(task.indices, _results(payload, len(task.indices)))
+        elif kind in ("error", "crash", "timeout", "limit"):
+            text = cap_text(str(payload))
+            if excerpt:
+                text = cap_text(
+                    f"{text} [output: {int(output_bytes)} bytes, ending {str(excerpt)!r}]"
+                )
+            outcomes.fail(task.indices, kind, text)
         else:
-            outcomes.error(worker.task.indices, payload)
+            raise ValueError(f"unknown reply kind {str(kind)[:40]!r}")
         worker.task = None
         worker.deadline = math.inf
         return None
@@ -301,38 +366,129 @@ class VerifierPool:
     def _start(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
+        log = tempfile.TemporaryFile()
         process = subprocess.Popen(
             [sys.executable, "-c", "from rlkit.rewards.worker import main; main()", str(fd)],
             pass_fds=(fd,),
             stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            # Its own session: no Ctrl-C from the terminal, and one id to find what it started.
+            start_new_session=True,
         )
         child_sock.close()
-        conn = Connection(parent_sock.detach())
         v = self.verifier
-        conn.send((list(sys.path), v.spec, v.style, v.kwargs, self._base_dir))
-        return _Worker(process=process, conn=conn, started_at=time.monotonic())
+        init = (
+            list(sys.path),
+            v.spec,
+            v.style,
+            v.kwargs,
+            self._base_dir,
+            self.timeout_s,
+            self.sandbox.to_dict(),
+            self.network_mode,
+        )
+        worker = _Worker(process, parent_sock, FrameReader(parent_sock), log, time.monotonic())
+        with contextlib.suppress(OSError):
+            send_frame(parent_sock, pickle.dumps(init), timeout=self.start_timeout_s)
+        return worker
 
     def _kill(self, slot: int) -> None:
         worker = self._slots[slot]
         self._slots[slot] = None
         if worker is not None:
-            _kill_worker(worker)
+            _stop(worker, ask=False)
 
 
-def _kill_worker(worker: _Worker) -> None:
-    if worker.process.poll() is None:
-        worker.process.kill()
+def _results(payload: Any, n: int) -> list[Result]:
+    """A worker's results, checked and bounded again here (they come from the verifier's process)."""
+    if not isinstance(payload, list) or len(payload) != n:
+        raise ValueError(f"expected {n} results")
+    results: list[Result] = []
+    for value, extras, reason in payload:
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            raise ValueError(f"a score that is not a finite number: {str(value)[:40]!r}")
+        if not isinstance(extras, dict):
+            raise ValueError("extras that are not a dict")
+        clean = {
+            cap_text(str(k), 100): (cap_text(v) if isinstance(v, str) else v)
+            for k, v in list(extras.items())[:MAX_EXTRAS]
+            if v is None or isinstance(v, str) or (type(v) is float and math.isfinite(v))
+        }
+        text = None if reason is None else cap_text(str(reason))
+        results.append((None if value is None else float(value), clean, text))
+    return results
+
+
+def _status(pid: int) -> str:
+    """How a child that has exited ended, without reaping it (its id must stay ours)."""
     try:
-        worker.process.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        pass
-    worker.conn.close()
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        info = None
+    if info is None:
+        return "exit status unknown"
+    if info.si_code == os.CLD_EXITED:
+        return f"exit code {info.si_status}"
+    try:
+        return f"killed by {signal.Signals(info.si_status).name}"
+    except ValueError:
+        return f"killed by signal {info.si_status}"
 
 
-def _kill_all(slots: list[_Worker | None]) -> None:
-    for worker in slots:
-        if worker is not None and not worker.conn.closed:
-            _kill_worker(worker)
+def _log_tail(worker: _Worker) -> str:
+    if worker.log is None:
+        return ""
+    try:
+        worker.log.seek(0, os.SEEK_END)
+        worker.log.seek(max(0, worker.log.tell() - 2048))
+        tail = output_excerpt(worker.log.read())
+    except OSError:
+        return ""
+    return f"; its output ended: {tail!r}" if tail else ""
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _stop(worker: _Worker, ask: bool, grace_s: float = 1.0) -> None:
+    """End a worker and everything below it.
+
+    Asked (`ask`: the pool sends None) or not (SIGTERM), a live worker kills its tree and exits
+    by itself; one that does not within `grace_s` is frozen and killed with its whole tree from
+    here. The worker is reaped last, so that its id cannot be reused meanwhile.
+    """
+    pid = worker.process.pid
+    if worker.process.returncode is None:
+        if not ask:
+            for sig in (signal.SIGCONT, signal.SIGTERM):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+        end = time.monotonic() + grace_s
+        while not _exited(pid) and time.monotonic() < end:
+            time.sleep(0.005)
+        proctree.kill_tree(pid)
+        worker.process.wait()
+    worker.sock.close()
+    if worker.log is not None:
+        worker.log.close()
+
+
+def _shutdown(slots: list[_Worker | None]) -> None:
+    workers = [w for w in slots if w is not None]
+    slots[:] = [None] * len(slots)
+    for worker in workers:
+        try:
+            send_frame(worker.sock, pickle.dumps(None), timeout=0.5)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.kill(worker.process.pid, signal.SIGTERM)
+    for worker in workers:
+        _stop(worker, ask=True, grace_s=2.0)
 
 
 def score(
@@ -344,7 +500,10 @@ def score(
     style: Style = "auto",
     kwargs: dict[str, Any] | None = None,
     base_dir: str | None = None,
+    sandbox: Sandbox | None = None,
 ) -> ScoreResult:
     """One-off scoring; a training loop keeps a `VerifierPool` to pay the start-up once."""
-    with VerifierPool(verifier_spec, style, kwargs, num_workers, timeout_s, base_dir) as pool:
+    with VerifierPool(
+        verifier_spec, style, kwargs, num_workers, timeout_s, base_dir, sandbox=sandbox
+    ) as pool:
         return pool.score(completions, samples)

@@ -365,7 +365,7 @@ _POSITIVE = [
     "optim.eps", "train.steps", "train.prompts_per_step", "train.mini_batches",
     "train.ppo_epochs", "train.micro_batch_size", "train.keep_checkpoints", "sft.epochs",
     "sft.batch_size", "eval.max_new_tokens", "eval.k", "algorithm.tis_cap", "ray.num_cpus",
-    "ray.object_store_memory_mb",
+    "ray.object_store_memory_mb", "reward.sandbox.memory_mb", "reward.sandbox.cpu_seconds",
 ]  # fmt: skip
 _NON_NEGATIVE = [
     "data.num_train", "data.num_eval", "data.seed", "rollout.temperature", "rollout.top_k",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from math import comb
 from typing import Any
 
@@ -42,6 +43,7 @@ def main(
 
     from rlkit.models.loading import DTYPES, load_model
     from rlkit.rewards.runner import VerifierPool
+    from rlkit.rewards.sandbox import Sandbox
     from rlkit.rollout.engine import Engine
     from rlkit.rollout.sampling import SamplingParams
     from rlkit.trainer.data_setup import load_split, verifier_spec
@@ -59,6 +61,7 @@ def main(
         cfg.reward.num_workers,
         cfg.reward.timeout_s,
         base_dir=os.getcwd(),
+        sandbox=Sandbox(**asdict(cfg.reward.sandbox)),
     )
     try:
         greedy = engine.generate(

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
+from typing import Any
 
 import ray
 
-from rlkit.config import to_dict
+from rlkit.config import config_error, to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
 from rlkit.models.loading import resolve_model_dir
 from rlkit.models.tokenizer import load_tokenizer
+from rlkit.rewards.sandbox import Sandbox, check
 from rlkit.trainer.context import RunContext
 from rlkit.trainer.data_setup import load_split, verifier_spec
 from rlkit.trainer.metrics import MetricsLogger
@@ -42,7 +45,19 @@ def init_ray(cfg: RecipeConfig, num_cpus: int) -> None:
     )
 
 
+def check_sandbox(cfg: RecipeConfig) -> dict[str, Any]:
+    """The verifier sandbox as RewardPool takes it; a ConfigError if this machine cannot enforce it."""
+    sandbox = asdict(cfg.reward.sandbox)
+    try:
+        check(Sandbox(**sandbox))
+    except ValueError as e:
+        key = "network" if not cfg.reward.sandbox.network else "writable_tmp_only"
+        raise config_error(cfg, f"reward.sandbox.{key}", str(e)) from None
+    return sandbox
+
+
 def launch(cfg: RecipeConfig, run_dir: str) -> RunContext:
+    sandbox = check_sandbox(cfg)
     # Convert the embedded default model once, here, before two actors race to do it.
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
@@ -69,6 +84,7 @@ def launch(cfg: RecipeConfig, run_dir: str) -> RunContext:
         cfg.reward.num_workers,
         cfg.reward.timeout_s,
         os.getcwd(),
+        sandbox,
     )
     logger = MetricsLogger(
         run_dir,

@@ -1,0 +1,98 @@
+"""The process that calls the verifier: a fork of its worker, confined by the sandbox.
+
+It reads `(call_id, completions, samples)` frames (pickled by its worker) and answers each with a
+JSON frame `[call_id, kind, payload]`: kind "ok" with one `normalize_result` per sample, "error"
+with the exception's text, "limit" for a MemoryError under `sandbox.memory_mb`; a process that
+cannot confine itself answers `[0, "setup_error", text]`. Before answering it kills whatever the
+call left running: it is a child subreaper, so even a daemon that called setsid() is below it.
+Its stdout and stderr are a pipe that the worker drains; stdin is /dev/null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import signal
+import socket
+import sys
+import tempfile
+from typing import Any, NoReturn
+
+from . import proctree
+from .adapters import BatchVerifier
+from .frames import recv_frame, send_frame
+from .results import describe_exception, normalize_result
+from .sandbox import Sandbox, confine
+
+
+def serve(
+    sock: socket.socket,
+    output_fd: int,
+    verifier: BatchVerifier,
+    sandbox: Sandbox,
+    network: str | None,
+    tmp: str,
+    worker_pid: int,
+) -> NoReturn:
+    """Serve calls until the worker closes the socket."""
+    code = 0
+    try:
+        _setup(output_fd, sandbox, network, tmp, worker_pid)
+    except BaseException as e:
+        _send(sock, [0, "setup_error", f"sandbox setup failed: {describe_exception(e)}"])
+        os._exit(1)
+    try:
+        while True:
+            try:
+                call_id, completions, samples = pickle.loads(recv_frame(sock))
+            except EOFError:
+                break
+            kind, payload = _call(verifier, completions, samples, sandbox)
+            proctree.kill_descendants()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            _send(sock, [call_id, kind, payload])
+    except BaseException:
+        code = 1
+    os._exit(code)
+
+
+def _setup(
+    output_fd: int, sandbox: Sandbox, network: str | None, tmp: str, worker_pid: int
+) -> None:
+    # The worker's handlers (SIGTERM raises its stop exception) are not this process's.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    proctree.become_subreaper()
+    proctree.die_with_parent()
+    if os.getppid() != worker_pid:
+        os._exit(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    os.close(devnull)
+    os.close(output_fd)
+    os.environ["TMPDIR"] = tmp
+    tempfile.tempdir = tmp
+    if sandbox.active:
+        confine(sandbox, network, tmp)
+
+
+def _call(
+    verifier: BatchVerifier, completions: list[str], samples: list[dict], sandbox: Sandbox
+) -> tuple[str, Any]:
+    try:
+        return "ok", [list(normalize_result(raw)) for raw in verifier(completions, samples)]
+    except MemoryError as e:
+        if sandbox.memory_mb is not None:
+            return "limit", f"MemoryError: over sandbox.memory_mb={sandbox.memory_mb}"
+        return "error", describe_exception(e)
+    except BaseException as e:  # noqa: B036  # a user's sys.exit() is an error of that call
+        return "error", describe_exception(e)
+
+
+def _send(sock: socket.socket, message: list[Any]) -> None:
+    send_frame(sock, json.dumps(message).encode())
