@@ -11,6 +11,7 @@ Its stdout and stderr are a pipe that the worker drains; stdin is /dev/null.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pickle
@@ -39,7 +40,7 @@ def serve(
     """Serve calls until the worker closes the socket."""
     code = 0
     try:
-        _setup(output_fd, sandbox, network, tmp, worker_pid)
+        stdio = _setup(output_fd, sandbox, network, tmp, worker_pid)
     except BaseException as e:
         _send(sock, [0, "setup_error", f"sandbox setup failed: {describe_exception(e)}"])
         os._exit(1)
@@ -54,6 +55,9 @@ def serve(
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     stream.flush()
+            # A call that closed or redirected fds 0-2 does not change the next call's.
+            for fd, saved in enumerate(stdio):
+                os.dup2(saved, fd)
             _send(sock, [call_id, kind, payload])
     except BaseException:
         code = 1
@@ -62,7 +66,8 @@ def serve(
 
 def _setup(
     output_fd: int, sandbox: Sandbox, network: str | None, tmp: str, worker_pid: int
-) -> None:
+) -> tuple[int, int, int]:
+    """Returns copies of the new fds 0, 1 and 2 (numbered from 100, out of a verifier's way)."""
     # The worker's handlers (SIGTERM raises its stop exception) are not this process's.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     proctree.become_subreaper()
@@ -75,10 +80,13 @@ def _setup(
     os.dup2(output_fd, 2)
     os.close(devnull)
     os.close(output_fd)
+    saved_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 100)
+    saved_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 100)
     os.environ["TMPDIR"] = tmp
     tempfile.tempdir = tmp
     if sandbox.active:
         confine(sandbox, network, tmp)
+    return saved_in, saved_out, saved_out
 
 
 def _call(

@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from . import proctree
 from .adapters import Style, resolve_verifier
-from .frames import FrameError, FrameReader, send_frame
+from .frames import FrameReader, send_frame
 from .results import (
     MAX_EXTRAS,
     Result,
@@ -57,6 +57,8 @@ class ScoreResult:
     scores: list[float]
     # Per sample: the verifier's extra dict fields (numbers as floats, strings kept).
     extras: list[dict[str, Any]]
+    # Per sample: "ok", or the kind of its failure (one of KINDS).
+    kinds: list[str] = field(default_factory=list)
     n_errors: int = 0
     n_timeouts: int = 0
     n_invalid: int = 0
@@ -74,7 +76,7 @@ class ScoreResult:
 
 class _Outcomes:
     def __init__(self, n: int) -> None:
-        self.result = ScoreResult(scores=[0.0] * n, extras=[{} for _ in range(n)])
+        self.result = ScoreResult(scores=[0.0] * n, extras=[{} for _ in range(n)], kinds=["ok"] * n)
         self.counts = dict.fromkeys(KINDS, 0)
         # The failure of the lowest sample index (overall and per kind), whatever order the
         # workers finish in.
@@ -90,6 +92,8 @@ class _Outcomes:
 
     def fail(self, indices: list[int], kind: str, message: str) -> None:
         self.counts[kind] += len(indices)
+        for i in indices:
+            self.result.kinds[i] = kind
         for key in (None, kind):
             if key not in self._first or indices[0] < self._first[key][0]:
                 self._first[key] = (indices[0], message)
@@ -231,15 +235,21 @@ class VerifierPool:
         samples: list[dict],
         outcomes: _Outcomes,
     ) -> None:
-        start_failure: str | None = None
+        # Workers that failed to start (or died starting). A worker killed from outside is
+        # replaced; a verifier that cannot load fails every worker: after as many failures
+        # as slots (at least two), the call's remaining samples are errors.
+        start_failures: list[str] = []
         while pending or self._busy():
-            if start_failure is not None:
+            may_start = len(start_failures) < max(2, len(self._slots))
+            if not may_start and all(w is None for w in self._slots):
                 while pending:
-                    outcomes.fail(pending.popleft(), "error", start_failure)
-                if not self._busy():
-                    return
-            self._dispatch(pending, completions, samples, outcomes, start_failure is None)
+                    outcomes.fail(pending.popleft(), "error", start_failures[-1])
+                return
+            self._dispatch(pending, completions, samples, outcomes, may_start)
             live = [w for w in self._slots if w is not None]
+            if not live:
+                # Every worker was found dead while dispatching: the next pass replaces them.
+                continue
             deadlines = [w.deadline for w in live if w.task is not None]
             deadlines += [w.started_at + self.start_timeout_s for w in live if not w.ready]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -247,7 +257,9 @@ class VerifierPool:
                 slot = next(
                     s for s, w in enumerate(self._slots) if w is not None and w.sock is sock
                 )
-                start_failure = self._receive(slot, outcomes) or start_failure
+                failure = self._receive(slot, outcomes)
+                if failure is not None:
+                    start_failures.append(failure)
             now = time.monotonic()
             for slot, worker in enumerate(self._slots):
                 if worker is None:
@@ -260,7 +272,9 @@ class VerifierPool:
                     )
                     self._kill(slot)
                 elif not worker.ready and now >= worker.started_at + self.start_timeout_s:
-                    start_failure = f"verifier worker did not start within {self.start_timeout_s} s"
+                    start_failures.append(
+                        f"verifier worker did not start within {self.start_timeout_s} s"
+                    )
                     self._kill(slot)
 
     def _dispatch(
@@ -290,7 +304,12 @@ class VerifierPool:
                 [samples[i] for i in indices],
             )
             try:
-                send_frame(worker.sock, pickle.dumps(message), timeout=self.timeout_s)
+                payload = pickle.dumps(message)
+            except Exception as e:
+                outcomes.fail(indices, "error", f"cannot send the sample: {describe_exception(e)}")
+                continue
+            try:
+                send_frame(worker.sock, payload, timeout=self.timeout_s)
             except OSError:
                 # The worker died (or stopped reading) while idle; the task waits for its
                 # replacement.
@@ -311,7 +330,8 @@ class VerifierPool:
                 if failure is not None:
                     self._kill(slot)
                     return failure
-        except (FrameError, ValueError, TypeError, KeyError) as e:
+        except Exception as e:
+            # Anything a worker sends that does not parse is its failure, never the pool's.
             broken = cap_text(f"verifier worker broke the protocol: {describe_exception(e)}")
             if worker.task is not None:
                 outcomes.fail(worker.task.indices, "crash", broken)

@@ -39,7 +39,7 @@ from typing import Any
 
 from . import call_process, proctree
 from .adapters import BatchVerifier, resolve_verifier
-from .frames import FrameError, FrameReader, recv_frame, send_frame
+from .frames import FrameReader, recv_frame, send_frame
 from .results import describe_exception, output_excerpt
 from .sandbox import Sandbox
 
@@ -266,8 +266,9 @@ class Worker:
                 calls.output.drain()
             try:
                 reply = self._reply(calls)
-            except (FrameError, ValueError) as e:
-                failure = ("crash", f"the call process broke the protocol: {e}")
+            except Exception as e:
+                broken = describe_exception(e)
+                failure = ("crash", f"the call process broke the protocol: {broken}")
                 break
             if reply is None and (calls.reader.eof or self._exited(calls, ready)):
                 failure = ("crash", "")
