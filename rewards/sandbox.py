@@ -93,16 +93,25 @@ def landlock_abi() -> int:
     return max(0, int(version))
 
 
+class SandboxError(ValueError):
+    """A sandbox key this machine cannot enforce; `key` names it (network, writable_tmp_only)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def check(sandbox: Sandbox) -> str | None:
     """How `network: false` is enforced on this machine ("netns", "userns+netns", "landlock-tcp"),
-    None when the network is allowed; ValueError when a key cannot be enforced here.
+    None when the network is allowed; SandboxError when a key cannot be enforced here.
 
     Runs the confinement in a throwaway process, exactly as a call process would.
     """
     if sandbox.network and not sandbox.writable_tmp_only:
         return None
+    key = "network" if not sandbox.network else "writable_tmp_only"
     if not _LINUX:
-        raise ValueError("sandbox.network: false and sandbox.writable_tmp_only need Linux")
+        raise SandboxError(key, f"sandbox.{key} needs Linux (namespaces and Landlock)")
     probe = subprocess.run(
         [sys.executable, "-c", "from rlkit.rewards.sandbox import _probe; _probe()"],
         input=json.dumps(sandbox.to_dict()),
@@ -114,23 +123,25 @@ def check(sandbox: Sandbox) -> str | None:
     try:
         answer = json.loads(probe.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise ValueError(
-            f"the sandbox probe failed (exit code {probe.returncode}): {probe.stderr[-300:]}"
+        raise SandboxError(
+            key, f"the sandbox probe failed (exit code {probe.returncode}): {probe.stderr[-300:]}"
         ) from None
     if "error" in answer:
-        raise ValueError(answer["error"])
+        raise SandboxError(answer["key"], answer["error"])
     return answer["network"]
 
 
 def _probe() -> None:
     sandbox = Sandbox(**json.loads(sys.stdin.read()))
     tmp = tempfile.mkdtemp(prefix="rlkit-sandbox-probe-")
+    key = "network"
     try:
         network = None if sandbox.network else _network_mode()
+        key = "writable_tmp_only"
         confine(sandbox, network, tmp)
         print(json.dumps({"network": network}))
     except (OSError, ValueError) as e:
-        print(json.dumps({"error": str(e)}))
+        print(json.dumps({"key": key, "error": str(e)}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -157,11 +168,6 @@ def _network_mode() -> str:
 
 def confine(sandbox: Sandbox, network: str | None, tmp: str) -> None:
     """Apply `sandbox` to this process (a call process, single-threaded, just forked)."""
-    if network in ("netns", "userns+netns"):
-        _isolate_network(network)
-    if sandbox.writable_tmp_only:
-        os.chdir(tmp)
-        os.environ["HOME"] = tmp
     writable = tmp if sandbox.writable_tmp_only else None
     abi = landlock_abi()
     if writable is not None and abi < 1:
@@ -169,6 +175,11 @@ def confine(sandbox: Sandbox, network: str | None, tmp: str) -> None:
             "sandbox.writable_tmp_only needs Linux Landlock (kernel >= 5.13 with landlock among "
             "its LSMs), which this machine does not offer"
         )
+    if network in ("netns", "userns+netns"):
+        _isolate_network(network)
+    if writable is not None:
+        os.chdir(tmp)
+        os.environ["HOME"] = tmp
     if writable is not None or network == "landlock-tcp" or abi >= 6:
         _landlock(abi, writable, deny_tcp=network == "landlock-tcp")
     if sandbox.memory_mb is not None:

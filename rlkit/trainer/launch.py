@@ -14,7 +14,7 @@ from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
 from rlkit.models.loading import resolve_model_dir
 from rlkit.models.tokenizer import load_tokenizer
-from rlkit.rewards.sandbox import Sandbox, check
+from rlkit.rewards.sandbox import Sandbox, SandboxError, check
 from rlkit.trainer.context import RunContext
 from rlkit.trainer.data_setup import load_split, verifier_spec
 from rlkit.trainer.metrics import MetricsLogger
@@ -50,9 +50,8 @@ def check_sandbox(cfg: RecipeConfig) -> dict[str, Any]:
     sandbox = asdict(cfg.reward.sandbox)
     try:
         check(Sandbox(**sandbox))
-    except ValueError as e:
-        key = "network" if not cfg.reward.sandbox.network else "writable_tmp_only"
-        raise config_error(cfg, f"reward.sandbox.{key}", str(e)) from None
+    except SandboxError as e:
+        raise config_error(cfg, f"reward.sandbox.{e.key}", str(e)) from None
     return sandbox
 
 

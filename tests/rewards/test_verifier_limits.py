@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ from dataclasses import asdict
 import pytest
 from hostile import MARK_VAR, VERIFIER, survivors
 from rlkit.rewards import VerifierPool
-from rlkit.rewards.sandbox import Sandbox, landlock_abi
+from rlkit.rewards import sandbox as sandbox_module
+from rlkit.rewards.sandbox import Sandbox, SandboxError, landlock_abi
 
 from rlkit.config import ConfigError, load_recipe
 from rlkit.config.schema import SandboxConfig
@@ -181,3 +183,30 @@ with VerifierPool({spec!r}, timeout_s=5.0, sandbox=Sandbox(network=False)) as po
     drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", code]
     out = subprocess.run(drop, capture_output=True, text=True, check=True).stdout.split()
     assert out == ["userns+netns", "lo", "['ok',", "'error']"]
+
+
+def test_an_unenforceable_sandbox_stops_the_run_before_ray(monkeypatch):
+    from rlkit.trainer import launch
+
+    assert launch.check_sandbox(load_recipe(None, ["reward.sandbox.memory_mb=64"])) == asdict(
+        SandboxConfig(memory_mb=64)
+    )
+
+    def cannot(sandbox):
+        raise SandboxError("writable_tmp_only", "needs Linux Landlock, which this machine ...")
+
+    monkeypatch.setattr(launch, "check", cannot)
+    cfg = load_recipe(None, ["reward.sandbox.writable_tmp_only=true"])
+    with pytest.raises(ConfigError, match=r"reward\.sandbox\.writable_tmp_only: needs Linux"):
+        launch.check_sandbox(cfg)
+
+
+def test_probe_names_the_key_it_cannot_enforce(monkeypatch, capsys):
+    """Without Landlock, writable_tmp_only is refused (in the probe process, as here)."""
+    monkeypatch.setattr(sandbox_module, "landlock_abi", lambda: 0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"writable_tmp_only": True})))
+    cwd, home = os.getcwd(), os.environ.get("HOME")
+    sandbox_module._probe()
+    assert (os.getcwd(), os.environ.get("HOME")) == (cwd, home)
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["key"] == "writable_tmp_only" and "needs Linux Landlock" in answer["error"]
