@@ -21,8 +21,8 @@ import psutil
 import pytest
 from hostile import MARK_VAR, VERIFIER, marked, survivors
 from rlkit.rewards import VerifierPool
+from rlkit.rewards.outcomes import KINDS
 from rlkit.rewards.results import MAX_TEXT
-from rlkit.rewards.runner import KINDS
 from rlkit.rewards.sandbox import Sandbox, landlock_abi
 
 from rlkit.workers.reward_pool import RewardPool
