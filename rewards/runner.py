@@ -38,7 +38,7 @@ from .adapters import Style, resolve_verifier
 from .frames import FrameReader, send_frame
 from .outcomes import Outcomes, ScoreResult, check_results
 from .results import cap_text, describe_exception, normalize_result, output_excerpt
-from .sandbox import Sandbox, check
+from .sandbox import Sandbox, check, remove_dir
 
 # A worker enforces the timeout itself; the pool gives up on it this much later.
 _GRACE_S = 3.0
@@ -57,6 +57,8 @@ class _Worker:
     reader: FrameReader
     # The worker's own stdout/stderr until it is ready (import-time output, start-up errors).
     log: IO[bytes] | None
+    # The worker's temp dir (its call processes' dirs are inside), removed when it ends.
+    tmp: str
     started_at: float
     ready: bool = False
     task: _Task | None = None
@@ -308,6 +310,7 @@ class VerifierPool:
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
         log = tempfile.TemporaryFile()
+        tmp = tempfile.mkdtemp(prefix="rlkit-verifier-")
         process = subprocess.Popen(
             [sys.executable, "-c", "from rlkit.rewards.worker import main; main()", str(fd)],
             pass_fds=(fd,),
@@ -328,8 +331,9 @@ class VerifierPool:
             self.timeout_s,
             self.sandbox.to_dict(),
             self.network_mode,
+            tmp,
         )
-        worker = _Worker(process, parent_sock, FrameReader(parent_sock), log, time.monotonic())
+        worker = _Worker(process, parent_sock, FrameReader(parent_sock), log, tmp, time.monotonic())
         with contextlib.suppress(OSError):
             send_frame(parent_sock, pickle.dumps(init), timeout=self.start_timeout_s)
         return worker
@@ -397,6 +401,7 @@ def _stop(worker: _Worker, ask: bool, grace_s: float = 1.0) -> None:
     worker.sock.close()
     if worker.log is not None:
         worker.log.close()
+    remove_dir(worker.tmp)
 
 
 def _shutdown(slots: list[_Worker | None]) -> None:

@@ -112,14 +112,19 @@ def check(sandbox: Sandbox) -> str | None:
     key = "network" if not sandbox.network else "writable_tmp_only"
     if not _LINUX:
         raise SandboxError(key, f"sandbox.{key} needs Linux (namespaces and Landlock)")
-    probe = subprocess.run(
-        [sys.executable, "-c", "from rlkit.rewards.sandbox import _probe; _probe()"],
-        input=json.dumps(sandbox.to_dict()),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    # Made and removed here: once confined, the probe cannot remove its own directory.
+    tmp = tempfile.mkdtemp(prefix="rlkit-sandbox-probe-")
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", "from rlkit.rewards.sandbox import _probe; _probe()"],
+            input=json.dumps({"sandbox": sandbox.to_dict(), "tmp": tmp}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+    finally:
+        remove_dir(tmp)
     try:
         answer = json.loads(probe.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -132,18 +137,16 @@ def check(sandbox: Sandbox) -> str | None:
 
 
 def _probe() -> None:
-    sandbox = Sandbox(**json.loads(sys.stdin.read()))
-    tmp = tempfile.mkdtemp(prefix="rlkit-sandbox-probe-")
+    given = json.loads(sys.stdin.read())
+    sandbox = Sandbox(**given["sandbox"])
     key = "network"
     try:
         network = None if sandbox.network else _network_mode()
         key = "writable_tmp_only"
-        confine(sandbox, network, tmp)
+        confine(sandbox, network, given["tmp"])
         print(json.dumps({"network": network}))
     except (OSError, ValueError) as e:
         print(json.dumps({"key": key, "error": str(e)}))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _network_mode() -> str:
@@ -256,3 +259,15 @@ def _landlock(abi: int, writable: str | None, deny_tcp: bool) -> None:
             raise _fail("landlock_restrict_self")
     finally:
         os.close(ruleset)
+
+
+def remove_dir(path: str) -> None:
+    """rmtree that also removes what a verifier made unwritable (chmod 000 dirs)."""
+
+    def retry(function: Any, failed: str, _: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            os.chmod(failed, 0o700)
+            function(failed)
+
+    shutil.rmtree(path, onerror=retry)

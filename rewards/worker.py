@@ -13,7 +13,7 @@ child subreaper, so setsid() daemons stay below it), and, when the pool closes o
 socket reaches EOF) or sends SIGTERM, kills everything below it and exits.
 
 Protocol with the pool, in `frames.py` frames: the pool sends a pickled
-`(sys_path, spec, style, kwargs, base_dir, timeout_s, sandbox, network)`, then
+`(sys_path, spec, style, kwargs, base_dir, timeout_s, sandbox, network, tmp)`, then
 `(task_id, completions, samples)` per task, or None to stop. The worker answers in JSON:
 `["ready", null]` or `["init_error", text]`, then `[task_id, kind, payload, output]` per task,
 where kind is ok (payload: `[score, extras, reason]` per sample), error, crash, timeout or limit
@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import select
-import shutil
 import signal
 import socket
 import sys
@@ -41,7 +40,7 @@ from . import call_process, proctree
 from .adapters import BatchVerifier, resolve_verifier
 from .frames import FrameReader, recv_frame, send_frame
 from .results import describe_exception, output_excerpt
-from .sandbox import Sandbox
+from .sandbox import Sandbox, remove_dir
 
 # How much of a call's output is kept to quote from (its total size is counted, not kept).
 _TAIL_BYTES = 4096
@@ -142,6 +141,7 @@ class Worker:
         timeout_s: float,
         sandbox: dict[str, Any],
         network: str | None,
+        tmp: str,
     ) -> None:
         # The parent's path, so that `package.module:function` imports here as it did there.
         sys.path[:] = list(dict.fromkeys([*sys_path, *sys.path]))
@@ -150,7 +150,8 @@ class Worker:
         self.timeout_s = timeout_s
         self.sandbox = Sandbox(**sandbox)
         self.network = network
-        self.root_tmp = tempfile.mkdtemp(prefix="rlkit-verifier-")
+        # Made by the pool, which removes it even if this process is killed.
+        self.root_tmp = tmp
         self.verifier: BatchVerifier | None = None
         self.calls: _CallProcess | None = None
         self.call_id = 0
@@ -183,7 +184,7 @@ class Worker:
         if self.calls is not None:
             self._end_calls()
         proctree.kill_descendants()
-        shutil.rmtree(self.root_tmp, ignore_errors=True)
+        remove_dir(self.root_tmp)
 
     def _send(self, message: list[Any]) -> None:
         send_frame(self.pool, json.dumps(message).encode())
@@ -336,7 +337,7 @@ class Worker:
         calls.sock.close()
         if calls.pidfd is not None:
             os.close(calls.pidfd)
-        shutil.rmtree(calls.tmp, ignore_errors=True)
+        remove_dir(calls.tmp)
         if failure is None or failure[1]:
             return failure or ("", "")
         return self._death(status)

@@ -201,10 +201,11 @@ def test_an_unenforceable_sandbox_stops_the_run_before_ray(monkeypatch):
         launch.check_sandbox(cfg)
 
 
-def test_probe_names_the_key_it_cannot_enforce(monkeypatch, capsys):
+def test_probe_names_the_key_it_cannot_enforce(monkeypatch, capsys, tmp_path):
     """Without Landlock, writable_tmp_only is refused (in the probe process, as here)."""
     monkeypatch.setattr(sandbox_module, "landlock_abi", lambda: 0)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"writable_tmp_only": True})))
+    given = {"sandbox": {"writable_tmp_only": True}, "tmp": str(tmp_path)}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(given)))
     cwd, home = os.getcwd(), os.environ.get("HOME")
     sandbox_module._probe()
     assert (os.getcwd(), os.environ.get("HOME")) == (cwd, home)

@@ -8,11 +8,13 @@ stayed (nearly) empty, and no process any behaviour started survives.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -70,6 +72,10 @@ SANDBOX_KIND = {
 TRL_KIND = {"ok": "ok", "sleep": "timeout", "os_exit": "crash", "huge_list": "error"}
 
 
+def temp_dirs() -> list[str]:
+    return glob.glob(os.path.join(tempfile.gettempdir(), "rlkit-*"))
+
+
 def kind_of(behaviour: str) -> str:
     for kind, names in (("error", ERROR), ("crash", CRASH), ("timeout", TIMEOUT)):
         if behaviour in names:
@@ -118,6 +124,7 @@ def run(pool, behaviours, expect, samples, tally, batch=300):
 def test_hostile_suite(verifier_file, mark, tmp_path, capfd):
     rng = random.Random(0)
     tally = dict.fromkeys(["calls", "output_bytes", *KINDS], 0)
+    dirs_before = set(temp_dirs())
     outside = tmp_path / "outside.txt"
     samples = [{"prompt": "p", "ground_truth": "1", "outside": str(outside)}] * 300
     start = time.monotonic()
@@ -157,6 +164,8 @@ def test_hostile_suite(verifier_file, mark, tmp_path, capfd):
     out, err = capfd.readouterr()
     elapsed = time.monotonic() - start
     assert live == [] and zombies == []
+    # Temp dirs go too, also those of workers that were killed.
+    assert set(temp_dirs()) - dirs_before == set()
     assert len(out) + len(err) < 2000, (out[-300:], err[-300:])
     assert tally["calls"] >= 1000
     with capfd.disabled():
@@ -178,6 +187,7 @@ def test_killed_driver_leaves_nothing(verifier_file, mark, tmp_path):
         pool.score(["forks_then_hang", "forks_then_hang", "daemon"], [{{}}] * 3)
         """)
     )
+    dirs_before = set(temp_dirs())
     driver = subprocess.Popen([sys.executable, str(script)])
     try:
         # Two calls, each with 5 forks, a setsid daemon and a sleeper, besides its worker.
@@ -190,6 +200,8 @@ def test_killed_driver_leaves_nothing(verifier_file, mark, tmp_path):
         driver.wait()
     live, zombies = survivors(mark, wait_s=5.0)
     assert live == [] and zombies == []
+    # The workers removed their temp dirs on the way out.
+    assert set(temp_dirs()) - dirs_before == set()
 
 
 def test_dead_workers_are_replaced(verifier_file, mark):
