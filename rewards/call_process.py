@@ -5,7 +5,8 @@ JSON frame `[call_id, kind, payload]`: kind "ok" with one `normalize_result` per
 with the exception's text, "limit" for a MemoryError under `sandbox.memory_mb`; a process that
 cannot confine itself answers `[0, "setup_error", text]`. Before answering it kills whatever the
 call left running: it is a child subreaper, so even a daemon that called setsid() is below it.
-Its stdout and stderr are a pipe that the worker drains; stdin is /dev/null.
+Its stdout and stderr are a pipe that the worker drains; stdin is /dev/null. A thread waits on a
+lifeline pipe from the worker and, when the worker dies, kills the tree and exits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 from typing import Any, NoReturn
 
 from . import proctree
@@ -31,16 +33,17 @@ from .sandbox import Sandbox, confine
 def serve(
     sock: socket.socket,
     output_fd: int,
+    lifeline: int,
     verifier: BatchVerifier,
     sandbox: Sandbox,
     network: str | None,
     tmp: str,
     worker_pid: int,
 ) -> NoReturn:
-    """Serve calls until the worker closes the socket."""
+    """Serve calls until the worker closes the socket, or dies."""
     code = 0
     try:
-        stdio = _setup(output_fd, sandbox, network, tmp, worker_pid)
+        stdio = _setup(output_fd, lifeline, sandbox, network, tmp, worker_pid)
     except BaseException as e:
         _send(sock, [0, "setup_error", f"sandbox setup failed: {describe_exception(e)}"])
         os._exit(1)
@@ -61,17 +64,26 @@ def serve(
             _send(sock, [call_id, kind, payload])
     except BaseException:
         code = 1
+    _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    proctree.kill_descendants()
     os._exit(code)
 
 
 def _setup(
-    output_fd: int, sandbox: Sandbox, network: str | None, tmp: str, worker_pid: int
+    output_fd: int,
+    lifeline: int,
+    sandbox: Sandbox,
+    network: str | None,
+    tmp: str,
+    worker_pid: int,
 ) -> tuple[int, int, int]:
     """Returns copies of the new fds 0, 1 and 2 (numbered from 100, out of a verifier's way)."""
     # The worker's handlers (SIGTERM raises its stop exception) are not this process's.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     proctree.become_subreaper()
-    proctree.die_with_parent()
     if os.getppid() != worker_pid:
         os._exit(1)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -85,8 +97,28 @@ def _setup(
     os.environ["TMPDIR"] = tmp
     tempfile.tempdir = tmp
     if sandbox.active:
+        # Before any thread starts: a user namespace needs a single-threaded process.
         confine(sandbox, network, tmp)
+    threading.Thread(target=_watch_worker, args=(lifeline,), daemon=True).start()
     return saved_in, saved_out, saved_out
+
+
+def _watch_worker(lifeline: int) -> None:
+    """When the worker dies, even by SIGKILL (Ray kills an actor's children so), kill this
+    process's tree and exit: as a subreaper it still holds all the call started.
+
+    Not PR_SET_PDEATHSIG: a SIGKILL would kill this process but orphan its tree, and a
+    catchable signal would wait for the verifier's code. This thread runs whenever the
+    verifier releases the GIL (Python code, sleeps, I/O)."""
+    while True:
+        try:
+            if not os.read(lifeline, 1):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    _exit(1)
 
 
 def _call(

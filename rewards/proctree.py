@@ -21,7 +21,6 @@ import time
 
 import psutil
 
-_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _LINUX = sys.platform.startswith("linux")
 
@@ -35,11 +34,6 @@ def prctl(option: int, value: int) -> bool:
 
 def become_subreaper() -> bool:
     return prctl(_PR_SET_CHILD_SUBREAPER, 1)
-
-
-def die_with_parent() -> bool:
-    """SIGKILL this process when the thread that forked it exits."""
-    return prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def children(pid: int) -> list[int]:

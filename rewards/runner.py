@@ -17,6 +17,7 @@ reaches EOF and they do the same.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -32,6 +33,8 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import IO, Any
+
+import psutil
 
 from . import proctree
 from .adapters import Style, resolve_verifier
@@ -102,6 +105,7 @@ class VerifierPool:
         self._base_dir = base_dir
         self._next_task_id = 0
         self._closed = False
+        _sweep_stale_dirs()
         self._slots: list[_Worker | None] = [self._start() for _ in range(num_workers)]
         # Stops the workers if the pool is dropped, or the interpreter exits, without close().
         self._finalizer = weakref.finalize(self, _shutdown, self._slots)
@@ -310,7 +314,7 @@ class VerifierPool:
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
         log = tempfile.TemporaryFile()
-        tmp = tempfile.mkdtemp(prefix="rlkit-verifier-")
+        tmp = tempfile.mkdtemp(prefix=f"rlkit-verifier-{os.getpid()}-")
         process = subprocess.Popen(
             [sys.executable, "-c", "from rlkit.rewards.worker import main; main()", str(fd)],
             pass_fds=(fd,),
@@ -402,6 +406,21 @@ def _stop(worker: _Worker, ask: bool, grace_s: float = 1.0) -> None:
     if worker.log is not None:
         worker.log.close()
     remove_dir(worker.tmp)
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove the temp dirs of pools whose process is gone.
+
+    A worker removes its dir when it exits, but not when it is SIGKILLed, as Ray does to an
+    actor's children when the actor dies. The dirs are named after their pool's process id."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "rlkit-verifier-*-*")):
+        pid = os.path.basename(path).split("-")[2]
+        try:
+            mine = os.stat(path).st_uid == os.geteuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            remove_dir(path)
 
 
 def _shutdown(slots: list[_Worker | None]) -> None:

@@ -127,6 +127,7 @@ class _CallProcess:
     output: _Output
     pidfd: int | None
     tmp: str
+    lifeline: int
 
 
 class Worker:
@@ -219,25 +220,36 @@ class Worker:
         assert self.verifier is not None
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
+        # Never written: its EOF tells the call process that this worker died.
+        life_r, life_w = os.pipe()
         tmp = tempfile.mkdtemp(dir=self.root_tmp)
         pid = os.fork()
         if pid == 0:
             try:
                 ours.close()
                 os.close(out_r)
+                os.close(life_w)
                 self.pool.close()
                 call_process.serve(
-                    theirs, out_w, self.verifier, self.sandbox, self.network, tmp, os.getppid()
+                    theirs,
+                    out_w,
+                    life_r,
+                    self.verifier,
+                    self.sandbox,
+                    self.network,
+                    tmp,
+                    os.getppid(),
                 )
             finally:
                 os._exit(1)
         theirs.close()
         os.close(out_w)
+        os.close(life_r)
         try:
             pidfd: int | None = os.pidfd_open(pid)
         except (AttributeError, OSError):
             pidfd = None
-        return _CallProcess(pid, ours, FrameReader(ours), _Output(out_r), pidfd, tmp)
+        return _CallProcess(pid, ours, FrameReader(ours), _Output(out_r), pidfd, tmp, life_w)
 
     def _call(self, completions: list[str], samples: list[dict]) -> tuple[str, Any, list[Any]]:
         self.call_id += 1
@@ -335,6 +347,7 @@ class Worker:
         proctree.kill_descendants(keep=self.base)
         calls.output.close()
         calls.sock.close()
+        os.close(calls.lifeline)
         if calls.pidfd is not None:
             os.close(calls.pidfd)
         remove_dir(calls.tmp)

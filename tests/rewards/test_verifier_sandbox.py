@@ -177,8 +177,10 @@ def test_hostile_suite(verifier_file, mark, tmp_path, capfd):
         )
 
 
-def test_killed_driver_leaves_nothing(verifier_file, mark, tmp_path):
-    """SIGKILL the process that holds the pool mid-call: its workers end everything they started."""
+@pytest.mark.parametrize("workers_too", [False, True], ids=["driver", "driver-and-workers"])
+def test_killed_driver_leaves_nothing(verifier_file, mark, tmp_path, workers_too):
+    """SIGKILL the process that holds the pool mid-call (and, as Ray does when it kills an
+    actor, its children, the workers): nothing any call started survives."""
     script = tmp_path / "driver.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -195,12 +197,18 @@ def test_killed_driver_leaves_nothing(verifier_file, mark, tmp_path):
         while len(marked(mark)) < 2 * (2 + 5 + 2) and time.monotonic() < end:
             time.sleep(0.05)
         assert len(marked(mark)) >= 2 * (2 + 5 + 2)
+        workers = psutil.Process(driver.pid).children() if workers_too else []
+        assert len(workers) == (2 if workers_too else 0)
     finally:
         driver.send_signal(signal.SIGKILL)
+        for worker in workers:
+            worker.kill()
         driver.wait()
     live, zombies = survivors(mark, wait_s=5.0)
     assert live == [] and zombies == []
-    # The workers removed their temp dirs on the way out.
+    if workers_too:
+        # A SIGKILLed worker cannot remove its temp dir: the next pool sweeps it.
+        VerifierPool("arithmetic", num_workers=0).close()
     assert set(temp_dirs()) - dirs_before == set()
 
 
