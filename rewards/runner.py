@@ -1,93 +1,50 @@
 """Score completions with a verifier in worker processes, each call under a timeout.
 
-A verifier that raises, hangs, or returns no number gives reward 0.0 for its sample(s) and is
-counted; scoring never raises over it. A worker stuck past the timeout is killed (SIGKILL) and
-replaced, so a verifier caught in `time.sleep(1e9)` or `while True: pass` costs one timeout,
-not the run. Per-sample styles (rlkit, verl) get one call, hence one timeout, per sample; a TRL
-batch function gets one call per chunk (one chunk per worker) and the timeout covers that call.
+A verifier that raises, hangs, crashes, exceeds a sandbox limit or returns no number gives
+reward 0.0 for its sample(s), counted by kind; scoring never raises over it. Per-sample styles
+(rlkit, verl) get one call, hence one timeout, per sample; a TRL batch function gets one call
+per chunk (one chunk per worker) and the timeout covers that call.
 
-Workers are fresh interpreters (`subprocess`: fork+exec, safe when the parent holds threads)
-that import only rlkit.rewards and the verifier; `worker.py` has the protocol.
+Each pool slot is a worker process (`worker.py`: a fresh interpreter started with
+fork+exec, safe when the parent holds threads, that imports only rlkit.rewards and the
+verifier) whose call processes run the verifier. The worker times the calls and kills a failed
+call's whole process tree; the pool only keeps a backstop deadline on the worker itself and
+replaces a worker that dies. Nothing a verifier started outlives the pool: workers kill
+everything below them when the pool closes, and when the pool's process dies their socket
+reaches EOF and they do the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
 import math
+import os
+import pickle
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import IO, Any
 
+import psutil
+
+from . import proctree
 from .adapters import Style, resolve_verifier
-from .worker import Result, normalize_result
+from .frames import FrameReader, send_frame
+from .outcomes import Outcomes, ScoreResult, check_results
+from .results import cap_text, describe_exception, normalize_result, output_excerpt
+from .sandbox import Sandbox, check, remove_dir
 
-
-@dataclass
-class ScoreResult:
-    scores: list[float]
-    # Per sample: the verifier's extra dict fields (numbers as floats, strings kept).
-    extras: list[dict[str, Any]]
-    n_errors: int = 0
-    n_timeouts: int = 0
-    n_invalid: int = 0
-    first_error: str | None = None
-    # score_mean, error_count, timeout_count, invalid_count, time_s, and `<extra>_mean` for each
-    # numeric extra field (averaged over the samples that returned it).
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-class _Outcomes:
-    def __init__(self, n: int) -> None:
-        self.result = ScoreResult(scores=[0.0] * n, extras=[{} for _ in range(n)])
-        # The failure of the lowest sample index, whatever order the workers finish in.
-        self._first: tuple[int, str] | None = None
-
-    def ok(self, indices: list[int], results: list[Result]) -> None:
-        for i, (value, extras, reason) in zip(indices, results, strict=True):
-            if value is None:
-                self.result.n_invalid += 1
-                self._note(i, f"invalid result: {reason}")
-            else:
-                self.result.scores[i] = value
-                self.result.extras[i] = extras
-
-    def error(self, indices: list[int], message: str) -> None:
-        self.result.n_errors += len(indices)
-        self._note(indices[0], message)
-
-    def timeout(self, indices: list[int], timeout_s: float) -> None:
-        self.result.n_timeouts += len(indices)
-        self._note(indices[0], f"timed out after {timeout_s} s")
-
-    def _note(self, index: int, message: str) -> None:
-        if self._first is None or index < self._first[0]:
-            self._first = (index, message)
-
-    def finish(self, elapsed_s: float) -> ScoreResult:
-        r = self.result
-        if self._first is not None:
-            r.first_error = f"sample {self._first[0]}: {self._first[1]}"
-        n = len(r.scores)
-        r.metrics = {
-            "score_mean": sum(r.scores) / n if n else 0.0,
-            "error_count": float(r.n_errors),
-            "timeout_count": float(r.n_timeouts),
-            "invalid_count": float(r.n_invalid),
-            "time_s": elapsed_s,
-        }
-        numeric: dict[str, list[float]] = {}
-        for extras in r.extras:
-            for key, value in extras.items():
-                if isinstance(value, float):
-                    numeric.setdefault(key, []).append(value)
-        for key, values in numeric.items():
-            r.metrics[f"{key}_mean"] = sum(values) / len(values)
-        return r
+# A worker enforces the timeout itself; the pool gives up on it this much later.
+_GRACE_S = 3.0
 
 
 @dataclass
@@ -99,7 +56,12 @@ class _Task:
 @dataclass
 class _Worker:
     process: subprocess.Popen
-    conn: Connection
+    sock: socket.socket
+    reader: FrameReader
+    # The worker's own stdout/stderr until it is ready (import-time output, start-up errors).
+    log: IO[bytes] | None
+    # The worker's temp dir (its call processes' dirs are inside), removed when it ends.
+    tmp: str
     started_at: float
     ready: bool = False
     task: _Task | None = None
@@ -109,8 +71,10 @@ class _Worker:
 class VerifierPool:
     """Worker processes that keep one resolved verifier loaded across `score` calls.
 
-    `num_workers=0` scores in the calling process: no start-up cost, but no timeout either.
-    Not thread-safe: one `score` call at a time.
+    `num_workers=0` scores in the calling process: no start-up cost, but no timeout, no
+    sandbox and no protection either. Not thread-safe: one `score` call at a time.
+    `sandbox` limits each call (see `sandbox.py`); a limit that this machine cannot enforce is
+    a ValueError here.
     """
 
     def __init__(
@@ -122,21 +86,29 @@ class VerifierPool:
         timeout_s: float = 10.0,
         base_dir: str | None = None,
         start_timeout_s: float = 60.0,
+        sandbox: Sandbox | None = None,
     ) -> None:
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if type(num_workers) is not int or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        self.sandbox = sandbox or Sandbox()
+        if self.sandbox.active and num_workers == 0:
+            raise ValueError("a sandbox needs worker processes: num_workers must be >= 1")
         # Resolving here turns a bad spec into a ValueError before any process starts.
         self.verifier = resolve_verifier(spec, style, kwargs, base_dir)
-        self.timeout_s = timeout_s
-        self.start_timeout_s = start_timeout_s
+        # How `network: false` is enforced here (None: network allowed).
+        self.network_mode = check(self.sandbox) if self.sandbox.active else None
+        self.timeout_s = float(timeout_s)
+        self.start_timeout_s = float(start_timeout_s)
         self._base_dir = base_dir
         self._next_task_id = 0
         self._closed = False
+        _sweep_stale_dirs()
         self._slots: list[_Worker | None] = [self._start() for _ in range(num_workers)]
-        # Kills the workers if the pool is dropped, or the interpreter exits, without close().
-        self._finalizer = weakref.finalize(self, _kill_all, self._slots)
+        # Stops the workers if the pool is dropped, or the interpreter exits, without close().
+        self._finalizer = weakref.finalize(self, _shutdown, self._slots)
 
     def score(self, completions: list[str], samples: list[dict]) -> ScoreResult:
         if self._closed:
@@ -144,7 +116,7 @@ class VerifierPool:
         if len(completions) != len(samples):
             raise ValueError(f"{len(completions)} completions for {len(samples)} samples")
         start = time.monotonic()
-        outcomes = _Outcomes(len(samples))
+        outcomes = Outcomes(len(samples))
         pending = deque(self._split(len(samples)))
         if self._slots:
             self._run(pending, completions, samples, outcomes)
@@ -154,22 +126,11 @@ class VerifierPool:
         return outcomes.finish(time.monotonic() - start)
 
     def close(self) -> None:
+        """Stop every worker and everything below it; safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        for worker in self._slots:
-            if worker is not None:
-                try:
-                    worker.conn.send(None)
-                except OSError:
-                    pass
-        for slot, worker in enumerate(self._slots):
-            if worker is not None:
-                try:
-                    worker.process.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    pass
-                self._kill(slot)
+        self._finalizer()
 
     def __enter__(self) -> VerifierPool:
         return self
@@ -186,47 +147,61 @@ class VerifierPool:
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
     def _score_inline(
-        self, indices: list[int], completions: list[str], samples: list[dict], outcomes: _Outcomes
+        self, indices: list[int], completions: list[str], samples: list[dict], outcomes: Outcomes
     ) -> None:
         try:
             raw = self.verifier([completions[i] for i in indices], [samples[i] for i in indices])
             outcomes.ok(indices, [normalize_result(r) for r in raw])
         except Exception as e:
-            outcomes.error(indices, f"{type(e).__name__}: {e}")
+            outcomes.fail(indices, "error", describe_exception(e))
 
     def _run(
         self,
         pending: deque[list[int]],
         completions: list[str],
         samples: list[dict],
-        outcomes: _Outcomes,
+        outcomes: Outcomes,
     ) -> None:
-        start_failure: str | None = None
+        # Workers that failed to start (or died starting). A worker killed from outside is
+        # replaced; a verifier that cannot load fails every worker: after as many failures
+        # as slots (at least two), the call's remaining samples are errors.
+        start_failures: list[str] = []
         while pending or self._busy():
-            if start_failure is not None:
+            may_start = len(start_failures) < max(2, len(self._slots))
+            if not may_start and all(w is None for w in self._slots):
                 while pending:
-                    outcomes.error(pending.popleft(), start_failure)
-                if not self._busy():
-                    return
-            self._dispatch(pending, completions, samples, may_start=start_failure is None)
+                    outcomes.fail(pending.popleft(), "error", start_failures[-1])
+                return
+            self._dispatch(pending, completions, samples, outcomes, may_start)
             live = [w for w in self._slots if w is not None]
+            if not live:
+                # Every worker was found dead while dispatching: the next pass replaces them.
+                continue
             deadlines = [w.deadline for w in live if w.task is not None]
             deadlines += [w.started_at + self.start_timeout_s for w in live if not w.ready]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            for conn in wait([w.conn for w in live], timeout=wait_s):
+            for sock in wait([w.sock for w in live], timeout=wait_s):
                 slot = next(
-                    s for s, w in enumerate(self._slots) if w is not None and w.conn is conn
+                    s for s, w in enumerate(self._slots) if w is not None and w.sock is sock
                 )
-                start_failure = self._receive(slot, outcomes) or start_failure
+                failure = self._receive(slot, outcomes)
+                if failure is not None:
+                    start_failures.append(failure)
             now = time.monotonic()
             for slot, worker in enumerate(self._slots):
                 if worker is None:
                     continue
                 if worker.task is not None and now >= worker.deadline:
-                    outcomes.timeout(worker.task.indices, self.timeout_s)
+                    outcomes.fail(
+                        worker.task.indices,
+                        "timeout",
+                        f"timed out after {self.timeout_s} s (the worker did not answer)",
+                    )
                     self._kill(slot)
                 elif not worker.ready and now >= worker.started_at + self.start_timeout_s:
-                    start_failure = f"verifier worker did not start within {self.start_timeout_s} s"
+                    start_failures.append(
+                        f"verifier worker did not start within {self.start_timeout_s} s"
+                    )
                     self._kill(slot)
 
     def _dispatch(
@@ -234,6 +209,7 @@ class VerifierPool:
         pending: deque[list[int]],
         completions: list[str],
         samples: list[dict],
+        outcomes: Outcomes,
         may_start: bool,
     ) -> None:
         for slot in range(len(self._slots)):
@@ -249,48 +225,84 @@ class VerifierPool:
             indices = pending.popleft()
             task = _Task(self._next_task_id, indices)
             self._next_task_id += 1
+            message = (
+                task.task_id,
+                [completions[i] for i in indices],
+                [samples[i] for i in indices],
+            )
             try:
-                worker.conn.send(
-                    (task.task_id, [completions[i] for i in indices], [samples[i] for i in indices])
-                )
+                payload = pickle.dumps(message)
+            except Exception as e:
+                outcomes.fail(indices, "error", f"cannot send the sample: {describe_exception(e)}")
+                continue
+            try:
+                send_frame(worker.sock, payload, timeout=self.timeout_s)
             except OSError:
-                # The worker died while idle; the task waits for its replacement.
+                # The worker died (or stopped reading) while idle; the task waits for its
+                # replacement.
                 pending.appendleft(indices)
                 self._kill(slot)
                 continue
             worker.task = task
-            worker.deadline = time.monotonic() + self.timeout_s
+            worker.deadline = time.monotonic() + self.timeout_s + _GRACE_S
 
-    def _receive(self, slot: int, outcomes: _Outcomes) -> str | None:
-        """Handle one message from (or the death of) a worker; returns a start-up failure."""
+    def _receive(self, slot: int, outcomes: Outcomes) -> str | None:
+        """Handle what a worker sent (or its death); returns a start-up failure."""
         worker = self._slots[slot]
         assert worker is not None
         try:
-            message = worker.conn.recv()
-        except (EOFError, OSError):
-            try:
-                code = worker.process.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                code = None
-            died = f"verifier worker died (exit code {code})"
+            frames = worker.reader.read()
+            for frame in frames:
+                failure = self._handle(worker, json.loads(frame), outcomes)
+                if failure is not None:
+                    self._kill(slot)
+                    return failure
+        except Exception as e:
+            # Anything a worker sends that does not parse is its failure, never the pool's.
+            broken = cap_text(f"verifier worker broke the protocol: {describe_exception(e)}")
             if worker.task is not None:
-                outcomes.error(worker.task.indices, died)
+                outcomes.fail(worker.task.indices, "crash", broken)
+                worker.task = None
+            self._kill(slot)
+            return None if worker.ready else broken
+        if worker.reader.eof:
+            end = time.monotonic() + 1.0
+            while not _exited(worker.process.pid) and time.monotonic() < end:
+                time.sleep(0.005)
+            died = f"verifier worker died ({_status(worker.process.pid)}){_log_tail(worker)}"
+            if worker.task is not None:
+                outcomes.fail(worker.task.indices, "crash", died)
+                worker.task = None
             self._kill(slot)
             return None if worker.ready else died
+        return None
+
+    def _handle(self, worker: _Worker, message: Any, outcomes: Outcomes) -> str | None:
         if not worker.ready:
             kind, payload = message
             if kind == "ready":
                 worker.ready = True
+                if worker.log is not None:
+                    worker.log.close()
+                    worker.log = None
                 return None
-            self._kill(slot)
-            return f"verifier worker failed to start: {payload}"
-        task_id, status, payload = message
-        if worker.task is None or task_id != worker.task.task_id:
+            return f"verifier worker failed to start: {cap_text(str(payload))}{_log_tail(worker)}"
+        task_id, kind, payload, (output_bytes, excerpt) = message
+        task = worker.task
+        if task is None or task_id != task.task_id:
             return None
-        if status == "ok":
-            outcomes.ok(worker.task.indices, payload)
+        outcomes.result.output_bytes += int(output_bytes)
+        if kind == "ok":
+            outcomes.ok(task.indices, check_results(payload, len(task.indices)))
+        elif kind in ("error", "crash", "timeout", "limit"):
+            text = cap_text(str(payload))
+            if excerpt:
+                text = cap_text(
+                    f"{text} [output: {int(output_bytes)} bytes, ending {str(excerpt)!r}]"
+                )
+            outcomes.fail(task.indices, kind, text)
         else:
-            outcomes.error(worker.task.indices, payload)
+            raise ValueError(f"unknown reply kind {str(kind)[:40]!r}")
         worker.task = None
         worker.deadline = math.inf
         return None
@@ -301,38 +313,127 @@ class VerifierPool:
     def _start(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
+        log = tempfile.TemporaryFile()
+        tmp = tempfile.mkdtemp(prefix=f"rlkit-verifier-{os.getpid()}-")
         process = subprocess.Popen(
             [sys.executable, "-c", "from rlkit.rewards.worker import main; main()", str(fd)],
             pass_fds=(fd,),
             stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            # Its own session: no Ctrl-C from the terminal, and one id to find what it started.
+            start_new_session=True,
         )
         child_sock.close()
-        conn = Connection(parent_sock.detach())
         v = self.verifier
-        conn.send((list(sys.path), v.spec, v.style, v.kwargs, self._base_dir))
-        return _Worker(process=process, conn=conn, started_at=time.monotonic())
+        init = (
+            list(sys.path),
+            v.spec,
+            v.style,
+            v.kwargs,
+            self._base_dir,
+            self.timeout_s,
+            self.sandbox.to_dict(),
+            self.network_mode,
+            tmp,
+        )
+        worker = _Worker(process, parent_sock, FrameReader(parent_sock), log, tmp, time.monotonic())
+        with contextlib.suppress(OSError):
+            send_frame(parent_sock, pickle.dumps(init), timeout=self.start_timeout_s)
+        return worker
 
     def _kill(self, slot: int) -> None:
         worker = self._slots[slot]
         self._slots[slot] = None
         if worker is not None:
-            _kill_worker(worker)
+            _stop(worker, ask=False)
 
 
-def _kill_worker(worker: _Worker) -> None:
-    if worker.process.poll() is None:
-        worker.process.kill()
+def _status(pid: int) -> str:
+    """How a child that has exited ended, without reaping it (its id must stay ours)."""
     try:
-        worker.process.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        pass
-    worker.conn.close()
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        info = None
+    if info is None:
+        return "exit status unknown"
+    if info.si_code == os.CLD_EXITED:
+        return f"exit code {info.si_status}"
+    try:
+        return f"killed by {signal.Signals(info.si_status).name}"
+    except ValueError:
+        return f"killed by signal {info.si_status}"
 
 
-def _kill_all(slots: list[_Worker | None]) -> None:
-    for worker in slots:
-        if worker is not None and not worker.conn.closed:
-            _kill_worker(worker)
+def _log_tail(worker: _Worker) -> str:
+    if worker.log is None:
+        return ""
+    try:
+        worker.log.seek(0, os.SEEK_END)
+        worker.log.seek(max(0, worker.log.tell() - 2048))
+        tail = output_excerpt(worker.log.read())
+    except OSError:
+        return ""
+    return f"; its output ended: {tail!r}" if tail else ""
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _stop(worker: _Worker, ask: bool, grace_s: float = 1.0) -> None:
+    """End a worker and everything below it.
+
+    Asked (`ask`: the pool sends None) or not (SIGTERM), a live worker kills its tree and exits
+    by itself; one that does not within `grace_s` is frozen and killed with its whole tree from
+    here. The worker is reaped last, so that its id cannot be reused meanwhile.
+    """
+    pid = worker.process.pid
+    if worker.process.returncode is None:
+        if not ask:
+            for sig in (signal.SIGCONT, signal.SIGTERM):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+        end = time.monotonic() + grace_s
+        while not _exited(pid) and time.monotonic() < end:
+            time.sleep(0.005)
+        proctree.kill_tree(pid)
+        worker.process.wait()
+    worker.sock.close()
+    if worker.log is not None:
+        worker.log.close()
+    remove_dir(worker.tmp)
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove the temp dirs of pools whose process is gone.
+
+    A worker removes its dir when it exits, but not when it is SIGKILLed, as Ray does to an
+    actor's children when the actor dies. The dirs are named after their pool's process id."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "rlkit-verifier-*-*")):
+        pid = os.path.basename(path).split("-")[2]
+        try:
+            mine = os.stat(path).st_uid == os.geteuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            remove_dir(path)
+
+
+def _shutdown(slots: list[_Worker | None]) -> None:
+    workers = [w for w in slots if w is not None]
+    slots[:] = [None] * len(slots)
+    for worker in workers:
+        try:
+            send_frame(worker.sock, pickle.dumps(None), timeout=0.5)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.kill(worker.process.pid, signal.SIGTERM)
+    for worker in workers:
+        _stop(worker, ask=True, grace_s=2.0)
 
 
 def score(
@@ -344,7 +445,10 @@ def score(
     style: Style = "auto",
     kwargs: dict[str, Any] | None = None,
     base_dir: str | None = None,
+    sandbox: Sandbox | None = None,
 ) -> ScoreResult:
     """One-off scoring; a training loop keeps a `VerifierPool` to pay the start-up once."""
-    with VerifierPool(verifier_spec, style, kwargs, num_workers, timeout_s, base_dir) as pool:
+    with VerifierPool(
+        verifier_spec, style, kwargs, num_workers, timeout_s, base_dir, sandbox=sandbox
+    ) as pool:
         return pool.score(completions, samples)

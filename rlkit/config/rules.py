@@ -69,6 +69,10 @@ RULES: dict[str, Check | None] = {
     "reward.kwargs": None,  # against the verifier's signature: _verifier below
     "reward.timeout_s": TIMEOUT,
     "reward.num_workers": in_range(1, 1024),
+    "reward.sandbox.memory_mb": optional(in_range(16, 1 << 20)),  # enforceable: _sandbox
+    "reward.sandbox.cpu_seconds": optional(in_range(1, 86_400)),
+    "reward.sandbox.network": None,
+    "reward.sandbox.writable_tmp_only": None,
     "rollout.engine": None,
     "rollout.n": positive,
     "rollout.temperature": NON_NEGATIVE,  # 0: greedy
@@ -323,6 +327,18 @@ def _verifier(cfg: RecipeConfig) -> None:
         raise Invalid(str(e), key="reward.kwargs") from None
 
 
+def _sandbox(cfg: RecipeConfig) -> None:
+    # The limits must be enforceable on this machine (rewards/sandbox.py says how each is).
+    from dataclasses import asdict
+
+    from rlkit.rewards.sandbox import Sandbox, SandboxError, check
+
+    try:
+        check(Sandbox(**asdict(cfg.reward.sandbox)))
+    except SandboxError as e:
+        raise Invalid(str(e), key=f"reward.sandbox.{e.key}") from None
+
+
 def _cuda_here(cfg: RecipeConfig) -> None:
     # A local run needs the GPU on this machine; a cluster's GPUs are checked when Ray joins it.
     if cfg.device == "cuda" and cfg.ray.address is None and not cuda_visible():
@@ -348,6 +364,7 @@ CROSS_RULES: list[Callable[[RecipeConfig], None]] = [
     _data_named,
     _task_args,
     _verifier,
+    _sandbox,
     _cuda_here,
     _resume_finds_the_run,
 ]

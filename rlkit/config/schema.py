@@ -47,6 +47,25 @@ class DataConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """Limits on each verifier call (rewards/sandbox.py has what each one enforces, exactly).
+
+    With any key set, a call that exceeds a limit costs its sample's reward and counts as
+    `reward/limit_count`; a key this machine cannot enforce stops the run before it starts.
+    """
+
+    # Address space (RLIMIT_AS) of the call process and of each process it starts, in MiB;
+    # the call process's includes the verifier's imports. null: no limit.
+    memory_mb: int | None = None
+    # CPU seconds one call may use, the processes it starts included. null: no limit.
+    cpu_seconds: int | None = None
+    # false: calls run in a network namespace of their own (only a private loopback).
+    network: bool = True
+    # true: calls may create or change files only in their own temp dir (their cwd; Landlock).
+    writable_tmp_only: bool = False
+
+
+@dataclass
 class RewardConfig:
     # A registered verifier name, `module:function` or `path/to/file.py:function`.
     # null: the task's own default verifier.
@@ -55,8 +74,10 @@ class RewardConfig:
     # reward_func, or detected from its signature.
     style: Literal["auto", "rlkit", "verl", "trl"] = "auto"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Seconds per verifier call (per sample; per chunk for a TRL batch function).
     timeout_s: float = 10.0
     num_workers: int = 1
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from math import comb
 from typing import Any
 
@@ -43,6 +44,7 @@ def main(
     from rlkit.device import pick_dtype
     from rlkit.models.loading import load_model
     from rlkit.rewards.runner import VerifierPool
+    from rlkit.rewards.sandbox import Sandbox
     from rlkit.rollout.engine import Engine
     from rlkit.rollout.sampling import SamplingParams
     from rlkit.trainer.data_setup import load_split, verifier_spec
@@ -63,6 +65,7 @@ def main(
         cfg.reward.num_workers,
         cfg.reward.timeout_s,
         base_dir=os.getcwd(),
+        sandbox=Sandbox(**asdict(cfg.reward.sandbox)),
     )
     try:
         greedy = engine.generate(

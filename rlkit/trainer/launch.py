@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -62,6 +63,8 @@ def launch(
 ) -> RunContext:
     """`raw_data`: the splits as `data_setup.load_raw` read them (None: read them here)."""
     raw_data = raw_data or {}
+    # Checked enforceable when the recipe loaded (config/rules.py).
+    sandbox = asdict(cfg.reward.sandbox)
     # Convert the embedded default model once, here, before two actors race to do it.
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
@@ -99,6 +102,7 @@ def launch(
         cfg.reward.num_workers,
         cfg.reward.timeout_s,
         os.getcwd(),
+        sandbox,
     )
     logger = MetricsLogger(
         run_dir,

@@ -106,10 +106,12 @@ def test_hung_verifiers_are_killed_and_the_rest_scored(pool):
     assert again.scores == [1.0, 1.0] and again.n_timeouts == 0
 
 
-def test_worker_that_exits_is_replaced(pool):
+def test_call_process_that_exits_is_a_crash_and_is_replaced(pool):
     result = pool.score(["exit", "1", "1"], samples(3))
     assert result.scores == [0.0, 1.0, 1.0]
-    assert result.n_errors == 1 and "worker died (exit code 3)" in result.first_error
+    assert result.n_crashes == 1 and result.n_errors == 0 and result.n_timeouts == 0
+    assert "exited (exit code 3) without a result" in result.first_error
+    assert result.metrics["crash_count"] == 1.0
 
 
 def test_trl_batch_timeout_covers_the_whole_call(user_file):
