@@ -305,8 +305,8 @@ def marked(mark: str) -> list[psutil.Process]:
     return found
 
 
-def survivors(mark: str, wait_s: float = 3.0) -> tuple[list[str], list[str]]:
-    """(live, zombie) processes carrying `mark`, after giving the dying up to `wait_s` seconds."""
+def survivors(mark: str, wait_s: float = 15.0) -> tuple[list[str], list[str]]:
+    """(live, zombie) processes carrying `mark`, after giving the dying up to `wait_s` seconds (a loaded 2-core machine can take several to schedule a dying tree's last processes)."""
     end = time.monotonic() + wait_s
     while True:
         live, zombies = [], []
