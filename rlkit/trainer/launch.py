@@ -34,6 +34,9 @@ def init_ray(cfg: RecipeConfig, num_cpus: int, num_gpus: int = 0) -> None:
             address=cfg.ray.address, runtime_env={"env_vars": env}, logging_level=logging.WARNING
         )
         return
+    # Ray starts its worker processes at niceness 15; the actors are the run's compute, and
+    # at 15 they yield to anything else on the machine. A local Ray starts them at 0.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
