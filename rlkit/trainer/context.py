@@ -82,8 +82,8 @@ class RunContext:
         driver. Returns {"sync/ms": ...} when the actor timed its copy."""
         if self.colocated:
             return {"sync/ms": float(self.call(self.learner.sync_engine))}
-        ref = self.learner.weights.remote(self.rollout_dtype)
-        ray.get(self.rollout.load_weights.remote(ref))
+        ref = self.learner.packed_weights.remote(self.rollout_dtype)
+        ray.get(self.rollout.load_packed_weights.remote(ref))
         return {}
 
     def evaluate(self) -> dict[str, float]:

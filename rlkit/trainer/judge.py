@@ -41,6 +41,7 @@ from rlkit.models.tokenizer import apply_chat
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.trainer.context import RunContext, StageSpec
 from rlkit.trainer.rlvr import TaskSource, run_rlvr, sampling_params
+from rlkit.workers import weight_wire
 
 
 def evaluates(cfg: RecipeConfig) -> bool:
@@ -77,7 +78,7 @@ def _push_checkpoint(ctx: RunContext, path: str) -> None:
         model_dir = resolve_model_dir(path)
     dtype = DTYPES[ctx.rollout_dtype]
     state = {k: v.to(dtype) for k, v in read_state_dict(model_dir).items()}
-    ray.get(ctx.rollout.load_weights.remote(ray.put(state)))
+    ray.get(ctx.rollout.load_packed_weights.remote(ray.put(weight_wire.pack(state))))
 
 
 def sample_candidates(

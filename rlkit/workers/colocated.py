@@ -91,6 +91,9 @@ class ColocatedWorker:
         the policy's back."""
         self.rollout.load_weights(state_dict)
 
+    def load_packed_weights(self, packed: dict[str, Any]) -> None:
+        self.rollout.load_packed_weights(packed)
+
     # -- learner side ----------------------------------------------------------------------
 
     def configure(self, cfg: RecipeConfig) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ from rlkit.models.decoder import Decoder
 from rlkit.models.loading import DTYPES, load_model, save_pretrained
 from rlkit.models.shared_prefix import response_hidden
 from rlkit.trainer.optim import build_optimizer, build_scheduler
-from rlkit.workers import heap
+from rlkit.workers import heap, weight_wire
 from rlkit.workers.master_weights import MasterWeights, StateView
 
 # The shared-prefix forward (each group's prompt once) pays when it removes at least this
@@ -392,6 +393,11 @@ class Learner:
         if next(iter(state.values())).dtype != target:
             state = self._full_state()
         return {k: v.detach().to(device=device, dtype=target) for k, v in state.items()}
+
+    def packed_weights(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """`weights(dtype)` on the CPU as numpy arrays (`weight_wire.pack`): what crosses Ray's
+        object store to the rollout workers without a copy on arrival."""
+        return weight_wire.pack(self.weights(dtype))
 
     def save(self, path: str) -> None:
         # StateView carries the fp32 master values under the model's names and args.

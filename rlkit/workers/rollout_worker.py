@@ -12,7 +12,7 @@ from rlkit.models.loading import load_model
 from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.rollout.vllm_engine import VLLMEngine
-from rlkit.workers import heap
+from rlkit.workers import heap, weight_wire
 
 
 class RolloutWorker:
@@ -87,6 +87,10 @@ class RolloutWorker:
     def weights_dtype(self) -> str:
         """The dtype name `rollout.dtype` resolved to here: what weights should arrive in."""
         return self.dtype
+
+    def load_packed_weights(self, packed: dict[str, Any]) -> None:
+        """Weights as `weight_wire.pack` sent them (read in place from the object store)."""
+        self.load_weights(weight_wire.unpack(packed))
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.engine.load_state_dict(state_dict)
