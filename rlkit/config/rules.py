@@ -168,7 +168,7 @@ RULES: dict[str, Check | None] = {
     "run.progress_bar": None,
     "ray.address": optional(non_empty),
     "ray.num_cpus": optional(positive),
-    "ray.object_store_memory_mb": at_least(75),  # Ray's minimum object store
+    "ray.object_store_memory_mb": optional(at_least(75)),  # Ray's minimum object store
     "stages": non_empty_list,
     "stages[].type": None,
     "stages[].name": optional(plain_name),

@@ -305,7 +305,10 @@ class RayConfig:
     # null: start a local Ray; "auto" or "host:port": join an existing cluster.
     address: str | None = None
     num_cpus: int | None = None
-    object_store_memory_mb: int = 512
+    # Ray's shared-memory object store (local Ray only), through which the weights travel to
+    # the rollout workers at every sync. null: sized for the model, twice its float32 weights
+    # plus 256 MiB (a store smaller than one sync's weights makes Ray spill them to disk).
+    object_store_memory_mb: int | None = None
 
 
 @dataclass

@@ -108,6 +108,23 @@ def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def parameter_count(model_dir: str) -> int:
+    """Parameters of a Hugging Face checkpoint, read from its safetensors headers (no weights
+    loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, name), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    n = 1
+                    for d in f.get_slice(key).get_shape():
+                        n *= d
+                    total += n
+    return total
+
+
 def load_weights(model: Decoder, state: dict[str, Any], assign: bool = False) -> None:
     """Copy a Hugging Face state dict into `model` in place, casting to its dtype (`assign`:
     adopt the given tensors instead, as a model built on the meta device needs)."""

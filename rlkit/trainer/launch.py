@@ -12,7 +12,7 @@ import ray
 from rlkit.config import to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
-from rlkit.models.loading import resolve_model_dir
+from rlkit.models.loading import parameter_count, resolve_model_dir
 from rlkit.models.tokenizer import load_tokenizer
 from rlkit.trainer.context import RunContext
 from rlkit.trainer.data_setup import load_split, verifier_spec
@@ -24,7 +24,17 @@ from rlkit.workers.reward_pool import RewardPool
 from rlkit.workers.rollout_worker import RolloutWorker
 
 
-def init_ray(cfg: RecipeConfig, num_cpus: int, num_gpus: int = 0) -> None:
+def object_store_bytes(cfg: RecipeConfig, model_dir: str) -> int:
+    """The object store's size: the recipe's, else twice the model's float32 weights plus
+    256 MiB (weights of one sync in flight, and room for the batches beside them)."""
+    if cfg.ray.object_store_memory_mb is not None:
+        return cfg.ray.object_store_memory_mb << 20
+    return max(512 << 20, 2 * 4 * parameter_count(model_dir) + (256 << 20))
+
+
+def init_ray(
+    cfg: RecipeConfig, num_cpus: int, num_gpus: int = 0, object_store: int = 512 << 20
+) -> None:
     if ray.is_initialized():
         return
     # Actors inherit the driver's environment; quiet, single-threaded BLAS start-up in each.
@@ -40,7 +50,7 @@ def init_ray(cfg: RecipeConfig, num_cpus: int, num_gpus: int = 0) -> None:
     ray.init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-        object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
+        object_store_memory=object_store,
         include_dashboard=False,
         runtime_env={"env_vars": env},
         logging_level=logging.WARNING,
@@ -49,7 +59,7 @@ def init_ray(cfg: RecipeConfig, num_cpus: int, num_gpus: int = 0) -> None:
     )
 
 
-def _placement(cfg: RecipeConfig) -> Placement:
+def _placement(cfg: RecipeConfig, model_dir: str) -> Placement:
     """Count the GPUs (this machine's, or the cluster's once Ray joins it), plan, start Ray."""
     if cfg.ray.address:
         init_ray(cfg, 0)
@@ -57,7 +67,7 @@ def _placement(cfg: RecipeConfig) -> Placement:
         return plan(cfg, gpus)
     gpus = visible_gpus() if cfg.device != "cpu" else 0
     place = plan(cfg, gpus)
-    init_ray(cfg, place.num_cpus, place.num_gpus)
+    init_ray(cfg, place.num_cpus, place.num_gpus, object_store_bytes(cfg, model_dir))
     return place
 
 
@@ -82,7 +92,7 @@ def launch(
             f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}",
             flush=True,
         )
-    place = _placement(cfg)
+    place = _placement(cfg, model_dir)
     print(f"rlkit: {place.device} ({place.why})", flush=True)
     learner: Any
     rollout: Any
