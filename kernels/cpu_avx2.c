@@ -349,7 +349,7 @@ int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *
 void rlkit_add_rms_norm_f32(float *x, int64_t x_rs, const float *delta, int64_t d_rs,
                             const float *w, float eps, float *out, int64_t o_rs, int64_t rows,
                             int64_t dim) {
-#pragma omp parallel for schedule(static) if (rows * dim >= (1 << 14))
+#pragma omp parallel for schedule(static) if (rows * dim >= (1 << 18))
     for (int64_t r = 0; r < rows; r++) {
         float *xr = x + r * x_rs;
         const float *dr = delta ? delta + r * d_rs : NULL;
@@ -376,7 +376,7 @@ void rlkit_add_rms_norm_f32(float *x, int64_t x_rs, const float *delta, int64_t 
 /* out[r] = silu(gate) * up with gate = row[:inter], up = row[inter:], as F.silu(gate) * up. */
 void rlkit_silu_mul_f32(const float *gu, int64_t gu_rs, float *out, int64_t o_rs, int64_t rows,
                         int64_t inter) {
-#pragma omp parallel for schedule(static) if (rows * inter >= (1 << 14))
+#pragma omp parallel for schedule(static) if (rows * inter >= (1 << 18))
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gu + r * gu_rs, *u = g + inter;
         float *o = out + r * o_rs;
