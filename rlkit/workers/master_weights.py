@@ -35,7 +35,8 @@ class MasterWeights:
 
     @torch.no_grad()
     def step(self, opt: torch.optim.Optimizer, max_norm: float) -> float:
-        """Clip and step one parameter at a time; returns the gradient norm before clipping.
+        """Clip and step one parameter at a time; returns the gradient norm before clipping
+        (a non-finite norm: nothing is stepped, the gradients are dropped).
 
         Same update as grads_to_master + clip_grad_norm_ + opt.step() + master_to_model, but
         only one float32 gradient exists at a time (all of them at once are 4 bytes per
@@ -48,6 +49,11 @@ class MasterWeights:
         norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
         )
+        if not torch.isfinite(norm):
+            # A NaN or inf gradient would poison every weight it reaches: no update at all.
+            for p in self.model_params:
+                p.grad = None
+            return float(norm)
         coef = float((max_norm / (norm + 1e-6)).clamp(max=1.0))
         for p, m in zip(self.model_params, self.master):
             if p.grad is None:
