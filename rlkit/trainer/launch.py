@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import ray
 
+from rlkit import faults
 from rlkit.config import to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
@@ -18,7 +21,9 @@ from rlkit.trainer.data_setup import load_split, verifier_spec
 from rlkit.trainer.metrics import MetricsLogger
 from rlkit.workers.learner import Learner
 from rlkit.workers.placement import plan
+from rlkit.workers.restarting import RestartingActor, first_line
 from rlkit.workers.reward_pool import RewardPool
+from rlkit.workers.rollout_group import RolloutGroup
 from rlkit.workers.rollout_worker import RolloutWorker
 
 
@@ -27,12 +32,28 @@ def init_ray(cfg: RecipeConfig, num_cpus: int) -> None:
         return
     # Actors inherit the driver's environment; quiet, single-threaded BLAS start-up in each.
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    # The fault-injection tests' settings reach the actors on a cluster too (rlkit/faults.py).
+    env.update({k: os.environ[k] for k in (faults.ENV, faults.DIR_ENV) if k in os.environ})
+    # ray.init installs a SIGTERM handler that kills Ray's processes and exits 1, skipping the
+    # run's own ending (trainer/interrupts.py); the run keeps its own.
+    on_term = signal.getsignal(signal.SIGTERM)
+    try:
+        _start_ray(cfg, num_cpus, env)
+    finally:
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _start_ray(cfg: RecipeConfig, num_cpus: int, env: dict[str, str]) -> None:
     if cfg.ray.address:
         ray.init(
             address=cfg.ray.address, runtime_env={"env_vars": env}, logging_level=logging.WARNING
         )
         return
     ray.init(
+        # A new local instance even when `ray start` ran on this machine (Ray would join the
+        # cluster it recorded, or fail on its stale address) or RAY_ADDRESS is set.
+        address="local",
         num_cpus=num_cpus,
         object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
         include_dashboard=False,
@@ -64,19 +85,38 @@ def launch(
         )
     place = plan(cfg)
     init_ray(cfg, place.num_cpus)
-    learner = ray.remote(num_cpus=place.learner_cpus)(Learner).remote(
+    faults.point("launch")
+    learner = ray.remote(**place.actor_options("learner"))(Learner).remote(
         model_dir, cfg, place.learner_threads
     )
-    rollout = ray.remote(num_cpus=place.rollout_cpus)(RolloutWorker).remote(
-        model_dir, cfg.rollout, place.rollout_threads
-    )
-    reward = ray.remote(num_cpus=place.reward_cpus)(RewardPool).remote(
+    rollout_actor = ray.remote(**place.actor_options("rollout"))(RolloutWorker)
+    reward_actor = ray.remote(**place.actor_options("reward"))(RewardPool)
+    reward_args = (
         verifier_spec(cfg),
         cfg.reward.style,
         cfg.reward.kwargs,
         cfg.reward.num_workers,
         cfg.reward.timeout_s,
         os.getcwd(),
+    )
+    summary: dict[str, Any] = {}
+
+    def restarted(role: str, name: str, error: BaseException) -> None:
+        counts = summary.setdefault("worker_restarts", {})
+        counts[role] = counts.get(role, 0) + 1
+        print(
+            f"rlkit: {name} died ({first_line(error)}); started a new one, its work is done again",
+            flush=True,
+        )
+
+    rollout = RolloutGroup(
+        lambda: rollout_actor.remote(model_dir, cfg.rollout, place.rollout_threads),
+        place.num_rollout_workers,
+        on_restart=lambda k, e: restarted("rollout", f"rollout worker {k}", e),
+    )
+    reward = RestartingActor(
+        lambda: reward_actor.remote(*reward_args),
+        on_restart=lambda e: restarted("reward", "the reward pool", e),
     )
     logger = MetricsLogger(
         run_dir,
@@ -100,14 +140,11 @@ def launch(
         stream=PromptStream(len(train_samples), cfg.data.seed),
         logger=logger,
     )
+    ctx.summary = summary
     ctx.summary["dropped_prompts"] = {"train": dropped_train, "eval": dropped_eval}
     ctx.summary["model_dir"] = model_dir
-    # The rollout worker loaded the same checkpoint as the learner: no initial sync needed.
-    ray.get(
-        [
-            learner.__ray_ready__.remote(),  # type: ignore[union-attr]
-            rollout.__ray_ready__.remote(),  # type: ignore[union-attr]
-            reward.__ray_ready__.remote(),  # type: ignore[union-attr]
-        ]
-    )
+    # The rollout workers loaded the same checkpoint as the learner: no initial sync needed.
+    ray.get(learner.__ray_ready__.remote())  # type: ignore[union-attr]
+    rollout.ready()
+    reward.ready()
     return ctx

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from rlkit.config.schema import RecipeConfig
+
+Role = Literal["learner", "rollout", "reward"]
 
 
 @dataclass
 class Placement:
     num_cpus: int  # CPUs Ray is started with (local mode)
     learner_cpus: float
-    rollout_cpus: float
+    rollout_cpus: float  # per rollout worker
     reward_cpus: float
     # Torch threads per actor. Rollout and learning alternate in the synchronous loop, so on a
     # small machine both may use every core without competing.
     learner_threads: int
-    rollout_threads: int
+    rollout_threads: int  # per rollout worker
+    num_rollout_workers: int = 1
+
+    def actor_options(self, role: Role) -> dict[str, Any]:
+        """Ray's resource request for one actor of `role` (`ray.remote(**options)`)."""
+        cpus = {"learner": self.learner_cpus, "rollout": self.rollout_cpus}
+        return {"num_cpus": cpus.get(role, self.reward_cpus)}
 
 
 def plan(cfg: RecipeConfig) -> Placement:
@@ -31,4 +40,5 @@ def plan(cfg: RecipeConfig) -> Placement:
         reward_cpus=0.0,
         learner_threads=cores,
         rollout_threads=max(1, cores // n_roll),
+        num_rollout_workers=n_roll,
     )

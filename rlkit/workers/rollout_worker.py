@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from rlkit import faults
 from rlkit.config.schema import RolloutConfig
 from rlkit.models.loading import DTYPES, load_model
 from rlkit.rollout.engine import Engine
@@ -20,6 +21,7 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        self._calls = 0
         if cfg.engine == "vllm":
             # vLLM runs in its own environment and process (rollout/vllm_engine.py).
             if cfg.kv_compression.policy != "none":
@@ -60,6 +62,15 @@ class RolloutWorker:
             }
             for c in completions
         ]
+
+    def generate_with_stats(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+    ) -> dict[str, Any]:
+        """`generate` and the engine's `stats` of it in one call (what `RolloutGroup` asks)."""
+        self._calls += 1
+        faults.point("rollout.generate", self._calls)
+        completions = self.generate(prompts, params, n, compress)
+        return {"completions": completions, "stats": self.stats()}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.engine.load_state_dict(state_dict)
