@@ -78,6 +78,7 @@ class StopSignals:
         self._listener: threading.Thread | None = None
         self._timer: threading.Timer | None = None
         self._count = 0
+        self._closed = False  # the run ended its signal handling: the listener does nothing
         self._lock = threading.Lock()
 
     def __enter__(self) -> StopSignals:
@@ -100,8 +101,12 @@ class StopSignals:
         signal.set_wakeup_fd(self._old_wakeup)
         for s, handler in self._old.items():
             signal.signal(s, handler)  # type: ignore[arg-type]
-        if self._timer is not None:
-            self._timer.cancel()
+        # The listener may still be reading a signal the main thread has handled already: from
+        # here on it arms nothing, and a deadline it armed is called off.
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
         reader, writer = self._sockets
         writer.close()  # the listener's recv returns b"" and it ends
         if self._listener is not None:
@@ -160,16 +165,20 @@ class StopSignals:
                 if signum not in _SIGNALS:
                     continue
                 with self._lock:
+                    if self._closed:
+                        return
                     self._count += 1
-                    count = self._count
-                if count == 1:
-                    self._timer = threading.Timer(self.grace_s, self._overdue, args=(signum,))
-                    self._timer.daemon = True
-                    self._timer.start()
-                else:
-                    self._stop_now("a second signal", signum)
+                    if self._count == 1:
+                        self._timer = threading.Timer(self.grace_s, self._overdue, (signum,))
+                        self._timer.daemon = True
+                        self._timer.start()
+                        continue
+                self._stop_now("a second signal", signum)
 
     def _overdue(self, signum: int) -> None:
+        with self._lock:
+            if self._closed:
+                return
         self._stop_now(f"clean-up still running {self.grace_s:.0f} s after the signal", signum)
 
     def _stop_now(self, why: str, signum: int | None = None) -> None:

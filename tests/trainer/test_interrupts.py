@@ -101,3 +101,27 @@ def test_a_second_ctrl_c_stops_at_once():
     assert time.monotonic() - start < 3.0
     assert _gone(child)
     assert "stopping at once (a second signal)" in proc.stderr.read()
+
+
+def test_a_handled_signal_arms_nothing_after_the_run():
+    """The deadline of a signal the run handled is called off when its handling ends (a
+    process that goes on, like a test session, is not killed `grace_s` later)."""
+    script = textwrap.dedent(
+        """
+        import os, signal, time
+        from rlkit.trainer.interrupts import StopSignals
+
+        try:
+            with StopSignals(grace_s=0.3):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        time.sleep(1.5)
+        print("alive")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (0, "alive\n"), done.stderr
