@@ -111,6 +111,8 @@ class RolloutGroup:
         self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
     ) -> list[dict[str, Any]]:
         """n completions per prompt, prompt-major (result[i * n + j] is sample j of prompt i)."""
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
         shares = split(len(prompts), len(self.workers))
 
         def submit(k: int, worker: Any) -> Any:

@@ -63,15 +63,6 @@ def _reference(model_dir, cfg, prompts, params, n, workers, state=None):
     return out
 
 
-def test_split_and_seeds():
-    assert split(7, 2) == [(0, 4), (4, 7)]
-    assert split(2, 4) == [(0, 1), (1, 2)]  # idle workers get no share
-    assert split(8, 1) == [(0, 8)]
-    # The first share keeps the call's seed, so one worker is exactly the plain engine.
-    assert share_seed(5, 0) == 5 and share_seed(None, 3) is None
-    assert len({share_seed(5, s) for s in range(100)}) == 100
-
-
 def test_rollout_worker_killed_mid_call_gives_the_same_samples(ray_session, model_dir, tmp_path):
     cfg = load_recipe(None, ["rollout.dtype=float32", "rollout.max_batch_size=16"]).rollout
     # Whichever worker reaches its first generate first kills itself (SIGKILL), once.
