@@ -18,7 +18,7 @@ from typing import Any
 
 from rlkit.config import ConfigError, dump_recipe, load_recipe, sources_of
 from rlkit.data.loaders import DataError
-from rlkit.exit_codes import ExitCode
+from rlkit.exit_codes import ExitCode, RunFailed, RunInterrupted
 from rlkit.workers.placement import PlacementError
 
 
@@ -193,11 +193,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get("RLKIT_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args))
+    except RunInterrupted as e:
+        # Where the run stopped and which checkpoint run.resume=true continues from.
+        print(f"rlkit {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         if debug:
             raise
         print(f"rlkit {args.command}: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except RunFailed as e:
+        if debug:
+            raise
+        print(f"rlkit {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return ExitCode.FAILURE
     except Exception as e:
         if debug:
             raise

@@ -1,3 +1,4 @@
+import signal
 import subprocess
 import sys
 import types
@@ -7,6 +8,7 @@ import pytest
 
 from rlkit.cli import main
 from rlkit.config import load_recipe
+from rlkit.exit_codes import RunFailed, RunInterrupted
 
 
 def test_help_lists_the_commands(capsys):
@@ -182,6 +184,29 @@ def test_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
     recipe.write_text("train:\n  steps: 3\n")
     assert main(["train", str(recipe)]) == 130
     assert capsys.readouterr().err == "rlkit train: interrupted\n"
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_run_says_where_and_exits_by_its_signal(
+    tmp_path, monkeypatch, capsys, signum, code
+):
+    text = "interrupted by X during rollout of stage 0 (rlvr) step 3; run.resume=true continues"
+    _failing_trainer(monkeypatch, RunInterrupted(text, signum))
+    monkeypatch.delenv("RLKIT_DEBUG", raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n")
+    assert main(["train", str(recipe)]) == code
+    assert capsys.readouterr().err == f"rlkit train: {text}\n"
+
+
+def test_a_failed_run_is_one_line_without_the_debug_hint(tmp_path, monkeypatch, capsys):
+    text = "the learner's process died during learn of stage 0 (rlvr) step 2; run.resume=true"
+    _failing_trainer(monkeypatch, RunFailed(text))
+    monkeypatch.delenv("RLKIT_DEBUG", raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n")
+    assert main(["train", str(recipe)]) == 1
+    assert capsys.readouterr().err == f"rlkit train: error: {text}\n"
 
 
 class FakeRayTaskError(Exception):

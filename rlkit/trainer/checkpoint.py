@@ -1,8 +1,12 @@
 """Atomic checkpoints: `checkpoints/<stage>/step_<N>/` appears whole or not at all.
 
-Everything is written into a hidden temporary folder beside the target and renamed into place
-at the end, so a run killed mid-write leaves the previous checkpoint intact; a leftover
-temporary folder is ignored and cleaned up by the next save.
+Everything is written into a hidden temporary folder beside the target, flushed to disk
+(every file, then the folders), and renamed into place at the end, so a run killed mid-write,
+or a machine that loses power, leaves the previous checkpoint intact. A checkpoint counts only
+with its `trainer_state.json`, written last. Leftover hidden folders (`.tmp_*`: a write cut
+short, an old checkpoint half deleted) are ignored, and removed by the next save and when a
+run resumes. Old checkpoints are renamed out of sight before they are deleted, so a deletion
+cut short never leaves a folder that looks like a checkpoint but misses files.
 """
 
 from __future__ import annotations
@@ -34,9 +38,7 @@ def begin(run_dir: str, stage_index: int, stage_name: str, step: int) -> tuple[s
     """Return (temporary dir to write into, final dir)."""
     parent = stage_dir(run_dir, stage_index, stage_name)
     os.makedirs(parent, exist_ok=True)
-    for name in os.listdir(parent):
-        if name.startswith(".tmp_"):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    _remove_hidden(parent)
     final = os.path.join(parent, f"step_{step}")
     tmp = os.path.join(parent, f".tmp_step_{step}")
     os.makedirs(tmp)
@@ -44,16 +46,44 @@ def begin(run_dir: str, stage_index: int, stage_name: str, step: int) -> tuple[s
 
 
 def commit(tmp: str, final: str, state: dict[str, Any], keep: int) -> None:
-    """Write the trainer state last, fsync, and rename the folder into place."""
+    """Write the trainer state last, fsync everything, and rename the folder into place."""
     with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
         json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    # The learner wrote the weights; a rename may reach the disk before their data does.
+    _fsync_tree(tmp)
+    parent = os.path.dirname(final)
     if os.path.exists(final):
-        shutil.rmtree(final)
+        os.rename(final, os.path.join(parent, f".tmp_old_{os.path.basename(final)}"))
     os.rename(tmp, final)
-    _fsync_dir(os.path.dirname(final))
-    _prune(os.path.dirname(final), keep)
+    _fsync_dir(parent)
+    _prune(parent, keep)
+    _remove_hidden(parent)
+
+
+def clean_partial(run_dir: str) -> None:
+    """Remove every hidden leftover under the run's checkpoints (a resume starts with this)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if os.path.isdir(os.path.join(root, name)):
+                _remove_hidden(os.path.join(root, name))
+
+
+def _remove_hidden(parent: str) -> None:
+    for name in os.listdir(parent):
+        if name.startswith(".tmp_"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
 
 
 def _fsync_dir(path: str) -> None:
@@ -79,7 +109,9 @@ def _prune(parent: str, keep: int) -> None:
     if keep <= 0:
         return
     for step in _steps(parent)[:-keep]:
-        shutil.rmtree(os.path.join(parent, f"step_{step}"), ignore_errors=True)
+        doomed = os.path.join(parent, f".tmp_old_step_{step}")
+        os.rename(os.path.join(parent, f"step_{step}"), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest(run_dir: str) -> CheckpointRef | None:

@@ -6,10 +6,11 @@ its methods for anything that crosses a process boundary.
 
 from __future__ import annotations
 
-import json
 import os
 import random
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +18,15 @@ import numpy as np
 import ray
 import torch
 
+from rlkit import faults
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
 from rlkit.trainer import checkpoint
 from rlkit.trainer.evaluate import accuracy_metrics
 from rlkit.trainer.metrics import MetricsLogger
 from rlkit.trainer.timer import PhaseTimer
+from rlkit.workers.restarting import RestartingActor
+from rlkit.workers.rollout_group import RolloutGroup
 
 
 @dataclass
@@ -38,8 +42,8 @@ class RunContext:
     cfg: RecipeConfig  # the current stage's config (recipe + the stage's overrides)
     run_dir: str
     learner: Any  # Ray actor handle
-    rollout: Any  # Ray actor handle
-    reward: Any  # Ray actor handle
+    rollout: RolloutGroup  # the rollout workers (rollout.num_workers), restarted when one dies
+    reward: RestartingActor  # the RewardPool actor, restarted when it dies
     tokenizer: Any
     train_samples: list[dict[str, Any]]
     train_prompt_ids: list[list[int]]
@@ -59,32 +63,56 @@ class RunContext:
     # Learner and rollout engine in one actor (`learner` and `rollout` are the same handle):
     # the sync is a copy inside it.
     colocated: bool = False
+    # Where the run is, for an interrupted run's message and the fault-injection points.
+    stage: StageSpec | None = None
+    step: int = 0
+    # Holds a Ctrl-C back over a checkpoint's commit (`StopSignals.deferred`).
+    deferred: Callable[[], AbstractContextManager[None]] = nullcontext
+    # Training seconds of earlier attempts (from the checkpoint), and when this attempt's began.
+    train_seconds_before: float = 0.0
+    train_started_at: float | None = None
 
     @staticmethod
     def call(method, *args, **kwargs):
         return ray.get(method.remote(*args, **kwargs))
 
+    def at(self, stage: StageSpec, step: int) -> None:
+        """Note the step the run is working on (1-based; 0 before the first)."""
+        self.stage, self.step = stage, step
+
+    def where(self) -> str:
+        """Where the run is: the phase running now and the step, e.g. "rollout of stage 0
+        (rlvr) step 3" (after an error: the phase it escaped from)."""
+        phase = self.timer.current or self.timer.failed_in or "between phases"
+        if self.stage is None:
+            return f"{phase} (before the first step)"
+        return f"{phase} of stage {self.stage.index} ({self.stage.name}) step {self.step}"
+
     def generate(
         self, prompts: list[list[int]], params, n: int, compress: bool = True
     ) -> list[dict[str, Any]]:
-        return self.call(self.rollout.generate, prompts, params, n, compress)
+        return self.rollout.generate(prompts, params, n, compress)
 
     def rollout_stats(self) -> dict[str, float]:
-        """The rollout engine's figures for its last generate (KV bytes; Sparse-RL compression)."""
-        return {f"rollout/{k}": float(v) for k, v in self.call(self.rollout.stats).items()}
+        """The rollout engines' figures for their last generate (KV bytes; Sparse-RL compression)."""
+        return {f"rollout/{k}": float(v) for k, v in self.rollout.stats().items()}
 
     def score(self, completions: list[str], samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.call(self.reward.score, completions, samples)
+        return self.reward.call("score", completions, samples)
 
     def sync_weights(self) -> dict[str, float]:
-        """Learner → rollout engine. Colocated: a device-to-device copy inside the actor.
-        Else the weights travel learner → object store → rollout worker without touching the
-        driver. Returns {"sync/ms": ...} when the actor timed its copy."""
+        """Learner → rollout engine(s). Colocated: a device-to-device copy inside the one actor
+        (timed: {"sync/ms": ...}). Else the weights travel learner → object store → rollout
+        workers without touching the driver."""
         if self.colocated:
             return {"sync/ms": float(self.call(self.learner.sync_engine))}
-        ref = self.learner.packed_weights.remote(self.rollout_dtype)
-        ray.get(self.rollout.load_packed_weights.remote(ref))
+        self.rollout.sync_from(self.learner, self.rollout_dtype)
         return {}
+
+    def train_seconds(self) -> float:
+        """Training time of the whole run: earlier attempts' (to their last checkpoint) + this one's."""
+        now = time.perf_counter()
+        return self.train_seconds_before + now - (self.train_started_at or now)
 
     def evaluate(self) -> dict[str, float]:
         from rlkit.rollout.sampling import SamplingParams
@@ -96,6 +124,7 @@ class RunContext:
         )
         # The model as deployed: dense attention, even when rollouts use a compressed cache.
         metrics = self._greedy_accuracy(params, compress=False, prefix="eval")
+        faults.point("eval", self.step)
         if self.cfg.rollout.kv_compression.policy != "none" and self.cfg.eval.sparse_too:
             metrics.update(self._greedy_accuracy(params, compress=True, prefix="eval_sparse"))
         for hook in self.eval_hooks:
@@ -122,21 +151,29 @@ class RunContext:
                 row.update(self.evaluate())
         row.update(self.timer.pop())
         self.log(row)
+        faults.point("logged", step)
         if step == train.steps or (train.save_every and step % train.save_every == 0):
             self.save_checkpoint(stage, step)
 
     def save_checkpoint(self, stage: StageSpec, step: int) -> str:
-        tmp, final = checkpoint.begin(self.run_dir, stage.index, stage.name, step)
-        self.call(self.learner.save, tmp)
-        state = {
-            "stage_index": stage.index,
-            "stage_name": stage.name,
-            "step": step,
-            "data": self.stream.state(),
-            "rng": _rng_state(),
-            "summary": self.summary,
-        }
-        checkpoint.commit(tmp, final, state, keep=self.cfg.train.keep_checkpoints)
+        with self.timer.phase("checkpoint", timed=False):
+            tmp, final = checkpoint.begin(self.run_dir, stage.index, stage.name, step)
+            self.call(self.learner.save, tmp)
+            faults.point("checkpoint", step)
+            self.summary["train_seconds"] = self.train_seconds()
+            state = {
+                "stage_index": stage.index,
+                "stage_name": stage.name,
+                "step": step,
+                "data": self.stream.state(),
+                "rng": _rng_state(),
+                "summary": self.summary,
+                # Rows logged so far: a resumed run keeps exactly these (`truncate_metrics`).
+                "metrics_rows": self.logger.rows,
+            }
+            with self.deferred():
+                checkpoint.commit(tmp, final, state, keep=self.cfg.train.keep_checkpoints)
+        faults.point("checkpointed", step)
         return final
 
     def restore(self, ref: checkpoint.CheckpointRef) -> dict[str, Any]:
@@ -167,19 +204,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def truncate_metrics(path: str, stage_index: int, step: int) -> None:
-    """Drop rows written after the checkpoint, so a resumed run does not log a step twice."""
+def truncate_metrics(path: str, rows: int) -> None:
+    """Keep the first `rows` rows: those logged before the checkpoint a run resumes from (0:
+    a run resumed without a checkpoint starts over). Rows logged after it, whatever their
+    step (a final evaluation's row has its stage's last step), would be logged again."""
     if not os.path.exists(path):
         return
-    kept = []
+    kept: list[str] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if (row.get("stage_index", 0), row.get("step", 0)) <= (stage_index, step):
+            if len(kept) == rows:
+                break
+            if line.strip():
                 kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -15,9 +15,9 @@ function of (seeds, stage, b), so a resumed run reloads the cached set it was us
 due exactly at the resume step is built again from the restored weights as the uninterrupted
 run built it.
 
-Extra checkpoints are sampled in the same rollout worker: their weights are pushed to it
-(`RolloutWorker.load_weights`), and the policy's weights are synced back from the learner
-right after, before anything else runs; no second engine is kept in memory.
+Extra checkpoints are sampled in the same rollout workers: their weights are pushed to them
+(`RolloutGroup.load_weights`, one object-store ref), and the policy's weights are synced back
+from the learner right after, before anything else runs; no second engine is kept in memory.
 
 Held-out judge items come from the eval split, built once per run from the initial model with
 the recipe-level `judge` section (`<run>/judge/eval_pairs.jsonl`), so runs that start from the
@@ -72,13 +72,13 @@ def _candidate_params(cfg: RecipeConfig, seed: int) -> SamplingParams:
 
 
 def _push_checkpoint(ctx: RunContext, path: str) -> None:
-    """Put a checkpoint's weights into the rollout worker (the caller syncs the policy back)."""
+    """Put a checkpoint's weights into the rollout workers (the caller syncs the policy back)."""
     model_dir = os.path.join(path, "model")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         model_dir = resolve_model_dir(path)
     dtype = DTYPES[ctx.rollout_dtype]
     state = {k: v.to(dtype) for k, v in read_state_dict(model_dir).items()}
-    ray.get(ctx.rollout.load_packed_weights.remote(ray.put(weight_wire.pack(state))))
+    ctx.rollout.load_weights(ray.put(weight_wire.pack(state)))
 
 
 def sample_candidates(
@@ -117,7 +117,7 @@ def sample_candidates(
                 )
     finally:
         if len(sources) > 1:
-            ctx.sync_weights()  # the policy's own weights back into the rollout worker
+            ctx.sync_weights()  # the policy's own weights back into the rollout workers
     return out
 
 

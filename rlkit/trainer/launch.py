@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import asdict
 from typing import Any
 
 import ray
 
+from rlkit import faults
 from rlkit.config import to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
@@ -20,7 +23,9 @@ from rlkit.trainer.metrics import MetricsLogger
 from rlkit.workers.colocated import ColocatedWorker
 from rlkit.workers.learner import Learner
 from rlkit.workers.placement import Placement, plan, visible_gpus
+from rlkit.workers.restarting import RestartingActor, first_line
 from rlkit.workers.reward_pool import RewardPool
+from rlkit.workers.rollout_group import RolloutGroup
 from rlkit.workers.rollout_worker import RolloutWorker
 
 
@@ -39,6 +44,21 @@ def init_ray(
         return
     # Actors inherit the driver's environment; quiet, single-threaded BLAS start-up in each.
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    # The fault-injection tests' settings reach the actors on a cluster too (rlkit/faults.py).
+    env.update({k: os.environ[k] for k in (faults.ENV, faults.DIR_ENV) if k in os.environ})
+    # ray.init installs a SIGTERM handler that kills Ray's processes and exits 1, skipping the
+    # run's own ending (trainer/interrupts.py); the run keeps its own.
+    on_term = signal.getsignal(signal.SIGTERM)
+    try:
+        _start_ray(cfg, num_cpus, num_gpus, object_store, env)
+    finally:
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _start_ray(
+    cfg: RecipeConfig, num_cpus: int, num_gpus: int, object_store: int, env: dict[str, str]
+) -> None:
     if cfg.ray.address:
         ray.init(
             address=cfg.ray.address, runtime_env={"env_vars": env}, logging_level=logging.WARNING
@@ -48,6 +68,9 @@ def init_ray(
     # at 15 they yield to anything else on the machine. A local Ray starts them at 0.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
+        # A new local instance even when `ray start` ran on this machine (Ray would join the
+        # cluster it recorded, or fail on its stale address) or RAY_ADDRESS is set.
+        address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         object_store_memory=object_store,
@@ -94,21 +117,26 @@ def launch(
         )
     place = _placement(cfg, model_dir)
     print(f"rlkit: {place.device} ({place.why})", flush=True)
+    faults.point("launch")
     learner: Any
-    rollout: Any
+    rollout_factory: Any
     if place.colocated:
-        # One actor holds the learner and the rollout engine on one GPU: both handles are it.
-        learner = rollout = ray.remote(num_cpus=place.learner_cpus, num_gpus=place.learner_gpus)(
-            ColocatedWorker
-        ).remote(model_dir, cfg, place.learner_threads, place.device)
+        # One actor holds the learner and the rollout engine on one GPU: it is the learner and
+        # the group's one rollout worker (it cannot be restarted apart from the learner).
+        learner = ray.remote(**place.actor_options("learner"))(ColocatedWorker).remote(
+            model_dir, cfg, place.learner_threads, place.device
+        )
+        rollout_factory = lambda: learner  # noqa: E731
     else:
-        learner = ray.remote(num_cpus=place.learner_cpus, num_gpus=place.learner_gpus)(
-            Learner
-        ).remote(model_dir, cfg, place.learner_threads, place.device)
-        rollout = ray.remote(num_cpus=place.rollout_cpus, num_gpus=place.rollout_gpus)(
-            RolloutWorker
-        ).remote(model_dir, cfg.rollout, place.rollout_threads, place.device)
-    reward = ray.remote(num_cpus=place.reward_cpus)(RewardPool).remote(
+        learner = ray.remote(**place.actor_options("learner"))(Learner).remote(
+            model_dir, cfg, place.learner_threads, place.device
+        )
+        rollout_actor = ray.remote(**place.actor_options("rollout"))(RolloutWorker)
+        rollout_factory = lambda: rollout_actor.remote(  # noqa: E731
+            model_dir, cfg.rollout, place.rollout_threads, place.device
+        )
+    reward_actor = ray.remote(**place.actor_options("reward"))(RewardPool)
+    reward_args = (
         verifier_spec(cfg),
         cfg.reward.style,
         cfg.reward.kwargs,
@@ -116,6 +144,26 @@ def launch(
         cfg.reward.timeout_s,
         os.getcwd(),
         sandbox,
+    )
+    summary: dict[str, Any] = {}
+
+    def restarted(role: str, name: str, error: BaseException) -> None:
+        counts = summary.setdefault("worker_restarts", {})
+        counts[role] = counts.get(role, 0) + 1
+        print(
+            f"rlkit: {name} died ({first_line(error)}); started a new one, its work is done again",
+            flush=True,
+        )
+
+    rollout = RolloutGroup(
+        rollout_factory,
+        place.num_rollout_workers,
+        on_restart=lambda k, e: restarted("rollout", f"rollout worker {k}", e),
+        max_restarts=0 if place.colocated else 3,
+    )
+    reward = RestartingActor(
+        lambda: reward_actor.remote(*reward_args),
+        on_restart=lambda e: restarted("reward", "the reward pool", e),
     )
     logger = MetricsLogger(
         run_dir,
@@ -139,16 +187,13 @@ def launch(
         stream=PromptStream(len(train_samples), cfg.data.seed),
         logger=logger,
     )
+    ctx.summary = summary
     ctx.summary["dropped_prompts"] = {"train": dropped_train, "eval": dropped_eval}
     ctx.summary["model_dir"] = model_dir
-    # The rollout worker loaded the same checkpoint as the learner: no initial sync needed.
-    ray.get(
-        [
-            learner.__ray_ready__.remote(),  # type: ignore[union-attr]
-            rollout.__ray_ready__.remote(),  # type: ignore[union-attr]
-            reward.__ray_ready__.remote(),  # type: ignore[union-attr]
-        ]
-    )
-    ctx.rollout_dtype = str(ray.get(rollout.weights_dtype.remote()))  # type: ignore[attr-defined]
+    # The rollout workers loaded the same checkpoint as the learner: no initial sync needed.
+    ray.get(learner.__ray_ready__.remote())  # type: ignore[union-attr]
+    rollout.ready()
+    reward.ready()
+    ctx.rollout_dtype = rollout.weights_dtype()
     ctx.colocated = place.colocated
     return ctx

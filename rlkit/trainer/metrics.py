@@ -33,6 +33,11 @@ class MetricsLogger:
         progress: bool = True,
     ) -> None:
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        # Rows in the file, a resumed run's earlier ones included (checkpoints record it).
+        self.rows = 0
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.rows = sum(1 for line in f if line.strip())
         self._file = open(self.path, "a", encoding="utf-8")
         self._wandb = None
         if wandb_mode != "disabled":
@@ -50,6 +55,7 @@ class MetricsLogger:
         row = _clean(row)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        self.rows += 1
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))})
         if self._bar is not None:

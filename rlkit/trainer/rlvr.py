@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from rlkit import faults
 from rlkit.algorithms import ADVANTAGES, filter_groups
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
@@ -104,9 +105,11 @@ def _collect(
     while pending:
         with timer.phase("rollout"):
             outs, sample_of = _rollout(ctx, pending, seed + 7919 * len(rounds), source)
+            faults.point("rollout", ctx.step)
         kv_stats.append(ctx.rollout_stats())
         with timer.phase("reward"):
             scored = source.score([c["text"] for c in outs], sample_of)
+            faults.point("reward", ctx.step)
         rewards = torch.tensor(scored["scores"], dtype=torch.float32)
         keep = torch.ones(len(outs), dtype=torch.bool)
         if cfg.algorithm.dynamic_sampling:
@@ -145,6 +148,7 @@ def run_rlvr(
     source = source or TaskSource(ctx)
     advantage_fn = ADVANTAGES.get(cfg.algorithm.advantage)
     for step in range(start_step + 1, cfg.train.steps + 1):
+        ctx.at(stage, step)
         row: dict[str, Any] = {"stage": stage.name, "stage_index": stage.index, "step": step}
         # Rollouts are a function of (seed, stage, step), so a resumed run samples what the
         # uninterrupted run would have.
@@ -159,6 +163,7 @@ def run_rlvr(
         row.update(reward_metrics)
         with timer.phase("learn"):
             row.update(ctx.call(ctx.learner.train_step, batch))
+            faults.point("learn", step)
         ctx.end_step(stage, step, row)
 
 

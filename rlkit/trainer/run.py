@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
+from rlkit import faults
 from rlkit.config import apply_overrides, save_resolved, to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
+from rlkit.exit_codes import RunFailed, RunInterrupted
 from rlkit.trainer import checkpoint, judge
 from rlkit.trainer.context import RunContext, StageSpec, truncate_metrics
 from rlkit.trainer.data_setup import load_raw
+from rlkit.trainer.interrupts import StopSignals, descendants, stop_process_tree
 from rlkit.trainer.memory import PeakMemoryMonitor
 
 
@@ -55,19 +59,55 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     raw_data = load_raw(cfg)
     run_dir = prepare_run_dir(cfg)
     save_resolved(cfg, run_dir)
+    launched: list[RunContext] = []  # the run's context, once launch returns it
+    stop = StopSignals(lambda: launched[0].where() if launched else "start-up")
+    with stop:
+        try:
+            summary = _train(cfg, specs, raw_data, run_dir, t_start, stop, launched)
+            from rlkit.report import make_report
+
+            plots = make_report(run_dir)
+            _print_summary(summary, plots)
+        except KeyboardInterrupt:
+            where = stop.where or (launched[0].where() if launched else "start-up")
+            raise RunInterrupted(
+                f"interrupted by {stop.name} during {where}; {_resume_hint(run_dir)}",
+                stop.signum or signal.SIGINT,
+            ) from None
+        except Exception as e:
+            failed = _failure(e, launched[0] if launched else None, run_dir)
+            if failed is None:
+                raise
+            raise failed from e
+    return summary
+
+
+def _train(
+    cfg: RecipeConfig,
+    specs: list[StageSpec],
+    raw_data: dict[str, Any],
+    run_dir: str,
+    t_start: float,
+    stop: StopSignals,
+    launched: list[RunContext],
+) -> dict[str, Any]:
     monitor = PeakMemoryMonitor().start()
     from rlkit.trainer.launch import launch
 
-    resume_from = checkpoint.latest(run_dir) if cfg.run.resume else None
-    if resume_from is not None:
-        # Rows logged after the checkpoint would be logged again: drop them before logging starts.
-        truncate_metrics(
-            os.path.join(run_dir, "metrics.jsonl"), resume_from.stage_index, resume_from.step
-        )
-    ctx = launch(cfg, run_dir, raw_data)
+    resume_from = None
+    if cfg.run.resume:
+        checkpoint.clean_partial(run_dir)
+        resume_from = checkpoint.latest(run_dir)
+        # Rows logged after the checkpoint (all of them without one) would be logged again.
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        truncate_metrics(metrics, _rows_at(resume_from, metrics))
+    ctx: RunContext | None = None
     try:
+        ctx = launch(cfg, run_dir, raw_data)
+        ctx.deferred = stop.deferred
+        launched.append(ctx)
         if judge.evaluates(cfg):
-            # Built (or reloaded) while the rollout worker still holds the initial model.
+            # Built (or reloaded) while the rollout workers still hold the initial model.
             with ctx.timer.phase("judge_data"):
                 ctx.eval_hooks.append(judge.HeldOutJudge(ctx, cfg))
         if resume_from is None:
@@ -75,10 +115,9 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
         summary = _run_stages(ctx, specs, resume_from, t_start)
     finally:
         monitor.stop()
-        ctx.logger.close()
-        import ray
-
-        ray.shutdown()
+        if ctx is not None:
+            ctx.logger.close()
+        _shut_down()
     summary["peak_memory_gb"] = monitor.peak_bytes / 2**30
     summary["peak_memory_pss_gb"] = monitor.peak_pss_bytes / 2**30
     summary["peak_memory_by_process_gb"] = [
@@ -87,14 +126,81 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     summary["run_dir"] = run_dir
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    from rlkit.report import make_report
-
-    plots = make_report(run_dir)
-    _print_summary(summary, plots)
     return summary
 
 
+def _shut_down() -> None:
+    """Stop Ray and anything of the run still alive (a verifier's child, a worker Ray missed)."""
+    import ray
+
+    procs = descendants()
+    ray.shutdown()
+    stop_process_tree(procs)
+
+
+def _rows_at(ref: checkpoint.CheckpointRef | None, metrics_path: str) -> int:
+    """How many metrics rows the run had logged when the checkpoint was written (0: none)."""
+    if ref is None:
+        return 0
+    state = checkpoint.read_state(ref.path)
+    if "metrics_rows" in state:
+        return int(state["metrics_rows"])
+    # A checkpoint written before rlkit recorded the count: the rows up to its step.
+    count = 0
+    if os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if (row.get("stage_index", 0), row.get("step", 0)) > (ref.stage_index, ref.step):
+                    break
+                count += 1
+    return count
+
+
+def _resume_hint(run_dir: str) -> str:
+    ref = checkpoint.latest(run_dir)
+    if ref is None:
+        return "no checkpoint was written yet: run.resume=true starts the run over"
+    return (
+        f"run.resume=true continues from {ref.path} "
+        f"(stage {ref.stage_index} ({ref.stage_name}), step {ref.step})"
+    )
+
+
+def _failure(error: Exception, ctx: RunContext | None, run_dir: str) -> RunFailed | None:
+    """A worker that died or weights that went non-finite, as one line saying where and how to
+    continue; None for errors the command reports as they are."""
+    from ray.exceptions import RayActorError
+
+    from rlkit.workers.learner import NonFiniteWeightsError
+    from rlkit.workers.restarting import died_starting
+
+    where = ctx.where() if ctx is not None else "start-up"
+    cause: BaseException = error
+    for _ in range(8):  # Ray's RayTaskError carries the actor's error as .cause
+        inner = getattr(cause, "cause", None)
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
+    if isinstance(error, RayActorError) and not died_starting(error):
+        who = "a Ray actor's process"
+        learner_id = getattr(getattr(ctx, "learner", None), "_actor_id", None)
+        if learner_id is not None and error.actor_id == learner_id.hex():
+            who = "the learner's process"
+        what = f"{who} died during {where}"
+    elif isinstance(cause, NonFiniteWeightsError):
+        what = f"{cause}, found during {where}; nothing of that step was saved"
+    elif isinstance(error, RunFailed):
+        what = f"{error} (during {where})"
+    else:
+        return None
+    return RunFailed(f"{what}; {_resume_hint(run_dir)}")
+
+
 def _eval_row(ctx: RunContext, stage: StageSpec, step: int) -> dict[str, float]:
+    ctx.at(stage, step)
     with ctx.timer.phase("eval"):
         metrics = ctx.evaluate()
     row = {
@@ -105,6 +211,7 @@ def _eval_row(ctx: RunContext, stage: StageSpec, step: int) -> dict[str, float]:
         **ctx.timer.pop(),
     }
     ctx.log(row)
+    faults.point("eval_row", step)
     return metrics
 
 
@@ -115,7 +222,6 @@ def _run_stages(
     from rlkit.trainer.sft import run_sft, sft_examples
 
     runners = {"rlvr": run_rlvr, "sft": run_sft, "judge": judge.run_judge, "generate": run_rlvr}
-    t_first_step = None
     for spec in specs:
         start_step = 0
         if resume_from is not None:
@@ -133,22 +239,28 @@ def _run_stages(
             # The judge stage walks its current judge set, whose size the checkpoint records.
             n_items = checkpoint.read_state(resume_from.path)["data"]["size"]
         ctx.stream = PromptStream(n_items, spec.cfg.data.seed)
+        ctx.at(spec, start_step)
         ctx.call(ctx.learner.configure, spec.cfg)
         if resuming:
             ctx.restore(resume_from)
         ctx.logger.start_stage(
             f"{spec.index}:{spec.name}", total=spec.cfg.train.steps, initial=start_step
         )
-        if t_first_step is None:
-            t_first_step = time.perf_counter()
-            ctx.summary.setdefault("setup_seconds", t_first_step - t_start)
+        if ctx.train_started_at is None:
+            # Times of the whole run: earlier attempts' (restored with the checkpoint) + this one's.
+            now = time.perf_counter()
+            ctx.summary["setup_seconds"] = ctx.summary.get("setup_seconds", 0.0) + now - t_start
+            ctx.train_seconds_before = ctx.summary.get("train_seconds", 0.0)
+            ctx.train_started_at = now
         runners[spec.type](ctx, spec, start_step)
-        if spec.type == "judge" and spec is not specs[-1] and start_step < spec.cfg.train.steps:
+        done = ctx.summary.get("eval_after_stage", {})
+        if spec.type == "judge" and spec is not specs[-1] and spec.name not in done:
             # Stage-1 judge accuracy (held-out), before the generate stage moves the weights.
+            # Logged after the stage's last checkpoint, so a run resumed from that checkpoint
+            # (whose summary does not have it yet) measures it again.
             metrics = _eval_row(ctx, spec, step=spec.cfg.train.steps)
             ctx.summary.setdefault("eval_after_stage", {})[spec.name] = metrics
-    t_end = time.perf_counter()
-    ctx.summary["train_seconds"] = t_end - (t_first_step or t_end)
+    ctx.summary["train_seconds"] = ctx.train_seconds()
     ctx.summary["eval_after"] = _eval_row(ctx, specs[-1], step=specs[-1].cfg.train.steps)
     ctx.summary["config"] = to_dict(ctx.cfg)
     return ctx.summary

@@ -46,6 +46,7 @@ def run_sft(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
     if examples is None:
         raise RuntimeError("run_sft needs ctx.sft_examples (set when the stage starts)")
     for step in range(start_step + 1, cfg.train.steps + 1):
+        ctx.at(stage, step)
         row: dict[str, Any] = {"stage": stage.name, "stage_index": stage.index, "step": step}
         with ctx.timer.phase("learn"):
             chosen = [examples[i] for i in ctx.stream.take(cfg.sft.batch_size)]

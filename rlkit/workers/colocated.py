@@ -65,6 +65,13 @@ class ColocatedWorker:
         self._rollout_stats = stats
         return out
 
+    def generate_with_stats(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+    ) -> dict[str, Any]:
+        """`generate` and its stats in one call (what `RolloutGroup` asks of a worker)."""
+        completions = self.generate(prompts, params, n, compress)
+        return {"completions": completions, "stats": self.stats()}
+
     def _make_room(self) -> bool:
         """Free the engine's KV cache if the learner's next step might not fit beside it."""
         engine = self.rollout.engine
@@ -112,6 +119,9 @@ class ColocatedWorker:
 
     def weights(self, dtype: str = "bfloat16", device: str = "cpu") -> dict[str, torch.Tensor]:
         return self.learner.weights(dtype, device)
+
+    def packed_weights(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        return self.learner.packed_weights(dtype)
 
     def save(self, path: str) -> None:
         self.learner.save(path)

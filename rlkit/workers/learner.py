@@ -6,12 +6,14 @@ A plain class, so it is tested without Ray; `rlkit.workers.actors` wraps it as a
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from typing import Any
 
 import torch
 
+from rlkit import faults
 from rlkit.algorithms import (
     POLICY_LOSSES,
     aggregate,
@@ -48,6 +50,10 @@ def _sharing_pays(mb: RolloutBatch) -> bool:
     return total > 0 and repeated / total >= _SHARED_PREFIX_MIN_SAVING
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """The policy's weights hold NaN or inf: the run stops (training on would be meaningless)."""
+
+
 class Learner:
     def __init__(
         self,
@@ -82,6 +88,8 @@ class Learner:
         master = ", float32 master weights" if self.master is not None else ""
         print(f"rlkit learner: {choice.name} compute{master} on {self.device} ({why})", flush=True)
         self.ref_model: Decoder | None = None
+        # Optimizer updates skipped for a non-finite loss or gradient, in the current step.
+        self.nonfinite_skipped = 0
         self.configure(cfg)
 
     def configure(self, cfg: RecipeConfig) -> None:
@@ -109,21 +117,34 @@ class Learner:
             self.master.parameters() if self.master is not None else list(self.model.parameters())
         )
 
-    def _optimizer_step(self) -> float:
-        """Clip, step, zero; returns the gradient norm before clipping."""
+    def _optimizer_step(self, finite_loss: bool = True) -> float:
+        """Clip, step, zero; returns the gradient norm before clipping.
+
+        A non-finite loss or gradient norm skips the update (gradients zeroed, no step; the
+        schedule still advances) and counts it in `self.nonfinite_skipped`: one NaN would
+        otherwise spread to every weight it touches.
+        """
+        if not finite_loss:
+            self.model.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
+            self.nonfinite_skipped += 1
+            return math.nan
         if self.master is not None:
-            # On a CPU, one float32 gradient at a time (memory); on a GPU, all at once through
-            # the fused optimizer (one launch per tensor list, not per parameter).
+            # MasterWeights.step steps only when the norm is finite: on a CPU one float32
+            # gradient at a time (memory), on a GPU all at once through the fused optimizer.
             norm = self.master.step(
                 self.opt, self.optim_cfg.grad_clip, one_at_a_time=self.device.type == "cpu"
             )
-            self.opt.zero_grad(set_to_none=True)
-            return norm
-        norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), self.optim_cfg.grad_clip))
-        self.opt.step()
+        else:
+            norm = float(
+                torch.nn.utils.clip_grad_norm_(self._trainable(), self.optim_cfg.grad_clip)
+            )
+            if math.isfinite(norm):
+                self.opt.step()
+        self.model.zero_grad(set_to_none=True)
         self.opt.zero_grad(set_to_none=True)
-        if self.master is not None:
-            self.master.master_to_model()
+        if not math.isfinite(norm):
+            self.nonfinite_skipped += 1
         return norm
 
     def _full_state(self) -> dict[str, torch.Tensor]:
@@ -190,7 +211,9 @@ class Learner:
         """One rollout batch: recompute old log-probs, then PPO epochs over mini-batches."""
         if batch.advantages is None:
             raise ValueError("train_step needs batch.advantages (computed by the driver)")
+        faults.point("learner.train_step")
         start = time.perf_counter()
+        self.nonfinite_skipped = 0
         self._begin_phase()
         batch = batch.to(self.device)
         self.model.train()
@@ -229,6 +252,7 @@ class Learner:
             weight_total_sparse = 1.0
         for _ in range(cfg.ppo_epochs):
             for mini_idx in order.chunk(cfg.mini_batches):
+                finite = True
                 mini = batch.select(mini_idx)
                 mini_mask = loss_mask[mini_idx]
                 n_tokens = max(1.0, float(mini_mask.sum()))
@@ -287,12 +311,13 @@ class Learner:
                                 ent, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs
                             )
                             loss = loss - algo.entropy_coef * ent_loss
+                    finite = finite and bool(torch.isfinite(loss.detach()))
                     loss.backward()
                     w = float(mask.sum())
                     weight_total += w
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w
-                grad_norms.append(self._optimizer_step())
+                grad_norms.append(self._optimizer_step(finite))
         lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
         elapsed = time.perf_counter() - start
@@ -308,6 +333,7 @@ class Learner:
         out["actor/skipped_frac"] = 1.0 - float(active.float().mean())
         out["actor/tokens"] = float(processed_tokens)
         out.update(self._end_phase())
+        out["actor/nonfinite_skipped"] = float(self.nonfinite_skipped)
         heap.trim()
         return out
 
@@ -362,6 +388,7 @@ class Learner:
     def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
         """Cross-entropy on the response tokens (token-mean over the batch), one optimizer step."""
         start = time.perf_counter()
+        self.nonfinite_skipped = 0
         self._begin_phase()
         batch = batch.to(self.device)
         self.model.train()
@@ -373,7 +400,7 @@ class Learner:
             loss.backward()
             total += float(loss)
         lr = self.opt.param_groups[0]["lr"]
-        grad_norm = self._optimizer_step()
+        grad_norm = self._optimizer_step(math.isfinite(total))
         self.sched.step()
         elapsed = time.perf_counter() - start
         heap.trim()
@@ -381,18 +408,33 @@ class Learner:
             "sft/loss": total,
             "actor/grad_norm": grad_norm,
             "actor/lr": lr,
+            "actor/nonfinite_skipped": float(self.nonfinite_skipped),
             "throughput/learner_tokens_per_s": int(batch.attention_mask.sum()) / max(elapsed, 1e-9),
             **self._end_phase(),
         }
 
     def weights(self, dtype: str = "bfloat16", device: str = "cpu") -> dict[str, torch.Tensor]:
         """The policy's weights for the rollout workers, cast to their dtype, on `device`
-        (the CPU for the object store; the learner's own device for an in-process copy)."""
+        (the CPU for the object store; the learner's own device for an in-process copy).
+
+        Raises NonFiniteWeightsError if any is NaN or inf: they would be sampled from, and
+        saved in the next checkpoint (the driver syncs before it saves)."""
         target = DTYPES[dtype]
         state = self.model.state_dict()
         if next(iter(state.values())).dtype != target:
             state = self._full_state()
-        return {k: v.detach().to(device=device, dtype=target) for k, v in state.items()}
+        out = {k: v.detach().to(device=device, dtype=target) for k, v in state.items()}
+        floats = [v for v in out.values() if v.is_floating_point()]
+        # One reduction (one device sync on a GPU), then the names only when something is wrong.
+        if not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+            bad = [
+                k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all()
+            ]
+            raise NonFiniteWeightsError(
+                f"the policy's weights are not finite ({len(bad)} of {len(out)} tensors hold "
+                f"NaN or inf, first {bad[0]})"
+            )
+        return out
 
     def packed_weights(self, dtype: str = "bfloat16") -> dict[str, Any]:
         """`weights(dtype)` on the CPU as numpy arrays (`weight_wire.pack`): what crosses Ray's
@@ -406,6 +448,7 @@ class Learner:
             self.tokenizer,
             os.path.join(path, "model"),
         )
+        faults.point("learner.save")
         torch.save(
             {
                 "optimizer": self.opt.state_dict(),

@@ -37,8 +37,9 @@ class MasterWeights:
     def step(
         self, opt: torch.optim.Optimizer, max_norm: float, one_at_a_time: bool = True
     ) -> float:
-        """Clip and step; returns the gradient norm before clipping. Same update as
-        grads_to_master + clip_grad_norm_ + opt.step() + master_to_model.
+        """Clip and step; returns the gradient norm before clipping (a non-finite norm: nothing
+        is stepped, the gradients are dropped). Same update as grads_to_master +
+        clip_grad_norm_ + opt.step() + master_to_model.
 
         one_at_a_time (a CPU's memory): only one float32 gradient exists at a time (all of them
         at once are 4 bytes per parameter, 540 MB for a 135M model). Otherwise (a GPU) every
@@ -53,6 +54,11 @@ class MasterWeights:
         norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
         )
+        if not torch.isfinite(norm):
+            # A NaN or inf gradient would poison every weight it reaches: no update at all.
+            for p in self.model_params:
+                p.grad = None
+            return float(norm)
         coef_t = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         if not one_at_a_time:
             pairs = [(p, m) for p, m in zip(self.model_params, self.master) if p.grad is not None]
@@ -61,7 +67,7 @@ class MasterWeights:
                 g = p.grad.float()  # type: ignore[union-attr]
                 m.grad, p.grad = g, None
                 master_grads.append(g)
-            torch._foreach_mul_(master_grads, coef_t)  # a device scalar: no host sync
+            torch._foreach_mul_(master_grads, coef_t)
             opt.step()
             for _, m in pairs:
                 m.grad = None

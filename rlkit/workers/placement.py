@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from rlkit.config.schema import RecipeConfig
+
+Role = Literal["learner", "rollout", "reward"]
 
 
 class PlacementError(Exception):
@@ -32,14 +35,25 @@ class Placement:
     # Learner and rollout engine in one actor (one GPU, the phases alternating on it).
     colocated: bool
     learner_cpus: float
-    rollout_cpus: float
+    rollout_cpus: float  # per rollout worker
     reward_cpus: float
     learner_gpus: float  # the colocated actor's GPUs when colocated
     rollout_gpus: float
     # Torch threads per actor. Rollout and learning alternate in the synchronous loop, so on a
     # small machine both may use every core without competing.
     learner_threads: int
-    rollout_threads: int
+    rollout_threads: int  # per rollout worker
+    num_rollout_workers: int = 1
+
+    def actor_options(self, role: Role) -> dict[str, Any]:
+        """Ray's resource request for one actor of `role` (`ray.remote(**options)`); the
+        colocated actor is the learner's."""
+        cpus = {"learner": self.learner_cpus, "rollout": self.rollout_cpus}
+        gpus = {"learner": self.learner_gpus, "rollout": self.rollout_gpus}
+        options: dict[str, Any] = {"num_cpus": cpus.get(role, self.reward_cpus)}
+        if gpus.get(role):
+            options["num_gpus"] = gpus[role]
+        return options
 
 
 def plan(cfg: RecipeConfig, gpus: int) -> Placement:
@@ -69,6 +83,7 @@ def plan(cfg: RecipeConfig, gpus: int) -> Placement:
         rollout_gpus=0.0 if not cuda or colocated else 1.0,
         learner_threads=cores,
         rollout_threads=max(1, cores // n_roll),
+        num_rollout_workers=n_roll,
     )
 
 

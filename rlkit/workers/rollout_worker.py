@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from rlkit import faults
 from rlkit.config.schema import RolloutConfig
 from rlkit.device import pick_dtype, slow_dtype_warning
 from rlkit.models.loading import load_model
@@ -40,6 +41,7 @@ class RolloutWorker:
         warning = slow_dtype_warning(choice.dtype, self.device, "rollout.dtype")
         if warning and cfg.dtype != "auto":
             print(f"rlkit: warning: {warning}", flush=True)
+        self._calls = 0
         if cfg.engine == "vllm":
             # vLLM runs in its own environment and process (rollout/vllm_engine.py), on the
             # device its own build targets.
@@ -91,6 +93,15 @@ class RolloutWorker:
     def load_packed_weights(self, packed: dict[str, Any]) -> None:
         """Weights as `weight_wire.pack` sent them (read in place from the object store)."""
         self.load_weights(weight_wire.unpack(packed))
+
+    def generate_with_stats(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+    ) -> dict[str, Any]:
+        """`generate` and the engine's `stats` of it in one call (what `RolloutGroup` asks)."""
+        self._calls += 1
+        faults.point("rollout.generate", self._calls)
+        completions = self.generate(prompts, params, n, compress)
+        return {"completions": completions, "stats": self.stats()}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.engine.load_state_dict(state_dict)

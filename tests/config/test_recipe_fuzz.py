@@ -623,4 +623,6 @@ def test_every_shipped_recipe_passes_rlkit_check(recipe, monkeypatch, capsys):
 def test_rlkit_check_subprocess_passes_a_shipped_recipe():
     out = _rlkit_check(["recipes/custom_verifier.yaml"])
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("# resolved recipe of recipes/custom_verifier.yaml\ndevice: auto\nmodel:")
+    assert out.stdout.startswith(
+        "# resolved recipe of recipes/custom_verifier.yaml\ndevice: auto\nmodel:"
+    )

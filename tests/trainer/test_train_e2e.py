@@ -155,7 +155,8 @@ def test_sparse_rl_run_logs_compression_corrections_and_both_evals(
 ):
     """rollout.kv_compression through Ray: the rollout's KV metrics and the learner's
     corrections are logged per step; held-out accuracy is measured dense (the model as
-    deployed) and, beside it, under the rollouts' compression."""
+    deployed) and, beside it, under the rollouts' compression. Two rollout workers: each
+    step's prompts are split between them and their engines' figures merged."""
     rows = _train_two_steps(
         tmp_path,
         tiny_model_dir,
@@ -165,10 +166,17 @@ def test_sparse_rl_run_logs_compression_corrections_and_both_evals(
         "rollout.kv_compression.budget=8",
         "rollout.kv_compression.window=2",
         "rollout.kv_compression.interval=1",
+        "rollout.num_workers=2",
     )
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
+        # Both workers' engines compressed: the events add up, the retained fraction is the
+        # ratio of the merged per-sequence means.
+        assert r["rollout/compression_events"] > 0
+        assert r["rollout/kv_retained_frac"] == pytest.approx(
+            r["rollout/kv_bytes_retained_per_seq"] / r["rollout/kv_bytes_dense_per_seq"]
+        )
         # Arithmetic prompts in the chat template are far over 8 entries.
         assert 0 < r["rollout/kv_retained_frac_max"] < 0.6
         assert r["rollout/compression_events"] > 0
