@@ -21,7 +21,9 @@ def model_dir(tmp_path_factory):
 
 def _batch():
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 250, (5,), generator=g).tolist() for _ in range(4)]
+    # Two groups of two samples; a group's samples share their prompt.
+    group_prompts = [torch.randint(0, 250, (5,), generator=g).tolist() for _ in range(2)]
+    prompts = [group_prompts[i // 2] for i in range(4)]
     responses = [torch.randint(0, 250, (4,), generator=g).tolist() for _ in range(4)]
     b = RolloutBatch.from_sequences(
         prompts, responses, [[-5.0] * 4] * 4, [1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1]
