@@ -321,7 +321,5 @@ def verify_drafts(
     """Accepted drafts [B] and the next token [B] (module docstring): the Triton kernel for
     CUDA tensors when Triton is importable, else the PyTorch reference."""
     if target.is_cuda and HAS_TRITON:
-        return verify_drafts_triton(
-            target, draft_tokens, num_drafts, draft_probs, uniforms, greedy
-        )
+        return verify_drafts_triton(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
     return verify_drafts_reference(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)

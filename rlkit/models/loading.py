@@ -101,7 +101,9 @@ def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     else:
         # mtp.safetensors beside the trunk is the MTP module's (rlkit/models/mtp.py).
         files = sorted(
-            f for f in os.listdir(model_dir) if f.endswith(".safetensors") and f != "mtp.safetensors"
+            f
+            for f in os.listdir(model_dir)
+            if f.endswith(".safetensors") and f != "mtp.safetensors"
         )
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
