@@ -116,7 +116,7 @@ class SpecStep:
             q = None if draft.probs is None else draft.probs[:, :width]
             accepted, token = verify_drafts(logp.exp(), drafts, num, q, u)
         # Emitted: the kept drafts, then the verifier's token.
-        emitted = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)  # [B, T]
+        emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # [B, T]
         emitted.scatter_(1, accepted[:, None], token[:, None])
         emitted_logp = logp.gather(-1, emitted[:, :, None])[..., 0]  # [B, T]
         kept = accepted.cpu().numpy()  # the step's one host sync
