@@ -47,7 +47,6 @@ class DecodeGraphs:
             raise ValueError("CUDA-graph decode does not take an h2o cache")
         self.model, self.cache, self.capture = model, cache, capture
         self.buckets = buckets(cache.num_slots)
-        dev = cache.device
         # Fixed token buffers per tokens-per-row.
         self.tokens: dict[int, torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

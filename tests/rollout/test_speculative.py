@@ -95,17 +95,10 @@ def test_compressed_speculative_rollouts_are_the_same_sparse_policy(make_spec, p
     assert engine.stats["spec/accept_len_mean"] > 1.2
 
 
-def test_h2o_is_refused():
+def test_h2o_is_refused(make_spec):
     h2o = KVCompressionConfig(policy="h2o", budget=10, window=3, interval=5)
     with pytest.raises(ValueError, match="h2o"):
-        from rlkit.models.tiny import tiny_args
-        from rlkit.models.tiny import tiny_tokenizer
-        from rlkit.models.decoder import Decoder
-
-        Engine(
-            Decoder(tiny_args()), tiny_tokenizer(), dtype=torch.float32, kv_compression=h2o,
-            speculative=SpeculativeConfig(drafter="sam"),
-        )  # fmt: skip
+        make_spec("llama", "sam", kv_compression=h2o)
 
 
 @pytest.mark.parametrize(
