@@ -37,7 +37,7 @@ def forward_tokens(run: Run, tokens: torch.Tensor) -> torch.Tensor:
     if run.graphs is not None:
         return run.graphs.step(B, tokens)
     positions = run.cache.begin_decode(B, T)  # [B, T]
-    if run.e.fused_decode and T == 1:
+    if run.e.fused_decode:
         return run.model.forward_decode_fused(tokens, positions, run.cache)
     return run.model.forward_cached(tokens, positions, run.cache)
 
