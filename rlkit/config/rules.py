@@ -232,6 +232,11 @@ def _compression_needs_native(cfg: RecipeConfig) -> None:
 
 def _speculative_fits(cfg: RecipeConfig) -> None:
     spec = cfg.rollout.speculative
+    if spec.sam_static and "sam" not in spec.drafter:
+        raise Invalid(
+            f"needs rollout.speculative.drafter sam or sam+mtp, got {spec.drafter!r}",
+            key="rollout.speculative.sam_static",
+        )
     if spec.drafter == "none":
         return
     if cfg.rollout.engine != "native":

@@ -51,8 +51,9 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(h, args.rms_norm_eps)
 
     def step_input(self, h: torch.Tensor, tokens: torch.Tensor, trunk: Decoder) -> torch.Tensor:
-        """x [..., H] from the previous state h [..., H] and the next tokens [...]."""
-        e = trunk.model.embed_tokens(tokens)
+        """x [..., H] from the previous state h [..., H] and the next tokens [...]. The trunk's
+        embedding is frozen for the MTP loss (read detached)."""
+        e = F.embedding(tokens, trunk.model.embed_tokens.weight.detach())
         return self.proj(torch.cat([self.hnorm(h), self.enorm(e.to(h.dtype))], dim=-1))
 
     def run_block(

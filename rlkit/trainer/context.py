@@ -62,20 +62,28 @@ class RunContext:
         return ray.get(method.remote(*args, **kwargs))
 
     def generate(
-        self, prompts: list[list[int]], params, n: int, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params,
+        n: int,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> list[dict[str, Any]]:
-        return self.call(self.rollout.generate, prompts, params, n, compress)
+        return self.call(self.rollout.generate, prompts, params, n, compress, drafter)
 
     def rollout_stats(self) -> dict[str, float]:
-        """The rollout engine's figures for its last generate (KV bytes; Sparse-RL compression)."""
-        return {f"rollout/{k}": float(v) for k, v in self.call(self.rollout.stats).items()}
+        """The rollout engine's figures for its last generate (KV bytes; Sparse-RL compression)
+        under rollout/; figures already named with a prefix (spec/: speculative) as they are."""
+        stats = self.call(self.rollout.stats)
+        return {(k if "/" in k else f"rollout/{k}"): float(v) for k, v in stats.items()}
 
     def score(self, completions: list[str], samples: list[dict[str, Any]]) -> dict[str, Any]:
         return self.call(self.reward.score, completions, samples)
 
-    def sync_weights(self) -> None:
+    def sync_weights(self, only: str | None = None) -> None:
+        """only="mtp": the MTP module's weights alone (the MTP warm-up changes nothing else)."""
         # The weights travel learner → object store → rollout worker without touching the driver.
-        ref = self.learner.weights.remote(self.rollout_dtype)
+        ref = self.learner.weights.remote(self.rollout_dtype, only)
         ray.get(self.rollout.load_weights.remote(ref))
 
     def evaluate(self) -> dict[str, float]:

@@ -12,6 +12,7 @@ from rlkit.config import to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
 from rlkit.models.loading import resolve_model_dir
+from rlkit.models.mtp import wanted as mtp_wanted
 from rlkit.models.tokenizer import load_tokenizer
 from rlkit.trainer.context import RunContext
 from rlkit.trainer.data_setup import load_split, verifier_spec
@@ -68,7 +69,7 @@ def launch(
         model_dir, cfg, place.learner_threads
     )
     rollout = ray.remote(num_cpus=place.rollout_cpus)(RolloutWorker).remote(
-        model_dir, cfg.rollout, place.rollout_threads
+        model_dir, cfg.rollout, place.rollout_threads, cfg.train.seed if mtp_wanted(cfg) else None
     )
     reward = ray.remote(num_cpus=place.reward_cpus)(RewardPool).remote(
         verifier_spec(cfg),

@@ -19,15 +19,18 @@ from rlkit.algorithms import (
     tis_weights,
     token_logprobs,
 )
+from rlkit.algorithms.mtp import mtp_weights
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.device import pick_dtype, slow_dtype_warning
 from rlkit.models.decoder import Decoder
 from rlkit.models.loading import DTYPES, load_model, save_pretrained
+from rlkit.models.mtp import wanted as mtp_wanted
 from rlkit.models.shared_prefix import response_hidden
 from rlkit.trainer.optim import build_optimizer, build_scheduler
 from rlkit.workers import heap
 from rlkit.workers.master_weights import MasterWeights, StateView
+from rlkit.workers.mtp_trainer import MTPTrainer, target_count
 
 
 class Learner:
@@ -60,6 +63,9 @@ class Learner:
         master = ", float32 master weights" if self.master is not None else ""
         print(f"rlkit learner: {choice.name} compute{master} ({why})", flush=True)
         self.ref_model: Decoder | None = None
+        # MTP-RL's drafter, beside the checkpoint or freshly initialised (the rollout worker
+        # initialises the same one from the same seed).
+        self.mtp = MTPTrainer(model_path, self.model, cfg.train.seed) if mtp_wanted(cfg) else None
         self.configure(cfg)
 
     def configure(self, cfg: RecipeConfig) -> None:
@@ -81,6 +87,8 @@ class Learner:
         self.ref_model = None
         if cfg.algorithm.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if self.mtp is not None:
+            self.mtp.configure(cfg)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return (
@@ -107,10 +115,10 @@ class Learner:
             else self.model.state_dict()
         )
 
-    def response_logprobs(
-        self, model: Decoder, mb: RolloutBatch, with_entropy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropies) of the response tokens; the LM head never sees prompt positions."""
+    def response_states(
+        self, model: Decoder, mb: RolloutBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [n, T, H] whose row j predicts response token j, and valid [n, T]."""
         n, t = mb.response_ids.shape
         seq_lens = mb.attention_mask.sum(1)  # [n]
         resp_lens = seq_lens - mb.prompt_lens  # [n]
@@ -121,15 +129,25 @@ class Learner:
             hidden = response_hidden(
                 model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids
             )  # [n, R, H]
-            h = hidden[:, :t][valid]  # [M, H]
-        else:
-            hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
-            # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
-            pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(
-                max=hidden.shape[1] - 1
-            )  # [n, T]
-            rows = torch.arange(n)[:, None].expand(n, t)
-            h = hidden[rows[valid], pos[valid]]  # [M, H]
+            return hidden[:, :t], valid
+        hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
+        # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
+        pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(max=hidden.shape[1] - 1)
+        rows = torch.arange(n)[:, None].expand(n, t)
+        return hidden[rows, pos], valid  # [n, T, H]
+
+    def response_logprobs(
+        self,
+        model: Decoder,
+        mb: RolloutBatch,
+        with_entropy: bool = False,
+        states: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of the response tokens; the LM head never sees prompt
+        positions. `states`: `response_states`' result, when the caller has it already."""
+        n, t = mb.response_ids.shape
+        hidden, valid = states if states is not None else self.response_states(model, mb)
+        h = hidden[valid]  # [M, H]
         logp_flat, ent_flat = token_logprobs(
             h,
             model.lm_head_weight,
@@ -185,6 +203,13 @@ class Learner:
         # GRPO zeroes every group whose rewards are all equal: early and late in training, most.
         skip_zero = self.ref_model is None and algo.entropy_coef == 0
         active = (batch.advantages != 0).any(1) | ~torch.tensor(skip_zero)  # [N]
+        # MTP-RL: the drafter learns from the same forward's hidden states.
+        mtp = self.mtp if self.mtp is not None and self.mtp.trains_in_rl else None
+        if mtp is not None:
+            mtp_w = self._mtp_token_weights(batch)  # [N, T]
+            resp_lens = batch.attention_mask.sum(1) - batch.prompt_lens  # [N]
+            mtp_sums: dict[str, float] = {}
+            mtp_loss_sum, mtp_targets, mtp_norms = 0.0, 0.0, []
         # With old log-probs in hand, Sparse-RL's corrections are taken over the whole batch
         # (exact batch-mean normalisation; the normalisers count the surviving tokens). In the
         # fused on-policy pass they are taken per micro-batch and the normalisers count the
@@ -202,13 +227,16 @@ class Learner:
                 n_tokens = max(1.0, float(mini_mask.sum()))
                 n_seqs = max(1.0, float((mini_mask.sum(1) > 0).sum()))
                 live = torch.arange(len(mini))[active[mini_idx]]
+                if mtp is not None:
+                    mtp_norm = max(1.0, target_count(resp_lens[mini_idx], mtp.depth))
                 for mb_idx in live.split(cfg.micro_batch_size):
                     if len(mb_idx) == 0:
                         continue
                     mb = mini.select(mb_idx)
                     gidx = mini_idx[mb_idx]
                     processed_tokens += int(mb.attention_mask.sum())
-                    logp, ent = self.response_logprobs(self.model, mb, with_entropy=True)
+                    states = self.response_states(self.model, mb)
+                    logp, ent = self.response_logprobs(self.model, mb, True, states)
                     t = logp.shape[1]
                     old = logp.detach() if old_logp is None else old_logp[gidx, :t]
                     mask = loss_mask[gidx, :t]
@@ -255,11 +283,33 @@ class Learner:
                                 ent, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs
                             )
                             loss = loss - algo.entropy_coef * ent_loss
+                    if mtp is not None:
+                        mtp_loss, sums = mtp.loss(self.model, *states, mb, mtp_w[gidx, :t])
+                        loss = loss + mtp.cfg.scale * mtp_loss / mtp_norm
+                        mtp_loss_sum += float(mtp_loss)
+                        self._add(mtp_sums, sums)
                     loss.backward()
                     w = float(mask.sum())
                     weight_total += w
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w
+                if mtp is not None:
+                    # Samples the policy loss skipped (zero advantage) still teach the drafter
+                    # where their weight is not zero: a forward without gradients for them.
+                    idle = torch.arange(len(mini))[~active[mini_idx]]
+                    idle = idle[(mtp_w[mini_idx[idle]] > 0).any(1)]
+                    for mb_idx in idle.split(cfg.micro_batch_size):
+                        mb, gidx = mini.select(mb_idx), mini_idx[mb_idx]
+                        with torch.no_grad():
+                            states = self.response_states(self.model, mb)
+                        mtp_loss, sums = mtp.loss(
+                            self.model, *states, mb, mtp_w[gidx, : mb.response_ids.shape[1]]
+                        )
+                        (mtp.cfg.scale * mtp_loss / mtp_norm).backward()
+                        mtp_loss_sum += float(mtp_loss)
+                        self._add(mtp_sums, sums)
+                    mtp_targets += mtp_norm
+                    mtp_norms.append(mtp.step())
                 grad_norms.append(self._optimizer_step())
         lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
@@ -274,6 +324,52 @@ class Learner:
         out["actor/lr"] = lr
         out["throughput/learner_tokens_per_s"] = processed_tokens / max(elapsed, 1e-9)
         out["actor/skipped_frac"] = 1.0 - float(active.float().mean())
+        if mtp is not None:
+            out.update(MTPTrainer.metrics(mtp_sums, mtp_loss_sum, mtp_targets))
+            out["mtp/grad_norm"] = sum(mtp_norms) / max(1, len(mtp_norms))
+        heap.trim()
+        return out
+
+    def _mtp_token_weights(self, batch: RolloutBatch) -> torch.Tensor:
+        """Weights [N, T] of each response token in the MTP loss (`algorithm.mtp`)."""
+        assert self.mtp is not None and batch.advantages is not None
+        cfg = self.mtp.cfg
+        resp_lens = batch.attention_mask.sum(1) - batch.prompt_lens
+        valid = (torch.arange(batch.response_ids.shape[1])[None] < resp_lens[:, None]).float()
+        if cfg.loss == "plain":
+            return valid
+        return mtp_weights(batch.advantages, valid, cfg.weight, cfg.beta)
+
+    @staticmethod
+    def _add(into: dict[str, float], sums: dict[str, float]) -> None:
+        for k, v in sums.items():
+            into[k] = into.get(k, 0.0) + v
+
+    def mtp_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """MTP warm-up (`mtp_warmup`): one update of the MTP module alone on the policy's own
+        samples (plain cross-entropy, every token weighted 1); the trunk runs without
+        gradients and does not change."""
+        if self.mtp is None:
+            raise RuntimeError("mtp_step needs an MTP module (rlkit.models.mtp.wanted)")
+        start = time.perf_counter()
+        resp_lens = batch.attention_mask.sum(1) - batch.prompt_lens
+        norm = max(1.0, target_count(resp_lens, self.mtp.depth))
+        sums: dict[str, float] = {}
+        loss_sum = 0.0
+        self.model.eval()
+        for mb in batch.split(self.train_cfg.micro_batch_size):
+            with torch.no_grad():
+                states, valid = self.response_states(self.model, mb)
+            loss, part = self.mtp.loss(self.model, states, valid, mb, valid.float())
+            (loss / norm).backward()
+            loss_sum += float(loss)
+            self._add(sums, part)
+        self.model.train()
+        out = MTPTrainer.metrics(sums, loss_sum, norm)
+        out["mtp/grad_norm"] = self.mtp.step()
+        out["throughput/learner_tokens_per_s"] = int(batch.attention_mask.sum()) / max(
+            time.perf_counter() - start, 1e-9
+        )
         heap.trim()
         return out
 
@@ -333,13 +429,17 @@ class Learner:
             "throughput/learner_tokens_per_s": int(batch.attention_mask.sum()) / max(elapsed, 1e-9),
         }
 
-    def weights(self, dtype: str = "bfloat16") -> dict[str, torch.Tensor]:
-        """The policy's weights for the rollout workers, cast to their dtype."""
+    def weights(self, dtype: str = "bfloat16", only: str | None = None) -> dict[str, torch.Tensor]:
+        """The policy's weights for the rollout workers, cast to their dtype, with the MTP
+        module's (`mtp.*`) when there is one; only="mtp": those alone."""
         target = DTYPES[dtype]
+        mtp = self.mtp.weights(target) if self.mtp is not None else {}
+        if only == "mtp":
+            return mtp
         state = self.model.state_dict()
         if next(iter(state.values())).dtype != target:
             state = self._full_state()
-        return {k: v.detach().to(target) for k, v in state.items()}
+        return {**{k: v.detach().to(target) for k, v in state.items()}, **mtp}
 
     def save(self, path: str) -> None:
         # StateView carries the fp32 master values under the model's names and args.
@@ -348,11 +448,14 @@ class Learner:
             self.tokenizer,
             os.path.join(path, "model"),
         )
+        if self.mtp is not None:  # beside the trunk, in its own file
+            self.mtp.save(os.path.join(path, "model"))
         torch.save(
             {
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(),
                 "rng": torch.get_rng_state(),
+                **(self.mtp.state() if self.mtp is not None else {}),
             },
             os.path.join(path, "learner.pt"),
         )
@@ -364,8 +467,11 @@ class Learner:
         else:
             self.model.load_state_dict(model.state_dict())
         state_file = os.path.join(path, "learner.pt")
+        state = None
         if with_optimizer and os.path.exists(state_file):
             state = torch.load(state_file, weights_only=False)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
+        if self.mtp is not None:
+            self.mtp.load(path, state)

@@ -9,6 +9,7 @@ import torch
 from rlkit.config.schema import RolloutConfig
 from rlkit.device import pick_dtype, slow_dtype_warning
 from rlkit.models.loading import load_model
+from rlkit.models.mtp import init_mtp, load_mtp
 from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.rollout.vllm_engine import VLLMEngine
@@ -18,7 +19,15 @@ from rlkit.workers import heap
 class RolloutWorker:
     engine: Engine | VLLMEngine
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        num_threads: int | None = None,
+        mtp_seed: int | None = None,
+    ) -> None:
+        """mtp_seed: the run has an MTP module (`rlkit.models.mtp.wanted`): the one saved
+        beside the checkpoint, else a fresh one from this seed (the learner's twin)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         device = torch.device("cpu")
@@ -38,21 +47,34 @@ class RolloutWorker:
             return
         model, tokenizer = load_model(model_path, dtype=choice.dtype)
         model.eval()
+        mtp = None
+        if mtp_seed is not None:
+            mtp = load_mtp(model_path, model.args) or init_mtp(model.args, mtp_seed)
         self.engine = Engine(
             model,
             tokenizer,
             max_batch_size=cfg.max_batch_size,
             dtype=choice.dtype,
             kv_compression=cfg.kv_compression,
+            speculative=cfg.speculative,
+            mtp=mtp,
         )
         print(f"rlkit rollout: {self.engine.describe()} ({choice.why})", flush=True)
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> list[dict[str, Any]]:
-        """compress=False: a dense cache for this call even under rollout.kv_compression."""
+        """compress=False: a dense cache for this call even under rollout.kv_compression;
+        drafter: this call's speculative drafter instead of rollout.speculative's."""
         if isinstance(self.engine, Engine):
-            completions = self.engine.generate(prompts, params, n=n, compress=compress)
+            completions = self.engine.generate(
+                prompts, params, n=n, compress=compress, drafter=drafter
+            )
             # Learning comes next: its peak should not include an idle KV cache.
             self.engine.release_cache()
         else:
@@ -68,6 +90,11 @@ class RolloutWorker:
             }
             for c in completions
         ]
+
+    def set_draft_corpus(self, texts: list[list[int]]) -> None:
+        """SAM drafts also from these token lists (rollout.speculative.sam_static)."""
+        if isinstance(self.engine, Engine):
+            self.engine.set_static_corpus(texts)
 
     def weights_dtype(self) -> str:
         """The dtype name `rollout.dtype` resolved to here: what weights should arrive in."""
