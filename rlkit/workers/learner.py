@@ -286,7 +286,7 @@ class Learner:
                     if mtp is not None:
                         mtp_loss, sums = mtp.loss(self.model, *states, mb, mtp_w[gidx, :t])
                         loss = loss + mtp.cfg.scale * mtp_loss / mtp_norm
-                        mtp_loss_sum += float(mtp_loss)
+                        mtp_loss_sum += float(mtp_loss.detach())
                         self._add(mtp_sums, sums)
                     loss.backward()
                     w = float(mask.sum())
@@ -299,6 +299,8 @@ class Learner:
                     idle = torch.arange(len(mini))[~active[mini_idx]]
                     idle = idle[(mtp_w[mini_idx[idle]] > 0).any(1)]
                     for mb_idx in idle.split(cfg.micro_batch_size):
+                        if len(mb_idx) == 0:
+                            continue
                         mb, gidx = mini.select(mb_idx), mini_idx[mb_idx]
                         with torch.no_grad():
                             states = self.response_states(self.model, mb)
@@ -306,7 +308,7 @@ class Learner:
                             self.model, *states, mb, mtp_w[gidx, : mb.response_ids.shape[1]]
                         )
                         (mtp.cfg.scale * mtp_loss / mtp_norm).backward()
-                        mtp_loss_sum += float(mtp_loss)
+                        mtp_loss_sum += float(mtp_loss.detach())
                         self._add(mtp_sums, sums)
                     mtp_targets += mtp_norm
                     mtp_norms.append(mtp.step())
@@ -362,7 +364,7 @@ class Learner:
                 states, valid = self.response_states(self.model, mb)
             loss, part = self.mtp.loss(self.model, states, valid, mb, valid.float())
             (loss / norm).backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             self._add(sums, part)
         self.model.train()
         out = MTPTrainer.metrics(sums, loss_sum, norm)
