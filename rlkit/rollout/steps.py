@@ -112,7 +112,10 @@ class SpecStep:
         if params.temperature == 0:
             accepted, token = verify_drafts(logp, drafts, num, greedy=True)
         else:
-            u = torch.rand(B, T, generator=run.gen, dtype=torch.float64, device=dev)
+            # k + 1 uniforms whatever the step's width (the last draws the final token): a
+            # padded step and an eager one make the same decisions from the same seed.
+            u = torch.rand(B, self.k + 1, generator=run.gen, dtype=torch.float64, device=dev)
+            u = torch.cat([u[:, :width], u[:, self.k :]], dim=1)  # [B, T]
             q = None if draft.probs is None else draft.probs[:, :width]
             accepted, token = verify_drafts(logp.exp(), drafts, num, q, u)
         # Emitted: the kept drafts, then the verifier's token.
