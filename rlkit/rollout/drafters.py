@@ -9,7 +9,10 @@ and the emitted tokens). It follows the scheduler's slots through `admitted`, `m
   block, sampling each from its own processed distribution q (greedy: argmax). Its block keeps
   a one-layer KV cache per slot over the completion. Each step first catches up on the pairs
   (policy state h_i, emitted token) of the positions verified since the last one, which also
-  gives depth 1; depths 2..k add one entry each, removed again after drafting.
+  gives depth 1; depths 2..k add one entry each, removed again after drafting. With
+  `mtp_vocab` N, its LM head covers the N tokens the engine has seen most (`Engine.
+  token_counts`, over prompts and outputs; this run's prompts are added first): q is zero
+  elsewhere, so the rule stays exact, and a draft reads N rows of the head instead of V.
 - `sam`: a suffix automaton per sequence over prompt + generated tokens (`sam.py`), plus an
   optional static one over the train split's reference answers; drafts are deterministic
   (q = one-hot).
@@ -68,6 +71,10 @@ class DraftSettings:
     sam_min_match: int = 4
     mtp: MTPModule | None = None
     static: SuffixAutomaton | None = None
+    mtp_vocab: int = 0
+    # [V] float32 on the device: how often each token was seen (the engine's, kept across
+    # calls); the MTP drafter's sub-vocabulary is its top `mtp_vocab`.
+    token_counts: torch.Tensor | None = None
 
 
 DRAFTERS: Registry[Callable[[Run, DraftSettings], Any]] = Registry("drafter")
@@ -88,6 +95,17 @@ class MTPDrafter:
         self.h = torch.zeros(c.num_slots, self.k + 1, a.hidden_size, dtype=dtype, device=dev)
         self.tok = torch.zeros(c.num_slots, self.k + 1, dtype=torch.long, device=dev)
         self.pending = np.zeros(c.num_slots, dtype=np.int64)
+        # The draft head: the whole LM head, or the rows of the most frequent tokens.
+        self.counts, self.ids, self.head = cfg.token_counts, None, None
+        if 0 < cfg.mtp_vocab < a.vocab_size and self.counts is not None:
+            prompts = torch.tensor([t for p in run.prompts for t in p], device=dev)
+            self.counts += torch.bincount(prompts, minlength=a.vocab_size).float()
+            # Ties (unseen tokens) go to the lower id: counts are whole numbers, the
+            # tie-breaker is under 1.
+            rank = self.counts - torch.arange(a.vocab_size, device=dev) / a.vocab_size
+            top = torch.topk(rank, cfg.mtp_vocab, sorted=False).indices
+            self.ids = top.sort().values  # [N]
+            self.head = run.model.lm_head.weight.detach()[self.ids].contiguous()  # [N, H]
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
         m = len(seqs)
@@ -119,14 +137,19 @@ class MTPDrafter:
             vocab = model.args.vocab_size
             probs = torch.zeros(B, self.k, vocab, dtype=torch.float32, device=run.device)
         for i in range(depth):
-            logits = model.logits(self.mtp.norm(g))  # [B, V]
+            out = self.mtp.norm(g)
+            # [B, V], or [B, N] over the sub-vocabulary `ids`.
+            logits = model.logits(out) if self.head is None else out @ self.head.T
             if probs is None:
                 d = logits.argmax(dim=-1)
             else:
                 logq = sampling_logprobs(logits, params)
                 d = draw(logq, run.gen)
-                probs[:, i] = logq.exp()
-            tokens[:, i] = d
+                if self.ids is None:
+                    probs[:, i] = logq.exp()
+                else:
+                    probs[:, i].index_copy_(1, self.ids, logq.exp())
+            tokens[:, i] = d if self.ids is None else self.ids[d]
             if i + 1 < depth:
                 g = self._block(run, self.mtp.step_input(g[:, None], d[:, None], model))[:, 0]
         if depth > 1:
@@ -140,6 +163,14 @@ class MTPDrafter:
         self.h[: len(num), :T] = hidden
         self.tok[: len(num), :T] = emitted
         self.pending[: len(num)] = num
+        if self.counts is not None:
+            valid = (
+                torch.arange(T, device=emitted.device)
+                < torch.from_numpy(num).to(emitted.device)[:, None]
+            )
+            self.counts.index_add_(
+                0, emitted[valid], torch.ones_like(emitted[valid], dtype=self.counts.dtype)
+            )
 
     def moved(self, src: list[int], dst: list[int]) -> None:
         if not src:

@@ -162,6 +162,10 @@ class Engine:
         if self.speculative is not None and "mtp" in self.speculative.drafter and mtp is None:
             raise ValueError(f"drafter {self.speculative.drafter!r} needs an MTP module (mtp=...)")
         self.static_corpus: SuffixAutomaton | None = None
+        # How often each token was in a prompt or an output (the MTP drafter's sub-vocabulary).
+        self.token_counts: torch.Tensor | None = None
+        if self.speculative is not None and self.speculative.mtp_vocab > 0:
+            self.token_counts = torch.zeros(model.args.vocab_size, device=self.device)
         self.stats: dict[str, float] = {}
         if self.device.type == "cpu":
             _reuse_freed_memory()
@@ -283,6 +287,9 @@ class Engine:
                 raise ValueError(f"drafter {name!r} needs an MTP module; this engine has none")
             if compress and self.compression is not None and self.compression.policy == "h2o":
                 raise ValueError("speculative decoding does not combine with the h2o policy")
-            settings = DraftSettings(k, spec.sam_min_match, self.mtp, self.static_corpus)
+            settings = DraftSettings(
+                k, spec.sam_min_match, self.mtp, self.static_corpus, spec.mtp_vocab,
+                self.token_counts,
+            )  # fmt: skip
             step = SpecStep(DRAFTERS.get(name)(run, settings), k)
         return run.execute(step)

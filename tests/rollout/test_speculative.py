@@ -15,9 +15,11 @@ from rlkit.rollout import Engine, SamplingParams
 
 @pytest.fixture
 def make_spec(tiny_dirs):
-    def make(arch="llama", drafter="sam+mtp", k=3, seed=0, **kwargs):
+    def make(arch="llama", drafter="sam+mtp", k=3, seed=0, mtp_vocab=0, **kwargs):
         model, tok = load_model(tiny_dirs[arch])
-        spec = SpeculativeConfig(drafter=drafter, num_draft_tokens=k, sam_min_match=2)
+        spec = SpeculativeConfig(
+            drafter=drafter, num_draft_tokens=k, sam_min_match=2, mtp_vocab=mtp_vocab
+        )
         mtp = init_mtp(model.args, seed=seed)
         return Engine(model, tok, dtype=torch.float32, speculative=spec, mtp=mtp, **kwargs)
 
@@ -160,3 +162,43 @@ def test_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs):
             drafter.observed(
                 run, hidden[None, j + 1 : j + 2], torch.tensor([[tokens[j + 1]]]), np.array([1])
             )
+
+
+def test_mtp_sub_vocabulary_drafts_seen_tokens_and_stays_lossless(
+    make_spec, reference, prompts, monkeypatch
+):
+    """mtp_vocab: the draft head covers the most frequent tokens (prompts and outputs so far);
+    greedy output still equals plain decoding's and sampled log-probs are the policy's."""
+    from rlkit.rollout import sampling_logprobs
+    from rlkit.rollout.drafters import MTPDrafter
+
+    outside = []
+    real = MTPDrafter.propose
+
+    def propose(self, run, room):
+        draft = real(self, run, room)
+        for b, n in enumerate(draft.num):
+            outside.extend(t for t in draft.tokens[b, :n].tolist() if t not in self.ids.tolist())
+        if draft.probs is not None:  # q is zero off the sub-vocabulary
+            off = torch.ones(draft.probs.shape[-1], dtype=torch.bool)
+            off[self.ids] = False
+            assert (draft.probs[:, :, off] == 0).all()
+        return draft
+
+    monkeypatch.setattr(MTPDrafter, "propose", propose)
+    engine = make_spec("llama", "mtp", mtp_vocab=16)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    _same(engine.generate(prompts, greedy), engine.generate(prompts, greedy, drafter="none"))
+    counts = engine.token_counts
+    assert counts is not None and int(counts.sum()) > sum(len(p) for p in prompts)
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=2, ignore_eos=True)
+    out = engine.generate(prompts, sp, n=2)
+    model = reference("llama")
+    for c in out:
+        prompt = prompts[c.prompt_index]
+        with torch.no_grad():
+            logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
+        want = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
+        want = want.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+    assert not outside
