@@ -331,13 +331,19 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _task_prompts(task: str, batch: int, seed: int, model_dir: str) -> list[list[int]]:
+def _task_prompts(
+    task: str, batch: int, seed: int, model_dir: str, task_args: dict[str, Any]
+) -> list[list[int]]:
     """The first `batch` train prompts of a built-in task, in the model's chat template."""
     from rlkit.data.tasks import get_task
     from rlkit.models.tokenizer import apply_chat, load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    return [apply_chat(tok, s["prompt"]) for s in get_task(task).build("train", batch, seed)]
+    try:
+        samples = get_task(task).build("train", batch, seed, **task_args)
+    except ValueError as e:
+        raise SystemExit(f"rlkit bench: {e}") from None
+    return [apply_chat(tok, s["prompt"]) for s in samples]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -421,6 +427,11 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         help="prompts: this built-in task's train prompts in the chat "
         "template (mixed lengths; native and vllm engines), instead of random tokens",
     )
+    ap.add_argument(
+        "--task-args",
+        default="{}",
+        help='the task\'s arguments as JSON, e.g. \'{"digits": 2, "ops": ["*"], "steps": true}\'',
+    )
     vllm = ap.add_argument_group("vllm engine")
     vllm.add_argument("--vllm-python", default=None, help="interpreter of the vLLM env")
     vllm.add_argument("--vllm-kv-gb", type=float, default=2.0, help="vLLM CPU KV cache GiB")
@@ -441,7 +452,11 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     model_dir = resolve_model_dir(args.model)
     vocab = _model_args(model_dir).vocab_size
     if args.task:
-        prompts = _task_prompts(args.task, args.batch, args.seed, model_dir)
+        try:
+            task_args = json.loads(args.task_args)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"rlkit bench: --task-args is not JSON: {e}") from None
+        prompts = _task_prompts(args.task, args.batch, args.seed, model_dir, task_args)
     else:
         g = torch.Generator().manual_seed(args.seed)
         # Ordinary token ids (the low ids are special in most vocabularies), one length for all.
@@ -468,7 +483,16 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         r["ratio_vs_native_dense"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
     settings = {
         k: getattr(args, k)
-        for k in ("model", "batch", "prompt_len", "max_new_tokens", "dtype", "temperature", "task")
+        for k in (
+            "model",
+            "batch",
+            "prompt_len",
+            "max_new_tokens",
+            "dtype",
+            "temperature",
+            "task",
+            "task_args",
+        )
     }
     settings["threads"] = torch.get_num_threads()
     settings["cpu"] = cpu_summary()

@@ -71,7 +71,8 @@ def test_spec_rows_per_drafter_on_task_prompts(model_dir, capsys):
     argv = [
         "--model", model_dir, "--batch", "2", "--max-new-tokens", "12", "--repeats", "1",
         "--modes", "dense,spec", "--drafter", "sam,sam+mtp", "--engines", "native",
-        "--task", "arithmetic", "--sam-min-match", "2", "--temperature", "0", "--threads", "1",
+        "--task", "arithmetic", "--task-args", '{"steps": true}', "--sam-min-match", "2",
+        "--temperature", "0", "--threads", "1",
     ]  # fmt: skip
     rows = rollout(argv)
     assert [(r["mode"], r["drafter"]) for r in rows] == [
