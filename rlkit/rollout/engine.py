@@ -134,7 +134,7 @@ class Engine:
         self.eos_ids = eos_token_ids(tokenizer, model.args)
         self.cache: KVCache | None = None
         self.cpu_kernels = cpu_kernels
-        # One-token decode steps through the C kernels (bf16 on CPU where they are built).
+        # Decode steps (one token or a verify step's k + 1 per row) through the C kernels.
         self.fused_decode = cpu_kernels and self.model.can_fuse_decode()
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
@@ -156,9 +156,9 @@ class Engine:
                     "speculative decoding does not combine with the h2o policy: its accumulated "
                     "attention would count the queries of rejected drafts"
                 )
-        self.mtp = (
-            mtp.to(device=self.device, dtype=dtype).eval().requires_grad_(False) if mtp else None
-        )
+        self.mtp = None
+        if mtp is not None:
+            self.mtp = mtp.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         if self.speculative is not None and "mtp" in self.speculative.drafter and mtp is None:
             raise ValueError(f"drafter {self.speculative.drafter!r} needs an MTP module (mtp=...)")
         self.static_corpus: SuffixAutomaton | None = None
@@ -182,6 +182,9 @@ class Engine:
             parts.append(f"decode step on PyTorch ops (C kernels: {why})")
         elif self.cuda_graphs:
             parts.append("CUDA-graph decode steps")
+        if self.speculative is not None:
+            sp = self.speculative
+            parts.append(f"speculative: {sp.drafter} drafts {sp.num_draft_tokens} tokens")
         return ", ".join(parts)
 
     def release_cache(self) -> None:
