@@ -238,6 +238,12 @@ def _speculative_fits(cfg: RecipeConfig) -> None:
             f"needs rollout.speculative.drafter sam or sam+mtp, got {spec.drafter!r}",
             key="rollout.speculative.sam_static",
         )
+    if cfg.rollout.engine != "native" and any(st.type == "mtp_warmup" for st in cfg.stages):
+        raise Invalid(
+            "has an mtp_warmup stage, which needs rollout.engine: native (the MTP module's "
+            "held-out acceptance is measured with the native engine's drafter)",
+            key="rollout.engine",
+        )
     if spec.drafter == "none":
         return
     if cfg.rollout.engine != "native":

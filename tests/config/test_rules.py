@@ -107,6 +107,11 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
         ),
         (["algorithm.mtp.beta=11"], "algorithm.mtp.beta", "[0, 10]"),
         (
+            ["stages=[mtp_warmup, rlvr]", "rollout.engine=vllm"],
+            "rollout.engine",
+            "mtp_warmup stage",
+        ),
+        (
             ["algorithm.sparse.rho_low=1.0", "algorithm.sparse.rho_high=1.0"],
             "algorithm.sparse.rho_low",
             "less than",
