@@ -284,10 +284,10 @@ class Learner:
                             )
                             loss = loss - algo.entropy_coef * ent_loss
                     if mtp is not None:
-                        mtp_loss, sums = mtp.loss(self.model, *states, mb, mtp_w[gidx, :t])
+                        mtp_loss, part = mtp.loss(self.model, *states, mb, mtp_w[gidx, :t])
                         loss = loss + mtp.cfg.scale * mtp_loss / mtp_norm
                         mtp_loss_sum += float(mtp_loss.detach())
-                        self._add(mtp_sums, sums)
+                        self._add(mtp_sums, part)
                     loss.backward()
                     w = float(mask.sum())
                     weight_total += w
@@ -304,12 +304,12 @@ class Learner:
                         mb, gidx = mini.select(mb_idx), mini_idx[mb_idx]
                         with torch.no_grad():
                             states = self.response_states(self.model, mb)
-                        mtp_loss, sums = mtp.loss(
+                        mtp_loss, part = mtp.loss(
                             self.model, *states, mb, mtp_w[gidx, : mb.response_ids.shape[1]]
                         )
                         (mtp.cfg.scale * mtp_loss / mtp_norm).backward()
                         mtp_loss_sum += float(mtp_loss.detach())
-                        self._add(mtp_sums, sums)
+                        self._add(mtp_sums, part)
                     mtp_targets += mtp_norm
                     mtp_norms.append(mtp.step())
                 grad_norms.append(self._optimizer_step())

@@ -202,6 +202,7 @@ def test_mtp_warmup_then_speculative_rl(tmp_path, tiny_model_dir, tiny_recipe, p
     for r in rl:
         assert r["spec/accept_len_mean"] >= 1.0 and r["spec/verify_steps"] > 0
         assert r["mtp/loss"] > 0 and "mtp/acc_d2" in r
+        assert r["actor/entropy"] > 0 and not [k for k in r if "_sum_" in k]
     run_dir = os.path.join(tmp_path, "runs", "e2e")
     ckpt = os.path.join(run_dir, "checkpoints", "1_rlvr", "step_2", "model")
     assert os.path.isfile(os.path.join(ckpt, "mtp.safetensors"))

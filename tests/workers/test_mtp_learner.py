@@ -78,6 +78,15 @@ def test_rl_step_trains_the_drafter_without_changing_the_policy_update(model_dir
     assert all(moved)
     assert metrics["mtp/grad_norm"] > 0 and metrics["mtp/loss"] > 0
     assert {"mtp/ce_d1", "mtp/acc_d2"} <= set(metrics)
+    # The policy's metrics are the same as without the drafter.
+    plain = without.train_step(_batch())
+    fresh = _learner(model_dir, *SPEC, f"algorithm.mtp.loss={loss}")
+    fresh.train_step(_batch())
+    again = fresh.train_step(_batch())
+    for k, v in plain.items():
+        if k.startswith("actor/") and "grad_norm" not in k:
+            assert again[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert not [k for k in metrics if "_sum_" in k or "targets" in k or "hits" in k]
 
 
 def test_frozen_drafter_does_not_move_and_attached_trunk_does(model_dir):
