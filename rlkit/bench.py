@@ -172,6 +172,7 @@ def _native(
             drafter=drafter,  # type: ignore[arg-type]
             num_draft_tokens=args.num_draft_tokens,
             sam_min_match=args.sam_min_match,
+            mtp_vocab=args.mtp_vocab,
         )
         if "mtp" in drafter:
             mtp = load_mtp(args.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)
@@ -416,6 +417,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     spec.add_argument("--num-draft-tokens", type=int, default=3)
     spec.add_argument("--sam-min-match", type=int, default=4)
     spec.add_argument(
+        "--mtp-vocab",
+        type=int,
+        default=0,
+        help="the MTP draft head's tokens (the most frequent; 0: the whole vocabulary)",
+    )
+    spec.add_argument(
         "--mtp",
         default=None,
         help="a model directory whose mtp.safetensors drafts (default: "
@@ -508,6 +515,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         settings.update(
             num_draft_tokens=args.num_draft_tokens,
             sam_min_match=args.sam_min_match,
+            mtp_vocab=args.mtp_vocab,
             mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))

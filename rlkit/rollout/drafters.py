@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rlkit.algorithms.registry import Registry
+from rlkit.models.decoder import linear, prepack
 from rlkit.models.mtp import MTPModule
 from rlkit.rollout.kv_cache import KVCache
 from rlkit.rollout.sam import SuffixAutomaton, TextMatcher
@@ -105,7 +106,9 @@ class MTPDrafter:
             rank = self.counts - torch.arange(a.vocab_size, device=dev) / a.vocab_size
             top = torch.topk(rank, cfg.mtp_vocab, sorted=False).indices
             self.ids = top.sort().values  # [N]
-            self.head = run.model.lm_head.weight.detach()[self.ids].contiguous()  # [N, H]
+            head = run.model.lm_head.weight.detach()[self.ids].contiguous()  # [N, H]
+            # Laid out once per call for oneDNN's GEMM where the trunk's weights are.
+            self.head = prepack(head, run.model._batch_hint) if run.model.prepacked else head
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
         m = len(seqs)
@@ -139,7 +142,7 @@ class MTPDrafter:
         for i in range(depth):
             out = self.mtp.norm(g)
             # [B, V], or [B, N] over the sub-vocabulary `ids`.
-            logits = model.logits(out) if self.head is None else out @ self.head.T
+            logits = model.logits(out) if self.head is None else linear(out, self.head, None)
             if probs is None:
                 d = logits.argmax(dim=-1)
             else:

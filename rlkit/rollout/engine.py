@@ -159,6 +159,9 @@ class Engine:
         self.mtp = None
         if mtp is not None:
             self.mtp = mtp.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+            # One GEMM for q/k/v and one for gate/up, as the trunk's (weights stay loadable).
+            self.mtp.block.self_attn.fuse()
+            self.mtp.block.mlp.fuse()
         if self.speculative is not None and "mtp" in self.speculative.drafter and mtp is None:
             raise ValueError(f"drafter {self.speculative.drafter!r} needs an MTP module (mtp=...)")
         self.static_corpus: SuffixAutomaton | None = None

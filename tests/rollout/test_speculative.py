@@ -202,3 +202,20 @@ def test_mtp_sub_vocabulary_drafts_seen_tokens_and_stays_lossless(
         want = want.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
     assert not outside
+
+
+def test_weight_sync_reaches_the_engines_mtp_module(make_spec):
+    """`mtp.*` weights load into the engine's (fused) MTP block, alone or with the policy's."""
+    from rlkit.models.mtp import mtp_state
+
+    engine = make_spec("llama", "mtp")
+    new = init_mtp(engine.model.args, seed=9)
+    engine.load_state_dict(mtp_state(new))
+    for k, v in new.state_dict().items():
+        assert torch.equal(engine.mtp.state_dict()[k], v), k
+    attn = engine.mtp.block.self_attn
+    q, k, v = (new.block.self_attn.q_proj.weight, new.block.self_attn.k_proj.weight,
+               new.block.self_attn.v_proj.weight)  # fmt: skip
+    assert torch.equal(attn.qkv[0], torch.cat([q, k, v]))  # the fused GEMM sees the new weights
+    with pytest.raises(ValueError, match="MTP weights do not match"):
+        engine.load_state_dict({"mtp.proj.weight": new.proj.weight, "mtp.nope": q})
