@@ -134,7 +134,11 @@ def load_mtp_state(module: MTPModule, state: dict[str, torch.Tensor]) -> None:
     """Copy `mtp.*` entries of `state` into `module` in place (cast to its dtype); every
     parameter must be there, and nothing else under the prefix."""
     own = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
-    missing, unexpected = module.load_state_dict(own, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(own, strict=False)
+    except RuntimeError as e:  # a shape mismatch: another model's module
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"MTP weights do not match the module: {lines[:1] or str(e)}") from None
     if missing or unexpected:
         raise ValueError(
             f"MTP weights do not match the module: missing {missing}, unexpected {unexpected}"
