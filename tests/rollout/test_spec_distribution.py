@@ -26,7 +26,7 @@ from rlkit.rollout.drafters import DRAFTERS, Draft
 from rlkit.rollout.sampling import draw
 
 PROMPT = [5, 17, 99, 3]
-SAMPLES = 8_000
+SAMPLES = 5_000
 # Logits of the random tiny model times this: a distribution of a few likely tokens.
 SHARPEN_MODEL = 20.0
 
