@@ -25,12 +25,13 @@ Entry points (`dtype` below is the build's: bf16 or float32):
   ATen's CPU flash-attention kernel handles one query row per kv head poorly; this reads each
   K/V row once for all G query heads of its group and keeps the step a streaming read of the
   cache.
-- `rope_append_attend(qkv, cos, sin, k, v, lengths, num_heads, scale, q_ring, ring_pos)`: the
-  attention block of a decode step after the fused qkv GEMM: RoPE on q and k
-  (`rlkit.models.decoder.rotate`), the new k and v written into the cache at `lengths - 1`,
-  and attention over each sequence's entries (optionally the rotated query stored in a ring
-  of recent queries). One pass instead of split, transposes, two RoPEs, two index_puts and
-  SDPA.
+- `rope_append_attend(qkv, cos, sin, k, v, lengths, num_heads, scale, q_ring, ring_pos,
+  tokens_per_row)`: the attention block of a decode step of T tokens per sequence (1, or a
+  speculative verify step's k + 1) after the fused qkv GEMM: RoPE on q and k
+  (`rlkit.models.decoder.rotate`), the new k and v written into the cache at
+  `lengths - T .. lengths - 1`, and attention of each token over its sequence's entries up to
+  its own (optionally the rotated queries stored in a ring of recent queries). One pass
+  instead of split, transposes, two RoPEs, two index_puts and SDPA.
 - `add_rms_norm(x, delta, weight, eps)`: x += delta in place (the residual stream), then
   RMSNorm (`rlkit.models.decoder.RMSNorm`); `delta=None` skips the add.
 - `silu_mul(gate_up)`: silu(gate) * up of the fused gate/up GEMM's output.
@@ -289,6 +290,7 @@ def _declare(lib: ctypes.CDLL, s: str) -> None:
         i64, ptr, ptr,  # capacity, lengths, out
         i32, i32, i32, i32, f32,  # B H KVH D scale
         ptr, i64, i64, i64, ptr,  # q ring, its strides, ring positions
+        i32,  # tokens per sequence
     ]  # fmt: skip
     fn.restype = i32
     fn = getattr(lib, f"rlkit_add_rms_norm_{s}")
@@ -440,24 +442,33 @@ def rope_append_attend(
     scale: float,
     q_ring: torch.Tensor | None = None,
     ring_pos: torch.Tensor | None = None,
+    tokens_per_row: int = 1,
 ) -> torch.Tensor:
-    """One decode token per sequence: qkv [B, (H + 2 KVH) * D] (the fused projection's rows),
-    cos/sin [B, D] at each token's true position, cache stores k/v [B, KVH, cap, D] (views
-    with a unit stride along D), lengths [B] int64 = entries after this token (each new k/v
-    is written at lengths[b] - 1). q_ring [B, H, W, D] and ring_pos [B]: also store each
-    rotated query at ring_pos[b]. All of qkv's dtype (bf16 or float32). Returns attention
-    [B, H * D]."""
+    """T = tokens_per_row new tokens per sequence: qkv [B * T, (H + 2 KVH) * D] (the fused
+    projection's rows; token t of sequence b at row b * T + t), cos/sin [B * T, D] at each
+    token's true position, cache stores k/v [B, KVH, cap, D] (views with a unit stride along
+    D), lengths [B] int64 = entries after the T tokens (token t's k/v are written at
+    lengths[b] - T + t; its query attends to the entries up to there). q_ring [B, H, W, D]
+    and ring_pos [B * T]: also store each rotated query at its ring slot. All of qkv's dtype
+    (bf16 or float32). Returns attention [B * T, H * D]."""
     dtype = qkv.dtype
     lib, s = _lib_for(dtype, "rope_append_attend")
     B, kvh, cap, D = k.shape
+    T = tokens_per_row
     if not supports_heads(num_heads, kvh, D, dtype):
         raise ValueError(f"unsupported heads: H={num_heads} KVH={kvh} D={D}")
     _rows(qkv, "qkv", dtype)
     _rows(cos, "cos", dtype)
     _rows(sin, "sin", dtype)
-    if qkv.shape != (B, (num_heads + 2 * kvh) * D) or cos.shape != (B, D) or sin.shape != cos.shape:
+    rows = B * T
+    if (
+        T < 1
+        or qkv.shape != (rows, (num_heads + 2 * kvh) * D)
+        or cos.shape != (rows, D)
+        or sin.shape != cos.shape
+    ):
         raise ValueError(
-            f"shapes: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)} for B={B} "
+            f"shapes: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)} for B={B} T={T} "
             f"H={num_heads} KVH={kvh} D={D}"
         )
     if cos.stride(0) != sin.stride(0):
@@ -479,17 +490,24 @@ def rope_append_attend(
         pos = ring_pos.to(torch.int64).contiguous()
         ring_args = (q_ring.data_ptr(), q_ring.stride(0), q_ring.stride(1), q_ring.stride(2),
                      pos.data_ptr())  # fmt: skip
-    out = torch.empty((B, num_heads * D), dtype=dtype)
+        if pos.shape != (rows,):
+            raise ValueError(f"ring_pos must be [{rows}], got {tuple(pos.shape)}")
+    if lens.shape != (B,):
+        raise ValueError(f"lengths must be [{B}], got {tuple(lens.shape)}")
+    out = torch.empty((rows, num_heads * D), dtype=dtype)
     status = getattr(lib, f"rlkit_rope_append_attend_{s}")(
         qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
         k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-        cap, lens.data_ptr(), out.data_ptr(), B, num_heads, kvh, D, scale, *ring_args,
+        cap, lens.data_ptr(), out.data_ptr(), B, num_heads, kvh, D, scale, *ring_args, T,
     )  # fmt: skip
     _check_status(
         status,
         "rope_append_attend",
-        lambda: f"lengths must be in [1, {cap}] (the cache's capacity), got {lens.tolist()}",
+        lambda: (
+            f"lengths must be in [{T}, {cap}] (tokens per row, the cache's capacity), "
+            f"got {lens.tolist()}"
+        ),
     )
     return out
 

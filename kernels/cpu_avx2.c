@@ -287,26 +287,29 @@ static void rope_row(const float *x, const float *cos, const float *sin, int D, 
     }
 }
 
-/* The attention block of one decode step, after the fused qkv GEMM (float32 throughout).
- *   qkv      [B, (H + 2 KVH) * D] rows of stride qkv_rs: q heads, then k heads, then v heads
- *   cos, sin [B, D] rows of stride cs_rs (the token's true position)
+/* The attention block of a decode step of T tokens per sequence (T = 1, or a speculative
+ * verify step's last token + drafts), after the fused qkv GEMM.
+ *   qkv      [B * T, (H + 2 KVH) * D] rows of stride qkv_rs (token t of sequence b at row
+ *            b * T + t): q heads, then k heads, then v heads
+ *   cos, sin [B * T, D] rows of stride cs_rs (each token's true position)
  *   k, v     cache stores [B, KVH, cap, D] with strides (sb, sh, sl)
- *   lengths  [B] entries of each sequence after this token: the new k/v go to lengths[b] - 1
- *   out      [B, H * D] contiguous
- *   q_ring   optional [B, H, W, D] (strides rb, rh, rw): the rotated query is also stored at
- *            ring_pos[b] (the compressed cache's recent-query window)
- * Returns 0, 1 if a scratch allocation failed, 2 if a length is outside [1, cap]. */
+ *   lengths  [B] entries of each sequence after its T tokens: token t's k/v go to
+ *            lengths[b] - T + t, and its query attends to the entries before that and itself
+ *   out      [B * T, H * D] contiguous
+ *   q_ring   optional [B, H, W, D] (strides rb, rh, rw): each rotated query is also stored at
+ *            ring_pos[b * T + t] (the compressed cache's recent-query window)
+ * Returns 0, 1 if a scratch allocation failed, 2 if a length is outside [T, cap]. */
 int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *cos,
                                  const float *sin, int64_t cs_rs, float *k, int64_t k_sb,
                                  int64_t k_sh, int64_t k_sl, float *v, int64_t v_sb, int64_t v_sh,
                                  int64_t v_sl, int64_t cap, const int64_t *lengths, float *out,
                                  int B, int H, int KVH, int D, float scale, float *q_ring,
                                  int64_t r_sb, int64_t r_sh, int64_t r_sw,
-                                 const int64_t *ring_pos) {
+                                 const int64_t *ring_pos, int T) {
     const int G = H / KVH;
     int64_t max_len = 0;
     for (int b = 0; b < B; b++) {
-        if (lengths[b] < 1 || lengths[b] > cap) return 2;
+        if (lengths[b] < T || lengths[b] > cap) return 2;
         max_len = lengths[b] > max_len ? lengths[b] : max_len;
     }
     const int64_t items = (int64_t)B * KVH;
@@ -321,21 +324,30 @@ int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *
                 continue;
             }
             const int64_t b = it / KVH, h = it % KVH;
-            const float *row = qkv + b * qkv_rs;
-            const float *cb = cos + b * cs_rs, *sb = sin + b * cs_rs;
             const int64_t len = lengths[b];
             float *kd = k + b * k_sb + h * k_sh, *vd = v + b * v_sb + h * v_sh;
-            rope_row(row + (int64_t)(H + h) * D, cb, sb, D, kd + (len - 1) * k_sl);
-            memcpy(vd + (len - 1) * v_sl, row + (int64_t)(H + KVH + h) * D, sizeof(float) * D);
-            float qr[MAX_G * MAX_D];
-            for (int g = 0; g < G; g++) {
-                rope_row(row + (int64_t)(h * G + g) * D, cb, sb, D, qr + g * D);
-                if (q_ring)
-                    memcpy(q_ring + b * r_sb + (h * G + g) * r_sh + ring_pos[b] * r_sw, qr + g * D,
-                           sizeof(float) * D);
+            /* Every new key and value first: token t's query reads entries up to its own. */
+            for (int t = 0; t < T; t++) {
+                const int64_t r = b * T + t, at = len - T + t;
+                const float *row = qkv + r * qkv_rs;
+                rope_row(row + (int64_t)(H + h) * D, cos + r * cs_rs, sin + r * cs_rs, D,
+                         kd + at * k_sl);
+                memcpy(vd + at * v_sl, row + (int64_t)(H + KVH + h) * D, sizeof(float) * D);
             }
-            attend_one(qr, D, kd, k_sl, vd, v_sl, len, G, D, scale, scores,
-                       out + (b * H + h * G) * (int64_t)D);
+            for (int t = 0; t < T; t++) {
+                const int64_t r = b * T + t;
+                const float *row = qkv + r * qkv_rs;
+                const float *cb = cos + r * cs_rs, *sb = sin + r * cs_rs;
+                float qr[MAX_G * MAX_D];
+                for (int g = 0; g < G; g++) {
+                    rope_row(row + (int64_t)(h * G + g) * D, cb, sb, D, qr + g * D);
+                    if (q_ring)
+                        memcpy(q_ring + b * r_sb + (h * G + g) * r_sh + ring_pos[r] * r_sw,
+                               qr + g * D, sizeof(float) * D);
+                }
+                attend_one(qr, D, kd, k_sl, vd, v_sl, len - T + t + 1, G, D, scale, scores,
+                           out + (r * H + h * G) * (int64_t)D);
+            }
         }
         free(scores);
     }

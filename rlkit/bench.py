@@ -1,11 +1,14 @@
 """`rlkit bench rollout`: the same prompts through each engine and mode, side by side.
 
     rlkit bench rollout [--model M] [--batch 32] [--prompt-len 64] [--max-new-tokens 256]
-                        [--modes dense,sparse] [--engines native,hf,vllm] [--json FILE]
+                        [--modes dense,sparse,spec] [--drafter sam,mtp,sam+mtp]
+                        [--task countdown] [--engines native,hf,vllm] [--json FILE]
 
 Every row generates `batch` sequences of exactly `max_new_tokens` tokens (sampling with
-ignore_eos, so every engine does the same work) from the same random prompts, after one
-warm-up run, and reports the median of `--repeats` timed runs:
+ignore_eos, so every engine does the same work) from the same prompts (random tokens of
+`prompt-len`, or with `--task` the task's first train prompts in the chat template, whose
+text a drafter can predict), after one warm-up run, and reports the median of `--repeats`
+timed runs:
 
 - tokens_per_s: generated tokens / wall seconds of the generate call (for vLLM, the seconds
   spent inside `LLM.generate`, measured in its server: no pipe or pickling time);
@@ -17,10 +20,14 @@ warm-up run, and reports the median of `--repeats` timed runs:
   same count, since its pool is sized by a setting, not by the request);
 - peak_mem_bytes: the largest resident memory of the generating process during the row (on
   CUDA: the GPU's peak allocation);
-- ratio_vs_native_dense: tokens_per_s over the native dense row's.
+- ratio_vs_native_dense: tokens_per_s over the native dense row's;
+- spec rows: accept_len_mean (tokens emitted per sequence and verify step: accepted drafts
+  + 1), drafted_per_step (drafts per sequence and step), draft_ms (drafting per step).
 
-Modes are modes of the native engine: `dense`, and `sparse` (a compressed KV cache, policy
-and budget from the options). Other engines run dense only, except two ablations of the
+Modes are modes of the native engine: `dense`, `sparse` (a compressed KV cache, policy
+and budget from the options) and `spec` (speculative decoding, one row per `--drafter`; the
+MTP module is the one beside `--model`'s checkpoint or `--mtp DIR`'s, else an untrained one,
+which the settings line says). Other engines run dense only, except two ablations of the
 native engine, for what each lever is worth: `native-plain` (no oneDNN-prepacked weights)
 and `native-torch` (PyTorch ops in the decode step instead of the C kernels) on a CPU, and
 `native-eager` (decode steps launched one kernel at a time, not replayed from CUDA graphs)
@@ -34,6 +41,7 @@ import dataclasses
 import functools
 import gc
 import json
+import os
 import statistics
 import sys
 import threading
@@ -51,7 +59,8 @@ from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.workers.placement import local_device
 
-MODES = ("dense", "sparse")
+MODES = ("dense", "sparse", "spec")
+DRAFTER_NAMES = ("mtp", "sam", "sam+mtp")
 # Ablations of the native engine, to show what each CPU lever is worth on this machine:
 # native-plain without oneDNN-prepacked weights (`Engine(prepack=False)`), native-torch with
 # PyTorch ops in the decode step instead of the C kernels (`Engine(cpu_kernels=False)`),
@@ -61,12 +70,16 @@ _MODAL = ("native", "native-plain", "native-torch", "native-eager")
 COLUMNS = (
     ("engine", "engine", "{}"),
     ("mode", "mode", "{}"),
+    ("drafter", "drafter", "{}"),
     ("tokens_per_s", "tok/s", "{:.1f}"),
     ("ms_per_step", "ms/step", "{:.1f}"),
     ("prefill_s", "prefill s", "{:.3f}"),
     ("kv_bytes_peak", "KV peak MiB", "{:.1f}"),
     ("peak_mem_bytes", "peak mem GiB", "{:.2f}"),
     ("ratio_vs_native_dense", "vs native dense", "{:.2f}x"),
+    ("accept_len_mean", "acc len", "{:.2f}"),
+    ("drafted_per_step", "drafted/step", "{:.2f}"),
+    ("draft_ms", "draft ms", "{:.1f}"),
 )
 
 
@@ -107,6 +120,9 @@ class _Runner:
     kv_bytes: Callable[[], float]
     pid: int | None = None
     close: Callable[[], None] = lambda: None
+    drafter: str | None = None
+    # The engine's figures of its last generate (spec rows: acceptance).
+    stats: Callable[[], dict[str, float]] = dict
 
 
 def _model_args(model_dir: str) -> ModelArgs:
@@ -143,11 +159,25 @@ def _native(
     prompts,
     name: str = "native",
 ) -> _Runner:
+    from rlkit.config.schema import SpeculativeConfig
+    from rlkit.models.mtp import init_mtp, load_mtp
     from rlkit.rollout.engine import Engine
 
     dtype = DTYPES[args.dtype]
     model, tok = load_model(model_dir, dtype=dtype)
     model = model.to(args.device)
+    drafter, spec, mtp = None, None, None
+    if mode.startswith("spec:"):
+        drafter = mode.split(":", 1)[1]
+        spec = SpeculativeConfig(
+            drafter=drafter,  # type: ignore[arg-type]
+            num_draft_tokens=args.num_draft_tokens,
+            sam_min_match=args.sam_min_match,
+            mtp_vocab=args.mtp_vocab,
+        )
+        if "mtp" in drafter:
+            mtp = load_mtp(args.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)
+        mode = "spec"
     compression = None
     if mode == "sparse":
         compression = KVCompressionConfig(
@@ -165,14 +195,24 @@ def _native(
         prepack=False if name == "native-plain" else None,
         cpu_kernels=name != "native-torch",
         cuda_graphs=False if name == "native-eager" else None,
+        speculative=spec,
+        mtp=mtp,
     )
 
     def generate(new_tokens: int, seed: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         outs = engine.generate(prompts, _params(args, new_tokens, seed))
+        _sync(args.device)
         return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
 
-    return _Runner(name, mode, generate, lambda: float(engine.stats["kv_bytes_peak"]))
+    return _Runner(
+        name,
+        mode,
+        generate,
+        lambda: float(engine.stats["kv_bytes_peak"]),
+        drafter=drafter,
+        stats=lambda: dict(engine.stats),
+    )
 
 
 def _hf(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runner:
@@ -272,9 +312,16 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
             f"{args.batch} x {n_new}: the rows would not be comparable"
         )
     seconds = statistics.median(times)
+    spec = runner.stats() if runner.drafter else {}
     return {
         "engine": runner.engine,
         "mode": runner.mode,
+        "drafter": runner.drafter,
+        # Of the last timed run (same prompts and seeds' distribution as the others).
+        "accept_len_mean": spec.get("spec/accept_len_mean"),
+        "accept_rate": spec.get("spec/accept_rate"),
+        "drafted_per_step": spec.get("spec/drafted_per_step"),
+        "draft_ms": spec.get("spec/draft_ms"),
         "tokens_per_s": tokens / seconds,
         "ms_per_step": 1000 * max(seconds - prefill, 0.0) / max(n_new - 1, 1),
         "prefill_s": prefill,
@@ -284,6 +331,21 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
         "seconds_all": times,
         "tokens": tokens,
     }
+
+
+def _task_prompts(
+    task: str, batch: int, seed: int, model_dir: str, task_args: dict[str, Any]
+) -> list[list[int]]:
+    """The first `batch` train prompts of a built-in task, in the model's chat template."""
+    from rlkit.data.tasks import get_task
+    from rlkit.models.tokenizer import apply_chat, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    try:
+        samples = get_task(task).build("train", batch, seed, **task_args)
+    except ValueError as e:
+        raise SystemExit(f"rlkit bench: {e}") from None
+    return [apply_chat(tok, s["prompt"]) for s in samples]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -351,6 +413,35 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     sparse.add_argument("--budget", type=int, default=256)
     sparse.add_argument("--window", type=int, default=8)
     sparse.add_argument("--interval", type=int, default=32)
+    spec = ap.add_argument_group("spec mode (speculative decoding)")
+    spec.add_argument(
+        "--drafter", default="sam+mtp", help=f"one row each, of {', '.join(DRAFTER_NAMES)}"
+    )
+    spec.add_argument("--num-draft-tokens", type=int, default=3)
+    spec.add_argument("--sam-min-match", type=int, default=4)
+    spec.add_argument(
+        "--mtp-vocab",
+        type=int,
+        default=0,
+        help="the MTP draft head's tokens (the most frequent; 0: the whole vocabulary)",
+    )
+    spec.add_argument(
+        "--mtp",
+        default=None,
+        help="a model directory whose mtp.safetensors drafts (default: "
+        "--model's, else an untrained module)",
+    )
+    ap.add_argument(
+        "--task",
+        default=None,
+        help="prompts: this built-in task's train prompts in the chat "
+        "template (mixed lengths; native and vllm engines), instead of random tokens",
+    )
+    ap.add_argument(
+        "--task-args",
+        default="{}",
+        help='the task\'s arguments as JSON, e.g. \'{"digits": 2, "ops": ["*"], "steps": true}\'',
+    )
     vllm = ap.add_argument_group("vllm engine")
     vllm.add_argument("--vllm-python", default=None, help="interpreter of the vLLM env")
     vllm.add_argument("--vllm-kv-gb", type=float, default=2.0, help="vLLM CPU KV cache GiB")
@@ -363,14 +454,26 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     print(f"rlkit bench: {choice.name} ({choice.why})", file=sys.stderr)
     modes = _csv(args.modes, MODES, "mode")
     engines = _csv(args.engines, ENGINES, "engine")
+    if "spec" in modes:
+        drafters = _csv(args.drafter, DRAFTER_NAMES, "drafter")
+        modes = [m for m in modes if m != "spec"] + [f"spec:{d}" for d in drafters]
+    if args.task and "hf" in engines:
+        raise SystemExit("rlkit bench: --task prompts have mixed lengths; drop the hf engine")
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
     vocab = _model_args(model_dir).vocab_size
-    g = torch.Generator().manual_seed(args.seed)
-    # Ordinary token ids (the low ids are special in most vocabularies), one length for all.
-    low = min(1000, vocab // 2)
-    prompts = torch.randint(low, vocab, (args.batch, args.prompt_len), generator=g).tolist()
+    if args.task:
+        try:
+            task_args = json.loads(args.task_args)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"rlkit bench: --task-args is not JSON: {e}") from None
+        prompts = _task_prompts(args.task, args.batch, args.seed, model_dir, task_args)
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        # Ordinary token ids (the low ids are special in most vocabularies), one length for all.
+        low = min(1000, vocab // 2)
+        prompts = torch.randint(low, vocab, (args.batch, args.prompt_len), generator=g).tolist()
 
     plan = [(e, m) for e in _MODAL if e in engines for m in modes]
     plan += [(e, "dense") for e in engines if e not in _MODAL]
@@ -392,7 +495,16 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         r["ratio_vs_native_dense"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
     settings = {
         k: getattr(args, k)
-        for k in ("model", "batch", "prompt_len", "max_new_tokens", "dtype", "temperature")
+        for k in (
+            "model",
+            "batch",
+            "prompt_len",
+            "max_new_tokens",
+            "dtype",
+            "temperature",
+            "task",
+            "task_args",
+        )
     }
     settings["threads"] = torch.get_num_threads()
     settings["cpu"] = cpu_summary()
@@ -400,6 +512,16 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     if "sparse" in modes:
         settings.update(
             policy=args.policy, budget=args.budget, window=args.window, interval=args.interval
+        )
+    if any(m.startswith("spec:") for m in modes):
+        from rlkit.models.mtp import MTP_FILE
+
+        has = os.path.isfile(os.path.join(args.mtp or model_dir, MTP_FILE))
+        settings.update(
+            num_draft_tokens=args.num_draft_tokens,
+            sam_min_match=args.sam_min_match,
+            mtp_vocab=args.mtp_vocab,
+            mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))
     print(format_table(rows))

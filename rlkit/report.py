@@ -48,6 +48,10 @@ _FIGURES: list[tuple[str, str, Callable[[str], bool]]] = [
         "Learner",
         lambda k: k.startswith("actor/") and "kl" not in k and "entropy" not in k,
     ),
+    # MTP-RL: accepted length per verify step, acceptance rate, drafting time; the drafter's
+    # own loss and accuracy by depth, and its held-out acceptance after the warm-up.
+    ("speculative.png", "Speculative rollouts", lambda k: k.startswith("spec/")),
+    ("mtp.png", "MTP drafter", lambda k: k.startswith("mtp/")),
     ("timings.png", "Seconds per step by phase", lambda k: k.startswith("timing/")),
     ("throughput.png", "Throughput", lambda k: k.startswith("throughput/")),
 ]
@@ -66,6 +70,8 @@ _COMPARED = [
     ("reward.png", "Mean reward", "reward/mean"),
     ("response_length.png", "Mean response length (tokens)", "response/length_mean"),
     ("rollout_throughput.png", "Rollout tokens / s", "throughput/rollout_tokens_per_s"),
+    ("accept_len.png", "Mean accepted length per verify step", "spec/accept_len_mean"),
+    ("rollout_seconds.png", "Rollout seconds per step", "timing/rollout"),
 ]
 
 

@@ -51,8 +51,10 @@ def test_rows_json_and_ratios(model_dir, tmp_path, capsys):
 
 
 def test_bad_choices_name_the_valid_ones(model_dir):
-    with pytest.raises(SystemExit, match="valid: dense, sparse"):
-        rollout(["--model", model_dir, "--modes", "dense,spec"])
+    with pytest.raises(SystemExit, match="valid: dense, sparse, spec"):
+        rollout(["--model", model_dir, "--modes", "dense,speculative"])
+    with pytest.raises(SystemExit, match="valid: mtp, sam, sam\\+mtp"):
+        rollout(["--model", model_dir, "--modes", "spec", "--drafter", "eagle"])
     with pytest.raises(
         SystemExit, match="valid: native, native-plain, native-torch, native-eager, hf, vllm"
     ):
@@ -63,3 +65,23 @@ def test_bad_choices_name_the_valid_ones(model_dir):
 def test_table_formats_missing_values():
     text = format_table([{"engine": "native", "mode": "dense", "tokens_per_s": 10.0}])
     assert "native" in text and "-" in text
+
+
+def test_spec_rows_per_drafter_on_task_prompts(model_dir, capsys):
+    argv = [
+        "--model", model_dir, "--batch", "2", "--max-new-tokens", "12", "--repeats", "1",
+        "--modes", "dense,spec", "--drafter", "sam,sam+mtp", "--engines", "native",
+        "--task", "arithmetic", "--task-args", '{"steps": true}', "--sam-min-match", "2",
+        "--temperature", "0", "--threads", "1",
+    ]  # fmt: skip
+    rows = rollout(argv)
+    assert [(r["mode"], r["drafter"]) for r in rows] == [
+        ("dense", None),
+        ("spec", "sam"),
+        ("spec", "sam+mtp"),
+    ]
+    for r in rows[1:]:
+        assert r["tokens"] == 2 * 12
+        assert r["accept_len_mean"] >= 1.0 and r["drafted_per_step"] >= 0 and r["draft_ms"] >= 0
+    out = capsys.readouterr().out
+    assert "acc len" in out and "mtp=untrained" in out

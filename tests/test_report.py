@@ -120,3 +120,25 @@ def test_judge_metrics_get_their_figure_and_comparison(tmp_path):
     other = write_run(tmp_path / "other", rows)
     compared = compare_runs([run, other], str(tmp_path / "cmp"))
     assert "judge_accuracy.png" in {p.split("/")[-1] for p in compared}
+
+
+def test_speculative_metrics_get_their_figures_and_comparison(tmp_path):
+    """MTP-RL runs: accepted length over training per run (frozen / plain / advantage)."""
+    runs = []
+    for name, slope in (("frozen", 0.0), ("plain", 0.02), ("advantage", 0.04)):
+        rows = synthetic_rows(stages=("rlvr",))
+        for row in rows:
+            row.update(
+                {
+                    "spec/accept_len_mean": 2.0 + slope * row["step"],
+                    "spec/accept_rate": 0.5,
+                    "spec/draft_ms": 3.0,
+                    "mtp/loss": 1.0,
+                    "timing/rollout": 4.0,
+                }
+            )
+        runs.append(write_run(tmp_path / name, rows))
+    names = {p.split("/")[-1] for p in make_report(runs[0])}
+    assert {"speculative.png", "mtp.png"} <= names
+    compared = {p.split("/")[-1] for p in compare_runs(runs, str(tmp_path / "cmp"))}
+    assert {"accept_len.png", "rollout_seconds.png"} <= compared

@@ -93,6 +93,11 @@ RULES: dict[str, Check | None] = {
     "rollout.kv_compression.rkv_threshold": in_range(-1, 1),  # a cosine similarity
     "rollout.kv_compression.full_every": positive,
     "rollout.kv_compression.hybrid_local": None,
+    "rollout.speculative.drafter": None,
+    "rollout.speculative.num_draft_tokens": in_range(1, 16),
+    "rollout.speculative.sam_min_match": positive,
+    "rollout.speculative.sam_static": None,
+    "rollout.speculative.mtp_vocab": in_range(0, 10_000_000),
     "rollout.vllm.python": optional(executable),
     "rollout.vllm.gpu_memory_utilization": in_range(0, 1, low_open=True),
     "rollout.vllm.sleep_between_steps": None,
@@ -124,6 +129,14 @@ RULES: dict[str, Check | None] = {
     # exp(80) is still a float32; past about 88 a clamped ratio overflows to inf.
     "algorithm.sparse.log_ratio_clamp": in_range(0, 80, low_open=True),
     # AdamW moves each weight by about lr per step: past 1 any run diverges at once.
+    "algorithm.mtp.loss": None,
+    "algorithm.mtp.scale": NON_NEGATIVE,
+    "algorithm.mtp.weight": None,
+    # exp(beta * A) with |A| up to a few: past 10 one sample takes all the weight.
+    "algorithm.mtp.beta": in_range(0, 10),
+    "algorithm.mtp.lr": in_range(0, 1, low_open=True),
+    "algorithm.mtp.detach_trunk": None,
+    "algorithm.mtp.eval_prompts": positive,
     "optim.lr": in_range(0, 1, low_open=True),
     "optim.weight_decay": PROBABILITY,  # AdamW multiplies weights by 1 - lr * weight_decay
     "optim.betas": unit_betas,
@@ -189,6 +202,7 @@ LAUNCH_ONLY: dict[str, str] = {
     "rollout.max_batch_size": "the rollout worker is built once, at launch",
     "rollout.num_workers": "the rollout workers are placed once, at launch",
     "rollout.kv_compression": "the rollout worker's KV cache is built once, at launch",
+    "rollout.speculative": "the rollout worker's drafter is built once, at launch",
     "rollout.vllm": "the rollout worker is built once, at launch",
     "judge.evaluate": "the held-out judge set is built once per run",
     "judge.num_eval_problems": "the held-out judge set is built once per run",
@@ -221,6 +235,37 @@ def _compression_needs_native(cfg: RecipeConfig) -> None:
         raise Invalid(
             "needs rollout.engine: native (vLLM has no compressed KV cache)",
             key="rollout.kv_compression.policy",
+        )
+
+
+def _speculative_fits(cfg: RecipeConfig) -> None:
+    spec = cfg.rollout.speculative
+    if spec.sam_static and "sam" not in spec.drafter:
+        raise Invalid(
+            f"needs rollout.speculative.drafter sam or sam+mtp, got {spec.drafter!r}",
+            key="rollout.speculative.sam_static",
+        )
+    if cfg.rollout.engine != "native" and any(st.type == "mtp_warmup" for st in cfg.stages):
+        raise Invalid(
+            "has an mtp_warmup stage, which needs rollout.engine: native (the MTP module's "
+            "held-out acceptance is measured with the native engine's drafter)",
+            key="rollout.engine",
+        )
+    if spec.drafter == "none":
+        return
+    if cfg.rollout.engine != "native":
+        raise Invalid(
+            "needs rollout.engine: native (the vLLM backend drafts with its own settings)",
+            key="rollout.speculative.drafter",
+        )
+    if cfg.rollout.kv_compression.policy == "h2o":
+        # H2O's statistic sums the attention every query paid each entry: the queries of
+        # rejected drafts would count, so the sparse policy would differ from plain decoding's.
+        raise Invalid(
+            "does not combine with rollout.kv_compression.policy h2o: its accumulated "
+            "attention would count the queries of rejected drafts (snapkv, rkv, streaming "
+            "and layer_hybrid combine)",
+            key="rollout.speculative.drafter",
         )
 
 
@@ -358,6 +403,7 @@ def _resume_finds_the_run(cfg: RecipeConfig) -> None:
 CROSS_RULES: list[Callable[[RecipeConfig], None]] = [
     _window_below_budget,
     _compression_needs_native,
+    _speculative_fits,
     _rho_bounds,
     _groups_of_two,
     _mini_batches_fill,

@@ -135,6 +135,28 @@ class VLLMConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """MTP-RL's speculative rollouts (ALGORITHMS.md sections 4-5): a drafter proposes up to
+    `num_draft_tokens` tokens per sequence and one forward of the policy verifies them; the
+    accept/resample rule keeps the output distribution exactly the policy's (lossless)."""
+
+    # "none": plain decoding. mtp: the MTP module drafts (its weights beside the checkpoint, or
+    # a seeded initialisation; `mtp_warmup` trains it). sam: a suffix automaton over the prompt
+    # and the tokens generated so far. sam+mtp: SAM where its match is long enough, else MTP.
+    drafter: Literal["none", "mtp", "sam", "sam+mtp"] = "none"
+    num_draft_tokens: int = 3
+    # SAM drafts only when the longest suffix match of the text is at least this long.
+    sam_min_match: int = 4
+    # SAM also matches a static automaton over the train split's reference answers.
+    sam_static: bool = False
+    # The MTP drafter's LM head covers only the N tokens the rollouts use most (counted by the
+    # rollout engine over prompts and outputs; 0: the whole vocabulary). On a small model the
+    # head is most of a draft's cost (SmolLM2: 28M of the 32M parameters each depth reads);
+    # still lossless (the draft distribution is zero elsewhere).
+    mtp_vocab: int = 0
+
+
+@dataclass
 class RolloutConfig:
     engine: Literal["native", "vllm"] = "native"
     # Samples per prompt (the GRPO group size).
@@ -153,6 +175,7 @@ class RolloutConfig:
     max_batch_size: int = 256
     num_workers: int = 1
     kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -179,6 +202,33 @@ class SparseCorrectionConfig:
 
 
 @dataclass
+class MTPConfig:
+    """How the MTP drafter keeps training during RL (ALGORITHMS.md section 4). Applies when the
+    run has an MTP module: `rollout.speculative.drafter` mtp or sam+mtp, or an `mtp_warmup`
+    stage. The module trains on the rollout tokens from the policy forward's hidden states
+    (no second trunk pass), with its own AdamW; the policy's optimizer never sees it."""
+
+    # frozen: no MTP update. plain: cross-entropy on every rollout token. advantage: each
+    # token's cross-entropy weighted by a function of its advantage (`weight`).
+    loss: Literal["frozen", "plain", "advantage"] = "plain"
+    # The MTP loss is added to the policy loss times this. With the trunk detached (the
+    # default) it only sets the MTP gradients' size, which AdamW normalises away; with
+    # detach_trunk false it sets the MTP loss's share of the trunk's gradient.
+    scale: float = 0.2
+    # advantage: w = max(0, 1 + beta * A) ("linear": first-order reweighting of the batch
+    # towards the updated policy), max(0, A) ("positive") or exp(beta * A) ("exp"), each
+    # normalised to mean 1 over the batch's MTP targets.
+    weight: Literal["linear", "positive", "exp"] = "linear"
+    beta: float = 0.5
+    lr: float = 1.0e-4
+    # Gradients of the MTP loss stop at the trunk's hidden states.
+    detach_trunk: bool = True
+    # mtp_warmup: held-out prompts (the eval split's first ones) whose speculative rollouts
+    # give the stage's held-out mean accepted length.
+    eval_prompts: int = 32
+
+
+@dataclass
 class AlgorithmConfig:
     # Names registered in rlkit.algorithms (ADVANTAGES, POLICY_LOSSES); a test keeps them equal.
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
@@ -197,6 +247,7 @@ class AlgorithmConfig:
     # Samples cut at max_new_tokens: keep them, or drop them from the loss.
     overlong: Literal["keep", "mask"] = "keep"
     sparse: SparseCorrectionConfig = field(default_factory=SparseCorrectionConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
 
 
 @dataclass
@@ -314,7 +365,8 @@ class RayConfig:
 @dataclass
 class StageConfig:
     # "generate" is JudgeRLVR's second stage: RLVR on the task, the same runner as "rlvr".
-    type: Literal["sft", "rlvr", "judge", "generate"] = "rlvr"
+    # "mtp_warmup" trains only the MTP module on the policy's own samples (MTP-RL's stage 0).
+    type: Literal["sft", "rlvr", "judge", "generate", "mtp_warmup"] = "rlvr"
     name: str | None = None
     # Dotted overrides applied to the recipe for this stage only, e.g. {train.steps: 20}.
     overrides: dict[str, Any] = field(default_factory=dict)

@@ -24,6 +24,15 @@ COUNTDOWN_PROMPT = (
     "Using the numbers {numbers}, create an equation that equals {target}. "
     "You can use + - * / and each number once. Put the final equation after ####."
 )
+# `steps: true`: the model reasons before answering (long responses, e.g. for MTP-RL).
+ARITHMETIC_STEPS_PROMPT = (
+    "What is {a} {op} {b}? Work it out step by step, then write the final answer after ####."
+)
+COUNTDOWN_STEPS_PROMPT = (
+    "Using the numbers {numbers}, create an equation that equals {target}. "
+    "You can use + - * / and each number once. Think step by step, trying combinations, "
+    "then put the final equation after ####."
+)
 # Problem spaces up to this size are enumerated; larger ones are sampled.
 _ENUMERATE_LIMIT = 200_000
 
@@ -92,6 +101,12 @@ def _int_arg(task: str, name: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+def _bool_arg(task: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"task {task!r}: {name} must be true or false, got {value!r}")
+    return value
+
+
 def _fraction_arg(task: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"task {task!r}: {name} must be a number in (0, 1), got {value!r}")
@@ -121,14 +136,18 @@ def arithmetic(
     ops: str | list[str] = "+",
     eval_fraction: float = 0.1,
     split_seed: int = 0,
+    steps: bool = False,
 ) -> list[dict]:
-    """`What is 37 + 48? Answer with just the number.` over `digits`-digit operands."""
+    """`What is 37 + 48? Answer with just the number.` over `digits`-digit operands; with
+    `steps`, the prompt asks for step-by-step work and the answer after ####."""
     op_list = [ops] if isinstance(ops, str) else list(ops) if isinstance(ops, list) else []
     if not op_list or any(op not in ("+", "-", "*") for op in op_list):
         raise ValueError(f"task 'arithmetic': ops must be drawn from '+', '-', '*', got {ops!r}")
     _int_arg("arithmetic", "digits", digits, 1, 18)
     _fraction_arg("arithmetic", "eval_fraction", eval_fraction)
     _int_arg("arithmetic", "split_seed", split_seed, 0, 2**31 - 1)
+    _bool_arg("arithmetic", "steps", steps)
+    template = ARITHMETIC_STEPS_PROMPT if steps else ARITHMETIC_PROMPT
     low, high = (1 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
     want_eval = split == "eval"
     rng = _rng("arithmetic", split, seed)
@@ -155,7 +174,7 @@ def arithmetic(
         problems = _draw_by_rejection(draw, n, what="arithmetic")
     return [
         {
-            "prompt": _chat(ARITHMETIC_PROMPT.format(a=a, op=op, b=b)),
+            "prompt": _chat(template.format(a=a, op=op, b=b)),
             "ground_truth": str(_apply(a, op, b)),
             "data_source": "arithmetic",
             "extra_info": {"split": split, "index": i, "a": a, "op": op, "b": b},
@@ -178,8 +197,10 @@ def countdown(
     max_target: int = 200,
     eval_fraction: float = 0.1,
     split_seed: int = 0,
+    steps: bool = False,
 ) -> list[dict]:
-    """Reach a target with + - * / over 3-4 numbers; every problem is solvable by construction."""
+    """Reach a target with + - * / over 3-4 numbers; every problem is solvable by construction.
+    With `steps`, the prompt asks for step-by-step search before the final equation."""
     counts = (
         [num_numbers] if isinstance(num_numbers, int)
         else list(num_numbers) if isinstance(num_numbers, (list, tuple))
@@ -194,6 +215,8 @@ def countdown(
     _int_arg("countdown", "max_target", max_target, 1, 10**9)
     _fraction_arg("countdown", "eval_fraction", eval_fraction)
     _int_arg("countdown", "split_seed", split_seed, 0, 2**31 - 1)
+    _bool_arg("countdown", "steps", steps)
+    template = COUNTDOWN_STEPS_PROMPT if steps else COUNTDOWN_PROMPT
     want_eval = split == "eval"
     rng = _rng("countdown", split, seed)
 
@@ -213,7 +236,7 @@ def countdown(
     problems = _draw_by_rejection(draw, n, what="countdown", key=lambda p: f"{sorted(p[0])}|{p[1]}")
     return [
         {
-            "prompt": _chat(COUNTDOWN_PROMPT.format(numbers=numbers, target=target)),
+            "prompt": _chat(template.format(numbers=numbers, target=target)),
             "ground_truth": json.dumps({"numbers": numbers, "target": target}),
             "data_source": "countdown",
             "extra_info": {"split": split, "index": i, "solution": solution},

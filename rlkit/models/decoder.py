@@ -61,14 +61,14 @@ class AttentionCache(Protocol):
 
 class FusedDecodeCache(AttentionCache, Protocol):
     def fused_target(self, layer: int) -> FusedTarget | None:
-        """For a one-token decode step: where `layer`'s new k/v go and what it attends over,
-        for `cpu_kernels.rope_append_attend`; None when the layer needs `attend` (e.g. a
-        policy that reads the attention probabilities)."""
+        """For a decode step of T tokens per sequence: where `layer`'s new k/v go and what it
+        attends over, for `cpu_kernels.rope_append_attend`; None when the layer needs `attend`
+        (e.g. a policy that reads the attention probabilities)."""
         ...
 
 
-# k store, v store [B, KVH, cap, D], lengths [B] after the token, query ring [B, H, W, D] and
-# the token's ring slot [B] (or None, None).
+# k store, v store [B, KVH, cap, D], lengths [B] after the T tokens, query ring [B, H, W, D]
+# and the tokens' ring slots [B * T] (or None, None).
 FusedTarget = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None
 ]
@@ -375,18 +375,19 @@ class Decoder(nn.Module):
     def forward_decode_fused(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: FusedDecodeCache
     ) -> torch.Tensor:
-        """`forward_cached` for one new token per sequence (input_ids, positions [B, 1]) on
-        the CPU kernels (`can_fuse_decode`): per layer four GEMMs and three kernel calls
-        (residual add + RMSNorm, RoPE + cache append + attention, SiLU * up) instead of some
-        twenty PyTorch ops. Same rounding points as the PyTorch path (bf16 model), or float32
-        throughout (float32 model). Returns [B, 1, hidden]."""
-        B = input_ids.shape[0]
+        """`forward_cached` for T new tokens per sequence (input_ids, positions [B, T]: one
+        token, or a verify step's last token and drafts) on the CPU kernels
+        (`can_fuse_decode`): per layer four GEMMs over the B * T rows and three kernel calls
+        (residual add + RMSNorm, RoPE + cache append + causal attention, SiLU * up) instead of
+        some twenty PyTorch ops. Same rounding points as the PyTorch path (bf16 model), or
+        float32 throughout (float32 model). Returns [B, T, hidden]."""
+        B, T = input_ids.shape
         a = self.args
         layers = [cast(DecoderLayer, lay) for lay in self.model.layers]
-        # [B, hidden]: a fresh tensor, the residual stream the kernels update in place.
-        x = self.model.embed_tokens(input_ids[:, 0])
-        cos4, sin4 = self.rope(positions, x.dtype)  # [B, 1, 1, D]
-        cos, sin = cos4.view(B, -1), sin4.view(B, -1)
+        # [B * T, hidden]: a fresh tensor, the residual stream the kernels update in place.
+        x = self.model.embed_tokens(input_ids.reshape(-1))
+        cos4, sin4 = self.rope(positions, x.dtype)  # [B, 1, T, D]
+        cos, sin = cos4.reshape(B * T, -1), sin4.reshape(B * T, -1)
         scale = a.head_dim**-0.5
         eps = a.rms_norm_eps
         h = cpu_kernels.add_rms_norm(x, None, layers[0].input_layernorm.weight, eps)
@@ -394,21 +395,22 @@ class Decoder(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             assert attn.qkv is not None and attn.o is not None
             assert mlp.gate_up is not None and mlp.down is not None
-            qkv = linear(h, *attn.qkv)  # [B, (H + 2 KVH) D]
+            qkv = linear(h, *attn.qkv)  # [B * T, (H + 2 KVH) D]
             target = cache.fused_target(i)
             if target is None:
-                out = attn.attend_projected(qkv[:, None], cos4, sin4, cache)[:, 0]
+                out = attn.attend_projected(qkv.view(B, T, -1), cos4, sin4, cache)
+                out = out.reshape(B * T, -1)
             else:
                 k, v, lengths, ring, ring_pos = target
                 att = cpu_kernels.rope_append_attend(
-                    qkv, cos, sin, k, v, lengths, a.num_heads, scale, ring, ring_pos
+                    qkv, cos, sin, k, v, lengths, a.num_heads, scale, ring, ring_pos, T
                 )
                 out = linear(att, *attn.o)
             h = cpu_kernels.add_rms_norm(x, out, layer.post_attention_layernorm.weight, eps)
             down = linear(cpu_kernels.silu_mul(linear(h, *mlp.gate_up)), *mlp.down)
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h = cpu_kernels.add_rms_norm(x, down, norm.weight, eps)
-        return h[:, None]
+        return h.view(B, T, -1)
 
     def _run(self, input_ids, positions, cache):
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]

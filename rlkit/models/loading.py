@@ -99,7 +99,12 @@ def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
     else:
-        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+        # mtp.safetensors beside the trunk is the MTP module's (rlkit/models/mtp.py).
+        files = sorted(
+            f
+            for f in os.listdir(model_dir)
+            if f.endswith(".safetensors") and f != "mtp.safetensors"
+        )
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
     state: dict[str, torch.Tensor] = {}

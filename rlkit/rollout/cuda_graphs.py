@@ -1,15 +1,17 @@
-"""Decode steps replayed from CUDA graphs.
+"""Decode steps replayed from CUDA graphs (one token per row, or a verify step's k + 1).
 
 On a GPU a one-token decode step of a small model is bound by launching its kernels from
 Python (~10 per layer), not by the GPU: at batch 32 the H100 spends ~25 ms per step whatever
 the batch or context (benchmarks/NOTES.md). `DecodeGraphs` captures the model's decode forward
-once per padded batch size (a bucket: 1, 2, 4, 8, ... up to the cache's slots) and replays it:
-one launch per step instead of hundreds.
+once per padded batch size (a bucket: 1, 2, 4, 8, ... up to the cache's slots) and tokens per
+row (1 for plain steps, k + 1 for speculative verify steps) and replays it: one launch per
+step instead of hundreds.
 
-What makes a step replayable: the cache's `begin_decode(B, pad_to=P)` writes the step's write
-indices, lengths and positions into one device buffer that never moves and spans every row's
-whole capacity (the attention kernel reads only each row's length), and this class feeds the
-tokens through a fixed buffer too. Rows B..P-1 of a bucket are padding over free slots. The
+What makes a step replayable: the cache's `begin_decode(B, T, pad_to=P)` writes the step's
+write indices, lengths and positions into one device buffer per T that never moves and spans
+every row's whole capacity (the attention kernel reads only each row's length; several tokens
+per row attend through a causal mask built inside the forward from the write indices), and
+this class feeds the tokens through a fixed buffer too. Rows B..P-1 of a bucket are padding over free slots. The
 weights are updated in place by a weight sync (`load_weights` copies), so graphs stay valid;
 a new cache (a different size) gets new graphs. Sampling and everything on the host stay
 outside the graph.
@@ -45,28 +47,33 @@ class DecodeGraphs:
             raise ValueError("CUDA-graph decode does not take an h2o cache")
         self.model, self.cache, self.capture = model, cache, capture
         self.buckets = buckets(cache.num_slots)
-        dev = cache.device
-        self.tokens = torch.zeros((cache.num_slots, 1), dtype=torch.long, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.steps: dict[int, int] = {}  # steps run per bucket
+        # Fixed token buffers per tokens-per-row.
+        self.tokens: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.steps: dict[tuple[int, int], int] = {}  # steps run per (bucket, tokens per row)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def step(self, batch: int, last: torch.Tensor) -> torch.Tensor:
-        """One decode step of slots 0..batch-1 fed tokens last[:batch]: hidden states
-        [batch, 1, hidden] (a view of the graph's output, valid until the next step)."""
-        pad = self.bucket(batch)
-        self.steps[pad] = self.steps.get(pad, 0) + 1
-        positions = self.cache.begin_decode(batch, pad_to=pad)
-        self.tokens[:batch, 0].copy_(last[:batch])
-        tokens = self.tokens[:pad]
+    def step(self, batch: int, fed: torch.Tensor) -> torch.Tensor:
+        """One decode step of slots 0..batch-1 fed tokens fed [batch, T]: hidden states
+        [batch, T, hidden] (a view of the graph's output, valid until the next step)."""
+        pad, T = self.bucket(batch), fed.shape[1]
+        key = (pad, T)
+        self.steps[key] = self.steps.get(key, 0) + 1
+        positions = self.cache.begin_decode(batch, T, pad_to=pad)
+        if T not in self.tokens:
+            self.tokens[T] = torch.zeros(
+                (self.cache.num_slots, T), dtype=torch.long, device=self.cache.device
+            )
+        self.tokens[T][:batch].copy_(fed[:batch])
+        tokens = self.tokens[T][:pad]
         if not self.capture:
             return self.model.forward_cached(tokens, positions, self.cache)[:batch]
-        if pad not in self.graphs:
-            self.graphs[pad] = self._capture(tokens, positions)
-        graph, out = self.graphs[pad]
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(tokens, positions)
+        graph, out = self.graphs[key]
         graph.replay()
         return out[:batch]
 

@@ -1,43 +1,49 @@
-"""Dense rollout engine: batched prefill and decode over a static KV cache.
+"""Rollout engine: batched prefill and decode over a static KV cache, in three modes of one
+engine: dense, sparse (a compressed KV cache) and speculative (drafts verified by the policy).
 
-`Engine.generate` runs n samples for each prompt. Every distinct prompt is prefilled once and
-its keys/values written straight into the slots of its n samples. Decoding steps all running
-sequences at once; every `sync_every` steps (and whenever a sequence reaches its token limit)
-the host reads the new tokens, finishes sequences (EOS, stop ids, stop strings, length),
-compacts the survivors into slots 0..B-1 and admits waiting sequences into the freed slots.
+`Engine.generate` runs n samples for each prompt (`scheduler.Run`: admission, prefill,
+retirement, compaction). Every distinct prompt is prefilled once and its keys/values written
+straight into the slots of its n samples. Decode steps (`steps.py`) advance all running
+sequences at once, one token each (`PlainStep`) or a verified run of drafts each (`SpecStep`
+with a drafter from `drafters.py`); every `sync_every` steps (and whenever a sequence reaches
+its token limit) the host finishes sequences (EOS, stop ids, stop strings, length), compacts
+the survivors into slots 0..B-1 and admits waiting sequences into the freed slots.
 
 With `kv_compression` (Sparse-RL), the cache is a `CompressedKVCache`: prompts longer than the
-budget are compressed as they are prefilled, and every `interval` decode steps of a sequence
-its slot is compressed again if it holds more than the budget; the sampler's log-probs are those of this sparse policy.
-`Engine.stats` describes the last `generate` call (KV bytes allocated and retained).
+budget are compressed as they are prefilled, and every `interval` tokens of a sequence its
+slot is compressed again if it holds more than the budget (the cache's own trigger); the
+sampler's log-probs are those of this sparse policy. With `speculative`, the emitted tokens
+follow the same distribution as plain decoding's (lossless), and the log-probs are the
+policy's. `Engine.stats` describes the last `generate` call (KV bytes; speculative figures).
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from rlkit.config.schema import KVCompressionConfig
+from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
 from rlkit.device import DTYPE_NAMES
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.models.decoder import Decoder, can_prepack
 from rlkit.models.loading import load_weights
+from rlkit.models.mtp import PREFIX as MTP_PREFIX
+from rlkit.models.mtp import MTPModule, load_mtp_state
 from rlkit.models.tokenizer import eos_token_ids
 from rlkit.rollout.compression import validate
 from rlkit.rollout.cuda_graphs import DecodeGraphs, supported
+from rlkit.rollout.drafters import DRAFTERS, DraftSettings
 from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
-from rlkit.rollout.sampling import SamplingParams, make_generator, sample
-from rlkit.rollout.stopping import StopChecker
+from rlkit.rollout.sam import SuffixAutomaton, corpus_automaton
+from rlkit.rollout.sampling import SamplingParams
+from rlkit.rollout.scheduler import Completion, DecodeStep, Run
+from rlkit.rollout.steps import PlainStep, SpecStep
 
-# Rows of the LM head and sampler per chunk: keeps every [rows, V] temporary under glibc's
-# mmap threshold (see _reuse_freed_memory) and in cache.
-_SAMPLE_ROWS = 64
+__all__ = ["Completion", "Engine"]
+
 # GEMM rows that prepacked weights are laid out for (decode batches are up to max_batch_size).
 _PACK_BATCH_HINT = 64
 
@@ -61,16 +67,6 @@ def _reuse_freed_memory() -> None:
     libc.mallopt(m_top_pad, 64 << 20)
 
 
-@dataclass
-class Completion:
-    prompt_index: int
-    token_ids: list[int]
-    # Log-probability of each token under the sampling distribution (float32 math).
-    logprobs: list[float]
-    finish_reason: str  # "stop" | "length"
-    text: str
-
-
 class Engine:
     """Generation with `model`, which the engine takes over: it is cast in place to `dtype`,
     put in eval mode with gradients off, and its q/k/v and gate/up projections are fused
@@ -91,6 +87,9 @@ class Engine:
     cuda_graphs: decode steps replayed from CUDA graphs, one per padded batch size
     (`rollout/cuda_graphs.py`; default: on for CUDA; not under the h2o policy). True on a CPU
     runs the same padded steps without capturing them (the path tested there).
+    speculative: draft-and-verify decoding (None or drafter "none": plain steps). mtp: the
+    MTP module the `mtp` and `sam+mtp` drafters use; the engine casts it to `dtype` and takes
+    its weights from `load_state_dict` (names `mtp.*`) with the policy's.
 
     `stats` (after each `generate`): kv_bytes_peak (bytes of the cache's K/V storage as
     allocated), kv_bytes_retained_per_seq (mean over sequences of the entries held when the
@@ -98,7 +97,9 @@ class Engine:
     (what a dense cache holds at that moment: prompt + fed completion tokens, i.e. all but the
     last sampled token, times bytes per token), kv_retained_frac (their ratio),
     kv_retained_frac_max (the largest per-sequence ratio),
-    compression_events ((sequence, layer) compressions in the call).
+    compression_events ((sequence, layer) compressions in the call); speculative calls add
+    spec/accept_len_mean, spec/accept_rate, spec/drafted_per_step, spec/draft_ms,
+    spec/verify_steps (`steps.SpecStep.stats`).
     """
 
     def __init__(
@@ -114,6 +115,8 @@ class Engine:
         prepack: bool | None = None,
         cpu_kernels: bool = True,
         cuda_graphs: bool | None = None,
+        speculative: SpeculativeConfig | None = None,
+        mtp: MTPModule | None = None,
     ):
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
@@ -131,7 +134,7 @@ class Engine:
         self.eos_ids = eos_token_ids(tokenizer, model.args)
         self.cache: KVCache | None = None
         self.cpu_kernels = cpu_kernels
-        # One-token decode steps through the C kernels (bf16 on CPU where they are built).
+        # Decode steps (one token or a verify step's k + 1 per row) through the C kernels.
         self.fused_decode = cpu_kernels and self.model.can_fuse_decode()
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
@@ -142,6 +145,30 @@ class Engine:
             self.compression = None
         if self.compression is not None:
             validate(self.compression)
+        self.speculative = speculative
+        if speculative is not None and speculative.drafter == "none":
+            self.speculative = None
+        if self.speculative is not None:
+            if self.speculative.num_draft_tokens < 1:
+                raise ValueError("speculative.num_draft_tokens must be >= 1")
+            if self.compression is not None and self.compression.policy == "h2o":
+                raise ValueError(
+                    "speculative decoding does not combine with the h2o policy: its accumulated "
+                    "attention would count the queries of rejected drafts"
+                )
+        self.mtp = None
+        if mtp is not None:
+            self.mtp = mtp.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+            # One GEMM for q/k/v and one for gate/up, as the trunk's (weights stay loadable).
+            self.mtp.block.self_attn.fuse()
+            self.mtp.block.mlp.fuse()
+        if self.speculative is not None and "mtp" in self.speculative.drafter and mtp is None:
+            raise ValueError(f"drafter {self.speculative.drafter!r} needs an MTP module (mtp=...)")
+        self.static_corpus: SuffixAutomaton | None = None
+        # How often each token was in a prompt or an output (the MTP drafter's sub-vocabulary).
+        self.token_counts: torch.Tensor | None = None
+        if self.speculative is not None and self.speculative.mtp_vocab > 0:
+            self.token_counts = torch.zeros(model.args.vocab_size, device=self.device)
         self.stats: dict[str, float] = {}
         if self.device.type == "cpu":
             _reuse_freed_memory()
@@ -158,6 +185,9 @@ class Engine:
             parts.append(f"decode step on PyTorch ops (C kernels: {why})")
         elif self.cuda_graphs:
             parts.append("CUDA-graph decode steps")
+        if self.speculative is not None:
+            sp = self.speculative
+            parts.append(f"speculative: {sp.drafter} drafts {sp.num_draft_tokens} tokens")
         return ", ".join(parts)
 
     def release_cache(self) -> None:
@@ -179,12 +209,28 @@ class Engine:
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy new weights (any dtype, e.g. the learner's float32) into the engine's model."""
-        load_weights(self.model, state_dict)
+        """Copy new weights (any dtype, e.g. the learner's float32) into the engine's model;
+        `mtp.*` entries go to the MTP module. A state dict of `mtp.*` entries alone updates
+        only the MTP module (the MTP warm-up's sync)."""
+        mtp = {k: v for k, v in state_dict.items() if k.startswith(MTP_PREFIX)}
+        if mtp:
+            if self.mtp is None:
+                raise ValueError("weights for an MTP module, but this engine has none")
+            load_mtp_state(self.mtp, mtp)
+        if len(mtp) < len(state_dict):
+            load_weights(self.model, {k: v for k, v in state_dict.items() if k not in mtp})
+
+    def set_static_corpus(self, texts: list[list[int]]) -> None:
+        """SAM drafters also match these token lists (e.g. the train split's reference
+        answers), each ended by EOS."""
+        sep = min(self.eos_ids) if self.eos_ids else 0
+        self.static_corpus = corpus_automaton(texts, sep) if texts else None
 
     def _cache_for(
-        self, slots: int, length: int, compression: KVCompressionConfig | None
+        self, slots: int, length: int, compression: KVCompressionConfig | None, lookahead: int
     ) -> KVCache:
+        """A cache of `slots` slots for sequences of up to `length` tokens, reused when the
+        last one fits; `lookahead` extra entries per slot for a verify step's drafts."""
         a, c = self.model.args, compression
         if c is not None:
             # A row holds at most `budget` entries after prefill or a compression, and gains
@@ -193,263 +239,63 @@ class Engine:
             old = self.cache
             if not (
                 isinstance(old, CompressedKVCache)
-                and old.fits_compressed(slots, small, length, self.dtype, c)
+                and old.fits_compressed(slots, small, length, self.dtype, c, lookahead)
             ):
                 self.cache = old = None  # free the old one before allocating
                 self._graphs = None
                 self.cache = CompressedKVCache(
                     a.num_layers, slots, small, length, a.num_heads, a.num_kv_heads,
-                    a.head_dim, c, self.dtype, self.device, self.cpu_kernels,
+                    a.head_dim, c, self.dtype, self.device, self.cpu_kernels, lookahead,
                 )  # fmt: skip
             assert self.cache is not None
             return self.cache
         if (
             self.cache is None
             or isinstance(self.cache, CompressedKVCache)
-            or not self.cache.fits(slots, length, self.dtype)
+            or not self.cache.fits(slots, length, self.dtype, lookahead)
         ):
             self.cache = None  # free the old one before allocating
             self._graphs = None
             self.cache = KVCache(
                 a.num_layers, slots, length, a.num_kv_heads, a.head_dim, self.dtype, self.device,
-                self.cpu_kernels,
+                self.cpu_kernels, lookahead,
             )  # fmt: skip
         return self.cache
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> list[Completion]:
         """n completions per prompt, prompt-major: result[i * n + j] is sample j of prompt i.
 
         compress=False decodes this call against a dense cache even when the engine has
         `kv_compression` (a Sparse-RL run's held-out evaluation of the model as deployed).
+        drafter: this call's drafter instead of the engine's `speculative.drafter` ("none":
+        plain decoding; e.g. "mtp" to measure the MTP module of an engine that drafts by SAM).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
         longest = max(len(p) for p in prompts)
         if longest >= self.max_seq_len:
             raise ValueError(f"a prompt has {longest} tokens; max_seq_len is {self.max_seq_len}")
-        run = _Run(self, prompts, params, n, self.compression if compress else None)
-        return run.execute()
-
-
-class _Run:
-    """State of one `generate` call. Per-slot arrays cover slots 0..B-1 (the running batch)."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        n: int,
-        compression: KVCompressionConfig | None,
-    ):
-        self.e, self.prompts, self.params, self.n = engine, prompts, params, n
-        self.model = engine.model
-        dev = engine.device
-        total = len(prompts) * n
-        length = min(engine.max_seq_len, max(len(p) for p in prompts) + params.max_new_tokens)
-        self.cache = engine._cache_for(min(engine.max_batch_size, total), length, compression)
-        self.slots = self.cache.num_slots
-        self.graphs = engine._decode_graphs(self.cache)
-        self.gen = make_generator(params, dev)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_ids)
-        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
-        self.checker = StopChecker(engine.tokenizer, params.stop)
-        # Outputs indexed by sequence id (prompt i, sample j -> i * n + j): compaction never
-        # moves them.
-        self.out_tokens = torch.zeros(total, params.max_new_tokens, dtype=torch.long, device=dev)
-        self.out_logprobs = torch.zeros(
-            total, params.max_new_tokens, dtype=torch.float32, device=dev
-        )
-        # Device state of the running slots.
-        self.last = torch.zeros(self.slots, dtype=torch.long, device=dev)  # token to feed next
-        self.done = torch.zeros(self.slots, dtype=torch.bool, device=dev)  # stop id sampled
-        self.seq_dev = torch.zeros(self.slots, dtype=torch.long, device=dev)
-        self.count_dev = torch.zeros(self.slots, dtype=torch.long, device=dev)
-        # Host mirror: sequence id, tokens generated, token limit, per running slot.
-        self.seq: list[int] = []
-        self.count = np.zeros(0, dtype=np.int64)
-        self.limit = np.zeros(0, dtype=np.int64)
-        self.waiting = deque(range(total))
-        self.results: list[Completion | None] = [None] * total
-        # Compression; per sequence the entries held at its finish and its true length then.
-        self.compression = compression
-        self.events0 = getattr(self.cache, "events", 0)
-        self.held = np.zeros(total, dtype=np.int64)
-        self.true_len = np.zeros(total, dtype=np.int64)
-
-    def execute(self) -> list[Completion]:
-        while self.waiting or self.seq:
-            self._admit()
-            steps = min(self.e.sync_every, int((self.limit - self.count).min()))
-            for _ in range(steps):
-                self._decode_step()
-            self._retire()
-        self._record_stats()
-        return [r for r in self.results if r is not None]
-
-    def _record_stats(self) -> None:
-        c = self.cache
-        dense = float(self.true_len.mean()) * c.bytes_per_token
-        retained = float(self.held.mean()) * c.bytes_per_entry
-        self.e.stats = {
-            "kv_bytes_peak": float(c.allocated_bytes),
-            "kv_bytes_retained_per_seq": retained,
-            "kv_bytes_dense_per_seq": dense,
-            "kv_retained_frac": retained / dense if dense else 1.0,
-            # The least-compressed sequence: 1 - this is what every sequence lost at least.
-            "kv_retained_frac_max": float(
-                (
-                    self.held * c.bytes_per_entry / np.maximum(self.true_len * c.bytes_per_token, 1)
-                ).max()
-            )
-            if len(self.held)
-            else 1.0,
-            "compression_events": float(getattr(c, "events", 0) - self.events0),
-        }
-
-    def _admit(self) -> None:
-        """Prefill waiting sequences into free slots, one forward per distinct prompt."""
-        free = self.slots - len(self.seq)
-        if not self.waiting or free == 0:
-            return
-        new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-        prompt_ids = sorted({s // self.n for s in new})
-        # Chunks of prompts within the padded-token budget.
-        chunk: list[int] = []
-        for p in prompt_ids:
-            width = max([len(self.prompts[q]) for q in chunk] + [len(self.prompts[p])])
-            if chunk and width * (len(chunk) + 1) > self.e.max_prefill_tokens:
-                self._prefill(chunk, [s for s in new if s // self.n in chunk])
-                chunk = []
-            chunk.append(p)
-        self._prefill(chunk, [s for s in new if s // self.n in chunk])
-
-    def _prefill(self, prompt_ids: list[int], seqs: list[int]) -> None:
-        dev = self.e.device
-        lengths = [len(self.prompts[p]) for p in prompt_ids]
-        tokens = torch.zeros(len(prompt_ids), max(lengths), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            tokens[i, : lengths[i]] = torch.tensor(self.prompts[p])
-        tokens = tokens.to(dev)
-        row_of = {p: i for i, p in enumerate(prompt_ids)}
-        first = len(self.seq)
-        slots = torch.arange(first, first + len(seqs))
-        rows = torch.tensor([row_of[s // self.n] for s in seqs])
-        self.cache.begin_prefill(slots, rows, lengths)
-        positions = torch.arange(tokens.shape[1], device=dev).expand_as(tokens)
-        hidden = self.model.forward_cached(tokens, positions, self.cache)  # [P, T, hidden]
-        last = hidden[torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev) - 1]
-        # The LM head sees one row per sequence, never the prompt's other positions.
-        tok, logp = self._sample(last[rows.to(dev)])  # [m]
-        seq_t = torch.tensor(seqs, device=dev)
-        self.out_tokens[seq_t, 0] = tok
-        self.out_logprobs[seq_t, 0] = logp
-        end = first + len(seqs)
-        self.last[first:end] = tok
-        self.done[first:end] = torch.isin(tok, self.stop_ids)
-        self.seq_dev[first:end] = seq_t
-        self.count_dev[first:end] = 1
-        self.seq.extend(seqs)
-        prompt_len = np.array([len(self.prompts[s // self.n]) for s in seqs], dtype=np.int64)
-        limit = np.minimum(self.params.max_new_tokens, self.cache.capacity - prompt_len)
-        self.count = np.concatenate([self.count, np.ones(len(seqs), dtype=np.int64)])
-        self.limit = np.concatenate([self.limit, limit])
-        for s in seqs:
-            self.checker.reset(s)
-
-    def _decode_step(self) -> None:
-        B = len(self.seq)
-        if self.graphs is not None:
-            hidden = self.graphs.step(B, self.last)
-        else:
-            positions = self.cache.begin_decode(B)  # [B, 1]
-            if self.e.fused_decode:
-                hidden = self.model.forward_decode_fused(self.last[:B, None], positions, self.cache)
-            else:
-                hidden = self.model.forward_cached(self.last[:B, None], positions, self.cache)
-        tok, logp = self._sample(hidden[:, -1])
-        seq, count = self.seq_dev[:B], self.count_dev[:B]
-        self.out_tokens[seq, count] = tok
-        self.out_logprobs[seq, count] = logp
-        self.done[:B] |= torch.isin(tok, self.stop_ids)
-        self.last[:B] = tok
-        self.count_dev[:B] += 1
-        self.count += 1
-        if self.compression is not None:
-            # Each sequence is checked every `interval` of its own decode steps, so what it
-            # keeps does not depend on when it was admitted next to others.
-            due = np.nonzero((self.count - 1) % self.compression.interval == 0)[0]
-            if len(due):
-                assert isinstance(self.cache, CompressedKVCache)
-                self.cache.compress(due)
-
-    def _sample(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens [N] and sampler log-probs [N] from final hidden states [N, hidden]."""
-        outs = [
-            sample(self.model.logits(hidden[i : i + _SAMPLE_ROWS]), self.params, self.gen)
-            for i in range(0, hidden.shape[0], _SAMPLE_ROWS)
-        ]
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat([t for t, _ in outs]), torch.cat([lp for _, lp in outs])
-
-    def _retire(self) -> None:
-        """Finish sequences that stopped or hit their limit; compact; free their slots."""
-        B = len(self.seq)
-        done = self.done[:B].tolist()
-        finished: list[int] = []
-        for b in range(B):
-            s, count = self.seq[b], int(self.count[b])
-            stop_at = None
-            if done[b] or self.checker.active:
-                stop_at = self._stop_index(s, self.out_tokens[s, :count], done[b])
-            if stop_at is not None:
-                self._finish(s, stop_at, "stop")
-            elif count >= self.limit[b]:
-                self._finish(s, count, "length")
-            else:
-                continue
-            self.held[s] = self.cache.entries_held(b)
-            self.true_len[s] = self.cache.positions[b]
-            finished.append(b)
-        if finished:
-            self._compact(finished)
-
-    def _stop_index(self, s: int, row: torch.Tensor, has_stop_id: bool) -> int | None:
-        """Tokens to keep if sequence s has stopped (through its stop token or stop string)."""
-        cut = None
-        if has_stop_id:
-            # First stop id; tokens sampled after it (before this sync) are dropped.
-            cut = int(torch.isin(row, self.stop_ids).nonzero()[0, 0]) + 1
-            row = row[:cut]
-        text_cut = self.checker.check(s, row)
-        return text_cut if text_cut is not None else cut
-
-    def _finish(self, s: int, keep: int, reason: str) -> None:
-        tokens = self.out_tokens[s, :keep].tolist()
-        text = self.e.tokenizer.decode(tokens, skip_special_tokens=True)
-        if reason == "stop":
-            text = self.checker.truncate(text)
-        self.results[s] = Completion(
-            s // self.n, tokens, self.out_logprobs[s, :keep].tolist(), reason, text
-        )
-
-    def _compact(self, finished: list[int]) -> None:
-        B = len(self.seq)
-        keep_n = B - len(finished)
-        holes = [b for b in finished if b < keep_n]
-        gone = set(finished)
-        movers = [b for b in range(keep_n, B) if b not in gone]
-        self.cache.move(movers, holes)
-        if holes:
-            src = torch.tensor(movers, device=self.e.device)
-            dst = torch.tensor(holes, device=self.e.device)
-            for t in (self.last, self.done, self.seq_dev, self.count_dev):
-                t[dst] = t[src]
-        for m, h in zip(movers, holes, strict=True):
-            self.seq[h], self.count[h], self.limit[h] = self.seq[m], self.count[m], self.limit[m]
-        del self.seq[keep_n:]
-        self.count, self.limit = self.count[:keep_n], self.limit[:keep_n]
+        spec = self.speculative or SpeculativeConfig()
+        name = spec.drafter if drafter is None else drafter
+        k = spec.num_draft_tokens if name != "none" else 0
+        run = Run(self, prompts, params, n, self.compression if compress else None, lookahead=k)
+        step: DecodeStep = PlainStep()
+        if name != "none":
+            if "mtp" in name and self.mtp is None:
+                raise ValueError(f"drafter {name!r} needs an MTP module; this engine has none")
+            if compress and self.compression is not None and self.compression.policy == "h2o":
+                raise ValueError("speculative decoding does not combine with the h2o policy")
+            settings = DraftSettings(
+                k, spec.sam_min_match, self.mtp, self.static_corpus, spec.mtp_vocab,
+                self.token_counts,
+            )  # fmt: skip
+            step = SpecStep(DRAFTERS.get(name)(run, settings), k)
+        return run.execute(step)

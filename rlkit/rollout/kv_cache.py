@@ -14,9 +14,11 @@ In dense decoding the two are equal. They are kept apart for what extends this c
   `positions[s]` keeps counting, and because keys were rotated at their true positions
   nothing is re-rotated. Lengths there are per (layer group, slot), masks per group.
 - Draft verification (MTP / SAM speculative decoding): `begin_decode(B, T)` takes T >= 1 new
-  tokens per slot, writes them after each slot's entries and builds a causal mask among them;
+  tokens per slot, writes them after each slot's entries and attends causally among them;
   rejected drafts are dropped by lowering `lengths` and `positions` again (`rewind`), and
-  their stale entries are overwritten by the next step.
+  their stale entries are overwritten by the next step. `lookahead` extra entries per slot
+  (the drafts a step may feed) are allocated past the capacity, so that a step near a slot's
+  limit, or a padding row of a step, can write its T entries before the rewind.
 
 The engine keeps its running sequences in slots 0..B-1 (it compacts after sequences finish),
 so decoding reads a prefix of the slots. Lengths live on the host as well as on the device,
@@ -49,19 +51,28 @@ class KVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         cpu_kernels: bool = True,
+        lookahead: int = 0,
     ):
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        # Storage: the capacity plus the entries a verify step may write past it.
+        self.max_len, self.lookahead = max_len + lookahead, lookahead
+        shape = (num_layers, num_slots, num_kv_heads, self.max_len, head_dim)
         self.cpu_kernels = cpu_kernels
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_slots, self.max_len, self.device = num_slots, max_len, torch.device(device)
+        self.num_slots, self.device = num_slots, torch.device(device)
         self.lengths = np.zeros(num_slots, dtype=np.int64)
         self.positions = np.zeros(num_slots, dtype=np.int64)
         self._mode: str | None = None
-        self._static: torch.Tensor | None = None  # padded steps' inputs (`_padded_inputs`)
+        # Padded steps' inputs per tokens-per-row (`_padded_inputs`).
+        self._static: dict[int, torch.Tensor] = {}
 
-    def fits(self, num_slots: int, max_len: int, dtype: torch.dtype) -> bool:
-        return self.num_slots >= num_slots and self.max_len >= max_len and self.k.dtype == dtype
+    def fits(self, num_slots: int, max_len: int, dtype: torch.dtype, lookahead: int = 0) -> bool:
+        return (
+            self.num_slots >= num_slots
+            and self.capacity >= max_len
+            and self.lookahead >= lookahead
+            and self.k.dtype == dtype
+        )
 
     @property
     def bytes_per_token(self) -> int:
@@ -77,7 +88,7 @@ class KVCache:
     @property
     def capacity(self) -> int:
         """Most tokens (prompt + completion) a slot can hold."""
-        return self.max_len
+        return self.max_len - self.lookahead
 
     @property
     def allocated_bytes(self) -> int:
@@ -98,17 +109,35 @@ class KVCache:
         self.lengths[idx] = src
         self.positions[idx] = src
 
+    def reset_slots(self, slots: list[int] | range, positions: np.ndarray) -> None:
+        """Empty `slots`; their next entry is at true position `positions[i]` (a drafter's
+        cache, which starts at the completion instead of holding the prompt)."""
+        idx = list(slots)
+        self.lengths[idx] = 0
+        self.positions[idx] = positions
+
+    def draft_room(self, batch: int) -> np.ndarray | None:
+        """Tokens each of slots 0..batch-1 may draft before the cache needs a check
+        (`CompressedKVCache`); None: no bound."""
+        return None
+
+    def compress_due(self, batch: int) -> int:
+        """After a step: compress the slots due for it (`CompressedKVCache`)."""
+        return 0
+
     def _padded_inputs(self, batch: int, pad: int, host: np.ndarray) -> torch.Tensor:
-        """Copy a padded step's inputs host [rows, pad] (int64) into the cache's fixed device
-        buffer [rows, slots], allocated on first use and never moved, so that a CUDA graph
-        captured over its views reads each step's values; returns buf[:, :pad]."""
+        """Copy a padded step's inputs host [rows, pad, T] (int64) into the cache's fixed
+        device buffer for T tokens per row [rows, slots, T], allocated on first use and never
+        moved, so that a CUDA graph captured over its views reads each step's values; returns
+        buf[:, :pad]."""
         if not batch <= pad <= self.num_slots:
             raise ValueError(f"pad_to must be in [{batch}, {self.num_slots}], got {pad}")
-        if self._static is None:
-            self._static = torch.zeros(
-                (host.shape[0], self.num_slots), dtype=torch.long, device=self.device
+        rows, _, T = host.shape
+        if T not in self._static:
+            self._static[T] = torch.zeros(
+                (rows, self.num_slots, T), dtype=torch.long, device=self.device
             )
-        buf = self._static[:, :pad]
+        buf = self._static[T][:, :pad]
         buf.copy_(torch.from_numpy(host))
         return buf
 
@@ -118,40 +147,37 @@ class KVCache:
         """Next forward appends `new_tokens` tokens to each of slots 0..batch-1; returns their
         true positions [batch, new_tokens].
 
-        pad_to=P (one new token, batch <= P <= slots): a step of P rows whose inputs live in
-        one fixed device buffer and whose attention spans every row's whole capacity (only
-        each row's length counts), so the same forward, captured once as a CUDA graph, runs
-        every step of P rows. Rows batch..P-1 are padding: free slots, written at entry 0
-        and attending to 1 entry. Returns positions [P, 1]."""
+        pad_to=P (batch <= P <= slots): a step of P rows whose inputs live in one fixed device
+        buffer and whose attention spans every row's whole storage (only each row's length
+        counts), so the same forward, captured once as a CUDA graph, runs every step of P rows
+        and T tokens. Rows batch..P-1 are padding: free slots, written at entries 0..T-1.
+        Returns positions [P, T]."""
         self._mode = "decode"
         if pad_to is not None:
-            return self._begin_padded(batch, pad_to)
+            return self._begin_padded(batch, pad_to, new_tokens)
         start = torch.from_numpy(self.lengths[:batch].copy()).to(self.device)  # [B]
         pos0 = torch.from_numpy(self.positions[:batch].copy()).to(self.device)
         steps = torch.arange(new_tokens, device=self.device)
         self._write = start[:, None] + steps  # [B, T]
         self._kv_len = int(self.lengths[:batch].max()) + new_tokens
         self._lens = self._write[:, -1] + 1  # [B] entries each slot's last query sees
-        if new_tokens > 1:  # one token per slot attends by `_lens` alone
-            keys = torch.arange(self._kv_len, device=self.device)
-            # Query t of slot b sees entries before its own write index, and itself.
-            mask = keys[None, None, :] <= self._write[:, :, None]  # [B, T, L]
-            self._mask = mask[:, None]  # [B, 1, T, L]
         self.lengths[:batch] += new_tokens
         self.positions[:batch] += new_tokens
         return pos0[:, None] + steps
 
-    def _begin_padded(self, batch: int, pad: int) -> torch.Tensor:
-        host = np.zeros((3, pad), dtype=np.int64)  # write index, length, position
-        host[0, :batch] = self.lengths[:batch]
-        host[1] = host[0] + 1
-        host[2, :batch] = self.positions[:batch]
+    def _begin_padded(self, batch: int, pad: int, T: int) -> torch.Tensor:
+        steps = np.arange(T)
+        host = np.zeros((3, pad, T), dtype=np.int64)  # write index, length (col 0), position
+        host[0] = steps
+        host[0, :batch] += self.lengths[:batch, None]
+        host[1, :, 0] = host[0, :, -1] + 1
+        host[2, :batch] = self.positions[:batch, None] + steps
         buf = self._padded_inputs(batch, pad, host)
-        self._write, self._lens = buf[0, :, None], buf[1]
+        self._write, self._lens = buf[0], buf[1, :, 0]
         self._kv_len = self.max_len
-        self.lengths[:batch] += 1
-        self.positions[:batch] += 1
-        return buf[2, :, None]
+        self.lengths[:batch] += T
+        self.positions[:batch] += T
+        return buf[2]
 
     def rewind(self, counts: np.ndarray) -> None:
         """Forget the last counts[b] entries of slots 0..len(counts)-1 (rejected drafts)."""
@@ -180,15 +206,15 @@ class KVCache:
             return out[:, :, None]
         # The G query heads that share a kv head become G*T query rows of that head: plain
         # SDPA on [B, KVH, G*T, D] runs much faster on CPU than its GQA mode for short T.
-        group = H // kvh
-        qg = q.reshape(B, kvh, group * T, D)
-        mask = self._mask.repeat(1, 1, group, 1)
+        # Built here, from the step's write indices, so that a captured step rebuilds it.
+        mask = causal_mask(self._write, self._kv_len).repeat(1, 1, H // kvh, 1)
+        qg = q.reshape(B, kvh, (H // kvh) * T, D)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.view(B, H, T, D)
 
     def fused_target(self, layer: int) -> FusedTarget | None:
         """The fused decode step's view of `layer` (see `FusedDecodeCache`), after
-        `begin_decode(B, 1)`."""
+        `begin_decode(B, T)`."""
         B = self._lens.shape[0]
         return self.k[layer, :B], self.v[layer, :B], self._lens, None, None
 
@@ -205,6 +231,13 @@ class KVCache:
         self.positions[dst] = self.positions[src]
 
 
+def causal_mask(write: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, 1, T, kv_len] bool: query t of row b sees the entries up to its own write index
+    write[b, t] (those before it and itself)."""
+    keys = torch.arange(kv_len, device=write.device)
+    return (keys[None, None, :] <= write[:, :, None])[:, None]
+
+
 class CompressedKVCache(KVCache):
     """KV cache whose rows hold a compressed subset of each sequence's tokens (Sparse-RL).
 
@@ -218,18 +251,20 @@ class CompressedKVCache(KVCache):
     `group_lengths` [groups, slots], and `layer_lengths` expands them to [layers, slots]:
     one group (every layer) for snapkv / rkv / h2o / streaming; for `layer_hybrid` group 0 is
     the compressed layers and group 1 the full layers (every `full_every`-th, never
-    compressed). `lengths` is group 0's row (a view). Masks and decode lengths are built once
-    per group and step.
+    compressed). `lengths` is group 0's row (a view).
 
     Storage. Compressed layers live in `k`, `v` [compressed layers, slots, KVH, max_len, D]
     with max_len only what a row can hold between compressions (budget + interval: a prompt
     longer than the budget is compressed while it is written); full layers of `layer_hybrid`
-    in `kf`, `vf` [full layers, slots, KVH, full_len, D].
+    in `kf`, `vf` [full layers, slots, KVH, full_len, D]. Both add `lookahead` entries: the
+    drafts a verify step writes before its rejected ones are rewound.
 
     Statistics, kept only for the policies that read them:
-    - `queries` [layers that need them, slots, H, window, D]: each slot's last `window`
-      queries in a ring (position p at p % window), for snapkv / rkv (every layer) and the
-      full layers of layer_hybrid; scores are computed only when compressing.
+    - `queries` [layers that need them, slots, H, window + lookahead, D]: each slot's recent
+      queries in a ring (position p at p % ring), for snapkv / rkv (every layer) and the full
+      layers of layer_hybrid; scores are computed only when compressing, from the last
+      `window`. The ring's `lookahead` spare places keep the queries of rejected drafts from
+      overwriting them.
     - `accumulated` [layers, slots, KVH, max_len] float32 (h2o): attention received so far;
       decode attention is computed explicitly, to get the probabilities, only under h2o.
     - `entry_pos` [full layers, slots, max_len] (layer_hybrid, oracle): the true position of
@@ -237,8 +272,13 @@ class CompressedKVCache(KVCache):
       to look up the full layer's scores.
 
     Compression happens inside prefill (a prompt longer than the budget: SnapKV scores use the
-    prompt's last `window` queries) and in `compress`, which the engine calls for each
-    slot every `cfg.interval` of its decode steps; `events` counts (sequence, layer) compressions.
+    prompt's last `window` queries) and in `compress`. The cache owns the trigger, in tokens:
+    `since[s]` counts the tokens slot s gained since its last check, and `compress_due`, which
+    the engine calls after every step, checks each slot that reached `cfg.interval` (so what a
+    sequence keeps does not depend on its batch). `draft_room` bounds a verify step's drafts so
+    that no step crosses a check: the checks fall on the same tokens as one-token decoding's,
+    and a speculative sparse rollout is the same sparse policy. `events` counts (sequence,
+    layer) compressions.
     """
 
     def __init__(
@@ -254,13 +294,17 @@ class CompressedKVCache(KVCache):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         cpu_kernels: bool = True,
+        lookahead: int = 0,
     ):
         validate(cfg)
         self.cfg = cfg
         self.cpu_kernels = cpu_kernels
         self.policy = POLICIES.get(cfg.policy)
         self.num_layers, self.num_slots, self.device = num_layers, num_slots, torch.device(device)
-        self.max_len, self.full_len = min(max_len, full_len), full_len
+        # Storage sizes, with room for a verify step's drafts.
+        self.lookahead = lookahead
+        self.max_len = min(max_len, full_len) + lookahead
+        self.full_len = full_len + lookahead
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         hybrid = cfg.policy == "layer_hybrid"
         self.oracle = hybrid and not cfg.hybrid_local
@@ -275,21 +319,22 @@ class CompressedKVCache(KVCache):
         )
         self.v = torch.zeros_like(self.k)
         self.kf = torch.zeros(
-            (len(self.full_layers), *kv, full_len, head_dim), dtype=dtype, device=device
+            (len(self.full_layers), *kv, self.full_len, head_dim), dtype=dtype, device=device
         )
         self.vf = torch.zeros_like(self.kf)
         self.group_lengths = np.zeros((2, num_slots), dtype=np.int64)
         self.lengths = self.group_lengths[0]  # a view: updated with group_lengths
         self.positions = np.zeros(num_slots, dtype=np.int64)
-        # Ring of the last `window` queries, for the layers whose scores need them.
+        self.since = np.zeros(num_slots, dtype=np.int64)  # tokens since the last check
+        # Ring of the recent queries, for the layers whose scores need them.
         if cfg.policy in ("snapkv", "rkv"):
             q_layers = self.comp_layers
         else:
             q_layers = self.full_layers if self.oracle else []
         self.q_index = {i: j for j, i in enumerate(q_layers)}
-        w = cfg.window
+        self.ring = cfg.window + lookahead
         self.queries = torch.zeros(
-            (len(q_layers), num_slots, num_heads, w, head_dim), dtype=dtype, device=device
+            (len(q_layers), num_slots, num_heads, self.ring, head_dim), dtype=dtype, device=device
         )
         self.h2o = cfg.policy == "h2o"
         self.accumulated = torch.zeros(
@@ -304,11 +349,11 @@ class CompressedKVCache(KVCache):
         )
         self.events = 0
         self._mode: str | None = None
-        self._static: torch.Tensor | None = None
+        self._static: dict[int, torch.Tensor] = {}
 
     # -- sizes -----------------------------------------------------------------------------
 
-    def fits(self, num_slots: int, max_len: int, dtype: torch.dtype) -> bool:
+    def fits(self, num_slots: int, max_len: int, dtype: torch.dtype, lookahead: int = 0) -> bool:
         raise NotImplementedError("the engine sizes a CompressedKVCache with fits_compressed")
 
     def fits_compressed(
@@ -318,18 +363,21 @@ class CompressedKVCache(KVCache):
         full_len: int,
         dtype: torch.dtype,
         cfg: KVCompressionConfig,
+        lookahead: int = 0,
     ) -> bool:
+        la = self.lookahead
         return (
             self.cfg == cfg
             and self.num_slots >= num_slots
-            and self.max_len >= min(max_len, full_len)
-            and self.full_len >= full_len
+            and la >= lookahead
+            and self.max_len - la >= min(max_len, full_len)
+            and self.full_len - la >= full_len
             and self.k.dtype == dtype
         )
 
     @property
     def capacity(self) -> int:
-        return self.full_len
+        return self.full_len - self.lookahead
 
     @property
     def bytes_per_token(self) -> int:
@@ -369,6 +417,7 @@ class CompressedKVCache(KVCache):
         self.group_lengths[0, idx] = np.minimum(src, self.cfg.budget)
         self.group_lengths[1, idx] = src
         self.positions[idx] = src
+        self.since[idx] = 0
         self.events += int((src > self.cfg.budget).sum()) * len(self.comp_layers)
 
     def _last_queries(
@@ -397,7 +446,7 @@ class CompressedKVCache(KVCache):
         last_q = None
         if layer in self.q_index:
             last_q, pos = self._last_queries(q, lens)
-            ring = pos.remainder(cfg.window)[rows]  # [S, w]
+            ring = pos.remainder(self.ring)[rows]  # [S, w]
             ring_q = self.queries[self.q_index[layer]]
             ring_q[slots[:, None], :, ring] = last_q[rows].transpose(1, 2)
         squeeze = torch.from_numpy(self._squeeze).to(self.device)
@@ -438,63 +487,74 @@ class CompressedKVCache(KVCache):
     ) -> torch.Tensor:
         self._mode = "decode"
         if pad_to is not None:
-            return self._begin_padded_compressed(batch, pad_to)
+            return self._begin_padded_compressed(batch, pad_to, new_tokens)
         dev = self.device
         pos0 = torch.from_numpy(self.positions[:batch].copy()).to(dev)
         steps = torch.arange(new_tokens, device=dev)
         self._gwrite: list[torch.Tensor] = []
         self._gkv_len: list[int] = []
-        self._gmask: list[torch.Tensor] = []
         self._glens: list[torch.Tensor] = []
         for g in range(2 if self.full_layers else 1):
             start = torch.from_numpy(self.group_lengths[g, :batch].copy()).to(dev)
             write = start[:, None] + steps  # [B, T]
-            kv_len = int(self.group_lengths[g, :batch].max()) + new_tokens
-            keys = torch.arange(kv_len, device=dev)
             self._gwrite.append(write)
-            self._gkv_len.append(kv_len)
-            self._gmask.append((keys[None, None, :] <= write[:, :, None])[:, None])  # [B, 1, T, L]
+            self._gkv_len.append(int(self.group_lengths[g, :batch].max()) + new_tokens)
             self._glens.append(write[:, -1] + 1)
         if self.q_index:
-            self._ring = (pos0[:, None] + steps).remainder(self.cfg.window)
+            self._ring = (pos0[:, None] + steps).remainder(self.ring)  # [B, T]
         if self.oracle:  # the new entries of the compressed layers and their true positions
             slots = torch.arange(batch, device=dev)[:, None]
             self.entry_pos[:, slots, self._gwrite[0]] = pos0[:, None] + steps
         self.group_lengths[:, :batch] += new_tokens
         self.positions[:batch] += new_tokens
+        self.since[:batch] += new_tokens
         return pos0[:, None] + steps
 
-    def _begin_padded_compressed(self, batch: int, pad: int) -> torch.Tensor:
+    def _begin_padded_compressed(self, batch: int, pad: int, T: int) -> torch.Tensor:
         """`KVCache.begin_decode(pad_to=...)` for the compressed cache: per length group the
-        write index and length, the query ring's index and the positions in one buffer."""
+        write indices and length, the query ring's indices and the positions in one buffer."""
         if self.h2o:  # its statistic needs every row's exact span; not captured
             raise ValueError("a padded decode step does not take the h2o policy")
         groups = 2 if self.full_layers else 1
-        host = np.zeros((2 * groups + 2, pad), dtype=np.int64)
+        steps = np.arange(T)
+        host = np.zeros((2 * groups + 2, pad, T), dtype=np.int64)
         for g in range(groups):
-            host[2 * g, :batch] = self.group_lengths[g, :batch]
-            host[2 * g + 1] = host[2 * g] + 1
-        host[-2, :batch] = self.positions[:batch] % self.cfg.window
-        host[-1, :batch] = self.positions[:batch]
+            host[2 * g] = steps
+            host[2 * g, :batch] += self.group_lengths[g, :batch, None]
+            host[2 * g + 1, :, 0] = host[2 * g, :, -1] + 1
+        host[-1, :batch] = self.positions[:batch, None] + steps
+        host[-2, :batch] = host[-1, :batch] % self.ring
         buf = self._padded_inputs(batch, pad, host)
-        self._gwrite = [buf[2 * g, :, None] for g in range(groups)]
-        self._glens = [buf[2 * g + 1] for g in range(groups)]
+        self._gwrite = [buf[2 * g] for g in range(groups)]
+        self._glens = [buf[2 * g + 1, :, 0] for g in range(groups)]
         self._gkv_len = [self.max_len, self.full_len][:groups]
-        self._gmask = []
         if self.q_index:
-            self._ring = buf[-2, :, None]
+            self._ring = buf[-2]
         if self.oracle:  # the real rows' new entries and their true positions (not captured)
-            slots = torch.arange(batch, device=self.device)
+            slots = torch.arange(batch, device=self.device)[:, None]
             self.entry_pos[:, slots, buf[0, :batch]] = buf[-1, :batch]
-        self.group_lengths[:, :batch] += 1
-        self.positions[:batch] += 1
-        return buf[-1, :, None]
+        self.group_lengths[:, :batch] += T
+        self.positions[:batch] += T
+        self.since[:batch] += T
+        return buf[-1]
 
     def rewind(self, counts: np.ndarray) -> None:
         """Forget the last counts[b] entries of slots 0..len(counts)-1 (not across a
         compression: the entries must still be the newest ones)."""
         self.group_lengths[:, : len(counts)] -= counts
         self.positions[: len(counts)] -= counts
+        self.since[: len(counts)] -= counts
+
+    def draft_room(self, batch: int) -> np.ndarray | None:
+        # A step that feeds t tokens may reach the next check but not pass it.
+        return self.cfg.interval - self.since[:batch] - 1
+
+    def compress_due(self, batch: int) -> int:
+        due = np.nonzero(self.since[:batch] >= self.cfg.interval)[0]
+        if not len(due):
+            return 0
+        self.since[due] = 0
+        return self.compress(due)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._mode == "prefill":
@@ -513,7 +573,7 @@ class CompressedKVCache(KVCache):
         if self.h2o:
             qg = q.reshape(B, kvh, G * T, D).float()
             logits = qg @ keys.float().transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G*T, L]
-            mask = self._gmask[group] if T == 1 else self._gmask[group].repeat(1, 1, G, 1)
+            mask = causal_mask(write, kv_len).repeat(1, 1, G, 1)
             probs = logits.masked_fill(~mask, -math.inf).softmax(dim=-1)
             acc = self.accumulated[self.where[layer][1]]
             acc[slots, :, write] = 0.0  # a fresh entry has received nothing yet
@@ -524,14 +584,14 @@ class CompressedKVCache(KVCache):
                 q[:, :, 0], keys, values, self._glens[group], cpu_kernel=self.cpu_kernels
             )
             return out[:, :, None]
-        mask = self._gmask[group].repeat(1, 1, G, 1)
+        mask = causal_mask(write, kv_len).repeat(1, 1, G, 1)
         out = F.scaled_dot_product_attention(
             q.reshape(B, kvh, G * T, D), keys, values, attn_mask=mask
         )
         return out.view(B, H, T, D)
 
     def fused_target(self, layer: int) -> FusedTarget | None:
-        """The fused decode step's view of `layer` after `begin_decode(B, 1)`; None under H2O
+        """The fused decode step's view of `layer` after `begin_decode(B, T)`; None under H2O
         (its statistic needs the attention probabilities)."""
         if self.h2o:
             return None
@@ -539,7 +599,8 @@ class CompressedKVCache(KVCache):
         lens = self._glens[group]
         B = lens.shape[0]
         if layer in self.q_index:
-            return ks[:B], vs[:B], lens, self.queries[self.q_index[layer]][:B], self._ring[:, 0]
+            ring = self.queries[self.q_index[layer]][:B]
+            return ks[:B], vs[:B], lens, ring, self._ring.reshape(-1)  # ring slots [B * T]
         return ks[:B], vs[:B], lens, None, None
 
     # -- compression during decode ---------------------------------------------------------
@@ -565,7 +626,7 @@ class CompressedKVCache(KVCache):
         ring = None
         if self.q_index:
             qpos = torch.from_numpy(self.positions[rows_np].copy()).to(dev)[:, None] - w
-            ring = (qpos + torch.arange(w, device=dev)).remainder(w)  # [R, w], oldest first
+            ring = (qpos + torch.arange(w, device=dev)).remainder(self.ring)  # [R, w], oldest first
         oracle: dict[int, torch.Tensor] = {}
         chosen_of: dict[int, torch.Tensor] = {}
         if self.oracle:
@@ -635,6 +696,7 @@ class CompressedKVCache(KVCache):
         self.queries[:, d] = self.queries[:, s]
         self.group_lengths[:, dst] = self.group_lengths[:, src]
         self.positions[dst] = self.positions[src]
+        self.since[dst] = self.since[src]
 
 
 def _causal_attention_with_colsum(

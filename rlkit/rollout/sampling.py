@@ -86,14 +86,16 @@ def sample(
         u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)
         return cpu_kernels.sample_rows(logits, params.temperature, u[:, 0])
     logp = sampling_logprobs(logits, params)  # [N, V]
-    if params.temperature == 0:
-        tokens = logits.argmax(dim=-1)
-    else:
-        # Inverse-CDF draw: one uniform per row (torch's per-element exponential / multinomial
-        # sampling costs ~20x more on CPU at a 50k vocabulary). The CDF is summed in float64 so
-        # that tail tokens keep their probability once most of the mass is behind them.
-        cdf = logp.exp().cumsum(dim=-1, dtype=torch.float64)  # [N, V]
-        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
-        tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
-        tokens = tokens.clamp_max_(cdf.shape[-1] - 1)
+    tokens = logits.argmax(dim=-1) if params.temperature == 0 else draw(logp, generator)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def draw(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row [N] from log-probabilities logp [N, V] by an inverse-CDF draw: one
+    uniform per row (torch's per-element exponential / multinomial sampling costs ~20x more on
+    CPU at a 50k vocabulary). The CDF is summed in float64 so that tail tokens keep their
+    probability once most of the mass is behind them."""
+    cdf = logp.exp().cumsum(dim=-1, dtype=torch.float64)  # [N, V]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    return tokens.clamp_max_(cdf.shape[-1] - 1)

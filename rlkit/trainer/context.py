@@ -89,24 +89,33 @@ class RunContext:
         return f"{phase} of stage {self.stage.index} ({self.stage.name}) step {self.step}"
 
     def generate(
-        self, prompts: list[list[int]], params, n: int, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params,
+        n: int,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> list[dict[str, Any]]:
-        return self.rollout.generate(prompts, params, n, compress)
+        return self.rollout.generate(prompts, params, n, compress, drafter)
 
     def rollout_stats(self) -> dict[str, float]:
-        """The rollout engines' figures for their last generate (KV bytes; Sparse-RL compression)."""
-        return {f"rollout/{k}": float(v) for k, v in self.rollout.stats().items()}
+        """The rollout engines' figures for their last generate (KV bytes; Sparse-RL
+        compression) under rollout/; figures already named with a prefix (spec/: speculative)
+        as they are."""
+        stats = self.rollout.stats()
+        return {(k if "/" in k else f"rollout/{k}"): float(v) for k, v in stats.items()}
 
     def score(self, completions: list[str], samples: list[dict[str, Any]]) -> dict[str, Any]:
         return self.reward.call("score", completions, samples)
 
-    def sync_weights(self) -> dict[str, float]:
-        """Learner → rollout engine(s). Colocated: a device-to-device copy inside the one actor
+    def sync_weights(self, only: str | None = None) -> dict[str, float]:
+        """Learner → rollout engine(s); only="mtp": the MTP module's weights alone (the MTP
+        warm-up changes nothing else). Colocated: a device-to-device copy inside the one actor
         (timed: {"sync/ms": ...}). Else the weights travel learner → object store → rollout
         workers without touching the driver."""
         if self.colocated:
-            return {"sync/ms": float(self.call(self.learner.sync_engine))}
-        self.rollout.sync_from(self.learner, self.rollout_dtype)
+            return {"sync/ms": float(self.call(self.learner.sync_engine, only))}
+        self.rollout.sync_from(self.learner, self.rollout_dtype, only)
         return {}
 
     def train_seconds(self) -> float:

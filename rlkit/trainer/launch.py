@@ -16,6 +16,7 @@ from rlkit.config import to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
 from rlkit.models.loading import parameter_count, resolve_model_dir
+from rlkit.models.mtp import wanted as mtp_wanted
 from rlkit.models.tokenizer import load_tokenizer
 from rlkit.trainer.context import RunContext
 from rlkit.trainer.data_setup import load_split, verifier_spec
@@ -132,8 +133,9 @@ def launch(
             model_dir, cfg, place.learner_threads, place.device
         )
         rollout_actor = ray.remote(**place.actor_options("rollout"))(RolloutWorker)
+        mtp_seed = cfg.train.seed if mtp_wanted(cfg) else None
         rollout_factory = lambda: rollout_actor.remote(  # noqa: E731
-            model_dir, cfg.rollout, place.rollout_threads, place.device
+            model_dir, cfg.rollout, place.rollout_threads, place.device, True, mtp_seed
         )
     reward_actor = ray.remote(**place.actor_options("reward"))(RewardPool)
     reward_args = (

@@ -106,6 +106,11 @@ def _train(
         ctx = launch(cfg, run_dir, raw_data)
         ctx.deferred = stop.deferred
         launched.append(ctx)
+        spec = cfg.rollout.speculative
+        if spec.sam_static and "sam" in spec.drafter:
+            from rlkit.trainer.mtp_warmup import static_corpus
+
+            ctx.rollout.set_draft_corpus(static_corpus(ctx))
         if judge.evaluates(cfg):
             # Built (or reloaded) while the rollout workers still hold the initial model.
             with ctx.timer.phase("judge_data"):
@@ -218,10 +223,17 @@ def _eval_row(ctx: RunContext, stage: StageSpec, step: int) -> dict[str, float]:
 def _run_stages(
     ctx: RunContext, specs: list[StageSpec], resume_from, t_start: float
 ) -> dict[str, Any]:
+    from rlkit.trainer.mtp_warmup import run_mtp_warmup
     from rlkit.trainer.rlvr import run_rlvr
     from rlkit.trainer.sft import run_sft, sft_examples
 
-    runners = {"rlvr": run_rlvr, "sft": run_sft, "judge": judge.run_judge, "generate": run_rlvr}
+    runners = {
+        "rlvr": run_rlvr,
+        "sft": run_sft,
+        "judge": judge.run_judge,
+        "generate": run_rlvr,
+        "mtp_warmup": run_mtp_warmup,
+    }
     for spec in specs:
         start_step = 0
         if resume_from is not None:
@@ -279,6 +291,11 @@ def _print_summary(summary: dict[str, Any], plots: list[str]) -> None:
     if sparse_before is not None and sparse_after is not None:
         lines.append(
             f"  under the rollouts' KV compression: {sparse_before:.3f} -> {sparse_after:.3f}"
+        )
+    for name, heldout in summary.get("mtp_warmup", {}).items():
+        lines.append(
+            f"  {name}: held-out MTP accepted length {heldout['mtp/heldout_accept_len']:.2f} "
+            f"tokens per verify step"
         )
     judge_before = summary.get("eval_before", {}).get("eval/judge_accuracy")
     judge_after = summary.get("eval_after", {}).get("eval/judge_accuracy")

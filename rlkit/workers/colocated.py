@@ -22,6 +22,7 @@ import torch
 
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
+from rlkit.models.mtp import wanted as mtp_wanted
 from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.workers.learner import Learner
@@ -42,7 +43,12 @@ class ColocatedWorker:
         self.device = torch.device(device)
         self.learner = Learner(model_path, cfg, num_threads, device=device)
         self.rollout = RolloutWorker(
-            model_path, cfg.rollout, num_threads, device=device, release_cache=False
+            model_path,
+            cfg.rollout,
+            num_threads,
+            device=device,
+            release_cache=False,
+            mtp_seed=cfg.train.seed if mtp_wanted(cfg) else None,
         )
         self._learner_peak = 0  # bytes the learner's last step held (reserved)
         self._rollout_stats: dict[str, float] = {}
@@ -50,12 +56,17 @@ class ColocatedWorker:
     # -- rollout side ----------------------------------------------------------------------
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> list[dict[str, Any]]:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        out = self.rollout.generate(prompts, params, n, compress)
+        out = self.rollout.generate(prompts, params, n, compress, drafter)
         stats: dict[str, float] = {}
         if cuda:
             # rollout/gpu_peak_*: the metrics row's names (RunContext.rollout_stats prefixes).
@@ -66,10 +77,15 @@ class ColocatedWorker:
         return out
 
     def generate_with_stats(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> dict[str, Any]:
         """`generate` and its stats in one call (what `RolloutGroup` asks of a worker)."""
-        completions = self.generate(prompts, params, n, compress)
+        completions = self.generate(prompts, params, n, compress, drafter)
         return {"completions": completions, "stats": self.stats()}
 
     def _make_room(self) -> bool:
@@ -92,6 +108,9 @@ class ColocatedWorker:
 
     def weights_dtype(self) -> str:
         return self.rollout.weights_dtype()
+
+    def set_draft_corpus(self, texts: list[list[int]]) -> None:
+        self.rollout.set_draft_corpus(texts)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Other weights into the engine (JudgeRLVR's extra checkpoints); `sync_engine` puts
@@ -117,11 +136,16 @@ class ColocatedWorker:
     def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
         return self.learner.sft_step(batch)
 
-    def weights(self, dtype: str = "bfloat16", device: str = "cpu") -> dict[str, torch.Tensor]:
-        return self.learner.weights(dtype, device)
+    def weights(
+        self, dtype: str = "bfloat16", device: str = "cpu", only: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        return self.learner.weights(dtype, device, only)
 
-    def packed_weights(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        return self.learner.packed_weights(dtype)
+    def packed_weights(self, dtype: str = "bfloat16", only: str | None = None) -> dict[str, Any]:
+        return self.learner.packed_weights(dtype, only)
+
+    def mtp_step(self, batch: RolloutBatch) -> dict[str, float]:
+        return self.learner.mtp_step(batch)
 
     def save(self, path: str) -> None:
         self.learner.save(path)
@@ -132,12 +156,13 @@ class ColocatedWorker:
     # -- the sync --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sync_engine(self) -> float:
-        """Copy the learner's weights into the engine on the device; returns milliseconds."""
+    def sync_engine(self, only: str | None = None) -> float:
+        """Copy the learner's weights (only="mtp": the MTP module's) into the engine on the
+        device; returns milliseconds."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        state = self.learner.weights(self.rollout.weights_dtype(), device=str(self.device))
+        state = self.learner.weights(self.rollout.weights_dtype(), str(self.device), only)
         self.rollout.engine.load_state_dict(state)
         del state
         if self.device.type == "cuda":

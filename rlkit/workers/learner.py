@@ -22,15 +22,18 @@ from rlkit.algorithms import (
     tis_weights,
     token_logprobs,
 )
+from rlkit.algorithms.mtp import mtp_weights
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.device import pick_dtype, slow_dtype_warning
 from rlkit.models.decoder import Decoder
 from rlkit.models.loading import DTYPES, load_model, save_pretrained
+from rlkit.models.mtp import wanted as mtp_wanted
 from rlkit.models.shared_prefix import response_hidden
 from rlkit.trainer.optim import build_optimizer, build_scheduler
 from rlkit.workers import heap, weight_wire
 from rlkit.workers.master_weights import MasterWeights, StateView
+from rlkit.workers.mtp_trainer import MTPTrainer, target_count
 
 # The shared-prefix forward (each group's prompt once) pays when it removes at least this
 # fraction of a micro-batch's tokens: its attention takes an explicit mask, which runs slower
@@ -90,6 +93,9 @@ class Learner:
         self.ref_model: Decoder | None = None
         # Optimizer updates skipped for a non-finite loss or gradient, in the current step.
         self.nonfinite_skipped = 0
+        # MTP-RL's drafter, beside the checkpoint or freshly initialised (the rollout worker
+        # initialises the same one from the same seed).
+        self.mtp = MTPTrainer(model_path, self.model, cfg.train.seed) if mtp_wanted(cfg) else None
         self.configure(cfg)
 
     def configure(self, cfg: RecipeConfig) -> None:
@@ -111,6 +117,8 @@ class Learner:
         self.ref_model = None
         if cfg.algorithm.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if self.mtp is not None:
+            self.mtp.configure(cfg)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return (
@@ -154,10 +162,10 @@ class Learner:
             else self.model.state_dict()
         )
 
-    def response_logprobs(
-        self, model: Decoder, mb: RolloutBatch, with_entropy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropies) of the response tokens; the LM head never sees prompt positions."""
+    def response_states(
+        self, model: Decoder, mb: RolloutBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [n, T, H] whose row j predicts response token j, and valid [n, T]."""
         n, t = mb.response_ids.shape
         dev = mb.input_ids.device
         seq_lens = mb.attention_mask.sum(1)  # [n]
@@ -169,15 +177,27 @@ class Learner:
             hidden = response_hidden(
                 model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids
             )  # [n, R, H]
-            h = hidden[:, :t][valid]  # [M, H]
-        else:
-            hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
-            # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
-            pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(
-                max=hidden.shape[1] - 1
-            )  # [n, T]
-            rows = torch.arange(n, device=dev)[:, None].expand(n, t)
-            h = hidden[rows[valid], pos[valid]]  # [M, H]
+            return hidden[:, :t], valid
+        hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
+        # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
+        pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(
+            max=hidden.shape[1] - 1
+        )  # [n, T]
+        rows = torch.arange(n, device=dev)[:, None].expand(n, t)
+        return hidden[rows, pos], valid  # [n, T, H]
+
+    def response_logprobs(
+        self,
+        model: Decoder,
+        mb: RolloutBatch,
+        with_entropy: bool = False,
+        states: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of the response tokens; the LM head never sees prompt
+        positions. `states`: `response_states`' result, when the caller has it already."""
+        n, t = mb.response_ids.shape
+        hidden, valid = states if states is not None else self.response_states(model, mb)
+        h = hidden[valid]  # [M, H]
         logp_flat, ent_flat = token_logprobs(
             h,
             model.lm_head_weight,
@@ -240,6 +260,13 @@ class Learner:
         # Index bookkeeping stays on the CPU (indexing device tensors with it is fine).
         assert batch.advantages is not None
         active = batch.advantages.ne(0).any(1).cpu() | (not skip_zero)  # [N]
+        # MTP-RL: the drafter learns from the same forward's hidden states.
+        mtp = self.mtp if self.mtp is not None and self.mtp.trains_in_rl else None
+        if mtp is not None:
+            mtp_w = self._mtp_token_weights(batch)  # [N, T]
+            resp_lens = batch.attention_mask.sum(1) - batch.prompt_lens  # [N]
+            mtp_sums: dict[str, float] = {}
+            mtp_loss_sum, mtp_targets, mtp_norms = 0.0, 0.0, []
         # With old log-probs in hand, Sparse-RL's corrections are taken over the whole batch
         # (exact batch-mean normalisation; the normalisers count the surviving tokens). In the
         # fused on-policy pass they are taken per micro-batch and the normalisers count the
@@ -258,13 +285,16 @@ class Learner:
                 n_tokens = max(1.0, float(mini_mask.sum()))
                 n_seqs = max(1.0, float((mini_mask.sum(1) > 0).sum()))
                 live = torch.arange(len(mini))[active[mini_idx]]
+                if mtp is not None:
+                    mtp_norm = max(1.0, target_count(resp_lens[mini_idx], mtp.depth))
                 for mb_idx in live.split(cfg.micro_batch_size):
                     if len(mb_idx) == 0:
                         continue
                     mb = mini.select(mb_idx)
                     gidx = mini_idx[mb_idx]
                     processed_tokens += int(mb.attention_mask.sum())
-                    logp, ent = self.response_logprobs(self.model, mb, with_entropy=True)
+                    states = self.response_states(self.model, mb)
+                    logp, ent = self.response_logprobs(self.model, mb, True, states)
                     t = logp.shape[1]
                     old = logp.detach() if old_logp is None else old_logp[gidx, :t]
                     mask = loss_mask[gidx, :t]
@@ -311,12 +341,36 @@ class Learner:
                                 ent, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs
                             )
                             loss = loss - algo.entropy_coef * ent_loss
+                    if mtp is not None:
+                        mtp_loss, part = mtp.loss(self.model, *states, mb, mtp_w[gidx, :t])
+                        loss = loss + mtp.cfg.scale * mtp_loss / mtp_norm
+                        mtp_loss_sum += float(mtp_loss.detach())
+                        self._add(mtp_sums, part)
                     finite = finite and bool(torch.isfinite(loss.detach()))
                     loss.backward()
                     w = float(mask.sum())
                     weight_total += w
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w
+                if mtp is not None:
+                    # Samples the policy loss skipped (zero advantage) still teach the drafter
+                    # where their weight is not zero: a forward without gradients for them.
+                    idle = torch.arange(len(mini))[~active[mini_idx]]
+                    idle = idle[(mtp_w[mini_idx[idle]] > 0).any(1).cpu()]
+                    for mb_idx in idle.split(cfg.micro_batch_size):
+                        if len(mb_idx) == 0:
+                            continue
+                        mb, gidx = mini.select(mb_idx), mini_idx[mb_idx]
+                        with torch.no_grad():
+                            states = self.response_states(self.model, mb)
+                        mtp_loss, part = mtp.loss(
+                            self.model, *states, mb, mtp_w[gidx, : mb.response_ids.shape[1]]
+                        )
+                        (mtp.cfg.scale * mtp_loss / mtp_norm).backward()
+                        mtp_loss_sum += float(mtp_loss.detach())
+                        self._add(mtp_sums, part)
+                    mtp_targets += mtp_norm
+                    mtp_norms.append(mtp.step())
                 grad_norms.append(self._optimizer_step(finite))
         lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
@@ -334,6 +388,56 @@ class Learner:
         out["actor/tokens"] = float(processed_tokens)
         out.update(self._end_phase())
         out["actor/nonfinite_skipped"] = float(self.nonfinite_skipped)
+        if mtp is not None:
+            out.update(MTPTrainer.metrics(mtp_sums, mtp_loss_sum, mtp_targets))
+            out["mtp/grad_norm"] = sum(mtp_norms) / max(1, len(mtp_norms))
+        heap.trim()
+        return out
+
+    def _mtp_token_weights(self, batch: RolloutBatch) -> torch.Tensor:
+        """Weights [N, T] of each response token in the MTP loss (`algorithm.mtp`)."""
+        assert self.mtp is not None and batch.advantages is not None
+        cfg = self.mtp.cfg
+        resp_lens = batch.attention_mask.sum(1) - batch.prompt_lens
+        steps = torch.arange(batch.response_ids.shape[1], device=resp_lens.device)
+        valid = (steps[None] < resp_lens[:, None]).float()
+        if cfg.loss == "plain":
+            return valid
+        return mtp_weights(batch.advantages, valid, cfg.weight, cfg.beta)
+
+    @staticmethod
+    def _add(into: dict[str, float], sums: dict[str, float]) -> None:
+        for k, v in sums.items():
+            into[k] = into.get(k, 0.0) + v
+
+    def mtp_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """MTP warm-up (`mtp_warmup`): one update of the MTP module alone on the policy's own
+        samples (plain cross-entropy, every token weighted 1); the trunk runs without
+        gradients and does not change."""
+        if self.mtp is None:
+            raise RuntimeError("mtp_step needs an MTP module (rlkit.models.mtp.wanted)")
+        start = time.perf_counter()
+        self._begin_phase()
+        batch = batch.to(self.device)
+        resp_lens = batch.attention_mask.sum(1) - batch.prompt_lens
+        norm = max(1.0, target_count(resp_lens, self.mtp.depth))
+        sums: dict[str, float] = {}
+        loss_sum = 0.0
+        self.model.eval()
+        for mb in batch.split(self.train_cfg.micro_batch_size):
+            with torch.no_grad():
+                states, valid = self.response_states(self.model, mb)
+            loss, part = self.mtp.loss(self.model, states, valid, mb, valid.float())
+            (loss / norm).backward()
+            loss_sum += float(loss.detach())
+            self._add(sums, part)
+        self.model.train()
+        out = MTPTrainer.metrics(sums, loss_sum, norm)
+        out["mtp/grad_norm"] = self.mtp.step()
+        out["throughput/learner_tokens_per_s"] = int(batch.attention_mask.sum()) / max(
+            time.perf_counter() - start, 1e-9
+        )
+        out.update(self._end_phase())
         heap.trim()
         return out
 
@@ -413,17 +517,24 @@ class Learner:
             **self._end_phase(),
         }
 
-    def weights(self, dtype: str = "bfloat16", device: str = "cpu") -> dict[str, torch.Tensor]:
+    def weights(
+        self, dtype: str = "bfloat16", device: str = "cpu", only: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """The policy's weights for the rollout workers, cast to their dtype, on `device`
-        (the CPU for the object store; the learner's own device for an in-process copy).
+        (the CPU for the object store; the learner's own device for an in-process copy), with
+        the MTP module's (`mtp.*`) when there is one; only="mtp": those alone.
 
         Raises NonFiniteWeightsError if any is NaN or inf: they would be sampled from, and
         saved in the next checkpoint (the driver syncs before it saves)."""
         target = DTYPES[dtype]
+        mtp = self.mtp.weights(target) if self.mtp is not None else {}
+        if only == "mtp":
+            return {k: v.to(device) for k, v in mtp.items()}
         state = self.model.state_dict()
         if next(iter(state.values())).dtype != target:
             state = self._full_state()
         out = {k: v.detach().to(device=device, dtype=target) for k, v in state.items()}
+        out.update({k: v.to(device) for k, v in mtp.items()})
         floats = [v for v in out.values() if v.is_floating_point()]
         # One reduction (one device sync on a GPU), then the names only when something is wrong.
         if not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
@@ -436,10 +547,10 @@ class Learner:
             )
         return out
 
-    def packed_weights(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        """`weights(dtype)` on the CPU as numpy arrays (`weight_wire.pack`): what crosses Ray's
-        object store to the rollout workers without a copy on arrival."""
-        return weight_wire.pack(self.weights(dtype))
+    def packed_weights(self, dtype: str = "bfloat16", only: str | None = None) -> dict[str, Any]:
+        """`weights(dtype, only=only)` on the CPU as numpy arrays (`weight_wire.pack`): what
+        crosses Ray's object store to the rollout workers without a copy on arrival."""
+        return weight_wire.pack(self.weights(dtype, only=only))
 
     def save(self, path: str) -> None:
         # StateView carries the fp32 master values under the model's names and args.
@@ -449,11 +560,14 @@ class Learner:
             os.path.join(path, "model"),
         )
         faults.point("learner.save")
+        if self.mtp is not None:  # beside the trunk, in its own file
+            self.mtp.save(os.path.join(path, "model"))
         torch.save(
             {
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(),
                 "rng": torch.get_rng_state(),
+                **(self.mtp.state() if self.mtp is not None else {}),
             },
             os.path.join(path, "learner.pt"),
         )
@@ -465,8 +579,11 @@ class Learner:
         else:
             self.model.load_state_dict(model.state_dict())
         state_file = os.path.join(path, "learner.pt")
+        state = None
         if with_optimizer and os.path.exists(state_file):
             state = torch.load(state_file, weights_only=False, map_location=self.device)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
+        if self.mtp is not None:
+            self.mtp.load(path, state)

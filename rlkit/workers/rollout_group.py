@@ -98,6 +98,7 @@ class RolloutGroup:
         self._on_restart = on_restart
         self.max_restarts = max_restarts
         self._weights: Callable[[], Any] | None = None  # None: the model the workers loaded
+        self._corpus: list[list[int]] | None = None  # SAM's static corpus, for restarts
         self._stats: dict[str, float] = {}
         self.restarts = 0
 
@@ -108,9 +109,15 @@ class RolloutGroup:
         self._each(lambda k, w: w.__ray_ready__.remote(), range(len(self.workers)))
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> list[dict[str, Any]]:
-        """n completions per prompt, prompt-major (result[i * n + j] is sample j of prompt i)."""
+        """n completions per prompt, prompt-major (result[i * n + j] is sample j of prompt i);
+        drafter: this call's speculative drafter instead of rollout.speculative's."""
         if not prompts:
             raise ValueError("generate needs at least one prompt")
         shares = split(len(prompts), len(self.workers))
@@ -118,7 +125,7 @@ class RolloutGroup:
         def submit(k: int, worker: Any) -> Any:
             start, stop = shares[k]
             p = dataclasses.replace(params, seed=share_seed(params.seed, start))
-            return worker.generate_with_stats.remote(prompts[start:stop], p, n, compress)
+            return worker.generate_with_stats.remote(prompts[start:stop], p, n, compress, drafter)
 
         results = self._each(submit, range(len(shares)))
         outs: list[dict[str, Any]] = []
@@ -146,11 +153,17 @@ class RolloutGroup:
         self._weights = lambda: ref
         self._broadcast(ref)
 
-    def sync_from(self, learner: Any, dtype: str) -> None:
+    def sync_from(self, learner: Any, dtype: str, only: str | None = None) -> None:
         """The learner's weights, cast to `dtype`, through the object store to every worker
-        (packed as numpy arrays: read in place on arrival)."""
+        (packed as numpy arrays: read in place on arrival); only="mtp": the MTP module's alone
+        (a restarted worker still gets all of them)."""
         self._weights = lambda: learner.packed_weights.remote(dtype)
-        self._broadcast(self._weights())
+        self._broadcast(learner.packed_weights.remote(dtype, only) if only else self._weights())
+
+    def set_draft_corpus(self, texts: list[list[int]]) -> None:
+        """SAM's static corpus (rollout.speculative.sam_static) into every worker."""
+        self._corpus = texts
+        self._each(lambda k, w: w.set_draft_corpus.remote(texts), range(len(self.workers)))
 
     def kill(self) -> None:
         for w in self.workers:
@@ -210,6 +223,8 @@ class RolloutGroup:
                     if ref is not None
                     else worker.__ray_ready__.remote()
                 )
+                if self._corpus is not None:
+                    ray.get(worker.set_draft_corpus.remote(self._corpus))
                 return
             except RayActorError as e:
                 if died_starting(e) or attempt == self.max_restarts:

@@ -10,6 +10,7 @@ from rlkit import faults
 from rlkit.config.schema import RolloutConfig
 from rlkit.device import pick_dtype, slow_dtype_warning
 from rlkit.models.loading import load_model
+from rlkit.models.mtp import init_mtp, load_mtp
 from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.rollout.vllm_engine import VLLMEngine
@@ -26,12 +27,15 @@ class RolloutWorker:
         num_threads: int | None = None,
         device: str = "cpu",
         release_cache: bool = True,
+        mtp_seed: int | None = None,
     ) -> None:
         """device: where the engine computes (the run's placement decides it).
         release_cache: drop the KV cache after each rollout, so that it does not sit through
         the learner's step (a CPU's memory peak); a GPU worker that shares its device with a
         learner decides per rollout instead (`ColocatedWorker`), since a kept cache keeps its
-        captured CUDA graphs."""
+        captured CUDA graphs.
+        mtp_seed: the run has an MTP module (`rlkit.models.mtp.wanted`): the one saved beside
+        the checkpoint, else a fresh one from this seed (the learner's twin)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
@@ -54,21 +58,34 @@ class RolloutWorker:
             return
         model, tokenizer = load_model(model_path, dtype=choice.dtype)
         model = model.to(self.device).eval()
+        mtp = None
+        if mtp_seed is not None:
+            mtp = load_mtp(model_path, model.args) or init_mtp(model.args, mtp_seed)
         self.engine = Engine(
             model,
             tokenizer,
             max_batch_size=cfg.max_batch_size,
             dtype=choice.dtype,
             kv_compression=cfg.kv_compression,
+            speculative=cfg.speculative,
+            mtp=mtp,
         )
         print(f"rlkit rollout: {self.engine.describe()} ({choice.why})", flush=True)
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> list[dict[str, Any]]:
-        """compress=False: a dense cache for this call even under rollout.kv_compression."""
+        """compress=False: a dense cache for this call even under rollout.kv_compression;
+        drafter: this call's speculative drafter instead of rollout.speculative's."""
         if isinstance(self.engine, Engine):
-            completions = self.engine.generate(prompts, params, n=n, compress=compress)
+            completions = self.engine.generate(
+                prompts, params, n=n, compress=compress, drafter=drafter
+            )
             # Learning comes next: its peak should not include an idle KV cache.
             if self.release_cache:
                 self.engine.release_cache()
@@ -86,6 +103,11 @@ class RolloutWorker:
             for c in completions
         ]
 
+    def set_draft_corpus(self, texts: list[list[int]]) -> None:
+        """SAM drafts also from these token lists (rollout.speculative.sam_static)."""
+        if isinstance(self.engine, Engine):
+            self.engine.set_static_corpus(texts)
+
     def weights_dtype(self) -> str:
         """The dtype name `rollout.dtype` resolved to here: what weights should arrive in."""
         return self.dtype
@@ -95,12 +117,17 @@ class RolloutWorker:
         self.load_weights(weight_wire.unpack(packed))
 
     def generate_with_stats(
-        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, compress: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        compress: bool = True,
+        drafter: str | None = None,
     ) -> dict[str, Any]:
         """`generate` and the engine's `stats` of it in one call (what `RolloutGroup` asks)."""
         self._calls += 1
         faults.point("rollout.generate", self._calls)
-        completions = self.generate(prompts, params, n, compress)
+        completions = self.generate(prompts, params, n, compress, drafter)
         return {"completions": completions, "stats": self.stats()}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:

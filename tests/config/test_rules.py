@@ -86,6 +86,32 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
             "needs rollout.engine: native",
         ),
         (
+            ["rollout.speculative.drafter=sam", "rollout.kv_compression.policy=h2o"],
+            "rollout.speculative.drafter",
+            "h2o",
+        ),
+        (
+            ["rollout.speculative.drafter=mtp", "rollout.engine=vllm"],
+            "rollout.speculative.drafter",
+            "needs rollout.engine: native",
+        ),
+        (
+            ["rollout.speculative.sam_static=true", "rollout.speculative.drafter=mtp"],
+            "rollout.speculative.sam_static",
+            "sam or sam+mtp",
+        ),
+        (
+            ["rollout.speculative.num_draft_tokens=0"],
+            "rollout.speculative.num_draft_tokens",
+            "[1, 16]",
+        ),
+        (["algorithm.mtp.beta=11"], "algorithm.mtp.beta", "[0, 10]"),
+        (
+            ["stages=[mtp_warmup, rlvr]", "rollout.engine=vllm"],
+            "rollout.engine",
+            "mtp_warmup stage",
+        ),
+        (
             ["algorithm.sparse.rho_low=1.0", "algorithm.sparse.rho_high=1.0"],
             "algorithm.sparse.rho_low",
             "less than",

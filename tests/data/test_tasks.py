@@ -106,3 +106,17 @@ def test_countdown_problems_are_solvable_with_every_number_once():
         assert verifier(f"#### {solution}", s, require_all=True)["score"] == 1.0
         assert verifier(f"#### {solution} + 1", s)["score"] == 0.0
     assert sizes == {3, 4}
+
+
+def test_steps_prompts_ask_for_work_before_the_answer():
+    from rlkit.data.tasks import get_task
+
+    for name, args in (("arithmetic", {"ops": ["*"]}), ("countdown", {})):
+        plain = get_task(name).build("train", 3, 0, **args)
+        steps = get_task(name).build("train", 3, 0, steps=True, **args)
+        assert [s["ground_truth"] for s in steps] == [s["ground_truth"] for s in plain]
+        for s in steps:
+            text = s["prompt"][0]["content"]
+            assert "step by step" in text and "####" in text
+        with pytest.raises(ValueError, match="steps must be true or false"):
+            get_task(name).build("train", 1, 0, steps="yes")

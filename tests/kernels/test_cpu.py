@@ -325,6 +325,51 @@ def test_rope_append_attend_matches_pytorch(H, KVH, D, ring, kernel_dtype):
         assert (q_ring.float().abs().sum((1, 3)) > 0).sum() == B  # only those slots written
 
 
+@pytest.mark.parametrize("H, KVH, D, ring", [(9, 3, 64, True), (4, 2, 32, False)])
+def test_rope_append_attend_takes_several_tokens_per_sequence(H, KVH, D, ring, kernel_dtype):
+    """A verify step's T tokens per sequence: token t's k/v land at lengths - T + t and its
+    query attends to the entries up to its own (causal among the new tokens)."""
+    if not cpu_kernel.supports_heads(H, KVH, D, kernel_dtype):
+        pytest.skip(f"head_dim {D} is a float32 case (bf16 takes multiples of 32)")
+    g = torch.Generator().manual_seed(7 * H + D)
+    B, T, cap, W = 3, 4, 24, 9
+    qkv = torch.randn(B * T, (H + 2 * KVH) * D, generator=g).to(kernel_dtype)
+    cos, sin = _rope(B * T, D, g, kernel_dtype)
+    k_store = torch.randn(B, KVH, cap, D, generator=g).to(kernel_dtype)
+    v_store = torch.randn(B, KVH, cap, D, generator=g).to(kernel_dtype)
+    lengths = torch.tensor([T, 11, cap])
+    q_ring = torch.zeros(B, H, W, D, dtype=kernel_dtype) if ring else None
+    ring_pos = torch.randint(0, W, (B * T,), generator=g) if ring else None
+    q, k, v = qkv.view(B * T, -1, D).split([H, KVH, KVH], dim=1)
+    q_rot = rotate(q[:, :, None], cos[:, None, None], sin[:, None, None])[:, :, 0]
+    k_rot = rotate(k[:, :, None], cos[:, None, None], sin[:, None, None])[:, :, 0]
+    want_k, want_v = k_store.clone(), v_store.clone()
+    seq = torch.arange(B).repeat_interleave(T)  # [B * T]
+    at = (lengths[:, None] - T + torch.arange(T)).reshape(-1)  # [B * T]
+    want_k[seq, :, at] = k_rot
+    want_v[seq, :, at] = v
+    want = sda.sparse_decode_attention_reference(q_rot, want_k[seq], want_v[seq], at + 1).reshape(
+        B * T, -1
+    )
+
+    got = cpu_kernel.rope_append_attend(
+        qkv, cos, sin, k_store, v_store, lengths, H, D**-0.5, q_ring, ring_pos, T
+    )
+    assert torch.equal(v_store, want_v)
+    _close(k_store, want_k, bf16_steps=0, rtol=1e-6)
+    _close(got, want, bf16_steps=2, rtol=1e-5)
+    if ring:
+        # A later token of the same sequence may reuse a ring slot: the last write wins.
+        for r in range(B * T):
+            later = [j for j in range(r + 1, (r // T + 1) * T) if ring_pos[j] == ring_pos[r]]
+            if not later:
+                _close(q_ring[r // T, :, ring_pos[r]], q_rot[r], bf16_steps=0, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"lengths must be in \[4, 24\]"):
+        cpu_kernel.rope_append_attend(
+            qkv, cos, sin, k_store, v_store, torch.tensor([3, 11, 24]), H, 0.1, None, None, T
+        )
+
+
 def test_rope_append_attend_rejects_bad_arguments(kernel_dtype):
     B, H, KVH, D, cap = 2, 4, 2, 64, 8
     qkv = torch.zeros(B, (H + 2 * KVH) * D, dtype=kernel_dtype)

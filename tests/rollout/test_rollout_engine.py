@@ -294,14 +294,24 @@ def test_cpu_kernels_sample_like_the_pytorch_step(tmp_path, monkeypatch, prompts
 
 
 @pytest.mark.parametrize(
-    "arch, policy", [("llama", None), ("qwen2", None), ("llama", "snapkv"), ("llama", "h2o")]
+    "arch, policy, T",
+    [
+        ("llama", None, 1),
+        ("qwen2", None, 1),
+        ("llama", "snapkv", 1),
+        ("llama", "h2o", 1),
+        ("llama", None, 3),
+        ("llama", "snapkv", 3),
+        ("llama", "h2o", 3),
+    ],
 )
-def test_fused_decode_step_matches_the_pytorch_step(tmp_path, arch, policy, kernel_dtype):
+def test_fused_decode_step_matches_the_pytorch_step(tmp_path, arch, policy, T, kernel_dtype):
     """`Decoder.forward_decode_fused` against `forward_cached` from the same cache state: same
     hidden states and the same cache contents up to rounding (bf16 steps for a bf16 model,
     float32 summation order for a float32 one), for the dense cache, a
     compressed one that keeps a query ring (snapkv) and one whose layers fall back to
-    `attend` (h2o); qwen2 has q/k/v biases."""
+    `attend` (h2o); qwen2 has q/k/v biases. T = 3: a verify step's tokens per sequence, with
+    rejected ones rewound after each step."""
     import copy
 
     from rlkit.config.schema import KVCompressionConfig
@@ -323,6 +333,7 @@ def test_fused_decode_step_matches_the_pytorch_step(tmp_path, arch, policy, kern
         cfg = KVCompressionConfig(policy=policy, budget=12, window=4, interval=4)
         cache = CompressedKVCache(
             a.num_layers, B, cap, cap, a.num_heads, a.num_kv_heads, a.head_dim, cfg, dtype,
+            lookahead=T - 1,
         )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     lengths = [9, 5, 9, 3]
@@ -334,11 +345,16 @@ def test_fused_decode_step_matches_the_pytorch_step(tmp_path, arch, policy, kern
         if policy is not None:  # deepcopy does not keep `lengths` a view of `group_lengths`
             fused.lengths = fused.group_lengths[0]
         for _ in range(6):
-            ids = torch.randint(0, 250, (B, 1), generator=g)
-            want = m.forward_cached(ids, cache.begin_decode(B), cache)
-            got = m.forward_decode_fused(ids, fused.begin_decode(B), fused)
+            ids = torch.randint(0, 250, (B, T), generator=g)
+            want = m.forward_cached(ids, cache.begin_decode(B, T), cache)
+            got = m.forward_decode_fused(ids, fused.begin_decode(B, T), fused)
+            assert got.shape == want.shape == (B, T, a.hidden_size)
             scale = want.float().abs().max()
             assert (got.float() - want.float()).abs().max() <= tol * scale
+            if T > 1:
+                rejected = np.array([0, 2, 1, 2])
+                cache.rewind(rejected)
+                fused.rewind(rejected)
     for name in ("k", "v", "queries", "accumulated"):
         if hasattr(cache, name) and getattr(cache, name).numel():
             ref, out = getattr(cache, name).float(), getattr(fused, name).float()

@@ -185,3 +185,36 @@ def test_sparse_rl_run_logs_compression_corrections_and_both_evals(
     evals = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert all("eval_sparse/accuracy" in r for r in evals)
+
+
+def test_mtp_warmup_then_speculative_rl(tmp_path, tiny_model_dir, tiny_recipe, parity_verifier):
+    """MTP-RL through Ray: a warm-up stage trains the drafter on the policy's samples and
+    measures held-out acceptance, the RL stage's rollouts draft with SAM + MTP and log
+    spec/*, the learner keeps training the drafter (mtp/*), checkpoints hold it beside the
+    trunk, and the report plots accepted length."""
+    rows = _train_two_steps(
+        tmp_path,
+        tiny_model_dir,
+        tiny_recipe,
+        parity_verifier,
+        "rollout.speculative.drafter=sam+mtp",
+        "rollout.speculative.num_draft_tokens=2",
+        "rollout.speculative.sam_min_match=2",
+        "rollout.speculative.sam_static=true",
+        "algorithm.mtp.loss=advantage",
+        "algorithm.mtp.eval_prompts=4",
+        "stages=[{type: mtp_warmup, overrides: {train.steps: 2}}, rlvr]",
+    )
+    warm = [r for r in rows if r.get("stage") == "mtp_warmup" and "mtp/loss" in r]
+    assert [r["step"] for r in warm] == [1, 2]
+    assert warm[-1]["mtp/heldout_accept_len"] >= 1.0
+    rl = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in rl] == [1, 2]
+    for r in rl:
+        assert r["spec/accept_len_mean"] >= 1.0 and r["spec/verify_steps"] > 0
+        assert r["mtp/loss"] > 0 and "mtp/acc_d2" in r
+        assert r["actor/entropy"] > 0 and not [k for k in r if "_sum_" in k]
+    run_dir = os.path.join(tmp_path, "runs", "e2e")
+    ckpt = os.path.join(run_dir, "checkpoints", "1_rlvr", "step_2", "model")
+    assert os.path.isfile(os.path.join(ckpt, "mtp.safetensors"))
+    assert os.path.isfile(os.path.join(run_dir, "report", "speculative.png"))

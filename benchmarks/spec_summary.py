@@ -1,0 +1,139 @@
+"""MTP-RL's speed figures (issue 15) from what the runs and the bench wrote.
+
+    # CPU, small batch: rows of `rlkit bench rollout --modes dense,spec ... --json ROWS`
+    python benchmarks/spec_summary.py cpu ROWS.json benchmarks/results/cpu_spec_small_batch.json
+
+    # GPU: the rollout phase of RL steps, a dense run against speculative runs of the same
+    # recipe and seed (each run's drafter is read from its config.yaml)
+    python benchmarks/spec_summary.py gpu --dense runs/DENSE --spec runs/SPEC_A runs/SPEC_B \\
+        --out benchmarks/results/gpu_spec_rollout.json [--stage rl] [--skip-first 1]
+
+cpu: one record per drafter: batch, tokens_per_s_dense, tokens_per_s_spec, speedup,
+accept_len_mean, and the bench's settings. gpu: one record per speculative run: device,
+drafter, accept_len_mean (mean over the stage's steps of spec/accept_len_mean),
+rollout_seconds_dense and rollout_seconds_spec (mean `timing/rollout` per step of the stage,
+after the first `--skip-first` steps), reduction (1 - spec / dense); `best` names the drafter
+with the largest reduction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+
+def _cpu(rows_path: str, out: str) -> list[dict]:
+    with open(rows_path, encoding="utf-8") as f:
+        rows = json.load(f)
+    dense = [r for r in rows if r["engine"] == "native" and r["mode"] == "dense"]
+    if not dense:
+        raise SystemExit(
+            f"{rows_path}: no native dense row (run the bench with --modes dense,spec)"
+        )
+    base = dense[0]
+    records = [
+        {
+            "batch": r["settings"]["batch"],
+            "drafter": r["drafter"],
+            "tokens_per_s_dense": base["tokens_per_s"],
+            "tokens_per_s_spec": r["tokens_per_s"],
+            "speedup": r["tokens_per_s"] / base["tokens_per_s"],
+            "accept_len_mean": r["accept_len_mean"],
+            "drafted_per_step": r["drafted_per_step"],
+            "settings": r["settings"],
+        }
+        for r in rows
+        if r["engine"] == "native" and r["mode"] == "spec"
+    ]
+    if not records:
+        raise SystemExit(f"{rows_path}: no spec rows")
+    _write(out, records)
+    return records
+
+
+def _rows(run_dir: str, stage: str | None) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "timing/rollout" in r and (stage is None or r.get("stage") == stage)]
+    if not rows:
+        raise SystemExit(
+            f"{path}: no rows with timing/rollout" + (f" in stage {stage!r}" if stage else "")
+        )
+    return rows
+
+
+def _drafter(run_dir: str) -> str:
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    return cfg.get("rollout", {}).get("speculative", {}).get("drafter", "none")
+
+
+def _gpu(args: argparse.Namespace) -> dict:
+    def seconds(rows: list[dict]) -> float:
+        return statistics.mean(r["timing/rollout"] for r in rows[args.skip_first :])
+
+    dense = seconds(_rows(args.dense, args.stage))
+    device = args.device
+    if device is None:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    records = []
+    for run in args.spec:
+        rows = _rows(run, args.stage)
+        spec = seconds(rows)
+        accept = [r["spec/accept_len_mean"] for r in rows if "spec/accept_len_mean" in r]
+        records.append(
+            {
+                "device": device,
+                "drafter": _drafter(run),
+                "run": run,
+                "accept_len_mean": statistics.mean(accept) if accept else None,
+                "rollout_seconds_dense": dense,
+                "rollout_seconds_spec": spec,
+                "reduction": 1.0 - spec / dense,
+                "steps": len(rows) - args.skip_first,
+            }
+        )
+    best = max(records, key=lambda r: r["reduction"])
+    summary = {"records": records, "best": best["drafter"], "dense_run": args.dense}
+    _write(args.out, summary)
+    return summary
+
+
+def _write(path: str, data) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    print(json.dumps(data, indent=1))
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    cpu = sub.add_parser("cpu")
+    cpu.add_argument("rows")
+    cpu.add_argument("out")
+    gpu = sub.add_parser("gpu")
+    gpu.add_argument("--dense", required=True)
+    gpu.add_argument("--spec", nargs="+", required=True)
+    gpu.add_argument("--out", required=True)
+    gpu.add_argument("--stage", default=None, help="only this stage's rows (e.g. rl)")
+    gpu.add_argument("--skip-first", type=int, default=1, help="warm-up steps left out")
+    gpu.add_argument("--device", default=None, help="device name (default: this machine's GPU)")
+    args = ap.parse_args(argv)
+    if args.what == "cpu":
+        _cpu(args.rows, args.out)
+    else:
+        _gpu(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,325 @@
+"""Draft verification for speculative decoding, for a whole batch in one call.
+
+Each sequence b fed its last token and up to k drafts d_1..d_n (n = num_drafts[b]) through the
+policy in one forward, which gave the target distribution p_i at each of the T = k + 1 fed
+positions (p_0 scores d_1, p_i scores d_{i+1}, p_n is the next distribution after the last
+draft). The standard rule (Leviathan et al. 2023, Chen et al. 2023) then keeps the emitted
+tokens distributed exactly as p:
+
+- draft i is accepted with probability min(1, p_{i-1}(d_i) / q_i(d_i)), in order, until the
+  first rejection; `accepted` counts the drafts kept;
+- on a rejection at draft a + 1 the next token is drawn from norm(max(0, p_a - q_{a+1}));
+  when every draft passed, from p_n (the bonus token).
+
+Deterministic drafts (a suffix automaton's) have q = one-hot(d): draft i is then accepted with
+probability p(d_i) and the residual is p without d_i. Greedy decoding accepts while each draft is
+the argmax of its target row and then emits the argmax of row `accepted`. The distributions are
+the processed ones (temperature, top-k, top-p applied), so the rule is lossless for what the
+sampler draws from.
+
+    verify_drafts(target, draft_tokens, num_drafts, draft_probs=None, uniforms=None,
+                  greedy=False) -> (accepted, token)
+
+    target        [B, T, V] float32   target probabilities at the T = k + 1 fed positions
+                                      (greedy: any scores whose argmax is the greedy token)
+    draft_tokens  [B, k] int64        drafts; entries at or past num_drafts[b] are ignored
+    num_drafts    [B] int64           in [0, k]
+    draft_probs   [B, k, V] float32   q_i of each draft, or None: every draft deterministic
+    uniforms      [B, T]              in [0, 1): u[:, i] tests draft i + 1, u[:, k] draws the
+                                      final token (stochastic only)
+    accepted      [B] int64           drafts kept, in [0, num_drafts[b]]
+    token         [B] int64           the token emitted after them
+
+Three functions, as `sparse_decode_attention.py`: `verify_drafts_reference` (plain PyTorch, the
+rule as written above), the Triton kernel `verify_drafts_triton` (one program per sequence:
+acceptance of all k drafts at once, the first rejection, and the residual's inverse-CDF draw in
+two passes over the vocabulary), and the dispatcher `verify_drafts` (the kernel for CUDA
+tensors when Triton is importable, else the reference). The inverse-CDF draw is the sampler's
+(`rlkit.rollout.sampling.draw`): the first token whose running sum exceeds u times the total.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: CPU-only installs run the reference.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "verify_drafts", "verify_drafts_reference", "verify_drafts_triton"]
+
+
+def _check(
+    target: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    uniforms: torch.Tensor | None,
+    greedy: bool,
+) -> tuple[int, int, int]:
+    """Raise ValueError naming the first wrong argument; else (B, k, V)."""
+    if target.dim() != 3:
+        raise ValueError(f"target must be [B, k + 1, V], got shape {tuple(target.shape)}")
+    B, T, V = target.shape
+    k = T - 1
+    if draft_tokens.shape != (B, k):
+        raise ValueError(f"draft_tokens must be [{B}, {k}], got {tuple(draft_tokens.shape)}")
+    if num_drafts.shape != (B,):
+        raise ValueError(f"num_drafts must be [{B}], got {tuple(num_drafts.shape)}")
+    if draft_tokens.dtype != torch.int64 or num_drafts.dtype != torch.int64:
+        raise ValueError("draft_tokens and num_drafts must be int64")
+    if draft_probs is not None and draft_probs.shape != (B, k, V):
+        raise ValueError(f"draft_probs must be [{B}, {k}, {V}], got {tuple(draft_probs.shape)}")
+    if not greedy:
+        if uniforms is None or uniforms.shape != (B, T):
+            got = None if uniforms is None else tuple(uniforms.shape)
+            raise ValueError(f"uniforms must be [{B}, {T}] for stochastic verification, got {got}")
+        if target.dtype != torch.float32 or (
+            draft_probs is not None and draft_probs.dtype != torch.float32
+        ):
+            raise ValueError("target and draft_probs must be float32 probabilities")
+    tensors = [target, draft_tokens, num_drafts, draft_probs, uniforms]
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return B, k, V
+
+
+def verify_drafts_reference(
+    target: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule of the module docstring in plain PyTorch (the kernel's reference)."""
+    B, k, V = _check(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
+    dev = target.device
+    rows = torch.arange(B, device=dev)
+    steps = torch.arange(k, device=dev)
+    live = steps[None, :] < num_drafts[:, None]  # [B, k]
+    if greedy:
+        best = target.argmax(dim=-1)  # [B, k + 1]
+        passed = draft_tokens == best[:, :k]
+    else:
+        assert uniforms is not None
+        # Accept draft i with probability min(1, p(d) / q(d)): u < p / q, written u * q < p.
+        p_d = target[:, :k].gather(-1, draft_tokens[:, :, None])[..., 0]  # [B, k]
+        q_d = (
+            draft_probs.gather(-1, draft_tokens[:, :, None])[..., 0]
+            if draft_probs is not None
+            else torch.ones_like(p_d)
+        )
+        passed = uniforms[:, :k].to(torch.float64) * q_d.double() < p_d.double()
+    # Drafts kept: the leading run of accepted ones.
+    accepted = (passed & live).long().cumprod(dim=1).sum(dim=1)  # [B]
+    if greedy:
+        return accepted, best[rows, accepted]
+    p = target[rows, accepted].double()  # [B, V] the row after the last kept draft
+    rejected = accepted < num_drafts  # [B]: a draft failed; else the bonus token
+    at = accepted.clamp(max=max(k - 1, 0))
+    if draft_probs is not None and k > 0:
+        q = draft_probs[rows, at].double()
+    else:
+        q = torch.zeros_like(p)
+        if k > 0:
+            q[rows, draft_tokens[rows, at]] = 1.0
+    residual = torch.where(rejected[:, None], (p - q).clamp(min=0), p)  # [B, V]
+    # p == q on the rejected token's row is impossible in exact arithmetic (it would have been
+    # accepted); rounding could leave nothing: then draw from p.
+    empty = residual.sum(dim=-1) <= 0
+    residual = torch.where(empty[:, None], p, residual)
+    assert uniforms is not None
+    cdf = residual.cumsum(dim=-1)  # [B, V] float64
+    u = uniforms[:, k].to(torch.float64)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return accepted, token.clamp_(max=V - 1)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _verify_kernel(
+        P,
+        Q,
+        Drafts,
+        NumDrafts,
+        U,
+        Accepted,
+        Token,
+        V,
+        stride_pb,
+        stride_pt,
+        stride_qb,
+        stride_qt,
+        stride_db,
+        stride_ub,
+        K: tl.constexpr,
+        K_PAD: tl.constexpr,  # next power of two >= K + 1: the positions' axis
+        BLOCK_V: tl.constexpr,
+        HAS_Q: tl.constexpr,
+        GREEDY: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        offs_k = tl.arange(0, K_PAD)
+        m_k = offs_k < K
+        n = tl.load(NumDrafts + b)
+        d = tl.load(Drafts + b * stride_db + offs_k, mask=m_k, other=0)  # [K_PAD]
+        p_base = P + b * stride_pb
+        offs_v = tl.arange(0, BLOCK_V)
+        if GREEDY:
+            # Argmax of each fed position's row (the first index of the maximum, as torch).
+            best_val = tl.full([K_PAD], float("-inf"), dtype=tl.float32)
+            best_idx = tl.zeros([K_PAD], dtype=tl.int64)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + offs_v
+                m = (offs_k[:, None] <= K) & (cols[None, :] < V)
+                s = tl.load(
+                    p_base + offs_k[:, None] * stride_pt + cols[None, :],
+                    mask=m,
+                    other=float("-inf"),
+                ).to(tl.float32)  # [K_PAD, BLOCK_V]
+                blk_max = tl.max(s, 1)
+                is_max = (s == blk_max[:, None]) & m
+                blk_idx = tl.min(tl.where(is_max, cols[None, :], V), 1).to(tl.int64)
+                better = blk_max > best_val
+                best_idx = tl.where(better, blk_idx, best_idx)
+                best_val = tl.where(better, blk_max, best_val)
+            passed = d == best_idx
+        else:
+            p_d = tl.load(p_base + offs_k * stride_pt + d, mask=m_k, other=0.0)
+            if HAS_Q:
+                q_d = tl.load(Q + b * stride_qb + offs_k * stride_qt + d, mask=m_k, other=1.0)
+            else:
+                q_d = tl.full([K_PAD], 1.0, dtype=tl.float32)
+            u_k = tl.load(U + b * stride_ub + offs_k, mask=m_k, other=1.0)  # float64
+            passed = u_k * q_d.to(tl.float64) < p_d.to(tl.float64)
+        live = passed & (offs_k < n) & m_k
+        # The first draft that is not kept (a rejection, or past the row's drafts).
+        accepted = tl.minimum(tl.min(tl.where(live, K_PAD, offs_k), 0), n).to(tl.int64)
+        tl.store(Accepted + b, accepted)
+        if GREEDY:
+            tl.store(Token + b, tl.sum(tl.where(offs_k == accepted, best_idx, 0), 0))
+        else:
+            rejected = accepted < n
+            d_at = tl.sum(tl.where(offs_k == accepted, d, 0), 0)
+            p_row = p_base + accepted * stride_pt
+            q_row = Q + b * stride_qb + accepted * stride_qt
+            # q's columns that count: all of them after a rejection, none for the bonus token.
+            q_cols = tl.where(rejected, V, 0)
+            # Pass 1: the residual's mass, and p's (the fallback when rounding leaves none).
+            total_r = tl.zeros([1], dtype=tl.float64)
+            total_p = tl.zeros([1], dtype=tl.float64)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + offs_v
+                m = cols < V
+                p = tl.load(p_row + cols, mask=m, other=0.0)
+                if HAS_Q:
+                    q = tl.load(q_row + cols, mask=cols < q_cols, other=0.0)
+                else:
+                    q = tl.where((cols == d_at) & (cols < q_cols), 1.0, 0.0)
+                total_r += tl.sum(tl.maximum(p.to(tl.float64) - q.to(tl.float64), 0.0), 0)
+                total_p += tl.sum(p.to(tl.float64), 0)
+            use_r = tl.sum(total_r, 0) > 0.0
+            q_cols = tl.where(use_r, q_cols, 0)
+            goal = tl.load(U + b * stride_ub + K) * tl.sum(tl.where(use_r, total_r, total_p), 0)
+            # Pass 2: the first token whose running sum exceeds goal.
+            running = tl.zeros([1], dtype=tl.float64)
+            token = tl.full([1], V - 1, dtype=tl.int64)
+            found = tl.zeros([1], dtype=tl.int1)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + offs_v
+                m = cols < V
+                p = tl.load(p_row + cols, mask=m, other=0.0)
+                if HAS_Q:
+                    q = tl.load(q_row + cols, mask=cols < q_cols, other=0.0)
+                else:
+                    q = tl.where((cols == d_at) & (cols < q_cols), 1.0, 0.0)
+                r = tl.maximum(p.to(tl.float64) - q.to(tl.float64), 0.0)
+                cdf = tl.sum(running, 0) + tl.cumsum(r, 0)  # [BLOCK_V]
+                hit = (cdf > goal) & m
+                first = tl.min(tl.where(hit, cols, V), 0).to(tl.int64)
+                take = (first < V) & (found == 0)
+                token = tl.where(take, first, token)
+                found = found | take
+                running += tl.sum(r, 0)
+            tl.store(Token + b + tl.arange(0, 1), token)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def verify_drafts_triton(
+    target: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+    greedy: bool = False,
+    *,
+    block_v: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel (contract in the module docstring): one program per sequence."""
+    if not HAS_TRITON:
+        raise RuntimeError("verify_drafts_triton needs triton, which is not importable")
+    B, k, V = _check(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
+    accepted = torch.empty(B, dtype=torch.int64, device=target.device)
+    token = torch.empty(B, dtype=torch.int64, device=target.device)
+    if B == 0:
+        return accepted, token
+    if target.stride(-1) != 1:
+        target = target.contiguous()
+    drafts = draft_tokens.contiguous()
+    if k == 0:  # no draft slot at all: a [B, 1] dummy keeps the pointer arithmetic valid
+        drafts = torch.zeros((B, 1), dtype=torch.int64, device=target.device)
+    q = target if draft_probs is None else draft_probs
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    # float64, as the reference compares them: the same decisions bit for bit.
+    u = target if uniforms is None else uniforms.to(torch.float64).contiguous()
+    _verify_kernel[(B,)](
+        target,
+        q,
+        drafts,
+        num_drafts.contiguous(),
+        u,
+        accepted,
+        token,
+        V,
+        target.stride(0),
+        target.stride(1),
+        q.stride(0),
+        q.stride(1),
+        drafts.stride(0),
+        u.stride(0),
+        K=k,
+        K_PAD=_next_pow2(k + 1),
+        BLOCK_V=block_v,
+        HAS_Q=draft_probs is not None,
+        GREEDY=greedy,
+        num_warps=4,
+    )
+    return accepted, token
+
+
+def verify_drafts(
+    target: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accepted drafts [B] and the next token [B] (module docstring): the Triton kernel for
+    CUDA tensors when Triton is importable, else the PyTorch reference."""
+    if target.is_cuda and HAS_TRITON:
+        return verify_drafts_triton(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
+    return verify_drafts_reference(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)

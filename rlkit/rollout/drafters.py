@@ -1,0 +1,265 @@
+"""Drafters for speculative rollouts, registered by name (`rollout.speculative.drafter`).
+
+A drafter proposes up to `room[b]` tokens for each running slot (`propose`) and learns what
+was emitted after verification (`observed`: the policy's hidden states at the fed positions
+and the emitted tokens). It follows the scheduler's slots through `admitted`, `moved` and
+`finished`.
+
+- `mtp`: the MTP module (`rlkit.models.mtp`) drafts k tokens by recursion over its shared
+  block, sampling each from its own processed distribution q (greedy: argmax). Its block keeps
+  a one-layer KV cache per slot over the completion. Each step first catches up on the pairs
+  (policy state h_i, emitted token) of the positions verified since the last one, which also
+  gives depth 1; depths 2..k add one entry each, removed again after drafting. With
+  `mtp_vocab` N, its LM head covers the N tokens the engine has seen most (`Engine.
+  token_counts`, over prompts and outputs; this run's prompts are added first): q is zero
+  elsewhere, so the rule stays exact, and a draft reads N rows of the head instead of V.
+- `sam`: a suffix automaton per sequence over prompt + generated tokens (`sam.py`), plus an
+  optional static one over the train split's reference answers; drafts are deterministic
+  (q = one-hot).
+- `sam+mtp`: SAM's draft where its match reaches the threshold, else MTP's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from rlkit.algorithms.registry import Registry
+from rlkit.models.decoder import linear, prepack
+from rlkit.models.mtp import MTPModule
+from rlkit.rollout.kv_cache import KVCache
+from rlkit.rollout.sam import SuffixAutomaton, TextMatcher
+from rlkit.rollout.sampling import draw, sampling_logprobs
+
+if TYPE_CHECKING:
+    from rlkit.rollout.scheduler import Run
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # [B, k] int64 on the device; entries at or past num[b] are padding
+    num: np.ndarray  # [B] int64: drafts per row
+    probs: torch.Tensor | None  # [B, k, V] float32: the q each draft was sampled from; None:
+    # every draft deterministic (q = one-hot)
+
+
+class Drafter(Protocol):
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None: ...
+
+    def propose(self, run: Run, room: np.ndarray) -> Draft: ...
+
+    def observed(
+        self, run: Run, hidden: torch.Tensor, emitted: torch.Tensor, num: np.ndarray
+    ) -> None:
+        """hidden [B, T, H]: the policy's states at the fed positions; emitted [B, T]: the
+        tokens that followed them, the first num[b] valid."""
+        ...
+
+    def moved(self, src: list[int], dst: list[int]) -> None: ...
+
+    def finished(self, seqs: list[int]) -> None: ...
+
+
+@dataclass
+class DraftSettings:
+    """What drafters are built from (the engine's side of `SpeculativeConfig`)."""
+
+    num_draft_tokens: int = 3
+    sam_min_match: int = 4
+    mtp: MTPModule | None = None
+    static: SuffixAutomaton | None = None
+    mtp_vocab: int = 0
+    # [V] float32 on the device: how often each token was seen (the engine's, kept across
+    # calls); the MTP drafter's sub-vocabulary is its top `mtp_vocab`.
+    token_counts: torch.Tensor | None = None
+
+
+DRAFTERS: Registry[Callable[[Run, DraftSettings], Any]] = Registry("drafter")
+
+
+class MTPDrafter:
+    def __init__(self, run: Run, cfg: DraftSettings):
+        if cfg.mtp is None:
+            raise ValueError("the mtp drafter needs an MTP module (Engine(mtp=...))")
+        self.mtp, self.k = cfg.mtp, cfg.num_draft_tokens
+        a, c, dev = run.model.args, run.cache, run.device
+        dtype = run.e.dtype
+        self.cache = KVCache(
+            1, c.num_slots, c.capacity, a.num_kv_heads, a.head_dim, dtype, dev, run.e.cpu_kernels,
+            lookahead=self.k + 1,
+        )  # fmt: skip
+        # Pairs (policy state, the token after it) verified but not yet in the MTP cache.
+        self.h = torch.zeros(c.num_slots, self.k + 1, a.hidden_size, dtype=dtype, device=dev)
+        self.tok = torch.zeros(c.num_slots, self.k + 1, dtype=torch.long, device=dev)
+        self.pending = np.zeros(c.num_slots, dtype=np.int64)
+        # The draft head: the whole LM head, or the rows of the most frequent tokens.
+        self.counts, self.ids, self.head = cfg.token_counts, None, None
+        if 0 < cfg.mtp_vocab < a.vocab_size and self.counts is not None:
+            prompts = torch.tensor([t for p in run.prompts for t in p], device=dev)
+            self.counts += torch.bincount(prompts, minlength=a.vocab_size).float()
+            # Ties (unseen tokens) go to the lower id: counts are whole numbers, the
+            # tie-breaker is under 1.
+            rank = self.counts - torch.arange(a.vocab_size, device=dev) / a.vocab_size
+            top = torch.topk(rank, cfg.mtp_vocab, sorted=False).indices
+            self.ids = top.sort().values  # [N]
+            head = run.model.lm_head.weight.detach()[self.ids].contiguous()  # [N, H]
+            # Laid out once per call for oneDNN's GEMM where the trunk's weights are.
+            self.head = prepack(head, run.model._batch_hint) if run.model.prepacked else head
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        m = len(seqs)
+        self.h[first : first + m, 0] = hidden
+        self.tok[first : first + m, 0] = run.last[first : first + m]
+        self.pending[first : first + m] = 1
+        # The block's first entry: the last prompt position.
+        start = np.array([len(run.prompts[s // run.n]) - 1 for s in seqs], dtype=np.int64)
+        self.cache.reset_slots(range(first, first + m), start)
+
+    def _block(self, run: Run, x: torch.Tensor) -> torch.Tensor:
+        B, T = x.shape[:2]
+        positions = self.cache.begin_decode(B, T)
+        return self.mtp.run_block(x, positions, run.model, self.cache)  # [B, T, H]
+
+    def propose(self, run: Run, room: np.ndarray) -> Draft:
+        B, model, params = len(run.seq), run.model, run.params
+        n = self.pending[:B]
+        T = int(n.max())
+        # Catch up on the verified pairs; the last one's state is depth 1.
+        g = self._block(run, self.mtp.step_input(self.h[:B, :T], self.tok[:B, :T], model))
+        g = g[torch.arange(B, device=g.device), torch.from_numpy(n - 1).to(g.device)]  # [B, H]
+        self.cache.rewind(T - n)
+        self.pending[:B] = 0
+        depth = int(room.max()) if len(room) else 0
+        tokens = torch.zeros(B, self.k, dtype=torch.long, device=run.device)
+        probs = None
+        if params.temperature > 0 and depth:
+            vocab = model.args.vocab_size
+            probs = torch.zeros(B, self.k, vocab, dtype=torch.float32, device=run.device)
+        for i in range(depth):
+            out = self.mtp.norm(g)
+            # [B, V], or [B, N] over the sub-vocabulary `ids`.
+            logits = model.logits(out) if self.head is None else linear(out, self.head, None)
+            if probs is None:
+                d = logits.argmax(dim=-1)
+            else:
+                logq = sampling_logprobs(logits, params)
+                d = draw(logq, run.gen)
+                if self.ids is None:
+                    probs[:, i] = logq.exp()
+                else:
+                    probs[:, i].index_copy_(1, self.ids, logq.exp())
+            tokens[:, i] = d if self.ids is None else self.ids[d]
+            if i + 1 < depth:
+                g = self._block(run, self.mtp.step_input(g[:, None], d[:, None], model))[:, 0]
+        if depth > 1:
+            self.cache.rewind(np.full(B, depth - 1))
+        return Draft(tokens, room.astype(np.int64), probs)
+
+    def observed(
+        self, run: Run, hidden: torch.Tensor, emitted: torch.Tensor, num: np.ndarray
+    ) -> None:
+        T = hidden.shape[1]
+        self.h[: len(num), :T] = hidden
+        self.tok[: len(num), :T] = emitted
+        self.pending[: len(num)] = num
+        if self.counts is not None:
+            valid = (
+                torch.arange(T, device=emitted.device)
+                < torch.from_numpy(num).to(emitted.device)[:, None]
+            )
+            self.counts.index_add_(
+                0, emitted[valid], torch.ones_like(emitted[valid], dtype=self.counts.dtype)
+            )
+
+    def moved(self, src: list[int], dst: list[int]) -> None:
+        if not src:
+            return
+        self.cache.move(src, dst)
+        s = torch.tensor(src, device=self.h.device)
+        d = torch.tensor(dst, device=self.h.device)
+        self.h[d], self.tok[d] = self.h[s], self.tok[s]
+        self.pending[dst] = self.pending[src]
+
+    def finished(self, seqs: list[int]) -> None:
+        pass
+
+
+class SAMDrafter:
+    def __init__(self, run: Run, cfg: DraftSettings):
+        self.k, self.min_match, self.static = cfg.num_draft_tokens, cfg.sam_min_match, cfg.static
+        self.text: dict[int, TextMatcher] = {}  # by sequence id: compaction never moves them
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        firsts = run.last[first : first + len(seqs)].tolist()
+        for s, t in zip(seqs, firsts, strict=True):
+            self.text[s] = TextMatcher([*run.prompts[s // run.n], t], self.static)
+
+    def propose(self, run: Run, room: np.ndarray) -> Draft:
+        B = len(run.seq)
+        tokens = np.zeros((B, self.k), dtype=np.int64)
+        num = np.zeros(B, dtype=np.int64)
+        for b, s in enumerate(run.seq):
+            d = self.text[s].draft(int(room[b]), self.min_match)
+            tokens[b, : len(d)] = d
+            num[b] = len(d)
+        return Draft(torch.from_numpy(tokens).to(run.device), num, None)
+
+    def observed(
+        self, run: Run, hidden: torch.Tensor, emitted: torch.Tensor, num: np.ndarray
+    ) -> None:
+        rows = emitted.tolist()
+        for b, s in enumerate(run.seq):
+            self.text[s].extend(rows[b][: num[b]])
+
+    def moved(self, src: list[int], dst: list[int]) -> None:
+        pass
+
+    def finished(self, seqs: list[int]) -> None:
+        for s in seqs:
+            self.text.pop(s, None)
+
+
+class SAMThenMTP:
+    """SAM's draft where it has one (its match reached the threshold), else MTP's. The MTP
+    module catches up on every row each step, so it can take over at any step."""
+
+    def __init__(self, run: Run, cfg: DraftSettings):
+        self.sam, self.mtp = SAMDrafter(run, cfg), MTPDrafter(run, cfg)
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        self.sam.admitted(run, first, seqs, hidden)
+        self.mtp.admitted(run, first, seqs, hidden)
+
+    def propose(self, run: Run, room: np.ndarray) -> Draft:
+        by_sam = self.sam.propose(run, room)
+        use_sam = by_sam.num > 0
+        by_mtp = self.mtp.propose(run, np.where(use_sam, 0, room))
+        pick = torch.from_numpy(use_sam).to(run.device)
+        tokens = torch.where(pick[:, None], by_sam.tokens, by_mtp.tokens)
+        probs = by_mtp.probs
+        if probs is not None and bool(use_sam.any()):
+            # SAM's drafts are deterministic: q is one-hot on them.
+            onehot = torch.zeros_like(probs).scatter_(-1, by_sam.tokens[:, :, None], 1.0)
+            probs = torch.where(pick[:, None, None], onehot, probs)
+        return Draft(tokens, np.where(use_sam, by_sam.num, by_mtp.num), probs)
+
+    def observed(
+        self, run: Run, hidden: torch.Tensor, emitted: torch.Tensor, num: np.ndarray
+    ) -> None:
+        self.sam.observed(run, hidden, emitted, num)
+        self.mtp.observed(run, hidden, emitted, num)
+
+    def moved(self, src: list[int], dst: list[int]) -> None:
+        self.mtp.moved(src, dst)
+
+    def finished(self, seqs: list[int]) -> None:
+        self.sam.finished(seqs)
+
+
+DRAFTERS.register("mtp")(MTPDrafter)
+DRAFTERS.register("sam")(SAMDrafter)
+DRAFTERS.register("sam+mtp")(SAMThenMTP)

@@ -1,0 +1,142 @@
+"""Suffix automata for SAM decoding (ALGORITHMS.md section 5): model-free drafts.
+
+`SuffixAutomaton` is the classic online construction (Blumer et al. 1985): one state per class
+of substrings with the same end positions, built token by token in O(1) amortised time (clone
+states included). Each state remembers where its strings first end (`first_end`), which is
+what a draft needs: the tokens that followed that earlier occurrence.
+
+`TextMatcher` is one sequence's drafter state: the automaton of its text (prompt + tokens so
+far) and a cursor on the longest suffix of the text that also occurs earlier in it (matched
+against the automaton before the newest token is added, so the occurrence found is an earlier
+one and has a continuation). Optionally a second cursor walks a shared static automaton (e.g.
+over the train split's reference answers), whose match is discounted by `STATIC_LEN_BIAS`.
+`draft(n, min_match)` returns up to n tokens that followed the longer match, or nothing when
+neither reaches min_match.
+
+Facts from the authors' implementation (hyx1999/SAM-Decoding): the dynamic automaton covers
+prompt + generated tokens, the static one a corpus, the static match length is penalised by 4,
+the longer wins, drafts need a match of at least 4 tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# A static automaton's match counts this many tokens less than a dynamic one of equal length.
+STATIC_LEN_BIAS = 4
+
+
+class SuffixAutomaton:
+    """Online suffix automaton of a token sequence (`tokens`), extended one token at a time."""
+
+    def __init__(self, tokens: Iterable[int] = ()) -> None:
+        self.next: list[dict[int, int]] = [{}]
+        self.link: list[int] = [-1]
+        self.length: list[int] = [0]
+        # Index in `tokens` where the state's strings first end (-1 for the root).
+        self.first_end: list[int] = [-1]
+        self.tokens: list[int] = []
+        self.last = 0
+        for t in tokens:
+            self.extend(t)
+
+    def _new(self, length: int, first_end: int, nxt: dict[int, int], link: int) -> int:
+        self.next.append(nxt)
+        self.link.append(link)
+        self.length.append(length)
+        self.first_end.append(first_end)
+        return len(self.length) - 1
+
+    def extend(self, token: int) -> None:
+        """Append one token (the standard construction, with clone states)."""
+        end = len(self.tokens)
+        self.tokens.append(token)
+        cur = self._new(self.length[self.last] + 1, end, {}, 0)
+        p = self.last
+        while p != -1 and token not in self.next[p]:
+            self.next[p][token] = cur
+            p = self.link[p]
+        if p != -1:
+            q = self.next[p][token]
+            if self.length[p] + 1 == self.length[q]:
+                self.link[cur] = q
+            else:
+                # The clone keeps q's first end: its strings are suffixes of q's, same ends.
+                clone = self._new(
+                    self.length[p] + 1, self.first_end[q], dict(self.next[q]), self.link[q]
+                )
+                while p != -1 and self.next[p].get(token) == q:
+                    self.next[p][token] = clone
+                    p = self.link[p]
+                self.link[q] = self.link[cur] = clone
+        self.last = cur
+
+    def advance(self, state: int, length: int, token: int) -> tuple[int, int]:
+        """The cursor (state, matched length) of the longest suffix of (matched text + token)
+        that occurs in the automaton's text; (0, 0) when not even the token does."""
+        while state != 0 and token not in self.next[state]:
+            state = self.link[state]
+            length = self.length[state]
+        if token in self.next[state]:
+            return self.next[state][token], length + 1
+        return 0, 0
+
+    def normalise(self, state: int, length: int) -> int:
+        """The state whose strings include the matched one of `length` (a clone made since the
+        cursor moved may now hold it)."""
+        while state > 0 and self.length[self.link[state]] >= length:
+            state = self.link[state]
+        return state
+
+    def continuation(self, state: int, n: int) -> list[int]:
+        """Up to n tokens that followed the first occurrence of the state's strings."""
+        end = self.first_end[state]
+        return self.tokens[end + 1 : end + 1 + n] if state > 0 else []
+
+
+class TextMatcher:
+    """One sequence's SAM drafter: its text's automaton and longest-earlier-suffix cursor,
+    and a cursor on a shared static automaton (or None)."""
+
+    def __init__(self, tokens: Iterable[int], static: SuffixAutomaton | None = None) -> None:
+        self.sam = SuffixAutomaton()
+        self.state = self.match = 0
+        self.static = static
+        self.s_state = self.s_match = 0
+        self.extend(tokens)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        sam = self.sam
+        for t in tokens:
+            # Matched against the text before t, so the match's first end is an earlier
+            # position with at least t after it.
+            self.state, self.match = sam.advance(self.state, self.match, t)
+            sam.extend(t)
+            self.state = sam.normalise(self.state, self.match)
+            if self.static is not None:
+                self.s_state, self.s_match = self.static.advance(self.s_state, self.s_match, t)
+
+    def draft(self, n: int, min_match: int) -> list[int]:
+        """Up to n tokens that followed the longer of the two matches, if it reaches
+        min_match (the static one counted STATIC_LEN_BIAS shorter; ties go to the text)."""
+        if n <= 0:
+            return []
+        static = self.s_match - STATIC_LEN_BIAS if self.static is not None else -1
+        if max(self.match, static) < min_match:
+            return []
+        if self.match >= static:
+            return self.sam.continuation(self.state, n)
+        assert self.static is not None
+        return self.static.continuation(self.s_state, n)
+
+
+def corpus_automaton(texts: Iterable[list[int]], separator: int) -> SuffixAutomaton:
+    """A static automaton over token lists, each ended by `separator` (e.g. EOS), so that a
+    continuation stops at the end of its text."""
+    sam = SuffixAutomaton()
+    for text in texts:
+        for t in text:
+            sam.extend(t)
+        if not text or text[-1] != separator:
+            sam.extend(separator)
+    return sam

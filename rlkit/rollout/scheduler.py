@@ -1,0 +1,299 @@
+"""One `Engine.generate` call's bookkeeping: which sequences run, where their tokens go, when
+they finish (nano-vllm's Scheduler; the tensors of a decode step live in `steps.py`).
+
+Sequences have ids (prompt i, sample j -> i * n + j) and run in slots 0..B-1 of the KV cache.
+A loop of `execute`: admit waiting sequences into free slots (prefill: one forward per distinct
+prompt, its keys/values written into the slots of its n samples, and the first token sampled),
+run up to `sync_every` decode steps (each emits one or more tokens per running sequence:
+`DecodeStep`), then retire: read the new tokens on the host, finish sequences (EOS, stop ids,
+stop strings, length), compact the survivors into slots 0..B'-1 and free the rest.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+
+from rlkit.config.schema import KVCompressionConfig
+from rlkit.rollout.sampling import SamplingParams, make_generator, sample
+from rlkit.rollout.stopping import StopChecker
+
+if TYPE_CHECKING:
+    from rlkit.rollout.engine import Engine
+
+# Rows of the LM head and sampler per chunk: keeps every [rows, V] temporary under glibc's
+# mmap threshold (see engine._reuse_freed_memory) and in cache.
+SAMPLE_ROWS = 64
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    token_ids: list[int]
+    # Log-probability of each token under the sampling distribution (float32 math).
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+    text: str
+
+
+class DecodeStep(Protocol):
+    """Advances every running sequence by at least one token (`steps.PlainStep`, one token;
+    `steps.SpecStep`, draft and verify). The hooks keep per-slot state in step with the run."""
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        """Sequences `seqs` now run in slots first.. (prefilled; first token in `run.last`);
+        hidden [m, H]: the final state of each one's last prompt position."""
+        ...
+
+    def step(self, run: Run) -> None: ...
+
+    def moved(self, src: list[int], dst: list[int]) -> None:
+        """Compaction copied slots src[i] -> dst[i]."""
+        ...
+
+    def finished(self, seqs: list[int]) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+
+class Run:
+    """State of one `generate` call. Per-slot arrays cover slots 0..B-1 (the running batch)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        compression: KVCompressionConfig | None,
+        lookahead: int = 0,
+    ):
+        self.e, self.prompts, self.params, self.n = engine, prompts, params, n
+        self.model = engine.model
+        dev = self.device = engine.device
+        total = len(prompts) * n
+        length = min(engine.max_seq_len, max(len(p) for p in prompts) + params.max_new_tokens)
+        self.cache = engine._cache_for(
+            min(engine.max_batch_size, total), length, compression, lookahead
+        )
+        self.slots = self.cache.num_slots
+        self.graphs = engine._decode_graphs(self.cache)
+        self.gen = make_generator(params, dev)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_ids)
+        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
+        self.checker = StopChecker(engine.tokenizer, params.stop)
+        # Outputs indexed by sequence id (prompt i, sample j -> i * n + j): compaction never
+        # moves them.
+        self.out_tokens = torch.zeros(total, params.max_new_tokens, dtype=torch.long, device=dev)
+        self.out_logprobs = torch.zeros(
+            total, params.max_new_tokens, dtype=torch.float32, device=dev
+        )
+        # Device state of the running slots.
+        self.last = torch.zeros(self.slots, dtype=torch.long, device=dev)  # token to feed next
+        self.done = torch.zeros(self.slots, dtype=torch.bool, device=dev)  # stop id sampled
+        self.seq_dev = torch.zeros(self.slots, dtype=torch.long, device=dev)
+        self.count_dev = torch.zeros(self.slots, dtype=torch.long, device=dev)
+        # Host mirror: sequence id, tokens generated, token limit, per running slot.
+        self.seq: list[int] = []
+        self.count = np.zeros(0, dtype=np.int64)
+        self.limit = np.zeros(0, dtype=np.int64)
+        self.waiting = deque(range(total))
+        self.results: list[Completion | None] = [None] * total
+        # Compression; per sequence the entries held at its finish and its true length then.
+        self.compression = compression
+        self.events0 = getattr(self.cache, "events", 0)
+        self.held = np.zeros(total, dtype=np.int64)
+        self.true_len = np.zeros(total, dtype=np.int64)
+
+    def execute(self, step: DecodeStep) -> list[Completion]:
+        while self.waiting or self.seq:
+            self._admit(step)
+            for _ in range(self.e.sync_every):
+                # The host knows every count: no sequence goes past its limit between syncs.
+                if not len(self.seq) or int((self.limit - self.count).min()) <= 0:
+                    break
+                step.step(self)
+                self.cache.compress_due(len(self.seq))
+            self._retire(step)
+        self._record_stats(step)
+        return [r for r in self.results if r is not None]
+
+    def _record_stats(self, step: DecodeStep) -> None:
+        c = self.cache
+        dense = float(self.true_len.mean()) * c.bytes_per_token
+        retained = float(self.held.mean()) * c.bytes_per_entry
+        self.e.stats = {
+            "kv_bytes_peak": float(c.allocated_bytes),
+            "kv_bytes_retained_per_seq": retained,
+            "kv_bytes_dense_per_seq": dense,
+            "kv_retained_frac": retained / dense if dense else 1.0,
+            # The least-compressed sequence: 1 - this is what every sequence lost at least.
+            "kv_retained_frac_max": float(
+                (
+                    self.held * c.bytes_per_entry / np.maximum(self.true_len * c.bytes_per_token, 1)
+                ).max()
+            )
+            if len(self.held)
+            else 1.0,
+            "compression_events": float(getattr(c, "events", 0) - self.events0),
+            **step.stats(),
+        }
+
+    # -- admission -------------------------------------------------------------------------
+
+    def _admit(self, step: DecodeStep) -> None:
+        """Prefill waiting sequences into free slots, one forward per distinct prompt."""
+        free = self.slots - len(self.seq)
+        if not self.waiting or free == 0:
+            return
+        new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        prompt_ids = sorted({s // self.n for s in new})
+        # Chunks of prompts within the padded-token budget.
+        chunk: list[int] = []
+        for p in prompt_ids:
+            width = max([len(self.prompts[q]) for q in chunk] + [len(self.prompts[p])])
+            if chunk and width * (len(chunk) + 1) > self.e.max_prefill_tokens:
+                self._prefill(chunk, [s for s in new if s // self.n in chunk], step)
+                chunk = []
+            chunk.append(p)
+        self._prefill(chunk, [s for s in new if s // self.n in chunk], step)
+
+    def _prefill(self, prompt_ids: list[int], seqs: list[int], step: DecodeStep) -> None:
+        dev = self.device
+        lengths = [len(self.prompts[p]) for p in prompt_ids]
+        tokens = torch.zeros(len(prompt_ids), max(lengths), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            tokens[i, : lengths[i]] = torch.tensor(self.prompts[p])
+        tokens = tokens.to(dev)
+        row_of = {p: i for i, p in enumerate(prompt_ids)}
+        first = len(self.seq)
+        slots = torch.arange(first, first + len(seqs))
+        rows = torch.tensor([row_of[s // self.n] for s in seqs])
+        self.cache.begin_prefill(slots, rows, lengths)
+        positions = torch.arange(tokens.shape[1], device=dev).expand_as(tokens)
+        hidden = self.model.forward_cached(tokens, positions, self.cache)  # [P, T, hidden]
+        last = hidden[torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev) - 1]
+        # The LM head sees one row per sequence, never the prompt's other positions.
+        per_seq = last[rows.to(dev)]  # [m, hidden]
+        tok, logp = self.sample(per_seq)  # [m]
+        seq_t = torch.tensor(seqs, device=dev)
+        self.out_tokens[seq_t, 0] = tok
+        self.out_logprobs[seq_t, 0] = logp
+        end = first + len(seqs)
+        self.last[first:end] = tok
+        self.done[first:end] = torch.isin(tok, self.stop_ids)
+        self.seq_dev[first:end] = seq_t
+        self.count_dev[first:end] = 1
+        self.seq.extend(seqs)
+        prompt_len = np.array([len(self.prompts[s // self.n]) for s in seqs], dtype=np.int64)
+        limit = np.minimum(self.params.max_new_tokens, self.cache.capacity - prompt_len)
+        self.count = np.concatenate([self.count, np.ones(len(seqs), dtype=np.int64)])
+        self.limit = np.concatenate([self.limit, limit])
+        for s in seqs:
+            self.checker.reset(s)
+        step.admitted(self, first, seqs, per_seq)
+
+    # -- emission --------------------------------------------------------------------------
+
+    def sample(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [N] and sampler log-probs [N] from final hidden states [N, hidden]."""
+        outs = [
+            sample(self.model.logits(hidden[i : i + SAMPLE_ROWS]), self.params, self.gen)
+            for i in range(0, hidden.shape[0], SAMPLE_ROWS)
+        ]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([t for t, _ in outs]), torch.cat([lp for _, lp in outs])
+
+    def emit_one(self, tok: torch.Tensor, logp: torch.Tensor) -> None:
+        """One new token per running slot: tok, logp [B] (no host sync)."""
+        B = len(self.seq)
+        seq, count = self.seq_dev[:B], self.count_dev[:B]
+        self.out_tokens[seq, count] = tok
+        self.out_logprobs[seq, count] = logp
+        self.done[:B] |= torch.isin(tok, self.stop_ids)
+        self.last[:B] = tok
+        self.count_dev[:B] += 1
+        self.count += 1
+
+    def emit(
+        self, tokens: torch.Tensor, logp: torch.Tensor, num: torch.Tensor, num_host: np.ndarray
+    ) -> None:
+        """num[b] >= 1 new tokens per running slot: the first num[b] of tokens[b], logp[b]
+        [B, T]; num_host is num on the host."""
+        B, T = tokens.shape
+        valid = torch.arange(T, device=self.device)[None, :] < num[:, None]  # [B, T]
+        cols = self.count_dev[:B, None] + torch.arange(T, device=self.device)  # [B, T]
+        rows = self.seq_dev[:B, None].expand(B, T)
+        self.out_tokens[rows[valid], cols[valid]] = tokens[valid]
+        self.out_logprobs[rows[valid], cols[valid]] = logp[valid]
+        self.done[:B] |= (torch.isin(tokens, self.stop_ids) & valid).any(dim=1)
+        self.last[:B] = tokens.gather(1, (num - 1)[:, None])[:, 0]
+        self.count_dev[:B] += num
+        self.count += num_host
+
+    # -- retirement ------------------------------------------------------------------------
+
+    def _retire(self, step: DecodeStep) -> None:
+        """Finish sequences that stopped or hit their limit; compact; free their slots."""
+        B = len(self.seq)
+        done = self.done[:B].tolist()
+        finished: list[int] = []
+        for b in range(B):
+            s, count = self.seq[b], int(self.count[b])
+            stop_at = None
+            if done[b] or self.checker.active:
+                stop_at = self._stop_index(s, self.out_tokens[s, :count], done[b])
+            if stop_at is not None:
+                self._finish(s, stop_at, "stop")
+            elif count >= self.limit[b]:
+                self._finish(s, count, "length")
+            else:
+                continue
+            self.held[s] = self.cache.entries_held(b)
+            self.true_len[s] = self.cache.positions[b]
+            finished.append(b)
+        if finished:
+            step.finished([self.seq[b] for b in finished])
+            self._compact(finished, step)
+
+    def _stop_index(self, s: int, row: torch.Tensor, has_stop_id: bool) -> int | None:
+        """Tokens to keep if sequence s has stopped (through its stop token or stop string)."""
+        cut = None
+        if has_stop_id:
+            # First stop id; tokens sampled after it (before this sync) are dropped.
+            cut = int(torch.isin(row, self.stop_ids).nonzero()[0, 0]) + 1
+            row = row[:cut]
+        text_cut = self.checker.check(s, row)
+        return text_cut if text_cut is not None else cut
+
+    def _finish(self, s: int, keep: int, reason: str) -> None:
+        tokens = self.out_tokens[s, :keep].tolist()
+        text = self.e.tokenizer.decode(tokens, skip_special_tokens=True)
+        if reason == "stop":
+            text = self.checker.truncate(text)
+        self.results[s] = Completion(
+            s // self.n, tokens, self.out_logprobs[s, :keep].tolist(), reason, text
+        )
+
+    def _compact(self, finished: list[int], step: DecodeStep) -> None:
+        B = len(self.seq)
+        keep_n = B - len(finished)
+        holes = [b for b in finished if b < keep_n]
+        gone = set(finished)
+        movers = [b for b in range(keep_n, B) if b not in gone]
+        self.cache.move(movers, holes)
+        step.moved(movers, holes)
+        if holes:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            for t in (self.last, self.done, self.seq_dev, self.count_dev):
+                t[dst] = t[src]
+        for m, h in zip(movers, holes, strict=True):
+            self.seq[h], self.count[h], self.limit[h] = self.seq[m], self.count[m], self.limit[m]
+        del self.seq[keep_n:]
+        self.count, self.limit = self.count[:keep_n], self.limit[:keep_n]

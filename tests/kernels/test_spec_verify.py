@@ -1,0 +1,202 @@
+"""rlkit.kernels.spec_verify: the verification rule against hand-computed cases, and the
+Triton kernel against the PyTorch reference on random batches.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 in a subprocess (this file run as a script), as
+tests/kernels/test_sparse_decode_attention.py explains; on a CUDA machine the `gpu` test runs
+the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from rlkit.kernels import spec_verify as sv
+
+# name: (B, k, V, with q, greedy, block_v)
+CASES: dict[str, tuple] = {
+    "B33-k3-V1000-q": (33, 3, 1000, True, False, 256),
+    "B33-k3-V1000-onehot": (33, 3, 1000, False, False, 256),
+    "B17-k5-V4099-q": (17, 5, 4099, True, False, 1024),
+    "B9-k1-V300-q": (9, 1, 300, True, False, 128),
+    "B20-k4-V700-greedy": (20, 4, 700, False, True, 256),
+    "B8-k0-V300": (8, 0, 300, False, False, 128),
+}
+
+
+def make_inputs(case: tuple, seed: int, device: str = "cpu"):
+    B, k, V, with_q, greedy, _ = case
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, k + 1, V, generator=g) * 3
+    # Top-k style holes: tokens the processed distribution never draws.
+    logits[:, :, : V // 10] = float("-inf")
+    target = logits.softmax(-1)
+    q = (torch.randn(B, max(k, 1), V, generator=g) * 3).softmax(-1)[:, :k]
+    drafts = (
+        torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, k)
+        if k
+        else q.new_zeros(B, 0, dtype=torch.long)
+    )
+    if k:
+        # Some drafts the target likes (accepted often), some it forbids (never accepted).
+        drafts[::3, 0] = target[::3, 0].argmax(-1)
+        drafts[1::4, -1] = 0
+    num = torch.randint(0, k + 1, (B,), generator=g)
+    num[0] = k
+    u = torch.rand(B, k + 1, generator=g, dtype=torch.float64)
+    args = [
+        target.log() if greedy else target,
+        drafts,
+        num,
+        q if with_q else None,
+        None if greedy else u,
+        greedy,
+    ]
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def run_cases(device: str) -> dict[str, dict]:
+    results = {}
+    for i, (name, case) in enumerate(CASES.items()):
+        args = make_inputs(case, seed=i, device=device)
+        try:
+            acc, tok = sv.verify_drafts_triton(*args, block_v=case[5])
+        except Exception as e:  # reported per case by the parent
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        ref_acc, ref_tok = sv.verify_drafts_reference(*args)
+        results[name] = {
+            "accepted": acc.tolist(),
+            "token": tok.tolist(),
+            "ref_accepted": ref_acc.tolist(),
+            "ref_token": ref_tok.tolist(),
+        }
+    return results
+
+
+def _check_result(name: str, res: dict) -> None:
+    assert "error" not in res, res.get("error")
+    assert res["accepted"] == res["ref_accepted"], name
+    assert res["token"] == res["ref_token"], name
+    # The cases exercise what they should: some rows accept drafts, some reject.
+    if CASES[name][1]:
+        assert 0 < sum(res["accepted"]) < CASES[name][0] * CASES[name][1], name
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, dict]:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_interpreted_matches_reference(name, interpreted_results):
+    _check_result(name, interpreted_results[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_on_gpu_matches_reference():
+    for name, res in run_cases("cuda").items():
+        _check_result(name, res)
+    # The dispatcher takes the kernel for CUDA tensors.
+    args = make_inputs(CASES["B33-k3-V1000-q"], seed=0, device="cuda")
+    acc, tok = sv.verify_drafts(*args)
+    ref_acc, ref_tok = sv.verify_drafts_reference(*args)
+    assert torch.equal(acc, ref_acc) and torch.equal(tok, ref_tok)
+
+
+P = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+Q = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1]])
+
+
+@pytest.mark.parametrize(
+    "u, accepted, token",
+    [
+        # Draft 1 (token 0): p/q = 0.5/0.25 = 2, always kept. Draft 2 (token 0): p/q =
+        # 0.1/0.4; u = 0.3 fails it; residual max(0, p1 - q2) = [0, 0, .1, .3]: u = 0.2 of
+        # its mass (0.08) falls in token 2's share (0, 0.1].
+        ([0.9, 0.3, 0.2], 1, 2),
+        # u = 0.9 of the residual's mass (0.36) falls in token 3's (0.1, 0.4].
+        ([0.9, 0.3, 0.9], 1, 3),
+        # u = 0.2 < 0.25 keeps draft 2 too; the bonus token from p2 (uniform): 0.6 -> token 2.
+        ([0.9, 0.2, 0.6], 2, 2),
+    ],
+)
+def test_rule_by_hand_with_draft_probabilities(u, accepted, token):
+    acc, tok = sv.verify_drafts_reference(
+        P[None], torch.tensor([[0, 0]]), torch.tensor([2]), Q[None], torch.tensor([u])
+    )
+    assert (int(acc), int(tok)) == (accepted, token)
+
+
+def test_rule_by_hand_with_deterministic_drafts():
+    p = torch.tensor([[[0.2, 0.5, 0.3], [0.0, 0.0, 1.0]]])
+    drafts, num = torch.tensor([[1]]), torch.tensor([1])
+    # Accepted with probability p(1) = 0.5: u = 0.6 rejects; the residual is p without token
+    # 1, [0.2, 0, 0.3]: u = 0.5 of its mass (0.25) falls in token 2's share (0.2, 0.5].
+    acc, tok = sv.verify_drafts_reference(p, drafts, num, None, torch.tensor([[0.6, 0.5]]))
+    assert (int(acc), int(tok)) == (0, 2)
+    # u = 0.3 of the residual's mass (0.15) is token 0's.
+    acc, tok = sv.verify_drafts_reference(p, drafts, num, None, torch.tensor([[0.6, 0.3]]))
+    assert (int(acc), int(tok)) == (0, 0)
+    # u = 0.4 keeps the draft; the bonus comes from the next row (all on token 2).
+    acc, tok = sv.verify_drafts_reference(p, drafts, num, None, torch.tensor([[0.4, 0.0]]))
+    assert (int(acc), int(tok)) == (1, 2)
+    # No draft for this row: the token is drawn from p at the first position.
+    acc, tok = sv.verify_drafts_reference(
+        p, drafts, torch.tensor([0]), None, torch.tensor([[0.0, 0.9]])
+    )
+    assert (int(acc), int(tok)) == (0, 2)
+
+
+def test_rule_by_hand_greedy():
+    scores = torch.tensor([[[0.1, 0.9, 0.0], [0.7, 0.2, 0.1], [0.0, 0.0, 1.0]]]).log()
+    # Draft 1 is row 0's argmax (1), draft 2 is not row 1's (0): one kept, then token 0.
+    acc, tok = sv.verify_drafts_reference(
+        scores, torch.tensor([[1, 2]]), torch.tensor([2]), greedy=True
+    )
+    assert (int(acc), int(tok)) == (1, 0)
+    acc, tok = sv.verify_drafts_reference(
+        scores, torch.tensor([[1, 0]]), torch.tensor([2]), greedy=True
+    )
+    assert (int(acc), int(tok)) == (2, 2)  # both kept, the bonus is row 2's argmax
+
+
+def test_a_token_the_target_forbids_is_never_accepted():
+    p = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])
+    q = torch.tensor([[[1.0, 0.0]]])
+    for u in (0.0, 0.5, 0.999):
+        acc, tok = sv.verify_drafts_reference(
+            p, torch.tensor([[0]]), torch.tensor([1]), q, torch.tensor([[u, 0.5]])
+        )
+        assert (int(acc), int(tok)) == (0, 1)
+
+
+def test_bad_arguments_name_what_is_wrong():
+    p = torch.rand(2, 3, 5)
+    d = torch.zeros(2, 2, dtype=torch.long)
+    n = torch.zeros(2, dtype=torch.long)
+    u = torch.rand(2, 3)
+    with pytest.raises(ValueError, match="target must be"):
+        sv.verify_drafts(p[0], d, n, None, u)
+    with pytest.raises(ValueError, match="draft_tokens must be"):
+        sv.verify_drafts(p, d[:, :1], n, None, u)
+    with pytest.raises(ValueError, match="draft_probs must be"):
+        sv.verify_drafts(p, d, n, torch.rand(2, 3, 5), u)
+    with pytest.raises(ValueError, match="uniforms must be"):
+        sv.verify_drafts(p, d, n, None, None)
+    with pytest.raises(ValueError, match="int64"):
+        sv.verify_drafts(p, d.int(), n, None, u)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_cases("cpu")))

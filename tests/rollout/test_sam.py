@@ -1,0 +1,76 @@
+"""The suffix automata of SAM decoding against brute-force searches."""
+
+import random
+
+import pytest
+
+from rlkit.rollout.sam import STATIC_LEN_BIAS, SuffixAutomaton, TextMatcher, corpus_automaton
+
+
+def _longest_earlier_suffix(text: list[int]) -> tuple[int, int]:
+    """(length, first end) of the longest suffix of text that occurs in text[:-1], by search."""
+    earlier = tuple(text[:-1])
+    for length in range(len(text) - 1, 0, -1):
+        suffix = tuple(text[-length:])
+        for end in range(length - 1, len(earlier)):
+            if earlier[end - length + 1 : end + 1] == suffix:
+                return length, end
+    return 0, -1
+
+
+@pytest.mark.parametrize("alphabet, n, seed", [(2, 120, 0), (3, 120, 1), (8, 120, 2), (40, 80, 3)])
+def test_matcher_finds_the_longest_earlier_suffix_and_its_first_end(alphabet, n, seed):
+    rng = random.Random(seed)
+    text: list[int] = []
+    matcher = TextMatcher([])
+    for _ in range(n):
+        # Runs of repeated material, as generated text has, among random tokens.
+        if text and rng.random() < 0.3:
+            start = rng.randrange(len(text))
+            chunk = text[start : start + rng.randint(1, 8)]
+        else:
+            chunk = [rng.randrange(alphabet)]
+        for t in chunk:
+            text.append(t)
+            matcher.extend([t])
+            length, end = _longest_earlier_suffix(text)
+            assert matcher.match == length, (text, matcher.match, length)
+            if length:
+                assert matcher.sam.first_end[matcher.state] == end
+                want = text[end + 1 : end + 1 + 5]
+                assert matcher.draft(5, 1) == want
+
+
+def test_automaton_accepts_exactly_the_substrings():
+    rng = random.Random(7)
+    text = [rng.randrange(3) for _ in range(60)]
+    sam = SuffixAutomaton(text)
+    subs = {tuple(text[i:j]) for i in range(len(text)) for j in range(i + 1, len(text) + 1)}
+    for length in range(1, 7):
+        for _ in range(200):
+            probe = tuple(rng.randrange(3) for _ in range(length))
+            state, ok = 0, True
+            for t in probe:
+                if t not in sam.next[state]:
+                    ok = False
+                    break
+                state = sam.next[state][t]
+            assert ok == (probe in subs)
+    # At most 2n - 1 states: the construction's bound.
+    assert len(sam.length) <= 2 * len(text)
+
+
+def test_draft_threshold_room_and_static_corpus():
+    matcher = TextMatcher([1, 2, 3, 4, 5, 6, 9, 1, 2, 3])
+    assert matcher.match == 3
+    assert matcher.draft(2, min_match=3) == [4, 5]
+    assert matcher.draft(8, min_match=4) == []  # match too short
+    assert matcher.draft(0, min_match=1) == []
+    corpus = corpus_automaton([[7, 7, 1, 2, 3, 8, 8, 8, 8, 8, 8, 8]], separator=0)
+    both = TextMatcher([5, 1, 2, 3], static=corpus)
+    # The text's suffix 1 2 3 occurs in the corpus (3 tokens) but not earlier in the text.
+    assert both.s_match == 3 and both.match == 0
+    assert both.draft(3, min_match=1) == []  # 3 - bias < 1
+    long = TextMatcher([7, 7, 1, 2, 3], static=corpus)
+    assert long.s_match == 5 and long.s_match - STATIC_LEN_BIAS == 1
+    assert long.draft(3, min_match=1) == [8, 8, 8]

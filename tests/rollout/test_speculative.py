@@ -1,0 +1,221 @@
+"""Speculative rollouts (`steps.SpecStep` with each drafter) on tiny random models: greedy
+output equals plain decoding's token for token (with continuous batching, stops, limits,
+padded steps and compressed caches), sampled tokens carry the policy's log-probs, and the
+MTP drafter drafts what the MTP module's training forward predicts."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
+from rlkit.models import load_model
+from rlkit.models.mtp import init_mtp
+from rlkit.rollout import Engine, SamplingParams
+
+
+@pytest.fixture
+def make_spec(tiny_dirs):
+    def make(arch="llama", drafter="sam+mtp", k=3, seed=0, mtp_vocab=0, **kwargs):
+        model, tok = load_model(tiny_dirs[arch])
+        spec = SpeculativeConfig(
+            drafter=drafter, num_draft_tokens=k, sam_min_match=2, mtp_vocab=mtp_vocab
+        )
+        mtp = init_mtp(model.args, seed=seed)
+        return Engine(model, tok, dtype=torch.float32, speculative=spec, mtp=mtp, **kwargs)
+
+    return make
+
+
+def _same(out, ref, atol=1e-5):
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    assert [c.finish_reason for c in out] == [c.finish_reason for c in ref]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "arch, drafter",
+    [("llama", "mtp"), ("llama", "sam"), ("llama", "sam+mtp"), ("qwen3", "sam+mtp")],
+)
+def test_greedy_speculative_equals_plain_decoding(make_spec, prompts, drafter, arch):
+    # 8 sequences through 3 slots (admission, compaction, refill), stop ids, mixed lengths.
+    sp = SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=[17, 99])
+    engine = make_spec(arch, drafter, max_batch_size=3, sync_every=2)
+    ref = engine.generate(prompts, sp, n=2, drafter="none")
+    out = engine.generate(prompts, sp, n=2)
+    _same(out, ref)
+    st = engine.stats
+    assert st["spec/verify_steps"] > 0 and st["spec/accept_len_mean"] >= 1.0
+    if drafter != "mtp" and arch == "llama":  # its greedy text loops: SAM's drafts pass
+        assert st["spec/accept_len_mean"] > 1.3, st
+
+
+def test_limits_stop_strings_and_capacity(make_spec, prompts):
+    engine = make_spec("llama", "sam", k=4, max_seq_len=40)
+    tok = engine.tokenizer
+    for sp in (
+        SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_new_tokens=7, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True),  # capped by 40
+    ):
+        _same(engine.generate(prompts, sp), engine.generate(prompts, sp, drafter="none"))
+    free = engine.generate(prompts[:1], SamplingParams(max_new_tokens=20, temperature=0.0))[0]
+    stop = tok.decode(free.token_ids[6:8])
+    sp = SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop])
+    _same(engine.generate(prompts[:1], sp), engine.generate(prompts[:1], sp, drafter="none"))
+
+
+@pytest.mark.parametrize("drafter, temperature", [("sam", 0.0), ("sam+mtp", 1.0)])
+def test_padded_verify_steps_decode_like_eager_ones(make_spec, prompts, drafter, temperature):
+    """`cuda_graphs=True` on a CPU runs the padded steps a CUDA graph replays (k + 1 tokens
+    per row, the batch through the buckets) eagerly; sampled, they draw the same uniforms."""
+    sp = SamplingParams(max_new_tokens=16, temperature=temperature, seed=5, stop_token_ids=[17, 99])
+    # cpu_kernels=False: the fused C step would take precedence over padded steps on a CPU.
+    kw = dict(max_batch_size=5, sync_every=2, cpu_kernels=False)
+    padded = make_spec("llama", drafter, cuda_graphs=True, **kw)
+    eager = make_spec("llama", drafter, cuda_graphs=False, **kw)
+    out = padded.generate(prompts, sp, n=2)
+    _same(out, eager.generate(prompts, sp, n=2))
+    if temperature == 0.0:
+        _same(out, eager.generate(prompts, sp, n=2, drafter="none"))
+    graphs = padded._graphs
+    assert graphs is not None and not graphs.capture
+    assert {T for _, T in graphs.steps} == {4} and len(graphs.steps) > 1
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "rkv", "streaming", "layer_hybrid"])
+def test_compressed_speculative_rollouts_are_the_same_sparse_policy(make_spec, prompts, policy):
+    """Checks fall on the same tokens (drafts stop at the next one), the query ring keeps the
+    accepted queries: greedy output, log-probs and compressions equal plain sparse decoding."""
+    cfg = KVCompressionConfig(policy=policy, budget=10, window=3, interval=5, full_every=2)
+    engine = make_spec("llama", "sam+mtp", k=3, kv_compression=cfg, max_batch_size=3)
+    sp = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    ref = engine.generate(prompts, sp, n=2, drafter="none")
+    events = engine.stats["compression_events"]
+    out = engine.generate(prompts, sp, n=2)
+    _same(out, ref)
+    assert engine.stats["compression_events"] == events > 0
+    assert engine.stats["spec/accept_len_mean"] > 1.2
+
+
+def test_h2o_is_refused(make_spec):
+    h2o = KVCompressionConfig(policy="h2o", budget=10, window=3, interval=5)
+    with pytest.raises(ValueError, match="h2o"):
+        make_spec("llama", "sam", kv_compression=h2o)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)],
+    ids=["t1", "t0.7-k5", "t1.3-p0.8"],
+)
+def test_sampled_tokens_carry_the_policys_logprobs(make_spec, reference, prompts, params):
+    from rlkit.rollout import sampling_logprobs
+
+    sp = SamplingParams(max_new_tokens=14, seed=3, ignore_eos=True, **params)
+    engine = make_spec("qwen3", "sam+mtp")
+    out = engine.generate(prompts, sp, n=3)
+    model = reference("qwen3")
+    for c in out:
+        prompt = prompts[c.prompt_index]
+        with torch.no_grad():
+            logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
+        logp = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
+        want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert torch.isfinite(want).all(), "a token outside the top-k / top-p set was emitted"
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+
+
+def test_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs):
+    """The drafter's cached recursion (catch-up on verified pairs, then depths 2..k on its own
+    drafts) computes what `MTPModule.forward_train` computes in one pass per depth when fed
+    the same tokens: at row j, depth d sees the depth-1 states of rows <= j and its own row's
+    deeper states only, so rows past j may hold anything."""
+    from rlkit.rollout.drafters import DraftSettings, MTPDrafter
+    from rlkit.rollout.scheduler import Run
+    from rlkit.rollout.steps import PlainStep
+
+    model, tok = load_model(tiny_dirs["llama"])
+    mtp = init_mtp(model.args, seed=4)
+    with torch.no_grad():  # sharper than a fresh init, so that argmax drafts are no ties
+        for p in mtp.parameters():
+            p.mul_(5.0 if p.dim() >= 2 else 1.0)
+    engine = Engine(model, tok, dtype=torch.float32, mtp=mtp)
+    prompt, k, steps = [5, 17, 99, 3, 8], 3, 6
+    sp = SamplingParams(max_new_tokens=steps + k, temperature=0.0)
+    tokens = engine.generate([prompt], sp)[0].token_ids
+    start = torch.tensor([len(prompt) - 1])
+    with torch.inference_mode():
+        # Row j: the policy's state that predicts completion token j.
+        hidden = engine.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
+        run = Run(engine, [prompt], sp, 1, None, k)
+        drafter = MTPDrafter(run, DraftSettings(num_draft_tokens=k, mtp=engine.mtp))
+        run._admit(PlainStep())
+        drafter.admitted(run, 0, [0], hidden[0:1])
+        for j in range(steps):
+            drafts = drafter.propose(run, np.array([k])).tokens[0].tolist()
+            fed = torch.tensor([tokens[: j + 1] + drafts[: k - 1]])
+            states = engine.mtp.forward_train(engine.model, hidden[None, : j + k], fed, start, k)
+            want = [int(engine.model.logits(s[0, j]).argmax()) for s in states]
+            assert drafts == want, j
+            # One verified token: the state at token j's position and token j + 1.
+            drafter.observed(
+                run, hidden[None, j + 1 : j + 2], torch.tensor([[tokens[j + 1]]]), np.array([1])
+            )
+
+
+def test_mtp_sub_vocabulary_drafts_seen_tokens_and_stays_lossless(
+    make_spec, reference, prompts, monkeypatch
+):
+    """mtp_vocab: the draft head covers the most frequent tokens (prompts and outputs so far);
+    greedy output still equals plain decoding's and sampled log-probs are the policy's."""
+    from rlkit.rollout import sampling_logprobs
+    from rlkit.rollout.drafters import MTPDrafter
+
+    outside = []
+    real = MTPDrafter.propose
+
+    def propose(self, run, room):
+        draft = real(self, run, room)
+        for b, n in enumerate(draft.num):
+            outside.extend(t for t in draft.tokens[b, :n].tolist() if t not in self.ids.tolist())
+        if draft.probs is not None:  # q is zero off the sub-vocabulary
+            off = torch.ones(draft.probs.shape[-1], dtype=torch.bool)
+            off[self.ids] = False
+            assert (draft.probs[:, :, off] == 0).all()
+        return draft
+
+    monkeypatch.setattr(MTPDrafter, "propose", propose)
+    engine = make_spec("llama", "mtp", mtp_vocab=16)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    _same(engine.generate(prompts, greedy), engine.generate(prompts, greedy, drafter="none"))
+    counts = engine.token_counts
+    assert counts is not None and int(counts.sum()) > sum(len(p) for p in prompts)
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=2, ignore_eos=True)
+    out = engine.generate(prompts, sp, n=2)
+    model = reference("llama")
+    for c in out:
+        prompt = prompts[c.prompt_index]
+        with torch.no_grad():
+            logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
+        want = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
+        want = want.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+    assert not outside
+
+
+def test_weight_sync_reaches_the_engines_mtp_module(make_spec):
+    """`mtp.*` weights load into the engine's (fused) MTP block, alone or with the policy's."""
+    from rlkit.models.mtp import mtp_state
+
+    engine = make_spec("llama", "mtp")
+    new = init_mtp(engine.model.args, seed=9)
+    engine.load_state_dict(mtp_state(new))
+    for k, v in new.state_dict().items():
+        assert torch.equal(engine.mtp.state_dict()[k], v), k
+    attn = engine.mtp.block.self_attn
+    q, k, v = (new.block.self_attn.q_proj.weight, new.block.self_attn.k_proj.weight,
+               new.block.self_attn.v_proj.weight)  # fmt: skip
+    assert torch.equal(attn.qkv[0], torch.cat([q, k, v]))  # the fused GEMM sees the new weights
+    with pytest.raises(ValueError, match="MTP weights do not match"):
+        engine.load_state_dict({"mtp.proj.weight": new.proj.weight, "mtp.nope": q})
