@@ -17,6 +17,7 @@ from rlkit.models.tiny import save_tiny_model
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.trainer.interrupts import StopSignals
 from rlkit.trainer.launch import init_ray
+from rlkit.workers import weight_wire
 from rlkit.workers.restarting import RestartingActor
 from rlkit.workers.reward_pool import RewardPool
 from rlkit.workers.rollout_group import RolloutGroup, share_seed, split
@@ -92,7 +93,7 @@ def test_rollout_worker_killed_mid_call_gives_the_same_samples(ray_session, mode
         k: v + 0.05 * torch.randn(v.shape, generator=g)
         for k, v in read_state_dict(model_dir).items()
     }
-    group.load_weights(ray.put(state))
+    group.load_weights(ray.put(weight_wire.pack(state)))
     os.kill(_pid(group.workers[1]), signal.SIGKILL)
     moved = group.generate(prompts, params, n=3)
     assert restarted == [restarted[0], 1]
