@@ -79,6 +79,14 @@ def each(check: Check) -> Check:
     return run
 
 
+def one_of(choices: Sequence[str]) -> Check:
+    def check(value: str) -> None:
+        if value not in choices:
+            raise Invalid(f"must be one of {', '.join(choices)}; got {show(value)}")
+
+    return check
+
+
 def all_of(*checks: Check) -> Check:
     def run(value: Any) -> None:
         for check in checks:

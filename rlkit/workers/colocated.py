@@ -141,7 +141,9 @@ class ColocatedWorker:
     ) -> dict[str, torch.Tensor]:
         return self.learner.weights(dtype, device, only)
 
-    def packed_weights(self, dtype: str = "bfloat16", only: str | None = None) -> dict[str, Any]:
+    def packed_weights(
+        self, dtype: str = "bfloat16", only: str | None = None
+    ) -> dict[str, Any] | None:
         return self.learner.packed_weights(dtype, only)
 
     def mtp_step(self, batch: RolloutBatch) -> dict[str, float]:
