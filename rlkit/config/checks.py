@@ -87,6 +87,30 @@ def one_of(choices: Sequence[str]) -> Check:
     return check
 
 
+def actor_resources(value: dict[str, Any]) -> None:
+    """{role: {resource: amount}}: roles learner, rollout, reward; amounts positive numbers."""
+    for role, wants in value.items():
+        if role not in ("learner", "rollout", "reward"):
+            raise Invalid(f"roles are learner, rollout and reward; got {show(role)}")
+        if not isinstance(wants, dict):
+            raise Invalid(
+                f"expected a mapping of resource names to amounts, got {show(wants)}",
+                suffix=f".{role}",
+            )
+        for name, amount in wants.items():
+            if (
+                name in ("CPU", "GPU", "memory")
+                or not isinstance(amount, (int, float))
+                or isinstance(amount, bool)
+                or not amount > 0
+            ):
+                raise Invalid(
+                    f"expected a custom resource name and a positive amount, got {show(name)}: "
+                    f"{show(amount)} (CPUs and GPUs are placement's)",
+                    suffix=f".{role}",
+                )
+
+
 def all_of(*checks: Check) -> Check:
     def run(value: Any) -> None:
         for check in checks:

@@ -19,6 +19,7 @@ from typing import Any
 from rlkit.config.checks import (
     Check,
     Invalid,
+    actor_resources,
     all_of,
     at_least,
     cuda_visible,
@@ -32,8 +33,8 @@ from rlkit.config.checks import (
     no_empty_strings,
     non_empty,
     non_empty_list,
-    one_of,
     not_a_file,
+    one_of,
     optional,
     plain_name,
     positive,
@@ -194,6 +195,7 @@ RULES: dict[str, Check | None] = {
     "ray.address": optional(non_empty),
     "ray.num_cpus": optional(positive),
     "ray.object_store_memory_mb": optional(at_least(75)),  # Ray's minimum object store
+    "ray.actor_resources": actor_resources,
     "stages": non_empty_list,
     "stages[].type": None,
     "stages[].name": optional(plain_name),

@@ -395,6 +395,11 @@ class RayConfig:
     # the rollout workers at every sync. null: sized for the model, twice its float32 weights
     # plus 256 MiB (a store smaller than one sync's weights makes Ray spill them to disk).
     object_store_memory_mb: int | None = None
+    # Custom Ray resources each actor of a role asks for, by role (learner: each rank,
+    # rollout: each worker, reward: the verifier pool), e.g. {rollout: {gpu_node: 1}} with a
+    # node started as `ray start --resources='{"gpu_node": 4}'`: Ray places the actors on
+    # nodes that offer them.
+    actor_resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

@@ -162,7 +162,7 @@ def run_rlvr(
             batch.advantages = advantage_fn(batch.rewards, batch.group_ids, batch.response_mask)
         row.update(reward_metrics)
         with timer.phase("learn"):
-            row.update(ctx.call(ctx.learner.train_step, batch))
+            row.update(ctx.learner.train_step(batch))
             faults.point("learn", step)
         ctx.end_step(stage, step, row)
 

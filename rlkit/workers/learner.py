@@ -133,6 +133,10 @@ class Learner:
         if world == 1:
             self.configure(cfg)
 
+    def rendezvous(self) -> str:
+        """Rank 0: the address the ranks meet at (this node, a free port)."""
+        return distributed.rendezvous_address()
+
     def join(self, address: str) -> None:
         """Join the other ranks (`distributed.rendezvous_address` of rank 0), shard the model
         when `train.shard`, then build the optimizer on what this rank holds."""
