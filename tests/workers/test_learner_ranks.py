@@ -94,6 +94,17 @@ def _one_learner(model_dir, overrides):
     "mode",
     [
         pytest.param(["train.num_learners=2"], id="data-parallel"),
+        # Sparse-RL's batch-wide corrections (old log-probs scored first, each rank its share)
+        # and the MTP drafter, whose gradients are summed like the policy's.
+        pytest.param(
+            [
+                "train.num_learners=2",
+                "rollout.kv_compression.policy=snapkv",
+                "algorithm.sparse.normalize_weights=true",
+                "rollout.speculative.drafter=mtp",
+            ],
+            id="dp-sparse-mtp",
+        ),
         # Two mini-batches: old log-probs scored first, each rank its share (FSDP2: padded).
         pytest.param(
             ["train.num_learners=2", "train.shard=true", "train.mini_batches=2"], id="fsdp2"
@@ -110,14 +121,17 @@ def test_two_ranks_make_one_learners_update_and_resume(model_dir, tmp_path, mode
         # Both ranks ran micro-batches (three live ones: two and one).
         assert got[0]["parts"][step]["tokens"] > 0 and got[1]["parts"][step]["tokens"] > 0
         assert metrics[step]["actor/grad_norm"] > 0
+        if "rollout.speculative.drafter=mtp" in mode:
+            assert {"sparse/masked_token_frac", "mtp/loss", "mtp/grad_norm"} <= set(ranks)
         for k, v in metrics[step].items():
-            if k.startswith("actor/"):
+            if k.startswith(("actor/", "sparse/", "mtp/")):
                 assert ranks[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
     assert got[1]["weights"] == {} or set(got[1]["weights"]) == set(weights)
     moved = 0
     for k, v in weights.items():
         torch.testing.assert_close(got[0]["weights"][k], v, rtol=1e-5, atol=1e-5, msg=k)
-        moved += int(not torch.equal(v, _initial(model_dir)[k]))
+        if k in _initial(model_dir):  # the trunk's (the MTP module's are seeded apart)
+            moved += int(not torch.equal(v, _initial(model_dir)[k]))
     assert moved > 0
     # Resumed from the checkpoint the ranks wrote after step 1: step 2 as before.
     again = _ranks(
