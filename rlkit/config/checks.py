@@ -162,6 +162,12 @@ def model_path(value: str) -> None:
             raise Invalid(f"GGUF file not found: {value}")
         return
     if not os.path.isfile(os.path.join(value, "config.json")):
+        adapter = os.path.join(os.path.dirname(os.path.normpath(value)), "adapter")
+        if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise Invalid(
+                f"{value!r} does not exist: the checkpoint holds a LoRA adapter ({adapter}) "
+                "without the merged model (write it with model.lora.save_merged=true)"
+            )
         raise Invalid(
             f"{value!r} is neither a Hugging Face model directory (no config.json), "
             f"a .gguf file, nor {DEFAULT_MODEL!r}"
