@@ -79,6 +79,38 @@ def each(check: Check) -> Check:
     return run
 
 
+def one_of(choices: Sequence[str]) -> Check:
+    def check(value: str) -> None:
+        if value not in choices:
+            raise Invalid(f"must be one of {', '.join(choices)}; got {show(value)}")
+
+    return check
+
+
+def actor_resources(value: dict[str, Any]) -> None:
+    """{role: {resource: amount}}: roles learner, rollout, reward; amounts positive numbers."""
+    for role, wants in value.items():
+        if role not in ("learner", "rollout", "reward"):
+            raise Invalid(f"roles are learner, rollout and reward; got {show(role)}")
+        if not isinstance(wants, dict):
+            raise Invalid(
+                f"expected a mapping of resource names to amounts, got {show(wants)}",
+                suffix=f".{role}",
+            )
+        for name, amount in wants.items():
+            if (
+                name in ("CPU", "GPU", "memory")
+                or not isinstance(amount, (int, float))
+                or isinstance(amount, bool)
+                or not amount > 0
+            ):
+                raise Invalid(
+                    f"expected a custom resource name and a positive amount, got {show(name)}: "
+                    f"{show(amount)} (CPUs and GPUs are placement's)",
+                    suffix=f".{role}",
+                )
+
+
 def all_of(*checks: Check) -> Check:
     def run(value: Any) -> None:
         for check in checks:
@@ -130,6 +162,12 @@ def model_path(value: str) -> None:
             raise Invalid(f"GGUF file not found: {value}")
         return
     if not os.path.isfile(os.path.join(value, "config.json")):
+        adapter = os.path.join(os.path.dirname(os.path.normpath(value)), "adapter")
+        if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise Invalid(
+                f"{value!r} does not exist: the checkpoint holds a LoRA adapter ({adapter}) "
+                "without the merged model (write it with model.lora.save_merged=true)"
+            )
         raise Invalid(
             f"{value!r} is neither a Hugging Face model directory (no config.json), "
             f"a .gguf file, nor {DEFAULT_MODEL!r}"

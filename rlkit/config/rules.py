@@ -19,6 +19,7 @@ from typing import Any
 from rlkit.config.checks import (
     Check,
     Invalid,
+    actor_resources,
     all_of,
     at_least,
     cuda_visible,
@@ -33,6 +34,7 @@ from rlkit.config.checks import (
     non_empty,
     non_empty_list,
     not_a_file,
+    one_of,
     optional,
     plain_name,
     positive,
@@ -42,6 +44,9 @@ from rlkit.config.checks import (
 from rlkit.config.errors import ConfigError
 from rlkit.config.schema import RecipeConfig
 
+# The decoder layers' linear layers (rlkit/models/decoder.py) that LoRA adapters may wrap; the
+# embedding and LM head are read as plain weights by the learner and stay frozen.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NON_NEGATIVE = at_least(0)
 SEED = in_range(0, 2**31 - 1)
 PROBABILITY = in_range(0, 1)
@@ -56,6 +61,11 @@ RULES: dict[str, Check | None] = {
     "model.dtype": None,
     "model.compute_dtype": None,
     "model.gradient_checkpointing": None,
+    "model.lora.r": in_range(0, 4096),  # 0: no LoRA
+    "model.lora.alpha": positive,
+    "model.lora.dropout": in_range(0, 1, high_open=True),
+    "model.lora.target_modules": all_of(non_empty_list, each(one_of(LORA_TARGETS))),
+    "model.lora.save_merged": None,  # needs model.lora.r > 0: _lora_fits
     "data.task": optional(registered_task),
     "data.task_args": None,  # against the task's parameters: _task_args below
     "data.train_files": each(data_file),
@@ -154,6 +164,9 @@ RULES: dict[str, Check | None] = {
     "train.eval_every": NON_NEGATIVE,
     "train.save_every": NON_NEGATIVE,
     "train.keep_checkpoints": positive,
+    "train.num_learners": in_range(1, 1024),  # devices: workers/placement.py
+    "train.shard": None,  # needs num_learners > 1: _learner_ranks_fit
+    "train.async_mode": None,  # corrected off-policy: _async_is_corrected
     "sft.train_files": each(data_file),
     "sft.batch_size": positive,
     "judge.template": optional(judge_template),
@@ -182,6 +195,7 @@ RULES: dict[str, Check | None] = {
     "ray.address": optional(non_empty),
     "ray.num_cpus": optional(positive),
     "ray.object_store_memory_mb": optional(at_least(75)),  # Ray's minimum object store
+    "ray.actor_resources": actor_resources,
     "stages": non_empty_list,
     "stages[].type": None,
     "stages[].name": optional(plain_name),
@@ -201,6 +215,8 @@ LAUNCH_ONLY: dict[str, str] = {
     "rollout.dtype": "the rollout worker is built once, at launch",
     "rollout.max_batch_size": "the rollout worker is built once, at launch",
     "rollout.num_workers": "the rollout workers are placed once, at launch",
+    "train.num_learners": "the learner ranks are placed once, at launch",
+    "train.shard": "the learner ranks shard the model once, at launch",
     "rollout.kv_compression": "the rollout worker's KV cache is built once, at launch",
     "rollout.speculative": "the rollout worker's drafter is built once, at launch",
     "rollout.vllm": "the rollout worker is built once, at launch",
@@ -394,6 +410,63 @@ def _cuda_here(cfg: RecipeConfig) -> None:
         )
 
 
+def _lora_fits(cfg: RecipeConfig) -> None:
+    lora = cfg.model.lora
+    if lora.save_merged and lora.r == 0:
+        raise Invalid(
+            "needs model.lora.r > 0 (no LoRA adapters to merge)", key="model.lora.save_merged"
+        )
+
+
+def _learner_ranks_fit(cfg: RecipeConfig) -> None:
+    """What N learner ranks (and FSDP2 sharding) can train; the rest is refused here."""
+    t = cfg.train
+    if t.shard and t.num_learners < 2:
+        raise Invalid(
+            "needs train.num_learners >= 2 (one rank has nothing to shard across)",
+            key="train.shard",
+        )
+    if not t.shard:
+        return
+    from rlkit.models.mtp import wanted as mtp_wanted
+
+    # FSDP2 gathers a layer's weights inside its forward; these read the model's weights
+    # outside one, or copy the whole model.
+    refused = [
+        (mtp_wanted(cfg), "an MTP module (it reads the trunk's embedding and LM head directly)"),
+        (
+            cfg.algorithm.kl_coef > 0,
+            "algorithm.kl_coef > 0 (the KL reference is a full copy of the model)",
+        ),
+        (cfg.model.lora.r > 0, "model.lora (adapters train unsharded: use train.shard=false)"),
+    ]
+    for hit, what in refused:
+        if hit:
+            raise Invalid(f"does not combine with {what}", key="train.shard")
+
+
+def _async_is_corrected(cfg: RecipeConfig) -> None:
+    """One-step-off rollouts are sampled by the weights one update behind the learner's: TIS
+    (or Sparse-RL's ratios, which replace it under a compressed KV cache) corrects for it."""
+    if cfg.train.async_mode == "off":
+        return
+    sp = cfg.algorithm.sparse
+    sparse = cfg.rollout.kv_compression.policy != "none" and (sp.rejection or sp.reweight)
+    if cfg.algorithm.tis_cap is None and not sparse:
+        raise Invalid(
+            "one_step_off samples with weights one update old and needs algorithm.tis_cap "
+            "(or Sparse-RL's corrections) to correct for it; set algorithm.tis_cap (e.g. 2.0)",
+            key="train.async_mode",
+        )
+    for i, st in enumerate(cfg.stages):
+        if st.type == "judge":
+            raise Invalid(
+                f"one_step_off does not combine with a judge stage (stages[{i}]): the judge "
+                "set is rebuilt from the rollout workers between steps",
+                key="train.async_mode",
+            )
+
+
 def _resume_finds_the_run(cfg: RecipeConfig) -> None:
     path = os.path.join(cfg.run.dir, cfg.run.name)
     if cfg.run.resume and not os.path.isdir(path):
@@ -412,6 +485,9 @@ CROSS_RULES: list[Callable[[RecipeConfig], None]] = [
     _verifier,
     _sandbox,
     _cuda_here,
+    _lora_fits,
+    _learner_ranks_fit,
+    _async_is_corrected,
     _resume_finds_the_run,
 ]
 

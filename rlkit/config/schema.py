@@ -17,6 +17,28 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters through PEFT (`rlkit/workers/lora.py`): the base weights stay frozen and
+    only the low-rank matrices B @ A train; the rollout engine receives the merged weights
+    W + (alpha / r) B @ A at every sync. Checkpoints hold the adapters in PEFT's format
+    (`adapter/`, loadable by `PeftModel.from_pretrained`), and the merged model with
+    `save_merged`."""
+
+    # 0: no LoRA (full fine-tuning).
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Linear layers of each decoder layer that get adapters.
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )  # fmt: skip
+    # Checkpoints also hold the merged model (`model/`, Hugging Face format) beside the adapter.
+    save_merged: bool = False
+
+
+@dataclass
 class ModelConfig:
     # A local Hugging Face directory (config.json + safetensors), a .gguf file, or DEFAULT_MODEL.
     path: str = DEFAULT_MODEL
@@ -27,6 +49,7 @@ class ModelConfig:
     # it natively (a GPU, a CPU with AVX-512 BF16), else none (rlkit/device.py).
     compute_dtype: Literal["auto", "none", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -278,6 +301,18 @@ class TrainConfig:
     # Save a checkpoint every N steps (0: only at the end).
     save_every: int = 0
     keep_checkpoints: int = 2
+    # Learner ranks (torch.distributed in Ray actors: gloo on CPU, NCCL on GPU), each taking
+    # its share of every step's micro-batches; gradients are summed across them, so N ranks
+    # make the update one learner makes on the same batch.
+    num_learners: int = 1
+    # With num_learners > 1: PyTorch FSDP2 (`fully_shard`) shards the parameters, gradients
+    # and optimizer states across the ranks (for a model that does not fit one device).
+    shard: bool = False
+    # one_step_off: the rollout of step t+1 runs while the learner trains step t, sampled
+    # with the weights after step t-1 (staleness 1, corrected by TIS / Sparse-RL ratios;
+    # `async/staleness` in the metrics). Steps that evaluate or checkpoint wait for the
+    # learner first, so the step after them is on-policy. "off": rollout and learning alternate.
+    async_mode: Literal["off", "one_step_off"] = "off"
 
 
 @dataclass
@@ -360,6 +395,11 @@ class RayConfig:
     # the rollout workers at every sync. null: sized for the model, twice its float32 weights
     # plus 256 MiB (a store smaller than one sync's weights makes Ray spill them to disk).
     object_store_memory_mb: int | None = None
+    # Custom Ray resources each actor of a role asks for, by role (learner: each rank,
+    # rollout: each worker, reward: the verifier pool), e.g. {rollout: {gpu_node: 1}} with a
+    # node started as `ray start --resources='{"gpu_node": 4}'`: Ray places the actors on
+    # nodes that offer them.
+    actor_resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from rlkit.trainer import checkpoint
 from rlkit.trainer.evaluate import accuracy_metrics
 from rlkit.trainer.metrics import MetricsLogger
 from rlkit.trainer.timer import PhaseTimer
+from rlkit.workers.learner_group import LearnerGroup
 from rlkit.workers.restarting import RestartingActor
 from rlkit.workers.rollout_group import RolloutGroup
 
@@ -41,7 +42,7 @@ class StageSpec:
 class RunContext:
     cfg: RecipeConfig  # the current stage's config (recipe + the stage's overrides)
     run_dir: str
-    learner: Any  # Ray actor handle
+    learner: LearnerGroup  # the learner ranks (train.num_learners), or the colocated worker
     rollout: RolloutGroup  # the rollout workers (rollout.num_workers), restarted when one dies
     reward: RestartingActor  # the RewardPool actor, restarted when it dies
     tokenizer: Any
@@ -114,7 +115,7 @@ class RunContext:
         (timed: {"sync/ms": ...}). Else the weights travel learner → object store → rollout
         workers without touching the driver."""
         if self.colocated:
-            return {"sync/ms": float(self.call(self.learner.sync_engine, only))}
+            return {"sync/ms": self.learner.sync_engine(only)}
         self.rollout.sync_from(self.learner, self.rollout_dtype, only)
         return {}
 
@@ -167,7 +168,7 @@ class RunContext:
     def save_checkpoint(self, stage: StageSpec, step: int) -> str:
         with self.timer.phase("checkpoint", timed=False):
             tmp, final = checkpoint.begin(self.run_dir, stage.index, stage.name, step)
-            self.call(self.learner.save, tmp)
+            self.learner.save(tmp)
             faults.point("checkpoint", step)
             self.summary["train_seconds"] = self.train_seconds()
             state = {
@@ -187,7 +188,7 @@ class RunContext:
 
     def restore(self, ref: checkpoint.CheckpointRef) -> dict[str, Any]:
         state = checkpoint.read_state(ref.path)
-        self.call(self.learner.load, ref.path)
+        self.learner.load(ref.path)
         self.sync_weights()
         self.stream.load_state(state["data"])
         _set_rng_state(state["rng"])

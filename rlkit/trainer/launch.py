@@ -23,6 +23,7 @@ from rlkit.trainer.data_setup import load_split, verifier_spec
 from rlkit.trainer.metrics import MetricsLogger
 from rlkit.workers.colocated import ColocatedWorker
 from rlkit.workers.learner import Learner
+from rlkit.workers.learner_group import LearnerGroup
 from rlkit.workers.placement import Placement, plan, visible_gpus
 from rlkit.workers.restarting import RestartingActor, first_line
 from rlkit.workers.reward_pool import RewardPool
@@ -119,18 +120,25 @@ def launch(
     place = _placement(cfg, model_dir)
     print(f"rlkit: {place.device} ({place.why})", flush=True)
     faults.point("launch")
-    learner: Any
+    learner: LearnerGroup
     rollout_factory: Any
     if place.colocated:
         # One actor holds the learner and the rollout engine on one GPU: it is the learner and
         # the group's one rollout worker (it cannot be restarted apart from the learner).
-        learner = ray.remote(**place.actor_options("learner"))(ColocatedWorker).remote(
+        both = ray.remote(**place.actor_options("learner"))(ColocatedWorker).remote(
             model_dir, cfg, place.learner_threads, place.device
         )
-        rollout_factory = lambda: learner  # noqa: E731
+        learner = LearnerGroup([both])
+        rollout_factory = lambda: both  # noqa: E731
     else:
-        learner = ray.remote(**place.actor_options("learner"))(Learner).remote(
-            model_dir, cfg, place.learner_threads, place.device
+        rank_actor = ray.remote(**place.actor_options("learner"))(Learner)
+        world = place.num_learners
+        learner = LearnerGroup.start(
+            lambda r: rank_actor.remote(
+                model_dir, cfg, place.learner_threads, place.device, r, world
+            ),
+            world,
+            sharded=cfg.train.shard,
         )
         rollout_actor = ray.remote(**place.actor_options("rollout"))(RolloutWorker)
         mtp_seed = cfg.train.seed if mtp_wanted(cfg) else None
@@ -193,9 +201,34 @@ def launch(
     ctx.summary["dropped_prompts"] = {"train": dropped_train, "eval": dropped_eval}
     ctx.summary["model_dir"] = model_dir
     # The rollout workers loaded the same checkpoint as the learner: no initial sync needed.
-    ray.get(learner.__ray_ready__.remote())  # type: ignore[union-attr]
+    learner.ready()
     rollout.ready()
     reward.ready()
+    ctx.summary["actor_nodes"] = _actor_nodes(learner, rollout, reward)
     ctx.rollout_dtype = rollout.weights_dtype()
     ctx.colocated = place.colocated
     return ctx
+
+
+def _node_of(actor: Any) -> str:
+    return str(
+        ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    )
+
+
+def _actor_nodes(
+    learner: LearnerGroup, rollout: RolloutGroup, reward: RestartingActor
+) -> dict[str, Any]:
+    """Which Ray node each actor runs on (summary.json's `actor_nodes`), and what each node
+    offers: on a cluster, where `ray.actor_resources` put them."""
+    nodes = {
+        n["NodeID"]: {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    }
+    return {
+        "learner": [_node_of(r) for r in learner.ranks],
+        "rollout": [_node_of(w) for w in rollout.workers],
+        "reward": [_node_of(reward.actor)],
+        "nodes": nodes,
+    }

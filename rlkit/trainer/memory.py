@@ -39,6 +39,8 @@ class PeakMemoryMonitor:
         self.peak_pss_bytes = 0
         # The breakdown at the moment of the peak, largest first: where the memory went.
         self.peak_breakdown: list[tuple[str, int]] = []
+        # Each process's own peak RSS (pid -> (title, bytes)), whenever it came.
+        self.peak_by_pid: dict[int, tuple[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rlkit-mem", daemon=True)
 
@@ -48,6 +50,9 @@ class PeakMemoryMonitor:
 
     def sample(self) -> int:
         procs = tree_rss()
+        for pid, (title, rss, _) in procs.items():
+            if rss > self.peak_by_pid.get(pid, ("", 0))[1]:
+                self.peak_by_pid[pid] = (title, rss)
         now = sum(rss for _, rss, _ in procs.values())
         self.peak_pss_bytes = max(self.peak_pss_bytes, sum(pss for _, _, pss in procs.values()))
         if now > self.peak_bytes:
@@ -56,6 +61,11 @@ class PeakMemoryMonitor:
                 ((t, r) for t, r, _ in procs.values()), key=lambda x: -x[1]
             )
         return now
+
+    def process_peaks(self) -> list[tuple[str, int]]:
+        """(title, peak RSS bytes) of every process seen, largest first: e.g. the learner
+        actor's own peak, which the tree's peak moment may not be."""
+        return sorted(self.peak_by_pid.values(), key=lambda x: -x[1])
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -65,7 +65,7 @@ def run_mtp_warmup(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
                 [0.0] * len(outs),
                 [idx[c["prompt_index"]] for c in outs],
             )
-            row.update(ctx.call(ctx.learner.mtp_step, batch))
+            row.update(ctx.learner.mtp_step(batch))
         with timer.phase("sync"):
             ctx.sync_weights(only="mtp")
         if step == train.steps or (train.eval_every and step % train.eval_every == 0):

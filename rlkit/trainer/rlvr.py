@@ -12,6 +12,8 @@ from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.trainer.context import RunContext, StageSpec
+from rlkit.trainer.prefetch import Prefetch
+from rlkit.trainer.timer import PhaseTimer
 
 
 class Round(NamedTuple):
@@ -87,14 +89,16 @@ def _response_metrics(outs: list[dict[str, Any]], seconds: float) -> dict[str, f
 
 
 def _collect(
-    ctx: RunContext, seed: int, source: TaskSource | None = None
+    ctx: RunContext, seed: int, source: TaskSource | None = None, timer: PhaseTimer | None = None
 ) -> tuple[list[Round], dict[str, float]]:
     """Rollout and reward rounds until the batch has prompts_per_step informative groups.
 
     Without dynamic sampling this is one round. With it (DAPO), groups whose rewards are all
     equal carry no signal and are dropped; the batch is refilled with fresh prompts.
+    `timer`: the phases' timer (the run's, or a look-ahead thread's own).
     """
-    cfg, timer = ctx.cfg, ctx.timer
+    cfg = ctx.cfg
+    timer = timer or ctx.timer
     source = source or TaskSource(ctx)
     n = cfg.rollout.n
     rounds: list[Round] = []
@@ -144,27 +148,67 @@ def _collect(
 def run_rlvr(
     ctx: RunContext, stage: StageSpec, start_step: int, source: TaskSource | None = None
 ) -> None:
+    """The stage's steps. With `train.async_mode: one_step_off` the rollouts of step t+1 run
+    (in a `Prefetch` thread) while the learner trains step t, sampled by the weights after step
+    t-1: staleness 1, reported per step as `async/staleness` beside `async/weight_version`
+    (the policy version, in updates of this stage, that sampled the batch), and corrected by
+    the learner's TIS / Sparse-RL ratios. A step that checkpoints starts no look-ahead, so the
+    step after it samples from its weights (staleness 0) and a resumed run matches an
+    uninterrupted one."""
     cfg, timer = ctx.cfg, ctx.timer
     source = source or TaskSource(ctx)
     advantage_fn = ADVANTAGES.get(cfg.algorithm.advantage)
-    for step in range(start_step + 1, cfg.train.steps + 1):
+    train = cfg.train
+    one_step_off = train.async_mode == "one_step_off"
+    ctx.rollout.keep_weights = one_step_off
+    # Policy versions: the learner's updates in this stage so far, and those in the weights
+    # the rollout workers hold (both synced at the stage's start, or by the restore).
+    rollout_version = start_step
+    ahead: Prefetch | None = None
+    for step in range(start_step + 1, train.steps + 1):
         ctx.at(stage, step)
         row: dict[str, Any] = {"stage": stage.name, "stage_index": stage.index, "step": step}
-        # Rollouts are a function of (seed, stage, step), so a resumed run samples what the
-        # uninterrupted run would have.
-        seed = cfg.train.seed * 1_000_003 + stage.index * 100_003 + step
-        source.start_step(step)
-        rounds, rollout_metrics = _collect(ctx, seed, source)
+        if ahead is not None:
+            (rounds, rollout_metrics), sampled = ahead.result(), ahead.version
+            row.update({f"async/{k}_s": v for k, v in ahead.timer.seconds.items()})
+        else:
+            source.start_step(step)
+            rounds, rollout_metrics = _collect(ctx, _seed(cfg, stage, step), source)
+            sampled = rollout_version
         row.update(rollout_metrics)
         row.update(source.step_metrics())
         with timer.phase("advantage"):
             batch, reward_metrics = _build_batch(ctx, rounds, source)
             batch.advantages = advantage_fn(batch.rewards, batch.group_ids, batch.response_mask)
         row.update(reward_metrics)
+        row["async/weight_version"] = float(sampled)
+        row["async/staleness"] = float(step - 1 - sampled)
         with timer.phase("learn"):
-            row.update(ctx.call(ctx.learner.train_step, batch))
+            pending = ctx.learner.submit_train_step(batch)
+            ahead = None
+            saves = step == train.steps or (train.save_every and step % train.save_every == 0)
+            if one_step_off and not saves:
+                nxt = step + 1
+
+                def collect(own: PhaseTimer, nxt: int = nxt) -> Any:
+                    source.start_step(nxt)
+                    return _collect(ctx, _seed(cfg, stage, nxt), source, own)
+
+                ahead = Prefetch(collect, rollout_version)
+            row.update(pending.result())
             faults.point("learn", step)
+        if ahead is not None:
+            # The look-ahead samples with the weights it started with: the sync waits for it.
+            with timer.phase("wait_rollout"):
+                ahead.result()
         ctx.end_step(stage, step, row)
+        rollout_version = step
+
+
+def _seed(cfg: RecipeConfig, stage: StageSpec, step: int) -> int:
+    """Rollouts are a function of (seed, stage, step), so a resumed run samples what the
+    uninterrupted run would have."""
+    return cfg.train.seed * 1_000_003 + stage.index * 100_003 + step
 
 
 def _build_batch(

@@ -128,6 +128,9 @@ def _train(
     summary["peak_memory_by_process_gb"] = [
         [title, rss / 2**30] for title, rss in monitor.peak_breakdown[:8]
     ]
+    summary["peak_memory_per_process_gb"] = [
+        [title, rss / 2**30] for title, rss in monitor.process_peaks()[:8]
+    ]
     summary["run_dir"] = run_dir
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -191,8 +194,8 @@ def _failure(error: Exception, ctx: RunContext | None, run_dir: str) -> RunFaile
         cause = inner
     if isinstance(error, RayActorError) and not died_starting(error):
         who = "a Ray actor's process"
-        learner_id = getattr(getattr(ctx, "learner", None), "_actor_id", None)
-        if learner_id is not None and error.actor_id == learner_id.hex():
+        learner = getattr(ctx, "learner", None)
+        if learner is not None and error.actor_id in learner.actor_ids():
             who = "the learner's process"
         what = f"{who} died during {where}"
     elif isinstance(cause, NonFiniteWeightsError):
@@ -252,7 +255,7 @@ def _run_stages(
             n_items = checkpoint.read_state(resume_from.path)["data"]["size"]
         ctx.stream = PromptStream(n_items, spec.cfg.data.seed)
         ctx.at(spec, start_step)
-        ctx.call(ctx.learner.configure, spec.cfg)
+        ctx.learner.configure(spec.cfg)
         if resuming:
             ctx.restore(resume_from)
         ctx.logger.start_stage(

@@ -57,5 +57,5 @@ def run_sft(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
                 [0.0] * len(chosen),
                 list(range(len(chosen))),
             )
-            row.update(ctx.call(ctx.learner.sft_step, batch))
+            row.update(ctx.learner.sft_step(batch))
         ctx.end_step(stage, step, row)

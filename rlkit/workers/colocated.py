@@ -27,6 +27,7 @@ from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.workers.learner import Learner
 from rlkit.workers.rollout_worker import RolloutWorker
+from rlkit.workers.step_metrics import StepPart
 
 # Headroom kept free beyond the learner's last peak when deciding to keep the KV cache.
 _MARGIN_BYTES = 1 << 30
@@ -133,15 +134,31 @@ class ColocatedWorker:
             )
         return out
 
+    def train_step_part(self, batch: RolloutBatch) -> StepPart:
+        part = self.learner.train_step_part(batch)
+        if self.device.type == "cuda":
+            self._learner_peak = max(
+                self._learner_peak, torch.cuda.max_memory_reserved(self.device)
+            )
+        return part
+
     def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
         return self.learner.sft_step(batch)
+
+    def sft_step_part(self, batch: RolloutBatch) -> StepPart:
+        return self.learner.sft_step_part(batch)
+
+    def mtp_step_part(self, batch: RolloutBatch) -> StepPart:
+        return self.learner.mtp_step_part(batch)
 
     def weights(
         self, dtype: str = "bfloat16", device: str = "cpu", only: str | None = None
     ) -> dict[str, torch.Tensor]:
         return self.learner.weights(dtype, device, only)
 
-    def packed_weights(self, dtype: str = "bfloat16", only: str | None = None) -> dict[str, Any]:
+    def packed_weights(
+        self, dtype: str = "bfloat16", only: str | None = None
+    ) -> dict[str, Any] | None:
         return self.learner.packed_weights(dtype, only)
 
     def mtp_step(self, batch: RolloutBatch) -> dict[str, float]:

@@ -1,6 +1,10 @@
 """The learner: holds the trainable policy and its optimizer, runs the policy-gradient update.
 
-A plain class, so it is tested without Ray; `rlkit.workers.actors` wraps it as a Ray actor.
+A plain class, so it is tested without Ray; `trainer/launch.py` wraps it as a Ray actor, one
+per learner rank (`train.num_learners`). Rank r of N runs micro-batches r, r + N, ... of every
+mini-batch and the ranks' gradients are summed (`workers/distributed.py`), or, with
+`train.shard`, FSDP2 shards the model across them (`workers/fsdp.py`);
+`workers/learner_group.py` is the driver's handle on them.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import copy
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,9 +36,11 @@ from rlkit.models.loading import DTYPES, load_model, save_pretrained
 from rlkit.models.mtp import wanted as mtp_wanted
 from rlkit.models.shared_prefix import response_hidden
 from rlkit.trainer.optim import build_optimizer, build_scheduler
-from rlkit.workers import heap, weight_wire
+from rlkit.workers import distributed, fsdp, heap, lora, weight_wire
+from rlkit.workers.distributed import Rank
 from rlkit.workers.master_weights import MasterWeights, StateView
 from rlkit.workers.mtp_trainer import MTPTrainer, target_count
+from rlkit.workers.step_metrics import StepPart, finish, finish_mtp, finish_sft, new_part
 
 # The shared-prefix forward (each group's prompt once) pays when it removes at least this
 # fraction of a micro-batch's tokens: its attention takes an explicit mask, which runs slower
@@ -64,13 +71,18 @@ class Learner:
         cfg: RecipeConfig,
         num_threads: int | None = None,
         device: str = "cpu",
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         """device: where the model, its optimizer states and every batch live (the run's
-        placement decides it: rlkit/workers/placement.py)."""
+        placement decides it: rlkit/workers/placement.py). rank/world: this learner's place
+        among `train.num_learners` ranks; with world > 1 nothing trains before `join`."""
         if num_threads:
             torch.set_num_threads(num_threads)
         torch.manual_seed(cfg.train.seed)
         self.device = torch.device(device)
+        self.rank = Rank(rank, world)
+        self.model_path = model_path
         model_cfg = cfg.model
         model, self.tokenizer = load_model(model_path, dtype=DTYPES[model_cfg.dtype])
         self.model = model.to(self.device)
@@ -78,25 +90,60 @@ class Learner:
         self.model.train()
         spec = model_cfg.compute_dtype
         choice = pick_dtype(model_cfg.dtype if spec == "none" else spec, self.device)
+        self.compute_dtype = choice.dtype
         if spec == "bfloat16" and (
             warning := slow_dtype_warning(choice.dtype, self.device, "model.compute_dtype")
         ):
             print(f"rlkit: warning: {warning}", flush=True)
+        # FSDP2 over the ranks: its mixed precision keeps the sharded float32 parameters as
+        # the master weights (set up in `join`).
+        self.sharded = cfg.train.shard and world > 1
+        # Each backward's loss factor: FSDP2 averages the ranks' gradients (fsdp.grad_scale).
+        self._grad_scale = fsdp.grad_scale(world) if self.sharded else 1.0
+        self.lora_cfg = model_cfg.lora
+        self.peft: Any = None
         # A compute dtype below the parameters' (bf16 over float32): the model computes in it,
-        # the optimizer updates float32 master weights.
+        # the optimizer updates float32 master weights. LoRA adapters stay float32 themselves
+        # (PEFT casts their inputs), so the frozen base is simply cast.
         self.master: MasterWeights | None = None
-        if choice.dtype != DTYPES[model_cfg.dtype]:
+        lower = choice.dtype != DTYPES[model_cfg.dtype]
+        if model_cfg.lora.r > 0:
+            if lower:
+                self.model.to(choice.dtype)
+            self.peft = lora.attach(self.model, model_cfg.lora, model_path)
+        elif lower and not self.sharded:
             self.master = MasterWeights(self.model, choice.dtype)
         why = "model.compute_dtype=none" if spec == "none" else choice.why
-        master = ", float32 master weights" if self.master is not None else ""
-        print(f"rlkit learner: {choice.name} compute{master} on {self.device} ({why})", flush=True)
+        master = ", float32 master weights" if self.master is not None or self.sharded else ""
+        if self.peft is not None:
+            trained, total = lora.trainable_count(self.model)
+            master += f", LoRA r={model_cfg.lora.r} ({trained:,} of {total:,} parameters train)"
+        where = f" (rank {rank} of {world}{', FSDP2' if self.sharded else ''})" if world > 1 else ""
+        print(
+            f"rlkit learner: {choice.name} compute{master} on {self.device}{where} ({why})",
+            flush=True,
+        )
         self.ref_model: Decoder | None = None
         # Optimizer updates skipped for a non-finite loss or gradient, in the current step.
         self.nonfinite_skipped = 0
         # MTP-RL's drafter, beside the checkpoint or freshly initialised (the rollout worker
         # initialises the same one from the same seed).
         self.mtp = MTPTrainer(model_path, self.model, cfg.train.seed) if mtp_wanted(cfg) else None
-        self.configure(cfg)
+        self._cfg = cfg
+        if world == 1:
+            self.configure(cfg)
+
+    def rendezvous(self) -> str:
+        """Rank 0: the address the ranks meet at (this node, a free port)."""
+        return distributed.rendezvous_address()
+
+    def join(self, address: str) -> None:
+        """Join the other ranks (`distributed.rendezvous_address` of rank 0), shard the model
+        when `train.shard`, then build the optimizer on what this rank holds."""
+        distributed.join(address, self.rank, self.device)
+        if self.sharded:
+            fsdp.shard(self.model, self.compute_dtype)
+        self.configure(self._cfg)
 
     def configure(self, cfg: RecipeConfig) -> None:
         """Start a stage: its algorithm settings, a fresh optimizer and schedule on the current weights."""
@@ -144,7 +191,7 @@ class Learner:
                 self.opt, self.optim_cfg.grad_clip, one_at_a_time=self.device.type == "cpu"
             )
         else:
-            norm = float(
+            norm = fsdp.norm_value(
                 torch.nn.utils.clip_grad_norm_(self._trainable(), self.optim_cfg.grad_clip)
             )
             if math.isfinite(norm):
@@ -155,12 +202,34 @@ class Learner:
             self.nonfinite_skipped += 1
         return norm
 
+    def _grad_params(self) -> list[torch.nn.Parameter]:
+        """The parameters whose gradients the backward fills (the model's, before MasterWeights
+        moves them to its float32 copies)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _sum_over_ranks(self) -> None:
+        """Data parallelism: the ranks' gradients summed (FSDP2 reduce-scatters its own)."""
+        if not self.sharded:
+            distributed.sum_gradients(self._grad_params(), self.rank)
+
+    def _full_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's full weights under Hugging Face names, one tensor at a time: float32
+        master values, adapters merged (LoRA), or gathered from the ranks' shards (FSDP2: a
+        collective, so every rank iterates; ranks > 0 get nothing)."""
+        if self.sharded:
+            for name, value in fsdp.full_tensors(self.model.state_dict(), self.rank.lead):
+                if value is not None:
+                    yield name, value
+            return
+        if self.peft is not None:
+            yield from lora.merged_state(self.model).items()
+        elif self.master is not None:
+            yield from self.master.state_dict(self.model).items()
+        else:
+            yield from self.model.state_dict().items()
+
     def _full_state(self) -> dict[str, torch.Tensor]:
-        return (
-            self.master.state_dict(self.model)
-            if self.master is not None
-            else self.model.state_dict()
-        )
+        return {k: v.detach() for k, v in self._full_items()}
 
     def response_states(
         self, model: Decoder, mb: RolloutBatch
@@ -172,7 +241,9 @@ class Learner:
         resp_lens = seq_lens - mb.prompt_lens  # [n]
         steps = torch.arange(t, device=dev)
         valid = steps[None, :] < resp_lens[:, None]  # [n, T]
-        if bool((mb.prompt_lens >= 2).all()) and _sharing_pays(mb):
+        # FSDP2 gathers the root's weights (embedding, norm) in the model's own forward;
+        # the shared-prefix forward calls the layers from outside it.
+        if not self.sharded and bool((mb.prompt_lens >= 2).all()) and _sharing_pays(mb):
             # Each group's prompt runs once; its samples attend to the shared keys/values.
             hidden = response_hidden(
                 model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids
@@ -216,19 +287,38 @@ class Learner:
 
     @torch.no_grad()
     def _score(self, model: Decoder, batch: RolloutBatch) -> torch.Tensor:
+        """Log-probs [N, T] of every response token of `batch`. Over N ranks each scores its
+        share of the micro-batches and the rows are summed (the others' rows are zeros)."""
         batch = batch.to(self.device)
-        return torch.cat(
-            [
-                torch.nn.functional.pad(lp, (0, batch.response_ids.shape[1] - lp.shape[1]))
-                for lp in (
-                    self.response_logprobs(model, mb)[0]
-                    for mb in batch.split(self.train_cfg.micro_batch_size)
-                )
-            ]
-        )
+        n, t = batch.response_ids.shape
+        out = torch.zeros(n, t, dtype=torch.float32, device=self.device)
+        chunks = list(torch.arange(n).split(self.train_cfg.micro_batch_size))
+        real = len(self.rank.mine(len(chunks)))
+        for pos, j in enumerate(self._my_share(len(chunks))):
+            idx = chunks[j]
+            lp = self.response_logprobs(model, batch.select(idx))[0]  # [n_j, T_j]
+            if pos < real:  # not a padding repeat (FSDP2)
+                out[idx.to(self.device), : lp.shape[1]] = lp
+        return distributed.sum_tensor(out, self.rank)
+
+    def _my_share(self, count: int) -> list[int]:
+        """Indices of the micro-batches this rank runs; under FSDP2 padded (with repeats of
+        its first, whose results are dropped or weighted zero) to the busiest rank's count,
+        since every forward gathers weights together with the other ranks."""
+        mine = self.rank.mine(count)
+        if not self.sharded or count == 0:
+            return mine
+        return mine + [mine[0] if mine else 0] * (self.rank.most(count) - len(mine))
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """One rollout batch: recompute old log-probs, then PPO epochs over mini-batches."""
+        """One rollout batch (one learner): recompute old log-probs, PPO epochs, metrics."""
+        return finish([self.train_step_part(batch)])
+
+    def train_step_part(self, batch: RolloutBatch) -> StepPart:
+        """This rank's part of one rollout batch's update (every rank gets the whole batch and
+        runs its share of each mini-batch's micro-batches): old log-probs, then PPO epochs over
+        mini-batches, the ranks' gradients summed before each optimizer step. Returns raw
+        sums for `step_metrics.finish`."""
         if batch.advantages is None:
             raise ValueError("train_step needs batch.advantages (computed by the driver)")
         faults.point("learner.train_step")
@@ -238,20 +328,20 @@ class Learner:
         batch = batch.to(self.device)
         self.model.train()
         cfg, algo = self.train_cfg, self.algo
+        part = new_part()
+        sums, extremes = part["sums"], part["extremes"]
         # On-policy with one update per batch, the learner's old log-probs are exactly the detached
         # log-probs of the training forward pass (the weights have not moved yet): no second pass.
+        # One-step-off rollouts (train.async_mode) were sampled by the weights one update
+        # before these; the old policy of PPO's ratio is still these weights (the proximal
+        # policy), and TIS / Sparse-RL's ratio exp(old - sampler) corrects sampler vs old.
         fused_old = cfg.mini_batches == 1 and cfg.ppo_epochs == 1
         # Sparse-RL weights normalised by their batch mean need every sample's old log-probs first.
         if self.sparse is not None and self.sparse.normalize_weights:
             fused_old = False
         old_logp = None if fused_old else self._score(self.model, batch)  # [N, T]
         ref_logp = self._score(self.ref_model, batch) if self.ref_model is not None else None
-        sums: dict[str, float] = {}
-        extremes: dict[str, float] = {}
-        weight_total = 0.0
         order = torch.arange(len(batch))
-        grad_norms = []
-        processed_tokens = 0
         # A sample whose advantage is zero on every token adds exactly zero to the PPO loss and
         # its gradient (the clipped objective is A times a ratio), so with no KL or entropy term
         # it is skipped; it still counts in the loss normalisers, so the update is unchanged.
@@ -260,23 +350,23 @@ class Learner:
         # Index bookkeeping stays on the CPU (indexing device tensors with it is fine).
         assert batch.advantages is not None
         active = batch.advantages.ne(0).any(1).cpu() | (not skip_zero)  # [N]
+        part["active"], part["samples"] = int(active.sum()), len(batch)
         # MTP-RL: the drafter learns from the same forward's hidden states.
         mtp = self.mtp if self.mtp is not None and self.mtp.trains_in_rl else None
         if mtp is not None:
             mtp_w = self._mtp_token_weights(batch)  # [N, T]
             resp_lens = batch.attention_mask.sum(1) - batch.prompt_lens  # [N]
-            mtp_sums: dict[str, float] = {}
-            mtp_loss_sum, mtp_targets, mtp_norms = 0.0, 0.0, []
+            part["mtp"] = {"sums": {}, "loss": 0.0, "targets": 0.0, "norms": []}
         # With old log-probs in hand, Sparse-RL's corrections are taken over the whole batch
         # (exact batch-mean normalisation; the normalisers count the surviving tokens). In the
         # fused on-policy pass they are taken per micro-batch and the normalisers count the
         # rollout's valid tokens (a rejected token then adds zero instead of leaving the mean).
         loss_mask, sparse_w = batch.response_mask, None
-        weight_total_sparse = 0.0
         if self.sparse is not None and old_logp is not None:
             loss_mask, sparse_w, sp_stats = self._sparse(old_logp, batch.sampler_logp, loss_mask)
-            self._merge_stats(sp_stats, 1.0, sums, extremes)
-            weight_total_sparse = 1.0
+            if self.rank.lead:  # every rank computed the same batch-wide figures
+                self._merge_stats(sp_stats, 1.0, sums, extremes)
+                part["weight_sparse"] = 1.0
         for _ in range(cfg.ppo_epochs):
             for mini_idx in order.chunk(cfg.mini_batches):
                 finite = True
@@ -287,12 +377,16 @@ class Learner:
                 live = torch.arange(len(mini))[active[mini_idx]]
                 if mtp is not None:
                     mtp_norm = max(1.0, target_count(resp_lens[mini_idx], mtp.depth))
-                for mb_idx in live.split(cfg.micro_batch_size):
-                    if len(mb_idx) == 0:
-                        continue
+                micro = [m for m in live.split(cfg.micro_batch_size) if len(m)]
+                real = len(self.rank.mine(len(micro)))
+                for pos, j in enumerate(self._my_share(len(micro))):
+                    # A padding repeat (FSDP2) runs forward and backward weighted zero.
+                    scale = 1.0 if pos < real else 0.0
+                    mb_idx = micro[j]
                     mb = mini.select(mb_idx)
                     gidx = mini_idx[mb_idx]
-                    processed_tokens += int(mb.attention_mask.sum())
+                    if scale:
+                        part["tokens"] += int(mb.attention_mask.sum())
                     states = self.response_states(self.model, mb)
                     logp, ent = self.response_logprobs(self.model, mb, True, states)
                     t = logp.shape[1]
@@ -304,9 +398,10 @@ class Learner:
                             weights = None if sparse_w is None else sparse_w[gidx, :t]
                         else:
                             mask, weights, sp_stats = self._sparse(old, mb.sampler_logp, mask)
-                            n_valid = float(mb.response_mask.sum())
-                            self._merge_stats(sp_stats, n_valid, sums, extremes)
-                            weight_total_sparse += n_valid
+                            if scale:
+                                n_valid = float(mb.response_mask.sum())
+                                self._merge_stats(sp_stats, n_valid, sums, extremes)
+                                part["weight_sparse"] += n_valid
                     elif algo.tis_cap is not None:
                         weights, tis_stats = tis_weights(old, mb.sampler_logp, mask, algo.tis_cap)
                         stats = {f"actor/{k}": v for k, v in tis_stats.items()}
@@ -341,58 +436,58 @@ class Learner:
                                 ent, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs
                             )
                             loss = loss - algo.entropy_coef * ent_loss
+                    # actor/loss: the policy's objective (PPO + KL - entropy), MTP's apart.
+                    policy_loss = float(loss.detach())
                     if mtp is not None:
-                        mtp_loss, part = mtp.loss(self.model, *states, mb, mtp_w[gidx, :t])
+                        mtp_loss, mtp_part = mtp.loss(self.model, *states, mb, mtp_w[gidx, :t])
                         loss = loss + mtp.cfg.scale * mtp_loss / mtp_norm
-                        mtp_loss_sum += float(mtp_loss.detach())
-                        self._add(mtp_sums, part)
+                        self._add_mtp(part, float(mtp_loss.detach()), mtp_part)
                     finite = finite and bool(torch.isfinite(loss.detach()))
-                    loss.backward()
+                    (loss * (self._grad_scale * scale)).backward()
+                    if not scale:
+                        continue
+                    part["loss"] += policy_loss
                     w = float(mask.sum())
-                    weight_total += w
+                    part["weight"] += w
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w
                 if mtp is not None:
-                    # Samples the policy loss skipped (zero advantage) still teach the drafter
-                    # where their weight is not zero: a forward without gradients for them.
-                    idle = torch.arange(len(mini))[~active[mini_idx]]
-                    idle = idle[(mtp_w[mini_idx[idle]] > 0).any(1).cpu()]
-                    for mb_idx in idle.split(cfg.micro_batch_size):
-                        if len(mb_idx) == 0:
-                            continue
-                        mb, gidx = mini.select(mb_idx), mini_idx[mb_idx]
-                        with torch.no_grad():
-                            states = self.response_states(self.model, mb)
-                        mtp_loss, part = mtp.loss(
-                            self.model, *states, mb, mtp_w[gidx, : mb.response_ids.shape[1]]
-                        )
-                        (mtp.cfg.scale * mtp_loss / mtp_norm).backward()
-                        mtp_loss_sum += float(mtp_loss.detach())
-                        self._add(mtp_sums, part)
-                    mtp_targets += mtp_norm
-                    mtp_norms.append(mtp.step())
-                grad_norms.append(self._optimizer_step(finite))
-        lr = self.opt.param_groups[0]["lr"]
+                    self._mtp_idle(part, mtp, mini, mini_idx, active, mtp_w, mtp_norm)
+                    part["mtp"]["targets"] += mtp_norm
+                    part["mtp"]["norms"].append(mtp.step(self.rank))
+                finite = distributed.all_true(finite, self.rank, self.device)
+                if micro:  # some rank ran a micro-batch: every rank joins the sum
+                    self._sum_over_ranks()
+                part["grad_norms"].append(self._optimizer_step(finite))
+                part["updates"] += 1
+        part["lr"] = self.opt.param_groups[0]["lr"]
         self.sched.step()
-        elapsed = time.perf_counter() - start
-        sparse_keys = {k for k in sums if k.startswith("sparse/")}
-        out = {
-            k: v / max(weight_total_sparse if k in sparse_keys else weight_total, 1e-9)
-            for k, v in sums.items()
-        }
-        out.update(extremes)
-        out["actor/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
-        out["actor/lr"] = lr
-        out["throughput/learner_tokens_per_s"] = processed_tokens / max(elapsed, 1e-9)
-        out["actor/skipped_frac"] = 1.0 - float(active.float().mean())
-        out["actor/tokens"] = float(processed_tokens)
-        out.update(self._end_phase())
-        out["actor/nonfinite_skipped"] = float(self.nonfinite_skipped)
-        if mtp is not None:
-            out.update(MTPTrainer.metrics(mtp_sums, mtp_loss_sum, mtp_targets))
-            out["mtp/grad_norm"] = sum(mtp_norms) / max(1, len(mtp_norms))
+        part["elapsed"] = time.perf_counter() - start
+        part["memory"] = self._end_phase()
+        part["nonfinite"] = self.nonfinite_skipped
         heap.trim()
-        return out
+        return part
+
+    def _mtp_idle(self, part, mtp, mini, mini_idx, active, mtp_w, mtp_norm) -> None:
+        """Samples the policy loss skipped (zero advantage) still teach the drafter where
+        their weight is not zero: a forward without gradients for them (this rank's share)."""
+        idle = torch.arange(len(mini))[~active[mini_idx]]
+        idle = idle[(mtp_w[mini_idx[idle]] > 0).any(1).cpu()]
+        micro = [m for m in idle.split(self.train_cfg.micro_batch_size) if len(m)]
+        for j in self.rank.mine(len(micro)):
+            mb_idx = micro[j]
+            mb, gidx = mini.select(mb_idx), mini_idx[mb_idx]
+            with torch.no_grad():
+                states = self.response_states(self.model, mb)
+            mtp_loss, mtp_part = mtp.loss(
+                self.model, *states, mb, mtp_w[gidx, : mb.response_ids.shape[1]]
+            )
+            (mtp.cfg.scale * mtp_loss / mtp_norm).backward()
+            self._add_mtp(part, float(mtp_loss.detach()), mtp_part)
+
+    def _add_mtp(self, part: StepPart, loss: float, sums: dict[str, float]) -> None:
+        part["mtp"]["loss"] += loss
+        self._add(part["mtp"]["sums"], sums)
 
     def _mtp_token_weights(self, batch: RolloutBatch) -> torch.Tensor:
         """Weights [N, T] of each response token in the MTP loss (`algorithm.mtp`)."""
@@ -411,9 +506,13 @@ class Learner:
             into[k] = into.get(k, 0.0) + v
 
     def mtp_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """MTP warm-up (`mtp_warmup`), one learner: see `mtp_step_part`."""
+        return finish_mtp([self.mtp_step_part(batch)])
+
+    def mtp_step_part(self, batch: RolloutBatch) -> StepPart:
         """MTP warm-up (`mtp_warmup`): one update of the MTP module alone on the policy's own
         samples (plain cross-entropy, every token weighted 1); the trunk runs without
-        gradients and does not change."""
+        gradients and does not change. This rank's share of the micro-batches."""
         if self.mtp is None:
             raise RuntimeError("mtp_step needs an MTP module (rlkit.models.mtp.wanted)")
         start = time.perf_counter()
@@ -421,25 +520,24 @@ class Learner:
         batch = batch.to(self.device)
         resp_lens = batch.attention_mask.sum(1) - batch.prompt_lens
         norm = max(1.0, target_count(resp_lens, self.mtp.depth))
-        sums: dict[str, float] = {}
-        loss_sum = 0.0
+        part = new_part()
+        part["mtp"] = {"sums": {}, "loss": 0.0, "targets": norm, "norms": []}
         self.model.eval()
-        for mb in batch.split(self.train_cfg.micro_batch_size):
+        micro = list(torch.arange(len(batch)).split(self.train_cfg.micro_batch_size))
+        for j in self.rank.mine(len(micro)):
+            mb = batch.select(micro[j])
             with torch.no_grad():
                 states, valid = self.response_states(self.model, mb)
-            loss, part = self.mtp.loss(self.model, states, valid, mb, valid.float())
+            loss, sums = self.mtp.loss(self.model, states, valid, mb, valid.float())
             (loss / norm).backward()
-            loss_sum += float(loss.detach())
-            self._add(sums, part)
+            self._add_mtp(part, float(loss.detach()), sums)
+            part["tokens"] += int(mb.attention_mask.sum())
         self.model.train()
-        out = MTPTrainer.metrics(sums, loss_sum, norm)
-        out["mtp/grad_norm"] = self.mtp.step()
-        out["throughput/learner_tokens_per_s"] = int(batch.attention_mask.sum()) / max(
-            time.perf_counter() - start, 1e-9
-        )
-        out.update(self._end_phase())
+        part["mtp"]["norms"].append(self.mtp.step(self.rank))
+        part["elapsed"] = time.perf_counter() - start
+        part["memory"] = self._end_phase()
         heap.trim()
-        return out
+        return part
 
     def _begin_phase(self) -> None:
         if self.device.type == "cuda":
@@ -490,39 +588,51 @@ class Learner:
                 sums[key] = sums.get(key, 0.0) + v * weight
 
     def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """Cross-entropy on the response tokens (token-mean over the batch), one optimizer step."""
+        """One SFT step (one learner): see `sft_step_part`."""
+        return finish_sft([self.sft_step_part(batch)])
+
+    def sft_step_part(self, batch: RolloutBatch) -> StepPart:
+        """Cross-entropy on the response tokens (token-mean over the batch), one optimizer
+        step; this rank's share of the micro-batches, gradients summed over the ranks."""
         start = time.perf_counter()
         self.nonfinite_skipped = 0
         self._begin_phase()
         batch = batch.to(self.device)
         self.model.train()
         n_tokens = max(1.0, float(batch.response_mask.sum()))
-        total = 0.0
-        for mb in batch.split(self.train_cfg.micro_batch_size):
+        part = new_part()
+        micro = list(torch.arange(len(batch)).split(self.train_cfg.micro_batch_size))
+        real = len(self.rank.mine(len(micro)))
+        for pos, j in enumerate(self._my_share(len(micro))):
+            mb = batch.select(micro[j])
             logp, _ = self.response_logprobs(self.model, mb)
             loss = -(logp * mb.response_mask).sum() / n_tokens
-            loss.backward()
-            total += float(loss)
-        lr = self.opt.param_groups[0]["lr"]
-        grad_norm = self._optimizer_step(math.isfinite(total))
+            if pos >= real:  # a padding repeat (FSDP2)
+                (loss * 0.0).backward()
+                continue
+            (loss * self._grad_scale).backward()
+            part["loss"] += float(loss)
+            part["tokens"] += int(mb.attention_mask.sum())
+        part["lr"] = self.opt.param_groups[0]["lr"]
+        finite = distributed.all_true(math.isfinite(part["loss"]), self.rank, self.device)
+        self._sum_over_ranks()
+        part["grad_norms"].append(self._optimizer_step(finite))
+        part["updates"] = 1
         self.sched.step()
-        elapsed = time.perf_counter() - start
+        part["elapsed"] = time.perf_counter() - start
+        part["memory"] = self._end_phase()
+        part["nonfinite"] = self.nonfinite_skipped
         heap.trim()
-        return {
-            "sft/loss": total,
-            "actor/grad_norm": grad_norm,
-            "actor/lr": lr,
-            "actor/nonfinite_skipped": float(self.nonfinite_skipped),
-            "throughput/learner_tokens_per_s": int(batch.attention_mask.sum()) / max(elapsed, 1e-9),
-            **self._end_phase(),
-        }
+        return part
 
     def weights(
         self, dtype: str = "bfloat16", device: str = "cpu", only: str | None = None
     ) -> dict[str, torch.Tensor]:
         """The policy's weights for the rollout workers, cast to their dtype, on `device`
         (the CPU for the object store; the learner's own device for an in-process copy), with
-        the MTP module's (`mtp.*`) when there is one; only="mtp": those alone.
+        the MTP module's (`mtp.*`) when there is one; only="mtp": those alone. Over FSDP2
+        ranks every rank must call this (the full weights are gathered a tensor at a time,
+        each cast at once); ranks > 0 return {}.
 
         Raises NonFiniteWeightsError if any is NaN or inf: they would be sampled from, and
         saved in the next checkpoint (the driver syncs before it saves)."""
@@ -530,10 +640,9 @@ class Learner:
         mtp = self.mtp.weights(target) if self.mtp is not None else {}
         if only == "mtp":
             return {k: v.to(device) for k, v in mtp.items()}
-        state = self.model.state_dict()
-        if next(iter(state.values())).dtype != target:
-            state = self._full_state()
-        out = {k: v.detach().to(device=device, dtype=target) for k, v in state.items()}
+        out = {k: v.detach().to(device=device, dtype=target) for k, v in self._full_items()}
+        if not out:  # a rank > 0 of FSDP2: it took part in the gather
+            return {}
         out.update({k: v.to(device) for k, v in mtp.items()})
         floats = [v for v in out.values() if v.is_floating_point()]
         # One reduction (one device sync on a GPU), then the names only when something is wrong.
@@ -547,43 +656,86 @@ class Learner:
             )
         return out
 
-    def packed_weights(self, dtype: str = "bfloat16", only: str | None = None) -> dict[str, Any]:
+    def packed_weights(
+        self, dtype: str = "bfloat16", only: str | None = None
+    ) -> dict[str, Any] | None:
         """`weights(dtype, only=only)` on the CPU as numpy arrays (`weight_wire.pack`): what
-        crosses Ray's object store to the rollout workers without a copy on arrival."""
-        return weight_wire.pack(self.weights(dtype, only=only))
+        crosses Ray's object store to the rollout workers without a copy on arrival (None
+        on FSDP2's ranks > 0, which only took part in the gather)."""
+        state = self.weights(dtype, only=only)
+        return weight_wire.pack(state) if state or only else None
 
     def save(self, path: str) -> None:
-        # StateView carries the fp32 master values under the model's names and args.
-        save_pretrained(
-            StateView(self.model.args, self._full_state()),  # type: ignore[arg-type]
-            self.tokenizer,
-            os.path.join(path, "model"),
-        )
+        """The checkpoint's learner part; every rank calls it. Rank 0 writes the model
+        (`model/`: float32 master values, adapters merged, or gathered from FSDP2's shards)
+        or, under LoRA, `adapter/` in PEFT's format (plus the merged `model/` with
+        `model.lora.save_merged`), and `learner.pt` (optimizer unless sharded, schedule, every
+        rank's RNG). FSDP2's optimizer shards go to `optimizer/` (torch.distributed.checkpoint,
+        every rank writing its own)."""
+        lead = self.rank.lead
+        if self.peft is None or self.lora_cfg.save_merged:
+            # StateView carries the full values under the model's names and args.
+            state = self._full_state()
+            if lead:
+                save_pretrained(
+                    StateView(self.model.args, state),  # type: ignore[arg-type]
+                    self.tokenizer,
+                    os.path.join(path, "model"),
+                )
+            del state
+        if self.peft is not None and lead:
+            lora.save_adapter(self.peft, os.path.join(path, "adapter"))
         faults.point("learner.save")
-        if self.mtp is not None:  # beside the trunk, in its own file
+        if self.mtp is not None and lead:  # beside the trunk, in its own file
             self.mtp.save(os.path.join(path, "model"))
-        torch.save(
-            {
-                "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(),
-                "rng": torch.get_rng_state(),
-                **(self.mtp.state() if self.mtp is not None else {}),
-            },
-            os.path.join(path, "learner.pt"),
-        )
+        if self.sharded:
+            fsdp.save_optimizer(self.model, self.opt, path)
+        rngs = distributed.gather_objects(torch.get_rng_state(), self.rank)
+        if lead:
+            torch.save(
+                {
+                    **({} if self.sharded else {"optimizer": self.opt.state_dict()}),
+                    "scheduler": self.sched.state_dict(),
+                    "rng": rngs[0],
+                    "rng_ranks": rngs,
+                    "world": self.rank.world,
+                    **(self.mtp.state() if self.mtp is not None else {}),
+                },
+                os.path.join(path, "learner.pt"),
+            )
 
     def load(self, path: str, with_optimizer: bool = True) -> None:
-        model, _ = load_model(os.path.join(path, "model"), dtype=torch.float32)
-        if self.master is not None:
-            self.master.load(model.state_dict())
+        """A checkpoint written by any number of ranks (every rank calls this): the weights;
+        then, with_optimizer, the optimizer (one learner's, which data-parallel ranks share,
+        or FSDP2's shards resharded for this many ranks), the schedule and this rank's RNG."""
+        if self.peft is not None:
+            lora.load_adapter(self.peft, os.path.join(path, "adapter"))
         else:
-            self.model.load_state_dict(model.state_dict())
+            model, _ = load_model(os.path.join(path, "model"), dtype=torch.float32)
+            if self.sharded:
+                fsdp.load_full(self.model, model.state_dict())
+            elif self.master is not None:
+                self.master.load(model.state_dict())
+            else:
+                self.model.load_state_dict(model.state_dict())
+            del model
         state_file = os.path.join(path, "learner.pt")
         state = None
         if with_optimizer and os.path.exists(state_file):
             state = torch.load(state_file, weights_only=False, map_location=self.device)
-            self.opt.load_state_dict(state["optimizer"])
+            if self.sharded:
+                fsdp.load_optimizer(self.model, self.opt, path)
+            elif "optimizer" in state:
+                self.opt.load_state_dict(state["optimizer"])
+            else:
+                raise ValueError(
+                    f"{path} was written by {state.get('world')} sharded ranks "
+                    "(train.shard=true): its optimizer states are in optimizer/, resume "
+                    "it with train.shard=true"
+                )
             self.sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
+            rngs = state.get("rng_ranks", [state["rng"]])
+            if self.rank.rank < len(rngs):
+                torch.set_rng_state(rngs[self.rank.rank])
         if self.mtp is not None:
             self.mtp.load(path, state)

@@ -20,6 +20,7 @@ from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
 from rlkit.models.decoder import Decoder
 from rlkit.models.mtp import init_mtp, load_mtp, mtp_state, save_mtp
+from rlkit.workers.distributed import Rank, sum_gradients
 
 
 def target_count(resp_lens: torch.Tensor, depth: int) -> float:
@@ -82,8 +83,12 @@ class MTPTrainer:
             sums[f"mtp/targets_d{d}"] = float(ok.sum())
         return total, sums
 
-    def step(self) -> float:
+    def step(self, rank: Rank | None = None) -> float:
+        """Clip and step the module; over N learner ranks their gradients are summed first
+        (each ran its share of the micro-batches, normalised by the whole batch's targets)."""
         assert self.opt is not None
+        if rank is not None:
+            sum_gradients([p for p in self.module.parameters() if p.requires_grad], rank)
         norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

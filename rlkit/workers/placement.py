@@ -1,12 +1,16 @@
 """Where actors go, on which device, and how many threads each gets: the one place that
 decides placement. Actors take their device from here; nothing below re-derives it.
 
-- device=cpu: a learner actor and a rollout actor. Rollout and learning alternate in the
-  synchronous loop, so on a small machine each gets every core as torch threads while Ray's
-  CPU reservations are fractional.
+- device=cpu: `train.num_learners` learner actors and `rollout.num_workers` rollout actors.
+  Rollout and learning alternate in the synchronous loop, so on a small machine the learner
+  ranks share every core as torch threads, and so do the rollout workers, while Ray's CPU
+  reservations are fractional. One-step-off training (`train.async_mode`) runs both at once:
+  each side gets half the cores.
 - device=cuda, one learner and one rollout worker: one colocated actor holding both on one GPU
   (`rlkit/workers/colocated.py`), which asks Ray for that GPU, so a cluster places it on a
-  node that has one.
+  node that has one. More learner ranks or rollout workers: one GPU each.
+- `ray.actor_resources`: custom Ray resources each actor of a role asks for, so a cluster
+  puts it on a node that offers them (`ray start --resources=...`).
 - device=auto: cuda when the machine (or the Ray cluster) has a GPU, else cpu; the driver
   says which at start-up.
 """
@@ -14,7 +18,7 @@ decides placement. Actors take their device from here; nothing below re-derives 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlkit.config.schema import RecipeConfig
@@ -44,15 +48,21 @@ class Placement:
     learner_threads: int
     rollout_threads: int  # per rollout worker
     num_rollout_workers: int = 1
+    num_learners: int = 1  # learner ranks (the colocated actor is one)
+    # Custom Ray resources per role (`ray.actor_resources`).
+    resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def actor_options(self, role: Role) -> dict[str, Any]:
-        """Ray's resource request for one actor of `role` (`ray.remote(**options)`); the
-        colocated actor is the learner's."""
+        """Ray's resource request for one actor of `role` (`ray.remote(**options)`): each
+        learner rank, each rollout worker, the reward pool; the colocated actor is the
+        learner's."""
         cpus = {"learner": self.learner_cpus, "rollout": self.rollout_cpus}
         gpus = {"learner": self.learner_gpus, "rollout": self.rollout_gpus}
         options: dict[str, Any] = {"num_cpus": cpus.get(role, self.reward_cpus)}
         if gpus.get(role):
             options["num_gpus"] = gpus[role]
+        if self.resources.get(role):
+            options["resources"] = dict(self.resources[role])
         return options
 
 
@@ -60,14 +70,26 @@ def plan(cfg: RecipeConfig, gpus: int) -> Placement:
     """Placement for `cfg` on a machine (or cluster) with `gpus` visible GPUs."""
     cores = cfg.ray.num_cpus or os.cpu_count() or 1
     n_roll = cfg.rollout.num_workers
+    n_learn = cfg.train.num_learners
     device, why = _device(cfg.device, gpus)
     cuda = device == "cuda"
-    colocated = cuda and n_roll == 1
-    if cuda and not colocated and gpus < 1 + n_roll:
+    colocated = cuda and n_roll == 1 and n_learn == 1
+    overlap = cfg.train.async_mode != "off"
+    if colocated and overlap:
         raise PlacementError(
-            f"rollout.num_workers: {n_roll} rollout workers beside a learner need "
-            f"{1 + n_roll} GPUs, {gpus} visible"
+            "train.async_mode: one_step_off needs rollout workers apart from the learner; on "
+            "one GPU they share one actor, which runs one phase at a time (give the run a "
+            "GPU more, or set train.async_mode=off)"
         )
+    if cuda and not colocated and gpus < n_learn + n_roll:
+        learners = f"{n_learn} learner rank{'s' if n_learn > 1 else ''}"
+        raise PlacementError(
+            f"rollout.num_workers: {n_roll} rollout workers beside {learners} need "
+            f"{n_learn + n_roll} GPUs, {gpus} visible"
+        )
+    # Cores each side may use as threads: all of them when rollout and learning alternate,
+    # half each when they overlap.
+    side = max(1, cores // 2) if overlap else cores
     return Placement(
         device=device,
         why=why,
@@ -75,15 +97,17 @@ def plan(cfg: RecipeConfig, gpus: int) -> Placement:
         num_gpus=gpus,
         colocated=colocated,
         # Fractional reservations keep every actor schedulable on a 1- or 2-core machine.
-        learner_cpus=min(1.0, cores / 2),
+        learner_cpus=min(1.0, cores / (2 * n_learn)),
         rollout_cpus=min(1.0, cores / (2 * n_roll)),
         reward_cpus=0.0,
         learner_gpus=1.0 if cuda else 0.0,
-        # Rollout workers beside a GPU learner share the remaining GPUs (one each).
+        # Rollout workers beside GPU learners share the remaining GPUs (one each).
         rollout_gpus=0.0 if not cuda or colocated else 1.0,
-        learner_threads=cores,
-        rollout_threads=max(1, cores // n_roll),
+        learner_threads=max(1, side // n_learn),
+        rollout_threads=max(1, side // n_roll),
         num_rollout_workers=n_roll,
+        num_learners=n_learn,
+        resources={k: dict(v) for k, v in cfg.ray.actor_resources.items()},
     )
 
 

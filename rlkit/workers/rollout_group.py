@@ -101,6 +101,8 @@ class RolloutGroup:
         self._corpus: list[list[int]] | None = None  # SAM's static corpus, for restarts
         self._stats: dict[str, float] = {}
         self.restarts = 0
+        # Keep the last synced weights' ref for restarts (`sync_from`).
+        self.keep_weights = False
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -154,11 +156,19 @@ class RolloutGroup:
         self._broadcast(ref)
 
     def sync_from(self, learner: Any, dtype: str, only: str | None = None) -> None:
-        """The learner's weights, cast to `dtype`, through the object store to every worker
-        (packed as numpy arrays: read in place on arrival); only="mtp": the MTP module's alone
-        (a restarted worker still gets all of them)."""
-        self._weights = lambda: learner.packed_weights.remote(dtype)
-        self._broadcast(learner.packed_weights.remote(dtype, only) if only else self._weights())
+        """The learner's weights (a `LearnerGroup`), cast to `dtype`, through the object store
+        to every worker (packed as numpy arrays: read in place on arrival); only="mtp": the
+        MTP module's alone (a restarted worker still gets all of them).
+
+        With `keep_weights` (one-step-off training, where the learner's next update runs
+        while the workers generate) the ref of these weights is kept for restarts: asking the
+        learner again could give the weights of an update the workers do not hold."""
+        if self.keep_weights:
+            ref = learner.packed_weights_ref(dtype)
+            self._weights = lambda: ref
+        else:
+            self._weights = lambda: learner.packed_weights_ref(dtype)
+        self._broadcast(learner.packed_weights_ref(dtype, only) if only else self._weights())
 
     def set_draft_corpus(self, texts: list[list[int]]) -> None:
         """SAM's static corpus (rollout.speculative.sam_static) into every worker."""

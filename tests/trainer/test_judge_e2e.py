@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-import ray
 import torch
 
 import rlkit.trainer.rlvr as rlvr
@@ -56,7 +55,7 @@ def test_judge_then_generate_from_the_judge_weights_and_resume(
 
     def spy(ctx, stage, start_step, source=None):
         if stage.type == "generate" and start_step == 0:
-            seen["learner"] = ray.get(ctx.learner.weights.remote("float32"))
+            seen["learner"] = ctx.learner.weights("float32")
             prompts = ctx.train_prompt_ids[:3]
             params = SamplingParams(temperature=0.0, max_new_tokens=6)
             seen["rollout"] = ctx.generate(prompts, params, 1)

@@ -14,7 +14,7 @@ from rlkit.workers.learner import NonFiniteWeightsError
 
 
 def _ctx(where="learn of stage 0 (rlvr) step 2", learner_id="ab12"):
-    learner = SimpleNamespace(_actor_id=SimpleNamespace(hex=lambda: learner_id))
+    learner = SimpleNamespace(actor_ids=lambda: {learner_id})
     return SimpleNamespace(where=lambda: where, learner=learner)
 
 

@@ -126,3 +126,36 @@ ray: {{num_cpus: 2, object_store_memory_mb: 128}}
     assert len(steps) == 2
     assert all(r["sync/ms"] >= 0 and r["actor/gpu_peak_allocated_gb"] > 0 for r in steps)
     assert all(r["rollout/gpu_peak_allocated_gb"] > 0 for r in steps)
+
+
+def test_lora_learner_on_the_gpu_trains_float32_adapters_over_a_bf16_base(model_dir):
+    """model.lora on CUDA, compute dtype auto (bf16): the base is bf16, the adapters float32
+    (their own master weights), the update follows the advantages, and the merged weights
+    the engine receives move only where adapters are."""
+    from rlkit.workers.colocated import ColocatedWorker
+
+    cfg = load_recipe(None, ["optim.lr=1e-2", "model.lora.r=8", "model.lora.alpha=16"])
+    w = ColocatedWorker(model_dir, cfg, num_threads=1, device="cuda")
+    learner = w.learner
+    assert learner.master is None and learner.peft is not None
+    dtypes = {n: p.dtype for n, p in learner.model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".lora_" not in n)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    outs = w.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.0, seed=0), n=4)
+    batch = _batch(outs, prompts, [float(i % 2) for i in range(8)])
+    before = w.weights("float32", "cuda")
+    with torch.no_grad():
+        lp0 = learner.response_logprobs(learner.model, batch.to("cuda"))[0]
+    metrics = w.train_step(batch)
+    with torch.no_grad():
+        lp1 = learner.response_logprobs(learner.model, batch.to("cuda"))[0]
+    delta = ((lp1 - lp0) * batch.response_mask.cuda()).sum(1)  # [8]
+    adv = batch.advantages.cuda()[:, 0]
+    assert metrics["actor/grad_norm"] > 0
+    assert bool((delta[adv > 0] > 0).all()) and bool((delta[adv < 0] < 0).all())
+    w.sync_engine()
+    after = w.weights("float32", "cuda")
+    for name, value in before.items():
+        moved = not torch.equal(after[name], value)
+        assert moved == any(f".{m}." in name for m in cfg.model.lora.target_modules), name
