@@ -16,6 +16,8 @@
  *   rlkit_sample_rows_f32         temperature sampling with the sampled tokens' log-probs
  *   rlkit_window_scores_f32       SnapKV's window attention scores (KV compression)
  *   rlkit_redundancy_f32          R-KV's key redundancy (KV compression)
+ *   rlkit_linear_f32              y = x W^T + b on a weight packed once into panels
+ *                                 (cpu.py's pack_linear): the decode step's GEMMs
  *   rlkit_keep_top_f32, rlkit_compact_rows   (cpu_common.h, shared with cpu.c)
  *
  * Everything is float32, as the PyTorch code it replaces; results differ from it only by
@@ -31,6 +33,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -551,4 +554,133 @@ int rlkit_redundancy_f32(const float *k, int64_t k_sr, int64_t k_sh, int64_t k_s
         free(sim);
     }
     return failed;
+}
+
+/* -- GEMM ---------------------------------------------------------------------------------- */
+
+/* The decode step's linears: y [M, N] = x [M, K] W^T + bias, M a few rows (the decode batch)
+ * and W [N, K] one of the model's weights, each read once per step. At M = 32 a step streams
+ * all 540 MB of SmolLM2's float32 weights from DRAM for 8.6 GFLOP, so the kernel must keep
+ * both FMA pipes busy while the weights stream in: the weight is packed once (cpu.py's
+ * pack_linear) into panels of NR = 24 output columns, each [K, 24] contiguous and the last
+ * zero-padded,
+ *     packed[p][k][j] = W[24 p + j, k],
+ * so a panel is one sequential run of memory (hardware and software prefetch follow it), and
+ * every row block of x reuses it from L1 (a block of GEMM_KC rows of it, 24 KB) or L2.
+ *
+ * Micro-kernel: MR = 4 rows x 24 columns, the 12 accumulators in ymm registers; per k, three
+ * vector loads of the panel and four broadcasts of x feed 12 FMAs (16 registers in all). Rows
+ * past a multiple of 4 take the same kernel with MR = 1..3.
+ *
+ * Loop nest (per thread: a contiguous range of panels, OpenMP static split; each thread
+ * writes its own columns of y):
+ *     chunks of GEMM_MC rows of x (x's block stays in L2; one chunk at decode batch sizes)
+ *       panels p of the thread, prefetching panel p + 1 while p computes
+ *         blocks of GEMM_KC along K (the panel's block stays in L1)
+ *           row blocks of MR rows: micro-kernel, accumulating into y after the first block
+ * The bias is added once, with the last K block. */
+#define GEMM_NR 24
+#define GEMM_MR 4
+#define GEMM_MC 64
+#define GEMM_KC 256
+
+/* y[r, :ncols] (+)= x[r, :kc] . panel block + bias for the MR rows of one row block: x rows
+ * of stride lda, panel block [kc, 24] contiguous, y rows of stride ldc. accum: add to y
+ * (K blocks after the first); bias (or NULL): 24 floats, added here (the last K block).
+ * Every k also prefetches pf + k * pf_step: the caller's share of the next panel. */
+INLINE void gemm_tile(const float *a, int64_t lda, const float *b, int64_t kc, float *c,
+                      int64_t ldc, const float *bias, int ncols, int accum, const char *pf,
+                      int64_t pf_step, const int MR) {
+    __m256 acc[GEMM_MR][3];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) acc[r][j] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < kc; k++) {
+        const float *bk = b + k * GEMM_NR;
+        const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+        const __m256 b2 = _mm256_loadu_ps(bk + 16);
+        _mm_prefetch(pf + k * pf_step, _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+            const __m256 ar = _mm256_broadcast_ss(a + r * lda + k);
+            acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(ar, b2, acc[r][2]);
+        }
+    }
+    /* Fully unrolled, so that acc stays in registers (a loop GCC keeps would put it on the
+     * stack and store all 12 accumulators at every k). */
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) {
+        float *cr = c + r * ldc;
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) {
+            const __m256i m = lanes8(8 * j, ncols);
+            __m256 v = acc[r][j];
+            if (bias) v = _mm256_add_ps(v, _mm256_maskload_ps(bias + 8 * j, m));
+            if (ncols == GEMM_NR) {
+                if (accum) v = _mm256_add_ps(v, _mm256_loadu_ps(cr + 8 * j));
+                _mm256_storeu_ps(cr + 8 * j, v);
+            } else if (8 * j < ncols) {
+                if (accum) v = _mm256_add_ps(v, _mm256_maskload_ps(cr + 8 * j, m));
+                _mm256_maskstore_ps(cr + 8 * j, m, v);
+            }
+        }
+    }
+}
+
+static void gemm_rows(int mr, const float *a, int64_t lda, const float *b, int64_t kc, float *c,
+                      int64_t ldc, const float *bias, int ncols, int accum, const char *pf,
+                      int64_t pf_step) {
+    switch (mr) {
+#define GEMM_CASE(m)                                                                         \
+    case m: gemm_tile(a, lda, b, kc, c, ldc, bias, ncols, accum, pf, pf_step, m); break;
+        GEMM_CASE(1) GEMM_CASE(2) GEMM_CASE(3)
+#undef GEMM_CASE
+    default: gemm_tile(a, lda, b, kc, c, ldc, bias, ncols, accum, pf, pf_step, GEMM_MR);
+    }
+}
+
+/* y [M, N] (rows of stride y_rs) = x [M, K] (rows of stride x_rs) W^T + bias, with W packed
+ * as above (w: ceil(N / 24) panels of [K, 24]) and bias [N] or NULL. Runs on the OpenMP
+ * threads when there is enough work to split (at least two panels and 2^18 multiply-adds). */
+void rlkit_linear_f32(const float *x, int64_t x_rs, const float *w, const float *bias, float *y,
+                      int64_t y_rs, int64_t M, int64_t N, int64_t K) {
+    const int64_t P = (N + GEMM_NR - 1) / GEMM_NR;
+    /* K blocks of near-equal size, at most GEMM_KC. */
+    const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kc_max = (K + nk - 1) / nk;
+    const int64_t panel = K * GEMM_NR; /* floats */
+#pragma omp parallel if (P > 1 && M * N * K >= (1 << 18))
+    {
+        const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t p0 = P * t / T, p1 = P * (t + 1) / T;
+        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MC) {
+            const int64_t mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC;
+            const int64_t blocks = (mc + GEMM_MR - 1) / GEMM_MR;
+            /* Each (K block, row block) call prefetches its share of the next panel: step
+             * bytes per k, so that all of them together cover its K * 96 bytes. */
+            const int64_t step = (GEMM_NR * (int64_t)sizeof(float) + blocks - 1) / blocks;
+            for (int64_t p = p0; p < p1; p++) {
+                const float *bp = w + p * panel;
+                const int64_t n0 = p * GEMM_NR;
+                const int ncols = (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR);
+                /* The thread's next panel: p + 1, its first one for the next chunk of rows,
+                 * or (the last call) this one again, already in cache. */
+                const float *next = p + 1 < p1 ? bp + panel : (m0 + mc < M ? w + p0 * panel : bp);
+                for (int64_t kb = 0; kb < nk; kb++) {
+                    const int64_t k0 = kb * kc_max, kc = K - k0 < kc_max ? K - k0 : kc_max;
+                    const float *bias_p = bias && k0 + kc == K ? bias + n0 : NULL;
+                    for (int64_t r = 0; r < blocks; r++) {
+                        const int64_t m = m0 + r * GEMM_MR;
+                        const int mr = (int)(M - m < GEMM_MR ? M - m : GEMM_MR);
+                        const char *pf = (const char *)next + (kb * blocks + r) * kc_max * step;
+                        gemm_rows(mr, x + m * x_rs + k0, x_rs, bp + k0 * GEMM_NR, kc,
+                                  y + m * y_rs + n0, y_rs, bias_p, ncols, kb > 0, pf, step);
+                    }
+                }
+            }
+        }
+    }
 }
