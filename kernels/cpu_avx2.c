@@ -58,6 +58,20 @@ INLINE __m256i lanes8(int64_t i, int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+/* The 8 floats of a row of n at i, or those left (the rest zero) in the row's last block.
+ * Full blocks take plain loads and stores: AMD's masked stores (vmaskmovps) cost about ten
+ * times a plain one, and the decode step's row ops call these per 8 floats. */
+INLINE __m256 load8(const float *p, int64_t i, int64_t n) {
+    return n - i >= 8 ? _mm256_loadu_ps(p + i) : _mm256_maskload_ps(p + i, lanes8(i, n));
+}
+
+INLINE void store8(float *p, int64_t i, int64_t n, __m256 v) {
+    if (n - i >= 8)
+        _mm256_storeu_ps(p + i, v);
+    else
+        _mm256_maskstore_ps(p + i, lanes8(i, n), v);
+}
+
 INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -358,20 +372,18 @@ void rlkit_add_rms_norm_f32(float *x, int64_t x_rs, const float *delta, int64_t 
         const float *dr = delta ? delta + r * d_rs : NULL;
         __m256 ss = _mm256_setzero_ps();
         for (int64_t i = 0; i < dim; i += 8) {
-            const __m256i m = lanes8(i, dim);
-            __m256 xv = _mm256_maskload_ps(xr + i, m);
+            __m256 xv = load8(xr, i, dim);
             if (dr) {
-                xv = _mm256_add_ps(xv, _mm256_maskload_ps(dr + i, m));
-                _mm256_maskstore_ps(xr + i, m, xv);
+                xv = _mm256_add_ps(xv, load8(dr, i, dim));
+                store8(xr, i, dim, xv);
             }
             ss = _mm256_fmadd_ps(xv, xv, ss);
         }
         const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)dim + eps));
         float *orow = out + r * o_rs;
         for (int64_t i = 0; i < dim; i += 8) {
-            const __m256i m = lanes8(i, dim);
-            __m256 h = _mm256_mul_ps(_mm256_maskload_ps(xr + i, m), inv);
-            _mm256_maskstore_ps(orow + i, m, _mm256_mul_ps(_mm256_maskload_ps(w + i, m), h));
+            const __m256 h = _mm256_mul_ps(load8(xr, i, dim), inv);
+            store8(orow, i, dim, _mm256_mul_ps(load8(w, i, dim), h));
         }
     }
 }
@@ -384,11 +396,10 @@ void rlkit_silu_mul_f32(const float *gu, int64_t gu_rs, float *out, int64_t o_rs
         const float *g = gu + r * gu_rs, *u = g + inter;
         float *o = out + r * o_rs;
         for (int64_t i = 0; i < inter; i += 8) {
-            const __m256i m = lanes8(i, inter);
-            __m256 gv = _mm256_maskload_ps(g + i, m);
+            const __m256 gv = load8(g, i, inter);
             __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
             __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-            _mm256_maskstore_ps(o + i, m, _mm256_mul_ps(s, _mm256_maskload_ps(u + i, m)));
+            store8(o, i, inter, _mm256_mul_ps(s, load8(u, i, inter)));
         }
     }
 }
@@ -491,10 +502,8 @@ int rlkit_window_scores_f32(const float *q, int64_t q_sr, int64_t q_sh, int64_t 
                              k_sl, n, scale, s, D / 8);
                     const __m256 inv = _mm256_set1_ps(softmax_row(s, n));
                     for (int64_t j = 0; j < n; j += 8) {
-                        const __m256i t = lanes8(j, n);
-                        __m256 a = _mm256_maskload_ps(acc + j, t);
-                        a = _mm256_fmadd_ps(_mm256_maskload_ps(s + j, t), inv, a);
-                        _mm256_maskstore_ps(acc + j, t, a);
+                        const __m256 a = _mm256_fmadd_ps(load8(s, j, n), inv, load8(acc, j, n));
+                        store8(acc, j, n, a);
                     }
                 }
             for (int64_t j = 0; j < L; j++) acc[j] *= inv_rows;
@@ -617,16 +626,11 @@ INLINE void gemm_tile(const float *a, int64_t lda, const float *b, int64_t kc, f
         float *cr = c + r * ldc;
 #pragma GCC unroll 3
         for (int j = 0; j < 3; j++) {
-            const __m256i m = lanes8(8 * j, ncols);
+            if (8 * j >= ncols) continue;
             __m256 v = acc[r][j];
-            if (bias) v = _mm256_add_ps(v, _mm256_maskload_ps(bias + 8 * j, m));
-            if (ncols == GEMM_NR) {
-                if (accum) v = _mm256_add_ps(v, _mm256_loadu_ps(cr + 8 * j));
-                _mm256_storeu_ps(cr + 8 * j, v);
-            } else if (8 * j < ncols) {
-                if (accum) v = _mm256_add_ps(v, _mm256_maskload_ps(cr + 8 * j, m));
-                _mm256_maskstore_ps(cr + 8 * j, m, v);
-            }
+            if (bias) v = _mm256_add_ps(v, load8(bias, 8 * j, ncols));
+            if (accum) v = _mm256_add_ps(v, load8(cr, 8 * j, ncols));
+            store8(cr, 8 * j, ncols, v);
         }
     }
 }
