@@ -689,11 +689,8 @@ class PackedLinear:
 
     panels: torch.Tensor  # [P, K, 24]
     bias: torch.Tensor | None  # [N]
-    out_features: int
-
-    @property
-    def in_features(self) -> int:
-        return self.panels.shape[1]
+    out_features: int  # N
+    in_features: int  # K
 
 
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
@@ -720,7 +717,7 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Packe
     if P * _GEMM_NR != N:
         w = torch.cat([w, w.new_zeros(P * _GEMM_NR - N, K)])  # [P * 24, K]
     panels = w.reshape(P, _GEMM_NR, K).transpose(1, 2).contiguous()  # [P, K, 24]
-    return PackedLinear(panels, bias, N)
+    return PackedLinear(panels, bias, N, K)
 
 
 def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
@@ -739,7 +736,9 @@ def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
         )
     if x.requires_grad and torch.is_grad_enabled():
         raise ValueError("linear has no backward: call it under torch.no_grad or inference_mode")
-    rows = x.reshape(-1, K)  # [M, K], a view where x's layout allows
+    # [M, K]: x itself or a view of it where its layout allows (the decode step calls this
+    # some 120 times a step, so the common case costs no reshapes)
+    rows = x if x.dim() == 2 else x.reshape(-1, K)
     if K > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     M = rows.shape[0]
@@ -750,4 +749,4 @@ def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
             rows.data_ptr(), rows.stride(0), packed.panels.data_ptr(),
             None if bias is None else bias.data_ptr(), out.data_ptr(), N, M, N, K,
         )  # fmt: skip
-    return out.view(*x.shape[:-1], N)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], N)

@@ -21,8 +21,10 @@ warm-up run, and reports the median of `--repeats` timed runs:
 
 Modes are modes of the native engine: `dense`, and `sparse` (a compressed KV cache, policy
 and budget from the options). Other engines run dense only, except two ablations of the
-native engine, for what each lever is worth: `native-plain` (no oneDNN-prepacked weights)
-and `native-torch` (PyTorch ops in the decode step instead of the C kernels) on a CPU, and
+native engine, for what each lever is worth: `native-plain` (no packed weights),
+`native-onednn` (oneDNN-prepacked weights, where native packs them for the AVX2 GEMM: a
+float32 engine on an AVX2 CPU) and `native-torch` (PyTorch ops in the decode step instead of
+the C kernels) on a CPU, and
 `native-eager` (decode steps launched one kernel at a time, not replayed from CUDA graphs)
 on a GPU.
 """
@@ -53,11 +55,13 @@ from rlkit.workers.placement import local_device
 
 MODES = ("dense", "sparse")
 # Ablations of the native engine, to show what each CPU lever is worth on this machine:
-# native-plain without oneDNN-prepacked weights (`Engine(prepack=False)`), native-torch with
-# PyTorch ops in the decode step instead of the C kernels (`Engine(cpu_kernels=False)`),
-# native-eager without CUDA-graph decode steps (`Engine(cuda_graphs=False)`).
-ENGINES = ("native", "native-plain", "native-torch", "native-eager", "hf", "vllm")
-_MODAL = ("native", "native-plain", "native-torch", "native-eager")
+# native-plain without packed weights (`Engine(prepack=False)`), native-onednn with
+# oneDNN-prepacked ones instead of the default layout (`Engine(prepack="onednn")`),
+# native-torch with PyTorch ops in the decode step instead of the C kernels
+# (`Engine(cpu_kernels=False)`), native-eager without CUDA-graph decode steps
+# (`Engine(cuda_graphs=False)`).
+ENGINES = ("native", "native-plain", "native-onednn", "native-torch", "native-eager", "hf", "vllm")
+_MODAL = ("native", "native-plain", "native-onednn", "native-torch", "native-eager")
 COLUMNS = (
     ("engine", "engine", "{}"),
     ("mode", "mode", "{}"),
@@ -162,7 +166,7 @@ def _native(
         max_batch_size=args.batch,
         dtype=dtype,
         kv_compression=compression,
-        prepack=False if name == "native-plain" else None,
+        prepack={"native-plain": False, "native-onednn": "onednn"}.get(name),
         cpu_kernels=name != "native-torch",
         cuda_graphs=False if name == "native-eager" else None,
     )
@@ -246,6 +250,7 @@ def _vllm(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runn
 _BUILDERS: dict[str, Callable[..., _Runner]] = {
     "native": _native,
     "native-plain": functools.partial(_native, name="native-plain"),
+    "native-onednn": functools.partial(_native, name="native-onednn"),
     "native-torch": functools.partial(_native, name="native-torch"),
     "native-eager": functools.partial(_native, name="native-eager"),
     "hf": _hf,
