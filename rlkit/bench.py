@@ -62,6 +62,8 @@ MODES = ("dense", "sparse")
 # (`Engine(cuda_graphs=False)`).
 ENGINES = ("native", "native-plain", "native-onednn", "native-torch", "native-eager", "hf", "vllm")
 _MODAL = ("native", "native-plain", "native-onednn", "native-torch", "native-eager")
+# Engine(prepack=...) of the rows that do not take the default layout.
+_PREPACK: dict[str, bool | str] = {"native-plain": False, "native-onednn": "onednn"}
 COLUMNS = (
     ("engine", "engine", "{}"),
     ("mode", "mode", "{}"),
@@ -166,7 +168,7 @@ def _native(
         max_batch_size=args.batch,
         dtype=dtype,
         kv_compression=compression,
-        prepack={"native-plain": False, "native-onednn": "onednn"}.get(name),
+        prepack=_PREPACK.get(name),
         cpu_kernels=name != "native-torch",
         cuda_graphs=False if name == "native-eager" else None,
     )
