@@ -24,9 +24,10 @@
  * summation order and fused multiply-adds (a few float32 ulps).
  *
  * Attention: one work item per (sequence, kv head) covers the G = H / KVH query heads that
- * share the kv head, so each key and value row is read from memory once for the whole group.
- * Pass 1 takes 8 keys at a time per query head (8 partial-sum vectors, one transpose-reduce);
- * pass 2 accumulates p * v for up to 2 query heads x 32 dims in registers (16 ymm).
+ * share the kv head, so each key and value row is read from memory once for the whole group;
+ * while it computes, the thread prefetches its next item's rows. Pass 1 takes 8 keys at a
+ * time per query head (8 partial-sum vectors, one transpose-reduce); pass 2 accumulates
+ * p * v for up to 3 query heads x 32 dims in registers (12 ymm).
  *
  * Limits (cpu.py checks them and falls back to PyTorch otherwise): head_dim a multiple of 8
  * up to 256, at most 16 query heads per kv head.
@@ -122,12 +123,33 @@ INLINE __m256 exp256(__m256 x) {
 
 /* -- attention ----------------------------------------------------------------------------- */
 
-/* scores[j] = scale * q . k_j for j < n (q and each key: F blocks of 8 floats). */
+/* The rows a thread reads next (its next work item's keys, then its values), prefetched one
+ * row per `ahead_row` call from the loops over the current item's rows, so that the next
+ * item's cache rows stream in from DRAM while this one computes instead of when it starts.
+ * A decode step reads the whole KV cache once (SmolLM2 at batch 32: ~280 MB a step). */
+typedef struct {
+    const char *k, *v;       /* the next item's first key and value rows */
+    int64_t k_sl, v_sl;      /* their row strides in bytes */
+    int64_t rows, row_bytes; /* rows of each to fetch, bytes per row */
+    int64_t done;            /* rows prefetched so far: keys, then values */
+} Ahead;
+
+INLINE void ahead_row(Ahead *a) {
+    if (!a || a->done >= 2 * a->rows) return;
+    const char *r = a->done < a->rows ? a->k + a->done * a->k_sl
+                                      : a->v + (a->done - a->rows) * a->v_sl;
+    for (int64_t b = 0; b < a->row_bytes; b += 64) _mm_prefetch(r + b, _MM_HINT_T0);
+    a->done++;
+}
+
+/* scores[j] = scale * q . k_j for j < n (q and each key: F blocks of 8 floats); one row of
+ * `ahead` per 8 keys. */
 INLINE void dot_rows(const float *q, const float *k, int64_t k_sl, int64_t n, float scale,
-                     float *out, const int F) {
+                     float *out, Ahead *ahead, const int F) {
     const __m256 vs = _mm256_set1_ps(scale);
     int64_t j0 = 0;
     for (; j0 + 8 <= n; j0 += 8) {
+        ahead_row(ahead);
         const float *kb = k + j0 * k_sl;
         __m256 acc[8];
         for (int e = 0; e < 8; e++) acc[e] = _mm256_setzero_ps();
@@ -170,17 +192,19 @@ static float softmax_row(float *s, int64_t n) {
 }
 
 /* Pass 2 for GN query heads and FN blocks of 8 dims starting at dim 8 * f0 (compile-time GN,
- * FN: the GN * FN accumulators stay in registers): out_g[dims] = sum_j p_gj v_j[dims] * inv_g. */
+ * FN: the GN * FN accumulators stay in registers): out_g[dims] = sum_j p_gj v_j[dims] * inv_g.
+ * One row of `ahead` per 2 entries. */
 INLINE void pass2(const float *v, int64_t v_sl, int64_t len, const float *p, const float *inv,
-                  float *out, int D, int f0, const int GN, const int FN) {
-    __m256 acc[2][4];
+                  float *out, int D, int f0, Ahead *ahead, const int GN, const int FN) {
+    __m256 acc[3][4];
     for (int g = 0; g < GN; g++)
         for (int f = 0; f < FN; f++) acc[g][f] = _mm256_setzero_ps();
     const float *vb = v + 8 * f0;
     for (int64_t j = 0; j < len; j++) {
         const float *vj = vb + j * v_sl;
         if (j + 8 < len) _mm_prefetch((const char *)(vj + 8 * v_sl), _MM_HINT_T0);
-        __m256 pb[2];
+        if (j & 1) ahead_row(ahead);
+        __m256 pb[3];
         for (int g = 0; g < GN; g++) pb[g] = _mm256_broadcast_ss(p + g * len + j);
         for (int f = 0; f < FN; f++) {
             const __m256 vf = _mm256_loadu_ps(vj + 8 * f);
@@ -198,60 +222,82 @@ INLINE void pass2(const float *v, int64_t v_sl, int64_t len, const float *p, con
  * compile-time F = D / 8 (the dispatcher below instantiates each supported one). */
 INLINE void attend_f(const float *q, int64_t q_sh, const float *k, int64_t k_sl, const float *v,
                      int64_t v_sl, int64_t len, int G, float scale, float *scores, float *out,
-                     const int F) {
+                     Ahead *ahead, const int F) {
     const int D = 8 * F;
     if (len <= 0) {
         memset(out, 0, sizeof(float) * (size_t)G * D);
         return;
     }
-    /* The next keys, while this head's scores compute (the cache is read from DRAM). */
     float inv_sum[MAX_G];
     for (int g = 0; g < G; g++) {
-        dot_rows(q + g * q_sh, k, k_sl, len, scale, scores + g * len, F);
+        dot_rows(q + g * q_sh, k, k_sl, len, scale, scores + g * len, ahead, F);
         inv_sum[g] = softmax_row(scores + g * len, len);
     }
-    /* Pass 2 in tiles of up to 2 heads x 4 blocks of 8 dims (8 accumulators). */
-    for (int g0 = 0; g0 < G; g0 += 2) {
-        const int gn = G - g0 < 2 ? G - g0 : 2;
+    /* Pass 2 in tiles of up to 3 heads x 4 blocks of 8 dims (up to 12 accumulators; heads
+     * split evenly over the tiles, so that no tile has far fewer accumulators than FMA
+     * latency needs): each tile reads the values once. */
+    const int tiles = (G + 2) / 3;
+    for (int t = 0, g0 = 0; t < tiles; t++) {
+        const int gn = (G - g0 + tiles - t - 1) / (tiles - t);
         for (int f0 = 0; f0 < F; f0 += 4) {
             const int fn = F - f0 < 4 ? F - f0 : 4;
             const float *p = scores + g0 * len;
             float *o = out + g0 * D;
-#define PASS2(GN_, FN_) pass2(v, v_sl, len, p, inv_sum + g0, o, D, f0, GN_, FN_)
-            if (gn == 2) {
-                switch (fn) {
-                case 1: PASS2(2, 1); break;
-                case 2: PASS2(2, 2); break;
-                case 3: PASS2(2, 3); break;
-                default: PASS2(2, 4); break;
-                }
+#define PASS2(GN_, FN_) pass2(v, v_sl, len, p, inv_sum + g0, o, D, f0, ahead, GN_, FN_)
+#define PASS2_FN(GN_)                                                                        \
+    switch (fn) {                                                                            \
+    case 1: PASS2(GN_, 1); break;                                                            \
+    case 2: PASS2(GN_, 2); break;                                                            \
+    case 3: PASS2(GN_, 3); break;                                                            \
+    default: PASS2(GN_, 4); break;                                                           \
+    }
+            if (gn == 3) {
+                PASS2_FN(3)
+            } else if (gn == 2) {
+                PASS2_FN(2)
             } else {
-                switch (fn) {
-                case 1: PASS2(1, 1); break;
-                case 2: PASS2(1, 2); break;
-                case 3: PASS2(1, 3); break;
-                default: PASS2(1, 4); break;
-                }
+                PASS2_FN(1)
             }
+#undef PASS2_FN
 #undef PASS2
         }
+        g0 += gn;
     }
 }
 
+/* Attention of one work item (a sequence's kv head); `ahead` (or NULL): the thread's next
+ * item's rows to prefetch meanwhile. */
 static void attend_one(const float *q, int64_t q_sh, const float *k, int64_t k_sl,
                        const float *v, int64_t v_sl, int64_t len, int G, int D, float scale,
-                       float *scores, float *out) {
+                       float *scores, float *out, Ahead *ahead) {
     switch (D / 8) {
 #define ATTEND_CASE(f)                                                                       \
-    case f: attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, f); break;
+    case f: attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, ahead, f); break;
         ATTEND_CASE(1) ATTEND_CASE(2) ATTEND_CASE(3) ATTEND_CASE(4) ATTEND_CASE(5)
         ATTEND_CASE(6) ATTEND_CASE(7) ATTEND_CASE(8) ATTEND_CASE(10) ATTEND_CASE(12)
         ATTEND_CASE(14) ATTEND_CASE(16) ATTEND_CASE(20) ATTEND_CASE(24) ATTEND_CASE(28)
         ATTEND_CASE(32)
 #undef ATTEND_CASE
     default: /* other multiples of 8 up to 256: the same code without a constant F */
-        attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, D / 8);
+        attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, ahead, D / 8);
     }
+}
+
+/* The Ahead of work item `it` (sequence it / KVH, kv head it % KVH) of a cache whose rows
+ * are float32 [B, KVH, L, D] with the given strides (elements), over its first `rows`
+ * entries. */
+static Ahead ahead_of(int64_t it, int KVH, const float *k, int64_t k_sb, int64_t k_sh,
+                      int64_t k_sl, const float *v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                      int64_t rows, int D) {
+    const int64_t b = it / KVH, h = it % KVH;
+    const Ahead a = {(const char *)(k + b * k_sb + h * k_sh),
+                     (const char *)(v + b * v_sb + h * v_sh),
+                     k_sl * (int64_t)sizeof(float),
+                     v_sl * (int64_t)sizeof(float),
+                     rows < 0 ? 0 : rows,
+                     D * (int64_t)sizeof(float),
+                     0};
+    return a;
 }
 
 /* Returns 0 on success, 1 if a scratch allocation failed (out is then unspecified). */
@@ -274,9 +320,12 @@ int rlkit_decode_attention_f32(const float *q, int64_t q_sb, int64_t q_sh, const
             const int64_t b = it / KVH, h = it % KVH;
             int64_t len = lengths[b];
             len = len < 0 ? 0 : (len > L ? L : len);
+            int64_t next = it + 1 < items ? lengths[(it + 1) / KVH] : 0;
+            next = next > L ? L : next;
+            Ahead ahead = ahead_of(it + 1, KVH, k, k_sb, k_sh, k_sl, v, v_sb, v_sh, v_sl, next, D);
             attend_one(q + b * q_sb + h * G * q_sh, q_sh, k + b * k_sb + h * k_sh, k_sl,
                        v + b * v_sb + h * v_sh, v_sl, len, G, D, scale, scores,
-                       out + (b * H + h * G) * (int64_t)D);
+                       out + (b * H + h * G) * (int64_t)D, &ahead);
         }
         free(scores);
     }
@@ -351,8 +400,11 @@ int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *
                     memcpy(q_ring + b * r_sb + (h * G + g) * r_sh + ring_pos[b] * r_sw, qr + g * D,
                            sizeof(float) * D);
             }
+            /* The next item's cached rows (its new entry, at its length - 1, it writes). */
+            Ahead ahead = ahead_of(it + 1, KVH, k, k_sb, k_sh, k_sl, v, v_sb, v_sh, v_sl,
+                                   it + 1 < items ? lengths[(it + 1) / KVH] - 1 : 0, D);
             attend_one(qr, D, kd, k_sl, vd, v_sl, len, G, D, scale, scores,
-                       out + (b * H + h * G) * (int64_t)D);
+                       out + (b * H + h * G) * (int64_t)D, &ahead);
         }
         free(scores);
     }
@@ -499,7 +551,7 @@ int rlkit_window_scores_f32(const float *q, int64_t q_sr, int64_t q_sh, int64_t 
                 for (int i = 0; i < W; i++) {
                     const int64_t n = len - W + i + 1; /* entries query i sees */
                     dot_rows(q + r * q_sr + (h * G + g) * q_sh + i * q_si, k + r * k_sr + h * k_sh,
-                             k_sl, n, scale, s, D / 8);
+                             k_sl, n, scale, s, NULL, D / 8);
                     const __m256 inv = _mm256_set1_ps(softmax_row(s, n));
                     for (int64_t j = 0; j < n; j += 8) {
                         const __m256 a = _mm256_fmadd_ps(load8(s, j, n), inv, load8(acc, j, n));
@@ -551,7 +603,7 @@ int rlkit_redundancy_f32(const float *k, int64_t k_sr, int64_t k_sh, int64_t k_s
             }
             const float inv_others = 1.0f / (float)(len - 1 > 1 ? len - 1 : 1);
             for (int64_t i = 0; i < len; i++) {
-                dot_rows(kn + i * D, kn, D, len, 1.0f, sim, F);
+                dot_rows(kn + i * D, kn, D, len, 1.0f, sim, NULL, F);
                 float total = 0.0f;
                 for (int64_t j = 0; j < len; j++)
                     if (j != i && sim[j] >= threshold) total += sim[j];
