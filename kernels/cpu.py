@@ -53,6 +53,14 @@ PyTorch spends its time in gathers, index copies and a stable sort of every row:
   place, instead of gather + index_put through copies.
   (These two take any dtype; they come from whichever build loads.)
 
+The float32 build also holds the decode step's GEMM (reference: `F.linear`):
+- `pack_linear(weight, bias)` -> `PackedLinear`: a weight [N, K] rearranged once into panels
+  of 24 output columns, each [K, 24] contiguous (like oneDNN's prepacking, but a layout of
+  our own); `linear(x, packed)`: x [..., K] @ W^T + bias. At a decode batch of 32 rows each
+  weight of the model is read once per step from DRAM, so the GEMM is a stream of panels:
+  oneDNN's prepacked GEMM ran the step's GEMMs at about 87 GFLOP/s on two Zen 3 cores with
+  the weights streaming, this one at about ... (benchmarks/NOTES.md, "AVX2 GEMM").
+
 Rounding follows the PyTorch code step for step (bf16 build: bf16 wherever PyTorch
 materialises a bf16 tensor, float32 in between); only summation orders (and, in the float32
 build, fused multiply-adds) differ (benchmarks/NOTES.md, "CPU decode kernels").
@@ -91,8 +99,11 @@ __all__ = [
     "decode_attention",
     "isa",
     "keep_top",
+    "linear",
     "machine_isa",
     "missing_prerequisite",
+    "pack_linear",
+    "PackedLinear",
     "redundancy",
     "rope_append_attend",
     "sample_rows",
@@ -105,6 +116,7 @@ __all__ = [
 _DIR = Path(__file__).parent
 _COMMON = _DIR / "cpu_common.h"
 _MAX_D, _MAX_G = 256, 16  # the C files' MAX_D, MAX_G
+_GEMM_NR = 24  # cpu_avx2.c's GEMM_NR: output columns per packed panel
 
 # Instruction-set levels, poorest first. Each x86 level includes the one before it.
 ISAS = ("generic", "avx2", "avx512_bf16")
@@ -321,6 +333,9 @@ def _declare(lib: ctypes.CDLL, s: str) -> None:
         ptr, i64, i64, i64, i64,  # idx, its strides (row, head), budget, L
     ]  # fmt: skip
     lib.rlkit_compact_rows.restype = i32
+    if s == "f32":  # the GEMM is in the float32 build only
+        lib.rlkit_linear_f32.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
+        lib.rlkit_linear_f32.restype = None
 
 
 def available(dtype: torch.dtype | None = None) -> bool:
@@ -682,3 +697,74 @@ def compact_rows(store: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> 
     )  # fmt: skip
     if status:
         raise ValueError(f"idx rows must be strictly ascending within [0, {L})")
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLinear:
+    """A float32 linear layer in `linear`'s layout (built by `pack_linear`): the weight
+    W [N, K] as ceil(N / 24) panels of 24 output columns, panels[p, k, j] = W[24 p + j, k]
+    (the last panel zero-padded), and the bias [N] (or None) as given."""
+
+    panels: torch.Tensor  # [P, K, 24]
+    bias: torch.Tensor | None  # [N]
+    out_features: int  # N
+    in_features: int  # K
+
+
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
+    """weight [N, K] and bias [N] (or None), float32 on CPU: the layer in `linear`'s layout.
+    The weight is copied (rearranged); a contiguous bias is kept as it is, not copied, so an
+    in-place update of it (a weight sync into the model's parameters) reaches `linear`."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        raise ValueError(
+            f"weight must be a 2-D float32 CPU tensor [out, in], got {weight.dtype} "
+            f"{tuple(weight.shape)} on {weight.device}"
+        )
+    N, K = weight.shape
+    if N == 0 or K == 0:
+        raise ValueError(f"weight must not be empty, got {tuple(weight.shape)}")
+    if bias is not None:
+        if bias.dtype != torch.float32 or bias.device.type != "cpu" or bias.shape != (N,):
+            raise ValueError(
+                f"bias must be a float32 CPU tensor [{N}] (the weight's out features), got "
+                f"{bias.dtype} {tuple(bias.shape)} on {bias.device}"
+            )
+        bias = bias.detach().contiguous()
+    P = -(-N // _GEMM_NR)
+    w = weight.detach()
+    if P * _GEMM_NR != N:
+        w = torch.cat([w, w.new_zeros(P * _GEMM_NR - N, K)])  # [P * 24, K]
+    panels = w.reshape(P, _GEMM_NR, K).transpose(1, 2).contiguous()  # [P, K, 24]
+    return PackedLinear(panels, bias, N, K)
+
+
+def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a layer packed by `pack_linear` (float32 build): x
+    [..., K] float32 on CPU -> [..., N]. Rows are read in place where x's layout allows (unit
+    stride along K, one stride between rows), otherwise from a contiguous copy. Inference
+    only: no autograd."""
+    lib, _ = _lib_for(torch.float32, "linear")
+    if not isinstance(packed, PackedLinear):
+        raise ValueError(f"packed must be a PackedLinear (pack_linear), got {type(packed)}")
+    K, N = packed.in_features, packed.out_features
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(
+            f"x must be a float32 CPU tensor [..., {K}] (the layer's in features), got "
+            f"{x.dtype} {tuple(x.shape)} on {x.device}"
+        )
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("linear has no backward: call it under torch.no_grad or inference_mode")
+    # [M, K]: x itself or a view of it where its layout allows (the decode step calls this
+    # some 120 times a step, so the common case costs no reshapes)
+    rows = x if x.dim() == 2 else x.reshape(-1, K)
+    if K > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    M = rows.shape[0]
+    out = torch.empty((M, N), dtype=torch.float32)
+    if M:
+        bias = packed.bias
+        lib.rlkit_linear_f32(
+            rows.data_ptr(), rows.stride(0), packed.panels.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), N, M, N, K,
+        )  # fmt: skip
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], N)

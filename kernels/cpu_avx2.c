@@ -16,21 +16,25 @@
  *   rlkit_sample_rows_f32         temperature sampling with the sampled tokens' log-probs
  *   rlkit_window_scores_f32       SnapKV's window attention scores (KV compression)
  *   rlkit_redundancy_f32          R-KV's key redundancy (KV compression)
+ *   rlkit_linear_f32              y = x W^T + b on a weight packed once into panels
+ *                                 (cpu.py's pack_linear): the decode step's GEMMs
  *   rlkit_keep_top_f32, rlkit_compact_rows   (cpu_common.h, shared with cpu.c)
  *
  * Everything is float32, as the PyTorch code it replaces; results differ from it only by
  * summation order and fused multiply-adds (a few float32 ulps).
  *
  * Attention: one work item per (sequence, kv head) covers the G = H / KVH query heads that
- * share the kv head, so each key and value row is read from memory once for the whole group.
- * Pass 1 takes 8 keys at a time per query head (8 partial-sum vectors, one transpose-reduce);
- * pass 2 accumulates p * v for up to 2 query heads x 32 dims in registers (16 ymm).
+ * share the kv head, so each key and value row is read from memory once for the whole group;
+ * while it computes, the thread prefetches its next item's rows. Pass 1 takes 8 keys at a
+ * time per query head (8 partial-sum vectors, one transpose-reduce); pass 2 accumulates
+ * p * v for up to 3 query heads x 32 dims in registers (12 ymm).
  *
  * Limits (cpu.py checks them and falls back to PyTorch otherwise): head_dim a multiple of 8
  * up to 256, at most 16 query heads per kv head.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +57,20 @@ int rlkit_cpu_supported(void) {
 INLINE __m256i lanes8(int64_t i, int64_t n) {
     const int64_t k = n - i >= 8 ? 8 : n - i;
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* The 8 floats of a row of n at i, or those left (the rest zero) in the row's last block.
+ * Full blocks take plain loads and stores: AMD's masked stores (vmaskmovps) cost about ten
+ * times a plain one, and the decode step's row ops call these per 8 floats. */
+INLINE __m256 load8(const float *p, int64_t i, int64_t n) {
+    return n - i >= 8 ? _mm256_loadu_ps(p + i) : _mm256_maskload_ps(p + i, lanes8(i, n));
+}
+
+INLINE void store8(float *p, int64_t i, int64_t n, __m256 v) {
+    if (n - i >= 8)
+        _mm256_storeu_ps(p + i, v);
+    else
+        _mm256_maskstore_ps(p + i, lanes8(i, n), v);
 }
 
 INLINE float hsum8(__m256 v) {
@@ -105,12 +123,33 @@ INLINE __m256 exp256(__m256 x) {
 
 /* -- attention ----------------------------------------------------------------------------- */
 
-/* scores[j] = scale * q . k_j for j < n (q and each key: F blocks of 8 floats). */
+/* The rows a thread reads next (its next work item's keys, then its values), prefetched one
+ * row per `ahead_row` call from the loops over the current item's rows, so that the next
+ * item's cache rows stream in from DRAM while this one computes instead of when it starts.
+ * A decode step reads the whole KV cache once (SmolLM2 at batch 32: ~280 MB a step). */
+typedef struct {
+    const char *k, *v;       /* the next item's first key and value rows */
+    int64_t k_sl, v_sl;      /* their row strides in bytes */
+    int64_t rows, row_bytes; /* rows of each to fetch, bytes per row */
+    int64_t done;            /* rows prefetched so far: keys, then values */
+} Ahead;
+
+INLINE void ahead_row(Ahead *a) {
+    if (!a || a->done >= 2 * a->rows) return;
+    const char *r = a->done < a->rows ? a->k + a->done * a->k_sl
+                                      : a->v + (a->done - a->rows) * a->v_sl;
+    for (int64_t b = 0; b < a->row_bytes; b += 64) _mm_prefetch(r + b, _MM_HINT_T0);
+    a->done++;
+}
+
+/* scores[j] = scale * q . k_j for j < n (q and each key: F blocks of 8 floats); one row of
+ * `ahead` per 8 keys. */
 INLINE void dot_rows(const float *q, const float *k, int64_t k_sl, int64_t n, float scale,
-                     float *out, const int F) {
+                     float *out, Ahead *ahead, const int F) {
     const __m256 vs = _mm256_set1_ps(scale);
     int64_t j0 = 0;
     for (; j0 + 8 <= n; j0 += 8) {
+        ahead_row(ahead);
         const float *kb = k + j0 * k_sl;
         __m256 acc[8];
         for (int e = 0; e < 8; e++) acc[e] = _mm256_setzero_ps();
@@ -153,17 +192,19 @@ static float softmax_row(float *s, int64_t n) {
 }
 
 /* Pass 2 for GN query heads and FN blocks of 8 dims starting at dim 8 * f0 (compile-time GN,
- * FN: the GN * FN accumulators stay in registers): out_g[dims] = sum_j p_gj v_j[dims] * inv_g. */
+ * FN: the GN * FN accumulators stay in registers): out_g[dims] = sum_j p_gj v_j[dims] * inv_g.
+ * One row of `ahead` per 2 entries. */
 INLINE void pass2(const float *v, int64_t v_sl, int64_t len, const float *p, const float *inv,
-                  float *out, int D, int f0, const int GN, const int FN) {
-    __m256 acc[2][4];
+                  float *out, int D, int f0, Ahead *ahead, const int GN, const int FN) {
+    __m256 acc[3][4];
     for (int g = 0; g < GN; g++)
         for (int f = 0; f < FN; f++) acc[g][f] = _mm256_setzero_ps();
     const float *vb = v + 8 * f0;
     for (int64_t j = 0; j < len; j++) {
         const float *vj = vb + j * v_sl;
         if (j + 8 < len) _mm_prefetch((const char *)(vj + 8 * v_sl), _MM_HINT_T0);
-        __m256 pb[2];
+        if (j & 1) ahead_row(ahead);
+        __m256 pb[3];
         for (int g = 0; g < GN; g++) pb[g] = _mm256_broadcast_ss(p + g * len + j);
         for (int f = 0; f < FN; f++) {
             const __m256 vf = _mm256_loadu_ps(vj + 8 * f);
@@ -181,60 +222,82 @@ INLINE void pass2(const float *v, int64_t v_sl, int64_t len, const float *p, con
  * compile-time F = D / 8 (the dispatcher below instantiates each supported one). */
 INLINE void attend_f(const float *q, int64_t q_sh, const float *k, int64_t k_sl, const float *v,
                      int64_t v_sl, int64_t len, int G, float scale, float *scores, float *out,
-                     const int F) {
+                     Ahead *ahead, const int F) {
     const int D = 8 * F;
     if (len <= 0) {
         memset(out, 0, sizeof(float) * (size_t)G * D);
         return;
     }
-    /* The next keys, while this head's scores compute (the cache is read from DRAM). */
     float inv_sum[MAX_G];
     for (int g = 0; g < G; g++) {
-        dot_rows(q + g * q_sh, k, k_sl, len, scale, scores + g * len, F);
+        dot_rows(q + g * q_sh, k, k_sl, len, scale, scores + g * len, ahead, F);
         inv_sum[g] = softmax_row(scores + g * len, len);
     }
-    /* Pass 2 in tiles of up to 2 heads x 4 blocks of 8 dims (8 accumulators). */
-    for (int g0 = 0; g0 < G; g0 += 2) {
-        const int gn = G - g0 < 2 ? G - g0 : 2;
+    /* Pass 2 in tiles of up to 3 heads x 4 blocks of 8 dims (up to 12 accumulators; heads
+     * split evenly over the tiles, so that no tile has far fewer accumulators than FMA
+     * latency needs): each tile reads the values once. */
+    const int tiles = (G + 2) / 3;
+    for (int t = 0, g0 = 0; t < tiles; t++) {
+        const int gn = (G - g0 + tiles - t - 1) / (tiles - t);
         for (int f0 = 0; f0 < F; f0 += 4) {
             const int fn = F - f0 < 4 ? F - f0 : 4;
             const float *p = scores + g0 * len;
             float *o = out + g0 * D;
-#define PASS2(GN_, FN_) pass2(v, v_sl, len, p, inv_sum + g0, o, D, f0, GN_, FN_)
-            if (gn == 2) {
-                switch (fn) {
-                case 1: PASS2(2, 1); break;
-                case 2: PASS2(2, 2); break;
-                case 3: PASS2(2, 3); break;
-                default: PASS2(2, 4); break;
-                }
+#define PASS2(GN_, FN_) pass2(v, v_sl, len, p, inv_sum + g0, o, D, f0, ahead, GN_, FN_)
+#define PASS2_FN(GN_)                                                                        \
+    switch (fn) {                                                                            \
+    case 1: PASS2(GN_, 1); break;                                                            \
+    case 2: PASS2(GN_, 2); break;                                                            \
+    case 3: PASS2(GN_, 3); break;                                                            \
+    default: PASS2(GN_, 4); break;                                                           \
+    }
+            if (gn == 3) {
+                PASS2_FN(3)
+            } else if (gn == 2) {
+                PASS2_FN(2)
             } else {
-                switch (fn) {
-                case 1: PASS2(1, 1); break;
-                case 2: PASS2(1, 2); break;
-                case 3: PASS2(1, 3); break;
-                default: PASS2(1, 4); break;
-                }
+                PASS2_FN(1)
             }
+#undef PASS2_FN
 #undef PASS2
         }
+        g0 += gn;
     }
 }
 
+/* Attention of one work item (a sequence's kv head); `ahead` (or NULL): the thread's next
+ * item's rows to prefetch meanwhile. */
 static void attend_one(const float *q, int64_t q_sh, const float *k, int64_t k_sl,
                        const float *v, int64_t v_sl, int64_t len, int G, int D, float scale,
-                       float *scores, float *out) {
+                       float *scores, float *out, Ahead *ahead) {
     switch (D / 8) {
 #define ATTEND_CASE(f)                                                                       \
-    case f: attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, f); break;
+    case f: attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, ahead, f); break;
         ATTEND_CASE(1) ATTEND_CASE(2) ATTEND_CASE(3) ATTEND_CASE(4) ATTEND_CASE(5)
         ATTEND_CASE(6) ATTEND_CASE(7) ATTEND_CASE(8) ATTEND_CASE(10) ATTEND_CASE(12)
         ATTEND_CASE(14) ATTEND_CASE(16) ATTEND_CASE(20) ATTEND_CASE(24) ATTEND_CASE(28)
         ATTEND_CASE(32)
 #undef ATTEND_CASE
     default: /* other multiples of 8 up to 256: the same code without a constant F */
-        attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, D / 8);
+        attend_f(q, q_sh, k, k_sl, v, v_sl, len, G, scale, scores, out, ahead, D / 8);
     }
+}
+
+/* The Ahead of work item `it` (sequence it / KVH, kv head it % KVH) of a cache whose rows
+ * are float32 [B, KVH, L, D] with the given strides (elements), over its first `rows`
+ * entries. */
+static Ahead ahead_of(int64_t it, int KVH, const float *k, int64_t k_sb, int64_t k_sh,
+                      int64_t k_sl, const float *v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                      int64_t rows, int D) {
+    const int64_t b = it / KVH, h = it % KVH;
+    const Ahead a = {(const char *)(k + b * k_sb + h * k_sh),
+                     (const char *)(v + b * v_sb + h * v_sh),
+                     k_sl * (int64_t)sizeof(float),
+                     v_sl * (int64_t)sizeof(float),
+                     rows < 0 ? 0 : rows,
+                     D * (int64_t)sizeof(float),
+                     0};
+    return a;
 }
 
 /* Returns 0 on success, 1 if a scratch allocation failed (out is then unspecified). */
@@ -257,9 +320,12 @@ int rlkit_decode_attention_f32(const float *q, int64_t q_sb, int64_t q_sh, const
             const int64_t b = it / KVH, h = it % KVH;
             int64_t len = lengths[b];
             len = len < 0 ? 0 : (len > L ? L : len);
+            int64_t next = it + 1 < items ? lengths[(it + 1) / KVH] : 0;
+            next = next > L ? L : next;
+            Ahead ahead = ahead_of(it + 1, KVH, k, k_sb, k_sh, k_sl, v, v_sb, v_sh, v_sl, next, D);
             attend_one(q + b * q_sb + h * G * q_sh, q_sh, k + b * k_sb + h * k_sh, k_sl,
                        v + b * v_sb + h * v_sh, v_sl, len, G, D, scale, scores,
-                       out + (b * H + h * G) * (int64_t)D);
+                       out + (b * H + h * G) * (int64_t)D, &ahead);
         }
         free(scores);
     }
@@ -326,6 +392,10 @@ int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *
             const int64_t b = it / KVH, h = it % KVH;
             const int64_t len = lengths[b];
             float *kd = k + b * k_sb + h * k_sh, *vd = v + b * v_sb + h * v_sh;
+            /* The next item's cached rows (those before the T entries it writes), prefetched
+             * while this item computes. */
+            Ahead ahead = ahead_of(it + 1, KVH, k, k_sb, k_sh, k_sl, v, v_sb, v_sh, v_sl,
+                                   it + 1 < items ? lengths[(it + 1) / KVH] - T : 0, D);
             /* Every new key and value first: token t's query reads entries up to its own. */
             for (int t = 0; t < T; t++) {
                 const int64_t r = b * T + t, at = len - T + t;
@@ -346,7 +416,7 @@ int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *
                                qr + g * D, sizeof(float) * D);
                 }
                 attend_one(qr, D, kd, k_sl, vd, v_sl, len - T + t + 1, G, D, scale, scores,
-                           out + (r * H + h * G) * (int64_t)D);
+                           out + (r * H + h * G) * (int64_t)D, &ahead);
             }
         }
         free(scores);
@@ -367,20 +437,18 @@ void rlkit_add_rms_norm_f32(float *x, int64_t x_rs, const float *delta, int64_t 
         const float *dr = delta ? delta + r * d_rs : NULL;
         __m256 ss = _mm256_setzero_ps();
         for (int64_t i = 0; i < dim; i += 8) {
-            const __m256i m = lanes8(i, dim);
-            __m256 xv = _mm256_maskload_ps(xr + i, m);
+            __m256 xv = load8(xr, i, dim);
             if (dr) {
-                xv = _mm256_add_ps(xv, _mm256_maskload_ps(dr + i, m));
-                _mm256_maskstore_ps(xr + i, m, xv);
+                xv = _mm256_add_ps(xv, load8(dr, i, dim));
+                store8(xr, i, dim, xv);
             }
             ss = _mm256_fmadd_ps(xv, xv, ss);
         }
         const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)dim + eps));
         float *orow = out + r * o_rs;
         for (int64_t i = 0; i < dim; i += 8) {
-            const __m256i m = lanes8(i, dim);
-            __m256 h = _mm256_mul_ps(_mm256_maskload_ps(xr + i, m), inv);
-            _mm256_maskstore_ps(orow + i, m, _mm256_mul_ps(_mm256_maskload_ps(w + i, m), h));
+            const __m256 h = _mm256_mul_ps(load8(xr, i, dim), inv);
+            store8(orow, i, dim, _mm256_mul_ps(load8(w, i, dim), h));
         }
     }
 }
@@ -393,11 +461,10 @@ void rlkit_silu_mul_f32(const float *gu, int64_t gu_rs, float *out, int64_t o_rs
         const float *g = gu + r * gu_rs, *u = g + inter;
         float *o = out + r * o_rs;
         for (int64_t i = 0; i < inter; i += 8) {
-            const __m256i m = lanes8(i, inter);
-            __m256 gv = _mm256_maskload_ps(g + i, m);
+            const __m256 gv = load8(g, i, inter);
             __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
             __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-            _mm256_maskstore_ps(o + i, m, _mm256_mul_ps(s, _mm256_maskload_ps(u + i, m)));
+            store8(o, i, inter, _mm256_mul_ps(s, load8(u, i, inter)));
         }
     }
 }
@@ -497,13 +564,11 @@ int rlkit_window_scores_f32(const float *q, int64_t q_sr, int64_t q_sh, int64_t 
                 for (int i = 0; i < W; i++) {
                     const int64_t n = len - W + i + 1; /* entries query i sees */
                     dot_rows(q + r * q_sr + (h * G + g) * q_sh + i * q_si, k + r * k_sr + h * k_sh,
-                             k_sl, n, scale, s, D / 8);
+                             k_sl, n, scale, s, NULL, D / 8);
                     const __m256 inv = _mm256_set1_ps(softmax_row(s, n));
                     for (int64_t j = 0; j < n; j += 8) {
-                        const __m256i t = lanes8(j, n);
-                        __m256 a = _mm256_maskload_ps(acc + j, t);
-                        a = _mm256_fmadd_ps(_mm256_maskload_ps(s + j, t), inv, a);
-                        _mm256_maskstore_ps(acc + j, t, a);
+                        const __m256 a = _mm256_fmadd_ps(load8(s, j, n), inv, load8(acc, j, n));
+                        store8(acc, j, n, a);
                     }
                 }
             for (int64_t j = 0; j < L; j++) acc[j] *= inv_rows;
@@ -551,7 +616,7 @@ int rlkit_redundancy_f32(const float *k, int64_t k_sr, int64_t k_sh, int64_t k_s
             }
             const float inv_others = 1.0f / (float)(len - 1 > 1 ? len - 1 : 1);
             for (int64_t i = 0; i < len; i++) {
-                dot_rows(kn + i * D, kn, D, len, 1.0f, sim, F);
+                dot_rows(kn + i * D, kn, D, len, 1.0f, sim, NULL, F);
                 float total = 0.0f;
                 for (int64_t j = 0; j < len; j++)
                     if (j != i && sim[j] >= threshold) total += sim[j];
@@ -563,4 +628,128 @@ int rlkit_redundancy_f32(const float *k, int64_t k_sr, int64_t k_sh, int64_t k_s
         free(sim);
     }
     return failed;
+}
+
+/* -- GEMM ---------------------------------------------------------------------------------- */
+
+/* The decode step's linears: y [M, N] = x [M, K] W^T + bias, M a few rows (the decode batch)
+ * and W [N, K] one of the model's weights, each read once per step. At M = 32 a step streams
+ * all 540 MB of SmolLM2's float32 weights from DRAM for 8.6 GFLOP, so the kernel must keep
+ * both FMA pipes busy while the weights stream in: the weight is packed once (cpu.py's
+ * pack_linear) into panels of NR = 24 output columns, each [K, 24] contiguous and the last
+ * zero-padded,
+ *     packed[p][k][j] = W[24 p + j, k],
+ * so a panel is one sequential run of memory (hardware and software prefetch follow it), and
+ * every row block of x reuses it from L1 (a block of GEMM_KC rows of it, 24 KB) or L2.
+ *
+ * Micro-kernel: MR = 4 rows x 24 columns, the 12 accumulators in ymm registers; per k, three
+ * vector loads of the panel and four broadcasts of x feed 12 FMAs (16 registers in all). Rows
+ * past a multiple of 4 take the same kernel with MR = 1..3.
+ *
+ * Loop nest (per thread: a contiguous range of panels, OpenMP static split; each thread
+ * writes its own columns of y):
+ *     chunks of GEMM_MC rows of x (x's block stays in L2; one chunk at decode batch sizes)
+ *       panels p of the thread, prefetching panel p + 1 while p computes
+ *         blocks of GEMM_KC along K (the panel's block stays in L1)
+ *           row blocks of MR rows: micro-kernel, accumulating into y after the first block
+ * The bias is added once, with the last K block. */
+#define GEMM_NR 24
+#define GEMM_MR 4
+#define GEMM_MC 64
+#define GEMM_KC 256
+
+/* y[r, :ncols] (+)= x[r, :kc] . panel block + bias for the MR rows of one row block: x rows
+ * of stride lda, panel block [kc, 24] contiguous, y rows of stride ldc. accum: add to y
+ * (K blocks after the first); bias (or NULL): 24 floats, added here (the last K block).
+ * Every k also prefetches pf + k * pf_step: the caller's share of the next panel. */
+INLINE void gemm_tile(const float *a, int64_t lda, const float *b, int64_t kc, float *c,
+                      int64_t ldc, const float *bias, int ncols, int accum, const char *pf,
+                      int64_t pf_step, const int MR) {
+    __m256 acc[GEMM_MR][3];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) acc[r][j] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < kc; k++) {
+        const float *bk = b + k * GEMM_NR;
+        const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+        const __m256 b2 = _mm256_loadu_ps(bk + 16);
+        _mm_prefetch(pf + k * pf_step, _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; r++) {
+            const __m256 ar = _mm256_broadcast_ss(a + r * lda + k);
+            acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(ar, b2, acc[r][2]);
+        }
+    }
+    /* Fully unrolled, so that acc stays in registers (a loop GCC keeps would put it on the
+     * stack and store all 12 accumulators at every k). */
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; r++) {
+        float *cr = c + r * ldc;
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) {
+            if (8 * j >= ncols) continue;
+            __m256 v = acc[r][j];
+            if (bias) v = _mm256_add_ps(v, load8(bias, 8 * j, ncols));
+            if (accum) v = _mm256_add_ps(v, load8(cr, 8 * j, ncols));
+            store8(cr, 8 * j, ncols, v);
+        }
+    }
+}
+
+static void gemm_rows(int mr, const float *a, int64_t lda, const float *b, int64_t kc, float *c,
+                      int64_t ldc, const float *bias, int ncols, int accum, const char *pf,
+                      int64_t pf_step) {
+    switch (mr) {
+#define GEMM_CASE(m)                                                                         \
+    case m: gemm_tile(a, lda, b, kc, c, ldc, bias, ncols, accum, pf, pf_step, m); break;
+        GEMM_CASE(1) GEMM_CASE(2) GEMM_CASE(3)
+#undef GEMM_CASE
+    default: gemm_tile(a, lda, b, kc, c, ldc, bias, ncols, accum, pf, pf_step, GEMM_MR);
+    }
+}
+
+/* y [M, N] (rows of stride y_rs) = x [M, K] (rows of stride x_rs) W^T + bias, with W packed
+ * as above (w: ceil(N / 24) panels of [K, 24]) and bias [N] or NULL. Runs on the OpenMP
+ * threads when there is enough work to split (at least two panels and 2^18 multiply-adds). */
+void rlkit_linear_f32(const float *x, int64_t x_rs, const float *w, const float *bias, float *y,
+                      int64_t y_rs, int64_t M, int64_t N, int64_t K) {
+    const int64_t P = (N + GEMM_NR - 1) / GEMM_NR;
+    /* K blocks of near-equal size, at most GEMM_KC. */
+    const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kc_max = (K + nk - 1) / nk;
+    const int64_t panel = K * GEMM_NR; /* floats */
+#pragma omp parallel if (P > 1 && M * N * K >= (1 << 18))
+    {
+        const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t p0 = P * t / T, p1 = P * (t + 1) / T;
+        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MC) {
+            const int64_t mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC;
+            const int64_t blocks = (mc + GEMM_MR - 1) / GEMM_MR;
+            /* Each (K block, row block) call prefetches its share of the next panel: step
+             * bytes per k, so that all of them together cover its K * 96 bytes. */
+            const int64_t step = (GEMM_NR * (int64_t)sizeof(float) + blocks - 1) / blocks;
+            for (int64_t p = p0; p < p1; p++) {
+                const float *bp = w + p * panel;
+                const int64_t n0 = p * GEMM_NR;
+                const int ncols = (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR);
+                /* The thread's next panel: p + 1, its first one for the next chunk of rows,
+                 * or (the last call) this one again, already in cache. */
+                const float *next = p + 1 < p1 ? bp + panel : (m0 + mc < M ? w + p0 * panel : bp);
+                for (int64_t kb = 0; kb < nk; kb++) {
+                    const int64_t k0 = kb * kc_max, kc = K - k0 < kc_max ? K - k0 : kc_max;
+                    const float *bias_p = bias && k0 + kc == K ? bias + n0 : NULL;
+                    for (int64_t r = 0; r < blocks; r++) {
+                        const int64_t m = m0 + r * GEMM_MR;
+                        const int mr = (int)(M - m < GEMM_MR ? M - m : GEMM_MR);
+                        const char *pf = (const char *)next + (kb * blocks + r) * kc_max * step;
+                        gemm_rows(mr, x + m * x_rs + k0, x_rs, bp + k0 * GEMM_NR, kc,
+                                  y + m * y_rs + n0, y_rs, bias_p, ncols, kb > 0, pf, step);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -28,8 +28,10 @@ Modes are modes of the native engine: `dense`, `sparse` (a compressed KV cache, 
 and budget from the options) and `spec` (speculative decoding, one row per `--drafter`; the
 MTP module is the one beside `--model`'s checkpoint or `--mtp DIR`'s, else an untrained one,
 which the settings line says). Other engines run dense only, except two ablations of the
-native engine, for what each lever is worth: `native-plain` (no oneDNN-prepacked weights)
-and `native-torch` (PyTorch ops in the decode step instead of the C kernels) on a CPU, and
+native engine, for what each lever is worth: `native-plain` (no packed weights),
+`native-onednn` (oneDNN-prepacked weights, where native packs them for the AVX2 GEMM: a
+float32 engine on an AVX2 CPU) and `native-torch` (PyTorch ops in the decode step instead of
+the C kernels) on a CPU, and
 `native-eager` (decode steps launched one kernel at a time, not replayed from CUDA graphs)
 on a GPU.
 """
@@ -62,11 +64,15 @@ from rlkit.workers.placement import local_device
 MODES = ("dense", "sparse", "spec")
 DRAFTER_NAMES = ("mtp", "sam", "sam+mtp")
 # Ablations of the native engine, to show what each CPU lever is worth on this machine:
-# native-plain without oneDNN-prepacked weights (`Engine(prepack=False)`), native-torch with
-# PyTorch ops in the decode step instead of the C kernels (`Engine(cpu_kernels=False)`),
-# native-eager without CUDA-graph decode steps (`Engine(cuda_graphs=False)`).
-ENGINES = ("native", "native-plain", "native-torch", "native-eager", "hf", "vllm")
-_MODAL = ("native", "native-plain", "native-torch", "native-eager")
+# native-plain without packed weights (`Engine(prepack=False)`), native-onednn with
+# oneDNN-prepacked ones instead of the default layout (`Engine(prepack="onednn")`),
+# native-torch with PyTorch ops in the decode step instead of the C kernels
+# (`Engine(cpu_kernels=False)`), native-eager without CUDA-graph decode steps
+# (`Engine(cuda_graphs=False)`).
+ENGINES = ("native", "native-plain", "native-onednn", "native-torch", "native-eager", "hf", "vllm")
+_MODAL = ("native", "native-plain", "native-onednn", "native-torch", "native-eager")
+# Engine(prepack=...) of the rows that do not take the default layout.
+_PREPACK: dict[str, bool | str] = {"native-plain": False, "native-onednn": "onednn"}
 COLUMNS = (
     ("engine", "engine", "{}"),
     ("mode", "mode", "{}"),
@@ -192,7 +198,7 @@ def _native(
         max_batch_size=args.batch,
         dtype=dtype,
         kv_compression=compression,
-        prepack=False if name == "native-plain" else None,
+        prepack=_PREPACK.get(name),
         cpu_kernels=name != "native-torch",
         cuda_graphs=False if name == "native-eager" else None,
         speculative=spec,
@@ -286,6 +292,7 @@ def _vllm(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runn
 _BUILDERS: dict[str, Callable[..., _Runner]] = {
     "native": _native,
     "native-plain": functools.partial(_native, name="native-plain"),
+    "native-onednn": functools.partial(_native, name="native-onednn"),
     "native-torch": functools.partial(_native, name="native-torch"),
     "native-eager": functools.partial(_native, name="native-eager"),
     "hf": _hf,

@@ -56,7 +56,8 @@ def test_bad_choices_name_the_valid_ones(model_dir):
     with pytest.raises(SystemExit, match="valid: mtp, sam, sam\\+mtp"):
         rollout(["--model", model_dir, "--modes", "spec", "--drafter", "eagle"])
     with pytest.raises(
-        SystemExit, match="valid: native, native-plain, native-torch, native-eager, hf, vllm"
+        SystemExit,
+        match="valid: native, native-plain, native-onednn, native-torch, native-eager, hf, vllm",
     ):
         rollout(["--model", model_dir, "--engines", "trt"])
     assert main([]) == 2

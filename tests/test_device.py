@@ -10,6 +10,7 @@ import torch
 from rlkit.kernels import cpu as cpu_kernels
 
 from rlkit import device
+from rlkit.models.decoder import can_prepack
 
 
 @pytest.fixture
@@ -102,5 +103,9 @@ def test_RLKIT_CPU_ISA_forces_the_portable_engine(forced):
     assert name == "float32"
     if forced == "avx2" and cpu_kernels.missing_prerequisite(torch.float32) is None:
         assert "decode step on C kernels avx2 (float32)" in described
+        assert "weights packed for the AVX2 GEMM" in described
     if forced == "generic":
         assert "decode step on PyTorch ops" in described and "RLKIT_CPU_ISA=generic" in described
+        assert "AVX2 GEMM" not in described
+        if can_prepack(torch.device("cpu"), torch.float32):
+            assert "oneDNN-prepacked weights" in described

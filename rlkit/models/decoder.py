@@ -23,7 +23,35 @@ from torch.utils.checkpoint import checkpoint
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.models.config import ModelArgs, rope_frequencies
 
-Weights = tuple[torch.Tensor, torch.Tensor | None]
+# A linear's (weight, bias): plain or oneDNN-prepacked weight with its bias, or the AVX2 GEMM's
+# packed layer (which holds its bias) and None.
+Weights = tuple[torch.Tensor | cpu_kernels.PackedLinear, torch.Tensor | None]
+
+# Packed-weight layouts for inference on CPU (`Decoder.prepack_weights`): "avx2", the float32
+# GEMM of the AVX2 C kernels (`cpu_kernels.pack_linear`), and "onednn" (`prepack`).
+PACK_LAYOUTS = ("avx2", "onednn")
+
+
+def can_pack(layout: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weights packed in `layout` (one of PACK_LAYOUTS) compute on this device and
+    dtype: "avx2" for float32 on a CPU where the float32 C kernels run, "onednn" where
+    `can_prepack`."""
+    if layout == "avx2":
+        return device.type == "cpu" and dtype == torch.float32 and cpu_kernels.available(dtype)
+    if layout == "onednn":
+        return can_prepack(device, dtype)
+    raise ValueError(f"unknown packed-weight layout {layout!r}: expected one of {PACK_LAYOUTS}")
+
+
+def default_pack_layout(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The layout the rollout engine packs its weights in by default: "avx2" for a float32
+    model on a CPU whose instruction set in use is AVX2 (there it streams the weights at
+    close to the FMA peak, where oneDNN's GEMM reached about two thirds of it), "onednn"
+    elsewhere that oneDNN prepacks (bf16 engines; float32 on an AVX-512 CPU, where oneDNN's
+    GEMM has twice the vector width), None where neither runs (GPU, aarch64 without oneDNN)."""
+    if cpu_kernels.isa() == "avx2" and can_pack("avx2", device, dtype):
+        return "avx2"
+    return "onednn" if can_prepack(device, dtype) else None
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -44,9 +72,15 @@ def prepack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear for a plain or a prepacked (`prepack`) weight; the same oneDNN GEMM either
-    way, so the results are identical."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | cpu_kernels.PackedLinear, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """F.linear for a plain, a oneDNN-prepacked (`prepack`: the same oneDNN GEMM, identical
+    results) or an AVX2-packed weight (`cpu_kernels.pack_linear`, which holds the bias: its
+    own GEMM, equal up to float32 summation order)."""
+    if isinstance(weight, cpu_kernels.PackedLinear):
+        assert bias is None, "a PackedLinear holds its bias"
+        return cpu_kernels.linear(x, weight)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -238,7 +272,8 @@ class Decoder(nn.Module):
         self.gradient_checkpointing = False
         # Set by `prepack_weights` (inference on CPU).
         self._batch_hint = 1
-        self._lm_head_packed: torch.Tensor | None = None
+        self._pack_layout: str | None = None
+        self._lm_head_packed: torch.Tensor | cpu_kernels.PackedLinear | None = None
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -261,7 +296,12 @@ class Decoder(nn.Module):
 
     @property
     def prepacked(self) -> bool:
-        return self._lm_head_packed is not None
+        return self._pack_layout is not None
+
+    @property
+    def pack_layout(self) -> str | None:
+        """The layout of the packed weights (`PACK_LAYOUTS`), None when not packed."""
+        return self._pack_layout
 
     def _packed_groups(self) -> list[tuple[nn.Module, str, tuple[str, ...], list[str]]]:
         """(module, fused attribute, its linears, their weights' state-dict names) per layer."""
@@ -276,26 +316,45 @@ class Decoder(nn.Module):
             for part, attr, names in self._PACKED
         ]
 
-    def prepack_weights(self, batch_hint: int) -> None:
+    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Weights:
+        """One linear's weight [out, in] (and bias) in the model's packed layout."""
+        if self._pack_layout == "avx2":
+            return cpu_kernels.pack_linear(weight, bias), None
+        return prepack(weight, self._batch_hint), bias
+
+    @staticmethod
+    def _bias(weights: Weights) -> torch.Tensor | None:
+        weight, bias = weights
+        return weight.bias if isinstance(weight, cpu_kernels.PackedLinear) else bias
+
+    def prepack_weights(self, batch_hint: int, layout: str = "onednn") -> None:
         """Inference on CPU, after `fuse_projections`: every linear of the layers and the LM
-        head compute with oneDNN-prepacked weights (`can_prepack`), reordered once for GEMMs
-        of about `batch_hint` rows instead of at every call. The layers' plain weights are
-        released (no second copy of the model), so their parameters become empty and new
-        weights load through `load_weights` (which calls `load_prepacked`). Outputs are
-        identical to the unpacked model's: the same GEMM reads a different layout."""
+        head compute with weights packed once in `layout` (`PACK_LAYOUTS`, `can_pack`)
+        instead of at every call: "onednn" reorders them for oneDNN GEMMs of about
+        `batch_hint` rows (outputs identical to the unpacked model's: the same GEMM reads a
+        different layout), "avx2" packs them for the float32 GEMM of the AVX2 C kernels
+        (`cpu_kernels.pack_linear`; outputs equal up to float32 summation order). The
+        layers' plain weights are released (no second copy of the model), so their
+        parameters become empty and new weights load through `load_weights` (which calls
+        `load_prepacked`). Biases stay the model's parameters (packed linears share them)."""
+        w = self.model.norm.weight
+        if not can_pack(layout, w.device, w.dtype):
+            raise ValueError(f"{layout} packed weights do not run for {w.dtype} on {w.device}")
         self._batch_hint = batch_hint
+        self._pack_layout = layout
         for module, attr, names, _ in self._packed_groups():
             weight, bias = getattr(module, attr)
-            setattr(module, attr, (prepack(weight, batch_hint), bias))
+            setattr(module, attr, self._pack(weight, bias))
             for name in names:
                 lin = getattr(module, name)
                 lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
-        self._lm_head_packed = prepack(self.lm_head.weight.detach(), batch_hint)
+        self._lm_head_packed = self._pack(self.lm_head.weight.detach(), None)[0]
 
     def load_prepacked(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Load a Hugging Face state dict into a prepacked model: the layers' linear weights
-        are fused, cast and packed from `state`; everything else is copied in place. Returns
-        what does not match (missing or unexpected names); then nothing was loaded."""
+        are fused, cast and packed (in the model's layout) from `state`; everything else is
+        copied in place. Returns what does not match (missing or unexpected names); then
+        nothing was loaded."""
         dtype = self.model.norm.weight.dtype
         groups = self._packed_groups()
         packed_keys = {k for *_, keys in groups for k in keys}
@@ -310,10 +369,12 @@ class Decoder(nn.Module):
         for module, attr, _, keys in groups:
             parts = [state[k].to(dtype) for k in keys]
             fused = parts[0] if len(parts) == 1 else torch.cat(parts)
-            setattr(module, attr, (prepack(fused, self._batch_hint), getattr(module, attr)[1]))
+            # The fused bias is the linears' bias parameters (views of it), which the
+            # load_state_dict below updates in place.
+            setattr(module, attr, self._pack(fused, self._bias(getattr(module, attr))))
         self.load_state_dict(rest, strict=False)
         self.tie_weights()
-        self._lm_head_packed = prepack(self.lm_head.weight.detach(), self._batch_hint)
+        self._lm_head_packed = self._pack(self.lm_head.weight.detach(), None)[0]
         return []
 
     @property

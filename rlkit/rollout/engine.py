@@ -28,7 +28,7 @@ import torch
 from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
 from rlkit.device import DTYPE_NAMES
 from rlkit.kernels import cpu as cpu_kernels
-from rlkit.models.decoder import Decoder, can_prepack
+from rlkit.models.decoder import PACK_LAYOUTS, Decoder, can_pack, default_pack_layout
 from rlkit.models.loading import load_weights
 from rlkit.models.mtp import PREFIX as MTP_PREFIX
 from rlkit.models.mtp import MTPModule, load_mtp_state
@@ -67,6 +67,21 @@ def _reuse_freed_memory() -> None:
     libc.mallopt(m_top_pad, 64 << 20)
 
 
+def _pack_layout(
+    prepack: bool | str | None, device: torch.device, dtype: torch.dtype
+) -> str | None:
+    """The packed-weight layout `Engine(prepack=...)` asks for (None: plain weights)."""
+    if prepack is None or prepack is False:
+        return None if prepack is False else default_pack_layout(device, dtype)
+    layout = default_pack_layout(device, dtype) if prepack is True else prepack
+    if layout is None or layout not in PACK_LAYOUTS or not can_pack(layout, device, dtype):
+        raise ValueError(
+            f"prepack={prepack!r}: no packed weights of that layout ({', '.join(PACK_LAYOUTS)})"
+            f" run for {dtype} on {device}"
+        )
+    return layout
+
+
 class Engine:
     """Generation with `model`, which the engine takes over: it is cast in place to `dtype`,
     put in eval mode with gradients off, and its q/k/v and gate/up projections are fused
@@ -79,8 +94,11 @@ class Engine:
     max_prefill_tokens: padded prompt tokens per prefill forward.
     kv_compression: Sparse-RL's compressed KV (None or policy "none": dense). The compressed
     layers' cache then holds budget + interval entries per slot, not the whole sequence.
-    prepack: oneDNN-prepacked linear weights (`Decoder.prepack_weights`; default: on where
-    `can_prepack`, i.e. on CPU). Same outputs, faster GEMMs, no second copy of the weights.
+    prepack: linear weights packed once for the CPU's GEMM (`Decoder.prepack_weights`), no
+    second copy of the weights: a layout of `PACK_LAYOUTS` ("avx2": the float32 GEMM of the
+    AVX2 C kernels, outputs equal up to float32 summation order; "onednn": oneDNN's own
+    layout, identical outputs), True or None for `default_pack_layout` (None: none where
+    there is none), False for plain weights.
     cpu_kernels: decode steps through the C kernels on CPU (bf16, where they are built:
     `rlkit.kernels.cpu`; `Decoder.forward_decode_fused`); False runs PyTorch ops (ATen's
     SDPA for attention), to compare.
@@ -112,7 +130,7 @@ class Engine:
         sync_every: int = 4,
         max_prefill_tokens: int = 8192,
         kv_compression: KVCompressionConfig | None = None,
-        prepack: bool | None = None,
+        prepack: bool | str | None = None,
         cpu_kernels: bool = True,
         cuda_graphs: bool | None = None,
         speculative: SpeculativeConfig | None = None,
@@ -121,10 +139,9 @@ class Engine:
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
         self.device = next(model.parameters()).device
-        if prepack is None:
-            prepack = can_prepack(self.device, dtype)
-        if prepack:
-            self.model.prepack_weights(batch_hint=min(max_batch_size, _PACK_BATCH_HINT))
+        layout = _pack_layout(prepack, self.device, dtype)
+        if layout is not None:
+            self.model.prepack_weights(min(max_batch_size, _PACK_BATCH_HINT), layout)
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.max_batch_size = max_batch_size
@@ -176,7 +193,9 @@ class Engine:
     def describe(self) -> str:
         """How this engine computes, for start-up logs: dtype, weights, decode step."""
         parts = [DTYPE_NAMES.get(self.dtype, str(self.dtype)), self.device.type]
-        if self.model.prepacked:
+        if self.model.pack_layout == "avx2":
+            parts.append("weights packed for the AVX2 GEMM")
+        elif self.model.pack_layout == "onednn":
             parts.append("oneDNN-prepacked weights")
         if self.fused_decode:
             parts.append(f"decode step on {cpu_kernels.describe()}")

@@ -208,9 +208,9 @@ def test_prepacked_weights_give_identical_outputs_and_reload(
         # oneDNN's bf16 GEMMs need AVX-512 BF16 (or AMX); float32 ones run on any x86 CPU.
         pytest.skip(f"this CPU's oneDNN has no {dtype} GEMMs to prepack for")
     params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
-    packed = make_engine(arch, dtype=dtype, prepack=True)
+    packed = make_engine(arch, dtype=dtype, prepack="onednn")
     plain = make_engine(arch, dtype=dtype, prepack=False)
-    assert packed.model.prepacked and not plain.model.prepacked
+    assert packed.model.pack_layout == "onednn" and not plain.model.prepacked
     # The layers' plain weights are released: no second copy of the model.
     assert packed.model.model.layers[0].mlp.down_proj.weight.numel() == 0
 
@@ -235,15 +235,82 @@ def test_prepacked_weights_give_identical_outputs_and_reload(
     assert outputs(packed) == outputs(plain)  # a rejected state dict loads nothing
 
 
-def _kernel_shaped_model(tmp_path, arch: str, seed: int) -> str:
+def _kernel_shaped_model(tmp_path, arch: str, seed: int, tied: bool = False) -> str:
     """A random checkpoint whose heads the CPU kernels take: head_dim 64, three query heads
-    per kv head (SmolLM2's layout), untied embeddings."""
+    per kv head (SmolLM2's layout), untied embeddings unless `tied`."""
     from rlkit.models.tiny import save_tiny_model
 
     return save_tiny_model(
         str(tmp_path / arch), arch, seed=seed, hidden_size=192, head_dim=64, num_heads=3,
-        num_kv_heads=1, tie_word_embeddings=False,
+        num_kv_heads=1, tie_word_embeddings=tied,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)])  # qwen2: biases
+def test_avx2_packed_weights_sample_like_plain_weights_and_reload(
+    tmp_path, monkeypatch, arch, tied, prompts
+):
+    """A float32 engine whose weights are packed for the AVX2 GEMM (the default where the
+    float32 C kernels run on an AVX2 CPU) samples the same tokens with the same log-probs, to
+    float32 summation order, as one with plain weights (F.linear: MKL), its decode steps
+    fused; and again after a weight reload, which repacks from the state dict (biases and
+    the tied LM head included) or, given a bad one, loads nothing."""
+    from rlkit.kernels import cpu as cpu_kernel
+
+    from rlkit.models import load_model
+    from rlkit.rollout import Engine
+
+    why = cpu_kernel.missing_prerequisite(torch.float32)
+    if why is not None:
+        pytest.skip(f"machine lacks a kernel prerequisite: {why}")
+    path = _kernel_shaped_model(tmp_path, arch, seed=6, tied=tied)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    calls = []
+    real = cpu_kernel.linear
+    monkeypatch.setattr(cpu_kernel, "linear", lambda *a: calls.append(1) or real(*a))
+
+    def engine(prepack):
+        model, tok = load_model(path)
+        return Engine(model, tok, dtype=torch.float32, prepack=prepack)
+
+    default = engine(None).model.pack_layout
+    assert default == ("avx2" if cpu_kernel.isa() == "avx2" else "onednn")
+    packed, plain = engine("avx2"), engine(False)
+    assert packed.fused_decode and "weights packed for the AVX2 GEMM" in packed.describe()
+    assert packed.model.model.layers[0].mlp.down_proj.weight.numel() == 0  # no second copy
+
+    def same(a, b) -> None:
+        before = len(calls)
+        out_a = a.generate(prompts, params, n=2)
+        # the prefill and 11 decode steps: each linear (4 per layer) and the LM head
+        assert len(calls) - before >= 12 * (4 * a.model.args.num_layers + 1)
+        out_b = b.generate(prompts, params, n=2)
+        assert [c.token_ids for c in out_a] == [c.token_ids for c in out_b]
+        for x, y in zip(out_a, out_b, strict=True):
+            torch.testing.assert_close(x.logprobs, y.logprobs, atol=1e-4, rtol=0)
+
+    same(packed, plain)
+    g = torch.Generator().manual_seed(0)
+    state = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.dim() else v
+        for k, v in load_model(path)[0].state_dict().items()
+    }
+    packed.load_state_dict(state)
+    plain.load_state_dict(state)
+    same(packed, plain)
+    stale = engine(False).generate(prompts, params)
+    assert [c.token_ids for c in stale] != [c.token_ids for c in plain.generate(prompts, params)]
+    bad = {k: v for k, v in state.items() if "layers.1.self_attn.k_proj" not in k}
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.k_proj\.weight"):
+        packed.load_state_dict(bad)
+    same(packed, plain)  # a rejected state dict loads nothing
+
+
+def test_engine_rejects_a_packed_layout_that_cannot_run(make_engine):
+    with pytest.raises(ValueError, match="prepack='avx2'"):
+        make_engine("llama", dtype=torch.bfloat16, prepack="avx2")
+    with pytest.raises(ValueError, match="prepack='blas'"):
+        make_engine("llama", prepack="blas")
 
 
 def test_cpu_kernels_sample_like_the_pytorch_step(tmp_path, monkeypatch, prompts, kernel_dtype):
