@@ -49,6 +49,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _profiler(device: str) -> torch.profiler.profile:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=acts, record_shapes=False)
+
+
+def _write_profile(prof: torch.profiler.profile, path: str, title: str) -> None:
+    """Top ops by self CPU time and by device time, appended to `path` (a profiled step is
+    slower than a timed one: read shares, not the step's seconds)."""
+    avg = prof.key_averages()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"## {title}\n")
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+        if any(getattr(e, "self_device_time_total", 0) for e in avg):
+            f.write(avg.table(sort_by="self_device_time_total", row_limit=20) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -61,10 +79,16 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak")
     ap.add_argument("--bench", action="store_true", help="also time the engine alone")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--recipe", default=None, help="recipe file under the overrides")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="write torch.profiler tables of step 1's rollout and learner step to this file",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_recipe(
-        None,
+        args.recipe,
         [
             f"model.path={args.model}",
             f"rollout.n={args.n}",
@@ -106,7 +130,14 @@ def main() -> None:
             batch.rewards, batch.group_ids, batch.response_mask
         )
         t2 = time.perf_counter()
-        metrics = worker.train_step(batch)
+        prof = _profiler(args.device) if args.profile and step == 1 else None
+        if prof is not None:
+            with prof:
+                metrics = worker.train_step(batch)
+                _sync(args.device)
+            _write_profile(prof, args.profile, f"learner step {step}")
+        else:
+            metrics = worker.train_step(batch)
         _sync(args.device)
         t3 = time.perf_counter()
         sync_ms = worker.sync_engine()
@@ -124,7 +155,7 @@ def main() -> None:
             "sync_ms": sync_ms,
             "step_s": t4 - t0,
             "rollout_gpu_peak_gb": worker.stats().get("gpu_peak_reserved_gb"),
-            "learner_gpu_peak_gb": metrics.get("actor/gpu_peak_reserved_gb"),
+            "learner_gpu_peak_gb": metrics.get("memory/learner_peak_reserved_gb"),
             "kv_cache_released": worker.stats().get("kv_cache_released"),
         }
         print(

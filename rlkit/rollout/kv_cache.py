@@ -210,7 +210,7 @@ class KVCache:
         mask = causal_mask(self._write, self._kv_len).repeat(1, 1, H // kvh, 1)
         qg = q.reshape(B, kvh, (H // kvh) * T, D)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-        return out.view(B, H, T, D)
+        return out.reshape(B, H, T, D)  # a copy where SDPA returns strided (CUDA)
 
     def fused_target(self, layer: int) -> FusedTarget | None:
         """The fused decode step's view of `layer` (see `FusedDecodeCache`), after
@@ -588,7 +588,7 @@ class CompressedKVCache(KVCache):
         out = F.scaled_dot_product_attention(
             q.reshape(B, kvh, G * T, D), keys, values, attn_mask=mask
         )
-        return out.view(B, H, T, D)
+        return out.reshape(B, H, T, D)  # a copy where SDPA returns strided (CUDA)
 
     def fused_target(self, layer: int) -> FusedTarget | None:
         """The fused decode step's view of `layer` after `begin_decode(B, T)`; None under H2O

@@ -94,7 +94,8 @@ def test_c_kernel_scale_argument(kernel_dtype):
     q, k, v, lengths = make(CASES["smollm2_g3_d64"], seed=1, dtype=kernel_dtype)
     got = cpu_kernel.decode_attention(q, k, v, lengths, 0.3)
     want = sda.sparse_decode_attention_reference(q, k, v, lengths, scale=0.3)
-    tol = 2**-6 if kernel_dtype == torch.bfloat16 else 1e-5
+    # float32: summation order only (1.2e-5 seen on a Xeon, whose OpenMP splits differ).
+    tol = 2**-6 if kernel_dtype == torch.bfloat16 else 3e-5
     assert (got.float() - want.float()).abs().max() <= tol
 
 

@@ -61,7 +61,7 @@ def test_learner_step_on_cuda_matches_the_cpu_step(model_dir):
         metrics = learner.train_step(_batch(outs, prompts, rewards))
         steps[device] = (learner.model.state_dict(), metrics)
     cpu, gpu = steps["cpu"], steps["cuda"]
-    assert gpu[1]["actor/gpu_peak_allocated_gb"] > 0
+    assert gpu[1]["memory/learner_peak_allocated_gb"] > 0
     assert gpu[1]["actor/grad_norm"] == pytest.approx(cpu[1]["actor/grad_norm"], rel=1e-3)
     for k, v in cpu[0].items():
         torch.testing.assert_close(gpu[0][k].cpu(), v, rtol=1e-3, atol=1e-5, msg=k)
@@ -124,7 +124,7 @@ ray: {{num_cpus: 2, object_store_memory_mb: 128}}
     rows = [json.loads(x) for x in open(os.path.join(tmp_path, "runs", "gpu", "metrics.jsonl"))]
     steps = [r for r in rows if r.get("step", 0) > 0 and "actor/grad_norm" in r]
     assert len(steps) == 2
-    assert all(r["sync/ms"] >= 0 and r["actor/gpu_peak_allocated_gb"] > 0 for r in steps)
+    assert all(r["sync/ms"] >= 0 and r["memory/learner_peak_allocated_gb"] > 0 for r in steps)
     assert all(r["rollout/gpu_peak_allocated_gb"] > 0 for r in steps)
 
 
