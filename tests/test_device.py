@@ -109,3 +109,22 @@ def test_RLKIT_CPU_ISA_forces_the_portable_engine(forced):
         assert "AVX2 GEMM" not in described
         if can_prepack(torch.device("cpu"), torch.float32):
             assert "oneDNN-prepacked weights" in described
+
+
+def test_auto_micro_batch_is_32_on_a_cpu_and_a_token_budget_on_a_gpu():
+    from rlkit.device import GPU_MICRO_BATCH_TOKENS, micro_batch_size
+
+    assert micro_batch_size(7, "cpu", 100) == 7 and micro_batch_size(7, "cuda", 100) == 7
+    assert micro_batch_size("auto", "cpu", 100) == 32
+    assert micro_batch_size("auto", "cuda", 80) == GPU_MICRO_BATCH_TOKENS // 80
+    assert micro_batch_size("auto", "cuda", 10**6) == 1
+
+
+def test_micro_batch_size_takes_auto_or_a_positive_integer():
+    from rlkit.config import load_recipe
+    from rlkit.config.errors import ConfigError
+
+    assert load_recipe(None, ["train.micro_batch_size=auto"]).train.micro_batch_size == "auto"
+    for bad in ("0", "big"):
+        with pytest.raises(ConfigError, match="train.micro_batch_size"):
+            load_recipe(None, [f"train.micro_batch_size={bad}"])

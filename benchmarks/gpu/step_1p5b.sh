@@ -6,7 +6,8 @@ source benchmarks/gpu/setup.sh
 python3 -c "
 from rlkit.models.tiny import save_tiny_model
 save_tiny_model('/tmp/m15b', 'qwen2', vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                num_layers=24, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=False)"
+                num_layers=24, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
+                max_position_embeddings=8192)"
 python3 benchmarks/bench_train_step.py --model /tmp/m15b --device cuda --prompts ${PROMPTS:-64} \
   --n 8 --prompt-len 64 --max-new-tokens 1024 --steps ${STEPS:-2} --bench \
   --json $OUT/gpu_step_1p5b_64x8.json ${OVERRIDES:-} 2>&1 | grep -v Warning | tail -30

@@ -56,6 +56,16 @@ def in_range(low: float, high: float, low_open: bool = False, high_open: bool = 
     return check
 
 
+def auto_or(check: Check) -> Check:
+    """The string "auto" passes; anything else must pass `check`."""
+
+    def run(value: Any) -> None:
+        if value != "auto":
+            check(value)
+
+    return run
+
+
 def optional(check: Check) -> Check:
     """null passes; anything else must pass `check`."""
 

@@ -22,6 +22,7 @@ from rlkit.config.checks import (
     actor_resources,
     all_of,
     at_least,
+    auto_or,
     cuda_visible,
     data_file,
     each,
@@ -159,7 +160,7 @@ RULES: dict[str, Check | None] = {
     "train.prompts_per_step": positive,
     "train.mini_batches": positive,  # and at most the step's rollouts: _mini_batches_fill
     "train.ppo_epochs": positive,
-    "train.micro_batch_size": positive,
+    "train.micro_batch_size": auto_or(positive),
     "train.seed": SEED,
     "train.eval_every": NON_NEGATIVE,
     "train.save_every": NON_NEGATIVE,

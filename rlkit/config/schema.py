@@ -293,8 +293,10 @@ class TrainConfig:
     # Optimizer steps per rollout batch (PPO mini-batches); 1 is on-policy.
     mini_batches: int = 1
     ppo_epochs: int = 1
-    # Sequences per forward/backward; gradients accumulate across micro-batches.
-    micro_batch_size: int = 16
+    # Sequences per forward/backward; gradients accumulate across micro-batches. "auto": by
+    # device (rlkit.device.micro_batch_size): 32 on a CPU; on a GPU as many as fill a budget
+    # of padded tokens, so a small model's step is a few large launches, not many small ones.
+    micro_batch_size: int | Literal["auto"] = "auto"
     seed: int = 0
     # Evaluate held-out accuracy every N steps (0: only before and after training).
     eval_every: int = 0

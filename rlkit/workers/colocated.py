@@ -172,6 +172,16 @@ class ColocatedWorker:
 
     # -- the sync --------------------------------------------------------------------------
 
+    def _copy_direct(self, engine: Engine) -> bool:
+        """The learner's weights copied into the engine's parameters in place (the CUDA
+        graphs read them where they are); False where that path does not apply."""
+        if engine.model.prepacked:
+            return False
+        targets = engine.model.state_dict(keep_vars=True)
+        if engine.model.args.tie_word_embeddings:
+            targets.pop("lm_head.weight", None)
+        return self.learner.copy_weights_into(targets)
+
     @torch.no_grad()
     def sync_engine(self, only: str | None = None) -> float:
         """Copy the learner's weights (only="mtp": the MTP module's) into the engine on the
@@ -179,9 +189,11 @@ class ColocatedWorker:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        state = self.learner.weights(self.rollout.weights_dtype(), str(self.device), only)
-        self.rollout.engine.load_state_dict(state)
-        del state
+        engine = self.rollout.engine
+        if only is not None or not isinstance(engine, Engine) or not self._copy_direct(engine):
+            state = self.learner.weights(self.rollout.weights_dtype(), str(self.device), only)
+            engine.load_state_dict(state)
+            del state
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return 1000 * (time.perf_counter() - t0)

@@ -30,7 +30,13 @@ from rlkit.algorithms import (
 from rlkit.algorithms.mtp import mtp_weights
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
-from rlkit.device import pick_dtype, slow_dtype_warning
+from rlkit.device import (
+    CPU_MICRO_BATCH,
+    GPU_MICRO_BATCH_TOKENS,
+    micro_batch_size,
+    pick_dtype,
+    slow_dtype_warning,
+)
 from rlkit.models.decoder import Decoder
 from rlkit.models.loading import DTYPES, load_model, save_pretrained
 from rlkit.models.mtp import wanted as mtp_wanted
@@ -49,15 +55,30 @@ from rlkit.workers.step_metrics import StepPart, finish, finish_mtp, finish_sft,
 _SHARED_PREFIX_MIN_SAVING = 0.2
 
 
-def _sharing_pays(mb: RolloutBatch) -> bool:
-    """Whether computing each group's prompt once removes enough of the micro-batch's tokens."""
+# On a GPU the shared-prefix forward also costs a second pass of every layer's launches
+# (about 150 ops forward, recomputation and backward at ~20 us of host time each, from a
+# profile of the default recipe's learner step on an H200) and pays only when the prompt
+# FLOPs it removes (~8 x parameters a token with recomputation, at ~400 TFLOP/s) outweigh
+# them: SmolLM2 with 16 prompts of 46 tokens x 8 samples removes ~5k tokens, ~0.1 ms of
+# GPU work against ~90 ms of launches, so it runs the plain forward there.
+_GPU_LAYER_PASS_SECONDS = 150 * 2e-5
+_GPU_FLOPS = 4e14
+
+
+def _sharing_pays(mb: RolloutBatch, params: int = 0, layers: int = 0) -> bool:
+    """Whether computing each group's prompt once removes enough of the micro-batch's tokens
+    (on a GPU, `params` and `layers` given: also enough work to pay for its launches)."""
     total = int(mb.attention_mask.sum())
     uniq, group = torch.unique(mb.group_ids, return_inverse=True)
     # One prompt length per group (a group's samples share their prompt).
     per_group = mb.prompt_lens.new_zeros(len(uniq)).scatter_(0, group, mb.prompt_lens)
     # Prompt tokens repeated across a group's samples (one copy per group is still computed).
     repeated = int(mb.prompt_lens.sum() - per_group.sum())
-    return total > 0 and repeated / total >= _SHARED_PREFIX_MIN_SAVING
+    if total == 0 or repeated / total < _SHARED_PREFIX_MIN_SAVING:
+        return False
+    if mb.input_ids.is_cuda and params:
+        return repeated * 8 * params / _GPU_FLOPS > layers * _GPU_LAYER_PASS_SECONDS
+    return True
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -86,11 +107,29 @@ class Learner:
         model_cfg = cfg.model
         model, self.tokenizer = load_model(model_path, dtype=DTYPES[model_cfg.dtype])
         self.model = model.to(self.device)
+        # For the shared-prefix forward's cost model on a GPU (_sharing_pays).
+        self._params = sum(p.numel() for p in model.parameters())
+        self._layers = model.args.num_layers
         self.model.gradient_checkpointing = model_cfg.gradient_checkpointing
         self.model.train()
         spec = model_cfg.compute_dtype
         choice = pick_dtype(model_cfg.dtype if spec == "none" else spec, self.device)
         self.compute_dtype = choice.dtype
+        # LM-head rows per chunk of the log-prob pass. A CPU: 256 rows x a 49k vocab, ~50 MB of
+        # float32 logits a chunk (1024 rows cost the default recipe ~0.25 GB of peak memory;
+        # benchmarks/NOTES.md). A GPU: ~256 MB of logits a chunk (each chunk costs launches
+        # forward, recomputed and backward: 256-row chunks were ~2,000 for a 1.5B model's
+        # 64 x 8 x 1024 step).
+        vocab = model.args.vocab_size
+        self._head_chunk = (
+            256 if self.device.type == "cpu" else max(256, (256 << 20) // (4 * vocab))
+        )
+        if self.device.type == "cuda" and choice.dtype == torch.bfloat16:
+            # The log-prob pass keeps the LM head's matmul in float32 (bf16 logits would round
+            # log-probs by ~0.03); TF32 tensor cores run it ~8x faster than float32 FMA, with
+            # float32 accumulation and logits: finer than the bf16 sampler it is compared to.
+            # The bf16 trunk's matmuls are unaffected.
+            torch.backends.cuda.matmul.allow_tf32 = True
         if spec == "bfloat16" and (
             warning := slow_dtype_warning(choice.dtype, self.device, "model.compute_dtype")
         ):
@@ -119,8 +158,19 @@ class Learner:
             trained, total = lora.trainable_count(self.model)
             master += f", LoRA r={model_cfg.lora.r} ({trained:,} of {total:,} parameters train)"
         where = f" (rank {rank} of {world}{', FSDP2' if self.sharded else ''})" if world > 1 else ""
+        mb_spec = cfg.train.micro_batch_size
+        micro = (
+            f"micro-batches of {mb_spec}"
+            if mb_spec != "auto"
+            else (
+                f"micro-batches of {CPU_MICRO_BATCH} (auto on a CPU)"
+                if self.device.type == "cpu"
+                else f"micro-batches of <= {GPU_MICRO_BATCH_TOKENS} padded tokens (auto on a GPU)"
+            )
+        )
         print(
-            f"rlkit learner: {choice.name} compute{master} on {self.device}{where} ({why})",
+            f"rlkit learner: {choice.name} compute{master} on {self.device}{where} ({why}), "
+            f"{micro}",
             flush=True,
         )
         self.ref_model: Decoder | None = None
@@ -243,7 +293,11 @@ class Learner:
         valid = steps[None, :] < resp_lens[:, None]  # [n, T]
         # FSDP2 gathers the root's weights (embedding, norm) in the model's own forward;
         # the shared-prefix forward calls the layers from outside it.
-        if not self.sharded and bool((mb.prompt_lens >= 2).all()) and _sharing_pays(mb):
+        if (
+            not self.sharded
+            and bool((mb.prompt_lens >= 2).all())
+            and _sharing_pays(mb, self._params, self._layers)
+        ):
             # Each group's prompt runs once; its samples attend to the shared keys/values.
             hidden = response_hidden(
                 model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids
@@ -275,9 +329,7 @@ class Learner:
             mb.response_ids[valid],
             with_entropy=with_entropy,
             temperature=self.temperature,
-            # 256 rows x a 49k vocab: ~50 MB of float32 logits per chunk (1024 rows cost the
-            # default recipe ~0.25 GB of peak memory; benchmarks/NOTES.md).
-            chunk_size=256,
+            chunk_size=self._head_chunk,
         )
         logp = hidden.new_zeros(n, t, dtype=torch.float32).masked_scatter(valid, logp_flat)
         ent = None
@@ -292,7 +344,7 @@ class Learner:
         batch = batch.to(self.device)
         n, t = batch.response_ids.shape
         out = torch.zeros(n, t, dtype=torch.float32, device=self.device)
-        chunks = list(torch.arange(n).split(self.train_cfg.micro_batch_size))
+        chunks = list(torch.arange(n).split(self._micro_size(batch)))
         real = len(self.rank.mine(len(chunks)))
         for pos, j in enumerate(self._my_share(len(chunks))):
             idx = chunks[j]
@@ -377,7 +429,7 @@ class Learner:
                 live = torch.arange(len(mini))[active[mini_idx]]
                 if mtp is not None:
                     mtp_norm = max(1.0, target_count(resp_lens[mini_idx], mtp.depth))
-                micro = [m for m in live.split(cfg.micro_batch_size) if len(m)]
+                micro = [m for m in live.split(self._micro_size(batch)) if len(m)]
                 real = len(self.rank.mine(len(micro)))
                 for pos, j in enumerate(self._my_share(len(micro))):
                     # A padding repeat (FSDP2) runs forward and backward weighted zero.
@@ -473,7 +525,7 @@ class Learner:
         their weight is not zero: a forward without gradients for them (this rank's share)."""
         idle = torch.arange(len(mini))[~active[mini_idx]]
         idle = idle[(mtp_w[mini_idx[idle]] > 0).any(1).cpu()]
-        micro = [m for m in idle.split(self.train_cfg.micro_batch_size) if len(m)]
+        micro = [m for m in idle.split(self._micro_size(mini)) if len(m)]
         for j in self.rank.mine(len(micro)):
             mb_idx = micro[j]
             mb, gidx = mini.select(mb_idx), mini_idx[mb_idx]
@@ -523,7 +575,7 @@ class Learner:
         part = new_part()
         part["mtp"] = {"sums": {}, "loss": 0.0, "targets": norm, "norms": []}
         self.model.eval()
-        micro = list(torch.arange(len(batch)).split(self.train_cfg.micro_batch_size))
+        micro = list(torch.arange(len(batch)).split(self._micro_size(batch)))
         for j in self.rank.mine(len(micro)):
             mb = batch.select(micro[j])
             with torch.no_grad():
@@ -538,6 +590,12 @@ class Learner:
         part["memory"] = self._end_phase()
         heap.trim()
         return part
+
+    def _micro_size(self, batch: RolloutBatch) -> int:
+        """Sequences per micro-batch (`train.micro_batch_size`, "auto" by device)."""
+        return micro_batch_size(
+            self.train_cfg.micro_batch_size, self.device, batch.input_ids.shape[1]
+        )
 
     def _begin_phase(self) -> None:
         if self.device.type == "cuda":
@@ -601,7 +659,7 @@ class Learner:
         self.model.train()
         n_tokens = max(1.0, float(batch.response_mask.sum()))
         part = new_part()
-        micro = list(torch.arange(len(batch)).split(self.train_cfg.micro_batch_size))
+        micro = list(torch.arange(len(batch)).split(self._micro_size(batch)))
         real = len(self.rank.mine(len(micro)))
         for pos, j in enumerate(self._my_share(len(micro))):
             mb = batch.select(micro[j])
@@ -655,6 +713,27 @@ class Learner:
                 f"NaN or inf, first {bad[0]})"
             )
         return out
+
+    @torch.no_grad()
+    def copy_weights_into(self, targets: dict[str, torch.Tensor]) -> bool:
+        """Copy the policy's weights straight into `targets` (name -> tensor on this device,
+        e.g. a colocated engine's parameters), casting on the way: no intermediate state dict,
+        one device sync for the finite check. Returns False, copying nothing, where this
+        learner's weights are not plain tensors of its own (FSDP2 shards, LoRA, an MTP
+        module); `weights` serves those. Raises NonFiniteWeightsError like `weights`."""
+        if self.sharded or self.peft is not None or self.mtp is not None:
+            return False
+        pairs = [(targets[k], v) for k, v in self._full_items() if k in targets]
+        if len(pairs) != len(targets) or any(d.device != s.device for d, s in pairs):
+            return False
+        floats = [s for _, s in pairs if s.is_floating_point()]
+        if not bool(torch.stack(torch._foreach_norm(floats)).isfinite().all()):
+            raise NonFiniteWeightsError(
+                "the policy's weights are not finite (NaN or inf; found by the colocated sync)"
+            )
+        for dst, src in pairs:
+            dst.copy_(src)
+        return True
 
     def packed_weights(
         self, dtype: str = "bfloat16", only: str | None = None

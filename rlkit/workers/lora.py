@@ -36,7 +36,7 @@ def attach(model: Decoder, cfg: LoRAConfig, base_dir: str) -> Any:
 
     config = LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # typed int; a float scales the same
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",
@@ -96,11 +96,13 @@ def load_adapter(peft_model: Any, adapter_dir: str) -> None:
 
     state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
     result = set_peft_model_state_dict(peft_model, state, adapter_name=ADAPTER)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if missing or result.unexpected_keys:
+    # torch's load_state_dict result (peft types it as a bare namedtuple)
+    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing or unexpected:
         raise ValueError(
             f"{adapter_dir}: the adapter does not match model.lora "
-            f"(missing {missing[:2]}, unexpected {list(result.unexpected_keys)[:2]})"
+            f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
         )
 
 

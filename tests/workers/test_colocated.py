@@ -48,3 +48,31 @@ def test_sync_copies_the_learners_weights_into_the_engine(model_dir):
     assert moved, "the update must reach the engine"
     for k in after:
         assert torch.equal(after[k], learner[k].to(after[k].dtype)), k
+
+
+def test_direct_copy_casts_the_learners_weights_into_plain_parameters(model_dir):
+    """The colocated sync's direct path (no intermediate state dict): every parameter of a
+    plain bf16 model receives the learner's weights cast; a non-finite weight stops it before
+    anything is copied."""
+    from rlkit.models import load_model
+    from rlkit.workers.learner import NonFiniteWeightsError
+
+    cfg = load_recipe(None, ["optim.lr=1e-2", "model.compute_dtype=none"])
+    w = ColocatedWorker(model_dir, cfg, num_threads=1, device="cpu")
+    model, _ = load_model(model_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    targets = model.state_dict(keep_vars=True)
+    assert w.learner.copy_weights_into(targets)
+    source = w.learner.model.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, source[k].to(torch.bfloat16)), k
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        next(w.learner.model.parameters()).view(-1)[3] = float("nan")
+    with pytest.raises(NonFiniteWeightsError):
+        w.learner.copy_weights_into(targets)
+    assert all(not v.any() for v in model.state_dict().values())
+    assert not w.learner.copy_weights_into({"not.a.weight": torch.zeros(1)})
