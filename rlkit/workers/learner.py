@@ -117,12 +117,13 @@ class Learner:
         self.compute_dtype = choice.dtype
         # LM-head rows per chunk of the log-prob pass. A CPU: 256 rows x a 49k vocab, ~50 MB of
         # float32 logits a chunk (1024 rows cost the default recipe ~0.25 GB of peak memory;
-        # benchmarks/NOTES.md). A GPU: ~256 MB of logits a chunk (each chunk costs launches
-        # forward, recomputed and backward: 256-row chunks were ~2,000 for a 1.5B model's
-        # 64 x 8 x 1024 step).
+        # benchmarks/NOTES.md). A GPU: ~64 MB of logits a chunk, 341 rows of SmolLM2's vocab,
+        # 512 of a 32k one (each chunk costs launches forward, recomputed and backward; the
+        # chunk's logits, probabilities and their gradient are ~4x that at its peak: 256 MB
+        # chunks put the default recipe's learner peak 0.6 GB higher).
         vocab = model.args.vocab_size
         self._head_chunk = (
-            256 if self.device.type == "cpu" else max(256, (256 << 20) // (4 * vocab))
+            256 if self.device.type == "cpu" else max(256, (64 << 20) // (4 * vocab))
         )
         if self.device.type == "cuda" and choice.dtype == torch.bfloat16:
             # The log-prob pass keeps the LM head's matmul in float32 (bf16 logits would round
