@@ -3,8 +3,9 @@ through CUDA IPC handles. Picks the colocated worker's design by measurement.
 
     python benchmarks/bench_sync.py --model M [--repeats 5] [--json FILE]
 
-- in-process: `ColocatedWorker.sync_engine`'s path: the learner's bf16 weights (its master
-  weights cast where it keeps float32 ones) copied into the engine's model on the device;
+- in-process: `ColocatedWorker.sync_engine`'s path: the learner's weights (its float32 master
+  weights where it keeps them) copied straight into the engine's parameters on the device,
+  cast on the way (`copy_into_engine`);
 - ipc: the engine lives in a second process; the learner's weight tensors travel once as CUDA
   IPC handles (torch.multiprocessing shares CUDA tensors so), the engine keeps them open, and
   each sync is a "copy now" message plus the same device copy there. The first sync (the
@@ -26,6 +27,7 @@ import torch.multiprocessing as mp
 from rlkit.config import load_recipe
 from rlkit.models.loading import load_model
 from rlkit.rollout.engine import Engine
+from rlkit.workers.colocated import copy_into_engine
 
 
 def _engine(model_dir: str) -> Engine:
@@ -58,7 +60,8 @@ def main() -> None:
     def in_process() -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        engine.load_state_dict(learner.weights("bfloat16", device="cuda"))
+        if not copy_into_engine(learner, engine):
+            engine.load_state_dict(learner.weights("bfloat16", device="cuda"))
         torch.cuda.synchronize()
         return 1000 * (time.perf_counter() - t0)
 

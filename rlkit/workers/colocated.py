@@ -33,6 +33,18 @@ from rlkit.workers.step_metrics import StepPart
 _MARGIN_BYTES = 1 << 30
 
 
+def copy_into_engine(learner: Learner, engine: Engine) -> bool:
+    """The learner's weights copied into the engine's parameters in place, cast on the way
+    (the CUDA graphs read them where they are); False where that path does not apply (packed
+    CPU weights, LoRA, FSDP2, an MTP module: `Learner.weights` serves those)."""
+    if engine.model.prepacked:
+        return False
+    targets = engine.model.state_dict(keep_vars=True)
+    if engine.model.args.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
+    return learner.copy_weights_into(targets)
+
+
 class ColocatedWorker:
     def __init__(
         self,
@@ -66,6 +78,9 @@ class ColocatedWorker:
     ) -> list[dict[str, Any]]:
         cuda = self.device.type == "cuda"
         if cuda:
+            # The learner's freed activations go back to the device (the hand-off), and the
+            # phase's peak counts what the rollout holds, not what the allocator kept cached.
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         out = self.rollout.generate(prompts, params, n, compress, drafter)
         stats: dict[str, float] = {}
@@ -126,7 +141,12 @@ class ColocatedWorker:
     def configure(self, cfg: RecipeConfig) -> None:
         self.learner.configure(cfg)
 
+    def _hand_to_learner(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the rollout's freed blocks back (the cache stays)
+
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        self._hand_to_learner()
         out = self.learner.train_step(batch)
         if self.device.type == "cuda":
             self._learner_peak = max(
@@ -135,6 +155,7 @@ class ColocatedWorker:
         return out
 
     def train_step_part(self, batch: RolloutBatch) -> StepPart:
+        self._hand_to_learner()
         part = self.learner.train_step_part(batch)
         if self.device.type == "cuda":
             self._learner_peak = max(
@@ -173,14 +194,7 @@ class ColocatedWorker:
     # -- the sync --------------------------------------------------------------------------
 
     def _copy_direct(self, engine: Engine) -> bool:
-        """The learner's weights copied into the engine's parameters in place (the CUDA
-        graphs read them where they are); False where that path does not apply."""
-        if engine.model.prepacked:
-            return False
-        targets = engine.model.state_dict(keep_vars=True)
-        if engine.model.args.tie_word_embeddings:
-            targets.pop("lm_head.weight", None)
-        return self.learner.copy_weights_into(targets)
+        return copy_into_engine(self.learner, engine)
 
     @torch.no_grad()
     def sync_engine(self, only: str | None = None) -> float:

@@ -42,6 +42,10 @@ from rlkit.models.tiny import save_tiny_model
 pytestmark = pytest.mark.slow
 
 STEPS = 3
+# The whole chain (18 runs, ~9 minutes on 2 cores) with RLKIT_FAULT_CHAIN=full; by default
+# the moments that later ones do not build on are left out (11 runs) so that the suite stays
+# within its budget. Each left-out moment is also one the full chain covers.
+FULL_CHAIN = os.environ.get("RLKIT_FAULT_CHAIN", "") == "full"
 VOLATILE = ("timing/", "throughput/", "reward/time_s")
 VERIFIER = '''
 def parity(completion, sample):
@@ -274,29 +278,33 @@ def test_kill_interrupt_and_worker_death_resume_to_the_uninterrupted_run(tmp_pat
     def from_step(k: int) -> str:
         return f"run.resume=true continues from {ckpt.format(k)} (stage 0 (rlvr), step {k})"
 
-    kill("start-up (Ray up, actors not yet)", "launch")
-    sigint("start-up", "launch:mark", "launch", "start-up", none_yet)
-    kill("the initial evaluation", "eval@0")
-    assert _rows(run.dir) == []
+    if FULL_CHAIN:
+        kill("start-up (Ray up, actors not yet)", "launch")
+        sigint("start-up", "launch:mark", "launch", "start-up", none_yet)
+        kill("the initial evaluation", "eval@0")
+        assert _rows(run.dir) == []
     kill("step 1 rollout, before any checkpoint", "rollout@1")
     assert len(_rows(run.dir)) == 1  # the initial evaluation's row, dropped by the next resume
-    sigint(
-        "rollout",
-        "rollout.generate@2:stall",  # the worker's 2nd generate: step 1 (1st: the evaluation)
-        "rollout.generate@2",
-        "rollout of stage 0 (rlvr) step 1",
-        none_yet,
-    )
+    if FULL_CHAIN:
+        sigint(
+            "rollout",
+            "rollout.generate@2:stall",  # the worker's 2nd generate: step 1 (1st: the evaluation)
+            "rollout.generate@2",
+            "rollout of stage 0 (rlvr) step 1",
+            none_yet,
+        )
     sigint(
         "learner step", "learner.train_step:stall", "learner.train_step",
         "learn of stage 0 (rlvr) step 1", none_yet,
     )  # fmt: skip
-    kill("step 1 logged, its checkpoint not yet", "logged@1")
+    if FULL_CHAIN:
+        kill("step 1 logged, its checkpoint not yet", "logged@1")
     kill("checkpoint write (files written, not committed)", "checkpoint@1")
-    sigint(
-        "checkpoint write", "learner.save:stall", "learner.save",
-        "checkpoint of stage 0 (rlvr) step 1", none_yet,
-    )  # fmt: skip
+    if FULL_CHAIN:
+        sigint(
+            "checkpoint write", "learner.save:stall", "learner.save",
+            "checkpoint of stage 0 (rlvr) step 1", none_yet,
+        )  # fmt: skip
     assert os.path.isdir(os.path.join(os.path.dirname(ckpt.format(1)), ".tmp_step_1"))
     # The rollout worker SIGKILLed in step 1's rollout: restarted, its prompts generated again;
     # the run goes on (step 1's checkpoint must equal the baseline's), then the driver is killed.
@@ -323,7 +331,8 @@ def test_kill_interrupt_and_worker_death_resume_to_the_uninterrupted_run(tmp_pat
         "eval of stage 0 (rlvr) step 3",
         from_step(3),
     )
-    kill("the final evaluation", "eval@3")
+    if FULL_CHAIN:
+        kill("the final evaluation", "eval@3")
     kill("after the final evaluation", "eval_row@3")
     final = run.attempt("none (completes)")
     assert final.code == 0, final.output[-2000:]
@@ -340,10 +349,12 @@ def test_kill_interrupt_and_worker_death_resume_to_the_uninterrupted_run(tmp_pat
     assert 0 < s[0]["train_seconds"] < s[2]["train_seconds"] <= summary["train_seconds"]
     assert summary["worker_restarts"] == {"rollout": 1}
 
-    assert len(kills) == 10 and len(sigints) == 5
+    want_kills, want_sigints = (10, 5) if FULL_CHAIN else (6, 2)
+    assert len(kills) == want_kills and len(sigints) == want_sigints
     lines = [
-        f"kill-and-resume {len(kills)}/10 (weights, data cursor and every metrics row equal)",
-        f"SIGINT {len(sigints)}/5, max time to exit {max(a.exit_s for a in sigints):.1f} s, "
+        f"kill-and-resume {len(kills)}/{want_kills} (weights, data cursor and every metrics row "
+        "equal)",
+        f"SIGINT {len(sigints)}/{want_sigints}, max time to exit {max(a.exit_s for a in sigints):.1f} s, "
         f"to the last process gone {max(a.gone_s for a in sigints):.1f} s",
         f"rollout worker kill: samples equal ({worker_kill.moment})",
         f"total {time.monotonic() - started:.0f} s for {len(base.attempts + run.attempts)} runs",
