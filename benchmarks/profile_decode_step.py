@@ -20,8 +20,9 @@ from rlkit.kernels import cpu as cpu_kernels
 
 import rlkit.models.decoder as decoder
 from rlkit.models.loading import load_model, resolve_model_dir
-from rlkit.rollout.engine import Engine, _Run
+from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
+from rlkit.rollout.scheduler import Run
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
 
     decoder.Decoder.forward_decode_fused = fused  # type: ignore[method-assign]
     # The LM head and sampling of each step's last hidden states.
-    timed(_Run, "_sample", always=True)
+    timed(Run, "sample", always=True)
 
     params = SamplingParams(max_new_tokens=1, ignore_eos=True, seed=1)
     t = time.perf_counter()
