@@ -7,11 +7,10 @@ import torch
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.rollout import SamplingParams
-from rlkit.rollout.cuda_graphs import DecodeGraphs, buckets
-from rlkit.rollout.kv_cache import CompressedKVCache
+from rlkit.rollout.cuda_graphs import buckets
 
 GREEDY = dict(temperature=0.0)
-POLICIES = [None, "snapkv", "rkv", "streaming", "layer_hybrid"]
+POLICIES = [None, "snapkv", "rkv", "streaming", "layer_hybrid", "h2o"]
 
 
 def compression(policy):
@@ -48,22 +47,6 @@ def test_padded_steps_decode_like_plain_steps(make_engine, prompts, policy, para
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
     if policy is not None:
         assert padded.stats["compression_events"] == plain.stats["compression_events"] > 0
-
-
-def test_h2o_steps_stay_eager(make_engine, prompts):
-    h2o = KVCompressionConfig(policy="h2o", budget=10, window=3, interval=3)
-    engine = make_engine(cuda_graphs=True, kv_compression=h2o)
-    engine.generate(prompts, SamplingParams(max_new_tokens=4, **GREEDY))
-    assert engine._graphs is None
-    # compress=False: the same engine decodes a dense cache, which takes padded steps.
-    engine.generate(prompts, SamplingParams(max_new_tokens=4, **GREEDY), compress=False)
-    assert engine._graphs is not None
-    a = engine.model.args
-    cache = CompressedKVCache(a.num_layers, 2, 13, 40, a.num_heads, a.num_kv_heads, a.head_dim, h2o)
-    with pytest.raises(ValueError, match="h2o"):
-        DecodeGraphs(engine.model, cache, capture=False)
-    with pytest.raises(ValueError, match="h2o"):
-        cache.begin_decode(1, pad_to=2)
 
 
 def test_a_new_cache_gets_new_steps_and_release_drops_them(make_engine, prompts):
