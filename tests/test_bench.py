@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from rlkit.bench import format_table, main, rollout
 from rlkit.models.tiny import save_tiny_model
@@ -86,3 +87,30 @@ def test_spec_rows_per_drafter_on_task_prompts(model_dir, capsys):
         assert r["accept_len_mean"] >= 1.0 and r["drafted_per_step"] >= 0 and r["draft_ms"] >= 0
     out = capsys.readouterr().out
     assert "acc len" in out and "mtp=untrained" in out
+
+
+def test_kv_memory_sizes_each_mode_and_the_rows_say_how_many(model_dir, capsys):
+    """--kv-memory-gb: the dense row admits what that many GiB hold at its full length, the
+    sparse row what they hold at budget + interval entries: more, and it decodes them."""
+    from rlkit.config.schema import KVCompressionConfig
+    from rlkit.models import load_model
+    from rlkit.rollout import Engine
+
+    model, tok = load_model(model_dir)
+    probe = Engine(model, tok, dtype=torch.float32)
+    cfg = KVCompressionConfig(policy="snapkv", budget=12, window=4, interval=4)
+    dense_per, sparse_per = probe.slot_bytes(44, None), probe.slot_bytes(44, cfg)
+    gb = 3 * dense_per / 2**30
+    argv = [
+        "--model", model_dir, "--batch", "6", "--prompt-len", "20", "--max-new-tokens", "24",
+        "--repeats", "1", "--modes", "dense,sparse", "--engines", "native", "--dtype", "float32",
+        "--budget", "12", "--window", "4", "--interval", "4", "--threads", "1",
+        "--kv-memory-gb", repr(gb),
+    ]  # fmt: skip
+    rows = rollout(argv)
+    assert [r["mode"] for r in rows] == ["dense", "sparse"]
+    assert rows[0]["seqs_admitted"] == 3  # 6 sequences in two waves
+    assert rows[1]["seqs_admitted"] == min(6, 3 * dense_per // sparse_per) == 6
+    assert all(r["tokens"] == 6 * 24 for r in rows)
+    out = capsys.readouterr().out
+    assert "seqs" in out and "kv_memory_gb=" in out
