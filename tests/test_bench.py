@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlkit.bench import format_table, main, rollout
+from rlkit.config.schema import KVCompressionConfig
 from rlkit.models.tiny import save_tiny_model
 
 
@@ -114,3 +115,39 @@ def test_kv_memory_sizes_each_mode_and_the_rows_say_how_many(model_dir, capsys):
     assert all(r["tokens"] == 6 * 24 for r in rows)
     out = capsys.readouterr().out
     assert "seqs" in out and "kv_memory_gb=" in out
+
+
+def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path):
+    """benchmarks/sparse_memory_wall.py (the GPU script's driver) end to end at tiny sizes:
+    the equal-memory row admits what the budget holds for the compressed cache, and the JSON
+    has the keys the issue asks for."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "sparse_memory_wall.py"
+    spec = importlib.util.spec_from_file_location("sparse_memory_wall", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "wall.json"
+    argv = [
+        "--model", model_dir, "--device", "cpu", "--dtype", "float32", "--batch", "2",
+        "--prompt-len", "8", "--new-tokens", "40", "--budget", "16", "--window", "4",
+        "--interval", "8", "--copy-gb", "0.01", "--threads", "1", "--json", str(out),
+    ]  # fmt: skip
+    res = mod.main(argv)
+    saved = json.loads(out.read_text())
+    for key in ("device", "equal_batch_speedup", "equal_batch_kv_fraction",
+                "equal_memory_sequences_ratio", "equal_memory_speedup"):  # fmt: skip
+        assert key in saved
+    assert saved["device"] == "cpu"
+    mem_rows = res["rows"]["equal_memory"]
+    assert mem_rows[0]["seqs_admitted"] == res["equal_memory_sequences_expected"] > 2
+    assert res["equal_memory_sequences_ratio"] == mem_rows[0]["seqs_admitted"] / 2
+    assert [r["seqs_admitted"] for r in res["rows"]["equal_batch"]] == [2, 2]
+    assert 0 < res["equal_batch_kv_fraction"] < 1
+    assert res["floors"]["dense"]["floor_ms_per_step"] > 0
+    # Mean entries follow the cache: dense grows with every token; sparse stays under
+    # budget + interval.
+    cfg = KVCompressionConfig(policy="snapkv", budget=16, window=4, interval=8)
+    assert mod.mean_entries(8, 40, None) == pytest.approx(8 + 20)
+    assert 16 < mod.mean_entries(8, 400, cfg) <= 24
