@@ -151,3 +151,64 @@ def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path):
     cfg = KVCompressionConfig(policy="snapkv", budget=16, window=4, interval=8)
     assert mod.mean_entries(8, 40, None) == pytest.approx(8 + 20)
     assert 16 < mod.mean_entries(8, 400, cfg) <= 24
+
+
+def _load_benchmark(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sparse_rl_long_summary_and_recipe(tmp_path, monkeypatch):
+    """benchmarks/gpu/sparse_rl_long.sh's CPU parts: the recipe loads sparse and dense (the
+    script's override), and the summary reads two run directories into the issue's figures."""
+    from rlkit.config import load_recipe
+
+    root = __import__("pathlib").Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    sparse_cfg = load_recipe("recipes/sparse_rl_long.yaml")
+    dense_cfg = load_recipe("recipes/sparse_rl_long.yaml", ["rollout.kv_compression.policy=none"])
+    kv = sparse_cfg.rollout.kv_compression
+    assert kv.policy == "snapkv" and dense_cfg.rollout.kv_compression.policy == "none"
+    # A 600-token sequence keeps at most budget + interval entries: >= 40% removed.
+    assert 1 - (kv.budget + kv.interval) / 600 >= 0.4
+    assert sparse_cfg.rollout.max_new_tokens >= 1024 and sparse_cfg.data.task_args["steps"]
+
+    def write(name, rows, acc):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = {"eval_before": {"eval/accuracy": 0.0}, "eval_after": {"eval/accuracy": acc}}
+        (d / "summary.json").write_text(json.dumps(summary))
+        return str(d)
+
+    sparse = write(
+        "s",
+        [
+            {"timing/rollout": 4.0, "response/length_mean": 600.0, "rollout/kv_retained_frac": 0.5,
+             "rollout/kv_retained_frac_max": 0.6},
+            {"timing/rollout": 2.0, "response/length_mean": 500.0, "rollout/kv_retained_frac": 0.4,
+             "rollout/kv_retained_frac_max": 0.7},
+            {"eval/accuracy": 0.1},  # an eval row: not a step
+        ],
+        0.05,
+    )  # fmt: skip
+    dense = write(
+        "d",
+        [{"timing/rollout": 9.0, "response/length_mean": 560.0}] * 2,
+        0.07,
+    )
+    mod = _load_benchmark("sparse_rl_long_summary")
+    out = mod.main([sparse, dense, "--json", str(tmp_path / "o.json")])
+    assert out["sparse"]["steps"] == 2 and out["sparse"]["mean_response_tokens"] == 550
+    assert out["rollout_time_ratio_dense_over_sparse"] == pytest.approx(18 / 6)
+    assert out["kv_removed_frac_mean"] == pytest.approx(0.55)
+    assert out["sparse"]["kv_retained_frac_max"] == 0.7
+    assert out["accuracy_gap_points"] == pytest.approx(-2.0)
+    assert all(out["acceptance"].values())
+    assert json.loads((tmp_path / "o.json").read_text())["dense"]["rollout_seconds"] == 18
