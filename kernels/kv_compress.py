@@ -154,15 +154,13 @@ def keep_top_reference(
 
 
 def compact_rows_reference(store: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> None:
-    """Plain PyTorch: gather out of place, write back."""
+    """Plain PyTorch: gather the kept entries out of place, write them back."""
     _check_compact(store, rows, indices)
-    n = indices.shape[2]
+    R, kvh, n = indices.shape
     rows = rows.to(store.device)
-    src = store[rows]  # [R, KVH, L(, D)]
-    idx = indices.to(store.device)
-    if store.dim() == 4:
-        idx = idx[..., None].expand(-1, -1, -1, store.shape[3])
-    store[rows, :, :n] = src.gather(2, idx)
+    heads = torch.arange(kvh, device=store.device)
+    kept = store[rows[:, None, None], heads[None, :, None], indices.to(store.device)]
+    store[rows, :, :n] = kept  # [R, KVH, n(, D)]
 
 
 # -- Triton kernels -------------------------------------------------------------------------

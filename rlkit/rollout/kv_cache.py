@@ -678,7 +678,7 @@ class CompressedKVCache(KVCache):
         if len(rows_np) == 0 or not self.comp_layers:
             return 0
         rows = to_device(rows_np, dev)
-        R, kvh, D, w = len(rows_np), self.num_kv_heads, self.head_dim, cfg.window
+        R, kvh, w = len(rows_np), self.num_kv_heads, cfg.window
         L = int(self.group_lengths[0, rows_np].max())
         lens = to_device(self.group_lengths[0, rows_np], dev)
         ring = None
@@ -700,15 +700,13 @@ class CompressedKVCache(KVCache):
                 at = self.entry_pos[j][rows, :L].clamp(max=Lf - 1)
                 oracle[j] = scores.gather(1, at)  # [R, L]
         # A run of consecutive slots (the usual case: sequences started together) is read in
-        # place; other row sets are gathered for the policy. The C kernels compact in place.
+        # place; other row sets are gathered for the policy. Compaction is in place (C kernels,
+        # the Triton kernel on CUDA, or its reference).
         fast = self._kernels()
         span = slice(int(rows_np[0]), int(rows_np[0]) + R)
         in_place = bool((np.diff(rows_np) == 1).all())
         for j, layer in enumerate(self.comp_layers):
-            if in_place:
-                keys, values = self.k[j][span, :, :L], self.v[j][span, :, :L]
-            else:
-                keys, values = self.k[j][rows, :, :L], self.v[j][rows, :, :L]
+            keys = self.k[j][span, :, :L] if in_place else self.k[j][rows, :, :L]
             inputs = CompressionInputs(keys, lens, kernels=fast)
             if layer in self.q_index:
                 assert ring is not None
@@ -722,15 +720,9 @@ class CompressedKVCache(KVCache):
             if fast:
                 for store in (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ()):
                     cpu_kernels.compact_rows(store, rows, chosen)
-            elif dev.type == "cuda":  # the Triton kernel, in place, no host sync
+            else:  # CUDA: the Triton kernel, in place, no host sync; else its reference
                 for store in (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ()):
                     kv_compress.compact_rows(store, rows, chosen)
-            else:
-                gidx = chosen[..., None].expand(-1, -1, -1, D)
-                self.k[j][rows, :, : cfg.budget] = keys.gather(2, gidx)
-                self.v[j][rows, :, : cfg.budget] = values.gather(2, gidx)
-                if acc is not None:
-                    self.accumulated[j][rows, :, : cfg.budget] = acc.gather(2, chosen)
             if self.oracle:
                 chosen_of[layer // cfg.full_every] = chosen[:, 0]
         for g, chosen in chosen_of.items():
