@@ -6,11 +6,20 @@
 # cache's bytes as --kv-memory-gb), a device copy for the bandwidth floor of each step.
 # Writes $OUT/gpu_sparse_memory_wall.json (device, equal_batch_speedup,
 # equal_batch_kv_fraction, equal_memory_sequences_ratio, equal_memory_speedup, floors, rows)
-# and $OUT/gpu_sparse_memory_wall.log. Expected: ~4 minutes on an H200 (dense ~30 s, sparse
-# ~20 s, sparse at ~455 sequences ~45 s, model build and loads the rest).
+# and $OUT/gpu_sparse_memory_wall.log. Expected: ~4.5 minutes on an H200 (tests ~40 s, dense
+# ~30 s, sparse ~20 s, sparse at ~455 sequences ~45 s, model build and loads the rest).
 source benchmarks/gpu/setup.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# First (~40 s) the compiled compression kernels against their references and the CUDA-graph
+# steps (every policy, H2O included) against eager ones; SPARSE_TESTS=0 skips them.
+if [ "${SPARSE_TESTS:-1}" != 0 ]; then
+  python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD tests/kernels/test_kv_compress.py \
+    -k "cuda" 2>&1 | tail -4 | tee $OUT/gpu_sparse_memory_wall.log
+  python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD \
+    tests/rollout/test_cuda_graph_steps.py -k "cuda_graph_steps_decode_like_eager" 2>&1 \
+    | tail -4 | tee -a $OUT/gpu_sparse_memory_wall.log
+fi
 python3 -c "
 from rlkit.models.tiny import save_tiny_model
 save_tiny_model('/tmp/m15b_4k', 'qwen2', vocab_size=32000, hidden_size=2048, intermediate_size=5632,
@@ -18,4 +27,4 @@ save_tiny_model('/tmp/m15b_4k', 'qwen2', vocab_size=32000, hidden_size=2048, int
                 max_position_embeddings=4224)" || exit 1
 python3 benchmarks/sparse_memory_wall.py --model /tmp/m15b_4k --device cuda --batch 64 \
   --prompt-len 64 --new-tokens 4096 --policy snapkv --budget 512 --window 8 --interval 64 \
-  --json $OUT/gpu_sparse_memory_wall.json 2>&1 | grep -v Warning | tee $OUT/gpu_sparse_memory_wall.log | tail -60
+  --json $OUT/gpu_sparse_memory_wall.json 2>&1 | grep -v Warning | tee -a $OUT/gpu_sparse_memory_wall.log | tail -60
