@@ -138,3 +138,54 @@ def test_cuda_graph_verify_steps_decode_like_eager_ones(tiny_dirs, prompts, poli
     eager.load_state_dict(state)
     out, ref = graphed.generate(prompts, sp, n=2), eager.generate(prompts, sp, n=2)
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", [None, "snapkv", "h2o"])
+def test_cuda_graph_steps_and_compressions_never_sync_the_host(tiny_dirs, prompts, policy):
+    """On a GPU: a replayed decode step (inputs moved pinned and asynchronously) and a
+    compression (Triton scores, selection, compaction) run under CUDA's sync debug mode
+    "error": any host synchronisation inside them raises."""
+    from rlkit.models import load_model
+    from rlkit.rollout import Engine
+    from rlkit.rollout.cuda_graphs import DecodeGraphs
+    from rlkit.rollout.kv_cache import CompressedKVCache
+
+    model, tok = load_model(tiny_dirs["qwen3"])
+    engine = Engine(
+        model.to("cuda"), tok, dtype=torch.bfloat16, max_batch_size=8, sync_every=4,
+        kv_compression=compression(policy),
+    )  # fmt: skip
+    sp = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=1.0, seed=1)
+    engine.generate(prompts, sp, n=2)  # captures the graphs, compiles the kernels
+    checked = {"steps": 0, "compressions": 0}
+    real_step, real_compress = DecodeGraphs.step, CompressedKVCache.compress
+
+    def step(self, batch, fed):
+        if (self.bucket(batch), fed.shape[1]) not in self.graphs:
+            return real_step(self, batch, fed)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = real_step(self, batch, fed)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked["steps"] += 1
+        return out
+
+    def compress(self, slots):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            n = real_compress(self, slots)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked["compressions"] += n
+        return n
+
+    DecodeGraphs.step, CompressedKVCache.compress = step, compress
+    try:
+        engine.generate(prompts, sp, n=2)
+    finally:
+        DecodeGraphs.step, CompressedKVCache.compress = real_step, real_compress
+    assert checked["steps"] > 0
+    assert (checked["compressions"] > 0) == (policy is not None)
