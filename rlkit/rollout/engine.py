@@ -93,7 +93,8 @@ class Engine:
     max_batch_size): as many sequences as that many GiB, or that fraction of the device's free
     memory, hold at the cache's bytes per sequence (`slot_bytes`: a dense sequence its whole
     length, a compressed one budget + interval entries per compressed layer), so a compressed
-    cache admits proportionally more. Checked per `generate` call (`admitted`).
+    cache admits proportionally more. Checked per `generate` call (`admitted`). It counts the
+    policy's cache; an MTP drafter's one-layer dense cache comes on top.
     max_seq_len: prompt + completion cap (default: the model's max positions). The cache is
     sized per call to min(max_seq_len, longest prompt + max_new_tokens) and kept for reuse.
     sync_every: decode steps between host checks of finished sequences.
