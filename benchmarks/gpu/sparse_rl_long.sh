@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sparse-RL with long responses on the lent GPU (issue 16), from the repository root:
-# recipes/sparse_rl_long.yaml (SmolLM2-135M-Instruct, countdown over 4-5 numbers with a
-# step-by-step prompt, up to 1024 new tokens, SnapKV budget 256 / window 16 / interval 64,
+# recipes/sparse_rl_long.yaml (SmolLM2-135M-Instruct, countdown over 6-8 numbers with a
+# step-by-step prompt, up to 1536 new tokens, SnapKV budget 256 / window 16 / interval 64,
 # with the Sparse-RL corrections) and the same recipe dense (policy none), same seed; then
 # benchmarks/sparse_rl_long_summary.py: mean generated tokens, KV removed, rollout phase time
 # ratio, held-out accuracy gap. STEPS shortens or lengthens both runs (default: the recipe's 6).
