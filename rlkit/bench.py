@@ -3,6 +3,7 @@
     rlkit bench rollout [--model M] [--batch 32] [--prompt-len 64] [--max-new-tokens 256]
                         [--modes dense,sparse,spec] [--drafter sam,mtp,sam+mtp]
                         [--task countdown] [--engines native,hf,vllm] [--json FILE]
+                        [--kv-memory-gb X]
 
 Every row generates `batch` sequences of exactly `max_new_tokens` tokens (sampling with
 ignore_eos, so every engine does the same work) from the same prompts (random tokens of
@@ -18,6 +19,9 @@ timed runs:
 - kv_bytes_peak: K/V storage the engine held (native: its preallocated cache as allocated;
   hf: the dynamic cache at its largest, batch x (prompt + new) x bytes per token; vllm: the
   same count, since its pool is sized by a setting, not by the request);
+- seqs_admitted: sequences decoded at once (native: the engine's admitted batch, which
+  `--kv-memory-gb` sizes by KV bytes per sequence, so a sparse row admits more than a dense
+  one within the same memory; other engines: `--batch`);
 - peak_mem_bytes: the largest resident memory of the generating process during the row (on
   CUDA: the GPU's peak allocation);
 - ratio_vs_native_dense: tokens_per_s over the native dense row's;
@@ -77,6 +81,7 @@ COLUMNS = (
     ("engine", "engine", "{}"),
     ("mode", "mode", "{}"),
     ("drafter", "drafter", "{}"),
+    ("seqs_admitted", "seqs", "{:.0f}"),
     ("tokens_per_s", "tok/s", "{:.1f}"),
     ("ms_per_step", "ms/step", "{:.1f}"),
     ("prefill_s", "prefill s", "{:.3f}"),
@@ -127,8 +132,9 @@ class _Runner:
     pid: int | None = None
     close: Callable[[], None] = lambda: None
     drafter: str | None = None
-    # The engine's figures of its last generate (spec rows: acceptance).
+    # The engine's figures of its last generate (spec rows: acceptance, admitted sequences).
     stats: Callable[[], dict[str, float]] = dict
+    warmup_tokens: int = 8
 
 
 def _model_args(model_dir: str) -> ModelArgs:
@@ -203,6 +209,7 @@ def _native(
         cuda_graphs=False if name == "native-eager" else None,
         speculative=spec,
         mtp=mtp,
+        kv_memory_gb=args.kv_memory_gb,
     )
 
     def generate(new_tokens: int, seed: int) -> tuple[float, int]:
@@ -218,6 +225,8 @@ def _native(
         lambda: float(engine.stats["kv_bytes_peak"]),
         drafter=drafter,
         stats=lambda: dict(engine.stats),
+        # A sparse warm-up reaches the first compression (its kernels compile there).
+        warmup_tokens=args.interval + 2 if compression is not None else 8,
     )
 
 
@@ -302,7 +311,8 @@ _BUILDERS: dict[str, Callable[..., _Runner]] = {
 
 def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
     n_new = args.max_new_tokens
-    runner.generate(min(n_new, 8), 0)  # warm-up: allocation, thread pools, first kernels
+    # Warm-up: allocation, thread pools, first kernels (CUDA graphs, Triton compilation).
+    runner.generate(min(n_new, runner.warmup_tokens), 0)
     prefill = statistics.median(runner.generate(1, 100 + i)[0] for i in range(args.repeats))
     times, tokens = [], 0
     cuda = args.device.startswith("cuda") and runner.pid is None
@@ -319,7 +329,8 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
             f"{args.batch} x {n_new}: the rows would not be comparable"
         )
     seconds = statistics.median(times)
-    spec = runner.stats() if runner.drafter else {}
+    stats = runner.stats()
+    spec = stats if runner.drafter else {}
     return {
         "engine": runner.engine,
         "mode": runner.mode,
@@ -329,6 +340,8 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
         "accept_rate": spec.get("spec/accept_rate"),
         "drafted_per_step": spec.get("spec/drafted_per_step"),
         "draft_ms": spec.get("spec/draft_ms"),
+        # Sequences the engine decoded at once (native: its admitted batch; others: --batch).
+        "seqs_admitted": stats.get("seqs_admitted_peak", float(args.batch)),
         "tokens_per_s": tokens / seconds,
         "ms_per_step": 1000 * max(seconds - prefill, 0.0) / max(n_new - 1, 1),
         "prefill_s": prefill,
@@ -452,6 +465,13 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     vllm = ap.add_argument_group("vllm engine")
     vllm.add_argument("--vllm-python", default=None, help="interpreter of the vLLM env")
     vllm.add_argument("--vllm-kv-gb", type=float, default=2.0, help="vLLM CPU KV cache GiB")
+    ap.add_argument(
+        "--kv-memory-gb",
+        type=float,
+        default=None,
+        help="native engines: size the batch by this many GiB of KV cache (at most --batch; "
+        "a compressed cache admits more); the seqs column says how many each row admitted",
+    )
     ap.add_argument("--json", default=None, help="write the rows to this file as JSON")
     args = ap.parse_args(list(argv))
     args.device, where = local_device(args.device)
@@ -511,6 +531,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             "temperature",
             "task",
             "task_args",
+            "kv_memory_gb",
         )
     }
     settings["threads"] = torch.get_num_threads()

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from rlkit.bench import format_table, main, rollout
+from rlkit.config.schema import KVCompressionConfig
 from rlkit.models.tiny import save_tiny_model
 
 
@@ -86,3 +88,127 @@ def test_spec_rows_per_drafter_on_task_prompts(model_dir, capsys):
         assert r["accept_len_mean"] >= 1.0 and r["drafted_per_step"] >= 0 and r["draft_ms"] >= 0
     out = capsys.readouterr().out
     assert "acc len" in out and "mtp=untrained" in out
+
+
+def test_kv_memory_sizes_each_mode_and_the_rows_say_how_many(model_dir, capsys):
+    """--kv-memory-gb: the dense row admits what that many GiB hold at its full length, the
+    sparse row what they hold at budget + interval entries: more, and it decodes them."""
+    from rlkit.config.schema import KVCompressionConfig
+    from rlkit.models import load_model
+    from rlkit.rollout import Engine
+
+    model, tok = load_model(model_dir)
+    probe = Engine(model, tok, dtype=torch.float32)
+    cfg = KVCompressionConfig(policy="snapkv", budget=12, window=4, interval=4)
+    dense_per, sparse_per = probe.slot_bytes(44, None), probe.slot_bytes(44, cfg)
+    gb = 3 * dense_per / 2**30
+    argv = [
+        "--model", model_dir, "--batch", "6", "--prompt-len", "20", "--max-new-tokens", "24",
+        "--repeats", "1", "--modes", "dense,sparse", "--engines", "native", "--dtype", "float32",
+        "--budget", "12", "--window", "4", "--interval", "4", "--threads", "1",
+        "--kv-memory-gb", repr(gb),
+    ]  # fmt: skip
+    rows = rollout(argv)
+    assert [r["mode"] for r in rows] == ["dense", "sparse"]
+    assert rows[0]["seqs_admitted"] == 3  # 6 sequences in two waves
+    assert rows[1]["seqs_admitted"] == min(6, 3 * dense_per // sparse_per) == 6
+    assert all(r["tokens"] == 6 * 24 for r in rows)
+    out = capsys.readouterr().out
+    assert "seqs" in out and "kv_memory_gb=" in out
+
+
+def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path):
+    """benchmarks/sparse_memory_wall.py (the GPU script's driver) end to end at tiny sizes:
+    the equal-memory row admits what the budget holds for the compressed cache, and the JSON
+    has the keys the issue asks for."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "sparse_memory_wall.py"
+    spec = importlib.util.spec_from_file_location("sparse_memory_wall", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "wall.json"
+    argv = [
+        "--model", model_dir, "--device", "cpu", "--dtype", "float32", "--batch", "2",
+        "--prompt-len", "8", "--new-tokens", "40", "--budget", "16", "--window", "4",
+        "--interval", "8", "--copy-gb", "0.01", "--threads", "1", "--json", str(out),
+    ]  # fmt: skip
+    res = mod.main(argv)
+    saved = json.loads(out.read_text())
+    for key in ("device", "equal_batch_speedup", "equal_batch_kv_fraction",
+                "equal_memory_sequences_ratio", "equal_memory_speedup"):  # fmt: skip
+        assert key in saved
+    assert saved["device"] == "cpu"
+    mem_rows = res["rows"]["equal_memory"]
+    assert mem_rows[0]["seqs_admitted"] == res["equal_memory_sequences_expected"] > 2
+    assert res["equal_memory_sequences_ratio"] == mem_rows[0]["seqs_admitted"] / 2
+    assert [r["seqs_admitted"] for r in res["rows"]["equal_batch"]] == [2, 2]
+    assert 0 < res["equal_batch_kv_fraction"] < 1
+    assert res["floors"]["dense"]["floor_ms_per_step"] > 0
+    # Mean entries follow the cache: dense grows with every token; sparse stays under
+    # budget + interval.
+    cfg = KVCompressionConfig(policy="snapkv", budget=16, window=4, interval=8)
+    assert mod.mean_entries(8, 40, None) == pytest.approx(8 + 20)
+    assert 16 < mod.mean_entries(8, 400, cfg) <= 24
+
+
+def _load_benchmark(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sparse_rl_long_summary_and_recipe(tmp_path, monkeypatch):
+    """benchmarks/gpu/sparse_rl_long.sh's CPU parts: the recipe loads sparse and dense (the
+    script's override), and the summary reads two run directories into the issue's figures."""
+    from rlkit.config import load_recipe
+
+    root = __import__("pathlib").Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    sparse_cfg = load_recipe("recipes/sparse_rl_long.yaml")
+    dense_cfg = load_recipe("recipes/sparse_rl_long.yaml", ["rollout.kv_compression.policy=none"])
+    kv = sparse_cfg.rollout.kv_compression
+    assert kv.policy == "snapkv" and dense_cfg.rollout.kv_compression.policy == "none"
+    # A 600-token sequence keeps at most budget + interval entries: >= 40% removed.
+    assert 1 - (kv.budget + kv.interval) / 600 >= 0.4
+    assert sparse_cfg.rollout.max_new_tokens >= 1024 and sparse_cfg.data.task_args["steps"]
+
+    def write(name, rows, acc):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = {"eval_before": {"eval/accuracy": 0.0}, "eval_after": {"eval/accuracy": acc}}
+        (d / "summary.json").write_text(json.dumps(summary))
+        return str(d)
+
+    sparse = write(
+        "s",
+        [
+            {"timing/rollout": 4.0, "response/length_mean": 600.0, "rollout/kv_retained_frac": 0.5,
+             "rollout/kv_retained_frac_max": 0.6},
+            {"timing/rollout": 2.0, "response/length_mean": 500.0, "rollout/kv_retained_frac": 0.4,
+             "rollout/kv_retained_frac_max": 0.7},
+            {"eval/accuracy": 0.1},  # an eval row: not a step
+        ],
+        0.05,
+    )  # fmt: skip
+    dense = write(
+        "d",
+        [{"timing/rollout": 9.0, "response/length_mean": 560.0}] * 2,
+        0.07,
+    )
+    mod = _load_benchmark("sparse_rl_long_summary")
+    out = mod.main([sparse, dense, "--json", str(tmp_path / "o.json")])
+    assert out["sparse"]["steps"] == 2 and out["sparse"]["mean_response_tokens"] == 550
+    assert out["rollout_time_ratio_dense_over_sparse"] == pytest.approx(18 / 6)
+    assert out["kv_removed_frac_mean"] == pytest.approx(0.55)
+    assert out["sparse"]["kv_retained_frac_max"] == 0.7
+    assert out["accuracy_gap_points"] == pytest.approx(-2.0)
+    assert all(out["acceptance"].values())
+    assert json.loads((tmp_path / "o.json").read_text())["dense"]["rollout_seconds"] == 18

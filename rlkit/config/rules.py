@@ -51,6 +51,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 NON_NEGATIVE = at_least(0)
 SEED = in_range(0, 2**31 - 1)
 PROBABILITY = in_range(0, 1)
+PROBABILITY_OPEN = in_range(0, 1, low_open=True)
 # Built-in task splits are built in memory.
 SPLIT_SIZE = in_range(1, 1_000_000)
 # Seconds; the OS's waits overflow past about 24 days.
@@ -93,6 +94,8 @@ RULES: dict[str, Check | None] = {
     "rollout.stop": no_empty_strings,
     "rollout.dtype": None,
     "rollout.max_batch_size": positive,
+    "rollout.kv_memory_gb": optional(in_range(0, 1 << 20, low_open=True)),  # one at most:
+    "rollout.kv_memory_fraction": optional(PROBABILITY_OPEN),  # _kv_memory_fits
     "rollout.num_workers": positive,
     "rollout.kv_compression.policy": None,
     "rollout.kv_compression.budget": at_least(2),
@@ -215,6 +218,8 @@ LAUNCH_ONLY: dict[str, str] = {
     "rollout.engine": "the rollout worker is built once, at launch",
     "rollout.dtype": "the rollout worker is built once, at launch",
     "rollout.max_batch_size": "the rollout worker is built once, at launch",
+    "rollout.kv_memory_gb": "the rollout worker is built once, at launch",
+    "rollout.kv_memory_fraction": "the rollout worker is built once, at launch",
     "rollout.num_workers": "the rollout workers are placed once, at launch",
     "train.num_learners": "the learner ranks are placed once, at launch",
     "train.shard": "the learner ranks shard the model once, at launch",
@@ -244,6 +249,22 @@ def _window_below_budget(cfg: RecipeConfig) -> None:
         raise Invalid(
             f"must be at most budget - window ({room}), got {kv.sink}",
             key="rollout.kv_compression.sink",
+        )
+
+
+def _kv_memory_fits(cfg: RecipeConfig) -> None:
+    r = cfg.rollout
+    if r.kv_memory_gb is not None and r.kv_memory_fraction is not None:
+        raise Invalid(
+            f"and rollout.kv_memory_gb ({r.kv_memory_gb}) both size the batch; give one",
+            key="rollout.kv_memory_fraction",
+        )
+    key = "rollout.kv_memory_gb" if r.kv_memory_gb is not None else "rollout.kv_memory_fraction"
+    if (r.kv_memory_gb is not None or r.kv_memory_fraction is not None) and r.engine != "native":
+        raise Invalid(
+            "needs rollout.engine: native (vLLM sizes its pool with "
+            "rollout.vllm.gpu_memory_utilization or cpu_kv_cache_gb)",
+            key=key,
         )
 
 
@@ -476,6 +497,7 @@ def _resume_finds_the_run(cfg: RecipeConfig) -> None:
 
 CROSS_RULES: list[Callable[[RecipeConfig], None]] = [
     _window_below_budget,
+    _kv_memory_fits,
     _compression_needs_native,
     _speculative_fits,
     _rho_bounds,

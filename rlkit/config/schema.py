@@ -196,6 +196,13 @@ class RolloutConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Most sequences decoded at once; the rest wait for a free slot.
     max_batch_size: int = 256
+    # Size the batch by KV memory (native engine; at most max_batch_size): as many sequences
+    # as this many GiB hold, at the cache's bytes per sequence (dense: prompt + max_new_tokens
+    # entries per layer; compressed: what the policy keeps at most, budget + interval), so a
+    # compressed cache admits proportionally more. Or kv_memory_fraction: that fraction of the
+    # device's free memory (CUDA) or available RAM (CPU) when the rollout starts. One at most.
+    kv_memory_gb: float | None = None
+    kv_memory_fraction: float | None = None
     num_workers: int = 1
     kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from rlkit.algorithms.registry import Registry
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.kernels import cpu as cpu_kernels
+from rlkit.kernels import kv_compress
 
 
 @dataclass
@@ -76,15 +77,10 @@ def keep_top(
     L = scores.shape[-1]
     if kernels and scores.device.type == "cpu" and budget <= L and cpu_kernels.available(None):
         return cpu_kernels.keep_top(scores.float(), lengths, budget, window)
-    idx = torch.arange(L, device=scores.device)
-    lens = lengths.to(scores.device)[:, None, None]
-    s = scores.float().masked_fill(idx >= lens - window, math.inf)
-    s = s.masked_fill(idx >= lens, -math.inf)
-    # A stable sort, not topk: ties (max-pooling makes plateaus of equal scores) go to the
-    # earlier entry whatever the row's padding, so a sequence keeps the same entries in any
-    # batch.
-    order = s.sort(dim=-1, descending=True, stable=True).indices
-    return order[..., :budget].sort(dim=-1).values
+    # CUDA: the Triton kernel (no sort, no host sync); else the reference's stable sort: ties
+    # (max-pooling makes plateaus of equal scores) go to the earlier entry whatever the row's
+    # padding, so a sequence keeps the same entries in any batch.
+    return kv_compress.keep_top(scores.float(), lengths.to(scores.device), budget, window)
 
 
 def window_attention(
@@ -94,7 +90,8 @@ def window_attention(
     [B, H, window, D] give the entries, averaged over the queries and the query heads of
     each kv head's group. Query i sits at entry `length - window + i` and sees only entries up
     to it (causal), and never the padding. kernels=True computes it with the CPU kernel,
-    reading `keys` in place, where it applies (bf16 or float32 on the CPU)."""
+    reading `keys` in place, where it applies (bf16 or float32 on the CPU); CUDA tensors go
+    to the Triton kernel of `rlkit.kernels.kv_compress`."""
     B, H, w, D = queries.shape
     kvh, L = keys.shape[1], keys.shape[2]
     if (
@@ -107,14 +104,8 @@ def window_attention(
         and cpu_kernels.available(keys.dtype)
     ):
         return cpu_kernels.window_scores(queries, keys, lengths)
-    group = H // kvh
-    q = queries.reshape(B, kvh, group * w, D).float()
-    logits = q @ keys.float().transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G*w, L]
-    at = lengths.to(keys.device)[:, None] - w + torch.arange(w, device=keys.device)  # [B, w]
-    visible = torch.arange(L, device=keys.device) <= at[:, :, None]  # [B, w, L]
-    visible = visible[:, None, None].expand(B, 1, group, w, L).reshape(B, 1, group * w, L)
-    probs = logits.masked_fill(~visible, -math.inf).softmax(dim=-1)
-    return probs.mean(dim=2)
+    # CUDA: the Triton kernel; else the reference (float32 math).
+    return kv_compress.window_scores(queries, keys, lengths.to(keys.device))
 
 
 def pooled_importance(inputs: CompressionInputs, kernel: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from rlkit.models.decoder import Decoder
-from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
+from rlkit.rollout.kv_cache import KVCache
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -36,15 +36,8 @@ def buckets(max_batch: int) -> list[int]:
     return [*out, max_batch]
 
 
-def supported(cache: KVCache) -> bool:
-    """Whether a cache takes padded decode steps (H2O's statistic needs exact spans)."""
-    return not (isinstance(cache, CompressedKVCache) and cache.h2o)
-
-
 class DecodeGraphs:
     def __init__(self, model: Decoder, cache: KVCache, capture: bool = True):
-        if not supported(cache):
-            raise ValueError("CUDA-graph decode does not take an h2o cache")
         self.model, self.cache, self.capture = model, cache, capture
         self.buckets = buckets(cache.num_slots)
         # Fixed token buffers per tokens-per-row.

@@ -23,6 +23,7 @@ import ctypes
 import sys
 from typing import Any
 
+import psutil
 import torch
 
 from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
@@ -34,7 +35,7 @@ from rlkit.models.mtp import PREFIX as MTP_PREFIX
 from rlkit.models.mtp import MTPModule, load_mtp_state
 from rlkit.models.tokenizer import eos_token_ids
 from rlkit.rollout.compression import validate
-from rlkit.rollout.cuda_graphs import DecodeGraphs, supported
+from rlkit.rollout.cuda_graphs import DecodeGraphs
 from rlkit.rollout.drafters import DRAFTERS, DraftSettings
 from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
 from rlkit.rollout.sam import SuffixAutomaton, corpus_automaton
@@ -88,6 +89,12 @@ class Engine:
     (`Decoder.fuse_projections`), so give the engine its own copy, not the learner's.
 
     max_batch_size: sequences decoded at once; the rest wait for a free slot.
+    kv_memory_gb / kv_memory_fraction: size the batch by KV memory instead (at most
+    max_batch_size): as many sequences as that many GiB, or that fraction of the device's free
+    memory, hold at the cache's bytes per sequence (`slot_bytes`: a dense sequence its whole
+    length, a compressed one budget + interval entries per compressed layer), so a compressed
+    cache admits proportionally more. Checked per `generate` call (`admitted`). It counts the
+    policy's cache; an MTP drafter's one-layer dense cache comes on top.
     max_seq_len: prompt + completion cap (default: the model's max positions). The cache is
     sized per call to min(max_seq_len, longest prompt + max_new_tokens) and kept for reuse.
     sync_every: decode steps between host checks of finished sequences.
@@ -103,7 +110,9 @@ class Engine:
     `rlkit.kernels.cpu`; `Decoder.forward_decode_fused`); False runs PyTorch ops (ATen's
     SDPA for attention), to compare.
     cuda_graphs: decode steps replayed from CUDA graphs, one per padded batch size
-    (`rollout/cuda_graphs.py`; default: on for CUDA; not under the h2o policy). True on a CPU
+    (`rollout/cuda_graphs.py`; default: on for CUDA, for every compression policy: H2O's
+    accumulated attention is updated inside the captured step, and compressions run between
+    steps on the Triton kernels of `rlkit.kernels.kv_compress`, without a host sync). True on a CPU
     runs the same padded steps without capturing them (the path tested there).
     speculative: draft-and-verify decoding (None or drafter "none": plain steps). mtp: the
     MTP module the `mtp` and `sam+mtp` drafters use; the engine casts it to `dtype` and takes
@@ -115,7 +124,9 @@ class Engine:
     (what a dense cache holds at that moment: prompt + fed completion tokens, i.e. all but the
     last sampled token, times bytes per token), kv_retained_frac (their ratio),
     kv_retained_frac_max (the largest per-sequence ratio),
-    compression_events ((sequence, layer) compressions in the call); speculative calls add
+    compression_events ((sequence, layer) compressions in the call), seqs_admitted_peak (the
+    sequences the call could decode at once: its cache's slots in use, `admitted`),
+    concurrent_seqs_max (the most that did run at once); speculative calls add
     spec/accept_len_mean, spec/accept_rate, spec/drafted_per_step, spec/draft_ms,
     spec/verify_steps (`steps.SpecStep.stats`).
     """
@@ -135,7 +146,16 @@ class Engine:
         cuda_graphs: bool | None = None,
         speculative: SpeculativeConfig | None = None,
         mtp: MTPModule | None = None,
+        kv_memory_gb: float | None = None,
+        kv_memory_fraction: float | None = None,
     ):
+        if kv_memory_gb is not None and kv_memory_fraction is not None:
+            raise ValueError("give kv_memory_gb or kv_memory_fraction, not both")
+        if kv_memory_gb is not None and not kv_memory_gb > 0:
+            raise ValueError(f"kv_memory_gb must be > 0, got {kv_memory_gb}")
+        if kv_memory_fraction is not None and not 0 < kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
+        self.kv_memory_gb, self.kv_memory_fraction = kv_memory_gb, kv_memory_fraction
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
         self.device = next(model.parameters()).device
@@ -220,7 +240,7 @@ class Engine:
 
     def _decode_graphs(self, cache: KVCache) -> DecodeGraphs | None:
         """The replayable decode steps for `cache` (None: eager steps)."""
-        if not self.cuda_graphs or not supported(cache):
+        if not self.cuda_graphs:
             return None
         if self._graphs is None or self._graphs.cache is not cache:
             self._graphs = DecodeGraphs(self.model, cache, capture=cache.device.type == "cuda")
@@ -244,6 +264,57 @@ class Engine:
         answers), each ended by EOS."""
         sep = min(self.eos_ids) if self.eos_ids else 0
         self.static_corpus = corpus_automaton(texts, sep) if texts else None
+
+    def slot_bytes(
+        self, length: int, compression: KVCompressionConfig | None, lookahead: int = 0
+    ) -> int:
+        """Bytes one sequence of up to `length` tokens takes in the cache `generate` builds:
+        dense, its whole length; compressed, what the policy's rows hold at most (budget +
+        interval entries in the compressed layers) plus its statistics."""
+        a, c = self.model.args, compression
+        if c is None:
+            return KVCache.slot_bytes(
+                a.num_layers, length, a.num_kv_heads, a.head_dim, self.dtype, lookahead
+            )
+        return CompressedKVCache.compressed_slot_bytes(
+            a.num_layers, min(length, c.budget + c.interval), length, a.num_heads,
+            a.num_kv_heads, a.head_dim, c, self.dtype, lookahead,
+        )  # fmt: skip
+
+    def kv_memory_bytes(self) -> int | None:
+        """The KV cache's byte budget (None: the batch is max_batch_size): kv_memory_gb GiB,
+        or kv_memory_fraction of the device's free memory (CUDA: `mem_get_info`; CPU: the
+        available RAM) counting the engine's current cache as free (it is reused or
+        replaced)."""
+        if self.kv_memory_gb is not None:
+            return int(round(self.kv_memory_gb * 2**30))
+        if self.kv_memory_fraction is None:
+            return None
+        held = self.cache.held_bytes if self.cache is not None else 0
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = psutil.virtual_memory().available
+        return int(self.kv_memory_fraction * (free + held))
+
+    def admitted(
+        self, sequences: int, length: int, compression: KVCompressionConfig | None, lookahead: int
+    ) -> int:
+        """Sequences decoded at once for a call of `sequences` sequences of up to `length`
+        tokens: max_batch_size, or under a KV memory budget as many as it holds (at most
+        max_batch_size), so a compressed cache admits proportionally more."""
+        cap = min(self.max_batch_size, sequences)
+        budget = self.kv_memory_bytes()
+        if budget is None:
+            return cap
+        per = self.slot_bytes(length, compression, lookahead)
+        if budget < per:
+            key = "kv_memory_gb" if self.kv_memory_gb is not None else "kv_memory_fraction"
+            raise ValueError(
+                f"the KV memory budget ({key}: {budget / 2**20:.1f} MiB) holds no sequence of "
+                f"{length} tokens ({per / 2**20:.1f} MiB each in this cache)"
+            )
+        return min(cap, budget // per)
 
     def _cache_for(
         self, slots: int, length: int, compression: KVCompressionConfig | None, lookahead: int

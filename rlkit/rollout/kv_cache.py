@@ -35,9 +35,20 @@ import torch.nn.functional as F
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.kernels import cpu as cpu_kernels
+from rlkit.kernels import kv_compress
 from rlkit.kernels.sparse_decode_attention import sparse_decode_attention
 from rlkit.models.decoder import FusedTarget
 from rlkit.rollout.compression import POLICIES, CompressionInputs, oracle_scores, validate
+
+
+def to_device(host: np.ndarray | list[int], device: torch.device) -> torch.Tensor:
+    """A host array (int64) on `device` without a host synchronisation: on CUDA through a
+    pinned copy and an asynchronous transfer (PyTorch's pinned-memory cache keeps the copy
+    until the transfer has run), so that the host can queue steps ahead of the GPU."""
+    t = torch.tensor(np.asarray(host, dtype=np.int64))  # a copy: the host array changes next
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class KVCache:
@@ -73,6 +84,25 @@ class KVCache:
             and self.lookahead >= lookahead
             and self.k.dtype == dtype
         )
+
+    @staticmethod
+    def slot_bytes(
+        num_layers: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        lookahead: int = 0,
+    ) -> int:
+        """Bytes one slot of a cache built with these arguments holds: a dense row is the
+        whole sequence, K and V of every layer (what `rollout.kv_memory_gb` divides)."""
+        return 2 * num_layers * num_kv_heads * (max_len + lookahead) * head_dim * dtype.itemsize
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of every per-slot tensor the cache allocated (its K/V and the statistics a
+        compressed cache keeps): `slot_bytes` times the slots."""
+        return self.allocated_bytes
 
     @property
     def bytes_per_token(self) -> int:
@@ -138,7 +168,11 @@ class KVCache:
                 (rows, self.num_slots, T), dtype=torch.long, device=self.device
             )
         buf = self._static[T][:, :pad]
-        buf.copy_(torch.from_numpy(host))
+        src = torch.from_numpy(host)
+        # Pinned and asynchronous on CUDA: the host queues the step without waiting for the
+        # previous ones (PyTorch's pinned-memory cache keeps `src` until the copy has run).
+        cuda = self.device.type == "cuda"
+        buf.copy_(src.pin_memory() if cuda else src, non_blocking=cuda)
         return buf
 
     def begin_decode(
@@ -155,8 +189,8 @@ class KVCache:
         self._mode = "decode"
         if pad_to is not None:
             return self._begin_padded(batch, pad_to, new_tokens)
-        start = torch.from_numpy(self.lengths[:batch].copy()).to(self.device)  # [B]
-        pos0 = torch.from_numpy(self.positions[:batch].copy()).to(self.device)
+        start = to_device(self.lengths[:batch], self.device)  # [B]
+        pos0 = to_device(self.positions[:batch], self.device)
         steps = torch.arange(new_tokens, device=self.device)
         self._write = start[:, None] + steps  # [B, T]
         self._kv_len = int(self.lengths[:batch].max()) + new_tokens
@@ -223,8 +257,7 @@ class KVCache:
         if not src:
             return
         n = int(self.lengths[src].max())
-        s = torch.tensor(src, device=self.device)
-        d = torch.tensor(dst, device=self.device)
+        s, d = to_device(src, self.device), to_device(dst, self.device)
         self.k[:, d, :, :n] = self.k[:, s, :, :n]
         self.v[:, d, :, :n] = self.v[:, s, :, :n]
         self.lengths[dst] = self.lengths[src]
@@ -306,10 +339,7 @@ class CompressedKVCache(KVCache):
         self.max_len = min(max_len, full_len) + lookahead
         self.full_len = full_len + lookahead
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        hybrid = cfg.policy == "layer_hybrid"
-        self.oracle = hybrid and not cfg.hybrid_local
-        self.full_layers = [i for i in range(num_layers) if hybrid and i % cfg.full_every == 0]
-        self.comp_layers = [i for i in range(num_layers) if i not in self.full_layers]
+        self.full_layers, self.comp_layers, q_layers, self.oracle = _layer_roles(num_layers, cfg)
         # layer -> (group, index in its store); group 0: compressed (k, v), 1: full (kf, vf).
         self.where = {i: (0, j) for j, i in enumerate(self.comp_layers)}
         self.where.update({i: (1, j) for j, i in enumerate(self.full_layers)})
@@ -327,10 +357,6 @@ class CompressedKVCache(KVCache):
         self.positions = np.zeros(num_slots, dtype=np.int64)
         self.since = np.zeros(num_slots, dtype=np.int64)  # tokens since the last check
         # Ring of the recent queries, for the layers whose scores need them.
-        if cfg.policy in ("snapkv", "rkv"):
-            q_layers = self.comp_layers
-        else:
-            q_layers = self.full_layers if self.oracle else []
         self.q_index = {i: j for j, i in enumerate(q_layers)}
         self.ring = cfg.window + lookahead
         self.queries = torch.zeros(
@@ -374,6 +400,40 @@ class CompressedKVCache(KVCache):
             and self.full_len - la >= full_len
             and self.k.dtype == dtype
         )
+
+    @staticmethod
+    def compressed_slot_bytes(
+        num_layers: int,
+        max_len: int,
+        full_len: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cfg: KVCompressionConfig,
+        dtype: torch.dtype,
+        lookahead: int = 0,
+    ) -> int:
+        """Bytes one slot of a `CompressedKVCache` built with these arguments holds: the
+        compressed layers' K/V rows of min(max_len, full_len) entries (the engine passes
+        budget + interval: what a row holds at most between compressions), the full layers'
+        rows of full_len, each plus `lookahead`, and the policy's statistics (query ring,
+        H2O's accumulated attention, layer_hybrid's entry positions)."""
+        full, comp, q_layers, oracle = _layer_roles(num_layers, cfg)
+        m, f = min(max_len, full_len) + lookahead, full_len + lookahead
+        item = dtype.itemsize
+        kv = 2 * num_kv_heads * head_dim * item  # K and V of one entry of one layer
+        total = len(comp) * m * kv + len(full) * f * kv
+        total += len(q_layers) * num_heads * (cfg.window + lookahead) * head_dim * item
+        if cfg.policy == "h2o":
+            total += len(comp) * num_kv_heads * m * 4  # float32
+        if oracle:
+            total += len(full) * m * 8  # int64
+        return total
+
+    @property
+    def held_bytes(self) -> int:
+        tensors = (self.k, self.v, self.kf, self.vf, self.queries, self.accumulated)
+        return sum(t.numel() * t.element_size() for t in (*tensors, self.entry_pos))
 
     @property
     def capacity(self) -> int:
@@ -436,7 +496,7 @@ class CompressedKVCache(KVCache):
     ) -> torch.Tensor:
         R, H, T, D = q.shape
         cfg, slots, rows = self.cfg, self._slots, self._rows
-        lens = torch.from_numpy(self._row_len).to(self.device)
+        lens = to_device(self._row_len, self.device)
         colsum = None
         if self.h2o:
             out, colsum = _causal_attention_with_colsum(q, k, v, lens)
@@ -449,7 +509,7 @@ class CompressedKVCache(KVCache):
             ring = pos.remainder(self.ring)[rows]  # [S, w]
             ring_q = self.queries[self.q_index[layer]]
             ring_q[slots[:, None], :, ring] = last_q[rows].transpose(1, 2)
-        squeeze = torch.from_numpy(self._squeeze).to(self.device)
+        squeeze = to_device(self._squeeze, self.device)
         if group == 1:  # a full layer of layer_hybrid
             ks[slots, :, :T] = k[rows]
             vs[slots, :, :T] = v[rows]
@@ -489,13 +549,13 @@ class CompressedKVCache(KVCache):
         if pad_to is not None:
             return self._begin_padded_compressed(batch, pad_to, new_tokens)
         dev = self.device
-        pos0 = torch.from_numpy(self.positions[:batch].copy()).to(dev)
+        pos0 = to_device(self.positions[:batch], dev)
         steps = torch.arange(new_tokens, device=dev)
         self._gwrite: list[torch.Tensor] = []
         self._gkv_len: list[int] = []
         self._glens: list[torch.Tensor] = []
         for g in range(2 if self.full_layers else 1):
-            start = torch.from_numpy(self.group_lengths[g, :batch].copy()).to(dev)
+            start = to_device(self.group_lengths[g, :batch], dev)
             write = start[:, None] + steps  # [B, T]
             self._gwrite.append(write)
             self._gkv_len.append(int(self.group_lengths[g, :batch].max()) + new_tokens)
@@ -513,8 +573,6 @@ class CompressedKVCache(KVCache):
     def _begin_padded_compressed(self, batch: int, pad: int, T: int) -> torch.Tensor:
         """`KVCache.begin_decode(pad_to=...)` for the compressed cache: per length group the
         write indices and length, the query ring's indices and the positions in one buffer."""
-        if self.h2o:  # its statistic needs every row's exact span; not captured
-            raise ValueError("a padded decode step does not take the h2o policy")
         groups = 2 if self.full_layers else 1
         steps = np.arange(T)
         host = np.zeros((2 * groups + 2, pad, T), dtype=np.int64)
@@ -619,20 +677,20 @@ class CompressedKVCache(KVCache):
         rows_np = slots[self.group_lengths[0, slots] > cfg.budget]
         if len(rows_np) == 0 or not self.comp_layers:
             return 0
-        rows = torch.from_numpy(rows_np).to(dev)
-        R, kvh, D, w = len(rows_np), self.num_kv_heads, self.head_dim, cfg.window
+        rows = to_device(rows_np, dev)
+        R, kvh, w = len(rows_np), self.num_kv_heads, cfg.window
         L = int(self.group_lengths[0, rows_np].max())
-        lens = torch.from_numpy(self.group_lengths[0, rows_np].copy()).to(dev)
+        lens = to_device(self.group_lengths[0, rows_np], dev)
         ring = None
         if self.q_index:
-            qpos = torch.from_numpy(self.positions[rows_np].copy()).to(dev)[:, None] - w
+            qpos = to_device(self.positions[rows_np], dev)[:, None] - w
             ring = (qpos + torch.arange(w, device=dev)).remainder(self.ring)  # [R, w], oldest first
         oracle: dict[int, torch.Tensor] = {}
         chosen_of: dict[int, torch.Tensor] = {}
         if self.oracle:
             assert ring is not None
             Lf = int(self.group_lengths[1, rows_np].max())
-            flens = torch.from_numpy(self.group_lengths[1, rows_np].copy()).to(dev)
+            flens = to_device(self.group_lengths[1, rows_np], dev)
             for j, f in enumerate(self.full_layers):
                 queries = self.queries[self.q_index[f]][rows[:, None], :, ring].transpose(1, 2)
                 scores = oracle_scores(
@@ -642,15 +700,13 @@ class CompressedKVCache(KVCache):
                 at = self.entry_pos[j][rows, :L].clamp(max=Lf - 1)
                 oracle[j] = scores.gather(1, at)  # [R, L]
         # A run of consecutive slots (the usual case: sequences started together) is read in
-        # place; other row sets are gathered for the policy. The C kernels compact in place.
+        # place; other row sets are gathered for the policy. Compaction is in place (C kernels,
+        # the Triton kernel on CUDA, or its reference).
         fast = self._kernels()
         span = slice(int(rows_np[0]), int(rows_np[0]) + R)
         in_place = bool((np.diff(rows_np) == 1).all())
         for j, layer in enumerate(self.comp_layers):
-            if in_place:
-                keys, values = self.k[j][span, :, :L], self.v[j][span, :, :L]
-            else:
-                keys, values = self.k[j][rows, :, :L], self.v[j][rows, :, :L]
+            keys = self.k[j][span, :, :L] if in_place else self.k[j][rows, :, :L]
             inputs = CompressionInputs(keys, lens, kernels=fast)
             if layer in self.q_index:
                 assert ring is not None
@@ -664,12 +720,9 @@ class CompressedKVCache(KVCache):
             if fast:
                 for store in (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ()):
                     cpu_kernels.compact_rows(store, rows, chosen)
-            else:
-                gidx = chosen[..., None].expand(-1, -1, -1, D)
-                self.k[j][rows, :, : cfg.budget] = keys.gather(2, gidx)
-                self.v[j][rows, :, : cfg.budget] = values.gather(2, gidx)
-                if acc is not None:
-                    self.accumulated[j][rows, :, : cfg.budget] = acc.gather(2, chosen)
+            else:  # CUDA: the Triton kernel, in place, no host sync; else its reference
+                for store in (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ()):
+                    kv_compress.compact_rows(store, rows, chosen)
             if self.oracle:
                 chosen_of[layer // cfg.full_every] = chosen[:, 0]
         for g, chosen in chosen_of.items():
@@ -682,8 +735,7 @@ class CompressedKVCache(KVCache):
     def move(self, src: list[int], dst: list[int]) -> None:
         if not src:
             return
-        s = torch.tensor(src, device=self.device)
-        d = torch.tensor(dst, device=self.device)
+        s, d = to_device(src, self.device), to_device(dst, self.device)
         n = int(self.group_lengths[0, src].max())
         self.k[:, d, :, :n] = self.k[:, s, :, :n]
         self.v[:, d, :, :n] = self.v[:, s, :, :n]
@@ -697,6 +749,24 @@ class CompressedKVCache(KVCache):
         self.group_lengths[:, dst] = self.group_lengths[:, src]
         self.positions[dst] = self.positions[src]
         self.since[dst] = self.since[src]
+
+
+def _layer_roles(
+    num_layers: int, cfg: KVCompressionConfig
+) -> tuple[list[int], list[int], list[int], bool]:
+    """(full layers, compressed layers, layers keeping a query ring, oracle) of a compressed
+    cache: layer_hybrid keeps every `full_every`-th layer full, the others compress them all;
+    snapkv / rkv score from every compressed layer's recent queries, layer_hybrid's oracle
+    from its full layers'."""
+    hybrid = cfg.policy == "layer_hybrid"
+    oracle = hybrid and not cfg.hybrid_local
+    full = [i for i in range(num_layers) if hybrid and i % cfg.full_every == 0]
+    comp = [i for i in range(num_layers) if i not in full]
+    if cfg.policy in ("snapkv", "rkv"):
+        q_layers = comp
+    else:
+        q_layers = full if oracle else []
+    return full, comp, q_layers, oracle
 
 
 def _causal_attention_with_colsum(

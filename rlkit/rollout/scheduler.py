@@ -77,10 +77,12 @@ class Run:
         dev = self.device = engine.device
         total = len(prompts) * n
         length = min(engine.max_seq_len, max(len(p) for p in prompts) + params.max_new_tokens)
-        self.cache = engine._cache_for(
-            min(engine.max_batch_size, total), length, compression, lookahead
-        )
-        self.slots = self.cache.num_slots
+        # Sequences decoded at once: max_batch_size, or what the KV memory budget holds. A
+        # reused cache may have more slots than that; the run uses only these.
+        admitted = engine.admitted(total, length, compression, lookahead)
+        self.cache = engine._cache_for(admitted, length, compression, lookahead)
+        self.slots = min(self.cache.num_slots, admitted)
+        self.concurrent = 0
         self.graphs = engine._decode_graphs(self.cache)
         self.gen = make_generator(params, dev)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_ids)
@@ -140,6 +142,8 @@ class Run:
             if len(self.held)
             else 1.0,
             "compression_events": float(getattr(c, "events", 0) - self.events0),
+            "seqs_admitted_peak": float(self.slots),
+            "concurrent_seqs_max": float(self.concurrent),
             **step.stats(),
         }
 
@@ -189,6 +193,7 @@ class Run:
         self.seq_dev[first:end] = seq_t
         self.count_dev[first:end] = 1
         self.seq.extend(seqs)
+        self.concurrent = max(self.concurrent, len(self.seq))
         prompt_len = np.array([len(self.prompts[s // self.n]) for s in seqs], dtype=np.int64)
         limit = np.minimum(self.params.max_new_tokens, self.cache.capacity - prompt_len)
         self.count = np.concatenate([self.count, np.ones(len(seqs), dtype=np.int64)])

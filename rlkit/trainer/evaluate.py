@@ -55,7 +55,14 @@ def main(
     choice = pick_dtype(cfg.rollout.dtype, where)
     net, tokenizer = load_model(model, dtype=choice.dtype)
     net = net.to(where).eval()
-    engine = Engine(net, tokenizer, max_batch_size=cfg.rollout.max_batch_size, dtype=choice.dtype)
+    engine = Engine(
+        net,
+        tokenizer,
+        max_batch_size=cfg.rollout.max_batch_size,
+        dtype=choice.dtype,
+        kv_memory_gb=cfg.rollout.kv_memory_gb,
+        kv_memory_fraction=cfg.rollout.kv_memory_fraction,
+    )
     print(f"rlkit eval: {engine.describe()} ({choice.why})", flush=True)
     samples, prompt_ids, _dropped = load_split(cfg, tokenizer, split)
     pool = VerifierPool(

@@ -69,6 +69,8 @@ class RolloutWorker:
             kv_compression=cfg.kv_compression,
             speculative=cfg.speculative,
             mtp=mtp,
+            kv_memory_gb=cfg.kv_memory_gb,
+            kv_memory_fraction=cfg.kv_memory_fraction,
         )
         print(f"rlkit rollout: {self.engine.describe()} ({choice.why})", flush=True)
 

@@ -102,6 +102,8 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "rollout.top_k": [-1],
     "rollout.max_new_tokens": [0],
     "rollout.max_batch_size": [0],
+    "rollout.kv_memory_gb": [0, -1.5, 2e6],
+    "rollout.kv_memory_fraction": [0, 1.01, -0.5],
     "rollout.num_workers": [0],
     "rollout.kv_compression.budget": [1, 0],
     "rollout.kv_compression.window": [0],

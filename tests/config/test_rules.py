@@ -76,6 +76,16 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
     [
         (["rollout.kv_compression.window=512"], "rollout.kv_compression.window", "less than"),
         (
+            ["rollout.kv_memory_gb=2", "rollout.kv_memory_fraction=0.5"],
+            "rollout.kv_memory_fraction",
+            "give one",
+        ),
+        (
+            ["rollout.engine=vllm", "rollout.kv_memory_fraction=0.5"],
+            "rollout.kv_memory_fraction",
+            "needs rollout.engine: native",
+        ),
+        (
             ["rollout.kv_compression.policy=streaming", "rollout.kv_compression.sink=505"],
             "rollout.kv_compression.sink",
             "at most budget - window (504)",

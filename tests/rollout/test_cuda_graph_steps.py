@@ -7,11 +7,10 @@ import torch
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.rollout import SamplingParams
-from rlkit.rollout.cuda_graphs import DecodeGraphs, buckets
-from rlkit.rollout.kv_cache import CompressedKVCache
+from rlkit.rollout.cuda_graphs import buckets
 
 GREEDY = dict(temperature=0.0)
-POLICIES = [None, "snapkv", "rkv", "streaming", "layer_hybrid"]
+POLICIES = [None, "snapkv", "rkv", "streaming", "layer_hybrid", "h2o"]
 
 
 def compression(policy):
@@ -48,22 +47,6 @@ def test_padded_steps_decode_like_plain_steps(make_engine, prompts, policy, para
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
     if policy is not None:
         assert padded.stats["compression_events"] == plain.stats["compression_events"] > 0
-
-
-def test_h2o_steps_stay_eager(make_engine, prompts):
-    h2o = KVCompressionConfig(policy="h2o", budget=10, window=3, interval=3)
-    engine = make_engine(cuda_graphs=True, kv_compression=h2o)
-    engine.generate(prompts, SamplingParams(max_new_tokens=4, **GREEDY))
-    assert engine._graphs is None
-    # compress=False: the same engine decodes a dense cache, which takes padded steps.
-    engine.generate(prompts, SamplingParams(max_new_tokens=4, **GREEDY), compress=False)
-    assert engine._graphs is not None
-    a = engine.model.args
-    cache = CompressedKVCache(a.num_layers, 2, 13, 40, a.num_heads, a.num_kv_heads, a.head_dim, h2o)
-    with pytest.raises(ValueError, match="h2o"):
-        DecodeGraphs(engine.model, cache, capture=False)
-    with pytest.raises(ValueError, match="h2o"):
-        cache.begin_decode(1, pad_to=2)
 
 
 def test_a_new_cache_gets_new_steps_and_release_drops_them(make_engine, prompts):
@@ -155,3 +138,54 @@ def test_cuda_graph_verify_steps_decode_like_eager_ones(tiny_dirs, prompts, poli
     eager.load_state_dict(state)
     out, ref = graphed.generate(prompts, sp, n=2), eager.generate(prompts, sp, n=2)
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", [None, "snapkv", "h2o"])
+def test_cuda_graph_steps_and_compressions_never_sync_the_host(tiny_dirs, prompts, policy):
+    """On a GPU: a replayed decode step (inputs moved pinned and asynchronously) and a
+    compression (Triton scores, selection, compaction) run under CUDA's sync debug mode
+    "error": any host synchronisation inside them raises."""
+    from rlkit.models import load_model
+    from rlkit.rollout import Engine
+    from rlkit.rollout.cuda_graphs import DecodeGraphs
+    from rlkit.rollout.kv_cache import CompressedKVCache
+
+    model, tok = load_model(tiny_dirs["qwen3"])
+    engine = Engine(
+        model.to("cuda"), tok, dtype=torch.bfloat16, max_batch_size=8, sync_every=4,
+        kv_compression=compression(policy),
+    )  # fmt: skip
+    sp = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=1.0, seed=1)
+    engine.generate(prompts, sp, n=2)  # captures the graphs, compiles the kernels
+    checked = {"steps": 0, "compressions": 0}
+    real_step, real_compress = DecodeGraphs.step, CompressedKVCache.compress
+
+    def step(self, batch, fed):
+        if (self.bucket(batch), fed.shape[1]) not in self.graphs:
+            return real_step(self, batch, fed)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = real_step(self, batch, fed)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked["steps"] += 1
+        return out
+
+    def compress(self, slots):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            n = real_compress(self, slots)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked["compressions"] += n
+        return n
+
+    DecodeGraphs.step, CompressedKVCache.compress = step, compress
+    try:
+        engine.generate(prompts, sp, n=2)
+    finally:
+        DecodeGraphs.step, CompressedKVCache.compress = real_step, real_compress
+    assert checked["steps"] > 0
+    assert (checked["compressions"] > 0) == (policy is not None)

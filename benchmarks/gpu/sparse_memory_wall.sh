@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sparse-RL at the memory wall (issue 16) on the lent GPU, from the repository root: a random
+# 1.5B Qwen2-shaped checkpoint (as step_1p5b.sh, with max_position_embeddings 4224 for
+# 64 + 4096 tokens), then benchmarks/sparse_memory_wall.py: dense vs sparse (SnapKV budget 512,
+# window 8, interval 64) at equal batch 64, sparse at equal KV memory (the dense batch-64
+# cache's bytes as --kv-memory-gb), a device copy for the bandwidth floor of each step.
+# Writes $OUT/gpu_sparse_memory_wall.json (device, equal_batch_speedup,
+# equal_batch_kv_fraction, equal_memory_sequences_ratio, equal_memory_speedup, floors, rows)
+# and $OUT/gpu_sparse_memory_wall.log. Expected: ~4.5 minutes on an H200 (tests ~40 s, dense
+# ~30 s, sparse ~20 s, sparse at ~455 sequences ~45 s, model build and loads the rest).
+source benchmarks/gpu/setup.sh
+set -o pipefail
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# First (~40 s) the compiled compression kernels against their references and the CUDA-graph
+# steps (every policy, H2O included) against eager ones; SPARSE_TESTS=0 skips them.
+if [ "${SPARSE_TESTS:-1}" != 0 ]; then
+  python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD tests/kernels/test_kv_compress.py \
+    -k "cuda" 2>&1 | tail -4 | tee $OUT/gpu_sparse_memory_wall.log
+  python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD \
+    tests/rollout/test_cuda_graph_steps.py -k "cuda_graph_steps_decode_like_eager or never_sync" 2>&1 \
+    | tail -4 | tee -a $OUT/gpu_sparse_memory_wall.log
+fi
+python3 -c "
+from rlkit.models.tiny import save_tiny_model
+save_tiny_model('/tmp/m15b_4k', 'qwen2', vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                num_layers=24, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
+                max_position_embeddings=4224)" || exit 1
+python3 benchmarks/sparse_memory_wall.py --model /tmp/m15b_4k --device cuda --batch 64 \
+  --prompt-len 64 --new-tokens 4096 --policy snapkv --budget 512 --window 8 --interval 64 \
+  --json $OUT/gpu_sparse_memory_wall.json 2>&1 | grep -v Warning | tee -a $OUT/gpu_sparse_memory_wall.log | tail -60

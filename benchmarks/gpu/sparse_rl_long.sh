@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sparse-RL with long responses on the lent GPU (issue 16), from the repository root:
+# recipes/sparse_rl_long.yaml (SmolLM2-135M-Instruct, countdown over 6-8 numbers with a
+# step-by-step prompt, up to 1536 new tokens, SnapKV budget 256 / window 16 / interval 64,
+# with the Sparse-RL corrections) and the same recipe dense (policy none), same seed; then
+# benchmarks/sparse_rl_long_summary.py: mean generated tokens, KV removed, rollout phase time
+# ratio, held-out accuracy gap. STEPS shortens or lengthens both runs (default: the recipe's 6).
+# Into $OUT: sparse_rl_long_{sparse,dense}_{summary.json,metrics.jsonl} and
+# gpu_sparse_rl_long.json. Expected: ~2.5-3.5 minutes a run on an H200.
+source benchmarks/gpu/setup.sh
+steps=${STEPS:+train.steps=$STEPS}
+for mode in sparse dense; do
+  extra=""
+  [ "$mode" = dense ] && extra="rollout.kv_compression.policy=none"
+  start=$(date +%s)
+  python3 -m rlkit.cli train recipes/sparse_rl_long.yaml $extra $steps \
+    run.name=sparse_rl_long_$mode run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false \
+    2>&1 | grep -v "Warning\|WARNING" | tail -12
+  echo "== $mode: $(( $(date +%s) - start )) s"
+  for f in summary.json metrics.jsonl; do
+    cp /tmp/runs/sparse_rl_long_$mode/$f $OUT/sparse_rl_long_${mode}_$f
+  done
+done
+python3 benchmarks/sparse_rl_long_summary.py /tmp/runs/sparse_rl_long_sparse \
+  /tmp/runs/sparse_rl_long_dense --json $OUT/gpu_sparse_rl_long.json

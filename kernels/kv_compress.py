@@ -1,0 +1,462 @@
+"""KV compression on the GPU (Sparse-RL): scoring, selection and compaction of cached entries.
+
+A compression of one layer (`rollout/compression.py`, `rollout/kv_cache.py`) reads the cached
+keys of R sequences, scores every entry, keeps `budget` of them and gathers those to the front
+of each sequence's cache row. Three ops, each a Triton kernel beside its PyTorch reference:
+
+    window_scores(queries, keys, lengths) -> scores
+        queries  [R, H, w, D]   the last w tokens' queries, oldest first (query i sits at
+                                entry lengths[r] - w + i and sees the entries up to it)
+        keys     [R, KVH, L, D] any strides (a view of the cache); lengths[r] >= w
+        scores   [R, KVH, L] float32: the attention probabilities the G * w queries of each kv
+                                head's group give each entry, averaged; 0 past a length
+
+    keep_top(scores, lengths, budget, window) -> indices
+        scores   [R, X, L]      (X: kv heads, or 1 for a row shared by every head)
+        indices  [R, X, budget] int64, ascending: the last `window` valid entries, then the
+                                highest scores among the other valid ones; ties go to the
+                                earlier entry (the reference's stable sort)
+
+    compact_rows(store, rows, indices)        in place
+        store    [S, KVH, L, D] (or [S, KVH, L]) a cache tensor; rows [R] int64 slots;
+        indices  [R, KVH, budget] ascending  -> store[rows[r], h, :budget] = store[rows[r], h,
+                                                indices[r, h]]
+
+The dispatchers (`window_scores`, `keep_top`, `compact_rows`) run the kernel for CUDA tensors
+when Triton is importable and the reference otherwise. None of them reads a value back to the
+host, so a compression is launched without a host synchronisation.
+
+Kernels. `window_scores`: one program per (sequence, kv head); the G * w query rows of the
+group are one tile; two passes over the entries in blocks, the first for each row's softmax
+max and sum (online), the second for the normalised probabilities, summed over rows. Loop
+bounds are kernel arguments, never loaded from memory (the interpreter of triton 3.6 cannot
+take those); each row's length masks. `keep_top` ranks without sorting: entry i's rank is the
+number of entries scoring higher plus the earlier ones scoring the same (the stable sort's
+order), window entries scoring +inf and padding -inf; an entry is kept when its rank is under
+the budget, and its output place is the number of kept entries before it (a running count and
+a cumulative sum over blocks). `compact_rows`: one program per (sequence, kv head) walks the
+kept places in blocks; since indices are ascending and indices[p] >= p, a block reads only
+places at or after its own, and a barrier between its loads and its stores makes the copy in
+place safe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton is optional: CPU-only installs run the references.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "compact_rows",
+    "compact_rows_reference",
+    "compact_rows_triton",
+    "keep_top",
+    "keep_top_reference",
+    "keep_top_triton",
+    "window_scores",
+    "window_scores_reference",
+    "window_scores_triton",
+]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _check_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> None:
+    if queries.dim() != 4:
+        raise ValueError(f"queries must be [R, H, w, D], got shape {tuple(queries.shape)}")
+    if keys.dim() != 4:
+        raise ValueError(f"keys must be [R, KVH, L, D], got shape {tuple(keys.shape)}")
+    R, H, _, D = queries.shape
+    if keys.shape[0] != R or keys.shape[3] != D:
+        raise ValueError(
+            f"keys shape {tuple(keys.shape)} does not match queries {tuple(queries.shape)}"
+        )
+    if keys.shape[1] == 0 or H % keys.shape[1]:
+        raise ValueError(f"query heads H={H} must be a multiple of kv heads {keys.shape[1]}")
+    if lengths.shape != (R,):
+        raise ValueError(f"lengths must be [R]=[{R}], got shape {tuple(lengths.shape)}")
+
+
+def _check_keep(scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: int) -> None:
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [R, X, L], got shape {tuple(scores.shape)}")
+    if lengths.shape != (scores.shape[0],):
+        raise ValueError(
+            f"lengths must be [R]=[{scores.shape[0]}], got shape {tuple(lengths.shape)}"
+        )
+    if not 0 <= window <= budget <= scores.shape[2]:
+        raise ValueError(
+            f"need 0 <= window <= budget <= L, got window {window}, budget {budget}, "
+            f"L {scores.shape[2]}"
+        )
+
+
+def _check_compact(store: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> None:
+    if store.dim() not in (3, 4):
+        raise ValueError(f"store must be [S, KVH, L(, D)], got shape {tuple(store.shape)}")
+    if rows.dim() != 1:
+        raise ValueError(f"rows must be [R], got shape {tuple(rows.shape)}")
+    R, kvh = rows.shape[0], store.shape[1]
+    if indices.dim() != 3 or indices.shape[:2] != (R, kvh) or indices.shape[2] > store.shape[2]:
+        raise ValueError(
+            f"indices must be [R, KVH, budget]=[{R}, {kvh}, <= {store.shape[2]}], got "
+            f"shape {tuple(indices.shape)}"
+        )
+
+
+# -- references -----------------------------------------------------------------------------
+
+
+def window_scores_reference(
+    queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Plain PyTorch (float32 math) with the contract of the module docstring."""
+    _check_scores(queries, keys, lengths)
+    B, H, w, D = queries.shape
+    kvh, L = keys.shape[1], keys.shape[2]
+    group = H // kvh
+    q = queries.reshape(B, kvh, group * w, D).float()
+    logits = q @ keys.float().transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G*w, L]
+    at = lengths.to(keys.device)[:, None] - w + torch.arange(w, device=keys.device)  # [B, w]
+    visible = torch.arange(L, device=keys.device) <= at[:, :, None]  # [B, w, L]
+    visible = visible[:, None, None].expand(B, 1, group, w, L).reshape(B, 1, group * w, L)
+    probs = logits.masked_fill(~visible, -math.inf).softmax(dim=-1)
+    return probs.mean(dim=2)
+
+
+def keep_top_reference(
+    scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: int
+) -> torch.Tensor:
+    """Plain PyTorch: a stable sort, so that ties (max-pooling makes plateaus of equal scores)
+    go to the earlier entry whatever the row's padding, and a sequence keeps the same entries
+    in any batch."""
+    _check_keep(scores, lengths, budget, window)
+    L = scores.shape[-1]
+    idx = torch.arange(L, device=scores.device)
+    lens = lengths.to(scores.device)[:, None, None]
+    s = scores.float().masked_fill(idx >= lens - window, math.inf)
+    s = s.masked_fill(idx >= lens, -math.inf)
+    order = s.sort(dim=-1, descending=True, stable=True).indices
+    return order[..., :budget].sort(dim=-1).values
+
+
+def compact_rows_reference(store: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> None:
+    """Plain PyTorch: gather the kept entries out of place, write them back."""
+    _check_compact(store, rows, indices)
+    R, kvh, n = indices.shape
+    rows = rows.to(store.device)
+    heads = torch.arange(kvh, device=store.device)
+    kept = store[rows[:, None, None], heads[None, :, None], indices.to(store.device)]
+    store[rows, :, :n] = kept  # [R, KVH, n(, D)]
+
+
+# -- Triton kernels -------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _window_scores_kernel(
+        Q,
+        K,
+        Lens,
+        Out,
+        L,
+        qk_scale,
+        stride_qb,
+        stride_qh,
+        stride_qw,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_kd,
+        stride_ob,
+        stride_oh,
+        stride_ol,
+        G: tl.constexpr,
+        W: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        length = tl.load(Lens + b).to(tl.int32)
+        offs_m = tl.arange(0, BLOCK_M)  # query row g * W + i
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        m_rows = offs_m < G * W
+        m_d = offs_d < D
+        head = kvh * G + offs_m // W
+        i = offs_m % W
+        p_q = Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qw
+        b_q = tl.load(
+            p_q + offs_d[None, :] * stride_qd, mask=m_rows[:, None] & m_d[None, :], other=0.0
+        ).to(tl.float32)  # [BLOCK_M, BLOCK_D]
+        # Query row m sits at entry length - W + i and sees the entries up to it.
+        last = length - W + i  # [BLOCK_M]
+        p_k = K + b * stride_kb + kvh * stride_kh + offs_d[None, :] * stride_kd
+        b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for n0 in range(0, L, BLOCK_N):
+            pos = n0 + offs_n
+            b_k = tl.load(
+                p_k + pos[:, None].to(tl.int64) * stride_kl,
+                mask=(pos[:, None] < L) & m_d[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * qk_scale
+            ok = (pos[None, :] <= last[:, None]) & (pos[None, :] < length) & m_rows[:, None]
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(b_m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            b_m = m_new
+        m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+        inv = tl.where(b_l > 0.0, 1.0 / tl.where(b_l > 0.0, b_l, 1.0), 0.0)
+        for n0 in range(0, L, BLOCK_N):
+            pos = n0 + offs_n
+            b_k = tl.load(
+                p_k + pos[:, None].to(tl.int64) * stride_kl,
+                mask=(pos[:, None] < L) & m_d[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * qk_scale
+            ok = (pos[None, :] <= last[:, None]) & (pos[None, :] < length) & m_rows[:, None]
+            p = tl.where(ok, tl.exp2(s - m_safe[:, None]) * inv[:, None], 0.0)
+            col = tl.sum(p, 0) / (G * W)  # [BLOCK_N]
+            tl.store(
+                Out + b * stride_ob + kvh * stride_oh + pos.to(tl.int64) * stride_ol,
+                col,
+                mask=pos < L,
+            )
+
+    @triton.jit
+    def _keep_top_kernel(
+        S,
+        Lens,
+        Idx,
+        L,
+        X,
+        budget,
+        window,
+        stride_sb,
+        stride_sx,
+        stride_sl,
+        stride_ib,
+        stride_ix,
+        stride_il,
+        BLOCK_I: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // X
+        x = row % X
+        length = tl.load(Lens + b).to(tl.int32)
+        p_s = S + b * stride_sb + x * stride_sx
+        offs_i = tl.arange(0, BLOCK_I)
+        offs_j = tl.arange(0, BLOCK_J)
+        kept = tl.sum(tl.zeros([BLOCK_I], dtype=tl.int32), 0)
+        for i0 in range(0, L, BLOCK_I):
+            pos_i = i0 + offs_i
+            s_i = tl.load(p_s + pos_i.to(tl.int64) * stride_sl, mask=pos_i < L, other=0.0)
+            s_i = s_i.to(tl.float32)
+            s_i = tl.where(pos_i >= length - window, float("inf"), s_i)
+            s_i = tl.where(pos_i >= length, float("-inf"), s_i)
+            rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+            for j0 in range(0, L, BLOCK_J):
+                pos_j = j0 + offs_j
+                s_j = tl.load(p_s + pos_j.to(tl.int64) * stride_sl, mask=pos_j < L, other=0.0)
+                s_j = s_j.to(tl.float32)
+                s_j = tl.where(pos_j >= length - window, float("inf"), s_j)
+                s_j = tl.where(pos_j >= length, float("-inf"), s_j)
+                # Past L: never ahead (scores -inf, places after every entry).
+                s_j = tl.where(pos_j < L, s_j, float("-inf"))
+                ahead = (s_j[None, :] > s_i[:, None]) | (
+                    (s_j[None, :] == s_i[:, None]) & (pos_j[None, :] < pos_i[:, None])
+                )
+                rank += tl.sum(ahead.to(tl.int32), 1)
+            keep = (rank < budget) & (pos_i < L)
+            k32 = keep.to(tl.int32)
+            place = kept + tl.cumsum(k32, 0) - k32
+            tl.store(
+                Idx + b * stride_ib + x * stride_ix + place.to(tl.int64) * stride_il,
+                pos_i.to(tl.int64),
+                mask=keep,
+            )
+            kept += tl.sum(k32, 0)
+
+    @triton.jit
+    def _compact_kernel(
+        Store,
+        Rows,
+        Idx,
+        n_keep,
+        stride_s0,
+        stride_sh,
+        stride_sl,
+        stride_sd,
+        stride_ib,
+        stride_ih,
+        stride_il,
+        D: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        slot = tl.load(Rows + r).to(tl.int64)
+        base = Store + slot * stride_s0 + h * stride_sh
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_d = offs_d < D
+        for p0 in range(0, n_keep, BLOCK_P):
+            place = p0 + offs_p
+            m_p = place < n_keep
+            src = tl.load(
+                Idx + r * stride_ib + h * stride_ih + place.to(tl.int64) * stride_il,
+                mask=m_p,
+                other=0,
+            ).to(tl.int64)
+            m = m_p[:, None] & m_d[None, :]
+            vals = tl.load(
+                base + src[:, None] * stride_sl + offs_d[None, :] * stride_sd, mask=m, other=0
+            )
+            # Every thread's loads of this block before any store: a block reads places at or
+            # after its own (indices ascending, indices[p] >= p), the next block's stores
+            # come after the next barrier.
+            tl.debug_barrier()
+            tl.store(
+                base + place[:, None].to(tl.int64) * stride_sl + offs_d[None, :] * stride_sd,
+                vals,
+                mask=m,
+            )
+
+
+def _require_triton(name: str) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name} needs triton, which is not importable")
+
+
+def window_scores_triton(
+    queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, *, block_n: int = 64
+) -> torch.Tensor:
+    _require_triton("window_scores_triton")
+    _check_scores(queries, keys, lengths)
+    R, H, w, D = queries.shape
+    kvh, L = keys.shape[1], keys.shape[2]
+    G = H // kvh
+    out = torch.empty((R, kvh, L), dtype=torch.float32, device=keys.device)
+    if R == 0 or L == 0:
+        return out
+    _window_scores_kernel[(R, kvh)](
+        queries,
+        keys,
+        lengths,
+        out,
+        L,
+        1.4426950408889634 / math.sqrt(D),
+        *queries.stride(),
+        *keys.stride(),
+        *out.stride(),
+        G=G,
+        W=w,
+        D=D,
+        BLOCK_M=max(16, _next_pow2(G * w)),
+        BLOCK_D=max(16, _next_pow2(D)),
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return out
+
+
+def keep_top_triton(
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    budget: int,
+    window: int,
+    *,
+    block_i: int = 64,
+    block_j: int = 64,
+) -> torch.Tensor:
+    _require_triton("keep_top_triton")
+    _check_keep(scores, lengths, budget, window)
+    R, X, L = scores.shape
+    out = torch.empty((R, X, budget), dtype=torch.int64, device=scores.device)
+    if R == 0 or X == 0 or budget == 0:
+        return out
+    _keep_top_kernel[(R * X,)](
+        scores,
+        lengths,
+        out,
+        L,
+        X,
+        budget,
+        window,
+        *scores.stride(),
+        *out.stride(),
+        BLOCK_I=block_i,
+        BLOCK_J=block_j,
+        num_warps=4,
+    )
+    return out
+
+
+def compact_rows_triton(
+    store: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor, *, block_p: int = 32
+) -> None:
+    _require_triton("compact_rows_triton")
+    _check_compact(store, rows, indices)
+    view = store if store.dim() == 4 else store[..., None]
+    R, kvh, n = indices.shape
+    if R == 0 or n == 0:
+        return
+    D = view.shape[3]
+    _compact_kernel[(R, kvh)](
+        view,
+        rows,
+        indices,
+        n,
+        *view.stride(),
+        *indices.stride(),
+        D=D,
+        BLOCK_P=block_p,
+        BLOCK_D=max(2, _next_pow2(D)),
+        num_warps=4,
+    )
+
+
+# -- dispatchers ----------------------------------------------------------------------------
+
+
+def window_scores(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    if keys.is_cuda and HAS_TRITON:
+        return window_scores_triton(queries, keys, lengths)
+    return window_scores_reference(queries, keys, lengths)
+
+
+def keep_top(scores: torch.Tensor, lengths: torch.Tensor, budget: int, window: int) -> torch.Tensor:
+    if scores.is_cuda and HAS_TRITON:
+        return keep_top_triton(scores, lengths, budget, window)
+    return keep_top_reference(scores, lengths, budget, window)
+
+
+def compact_rows(store: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> None:
+    if store.is_cuda and HAS_TRITON:
+        compact_rows_triton(store, rows, indices)
+    else:
+        compact_rows_reference(store, rows, indices)

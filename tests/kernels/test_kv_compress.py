@@ -1,0 +1,199 @@
+"""rlkit.kernels.kv_compress: the Triton scoring, selection and compaction kernels against
+their PyTorch references.
+
+On CPU the kernels run under TRITON_INTERPRET=1 in a subprocess (this file run as a script), as
+in test_sparse_decode_attention.py: the variable must be set before Triton decorates a kernel.
+On a CUDA machine the `gpu` tests run the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from rlkit.kernels import kv_compress as kc
+
+# name: (R, H, KVH, w, D, L, dtype, strided)
+SCORE_CASES: dict[str, tuple] = {
+    "R3-H4-KVH2-w3-D16-L40-fp32": (3, 4, 2, 3, 16, 40, torch.float32, False),
+    "R2-H6-KVH2-w8-D32-L70-bf16-strided": (2, 6, 2, 8, 32, 70, torch.bfloat16, True),
+    "R4-H2-KVH2-w1-D24-L19-fp32-strided": (4, 2, 2, 1, 24, 19, torch.float32, True),
+}
+# name: (R, X, L, budget, window, plateaus)
+KEEP_CASES: dict[str, tuple] = {
+    "R3-X2-L40-b10-w3": (3, 2, 40, 10, 3, False),
+    "R2-X1-L150-b70-w8-ties": (2, 1, 150, 70, 8, True),
+    "R4-X3-L17-b16-w1-ties": (4, 3, 17, 16, 1, True),
+}
+# name: (S, KVH, L, D (0: no trailing dim), budget, dtype)
+COMPACT_CASES: dict[str, tuple] = {
+    "S5-KVH2-L40-D16-b10-bf16": (5, 2, 40, 16, 10, torch.bfloat16),
+    "S4-KVH3-L90-D24-b70-fp32": (4, 3, 90, 24, 70, torch.float32),
+    "S3-KVH2-L33-acc-b20-fp32": (3, 2, 33, 0, 20, torch.float32),
+}
+
+
+def score_inputs(case: tuple, seed: int, device: str = "cpu"):
+    R, H, KVH, w, D, L, dtype, strided = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(R, H, w, D, generator=g).to(dtype)
+    if strided:  # a view of a bigger cache [layers, slots, KVH, max_len, D]
+        keys = torch.randn(2, R + 2, KVH, L + 9, D, generator=g).to(dtype)[1, 1 : R + 1, :, :L]
+    else:
+        keys = torch.randn(R, KVH, L, D, generator=g).to(dtype)
+    lengths = torch.randint(w, L + 1, (R,), generator=g)
+    lengths[0] = L
+    lengths[-1] = w
+    return q.to(device), keys.to(device), lengths.to(device)
+
+
+def keep_inputs(case: tuple, seed: int, device: str = "cpu"):
+    R, X, L, budget, window, plateaus = case
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(R, X, L, generator=g)
+    if plateaus:  # max-pooling makes runs of equal scores: ties must go to the earlier entry
+        scores = (scores * 4).floor() / 4
+    lengths = torch.randint(budget + 1, L + 1, (R,), generator=g)
+    lengths[0] = L
+    return scores.to(device), lengths.to(device), budget, window
+
+
+def compact_inputs(case: tuple, seed: int, device: str = "cpu"):
+    S, KVH, L, D, budget, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    shape = (S, KVH, L, D) if D else (S, KVH, L)
+    store = torch.randn(*shape, generator=g).to(dtype)
+    rows = torch.tensor([S - 1, 0, 2][: S - 1], dtype=torch.int64)
+    scores = torch.rand(len(rows), KVH, L, generator=g)
+    indices = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+    return store.to(device), rows.to(device), indices.to(device)
+
+
+def run_cases(device: str) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for i, (name, case) in enumerate(SCORE_CASES.items()):
+        q, k, lengths = score_inputs(case, seed=i, device=device)
+        try:
+            got = kc.window_scores_triton(q, k, lengths, block_n=16)
+        except Exception as e:  # reported per case by the parent
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        want = kc.window_scores_reference(q, k, lengths)
+        results[name] = {
+            "max_err": (got - want).abs().max().item(),
+            "shape_ok": got.shape == want.shape,
+        }
+    for i, (name, case) in enumerate(KEEP_CASES.items()):
+        scores, lengths, budget, window = keep_inputs(case, seed=i, device=device)
+        try:
+            got = kc.keep_top_triton(scores, lengths, budget, window, block_i=16, block_j=32)
+        except Exception as e:
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        want = kc.keep_top_reference(scores, lengths, budget, window)
+        results[name] = {"equal": bool(torch.equal(got, want))}
+    for i, (name, case) in enumerate(COMPACT_CASES.items()):
+        store, rows, indices = compact_inputs(case, seed=i, device=device)
+        want = store.clone()
+        kc.compact_rows_reference(want, rows, indices)
+        try:
+            kc.compact_rows_triton(store, rows, indices, block_p=8)
+        except Exception as e:
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        results[name] = {"equal": bool(torch.equal(store, want))}
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, dict]:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(SCORE_CASES))
+def test_triton_interpreted_window_scores_match_reference(name, interpreted_results):
+    res = interpreted_results[name]
+    assert "error" not in res, res.get("error")
+    assert res["shape_ok"] and res["max_err"] <= 2e-5, res
+
+
+@pytest.mark.parametrize("name", list(KEEP_CASES) + list(COMPACT_CASES))
+def test_triton_interpreted_keep_top_and_compaction_match_reference(name, interpreted_results):
+    res = interpreted_results[name]
+    assert "error" not in res, res.get("error")
+    assert res["equal"], f"{name}: differs from the reference"
+
+
+def test_references_agree_with_naive_loops():
+    """keep_top keeps the window and the best others (earlier entry on ties); window_scores
+    rows sum to 1 over the visible entries; compact_rows gathers in place."""
+    scores, lengths, budget, window = keep_inputs(KEEP_CASES["R2-X1-L150-b70-w8-ties"], seed=4)
+    got = kc.keep_top_reference(scores, lengths, budget, window)
+    for r in range(scores.shape[0]):
+        n = int(lengths[r])
+        ranked = sorted(range(n - window), key=lambda i: (-float(scores[r, 0, i]), i))
+        want = sorted(ranked[: budget - window] + list(range(n - window, n)))
+        assert got[r, 0].tolist() == want
+    q, k, lengths = score_inputs(SCORE_CASES["R3-H4-KVH2-w3-D16-L40-fp32"], seed=5)
+    s = kc.window_scores_reference(q, k, lengths)
+    for r in range(3):
+        n = int(lengths[r])
+        assert torch.allclose(s[r].sum(-1), torch.ones(2), atol=1e-5)
+        assert (s[r, :, n:] == 0).all()
+    store, rows, indices = compact_inputs(COMPACT_CASES["S4-KVH3-L90-D24-b70-fp32"], seed=6)
+    before = store.clone()
+    kc.compact_rows_reference(store, rows, indices)
+    for j, slot in enumerate(rows.tolist()):
+        for h in range(3):
+            assert torch.equal(store[slot, h, :70], before[slot, h, indices[j, h]])
+    untouched = [s for s in range(4) if s not in rows.tolist()]
+    assert torch.equal(store[untouched], before[untouched])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: kc.window_scores(torch.zeros(2, 4, 3), torch.zeros(2, 2, 5, 3), torch.ones(2)), "queries must be"),
+        (lambda: kc.window_scores(torch.zeros(2, 3, 1, 4), torch.zeros(2, 2, 5, 4), torch.ones(2)), "multiple of kv heads"),
+        (lambda: kc.keep_top(torch.zeros(2, 1, 5), torch.ones(2), 6, 1), "budget <= L"),
+        (lambda: kc.compact_rows(torch.zeros(3, 2, 5, 4), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 3, dtype=torch.long)), "indices must be"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ------------------------------------------------------------------ compiled kernels on CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and kc.HAS_TRITON), reason="needs CUDA")
+def test_triton_cuda_matches_reference():
+    results = run_cases("cuda")
+    for name, res in results.items():
+        assert "error" not in res, (name, res)
+        assert res.get("equal", True) and res.get("max_err", 0.0) <= 2e-5, (name, res)
+    # The engine's shape: 64 rows of 8 kv heads at budget 512 + interval 64, bf16.
+    q, k, lengths = score_inputs((64, 16, 8, 8, 128, 576, torch.bfloat16, True), 9, "cuda")
+    got = kc.window_scores(q, k, lengths)
+    assert (got - kc.window_scores_reference(q, k, lengths)).abs().max() <= 2e-5
+    scores, lengths, budget, window = keep_inputs((64, 8, 576, 512, 8, True), 9, "cuda")
+    assert torch.equal(
+        kc.keep_top(scores, lengths, budget, window),
+        kc.keep_top_reference(scores, lengths, budget, window),
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(json.dumps(run_cases("cpu")))
