@@ -70,6 +70,11 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+            # Stop wandb's service process now: the run's shutdown ends every process it
+            # left, and wandb's own exit hook would then print a ConnectionResetError.
+            import wandb
+
+            wandb.teardown()
 
 
 def _postfix(row: dict[str, Any]) -> str:
