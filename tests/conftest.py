@@ -1,8 +1,17 @@
 """Fixtures every test area shares."""
 
-import pytest
-import torch
-from rlkit.kernels import cpu as cpu_kernels
+import os
+
+# One Ray authentication mode for the whole session. Ray 2.60 starts clusters with token
+# authentication unless RAY_AUTH_MODE=disabled, and a process keeps the mode of its first
+# ray.init: a test that set the variable for its own cluster (the two-node test) left the
+# next test's ray.init mismatched with the GCS it started ("InvalidAuthToken"), or the other
+# way round. The tests exercise no authentication.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from rlkit.kernels import cpu as cpu_kernels  # noqa: E402
 
 
 @pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "f32"])
