@@ -401,9 +401,15 @@ def apply_overrides(cfg: RecipeConfig, overrides: Mapping[str, Any], where: str)
     path = vars(cfg).get("_path")
     in_file = _locator(sources, path)
     data = to_dict(cfg)
+    seen: dict[str, str] = {}  # each leaf set once: {train: {steps: 3}} and train.steps: 4 clash
     for key, value in overrides.items():
         for leaf, item in _flatten(value, str(key)):
             place = f"{in_file(f'{where}.{leaf}')} ({where})"
+            if leaf in seen:
+                raise ConfigError(
+                    place, leaf, f"set twice in {where} (as {seen[leaf]!r} and as {str(key)!r})"
+                )
+            seen[leaf] = str(key)
             if leaf.split(".")[0].split("[")[0] == "stages":
                 raise ConfigError(place, leaf, "a stage's overrides cannot change the stage list")
             why = rules.launch_only(leaf)

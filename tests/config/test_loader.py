@@ -261,3 +261,15 @@ def test_dump_then_load_round_trips(tmp_path):
     saved = save_resolved(cfg, str(tmp_path / "run"))
     assert saved == str(tmp_path / "run" / "config.yaml")
     assert load_recipe(saved) == cfg
+
+
+def test_a_stage_override_set_twice_in_two_forms_is_refused():
+    """{train: {steps: 3}} and train.steps: 4 in one stage's overrides name the same key: the
+    recipe is refused at that key, not resolved by whichever form comes last."""
+    with pytest.raises(ConfigError, match=r"train\.steps: set twice in stages\[0\]\.overrides"):
+        load_recipe(
+            None,
+            ["stages=[{type: rlvr, name: a, overrides: {train: {steps: 3}, train.steps: 4}}]"],
+        )
+    cfg = load_recipe(None, ["stages=[{type: rlvr, name: a, overrides: {train: {steps: 3}}}]"])
+    assert cfg.stages[0].overrides == {"train": {"steps": 3}}
