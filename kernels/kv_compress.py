@@ -45,16 +45,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-try:  # Triton is optional: CPU-only installs run the references.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 
 __all__ = [
     "HAS_TRITON",

@@ -41,16 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rlkit.kernels import cpu as cpu_kernels
-
-try:  # Triton is optional: CPU-only installs run the reference.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 
 __all__ = [
     "HAS_TRITON",

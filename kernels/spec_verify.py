@@ -41,16 +41,7 @@ tensors when Triton is importable, else the reference). The inverse-CDF draw is 
 from __future__ import annotations
 
 import torch
-
-try:  # Triton is optional: CPU-only installs run the reference.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 
 __all__ = ["HAS_TRITON", "verify_drafts", "verify_drafts_reference", "verify_drafts_triton"]
 

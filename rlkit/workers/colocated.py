@@ -16,7 +16,8 @@ runs. Each phase's peak device memory goes into the metrics row.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +29,8 @@ from rlkit.rollout.sampling import SamplingParams
 from rlkit.workers.learner import Learner
 from rlkit.workers.rollout_worker import RolloutWorker
 from rlkit.workers.step_metrics import StepPart
+
+_T = TypeVar("_T")
 
 # Headroom kept free beyond the learner's last peak when deciding to keep the KV cache.
 _MARGIN_BYTES = 1 << 30
@@ -141,27 +144,24 @@ class ColocatedWorker:
     def configure(self, cfg: RecipeConfig) -> None:
         self.learner.configure(cfg)
 
-    def _hand_to_learner(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the rollout's freed blocks back (the cache stays)
-
-    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
-        self._hand_to_learner()
-        out = self.learner.train_step(batch)
-        if self.device.type == "cuda":
+    def _learn(self, step: Callable[[RolloutBatch], _T], batch: RolloutBatch) -> _T:
+        """A learner step with the device handed over: the rollout's freed blocks go back
+        first (the KV cache stays), and the step's peak is kept for `_make_room`."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+        out = step(batch)
+        if cuda:
             self._learner_peak = max(
                 self._learner_peak, torch.cuda.max_memory_reserved(self.device)
             )
         return out
 
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        return self._learn(self.learner.train_step, batch)
+
     def train_step_part(self, batch: RolloutBatch) -> StepPart:
-        self._hand_to_learner()
-        part = self.learner.train_step_part(batch)
-        if self.device.type == "cuda":
-            self._learner_peak = max(
-                self._learner_peak, torch.cuda.max_memory_reserved(self.device)
-            )
-        return part
+        return self._learn(self.learner.train_step_part, batch)
 
     def sft_step(self, batch: RolloutBatch) -> dict[str, float]:
         return self.learner.sft_step(batch)
@@ -193,9 +193,6 @@ class ColocatedWorker:
 
     # -- the sync --------------------------------------------------------------------------
 
-    def _copy_direct(self, engine: Engine) -> bool:
-        return copy_into_engine(self.learner, engine)
-
     @torch.no_grad()
     def sync_engine(self, only: str | None = None) -> float:
         """Copy the learner's weights (only="mtp": the MTP module's) into the engine on the
@@ -204,7 +201,10 @@ class ColocatedWorker:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         engine = self.rollout.engine
-        if only is not None or not isinstance(engine, Engine) or not self._copy_direct(engine):
+        direct = (
+            only is None and isinstance(engine, Engine) and copy_into_engine(self.learner, engine)
+        )
+        if not direct:
             state = self.learner.weights(self.rollout.weights_dtype(), str(self.device), only)
             engine.load_state_dict(state)
             del state

@@ -85,6 +85,19 @@ class NonFiniteWeightsError(RuntimeError):
     """The policy's weights hold NaN or inf: the run stops (training on would be meaningless)."""
 
 
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    """Raise NonFiniteWeightsError if a floating tensor of `state` holds NaN or inf: one
+    reduction (one device sync on a GPU), then the names only when something is wrong."""
+    floats = [v for v in state.values() if v.is_floating_point()]
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+        return
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    raise NonFiniteWeightsError(
+        f"the policy's weights are not finite ({len(bad)} of {len(state)} tensors hold "
+        f"NaN or inf, first {bad[0]})"
+    )
+
+
 class Learner:
     def __init__(
         self,
@@ -122,9 +135,7 @@ class Learner:
         # chunk's logits, probabilities and their gradient are ~4x that at its peak: 256 MB
         # chunks put the default recipe's learner peak 0.6 GB higher).
         vocab = model.args.vocab_size
-        self._head_chunk = (
-            256 if self.device.type == "cpu" else max(256, (64 << 20) // (4 * vocab))
-        )
+        self._head_chunk = 256 if self.device.type == "cpu" else max(256, (64 << 20) // (4 * vocab))
         if self.device.type == "cuda" and choice.dtype == torch.bfloat16:
             # The log-prob pass keeps the LM head's matmul in float32 (bf16 logits would round
             # log-probs by ~0.03); TF32 tensor cores run it ~8x faster than float32 FMA, with
@@ -703,16 +714,7 @@ class Learner:
         if not out:  # a rank > 0 of FSDP2: it took part in the gather
             return {}
         out.update({k: v.to(device) for k, v in mtp.items()})
-        floats = [v for v in out.values() if v.is_floating_point()]
-        # One reduction (one device sync on a GPU), then the names only when something is wrong.
-        if not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
-            bad = [
-                k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all()
-            ]
-            raise NonFiniteWeightsError(
-                f"the policy's weights are not finite ({len(bad)} of {len(out)} tensors hold "
-                f"NaN or inf, first {bad[0]})"
-            )
+        _check_finite(out)
         return out
 
     @torch.no_grad()
@@ -724,16 +726,14 @@ class Learner:
         module); `weights` serves those. Raises NonFiniteWeightsError like `weights`."""
         if self.sharded or self.peft is not None or self.mtp is not None:
             return False
-        pairs = [(targets[k], v) for k, v in self._full_items() if k in targets]
-        if len(pairs) != len(targets) or any(d.device != s.device for d, s in pairs):
+        source = {k: v for k, v in self._full_items() if k in targets}
+        if len(source) != len(targets) or any(
+            targets[k].device != v.device for k, v in source.items()
+        ):
             return False
-        floats = [s for _, s in pairs if s.is_floating_point()]
-        if not bool(torch.stack(torch._foreach_norm(floats)).isfinite().all()):
-            raise NonFiniteWeightsError(
-                "the policy's weights are not finite (NaN or inf; found by the colocated sync)"
-            )
-        for dst, src in pairs:
-            dst.copy_(src)
+        _check_finite(source)
+        for k, v in source.items():
+            targets[k].copy_(v)
         return True
 
     def packed_weights(

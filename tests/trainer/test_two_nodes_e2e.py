@@ -122,7 +122,6 @@ def test_two_learners_on_two_nodes_make_one_learners_steps(
     batches (a local run with the same two rollout workers: samples depend on the rollout
     worker count, not the learners'; docs/ARCHITECTURE.md, "Rollout group")."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     recipe = tiny_recipe(str(tmp_path / "r.yaml"), tiny_model_dir, str(tmp_path / "runs"), steps=2)
     # Micro-batches of 4 of the 16 rollouts: each rank runs its share of the live ones.
     common = [
