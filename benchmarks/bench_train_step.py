@@ -67,6 +67,71 @@ def _write_profile(prof: torch.profiler.profile, path: str, title: str) -> None:
             f.write(avg.table(sort_by="self_device_time_total", row_limit=20) + "\n")
 
 
+def _frame_key(frames: list[dict]) -> str:
+    """The innermost rlkit line of an allocation's Python stack (else its innermost frame)."""
+    for fr in frames:
+        name = fr.get("filename", "")
+        if "/rlkit/" in name or "/benchmarks/" in name:
+            return f"{name.split('/rlkit/')[-1]}:{fr.get('line')} {fr.get('name')}"
+    return f"{frames[0].get('filename', '?')}:{frames[0].get('line')}" if frames else "?"
+
+
+def _write_memory_peak(path: str, baseline: int, worker: ColocatedWorker) -> None:
+    """Replay the allocator's trace of the timed steps: the peak of tensors alive, and what
+    was alive then (the baseline, held before recording: weights, master weights, optimizer
+    states; then the recorded allocations grouped by the rlkit line that made them)."""
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snap["device_traces"][torch.cuda.current_device()]
+    live: dict[int, tuple[int, str]] = {}
+    now = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for ev in trace:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], _frame_key(ev.get("frames", [])))
+            now += ev["size"]
+            if now > peak:
+                peak, at_peak = now, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            now -= live.pop(ev["addr"])[0]
+    groups: dict[str, int] = {}
+    for size, key in at_peak.values():
+        groups[key] = groups.get(key, 0) + size
+    learner = worker.learner
+    held = {
+        "learner parameters": sum(p.numel() * p.element_size() for p in learner.model.parameters()),
+        "learner gradients (if kept)": sum(
+            p.grad.numel() * p.grad.element_size()
+            for p in learner.model.parameters()
+            if p.grad is not None
+        ),
+        "optimizer states": sum(
+            t.numel() * t.element_size()
+            for st in learner.optimizer.state.values()
+            for t in st.values()
+            if torch.is_tensor(t) and t.is_cuda
+        ),
+        "engine parameters": sum(
+            p.numel() * p.element_size() for p in worker.engine.model.parameters()
+        ),
+    }
+    gib = 2**30
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(
+            f"peak allocated over the timed steps: {torch.cuda.max_memory_allocated() / gib:.3f} "
+            f"GiB (reserved {torch.cuda.max_memory_reserved() / gib:.3f}); baseline at the "
+            f"first timed step {baseline / gib:.3f} GiB; recorded allocations alive at their "
+            f"peak {peak / gib:.3f} GiB ({len(trace)} trace events)\n"
+        )
+        f.write("## held tensors now (end of the run)\n")
+        for k, v in held.items():
+            f.write(f"{v / gib:9.3f} GiB  {k}\n")
+        f.write("## recorded allocations alive at the peak, by rlkit line\n")
+        for key, size in sorted(groups.items(), key=lambda kv: -kv[1])[:40]:
+            f.write(f"{size / gib:9.3f} GiB  {key}\n")
+    print(open(path).read(), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -84,6 +149,12 @@ def main() -> None:
         "--profile",
         default=None,
         help="write torch.profiler tables of step 1's rollout and learner step to this file",
+    )
+    ap.add_argument(
+        "--memory",
+        default=None,
+        help="CUDA: record allocations over the timed steps and write what was alive at their "
+        "peak, grouped by the rlkit line that allocated it, to this file",
     )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -110,6 +181,10 @@ def main() -> None:
     coin = torch.Generator().manual_seed(1)
     rows = []
     for step in range(args.steps + 1):
+        if step == 1 and args.memory and args.device == "cuda":
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         params = SamplingParams(
             temperature=1.0, max_new_tokens=args.max_new_tokens, ignore_eos=True, seed=step
         )
@@ -166,6 +241,8 @@ def main() -> None:
         )
         if step > 0:
             rows.append(row)
+    if args.memory and args.device == "cuda":
+        _write_memory_peak(args.memory, baseline, worker)
     summary: dict = {
         k: statistics.median(r[k] for r in rows)
         for k in rows[0]
