@@ -634,7 +634,9 @@ class CompressedKVCache(KVCache):
             mask = causal_mask(write, kv_len).repeat(1, 1, G, 1)
             probs = logits.masked_fill(~mask, -math.inf).softmax(dim=-1)
             acc = self.accumulated[self.where[layer][1]]
-            acc[slots, :, write] = 0.0  # a fresh entry has received nothing yet
+            # A fresh entry has received nothing yet. The zero is a device tensor: a Python
+            # scalar would be a host-to-device copy, which a CUDA-graph capture refuses.
+            acc[slots, :, write] = torch.zeros((), dtype=acc.dtype, device=acc.device)
             acc[:B, :, :kv_len] += probs.sum(dim=2)
             return (probs @ values.float()).to(q.dtype).view(B, H, T, D)
         if T == 1:
