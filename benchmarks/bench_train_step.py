@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ import torch
 from rlkit.algorithms import ADVANTAGES
 from rlkit.config import load_recipe
 from rlkit.data.batch import RolloutBatch
-from rlkit.device import cpu_summary
+from rlkit.device import cpu_summary, cuda_allocator_env
 from rlkit.models.config import ModelArgs
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.workers.colocated import ColocatedWorker
@@ -107,7 +108,7 @@ def _write_memory_peak(path: str, baseline: int, worker: ColocatedWorker) -> Non
         ),
         "optimizer states": sum(
             t.numel() * t.element_size()
-            for st in learner.optimizer.state.values()
+            for st in learner.opt.state.values()
             for t in st.values()
             if torch.is_tensor(t) and t.is_cuda
         ),
@@ -158,6 +159,8 @@ def main() -> None:
     )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    # As `rlkit train`'s actors; read when this process first touches CUDA (below).
+    os.environ.update(cuda_allocator_env())
     cfg = load_recipe(
         args.recipe,
         [

@@ -128,3 +128,12 @@ def test_micro_batch_size_takes_auto_or_a_positive_integer():
     for bad in ("0", "big"):
         with pytest.raises(ConfigError, match="train.micro_batch_size"):
             load_recipe(None, [f"train.micro_batch_size={bad}"])
+
+
+def test_cuda_allocator_env_keeps_the_users_setting(monkeypatch):
+    from rlkit.device import CUDA_ALLOC_CONF, cuda_allocator_env
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert cuda_allocator_env() == {"PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOC_CONF}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert cuda_allocator_env() == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}

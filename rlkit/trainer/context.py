@@ -162,6 +162,9 @@ class RunContext:
         row.update(self.timer.pop())
         self.log(row)
         faults.point("logged", step)
+        # Training time from the first step to the end of this one: what the run took to
+        # train, without the checkpoint written after its last step (train_seconds has it).
+        self.summary["steps_seconds"] = self.train_seconds()
         if step == train.steps or (train.save_every and step % train.save_every == 0):
             self.save_checkpoint(stage, step)
 

@@ -15,6 +15,7 @@ from rlkit import faults
 from rlkit.config import to_dict
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.stream import PromptStream
+from rlkit.device import cuda_allocator_env
 from rlkit.models.loading import parameter_count, resolve_model_dir
 from rlkit.models.mtp import wanted as mtp_wanted
 from rlkit.models.tokenizer import load_tokenizer
@@ -48,6 +49,7 @@ def init_ray(
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     # The fault-injection tests' settings reach the actors on a cluster too (rlkit/faults.py).
     env.update({k: os.environ[k] for k in (faults.ENV, faults.DIR_ENV) if k in os.environ})
+    env.update(cuda_allocator_env())
     # ray.init installs a SIGTERM handler that kills Ray's processes and exits 1, skipping the
     # run's own ending (trainer/interrupts.py); the run keeps its own.
     on_term = signal.getsignal(signal.SIGTERM)

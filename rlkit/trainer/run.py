@@ -307,7 +307,8 @@ def _print_summary(summary: dict[str, Any], plots: list[str]) -> None:
     if judge_after is not None:
         lines.append(f"  held-out judge accuracy after:  {judge_after:.3f}")
     lines.append(
-        f"  set-up {summary.get('setup_seconds', 0):.0f} s, training {summary.get('train_seconds', 0):.0f} s, peak memory {summary['peak_memory_gb']:.2f} GB"
+        f"  set-up {summary.get('setup_seconds', 0):.0f} s, training {summary.get('train_seconds', 0):.1f} s "
+        f"(first step to last {summary.get('steps_seconds', 0):.1f} s), peak memory {summary['peak_memory_gb']:.2f} GB"
         f" (sum of RSS; {summary['peak_memory_pss_gb']:.2f} GB PSS)"
     )
     lines.append(f"  run directory: {summary['run_dir']}")

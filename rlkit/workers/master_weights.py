@@ -12,7 +12,24 @@ from typing import Any
 import torch
 
 
+def _groups(pairs: list[Any], numel: int) -> list[list[Any]]:
+    """Consecutive (parameter, master) pairs in groups of about `numel` elements (a larger
+    parameter is a group of its own)."""
+    out: list[list[Any]] = [[]]
+    size = 0
+    for pair in pairs:
+        if out[-1] and size + pair[0].numel() > numel:
+            out.append([])
+            size = 0
+        out[-1].append(pair)
+        size += pair[0].numel()
+    return out if out[-1] else []
+
+
 class MasterWeights:
+    # Elements per group of float32 gradients in a multi-tensor step (128 MB of them).
+    group_numel = 32 << 20
+
     def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
         """`model` holds the full-precision weights; it is cast to `compute_dtype` in place."""
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -42,17 +59,20 @@ class MasterWeights:
         clip_grad_norm_ + opt.step() + master_to_model.
 
         one_at_a_time (a CPU's memory): only one float32 gradient exists at a time (all of them
-        at once are 4 bytes per parameter, 540 MB for a 135M model). Otherwise (a GPU) every
-        gradient is cast at once and the optimizer steps all parameters in one call, so a fused
-        optimizer launches a handful of kernels instead of a few per parameter. The norm is
+        at once are 4 bytes per parameter, 540 MB for a 135M model). Otherwise (a GPU) the
+        gradients are cast a group of about `group_numel` elements at a time and the optimizer
+        steps each group in one call, so a fused optimizer launches a handful of kernels per
+        group instead of a few per parameter, and the float32 copies held at once stay near
+        4 x group_numel bytes (a fifth of a 135M model's, not all of them). The norm is
         taken from the compute-dtype grads in float32, which equals the norm of their float32
         copies.
         """
         grads = [p.grad for p in self.model_params if p.grad is not None]
         if not grads:
             return 0.0
+        # One multi-tensor norm, not one launch per gradient (hundreds on a GPU).
         norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+            torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
         )
         if not torch.isfinite(norm):
             # A NaN or inf gradient would poison every weight it reaches: no update at all.
@@ -62,16 +82,17 @@ class MasterWeights:
         coef_t = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         if not one_at_a_time:
             pairs = [(p, m) for p, m in zip(self.model_params, self.master) if p.grad is not None]
-            master_grads = []
-            for p, m in pairs:
-                g = p.grad.float()  # type: ignore[union-attr]
-                m.grad, p.grad = g, None
-                master_grads.append(g)
-            torch._foreach_mul_(master_grads, coef_t)
-            opt.step()
-            for _, m in pairs:
-                m.grad = None
-            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+            for group in _groups(pairs, self.group_numel):
+                master_grads = []
+                for p, m in group:
+                    g = p.grad.float()  # type: ignore[union-attr]
+                    m.grad, p.grad = g, None
+                    master_grads.append(g)
+                torch._foreach_mul_(master_grads, coef_t)
+                opt.step()  # steps exactly the parameters with a gradient: this group's
+                for _, m in group:
+                    m.grad = None
+                torch._foreach_copy_([p for p, _ in group], [m for _, m in group])
             return float(norm)
         coef = float(coef_t)
         for p, m in zip(self.model_params, self.master):

@@ -51,6 +51,8 @@ def test_train_writes_metrics_checkpoints_and_report(
     assert os.path.exists(os.path.join(model_dir, "config.json"))
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["peak_memory_gb"] > 0
+    # First step to last, then the final checkpoint's write on top.
+    assert 0 < summary["steps_seconds"] < summary["train_seconds"]
     assert os.path.exists(os.path.join(run_dir, "config.yaml"))
     assert os.path.exists(os.path.join(run_dir, "report", "reward.png"))
 

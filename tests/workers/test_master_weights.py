@@ -12,9 +12,17 @@ def _model():
 
 
 @pytest.mark.parametrize("max_norm", [1e-3, 100.0])  # clipped, and not
-def test_per_parameter_step_equals_the_all_at_once_update(max_norm):
+@pytest.mark.parametrize(
+    "one_at_a_time,group_numel",
+    [(True, 0), (False, 1 << 30), (False, 100)],  # per parameter; one group; groups of ~100
+)
+def test_per_parameter_step_equals_the_all_at_once_update(max_norm, one_at_a_time, group_numel):
     a, b = _model(), _model()
     ma, mb = MasterWeights(a, torch.bfloat16), MasterWeights(b, torch.bfloat16)
+    if group_numel:
+        mb.group_numel = (
+            group_numel  # parameters of 128, 16, 64, 4 elements: groups [128], [16, 64, 4]
+        )
     opt_a = torch.optim.AdamW(ma.parameters(), lr=1e-2, weight_decay=0.1)
     opt_b = torch.optim.AdamW(mb.parameters(), lr=1e-2, weight_decay=0.1)
     x = torch.randn(5, 8, dtype=torch.bfloat16)
@@ -27,7 +35,7 @@ def test_per_parameter_step_equals_the_all_at_once_update(max_norm):
         opt_a.step()
         opt_a.zero_grad(set_to_none=True)
         ma.master_to_model()
-        norm_b = mb.step(opt_b, max_norm)
+        norm_b = mb.step(opt_b, max_norm, one_at_a_time=one_at_a_time)
         assert norm_b == pytest.approx(float(norm_a), rel=1e-5)
         for p, q in zip(ma.parameters(), mb.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
