@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# MTP-RL's warm-up stage alone on the lent GPU (issue 15), from the repository root:
+# recipes/mtp_arithmetic.yaml's mtp_warmup (WARMUP steps, default 60) on SmolLM2-135M-Instruct,
+# then the trained module (mtp.safetensors, ~17 MB) and the stage's metrics into $OUT, for the
+# CPU's speculative bench (`rlkit bench rollout --mtp DIR`) and later RL runs.
+source benchmarks/gpu/setup.sh
+python3 -m rlkit.cli train recipes/mtp_arithmetic.yaml run.name=mtp_warmup run.dir=/tmp/runs \
+  run.wandb=disabled run.progress_bar=false \
+  "stages=[{type: mtp_warmup, name: warmup, overrides: {train.steps: ${WARMUP:-60}, train.eval_every: 20, algorithm.mtp.lr: 1.0e-3}}]" \
+  2>&1 | grep -v "Warning\|WARNING" | tail -8
+ckpt=$(ls -d /tmp/runs/mtp_warmup/checkpoints/0_warmup/step_* | tail -1)
+ls $ckpt
+mkdir -p $OUT/mtp_warmup
+cp $ckpt/mtp.safetensors $OUT/mtp_warmup/ 2>/dev/null || cp $ckpt/model/mtp.safetensors $OUT/mtp_warmup/
+cp /tmp/runs/mtp_warmup/metrics.jsonl /tmp/runs/mtp_warmup/summary.json $OUT/mtp_warmup/
