@@ -106,6 +106,10 @@ def _write_memory_peak(path: str, baseline: int, worker: ColocatedWorker) -> Non
             for p in learner.model.parameters()
             if p.grad is not None
         ),
+        "float32 master weights": sum(
+            m.numel() * m.element_size()
+            for m in (learner.master.parameters() if learner.master is not None else [])
+        ),
         "optimizer states": sum(
             t.numel() * t.element_size()
             for st in learner.opt.state.values()
@@ -113,7 +117,12 @@ def _write_memory_peak(path: str, baseline: int, worker: ColocatedWorker) -> Non
             if torch.is_tensor(t) and t.is_cuda
         ),
         "engine parameters": sum(
-            p.numel() * p.element_size() for p in worker.engine.model.parameters()
+            p.numel() * p.element_size() for p in worker.rollout.engine.model.parameters()
+        ),
+        "engine KV cache": (
+            worker.rollout.engine.cache.allocated_bytes()
+            if worker.rollout.engine.cache is not None
+            else 0
         ),
     }
     gib = 2**30
