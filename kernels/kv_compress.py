@@ -38,12 +38,13 @@ arguments, never loaded from memory (the interpreter of triton 3.6 cannot take t
 row's length masks, and entries at or past it are not read.
 
 `keep_top` ranks without sorting: entry i's rank is the number of entries scoring higher plus
-the earlier ones scoring the same (the stable sort's order), window entries scoring +inf and padding -inf; an entry is kept when its rank is under
-the budget, and its output place is the number of kept entries before it (a running count and
-a cumulative sum over blocks). `compact_rows`: one program per (sequence, kv head) walks the
-kept places in blocks; since indices are ascending and indices[p] >= p, a block reads only
-places at or after its own, and a barrier between its loads and its stores makes the copy in
-place safe.
+the earlier ones scoring the same (the stable sort's order), window entries scoring +inf and
+padding -inf; an entry is kept when its rank is under the budget (`_keep_rank_kernel`, parallel
+over (entry block, head, row)), and its output place is the number of kept entries before it
+(`_keep_place_kernel`: a running count and a cumulative sum over blocks, per (head, row)).
+`compact_rows`: one program per (sequence, kv head) walks the kept places in blocks; since
+indices are ascending and indices[p] >= p, a block reads only places at or after its own, and
+a barrier between its loads and its stores makes the copy in place safe (and the walk serial).
 """
 
 from __future__ import annotations
@@ -346,57 +347,71 @@ if HAS_TRITON:
         )
 
     @triton.jit
-    def _keep_top_kernel(
+    def _keep_rank_kernel(
         S,
         Lens,
-        Idx,
+        Keep,
         L,
-        X,
         budget,
         window,
         stride_sb,
         stride_sx,
         stride_sl,
-        stride_ib,
-        stride_ix,
-        stride_il,
         BLOCK_I: tl.constexpr,
         BLOCK_J: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        b = row // X
-        x = row % X
+        ib = tl.program_id(0)
+        x = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
         length = tl.load(Lens + b).to(tl.int32)
         p_s = S + b * stride_sb + x * stride_sx
-        offs_i = tl.arange(0, BLOCK_I)
+        pos_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
         offs_j = tl.arange(0, BLOCK_J)
-        kept = tl.sum(tl.zeros([BLOCK_I], dtype=tl.int32), 0)
-        for i0 in range(0, L, BLOCK_I):
-            pos_i = i0 + offs_i
-            s_i = tl.load(p_s + pos_i.to(tl.int64) * stride_sl, mask=pos_i < L, other=0.0)
-            s_i = s_i.to(tl.float32)
-            s_i = tl.where(pos_i >= length - window, float("inf"), s_i)
-            s_i = tl.where(pos_i >= length, float("-inf"), s_i)
-            rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-            for j0 in range(0, L, BLOCK_J):
-                pos_j = j0 + offs_j
-                s_j = tl.load(p_s + pos_j.to(tl.int64) * stride_sl, mask=pos_j < L, other=0.0)
-                s_j = s_j.to(tl.float32)
-                s_j = tl.where(pos_j >= length - window, float("inf"), s_j)
-                s_j = tl.where(pos_j >= length, float("-inf"), s_j)
-                # Past L: never ahead (scores -inf, places after every entry).
-                s_j = tl.where(pos_j < L, s_j, float("-inf"))
-                ahead = (s_j[None, :] > s_i[:, None]) | (
-                    (s_j[None, :] == s_i[:, None]) & (pos_j[None, :] < pos_i[:, None])
-                )
-                rank += tl.sum(ahead.to(tl.int32), 1)
-            keep = (rank < budget) & (pos_i < L)
-            k32 = keep.to(tl.int32)
+        s_i = tl.load(p_s + pos_i.to(tl.int64) * stride_sl, mask=pos_i < L, other=0.0)
+        s_i = s_i.to(tl.float32)
+        s_i = tl.where(pos_i >= length - window, float("inf"), s_i)
+        s_i = tl.where(pos_i >= length, float("-inf"), s_i)
+        rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+        for j0 in range(0, L, BLOCK_J):
+            pos_j = j0 + offs_j
+            s_j = tl.load(p_s + pos_j.to(tl.int64) * stride_sl, mask=pos_j < L, other=0.0)
+            s_j = s_j.to(tl.float32)
+            s_j = tl.where(pos_j >= length - window, float("inf"), s_j)
+            s_j = tl.where(pos_j >= length, float("-inf"), s_j)
+            # Past L: never ahead (scores -inf, places after every entry).
+            s_j = tl.where(pos_j < L, s_j, float("-inf"))
+            ahead = (s_j[None, :] > s_i[:, None]) | (
+                (s_j[None, :] == s_i[:, None]) & (pos_j[None, :] < pos_i[:, None])
+            )
+            rank += tl.sum(ahead.to(tl.int32), 1)
+        # Keep [R, X, L] int8, contiguous: whether the entry is among the budget best.
+        p_keep = Keep + (b * tl.num_programs(1) + x) * L + pos_i.to(tl.int64)
+        tl.store(p_keep, (rank < budget).to(tl.int8), mask=pos_i < L)
+
+    @triton.jit
+    def _keep_place_kernel(
+        Keep,
+        Idx,
+        L,
+        stride_ib,
+        stride_ix,
+        stride_il,
+        BLOCK_C: tl.constexpr,
+    ):
+        x = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        p_keep = Keep + (b * tl.num_programs(0) + x) * L
+        offs = tl.arange(0, BLOCK_C)
+        kept = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), 0)
+        for c0 in range(0, L, BLOCK_C):
+            pos = c0 + offs
+            k32 = tl.load(p_keep + pos.to(tl.int64), mask=pos < L, other=0).to(tl.int32)
+            # A kept entry's place: the number of kept entries before it.
             place = kept + tl.cumsum(k32, 0) - k32
             tl.store(
                 Idx + b * stride_ib + x * stride_ix + place.to(tl.int64) * stride_il,
-                pos_i.to(tl.int64),
-                mask=keep,
+                pos.to(tl.int64),
+                mask=k32 > 0,
             )
             kept += tl.sum(k32, 0)
 
@@ -520,6 +535,7 @@ def keep_top_triton(
     *,
     block_i: int = 64,
     block_j: int = 64,
+    block_c: int = 1024,
 ) -> torch.Tensor:
     _require_triton("keep_top_triton")
     _check_keep(scores, lengths, budget, window)
@@ -527,19 +543,21 @@ def keep_top_triton(
     out = torch.empty((R, X, budget), dtype=torch.int64, device=scores.device)
     if R == 0 or X == 0 or budget == 0:
         return out
-    _keep_top_kernel[(R * X,)](
+    keep = torch.empty((R, X, L), dtype=torch.int8, device=scores.device)
+    _keep_rank_kernel[(triton.cdiv(L, block_i), X, R)](
         scores,
         lengths,
-        out,
+        keep,
         L,
-        X,
         budget,
         window,
         *scores.stride(),
-        *out.stride(),
         BLOCK_I=block_i,
         BLOCK_J=block_j,
         num_warps=4,
+    )
+    _keep_place_kernel[(X, R)](
+        keep, out, L, *out.stride(), BLOCK_C=min(block_c, _next_pow2(L)), num_warps=4
     )
     return out
 

@@ -96,7 +96,9 @@ def run_cases(device: str) -> dict[str, dict]:
     for i, (name, case) in enumerate(KEEP_CASES.items()):
         scores, lengths, budget, window = keep_inputs(case, seed=i, device=device)
         try:
-            got = kc.keep_top_triton(scores, lengths, budget, window, block_i=16, block_j=32)
+            got = kc.keep_top_triton(
+                scores, lengths, budget, window, block_i=16, block_j=32, block_c=16
+            )
         except Exception as e:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
