@@ -26,18 +26,25 @@ The dispatchers (`window_scores`, `keep_top`, `compact_rows`) run the kernel for
 when Triton is importable and the reference otherwise. None of them reads a value back to the
 host, so a compression is launched without a host synchronisation.
 
-Kernels. `window_scores`: one program per (sequence, kv head); the G * w query rows of the
-group are one tile; two passes over the entries in blocks, the first for each row's softmax
-max and sum (online), the second for the normalised probabilities, summed over rows. Loop
-bounds are kernel arguments, never loaded from memory (the interpreter of triton 3.6 cannot
-take those); each row's length masks. `keep_top` ranks without sorting: entry i's rank is the
-number of entries scoring higher plus the earlier ones scoring the same (the stable sort's
-order), window entries scoring +inf and padding -inf; an entry is kept when its rank is under
-the budget, and its output place is the number of kept entries before it (a running count and
-a cumulative sum over blocks). `compact_rows`: one program per (sequence, kv head) walks the
-kept places in blocks; since indices are ascending and indices[p] >= p, a block reads only
-places at or after its own, and a barrier between its loads and its stores makes the copy in
-place safe.
+Kernels. `window_scores`: three launches, the first and last parallel over (entry block, kv
+head, sequence), so that the work spreads over the whole GPU whatever the batch: per block of
+entries, each of the G * w query rows' logits max and exp-sum (`_window_stats_kernel`); per
+row, those combined into the log2 softmax denominator (`_window_norm_kernel`); per block again,
+the logits recomputed, normalised and summed over rows (`_window_probs_kernel`). The logits
+are a tensor-core dot of the cache's dtype with a float32 accumulator (bf16 products are exact
+in float32, so only the summation order differs from the reference; float32 inputs take three
+tf32 products); under the interpreter (CPU tensors) the dot is float32. Loop bounds are kernel
+arguments, never loaded from memory (the interpreter of triton 3.6 cannot take those); each
+row's length masks, and entries at or past it are not read.
+
+`keep_top` ranks without sorting: entry i's rank is the number of entries scoring higher plus
+the earlier ones scoring the same (the stable sort's order), window entries scoring +inf and
+padding -inf; an entry is kept when its rank is under the budget (`_keep_rank_kernel`, parallel
+over (entry block, head, row)), and its output place is the number of kept entries before it
+(`_keep_place_kernel`: a running count and a cumulative sum over blocks, per (head, row)).
+`compact_rows`: one program per (sequence, kv head) walks the kept places in blocks; since
+indices are ascending and indices[p] >= p, a block reads only places at or after its own, and
+a barrier between its loads and its stores makes the copy in place safe (and the walk serial).
 """
 
 from __future__ import annotations
@@ -159,10 +166,143 @@ def compact_rows_reference(store: torch.Tensor, rows: torch.Tensor, indices: tor
 if HAS_TRITON:
 
     @triton.jit
-    def _window_scores_kernel(
+    def _window_logits(
+        Q,
+        K,
+        b,
+        kvh,
+        length,
+        pos,
+        L,
+        qk_scale,
+        stride_qb,
+        stride_qh,
+        stride_qw,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_kd,
+        G: tl.constexpr,
+        W: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Logits (log2 units) [BLOCK_M, BLOCK_N] of the group's query rows g * W + i against
+        the entries `pos` [BLOCK_N]; -inf where a row does not see the entry."""
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_rows = offs_m < G * W
+        m_d = offs_d < D
+        head = kvh * G + offs_m // W
+        i = offs_m % W
+        p_q = Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qw
+        b_q = tl.load(
+            p_q + offs_d[None, :] * stride_qd, mask=m_rows[:, None] & m_d[None, :], other=0.0
+        )  # [BLOCK_M, BLOCK_D]
+        # Padding entries are never read (masked loads issue no memory traffic).
+        m_k = (pos < length) & (pos < L)
+        p_k = K + b * stride_kb + kvh * stride_kh + pos[:, None].to(tl.int64) * stride_kl
+        b_k = tl.load(
+            p_k + offs_d[None, :] * stride_kd, mask=m_k[:, None] & m_d[None, :], other=0.0
+        )  # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            # The interpreter's dot takes no bf16: float32 products, as the reference.
+            s = tl.dot(b_q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision="ieee")
+        else:
+            # Tensor cores: bf16/fp16 products are exact in the float32 accumulator; float32
+            # inputs take three tf32 products (float32 accuracy).
+            s = tl.dot(b_q, tl.trans(b_k), input_precision="tf32x3")
+        s = s * qk_scale  # [BLOCK_M, BLOCK_N]
+        # Query row m sits at entry length - W + i and sees the entries up to it.
+        last = length - W + i
+        ok = (pos[None, :] <= last[:, None]) & (pos[None, :] < L) & m_rows[:, None]
+        return tl.where(ok, s, float("-inf"))
+
+    @triton.jit
+    def _window_stats_kernel(
         Q,
         K,
         Lens,
+        Stats,
+        L,
+        qk_scale,
+        stride_qb,
+        stride_qh,
+        stride_qw,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_kd,
+        G: tl.constexpr,
+        W: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        nb = tl.program_id(0)
+        kvh = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        n_blocks = tl.num_programs(0)
+        length = tl.load(Lens + b).to(tl.int32)
+        pos = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        s = _window_logits(
+            Q, K, b, kvh, length, pos, L, qk_scale,
+            stride_qb, stride_qh, stride_qw, stride_qd,
+            stride_kb, stride_kh, stride_kl, stride_kd,
+            G, W, D, BLOCK_M, BLOCK_D, UPCAST,
+        )  # fmt: skip
+        b_m = tl.max(s, 1)  # [BLOCK_M] the block's row max, -inf where it sees nothing
+        m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+        b_l = tl.sum(tl.exp2(s - m_safe[:, None]), 1)  # [BLOCK_M]
+        # Stats [R, KVH, n_blocks, 2, BLOCK_M], contiguous: (max, sum) per row.
+        offs_m = tl.arange(0, BLOCK_M)
+        p_s = Stats + ((b * tl.num_programs(1) + kvh) * n_blocks + nb) * (2 * BLOCK_M) + offs_m
+        tl.store(p_s, b_m)
+        tl.store(p_s + BLOCK_M, b_l)
+
+    @triton.jit
+    def _window_norm_kernel(
+        Stats,
+        Lse,
+        n_blocks,
+        BLOCK_M: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+    ):
+        kvh = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        row = b * tl.num_programs(0) + kvh
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_j = tl.arange(0, BLOCK_B)
+        p_s = Stats + row * n_blocks * (2 * BLOCK_M)
+        b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for j0 in range(0, n_blocks, BLOCK_B):
+            blk = j0 + offs_j
+            p = p_s + blk[:, None].to(tl.int64) * (2 * BLOCK_M) + offs_m[None, :]
+            m_j = blk[:, None] < n_blocks
+            s_m = tl.load(p, mask=m_j, other=float("-inf"))  # [BLOCK_B, BLOCK_M]
+            s_l = tl.load(p + BLOCK_M, mask=m_j, other=0.0)
+            m_new = tl.maximum(b_m, tl.max(s_m, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(s_l * tl.exp2(s_m - m_safe[None, :]), 0)
+            b_m = m_new
+        # log2 of each row's softmax denominator; +inf for a row that sees nothing (padding
+        # rows of the tile), whose probabilities are then 0.
+        lse = tl.where(b_l > 0.0, b_m + tl.log2(tl.where(b_l > 0.0, b_l, 1.0)), float("inf"))
+        tl.store(Lse + row * BLOCK_M + offs_m, lse)
+
+    @triton.jit
+    def _window_probs_kernel(
+        Q,
+        K,
+        Lens,
+        Lse,
         Out,
         L,
         qk_scale,
@@ -183,111 +323,95 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)
+        nb = tl.program_id(0)
         kvh = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
         length = tl.load(Lens + b).to(tl.int32)
-        offs_m = tl.arange(0, BLOCK_M)  # query row g * W + i
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
-        m_rows = offs_m < G * W
-        m_d = offs_d < D
-        head = kvh * G + offs_m // W
-        i = offs_m % W
-        p_q = Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qw
-        b_q = tl.load(
-            p_q + offs_d[None, :] * stride_qd, mask=m_rows[:, None] & m_d[None, :], other=0.0
-        ).to(tl.float32)  # [BLOCK_M, BLOCK_D]
-        # Query row m sits at entry length - W + i and sees the entries up to it.
-        last = length - W + i  # [BLOCK_M]
-        p_k = K + b * stride_kb + kvh * stride_kh + offs_d[None, :] * stride_kd
-        b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, L, BLOCK_N):
-            pos = n0 + offs_n
-            b_k = tl.load(
-                p_k + pos[:, None].to(tl.int64) * stride_kl,
-                mask=(pos[:, None] < L) & m_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * qk_scale
-            ok = (pos[None, :] <= last[:, None]) & (pos[None, :] < length) & m_rows[:, None]
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(b_m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-            b_m = m_new
-        m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
-        inv = tl.where(b_l > 0.0, 1.0 / tl.where(b_l > 0.0, b_l, 1.0), 0.0)
-        for n0 in range(0, L, BLOCK_N):
-            pos = n0 + offs_n
-            b_k = tl.load(
-                p_k + pos[:, None].to(tl.int64) * stride_kl,
-                mask=(pos[:, None] < L) & m_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * qk_scale
-            ok = (pos[None, :] <= last[:, None]) & (pos[None, :] < length) & m_rows[:, None]
-            p = tl.where(ok, tl.exp2(s - m_safe[:, None]) * inv[:, None], 0.0)
-            col = tl.sum(p, 0) / (G * W)  # [BLOCK_N]
-            tl.store(
-                Out + b * stride_ob + kvh * stride_oh + pos.to(tl.int64) * stride_ol,
-                col,
-                mask=pos < L,
-            )
+        pos = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        s = _window_logits(
+            Q, K, b, kvh, length, pos, L, qk_scale,
+            stride_qb, stride_qh, stride_qw, stride_qd,
+            stride_kb, stride_kh, stride_kl, stride_kd,
+            G, W, D, BLOCK_M, BLOCK_D, UPCAST,
+        )  # fmt: skip
+        offs_m = tl.arange(0, BLOCK_M)
+        lse = tl.load(Lse + (b * tl.num_programs(1) + kvh) * BLOCK_M + offs_m)  # [BLOCK_M]
+        p = tl.exp2(s - lse[:, None])  # softmax probabilities, 0 where unseen
+        col = tl.sum(p, 0) / (G * W)  # [BLOCK_N]
+        tl.store(
+            Out + b * stride_ob + kvh * stride_oh + pos.to(tl.int64) * stride_ol,
+            col,
+            mask=pos < L,
+        )
 
     @triton.jit
-    def _keep_top_kernel(
+    def _keep_rank_kernel(
         S,
         Lens,
-        Idx,
+        Keep,
         L,
-        X,
         budget,
         window,
         stride_sb,
         stride_sx,
         stride_sl,
-        stride_ib,
-        stride_ix,
-        stride_il,
         BLOCK_I: tl.constexpr,
         BLOCK_J: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        b = row // X
-        x = row % X
+        ib = tl.program_id(0)
+        x = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
         length = tl.load(Lens + b).to(tl.int32)
         p_s = S + b * stride_sb + x * stride_sx
-        offs_i = tl.arange(0, BLOCK_I)
+        pos_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
         offs_j = tl.arange(0, BLOCK_J)
-        kept = tl.sum(tl.zeros([BLOCK_I], dtype=tl.int32), 0)
-        for i0 in range(0, L, BLOCK_I):
-            pos_i = i0 + offs_i
-            s_i = tl.load(p_s + pos_i.to(tl.int64) * stride_sl, mask=pos_i < L, other=0.0)
-            s_i = s_i.to(tl.float32)
-            s_i = tl.where(pos_i >= length - window, float("inf"), s_i)
-            s_i = tl.where(pos_i >= length, float("-inf"), s_i)
-            rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-            for j0 in range(0, L, BLOCK_J):
-                pos_j = j0 + offs_j
-                s_j = tl.load(p_s + pos_j.to(tl.int64) * stride_sl, mask=pos_j < L, other=0.0)
-                s_j = s_j.to(tl.float32)
-                s_j = tl.where(pos_j >= length - window, float("inf"), s_j)
-                s_j = tl.where(pos_j >= length, float("-inf"), s_j)
-                # Past L: never ahead (scores -inf, places after every entry).
-                s_j = tl.where(pos_j < L, s_j, float("-inf"))
-                ahead = (s_j[None, :] > s_i[:, None]) | (
-                    (s_j[None, :] == s_i[:, None]) & (pos_j[None, :] < pos_i[:, None])
-                )
-                rank += tl.sum(ahead.to(tl.int32), 1)
-            keep = (rank < budget) & (pos_i < L)
-            k32 = keep.to(tl.int32)
+        s_i = tl.load(p_s + pos_i.to(tl.int64) * stride_sl, mask=pos_i < L, other=0.0)
+        s_i = s_i.to(tl.float32)
+        s_i = tl.where(pos_i >= length - window, float("inf"), s_i)
+        s_i = tl.where(pos_i >= length, float("-inf"), s_i)
+        rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+        for j0 in range(0, L, BLOCK_J):
+            pos_j = j0 + offs_j
+            s_j = tl.load(p_s + pos_j.to(tl.int64) * stride_sl, mask=pos_j < L, other=0.0)
+            s_j = s_j.to(tl.float32)
+            s_j = tl.where(pos_j >= length - window, float("inf"), s_j)
+            s_j = tl.where(pos_j >= length, float("-inf"), s_j)
+            # Past L: never ahead (scores -inf, places after every entry).
+            s_j = tl.where(pos_j < L, s_j, float("-inf"))
+            ahead = (s_j[None, :] > s_i[:, None]) | (
+                (s_j[None, :] == s_i[:, None]) & (pos_j[None, :] < pos_i[:, None])
+            )
+            rank += tl.sum(ahead.to(tl.int32), 1)
+        # Keep [R, X, L] int8, contiguous: whether the entry is among the budget best.
+        p_keep = Keep + (b * tl.num_programs(1) + x) * L + pos_i.to(tl.int64)
+        tl.store(p_keep, (rank < budget).to(tl.int8), mask=pos_i < L)
+
+    @triton.jit
+    def _keep_place_kernel(
+        Keep,
+        Idx,
+        L,
+        stride_ib,
+        stride_ix,
+        stride_il,
+        BLOCK_C: tl.constexpr,
+    ):
+        x = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        p_keep = Keep + (b * tl.num_programs(0) + x) * L
+        offs = tl.arange(0, BLOCK_C)
+        kept = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), 0)
+        for c0 in range(0, L, BLOCK_C):
+            pos = c0 + offs
+            k32 = tl.load(p_keep + pos.to(tl.int64), mask=pos < L, other=0).to(tl.int32)
+            # A kept entry's place: the number of kept entries before it.
             place = kept + tl.cumsum(k32, 0) - k32
             tl.store(
                 Idx + b * stride_ib + x * stride_ix + place.to(tl.int64) * stride_il,
-                pos_i.to(tl.int64),
-                mask=keep,
+                pos.to(tl.int64),
+                mask=k32 > 0,
             )
             kept += tl.sum(k32, 0)
 
@@ -344,7 +468,12 @@ def _require_triton(name: str) -> None:
 
 
 def window_scores_triton(
-    queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, *, block_n: int = 64
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    block_n: int = 64,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     _require_triton("window_scores_triton")
     _check_scores(queries, keys, lengths)
@@ -354,23 +483,46 @@ def window_scores_triton(
     out = torch.empty((R, kvh, L), dtype=torch.float32, device=keys.device)
     if R == 0 or L == 0:
         return out
-    _window_scores_kernel[(R, kvh)](
+    if queries.dtype != keys.dtype:  # tl.dot takes one dtype: the wider (copies one side)
+        dtype = torch.promote_types(queries.dtype, keys.dtype)
+        queries, keys = queries.to(dtype), keys.to(dtype)
+    block_m = max(16, _next_pow2(G * w))
+    n_blocks = triton.cdiv(L, block_n)
+    # Per (sequence, kv head, entry block): each row's max and sum, then per row the log2
+    # softmax denominator.
+    stats = torch.empty((R, kvh, n_blocks, 2, block_m), dtype=torch.float32, device=keys.device)
+    lse = torch.empty((R, kvh, block_m), dtype=torch.float32, device=keys.device)
+    qk_scale = 1.4426950408889634 / math.sqrt(D)  # log2(e) / sqrt(D): exp2 in the kernels
+    meta = {
+        "G": G,
+        "W": w,
+        "D": D,
+        "BLOCK_M": block_m,
+        "BLOCK_D": max(16, _next_pow2(D)),
+        "BLOCK_N": block_n,
+        # The interpreter (CPU tensors) multiplies in float32: its dot takes no bf16.
+        "UPCAST": not keys.is_cuda,
+        "num_warps": num_warps,
+    }
+    grid = (n_blocks, kvh, R)
+    _window_stats_kernel[grid](
+        queries, keys, lengths, stats, L, qk_scale, *queries.stride(), *keys.stride(), **meta
+    )
+    _window_norm_kernel[(kvh, R)](
+        stats, lse, n_blocks, BLOCK_M=block_m, BLOCK_B=min(64, max(2, _next_pow2(n_blocks)))
+    )
+    _window_probs_kernel[grid](
         queries,
         keys,
         lengths,
+        lse,
         out,
         L,
-        1.4426950408889634 / math.sqrt(D),
+        qk_scale,
         *queries.stride(),
         *keys.stride(),
         *out.stride(),
-        G=G,
-        W=w,
-        D=D,
-        BLOCK_M=max(16, _next_pow2(G * w)),
-        BLOCK_D=max(16, _next_pow2(D)),
-        BLOCK_N=block_n,
-        num_warps=4,
+        **meta,
     )
     return out
 
@@ -383,6 +535,7 @@ def keep_top_triton(
     *,
     block_i: int = 64,
     block_j: int = 64,
+    block_c: int = 1024,
 ) -> torch.Tensor:
     _require_triton("keep_top_triton")
     _check_keep(scores, lengths, budget, window)
@@ -390,19 +543,21 @@ def keep_top_triton(
     out = torch.empty((R, X, budget), dtype=torch.int64, device=scores.device)
     if R == 0 or X == 0 or budget == 0:
         return out
-    _keep_top_kernel[(R * X,)](
+    keep = torch.empty((R, X, L), dtype=torch.int8, device=scores.device)
+    _keep_rank_kernel[(triton.cdiv(L, block_i), X, R)](
         scores,
         lengths,
-        out,
+        keep,
         L,
-        X,
         budget,
         window,
         *scores.stride(),
-        *out.stride(),
         BLOCK_I=block_i,
         BLOCK_J=block_j,
         num_warps=4,
+    )
+    _keep_place_kernel[(X, R)](
+        keep, out, L, *out.stride(), BLOCK_C=min(block_c, _next_pow2(L)), num_warps=4
     )
     return out
 

@@ -17,11 +17,17 @@ import pytest
 import torch
 from rlkit.kernels import kv_compress as kc
 
-# name: (R, H, KVH, w, D, L, dtype, strided)
+# name: (R, H, KVH, w, D, L, dtype, strided); the kernels run with blocks of 16 entries, so
+# L is never a multiple of the block; rows have lengths from w to L (score_inputs).
 SCORE_CASES: dict[str, tuple] = {
     "R3-H4-KVH2-w3-D16-L40-fp32": (3, 4, 2, 3, 16, 40, torch.float32, False),
     "R2-H6-KVH2-w8-D32-L70-bf16-strided": (2, 6, 2, 8, 32, 70, torch.bfloat16, True),
     "R4-H2-KVH2-w1-D24-L19-fp32-strided": (4, 2, 2, 1, 24, 19, torch.float32, True),
+    "R3-H4-KVH4-w8-D16-L37-bf16-G1": (3, 4, 4, 8, 16, 37, torch.bfloat16, False),
+    "R3-H8-KVH2-w16-D32-L53-bf16-G4-strided": (3, 8, 2, 16, 32, 53, torch.bfloat16, True),
+    "R2-H4-KVH2-w16-D16-L45-fp16-G2": (2, 4, 2, 16, 16, 45, torch.float16, False),
+    # 66 blocks of 16: the per-row combine walks its block statistics in two chunks of 64.
+    "R2-H2-KVH1-w8-D16-L1050-bf16-G2": (2, 2, 1, 8, 16, 1050, torch.bfloat16, False),
 }
 # name: (R, X, L, budget, window, plateaus)
 KEEP_CASES: dict[str, tuple] = {
@@ -90,7 +96,9 @@ def run_cases(device: str) -> dict[str, dict]:
     for i, (name, case) in enumerate(KEEP_CASES.items()):
         scores, lengths, budget, window = keep_inputs(case, seed=i, device=device)
         try:
-            got = kc.keep_top_triton(scores, lengths, budget, window, block_i=16, block_j=32)
+            got = kc.keep_top_triton(
+                scores, lengths, budget, window, block_i=16, block_j=32, block_c=16
+            )
         except Exception as e:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
@@ -176,6 +184,23 @@ def test_bad_arguments_raise_value_error(call, match):
 # ------------------------------------------------------------------ compiled kernels on CUDA
 
 
+def selection_gap(got: torch.Tensor, want: torch.Tensor, lengths, budget: int, window: int):
+    """How far from the reference's cut-off (its weakest kept non-window score) lies any entry
+    that the selection from `got` scores [R, X, L] and the one from `want` disagree on: 0 when
+    they keep the same entries; near-ties at the cut-off may swap by up to the scores' error."""
+    L = want.shape[-1]
+    a = kc.keep_top_reference(got, lengths, budget, window)
+    b = kc.keep_top_reference(want, lengths, budget, window)
+    kept_a = torch.zeros_like(want, dtype=torch.bool).scatter_(-1, a, True)
+    kept_b = torch.zeros_like(want, dtype=torch.bool).scatter_(-1, b, True)
+    swapped = kept_a ^ kept_b  # [R, X, L]
+    if not swapped.any():
+        return 0.0
+    in_window = torch.arange(L, device=want.device) >= (lengths[:, None] - window)  # [R, L]
+    cut = want.masked_fill(~kept_b | in_window[:, None], torch.inf).amin(-1, keepdim=True)
+    return float((want - cut).abs()[swapped].max())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and kc.HAS_TRITON), reason="needs CUDA")
 def test_triton_cuda_matches_reference():
@@ -183,15 +208,35 @@ def test_triton_cuda_matches_reference():
     for name, res in results.items():
         assert "error" not in res, (name, res)
         assert res.get("equal", True) and res.get("max_err", 0.0) <= 2e-5, (name, res)
-    # The engine's shape: 64 rows of 8 kv heads at budget 512 + interval 64, bf16.
-    q, k, lengths = score_inputs((64, 16, 8, 8, 128, 576, torch.bfloat16, True), 9, "cuda")
-    got = kc.window_scores(q, k, lengths)
-    assert (got - kc.window_scores_reference(q, k, lengths)).abs().max() <= 2e-5
+    # The engine's shapes: 64 rows of 8 kv heads at budget 512 + interval 64 (and + 576),
+    # bf16, groups of 2 (the 1.5B model) and 4, windows 8 and 16; SnapKV's selection from
+    # the kernel's scores keeps the reference's entries but at near-ties.
+    for i, (H, w, L) in enumerate([(16, 8, 576), (16, 8, 1088), (32, 16, 576)]):
+        q, k, lengths = score_inputs((64, H, 8, w, 128, L, torch.bfloat16, True), 9 + i, "cuda")
+        got = kc.window_scores(q, k, lengths)
+        want = kc.window_scores_reference(q, k, lengths)
+        assert (got - want).abs().max() <= 2e-5, (H, w, L)
+        assert selection_gap(got, want, lengths, 512, w) <= 1e-5, (H, w, L)
     scores, lengths, budget, window = keep_inputs((64, 8, 576, 512, 8, True), 9, "cuda")
     assert torch.equal(
         kc.keep_top(scores, lengths, budget, window),
         kc.keep_top_reference(scores, lengths, budget, window),
     )
+
+
+def test_selection_gap_is_zero_for_equal_scores_and_small_for_near_ties():
+    scores, lengths, budget, window = keep_inputs(KEEP_CASES["R3-X2-L40-b10-w3"], seed=1)
+    assert selection_gap(scores, scores, lengths, budget, window) == 0.0
+    # Nudge the weakest kept entry of row 0 just under the strongest dropped one: they swap.
+    keep = kc.keep_top_reference(scores, lengths, budget, window)[0, 0]
+    free = keep[keep < lengths[0] - window]
+    weakest = free[scores[0, 0, free].argmin()]
+    dropped = torch.tensor([i for i in range(int(lengths[0]) - window) if i not in keep.tolist()])
+    best = dropped[scores[0, 0, dropped].argmax()]
+    got = scores.clone()
+    got[0, 0, weakest] = scores[0, 0, best] - 1e-7
+    gap = selection_gap(got, scores, lengths, budget, window)
+    assert 0.0 < gap <= float(scores[0, 0, weakest] - scores[0, 0, best]) + 1e-6
 
 
 if __name__ == "__main__":
