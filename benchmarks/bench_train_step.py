@@ -120,7 +120,7 @@ def _write_memory_peak(path: str, baseline: int, worker: ColocatedWorker) -> Non
             p.numel() * p.element_size() for p in worker.rollout.engine.model.parameters()
         ),
         "engine KV cache": (
-            worker.rollout.engine.cache.allocated_bytes()
+            worker.rollout.engine.cache.allocated_bytes
             if worker.rollout.engine.cache is not None
             else 0
         ),
