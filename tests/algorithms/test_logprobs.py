@@ -107,3 +107,61 @@ def test_shape_errors():
         token_logprobs(hidden, weight[:, :3], targets)
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(hidden, weight, targets[:3])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gradient_with_temperature_and_bf16_rows(temperature):
+    hidden, weight, targets = inputs(dtype=torch.bfloat16)
+    logp, ent = token_logprobs(
+        hidden, weight, targets, chunk_size=8, with_entropy=True, temperature=temperature
+    )
+    ref_logp, ref_ent = reference(hidden, weight, targets, temperature)
+    coef = torch.randn(37, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((logp * coef).sum() - 0.3 * ent.sum(), (hidden, weight))
+    ref = torch.autograd.grad((ref_logp * coef).sum() - 0.3 * ref_ent.sum(), (hidden, weight))
+    for got, want in zip(grads, ref, strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want)
+
+
+def test_backward_holds_one_chunk_of_logits_at_a_time():
+    """The live bytes of tensors made during backward stay near one chunk's [C, V] logits
+    (a few of them), not the whole batch's."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self.seen: set[int] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    key = st.data_ptr()
+                    if key and key not in self.seen:
+                        self.seen.add(key)
+                        self.live += st.nbytes()
+                        self.peak = max(self.peak, self.live)
+                        weakref.finalize(st, self._free, key, st.nbytes())
+            return out
+
+        def _free(self, key, n):
+            self.seen.discard(key)
+            self.live -= n
+
+    m, h, v, chunk = 512, 16, 4000, 32
+    hidden, weight, targets = inputs(m=m, h=h, v=v)
+    logp, ent = token_logprobs(hidden, weight, targets, chunk_size=chunk, with_entropy=True)
+    loss = logp.sum() + ent.sum()
+    with LiveBytes() as mode:
+        loss.backward()
+    chunk_logits = chunk * v * 4
+    # gradients of hidden and weight (float32) plus a handful of chunk-sized temporaries
+    grads = (m * h + v * h) * 4
+    assert mode.peak < grads + 8 * chunk_logits
+    assert mode.peak < m * v * 4 / 2  # far below the batch's logits
