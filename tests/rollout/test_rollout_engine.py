@@ -246,9 +246,12 @@ def _kernel_shaped_model(tmp_path, arch: str, seed: int, tied: bool = False) -> 
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)])  # qwen2: biases
+# qwen2: biases; n=1: each prompt's prefill runs fused (its rows go straight to their slots)
+@pytest.mark.parametrize(
+    "arch, tied, n", [("llama", True, 2), ("qwen2", False, 2), ("llama", True, 1)]
+)
 def test_avx2_packed_weights_sample_like_plain_weights_and_reload(
-    tmp_path, monkeypatch, arch, tied, prompts
+    tmp_path, monkeypatch, arch, tied, n, prompts
 ):
     """A float32 engine whose weights are packed for the AVX2 GEMM (the default where the
     float32 C kernels run on an AVX2 CPU) samples the same tokens with the same log-probs, to
@@ -284,12 +287,13 @@ def test_avx2_packed_weights_sample_like_plain_weights_and_reload(
 
     def same(a, b) -> None:
         before, steps_before = len(calls), len(step_calls)
-        out_a = a.generate(prompts, params, n=2)
-        # the prefill: each linear (4 per layer) and the LM head; 11 decode steps: the layers
-        # in one call (`decode_layers`, the same GEMM inside) and the LM head
-        assert len(calls) - before >= 4 * a.model.args.num_layers + 1 + 11
-        assert len(step_calls) - steps_before >= 11
-        out_b = b.generate(prompts, params, n=2)
+        out_a = a.generate(prompts, params, n=n)
+        # n=2: the prefill's linears (4 per layer) and LM head, then 11 decode steps: the
+        # layers in one call (`decode_layers`, the same GEMM inside) and the LM head; n=1: the
+        # prefill's layers in one call too
+        assert len(calls) - before >= (4 * a.model.args.num_layers if n == 2 else 0) + 12
+        assert len(step_calls) - steps_before >= 11 + (n == 1)
+        out_b = b.generate(prompts, params, n=n)
         assert [c.token_ids for c in out_a] == [c.token_ids for c in out_b]
         for x, y in zip(out_a, out_b, strict=True):
             torch.testing.assert_close(x.logprobs, y.logprobs, atol=1e-4, rtol=0)
