@@ -59,7 +59,8 @@ The float32 build also holds the decode step's GEMM (reference: `F.linear`):
   our own); `linear(x, packed)`: x [..., K] @ W^T + bias. At a decode batch of 32 rows each
   weight of the model is read once per step from DRAM, so the GEMM is a stream of panels:
   oneDNN's prepacked GEMM ran the step's GEMMs at about 87 GFLOP/s on two Zen 3 cores with
-  the weights streaming, this one at about ... (benchmarks/NOTES.md, "AVX2 GEMM").
+  the weights streaming, this one at 178-192 GFLOP/s (SmolLM2's shapes at 32 rows and at a
+  2048-row prefill; the two cores' FMA peak is about 195; `benchmarks/bench_gemm.py`).
 - `prepare_decode_layers(layers, final_norm)` -> `DecodeLayers` (the weights of every layer,
   checked once) and `decode_layers(x, cos, sin, layers, targets, num_heads, eps, scale, T)`:
   every layer of a decode step in one call and one OpenMP region, the kernels above in
