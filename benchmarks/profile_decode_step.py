@@ -1,8 +1,10 @@
 """Where a CPU decode step of the rollout engine goes: SmolLM2-135M-Instruct, batch 32,
 64-token random prompts, the engine as `rlkit bench rollout` builds it (default packing,
 fused decode step on the C kernels), each kernel and `decoder.linear` wrapped with a timer
-that counts only inside `Decoder.forward_decode_fused` (prefill excluded), and the LM head +
-sampling timed per call.
+that counts only inside `Decoder.forward_decode_fused` for one token per row (decode steps;
+the fused prefill excluded), and the LM head + sampling timed per call. A float32 engine on
+an AVX2 CPU runs a step's layers in one call (`decode_layers`: GEMMs, attention and row ops
+together).
 
     .venv/bin/python benchmarks/profile_decode_step.py [--new-tokens 129] [--prepack avx2]
 
@@ -56,16 +58,18 @@ def main() -> None:
 
         setattr(mod, name, wrapper)
 
-    for name in ("rope_append_attend", "add_rms_norm", "silu_mul"):
+    for name in ("decode_layers", "rope_append_attend", "add_rms_norm", "silu_mul"):
         timed(cpu_kernels, name)
     timed(decoder, "linear")
     step = decoder.Decoder.forward_decode_fused
 
-    def fused(self, *a, **k):
+    def fused(self, input_ids, *a, **k):
+        if input_ids.shape[1] != 1:  # a prefill (Engine.fused_prefill)
+            return step(self, input_ids, *a, **k)
         inside[0] = True
         t = time.perf_counter()
         try:
-            return step(self, *a, **k)
+            return step(self, input_ids, *a, **k)
         finally:
             inside[0] = False
             spent["decode_fused"] = spent.get("decode_fused", 0.0) + time.perf_counter() - t
@@ -90,9 +94,9 @@ def main() -> None:
     fused_ms = parts.pop("decode_fused")
     for k, v in parts.items():
         print(f"  {k:20s} {v:6.2f} ms/step")
-    inner = sum(v for k, v in parts.items() if k != "_sample")
+    inner = sum(v for k, v in parts.items() if k != "sample")
     print(f"  {'rest of the layers':20s} {fused_ms - inner:6.2f} ms/step (Python around kernels)")
-    print(f"  {'rest of the step':20s} {step_ms - fused_ms - parts.get('_sample', 0):6.2f} ms/step")
+    print(f"  {'rest of the step':20s} {step_ms - fused_ms - parts.get('sample', 0):6.2f} ms/step")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,14 @@ The float32 build also holds the decode step's GEMM (reference: `F.linear`):
   our own); `linear(x, packed)`: x [..., K] @ W^T + bias. At a decode batch of 32 rows each
   weight of the model is read once per step from DRAM, so the GEMM is a stream of panels:
   oneDNN's prepacked GEMM ran the step's GEMMs at about 87 GFLOP/s on two Zen 3 cores with
-  the weights streaming, this one at about ... (benchmarks/NOTES.md, "AVX2 GEMM").
+  the weights streaming, this one at 178-192 GFLOP/s (SmolLM2's shapes at 32 rows and at a
+  2048-row prefill; the two cores' FMA peak is about 195; `benchmarks/bench_gemm.py`).
+- `prepare_decode_layers(layers, final_norm)` -> `DecodeLayers` (the weights of every layer,
+  checked once) and `decode_layers(x, cos, sin, layers, targets, num_heads, eps, scale, T)`:
+  every layer of a decode step in one call and one OpenMP region, the kernels above in
+  `Decoder.forward_decode_fused`'s order (same code, same results) with a barrier between
+  phases, instead of some 240 ctypes calls a step (SmolLM2) whose Python wrappers, small
+  serial row ops and thread wake-ups cost about 5 ms of a 62 ms step at batch 32.
 
 Rounding follows the PyTorch code step for step (bf16 build: bf16 wherever PyTorch
 materialises a bf16 tensor, float32 in between); only summation orders (and, in the float32
@@ -97,6 +104,8 @@ __all__ = [
     "available",
     "compact_rows",
     "decode_attention",
+    "decode_layers",
+    "DecodeLayers",
     "isa",
     "keep_top",
     "linear",
@@ -104,6 +113,7 @@ __all__ = [
     "missing_prerequisite",
     "pack_linear",
     "PackedLinear",
+    "prepare_decode_layers",
     "redundancy",
     "rope_append_attend",
     "sample_rows",
@@ -333,9 +343,15 @@ def _declare(lib: ctypes.CDLL, s: str) -> None:
         ptr, i64, i64, i64, i64,  # idx, its strides (row, head), budget, L
     ]  # fmt: skip
     lib.rlkit_compact_rows.restype = i32
-    if s == "f32":  # the GEMM is in the float32 build only
+    if s == "f32":  # the GEMM and the fused layers are in the float32 build only
         lib.rlkit_linear_f32.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
         lib.rlkit_linear_f32.restype = None
+        lib.rlkit_decode_layers_f32.argtypes = [
+            ptr, i32, ptr, ptr, ptr, i64, ptr,  # plan, layers, x, cos, sin, their stride, norm
+            ptr, ptr, ptr, ptr, ptr, ptr,  # scratch qkv, att, tmp, gu, act; out h
+            i32, i32, i32, i32, i32, i64, i64, f32, f32,  # B T H KVH D hidden inter eps scale
+        ]  # fmt: skip
+        lib.rlkit_decode_layers_f32.restype = i32
 
 
 def available(dtype: torch.dtype | None = None) -> bool:
@@ -768,3 +784,195 @@ def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
             None if bias is None else bias.data_ptr(), out.data_ptr(), N, M, N, K,
         )  # fmt: skip
     return out if x.dim() == 2 else out.view(*x.shape[:-1], N)
+
+
+# Slots of a layer in rlkit_decode_layers_f32's plan (cpu_avx2.c's DL_* enum): 10 of weights,
+# then 15 of the KV cache, filled per step.
+_DL_WEIGHTS, _DL_SLOTS = 10, 25
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeLayers:
+    """A model's layers for `decode_layers` (built by `prepare_decode_layers`): the weight
+    slots of the C plan, one row per layer, and the tensors they point into (kept alive)."""
+
+    plan: torch.Tensor  # [layers, 25] int64, the 10 weight slots filled
+    keep: tuple[object, ...]
+    final_norm: torch.Tensor  # [hidden]
+    hidden: int
+    inter: int
+    qkv_out: int  # (H + 2 KVH) D
+    attn_in: int  # H D (o_proj's in features)
+
+
+# One layer for `prepare_decode_layers`: input norm weight, packed fused q/k/v, packed o_proj,
+# post-attention norm weight, packed fused gate/up, packed down_proj.
+LayerWeights = tuple[
+    torch.Tensor, PackedLinear, PackedLinear, torch.Tensor, PackedLinear, PackedLinear
+]
+
+
+def prepare_decode_layers(layers: list[LayerWeights], final_norm: torch.Tensor) -> DecodeLayers:
+    """The weights of every layer of a float32 model packed by `pack_linear`, checked once for
+    `decode_layers`. Norm weights are referenced, not copied (an in-place update of them, a
+    weight sync, reaches the step); a new `pack_linear` of a layer needs a new preparation."""
+    if not layers:
+        raise ValueError("prepare_decode_layers: no layers")
+    hidden = layers[0][0].shape[0] if layers[0][0].dim() == 1 else -1
+    rows: list[list[int]] = []
+    keep: list[object] = [final_norm]
+    inter = qkv_out = attn_in = -1
+    for i, (n_in, qkv, o, n_post, gate_up, down) in enumerate(layers):
+        norms = [("input norm", n_in), ("post-attention norm", n_post)]
+        if i == len(layers) - 1:
+            norms.append(("final norm", final_norm))
+        for name, w in norms:
+            if (
+                w.dtype != torch.float32
+                or w.device.type != "cpu"
+                or w.shape != (hidden,)
+                or w.stride(0) != 1
+            ):
+                raise ValueError(
+                    f"layer {i}: {name} weight must be a contiguous float32 CPU tensor "
+                    f"[{hidden}] (layer 0's input norm), got {w.dtype} {tuple(w.shape)}"
+                )
+        packed = (("qkv", qkv), ("o", o), ("gate_up", gate_up), ("down", down))
+        for name, lin in packed:
+            if not isinstance(lin, PackedLinear):
+                raise ValueError(f"layer {i}: {name} must be a PackedLinear, got {type(lin)}")
+        if i == 0:
+            qkv_out, attn_in, inter = qkv.out_features, o.in_features, gate_up.out_features // 2
+        want = {
+            "qkv": (qkv_out, hidden),
+            "o": (hidden, attn_in),
+            "gate_up": (2 * inter, hidden),
+            "down": (hidden, inter),
+        }
+        for name, lin in packed:
+            if (lin.out_features, lin.in_features) != want[name] or want[name][0] <= 0:
+                raise ValueError(
+                    f"layer {i}: {name} is [{lin.out_features}, {lin.in_features}], expected "
+                    f"{list(want[name])} (layer 0's shapes, hidden {hidden})"
+                )
+        row = [n_in.data_ptr()]
+        for _, lin in packed:
+            row += [lin.panels.data_ptr(), 0 if lin.bias is None else lin.bias.data_ptr()]
+        row.insert(5, n_post.data_ptr())  # after qkv and o: the slot order of the C plan
+        rows.append(row + [0] * (_DL_SLOTS - _DL_WEIGHTS))
+        keep += [n_in, n_post, *(lin for _, lin in packed)]
+    plan = torch.tensor(rows, dtype=torch.int64)
+    return DecodeLayers(plan, tuple(keep), final_norm, hidden, inter, qkv_out, attn_in)
+
+
+def decode_layers(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layers: DecodeLayers,
+    targets: list[
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+    ],
+    num_heads: int,
+    eps: float,
+    scale: float,
+    tokens_per_row: int = 1,
+) -> torch.Tensor:
+    """Every layer of a float32 decode step in one call (float32 build): what
+    `add_rms_norm`, `linear`, `rope_append_attend` and `silu_mul` compute one by one in
+    `Decoder.forward_decode_fused`, in one OpenMP region. x [B * T, hidden] contiguous: the
+    embedded tokens, the residual stream (updated in place); cos/sin [B * T, D] as for
+    `rope_append_attend`; targets: per layer its (k store, v store, lengths, q_ring,
+    ring_pos), `rope_append_attend`'s arguments. Returns the final-norm hidden states
+    [B * T, hidden]."""
+    lib, _ = _lib_for(torch.float32, "decode_layers")
+    T, hidden = tokens_per_row, layers.hidden
+    if len(targets) != layers.plan.shape[0]:
+        raise ValueError(f"{len(targets)} cache targets for {layers.plan.shape[0]} layers")
+    k0 = targets[0][0]
+    B, kvh, _, D = k0.shape
+    rows = B * T
+    if (
+        not supports_heads(num_heads, kvh, D, torch.float32)
+        or layers.qkv_out != (num_heads + 2 * kvh) * D
+        or layers.attn_in != num_heads * D
+    ):
+        raise ValueError(
+            f"heads H={num_heads} KVH={kvh} D={D} do not fit the layers (qkv out "
+            f"{layers.qkv_out}, o in {layers.attn_in})"
+        )
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (rows, hidden):
+        raise ValueError(
+            f"x must be a contiguous float32 [{rows}, {hidden}], got {x.dtype} {tuple(x.shape)}"
+        )
+    _rows(cos, "cos", torch.float32)
+    _rows(sin, "sin", torch.float32)
+    if T < 1 or cos.shape != (rows, D) or sin.shape != cos.shape or cos.stride(0) != sin.stride(0):
+        raise ValueError(
+            f"cos/sin must be [{rows}, {D}] with one row stride, got {tuple(cos.shape)}"
+        )
+    plan = layers.plan.clone()
+    cache_slots: list[list[int]] = []
+    keep: list[torch.Tensor] = []
+    for i, (k, v, lengths, ring, ring_pos) in enumerate(targets):
+        for name, t in (("k", k), ("v", v)):
+            if (
+                t.dtype != torch.float32
+                or t.stride(-1) != 1
+                or t.shape != k.shape
+                or k.shape[:2] != (B, kvh)
+                or k.shape[3] != D
+            ):
+                raise ValueError(
+                    f"layer {i}: {name} store must be float32 [{B}, {kvh}, cap, {D}] with unit "
+                    f"stride in D, got {t.dtype} {tuple(t.shape)}"
+                )
+        lens = lengths.to(torch.int64).contiguous()
+        if lens.shape != (B,):
+            raise ValueError(f"layer {i}: lengths must be [{B}], got {tuple(lens.shape)}")
+        keep.append(lens)
+        row = [
+            k.data_ptr(),
+            *k.stride()[:3],
+            v.data_ptr(),
+            *v.stride()[:3],
+            k.shape[2],
+            lens.data_ptr(),
+        ]
+        if ring is None:
+            row += [0, 0, 0, 0, 0]
+        else:
+            assert ring_pos is not None
+            pos = ring_pos.to(torch.int64).contiguous()
+            if (
+                ring.shape[:2] != (B, num_heads)
+                or ring.shape[3] != D
+                or ring.stride(3) != 1
+                or ring.dtype != torch.float32
+                or pos.shape != (rows,)
+            ):
+                raise ValueError(
+                    f"layer {i}: q_ring must be float32 [{B}, {num_heads}, W, {D}] and ring_pos "
+                    f"[{rows}], got {tuple(ring.shape)} and {tuple(pos.shape)}"
+                )
+            keep.append(pos)
+            row += [ring.data_ptr(), *ring.stride()[:3], pos.data_ptr()]
+        cache_slots.append(row)
+    plan[:, _DL_WEIGHTS:] = torch.tensor(cache_slots, dtype=torch.int64)
+    new = lambda n: torch.empty((rows, n), dtype=torch.float32)  # noqa: E731
+    qkv, att, tmp = new(layers.qkv_out), new(layers.attn_in), new(hidden)
+    gu, act, h = new(2 * layers.inter), new(layers.inter), new(hidden)
+    status = lib.rlkit_decode_layers_f32(
+        plan.data_ptr(), plan.shape[0], x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        cos.stride(0), layers.final_norm.data_ptr(), qkv.data_ptr(), att.data_ptr(),
+        tmp.data_ptr(), gu.data_ptr(), act.data_ptr(), h.data_ptr(), B, T, num_heads, kvh, D,
+        hidden, layers.inter, eps, scale,
+    )  # fmt: skip
+    if status >= 2:
+        i = status - 2
+        raise ValueError(
+            f"layer {i}: lengths must be in [{T}, {targets[i][0].shape[2]}] (tokens per row, the "
+            f"cache's capacity), got {targets[i][2].tolist()}"
+        )
+    _check_status(status, "decode_layers")
+    return h

@@ -365,6 +365,70 @@ static void rope_row(const float *x, const float *cos, const float *sin, int D, 
  *   q_ring   optional [B, H, W, D] (strides rb, rh, rw): each rotated query is also stored at
  *            ring_pos[b * T + t] (the compressed cache's recent-query window)
  * Returns 0, 1 if a scratch allocation failed, 2 if a length is outside [T, cap]. */
+/* One work item of the attention block (see rlkit_rope_append_attend_f32 below): sequence
+ * it / KVH, kv head it % KVH: its T new keys and values into the cache, then attention of its
+ * G query heads' T tokens. scores: G * (the longest length) floats of scratch. */
+static void append_attend_item(int64_t it, const float *qkv, int64_t qkv_rs, const float *cos,
+                               const float *sin, int64_t cs_rs, float *k, int64_t k_sb,
+                               int64_t k_sh, int64_t k_sl, float *v, int64_t v_sb, int64_t v_sh,
+                               int64_t v_sl, const int64_t *lengths, float *out, int B, int H,
+                               int KVH, int D, float scale, float *q_ring, int64_t r_sb,
+                               int64_t r_sh, int64_t r_sw, const int64_t *ring_pos, int T,
+                               float *scores) {
+    const int G = H / KVH;
+    const int64_t items = (int64_t)B * KVH;
+    const int64_t b = it / KVH, h = it % KVH;
+    const int64_t len = lengths[b];
+    float *kd = k + b * k_sb + h * k_sh, *vd = v + b * v_sb + h * v_sh;
+    /* The next item's cached rows (those before the T entries it writes), prefetched while
+     * this item computes. */
+    Ahead ahead = ahead_of(it + 1, KVH, k, k_sb, k_sh, k_sl, v, v_sb, v_sh, v_sl,
+                           it + 1 < items ? lengths[(it + 1) / KVH] - T : 0, D);
+    /* Every new key and value first: token t's query reads entries up to its own. */
+    for (int t = 0; t < T; t++) {
+        const int64_t r = b * T + t, at = len - T + t;
+        const float *row = qkv + r * qkv_rs;
+        rope_row(row + (int64_t)(H + h) * D, cos + r * cs_rs, sin + r * cs_rs, D, kd + at * k_sl);
+        memcpy(vd + at * v_sl, row + (int64_t)(H + KVH + h) * D, sizeof(float) * D);
+    }
+    for (int t = 0; t < T; t++) {
+        const int64_t r = b * T + t;
+        const float *row = qkv + r * qkv_rs;
+        const float *cb = cos + r * cs_rs, *sb = sin + r * cs_rs;
+        float qr[MAX_G * MAX_D];
+        for (int g = 0; g < G; g++) {
+            rope_row(row + (int64_t)(h * G + g) * D, cb, sb, D, qr + g * D);
+            if (q_ring)
+                memcpy(q_ring + b * r_sb + (h * G + g) * r_sh + ring_pos[r] * r_sw, qr + g * D,
+                       sizeof(float) * D);
+        }
+        attend_one(qr, D, kd, k_sl, vd, v_sl, len - T + t + 1, G, D, scale, scores,
+                   out + (r * H + h * G) * (int64_t)D, &ahead);
+    }
+}
+
+/* The longest of B lengths, or -1 if one is outside [T, cap]. */
+static int64_t longest(const int64_t *lengths, int B, int T, int64_t cap) {
+    int64_t max_len = 0;
+    for (int b = 0; b < B; b++) {
+        if (lengths[b] < T || lengths[b] > cap) return -1;
+        max_len = lengths[b] > max_len ? lengths[b] : max_len;
+    }
+    return max_len;
+}
+
+/* The attention block of a decode step of T tokens per sequence (T = 1, or a speculative
+ * verify step's last token + drafts), after the fused qkv GEMM.
+ *   qkv      [B * T, (H + 2 KVH) * D] rows of stride qkv_rs (token t of sequence b at row
+ *            b * T + t): q heads, then k heads, then v heads
+ *   cos, sin [B * T, D] rows of stride cs_rs (each token's true position)
+ *   k, v     cache stores [B, KVH, cap, D] with strides (sb, sh, sl)
+ *   lengths  [B] entries of each sequence after its T tokens: token t's k/v go to
+ *            lengths[b] - T + t, and its query attends to the entries before that and itself
+ *   out      [B * T, H * D] contiguous
+ *   q_ring   optional [B, H, W, D] (strides rb, rh, rw): each rotated query is also stored at
+ *            ring_pos[b * T + t] (the compressed cache's recent-query window)
+ * Returns 0, 1 if a scratch allocation failed, 2 if a length is outside [T, cap]. */
 int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *cos,
                                  const float *sin, int64_t cs_rs, float *k, int64_t k_sb,
                                  int64_t k_sh, int64_t k_sl, float *v, int64_t v_sb, int64_t v_sh,
@@ -373,11 +437,8 @@ int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *
                                  int64_t r_sb, int64_t r_sh, int64_t r_sw,
                                  const int64_t *ring_pos, int T) {
     const int G = H / KVH;
-    int64_t max_len = 0;
-    for (int b = 0; b < B; b++) {
-        if (lengths[b] < T || lengths[b] > cap) return 2;
-        max_len = lengths[b] > max_len ? lengths[b] : max_len;
-    }
+    const int64_t max_len = longest(lengths, B, T, cap);
+    if (max_len < 0) return 2;
     const int64_t items = (int64_t)B * KVH;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
@@ -389,35 +450,9 @@ int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *
                 failed = 1;
                 continue;
             }
-            const int64_t b = it / KVH, h = it % KVH;
-            const int64_t len = lengths[b];
-            float *kd = k + b * k_sb + h * k_sh, *vd = v + b * v_sb + h * v_sh;
-            /* The next item's cached rows (those before the T entries it writes), prefetched
-             * while this item computes. */
-            Ahead ahead = ahead_of(it + 1, KVH, k, k_sb, k_sh, k_sl, v, v_sb, v_sh, v_sl,
-                                   it + 1 < items ? lengths[(it + 1) / KVH] - T : 0, D);
-            /* Every new key and value first: token t's query reads entries up to its own. */
-            for (int t = 0; t < T; t++) {
-                const int64_t r = b * T + t, at = len - T + t;
-                const float *row = qkv + r * qkv_rs;
-                rope_row(row + (int64_t)(H + h) * D, cos + r * cs_rs, sin + r * cs_rs, D,
-                         kd + at * k_sl);
-                memcpy(vd + at * v_sl, row + (int64_t)(H + KVH + h) * D, sizeof(float) * D);
-            }
-            for (int t = 0; t < T; t++) {
-                const int64_t r = b * T + t;
-                const float *row = qkv + r * qkv_rs;
-                const float *cb = cos + r * cs_rs, *sb = sin + r * cs_rs;
-                float qr[MAX_G * MAX_D];
-                for (int g = 0; g < G; g++) {
-                    rope_row(row + (int64_t)(h * G + g) * D, cb, sb, D, qr + g * D);
-                    if (q_ring)
-                        memcpy(q_ring + b * r_sb + (h * G + g) * r_sh + ring_pos[r] * r_sw,
-                               qr + g * D, sizeof(float) * D);
-                }
-                attend_one(qr, D, kd, k_sl, vd, v_sl, len - T + t + 1, G, D, scale, scores,
-                           out + (r * H + h * G) * (int64_t)D, &ahead);
-            }
+            append_attend_item(it, qkv, qkv_rs, cos, sin, cs_rs, k, k_sb, k_sh, k_sl, v, v_sb,
+                               v_sh, v_sl, lengths, out, B, H, KVH, D, scale, q_ring, r_sb, r_sh,
+                               r_sw, ring_pos, T, scores);
         }
         free(scores);
     }
@@ -426,31 +461,45 @@ int rlkit_rope_append_attend_f32(const float *qkv, int64_t qkv_rs, const float *
 
 /* -- row-wise ops -------------------------------------------------------------------------- */
 
+/* One row of `dim`: if dr, xr += dr in place (the residual stream); then
+ * orow = w * (xr * rsqrt(mean(xr^2) + eps)), as RMSNorm in rlkit.models.decoder. */
+INLINE void add_rms_norm_row(float *xr, const float *dr, const float *w, float eps, float *orow,
+                             int64_t dim) {
+    __m256 ss = _mm256_setzero_ps();
+    for (int64_t i = 0; i < dim; i += 8) {
+        __m256 xv = load8(xr, i, dim);
+        if (dr) {
+            xv = _mm256_add_ps(xv, load8(dr, i, dim));
+            store8(xr, i, dim, xv);
+        }
+        ss = _mm256_fmadd_ps(xv, xv, ss);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)dim + eps));
+    for (int64_t i = 0; i < dim; i += 8) {
+        const __m256 h = _mm256_mul_ps(load8(xr, i, dim), inv);
+        store8(orow, i, dim, _mm256_mul_ps(load8(w, i, dim), h));
+    }
+}
+
+/* o = silu(g) * u over a row of `inter`, as F.silu(gate) * up. */
+INLINE void silu_mul_row(const float *g, const float *u, float *o, int64_t inter) {
+    for (int64_t i = 0; i < inter; i += 8) {
+        const __m256 gv = load8(g, i, inter);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        store8(o, i, inter, _mm256_mul_ps(s, load8(u, i, inter)));
+    }
+}
+
 /* For each of `rows` rows of `dim`: if delta, x += delta in place (the residual stream); then
  * out = w * (x * rsqrt(mean(x^2) + eps)), as RMSNorm in rlkit.models.decoder. */
 void rlkit_add_rms_norm_f32(float *x, int64_t x_rs, const float *delta, int64_t d_rs,
                             const float *w, float eps, float *out, int64_t o_rs, int64_t rows,
                             int64_t dim) {
 #pragma omp parallel for schedule(static) if (rows * dim >= (1 << 18))
-    for (int64_t r = 0; r < rows; r++) {
-        float *xr = x + r * x_rs;
-        const float *dr = delta ? delta + r * d_rs : NULL;
-        __m256 ss = _mm256_setzero_ps();
-        for (int64_t i = 0; i < dim; i += 8) {
-            __m256 xv = load8(xr, i, dim);
-            if (dr) {
-                xv = _mm256_add_ps(xv, load8(dr, i, dim));
-                store8(xr, i, dim, xv);
-            }
-            ss = _mm256_fmadd_ps(xv, xv, ss);
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)dim + eps));
-        float *orow = out + r * o_rs;
-        for (int64_t i = 0; i < dim; i += 8) {
-            const __m256 h = _mm256_mul_ps(load8(xr, i, dim), inv);
-            store8(orow, i, dim, _mm256_mul_ps(load8(w, i, dim), h));
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        add_rms_norm_row(x + r * x_rs, delta ? delta + r * d_rs : NULL, w, eps, out + r * o_rs,
+                         dim);
 }
 
 /* out[r] = silu(gate) * up with gate = row[:inter], up = row[inter:], as F.silu(gate) * up. */
@@ -458,14 +507,8 @@ void rlkit_silu_mul_f32(const float *gu, int64_t gu_rs, float *out, int64_t o_rs
                         int64_t inter) {
 #pragma omp parallel for schedule(static) if (rows * inter >= (1 << 18))
     for (int64_t r = 0; r < rows; r++) {
-        const float *g = gu + r * gu_rs, *u = g + inter;
-        float *o = out + r * o_rs;
-        for (int64_t i = 0; i < inter; i += 8) {
-            const __m256 gv = load8(g, i, inter);
-            __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-            __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-            store8(o, i, inter, _mm256_mul_ps(s, load8(u, i, inter)));
-        }
+        const float *g = gu + r * gu_rs;
+        silu_mul_row(g, g + inter, out + r * o_rs, inter);
     }
 }
 
@@ -712,44 +755,162 @@ static void gemm_rows(int mr, const float *a, int64_t lda, const float *b, int64
     }
 }
 
-/* y [M, N] (rows of stride y_rs) = x [M, K] (rows of stride x_rs) W^T + bias, with W packed
- * as above (w: ceil(N / 24) panels of [K, 24]) and bias [N] or NULL. Runs on the OpenMP
- * threads when there is enough work to split (at least two panels and 2^18 multiply-adds). */
-void rlkit_linear_f32(const float *x, int64_t x_rs, const float *w, const float *bias, float *y,
-                      int64_t y_rs, int64_t M, int64_t N, int64_t K) {
+/* Thread t of nt's share of y [M, N] (rows of stride y_rs) = x [M, K] (rows of stride x_rs)
+ * W^T + bias, with W packed as above (w: ceil(N / 24) panels of [K, 24]) and bias [N] or
+ * NULL: its contiguous range of panels (each thread writes its own columns of y). */
+static void gemm_part(const float *x, int64_t x_rs, const float *w, const float *bias, float *y,
+                      int64_t y_rs, int64_t M, int64_t N, int64_t K, int64_t t, int64_t nt) {
     const int64_t P = (N + GEMM_NR - 1) / GEMM_NR;
     /* K blocks of near-equal size, at most GEMM_KC. */
     const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kc_max = (K + nk - 1) / nk;
     const int64_t panel = K * GEMM_NR; /* floats */
-#pragma omp parallel if (P > 1 && M * N * K >= (1 << 18))
-    {
-        const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t p0 = P * t / T, p1 = P * (t + 1) / T;
-        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MC) {
-            const int64_t mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC;
-            const int64_t blocks = (mc + GEMM_MR - 1) / GEMM_MR;
-            /* Each (K block, row block) call prefetches its share of the next panel: step
-             * bytes per k, so that all of them together cover its K * 96 bytes. */
-            const int64_t step = (GEMM_NR * (int64_t)sizeof(float) + blocks - 1) / blocks;
-            for (int64_t p = p0; p < p1; p++) {
-                const float *bp = w + p * panel;
-                const int64_t n0 = p * GEMM_NR;
-                const int ncols = (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR);
-                /* The thread's next panel: p + 1, its first one for the next chunk of rows,
-                 * or (the last call) this one again, already in cache. */
-                const float *next = p + 1 < p1 ? bp + panel : (m0 + mc < M ? w + p0 * panel : bp);
-                for (int64_t kb = 0; kb < nk; kb++) {
-                    const int64_t k0 = kb * kc_max, kc = K - k0 < kc_max ? K - k0 : kc_max;
-                    const float *bias_p = bias && k0 + kc == K ? bias + n0 : NULL;
-                    for (int64_t r = 0; r < blocks; r++) {
-                        const int64_t m = m0 + r * GEMM_MR;
-                        const int mr = (int)(M - m < GEMM_MR ? M - m : GEMM_MR);
-                        const char *pf = (const char *)next + (kb * blocks + r) * kc_max * step;
-                        gemm_rows(mr, x + m * x_rs + k0, x_rs, bp + k0 * GEMM_NR, kc,
-                                  y + m * y_rs + n0, y_rs, bias_p, ncols, kb > 0, pf, step);
-                    }
+    const int64_t p0 = P * t / nt, p1 = P * (t + 1) / nt;
+    for (int64_t m0 = 0; m0 < M; m0 += GEMM_MC) {
+        const int64_t mc = M - m0 < GEMM_MC ? M - m0 : GEMM_MC;
+        const int64_t blocks = (mc + GEMM_MR - 1) / GEMM_MR;
+        /* Each (K block, row block) call prefetches its share of the next panel: step bytes
+         * per k, so that all of them together cover its K * 96 bytes. */
+        const int64_t step = (GEMM_NR * (int64_t)sizeof(float) + blocks - 1) / blocks;
+        for (int64_t p = p0; p < p1; p++) {
+            const float *bp = w + p * panel;
+            const int64_t n0 = p * GEMM_NR;
+            const int ncols = (int)(N - n0 < GEMM_NR ? N - n0 : GEMM_NR);
+            /* The thread's next panel: p + 1, its first one for the next chunk of rows, or
+             * (the last call) this one again, already in cache. */
+            const float *next = p + 1 < p1 ? bp + panel : (m0 + mc < M ? w + p0 * panel : bp);
+            for (int64_t kb = 0; kb < nk; kb++) {
+                const int64_t k0 = kb * kc_max, kc = K - k0 < kc_max ? K - k0 : kc_max;
+                const float *bias_p = bias && k0 + kc == K ? bias + n0 : NULL;
+                for (int64_t r = 0; r < blocks; r++) {
+                    const int64_t m = m0 + r * GEMM_MR;
+                    const int mr = (int)(M - m < GEMM_MR ? M - m : GEMM_MR);
+                    const char *pf = (const char *)next + (kb * blocks + r) * kc_max * step;
+                    gemm_rows(mr, x + m * x_rs + k0, x_rs, bp + k0 * GEMM_NR, kc,
+                              y + m * y_rs + n0, y_rs, bias_p, ncols, kb > 0, pf, step);
                 }
             }
         }
     }
+}
+
+/* Whether a GEMM is worth splitting over threads: at least two panels and 2^18 multiply-adds. */
+INLINE int gemm_splits(int64_t M, int64_t N, int64_t K) {
+    return (N + GEMM_NR - 1) / GEMM_NR > 1 && M * N * K >= (1 << 18);
+}
+
+/* y [M, N] = x [M, K] W^T + bias (gemm_part's arguments) on the OpenMP threads when
+ * `gemm_splits`. */
+void rlkit_linear_f32(const float *x, int64_t x_rs, const float *w, const float *bias, float *y,
+                      int64_t y_rs, int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel if (gemm_splits(M, N, K))
+    gemm_part(x, x_rs, w, bias, y, y_rs, M, N, K, omp_get_thread_num(), omp_get_num_threads());
+}
+
+/* -- the decode step's layers in one call -------------------------------------------------- */
+
+/* One layer of rlkit_decode_layers_f32, as int64 slots (pointers as addresses; 0 = none). */
+enum {
+    DL_IN_NORM,                   /* input RMSNorm weight [hidden] */
+    DL_QKV, DL_QKV_BIAS,          /* packed fused q/k/v [(H + 2 KVH) D, hidden], bias */
+    DL_O, DL_O_BIAS,              /* packed o_proj [hidden, H D], bias */
+    DL_POST_NORM,                 /* post-attention RMSNorm weight [hidden] */
+    DL_GATE_UP, DL_GATE_UP_BIAS,  /* packed fused gate/up [2 inter, hidden], bias */
+    DL_DOWN, DL_DOWN_BIAS,        /* packed down_proj [hidden, inter], bias */
+    DL_K, DL_K_SB, DL_K_SH, DL_K_SL, /* k cache store [B, KVH, cap, D] and strides */
+    DL_V, DL_V_SB, DL_V_SH, DL_V_SL, /* v cache store and strides */
+    DL_CAP, DL_LENGTHS,           /* the stores' capacity, lengths [B] after the T tokens */
+    DL_RING, DL_R_SB, DL_R_SH, DL_R_SW, DL_RING_POS, /* query ring [B, H, W, D] (or 0), slots */
+    DL_SLOTS
+};
+
+#define DL_PTR(l, i) ((float *)(intptr_t)(l)[i])
+
+/* Rows [M t / nt, M (t + 1) / nt) of M: thread t's share of a row-wise op. */
+#define ROWS_OF(M, t, nt) for (int64_t r = (M) * (t) / (nt); r < (M) * ((t) + 1) / (nt); r++)
+
+/* Thread t of nt's share of y = x W^T + b, all of it on thread 0 where the GEMM is too small
+ * to split (as rlkit_linear_f32). */
+static void gemm_shared(const float *x, int64_t x_rs, const int64_t *l, int wi, float *y,
+                        int64_t M, int64_t N, int64_t K, int64_t t, int64_t nt) {
+    const float *w = DL_PTR(l, wi), *bias = DL_PTR(l, wi + 1);
+    if (gemm_splits(M, N, K))
+        gemm_part(x, x_rs, w, bias, y, N, M, N, K, t, nt);
+    else if (t == 0)
+        gemm_part(x, x_rs, w, bias, y, N, M, N, K, 0, 1);
+}
+
+/* Every layer of a decode step of T tokens for each of B sequences, the whole forward between
+ * the embedding and the LM head, in one OpenMP region (Decoder.forward_decode_fused's loop:
+ * the same kernels in the same order, so the same results as those entry points one by one):
+ *   h = RMSNorm_0(x); per layer: qkv = h Wqkv^T; RoPE, cache append and attention (att);
+ *   x += att Wo^T; h = RMSNorm_post(x); act = silu(gate) * up of h Wgu^T; x += act Wdown^T;
+ *   h = RMSNorm_next(x) (the next layer's input norm, or final_norm after the last layer).
+ * plan [n_layers, DL_SLOTS] (above); x [M = B T, hidden] the residual stream (updated in
+ * place); cos, sin [M, D] rows of stride cs_rs; scratch (contiguous, float32): qkv
+ * [M, (H + 2 KVH) D], att [M, H D], tmp [M, hidden], gu [M, 2 inter], act [M, inter];
+ * h [M, hidden]: the final-norm hidden states. GEMMs split their panels over the threads,
+ * attention its (sequence, kv head) items, the row ops their rows, with a barrier between.
+ * Returns 0, 1 if a scratch allocation failed, 2 + i if layer i has a length outside
+ * [T, cap]. */
+int rlkit_decode_layers_f32(const int64_t *plan, int n_layers, float *x, const float *cos,
+                            const float *sin, int64_t cs_rs, const float *final_norm, float *qkv,
+                            float *att, float *tmp, float *gu, float *act, float *h, int B,
+                            int T, int H, int KVH, int D, int64_t hidden, int64_t inter,
+                            float eps, float scale) {
+    const int G = H / KVH;
+    const int64_t M = (int64_t)B * T, nqkv = (int64_t)(H + 2 * KVH) * D, nh = (int64_t)H * D;
+    int64_t max_len = 1;
+    for (int i = 0; i < n_layers; i++) {
+        const int64_t *l = plan + (int64_t)i * DL_SLOTS;
+        const int64_t n = longest((const int64_t *)(intptr_t)l[DL_LENGTHS], B, T, l[DL_CAP]);
+        if (n < 0) return 2 + i;
+        max_len = n > max_len ? n : max_len;
+    }
+    const int64_t items = (int64_t)B * KVH;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *scores = (float *)malloc(sizeof(float) * (size_t)G * (size_t)max_len);
+        failed = scores == NULL;
+        ROWS_OF(M, t, nt)
+        add_rms_norm_row(x + r * hidden, NULL, DL_PTR(plan, DL_IN_NORM), eps, h + r * hidden,
+                         hidden);
+#pragma omp barrier
+        for (int i = 0; i < n_layers; i++) {
+            const int64_t *l = plan + (int64_t)i * DL_SLOTS;
+            gemm_shared(h, hidden, l, DL_QKV, qkv, M, nqkv, hidden, t, nt);
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t it = 0; it < items; it++) {
+                if (!scores) continue;
+                append_attend_item(
+                    it, qkv, nqkv, cos, sin, cs_rs, DL_PTR(l, DL_K), l[DL_K_SB], l[DL_K_SH],
+                    l[DL_K_SL], DL_PTR(l, DL_V), l[DL_V_SB], l[DL_V_SH], l[DL_V_SL],
+                    (const int64_t *)(intptr_t)l[DL_LENGTHS], att, B, H, KVH, D, scale,
+                    DL_PTR(l, DL_RING), l[DL_R_SB], l[DL_R_SH], l[DL_R_SW],
+                    (const int64_t *)(intptr_t)l[DL_RING_POS], T, scores);
+            } /* implicit barrier */
+            gemm_shared(att, nh, l, DL_O, tmp, M, hidden, nh, t, nt);
+#pragma omp barrier
+            ROWS_OF(M, t, nt)
+            add_rms_norm_row(x + r * hidden, tmp + r * hidden, DL_PTR(l, DL_POST_NORM), eps,
+                             h + r * hidden, hidden);
+#pragma omp barrier
+            gemm_shared(h, hidden, l, DL_GATE_UP, gu, M, 2 * inter, hidden, t, nt);
+#pragma omp barrier
+            ROWS_OF(M, t, nt)
+            silu_mul_row(gu + r * 2 * inter, gu + r * 2 * inter + inter, act + r * inter, inter);
+#pragma omp barrier
+            gemm_shared(act, inter, l, DL_DOWN, tmp, M, hidden, inter, t, nt);
+#pragma omp barrier
+            const float *next =
+                i + 1 < n_layers ? DL_PTR(l + DL_SLOTS, DL_IN_NORM) : final_norm;
+            ROWS_OF(M, t, nt)
+            add_rms_norm_row(x + r * hidden, tmp + r * hidden, next, eps, h + r * hidden, hidden);
+#pragma omp barrier
+        }
+        free(scores);
+    }
+    return failed;
 }

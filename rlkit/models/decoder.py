@@ -279,6 +279,9 @@ class Decoder(nn.Module):
         self._batch_hint = 1
         self._pack_layout: str | None = None
         self._lm_head_packed: torch.Tensor | cpu_kernels.PackedLinear | None = None
+        # The layers for `cpu_kernels.decode_layers` (AVX2-packed float32 weights), built on
+        # the first fused decode step after each packing.
+        self._decode_layers: cpu_kernels.DecodeLayers | None = None
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -347,6 +350,7 @@ class Decoder(nn.Module):
             raise ValueError(f"{layout} packed weights do not run for {w.dtype} on {w.device}")
         self._batch_hint = batch_hint
         self._pack_layout = layout
+        self._decode_layers = None
         for module, attr, names, _ in self._packed_groups():
             weight, bias = getattr(module, attr)
             setattr(module, attr, self._pack(weight, bias))
@@ -371,6 +375,7 @@ class Decoder(nn.Module):
         problems += [f"(unexpected) {k}" for k in sorted(set(rest) - own)]
         if problems:
             return problems
+        self._decode_layers = None
         for module, attr, _, keys in groups:
             parts = [state[k].to(dtype) for k in keys]
             fused = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -446,7 +451,9 @@ class Decoder(nn.Module):
         (`can_fuse_decode`): per layer four GEMMs over the B * T rows and three kernel calls
         (residual add + RMSNorm, RoPE + cache append + causal attention, SiLU * up) instead of
         some twenty PyTorch ops. Same rounding points as the PyTorch path (bf16 model), or
-        float32 throughout (float32 model). Returns [B, T, hidden]."""
+        float32 throughout (float32 model). With AVX2-packed float32 weights and every layer's
+        attention fused, all the layers run in one C call (`cpu_kernels.decode_layers`: the
+        same kernels, without a Python round trip between them). Returns [B, T, hidden]."""
         B, T = input_ids.shape
         a = self.args
         layers = [cast(DecoderLayer, lay) for lay in self.model.layers]
@@ -456,13 +463,19 @@ class Decoder(nn.Module):
         cos, sin = cos4.reshape(B * T, -1), sin4.reshape(B * T, -1)
         scale = a.head_dim**-0.5
         eps = a.rms_norm_eps
+        targets = [cache.fused_target(i) for i in range(len(layers))]
+        one_call = self._one_call_layers(targets)
+        if one_call is not None:
+            full = cast(list[FusedTarget], targets)
+            h = cpu_kernels.decode_layers(x, cos, sin, one_call, full, a.num_heads, eps, scale, T)
+            return h.view(B, T, -1)
         h = cpu_kernels.add_rms_norm(x, None, layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             assert attn.qkv is not None and attn.o is not None
             assert mlp.gate_up is not None and mlp.down is not None
             qkv = linear(h, *attn.qkv)  # [B * T, (H + 2 KVH) D]
-            target = cache.fused_target(i)
+            target = targets[i]
             if target is None:
                 out = attn.attend_projected(qkv.view(B, T, -1), cos4, sin4, cache)
                 out = out.reshape(B * T, -1)
@@ -477,6 +490,30 @@ class Decoder(nn.Module):
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h = cpu_kernels.add_rms_norm(x, down, norm.weight, eps)
         return h.view(B, T, -1)
+
+    def _one_call_layers(
+        self, targets: list[FusedTarget | None]
+    ) -> cpu_kernels.DecodeLayers | None:
+        """The layers for `cpu_kernels.decode_layers` (the whole decode step's layers in one C
+        call) when it runs: AVX2-packed float32 weights and every layer's attention fused (no
+        None target); None otherwise (then the step calls the kernels layer by layer)."""
+        if self._pack_layout != "avx2" or any(t is None for t in targets):
+            return None
+        if self._decode_layers is None:
+            weights: list[cpu_kernels.LayerWeights] = []
+            for lay in self.model.layers:
+                layer = cast(DecoderLayer, lay)
+                attn, mlp = layer.self_attn, layer.mlp
+                assert attn.qkv is not None and attn.o is not None
+                assert mlp.gate_up is not None and mlp.down is not None
+                packed = (attn.qkv[0], attn.o[0], mlp.gate_up[0], mlp.down[0])
+                assert all(isinstance(w, cpu_kernels.PackedLinear) for w in packed)
+                qkv, o, gate_up, down = cast(tuple[cpu_kernels.PackedLinear, ...], packed)
+                norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+                weights.append((norms[0].detach(), qkv, o, norms[1].detach(), gate_up, down))
+            final = self.model.norm.weight.detach()
+            self._decode_layers = cpu_kernels.prepare_decode_layers(weights, final)
+        return self._decode_layers
 
     def _run(self, input_ids, positions, cache):
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]

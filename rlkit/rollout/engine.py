@@ -189,6 +189,9 @@ class Engine:
         self.cpu_kernels = cpu_kernels
         # Decode steps (one token or a verify step's k + 1 per row) through the C kernels.
         self.fused_decode = cpu_kernels and self.model.can_fuse_decode()
+        # Prefills too, where the layers run in one C call (float32 weights packed for the
+        # AVX2 GEMM: `Decoder.forward_decode_fused`).
+        self.fused_prefill = self.fused_decode and self.model.pack_layout == "avx2"
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs and not self.fused_decode

@@ -138,6 +138,12 @@ class KVCache:
         src = np.asarray(lengths, dtype=np.int64)[rows.tolist()]
         self.lengths[idx] = src
         self.positions[idx] = src
+        # Row i to slot first + i (one sample per prompt): the fused step writes the rows'
+        # entries straight into the slots (`fused_target`).
+        first = idx[0] if idx else 0
+        direct = rows.tolist() == list(range(len(lengths))) == [i - first for i in idx]
+        self._prefill_first = first if direct and idx else None
+        self._prefill_lens = torch.full((len(idx),), max(lengths, default=0), device=self.device)
 
     def reset_slots(self, slots: list[int] | range, positions: np.ndarray) -> None:
         """Empty `slots`; their next entry is at true position `positions[i]` (a drafter's
@@ -247,8 +253,21 @@ class KVCache:
         return out.reshape(B, H, T, D)  # a copy where SDPA returns strided (CUDA)
 
     def fused_target(self, layer: int) -> FusedTarget | None:
-        """The fused decode step's view of `layer` (see `FusedDecodeCache`), after
-        `begin_decode(B, T)`."""
+        """The fused step's view of `layer` (see `FusedDecodeCache`), after `begin_decode(B,
+        T)`, or after `begin_prefill` that maps row i to slot first + i (None for another
+        prefill: `attend` copies a row to each of its slots): the rows' slots and length T
+        (the padded width; entries past a prompt's length are overwritten by its decode)."""
+        if self._mode == "prefill":
+            if self._prefill_first is None:
+                return None
+            s, B = self._prefill_first, self._prefill_lens.shape[0]
+            return (
+                self.k[layer, s : s + B],
+                self.v[layer, s : s + B],
+                self._prefill_lens,
+                None,
+                None,
+            )
         B = self._lens.shape[0]
         return self.k[layer, :B], self.v[layer, :B], self._lens, None, None
 
@@ -652,8 +671,9 @@ class CompressedKVCache(KVCache):
 
     def fused_target(self, layer: int) -> FusedTarget | None:
         """The fused decode step's view of `layer` after `begin_decode(B, T)`; None under H2O
-        (its statistic needs the attention probabilities)."""
-        if self.h2o:
+        (its statistic needs the attention probabilities) and in a prefill (prompts are
+        compressed as they are written: `attend`)."""
+        if self.h2o or self._mode == "prefill":
             return None
         group, ks, vs = self._store(layer)
         lens = self._glens[group]

@@ -179,7 +179,10 @@ class Run:
         rows = torch.tensor([row_of[s // self.n] for s in seqs])
         self.cache.begin_prefill(slots, rows, lengths)
         positions = torch.arange(tokens.shape[1], device=dev).expand_as(tokens)
-        hidden = self.model.forward_cached(tokens, positions, self.cache)  # [P, T, hidden]
+        if self.e.fused_prefill:
+            hidden = self.model.forward_decode_fused(tokens, positions, self.cache)
+        else:
+            hidden = self.model.forward_cached(tokens, positions, self.cache)  # [P, T, hidden]
         last = hidden[torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev) - 1]
         # The LM head sees one row per sequence, never the prompt's other positions.
         per_seq = last[rows.to(dev)]  # [m, hidden]

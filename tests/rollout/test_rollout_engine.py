@@ -246,9 +246,12 @@ def _kernel_shaped_model(tmp_path, arch: str, seed: int, tied: bool = False) -> 
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)])  # qwen2: biases
+# qwen2: biases; n=1: each prompt's prefill runs fused (its rows go straight to their slots)
+@pytest.mark.parametrize(
+    "arch, tied, n", [("llama", True, 2), ("qwen2", False, 2), ("llama", True, 1)]
+)
 def test_avx2_packed_weights_sample_like_plain_weights_and_reload(
-    tmp_path, monkeypatch, arch, tied, prompts
+    tmp_path, monkeypatch, arch, tied, n, prompts
 ):
     """A float32 engine whose weights are packed for the AVX2 GEMM (the default where the
     float32 C kernels run on an AVX2 CPU) samples the same tokens with the same log-probs, to
@@ -265,9 +268,12 @@ def test_avx2_packed_weights_sample_like_plain_weights_and_reload(
         pytest.skip(f"machine lacks a kernel prerequisite: {why}")
     path = _kernel_shaped_model(tmp_path, arch, seed=6, tied=tied)
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
-    calls = []
-    real = cpu_kernel.linear
+    calls, step_calls = [], []
+    real, real_step = cpu_kernel.linear, cpu_kernel.decode_layers
     monkeypatch.setattr(cpu_kernel, "linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        cpu_kernel, "decode_layers", lambda *a: step_calls.append(1) or real_step(*a)
+    )
 
     def engine(prepack):
         model, tok = load_model(path)
@@ -280,11 +286,14 @@ def test_avx2_packed_weights_sample_like_plain_weights_and_reload(
     assert packed.model.model.layers[0].mlp.down_proj.weight.numel() == 0  # no second copy
 
     def same(a, b) -> None:
-        before = len(calls)
-        out_a = a.generate(prompts, params, n=2)
-        # the prefill and 11 decode steps: each linear (4 per layer) and the LM head
-        assert len(calls) - before >= 12 * (4 * a.model.args.num_layers + 1)
-        out_b = b.generate(prompts, params, n=2)
+        before, steps_before = len(calls), len(step_calls)
+        out_a = a.generate(prompts, params, n=n)
+        # n=2: the prefill's linears (4 per layer) and LM head, then 11 decode steps: the
+        # layers in one call (`decode_layers`, the same GEMM inside) and the LM head; n=1: the
+        # prefill's layers in one call too
+        assert len(calls) - before >= (4 * a.model.args.num_layers if n == 2 else 0) + 12
+        assert len(step_calls) - steps_before >= 11 + (n == 1)
+        out_b = b.generate(prompts, params, n=n)
         assert [c.token_ids for c in out_a] == [c.token_ids for c in out_b]
         for x, y in zip(out_a, out_b, strict=True):
             torch.testing.assert_close(x.logprobs, y.logprobs, atol=1e-4, rtol=0)
@@ -316,7 +325,8 @@ def test_engine_rejects_a_packed_layout_that_cannot_run(make_engine):
 def test_cpu_kernels_sample_like_the_pytorch_step(tmp_path, monkeypatch, prompts, kernel_dtype):
     """With the C kernels (head_dim 64, three query heads per kv head, as SmolLM2) the
     engine's decode steps run fused (`forward_decode_fused`), the compressed cache's too, and
-    its sampler log-probs are as close to a float32 recomputation as the PyTorch step's."""
+    its sampler log-probs are as close to a float32 recomputation as the PyTorch step's. (A
+    float32 engine on an AVX2 CPU runs each step's layers in one call, `decode_layers`.)"""
     from rlkit.kernels import cpu as cpu_kernel
 
     from rlkit.config.schema import KVCompressionConfig
@@ -325,8 +335,9 @@ def test_cpu_kernels_sample_like_the_pytorch_step(tmp_path, monkeypatch, prompts
 
     path = _kernel_shaped_model(tmp_path, "llama", seed=4)
     calls = []
-    real = cpu_kernel.rope_append_attend
-    monkeypatch.setattr(cpu_kernel, "rope_append_attend", lambda *a: calls.append(1) or real(*a))
+    for name in ("rope_append_attend", "decode_layers"):
+        real = getattr(cpu_kernel, name)
+        monkeypatch.setattr(cpu_kernel, name, lambda *a, f=real: calls.append(1) or f(*a))
     reference = load_model(path)[0].eval()
     sp = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
     sparse = KVCompressionConfig(policy="snapkv", budget=12, window=4, interval=4)
