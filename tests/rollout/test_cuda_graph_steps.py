@@ -88,8 +88,14 @@ def test_cuda_graph_steps_decode_like_eager_steps(tiny_dirs, prompts, policy):
     assert graphed._graphs is not None and graphed._graphs.capture
     assert len(graphed._graphs.graphs) > 1  # several buckets captured
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    # H2O keeps the entries with the largest attention summed over every step so far; a padded
+    # step's softmax runs over each row's whole capacity, so those sums differ in their last
+    # bits and a near-tie can keep a different entry: later log-probs then move by ~1e-3 (3.3e-3
+    # measured on an H200) while the tokens stay the same. The other policies select from one
+    # step's scores and match to 1e-4.
+    atol = 1e-2 if policy == "h2o" else 1e-4
     for a, b in zip(out, ref, strict=True):
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
     # A weight sync copies in place: the captured graphs decode with the new weights.
     fresh, _ = load_model(tiny_dirs["qwen3"])
     state = {k: v * 0.5 for k, v in fresh.state_dict().items()}
