@@ -19,6 +19,7 @@ from rlkit.algorithms import ADVANTAGES
 from rlkit.config import load_recipe
 from rlkit.data.batch import RolloutBatch
 from rlkit.models.tiny import save_tiny_model
+from rlkit.workers import distributed
 from rlkit.workers.learner import Learner
 from rlkit.workers.step_metrics import finish
 
@@ -70,6 +71,10 @@ def _rank_main(rank, world, address, model_dir, overrides, ckpt, resume, out):
     parts.append(learner.train_step_part(_batch(1)))
     weights = learner.weights("float32")
     torch.save({"parts": parts, "weights": weights}, f"{out}.{rank}")
+    # Tear the gloo group down before the process exits: left to the interpreter's exit, its
+    # threads were once destroyed while joinable (std::terminate, SIGABRT) after the rank had
+    # written its results.
+    distributed.leave()
 
 
 def _ranks(model_dir, overrides, ckpt, out, resume=False):
