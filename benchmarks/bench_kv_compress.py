@@ -9,10 +9,6 @@ CUDA: a random 1.5B Qwen2-shaped cache (24 layers, 16 query / 8 kv heads, head_d
 bf16), 64 rows of L entries (budget 512 + interval 64 = 576; 1088), SnapKV window 8. Rows:
 
     scores/reference       the PyTorch reference (float32 logits [R, KVH, G*w, L] in memory)
-    scores/old-fp32-ieee   the kernel before issue 16: one program per (row, kv head), two
-                           serial passes over L, float32 IEEE dot (kept here for comparison)
-    scores/old-native-dot  the same kernel with the dot in the cache's dtype (tensor cores):
-                           what the dot alone was costing
     scores/kernel-bN       the library's kernel (stats / norm / probs, parallel over entry
                            blocks of N)
     keep_top/*, compact/*  selection (budget 512) and in-place compaction of one [R, KVH, L, D]
@@ -25,13 +21,15 @@ bytes the op must read at least once (the K slice for scores, the kept rows read
 for compaction); for the scores rows, the largest error against the reference and the largest
 distance from the cut-off of an entry whose selection differs (0: same entries kept).
 On the CPU the shapes are tiny and the kernels run only under TRITON_INTERPRET=1.
+The kernel before issue 16 (one program per (row, kv head), float32 IEEE dot: 4.30 ms at
+L = 576 on an H200; 0.10 ms with only its dot in bf16) was timed by this script's first
+version (commit 5c75a69; benchmarks/results/gpu_bench_kv_compress.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -40,113 +38,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from rlkit.kernels import kv_compress as kc
-from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
+from rlkit.kernels.triton_support import HAS_TRITON
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.rollout.kv_cache import CompressedKVCache
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _old_window_scores_kernel(
-        Q,
-        K,
-        Lens,
-        Out,
-        L,
-        qk_scale,
-        stride_qb,
-        stride_qh,
-        stride_qw,
-        stride_qd,
-        stride_kb,
-        stride_kh,
-        stride_kl,
-        stride_kd,
-        stride_ob,
-        stride_oh,
-        stride_ol,
-        G: tl.constexpr,
-        W: tl.constexpr,
-        D: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        NATIVE: tl.constexpr,
-    ):
-        # The library kernel before issue 16 (NATIVE=False), verbatim but for the dot dtype.
-        b = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1).to(tl.int64)
-        length = tl.load(Lens + b).to(tl.int32)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
-        m_rows = offs_m < G * W
-        m_d = offs_d < D
-        head = kvh * G + offs_m // W
-        i = offs_m % W
-        p_q = Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qw
-        b_q = tl.load(
-            p_q + offs_d[None, :] * stride_qd, mask=m_rows[:, None] & m_d[None, :], other=0.0
-        )
-        if not NATIVE:
-            b_q = b_q.to(tl.float32)
-        last = length - W + i
-        p_k = K + b * stride_kb + kvh * stride_kh + offs_d[None, :] * stride_kd
-        b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, L, BLOCK_N):
-            pos = n0 + offs_n
-            b_k = tl.load(
-                p_k + pos[:, None].to(tl.int64) * stride_kl,
-                mask=(pos[:, None] < L) & m_d[None, :],
-                other=0.0,
-            )
-            if NATIVE:
-                s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
-            else:
-                s = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee") * qk_scale
-            ok = (pos[None, :] <= last[:, None]) & (pos[None, :] < length) & m_rows[:, None]
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(b_m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            b_l = b_l * tl.exp2(b_m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-            b_m = m_new
-        m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
-        inv = tl.where(b_l > 0.0, 1.0 / tl.where(b_l > 0.0, b_l, 1.0), 0.0)
-        for n0 in range(0, L, BLOCK_N):
-            pos = n0 + offs_n
-            b_k = tl.load(
-                p_k + pos[:, None].to(tl.int64) * stride_kl,
-                mask=(pos[:, None] < L) & m_d[None, :],
-                other=0.0,
-            )
-            if NATIVE:
-                s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
-            else:
-                s = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee") * qk_scale
-            ok = (pos[None, :] <= last[:, None]) & (pos[None, :] < length) & m_rows[:, None]
-            p = tl.where(ok, tl.exp2(s - m_safe[:, None]) * inv[:, None], 0.0)
-            col = tl.sum(p, 0) / (G * W)
-            tl.store(
-                Out + b * stride_ob + kvh * stride_oh + pos.to(tl.int64) * stride_ol,
-                col,
-                mask=pos < L,
-            )
-
-
-def old_window_scores(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, native: bool):
-    R, H, w, D = q.shape
-    kvh, L = k.shape[1], k.shape[2]
-    G = H // kvh
-    out = torch.empty((R, kvh, L), dtype=torch.float32, device=k.device)
-    _old_window_scores_kernel[(R, kvh)](
-        q, k, lengths, out, L, 1.4426950408889634 / math.sqrt(D),
-        *q.stride(), *k.stride(), *out.stride(),
-        G=G, W=w, D=D, BLOCK_M=max(16, 1 << (G * w - 1).bit_length()),
-        BLOCK_D=max(16, 1 << (D - 1).bit_length()), BLOCK_N=64, NATIVE=native, num_warps=4,
-    )  # fmt: skip
-    return out
 
 
 def time_op(fn: Callable[[], object], device: str, warmup: int, iters: int) -> float:
@@ -168,20 +63,6 @@ def time_op(fn: Callable[[], object], device: str, warmup: int, iters: int) -> f
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def selection_gap(got: torch.Tensor, want: torch.Tensor, lengths, budget: int, window: int):
-    """How far from the reference's cut-off lies an entry the two selections disagree on."""
-    a = kc.keep_top_reference(got, lengths, budget, window)
-    b = kc.keep_top_reference(want, lengths, budget, window)
-    kept_a = torch.zeros_like(want, dtype=torch.bool).scatter_(-1, a, True)
-    kept_b = torch.zeros_like(want, dtype=torch.bool).scatter_(-1, b, True)
-    swapped = kept_a ^ kept_b
-    if not swapped.any():
-        return 0.0
-    in_window = torch.arange(want.shape[-1], device=want.device) >= (lengths[:, None] - window)
-    cut = want.masked_fill(~kept_b | in_window[:, None], torch.inf).amin(-1, keepdim=True)
-    return float((want - cut).abs()[swapped].max())
 
 
 def bench_length(args, shape: dict, L: int, kernels: bool) -> list[dict]:
@@ -206,14 +87,11 @@ def bench_length(args, shape: dict, L: int, kernels: bool) -> list[dict]:
         rows.append({
             "op": f"scores/{name}", "L": L, "ms": ms, "GB/s": k_bytes / ms / 1e6,
             "max_err": float((got - want).abs().max()),
-            "sel_gap": selection_gap(got, want, lengths, budget, w),
+            "sel_gap": kc.selection_gap(got, want, lengths, budget, w),
         })  # fmt: skip
 
     score_row("reference", lambda: kc.window_scores_reference(q, keys, lengths))
     if kernels:
-        score_row("old-fp32-ieee", lambda: old_window_scores(q, keys, lengths, native=False))
-        if dev == "cuda":  # the interpreter's dot takes no bf16
-            score_row("old-native-dot", lambda: old_window_scores(q, keys, lengths, native=True))
         for bn in args.block_n:
             score_row(
                 f"kernel-b{bn}", lambda bn=bn: kc.window_scores_triton(q, keys, lengths, block_n=bn)

@@ -151,6 +151,26 @@ def keep_top_reference(
     return order[..., :budget].sort(dim=-1).values
 
 
+def selection_gap(
+    got: torch.Tensor, want: torch.Tensor, lengths: torch.Tensor, budget: int, window: int
+) -> float:
+    """How far from the reference's cut-off (its weakest kept non-window score) lies any entry
+    that the selection from `got` scores [R, X, L] and the one from `want` disagree on: 0 when
+    they keep the same entries; near-ties at the cut-off may swap by up to the scores' error.
+    (How a scoring kernel is judged against its reference: by what it keeps.)"""
+    L = want.shape[-1]
+    a = keep_top_reference(got, lengths, budget, window)
+    b = keep_top_reference(want, lengths, budget, window)
+    kept_a = torch.zeros_like(want, dtype=torch.bool).scatter_(-1, a, True)
+    kept_b = torch.zeros_like(want, dtype=torch.bool).scatter_(-1, b, True)
+    swapped = kept_a ^ kept_b  # [R, X, L]
+    if not swapped.any():
+        return 0.0
+    in_window = torch.arange(L, device=want.device) >= (lengths[:, None] - window)  # [R, L]
+    cut = want.masked_fill(~kept_b | in_window[:, None], torch.inf).amin(-1, keepdim=True)
+    return float((want - cut).abs()[swapped].max())
+
+
 def compact_rows_reference(store: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> None:
     """Plain PyTorch: gather the kept entries out of place, write them back."""
     _check_compact(store, rows, indices)

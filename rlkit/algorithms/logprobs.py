@@ -150,10 +150,7 @@ def token_logprobs(
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
 
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if checkpoint and needs_grad:
-        if m == 0:
-            empty = hidden.new_zeros(0, dtype=torch.float32)
-            return empty, (empty if with_entropy else None)
+    if checkpoint and needs_grad and m > 0:
         logp, ent = _ChunkedLogprobs.apply(
             hidden, weight, targets, chunk_size, temperature, with_entropy
         )

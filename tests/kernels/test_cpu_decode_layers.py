@@ -17,13 +17,6 @@ from rlkit.models.decoder import rotate
 EPS = 1e-5
 
 
-@pytest.fixture
-def f32_kernels():
-    why = cpu_kernel.missing_prerequisite(torch.float32)
-    if why is not None:
-        pytest.skip(f"machine lacks a kernel prerequisite: {why}")
-
-
 def _model(layers: int, hidden: int, H: int, KVH: int, D: int, inter: int, bias: bool, g):
     """Per layer (input norm, qkv (w, b), o (w, b), post norm, gate_up (w, b), down (w, b))."""
 

@@ -184,23 +184,6 @@ def test_bad_arguments_raise_value_error(call, match):
 # ------------------------------------------------------------------ compiled kernels on CUDA
 
 
-def selection_gap(got: torch.Tensor, want: torch.Tensor, lengths, budget: int, window: int):
-    """How far from the reference's cut-off (its weakest kept non-window score) lies any entry
-    that the selection from `got` scores [R, X, L] and the one from `want` disagree on: 0 when
-    they keep the same entries; near-ties at the cut-off may swap by up to the scores' error."""
-    L = want.shape[-1]
-    a = kc.keep_top_reference(got, lengths, budget, window)
-    b = kc.keep_top_reference(want, lengths, budget, window)
-    kept_a = torch.zeros_like(want, dtype=torch.bool).scatter_(-1, a, True)
-    kept_b = torch.zeros_like(want, dtype=torch.bool).scatter_(-1, b, True)
-    swapped = kept_a ^ kept_b  # [R, X, L]
-    if not swapped.any():
-        return 0.0
-    in_window = torch.arange(L, device=want.device) >= (lengths[:, None] - window)  # [R, L]
-    cut = want.masked_fill(~kept_b | in_window[:, None], torch.inf).amin(-1, keepdim=True)
-    return float((want - cut).abs()[swapped].max())
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and kc.HAS_TRITON), reason="needs CUDA")
 def test_triton_cuda_matches_reference():
@@ -216,7 +199,7 @@ def test_triton_cuda_matches_reference():
         got = kc.window_scores(q, k, lengths)
         want = kc.window_scores_reference(q, k, lengths)
         assert (got - want).abs().max() <= 2e-5, (H, w, L)
-        assert selection_gap(got, want, lengths, 512, w) <= 1e-5, (H, w, L)
+        assert kc.selection_gap(got, want, lengths, 512, w) <= 1e-5, (H, w, L)
     scores, lengths, budget, window = keep_inputs((64, 8, 576, 512, 8, True), 9, "cuda")
     assert torch.equal(
         kc.keep_top(scores, lengths, budget, window),
@@ -226,7 +209,7 @@ def test_triton_cuda_matches_reference():
 
 def test_selection_gap_is_zero_for_equal_scores_and_small_for_near_ties():
     scores, lengths, budget, window = keep_inputs(KEEP_CASES["R3-X2-L40-b10-w3"], seed=1)
-    assert selection_gap(scores, scores, lengths, budget, window) == 0.0
+    assert kc.selection_gap(scores, scores, lengths, budget, window) == 0.0
     # Nudge the weakest kept entry of row 0 just under the strongest dropped one: they swap.
     keep = kc.keep_top_reference(scores, lengths, budget, window)[0, 0]
     free = keep[keep < lengths[0] - window]
@@ -235,7 +218,7 @@ def test_selection_gap_is_zero_for_equal_scores_and_small_for_near_ties():
     best = dropped[scores[0, 0, dropped].argmax()]
     got = scores.clone()
     got[0, 0, weakest] = scores[0, 0, best] - 1e-7
-    gap = selection_gap(got, scores, lengths, budget, window)
+    gap = kc.selection_gap(got, scores, lengths, budget, window)
     assert 0.0 < gap <= float(scores[0, 0, weakest] - scores[0, 0, best]) + 1e-6
 
 

@@ -251,7 +251,7 @@ def _kernel_shaped_model(tmp_path, arch: str, seed: int, tied: bool = False) -> 
     "arch, tied, n", [("llama", True, 2), ("qwen2", False, 2), ("llama", True, 1)]
 )
 def test_avx2_packed_weights_sample_like_plain_weights_and_reload(
-    tmp_path, monkeypatch, arch, tied, n, prompts
+    tmp_path, monkeypatch, arch, tied, n, prompts, f32_kernels
 ):
     """A float32 engine whose weights are packed for the AVX2 GEMM (the default where the
     float32 C kernels run on an AVX2 CPU) samples the same tokens with the same log-probs, to
@@ -263,9 +263,6 @@ def test_avx2_packed_weights_sample_like_plain_weights_and_reload(
     from rlkit.models import load_model
     from rlkit.rollout import Engine
 
-    why = cpu_kernel.missing_prerequisite(torch.float32)
-    if why is not None:
-        pytest.skip(f"machine lacks a kernel prerequisite: {why}")
     path = _kernel_shaped_model(tmp_path, arch, seed=6, tied=tied)
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
     calls, step_calls = [], []
