@@ -9,6 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.rlkit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  source scripts/disk_check.sh
+  need_disk 6 "the main environment (.venv: torch, transformers, ray, triton, ~3 GiB installed)"
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q "torch==2.13.0"
   .venv/bin/pip install -q -e ".[dev]"

