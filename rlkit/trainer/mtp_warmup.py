@@ -2,7 +2,8 @@
 by self-distillation on its own samples.
 
 Each step samples `rollout.n` completions of `train.prompts_per_step` train prompts from the
-policy, trains only the MTP module to predict them (`Learner.mtp_step`: plain cross-entropy,
+policy with plain decode steps (the drafter being trained is not yet worth its cost, and
+verification is lossless, so drafting would change only the time), trains only the MTP module to predict them (`Learner.mtp_step`: plain cross-entropy,
 the trunk unchanged) and sends the MTP weights to the rollout worker. At every
 `train.eval_every` and at the end, held-out acceptance: speculative rollouts with the MTP
 drafter (at the rollout temperature) on the first `algorithm.mtp.eval_prompts` eval prompts,
@@ -53,7 +54,7 @@ def run_mtp_warmup(ctx: RunContext, stage: StageSpec, start_step: int) -> None:
         idx = ctx.stream.take(train.prompts_per_step)
         prompts = [ctx.train_prompt_ids[i] for i in idx]
         with timer.phase("rollout"):
-            outs = ctx.generate(prompts, sampling_params(cfg, seed), cfg.rollout.n)
+            outs = ctx.generate(prompts, sampling_params(cfg, seed), cfg.rollout.n, drafter="none")
         row.update(ctx.rollout_stats())
         lengths = [len(c["token_ids"]) for c in outs]
         row["response/length_mean"] = sum(lengths) / len(lengths)

@@ -210,6 +210,8 @@ def test_mtp_warmup_then_speculative_rl(tmp_path, tiny_model_dir, tiny_recipe, p
     warm = [r for r in rows if r.get("stage") == "mtp_warmup" and "mtp/loss" in r]
     assert [r["step"] for r in warm] == [1, 2]
     assert warm[-1]["mtp/heldout_accept_len"] >= 1.0
+    # The warm-up samples with plain steps; only its held-out evaluation drafts.
+    assert "spec/verify_steps" not in warm[0]
     rl = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in rl] == [1, 2]
     for r in rl:
