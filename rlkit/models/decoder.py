@@ -13,6 +13,8 @@ attention:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 import torch
@@ -265,6 +267,87 @@ class Trunk(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
+@dataclass(frozen=True)
+class FusedLayer:
+    """One decoder layer's weights as the CPU decode kernels take them: fused q/k/v and
+    gate/up (`fuse`), plain or packed (`Decoder.pack_weights`)."""
+
+    in_norm: torch.Tensor
+    qkv: Weights
+    o: Weights
+    post_norm: torch.Tensor
+    gate_up: Weights
+    down: Weights
+
+    @staticmethod
+    def of(layer: DecoderLayer) -> FusedLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.qkv is not None and attn.o is not None
+        assert mlp.gate_up is not None and mlp.down is not None
+        norms = (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight)
+        return FusedLayer(norms[0], attn.qkv, attn.o, norms[1].detach(), mlp.gate_up, mlp.down)
+
+
+def one_call_layers(layers: list[FusedLayer], final_norm: torch.Tensor) -> cpu_kernels.DecodeLayers:
+    """`layers` (AVX2-packed float32 weights) and the final norm for `cpu_kernels.
+    decode_layers`."""
+    weights: list[cpu_kernels.LayerWeights] = []
+    for lay in layers:
+        packed = (lay.qkv[0], lay.o[0], lay.gate_up[0], lay.down[0])
+        assert all(isinstance(w, cpu_kernels.PackedLinear) for w in packed)
+        qkv, o, gate_up, down = cast(tuple[cpu_kernels.PackedLinear, ...], packed)
+        weights.append((lay.in_norm, qkv, o, lay.post_norm, gate_up, down))
+    return cpu_kernels.prepare_decode_layers(weights, final_norm)
+
+
+def fused_layers(
+    x: torch.Tensor,
+    cos4: torch.Tensor,
+    sin4: torch.Tensor,
+    layers: list[FusedLayer],
+    final_norm: torch.Tensor,
+    targets: list[FusedTarget | None],
+    args: ModelArgs,
+    one_call: cpu_kernels.DecodeLayers | None = None,
+    attend: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A stack of decoder layers over T new tokens per row on the CPU kernels: per layer four
+    GEMMs over the B * T rows and three kernel calls (residual add + RMSNorm, RoPE + cache
+    append + causal attention, SiLU * up) instead of some twenty PyTorch ops; with `one_call`
+    (`one_call_layers`: AVX2-packed float32 weights, every target fused) all of them in one C
+    call (`cpu_kernels.decode_layers`: the same kernels without a Python round trip between
+    them). Same rounding points as the PyTorch path (bf16), or float32 throughout.
+
+    x [B * T, hidden]: a fresh tensor, the residual stream, updated in place (it ends as the
+    last layer's output); cos4/sin4 [B, 1, T, D]; targets[i]: where layer i's new k/v go and
+    what it attends over, or None where `attend(i, qkv [B, T, -])` must (the output
+    projection included). Returns `final_norm`(x) [B * T, hidden]."""
+    B, T = cos4.shape[0], cos4.shape[2]
+    cos, sin = cos4.reshape(B * T, -1), sin4.reshape(B * T, -1)
+    scale, eps = args.head_dim**-0.5, args.rms_norm_eps
+    if one_call is not None:
+        full = cast(list[FusedTarget], targets)
+        return cpu_kernels.decode_layers(x, cos, sin, one_call, full, args.num_heads, eps, scale, T)
+    h = cpu_kernels.add_rms_norm(x, None, layers[0].in_norm, eps)
+    for i, lay in enumerate(layers):
+        qkv = linear(h, *lay.qkv)  # [B * T, (H + 2 KVH) D]
+        target = targets[i]
+        if target is None:
+            assert attend is not None, f"layer {i} has no fused attention target"
+            out = attend(i, qkv)
+        else:
+            k, v, lengths, ring, ring_pos = target
+            att = cpu_kernels.rope_append_attend(
+                qkv, cos, sin, k, v, lengths, args.num_heads, scale, ring, ring_pos, T
+            )
+            out = linear(att, *lay.o)
+        h = cpu_kernels.add_rms_norm(x, out, lay.post_norm, eps)
+        down = linear(cpu_kernels.silu_mul(linear(h, *lay.gate_up)), *lay.down)
+        norm = layers[i + 1].in_norm if i + 1 < len(layers) else final_norm
+        h = cpu_kernels.add_rms_norm(x, down, norm, eps)
+    return h
+
+
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -448,48 +531,30 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """`forward_cached` for T new tokens per sequence (input_ids, positions [B, T]: one
         token, or a verify step's last token and drafts) on the CPU kernels
-        (`can_fuse_decode`): per layer four GEMMs over the B * T rows and three kernel calls
-        (residual add + RMSNorm, RoPE + cache append + causal attention, SiLU * up) instead of
-        some twenty PyTorch ops. Same rounding points as the PyTorch path (bf16 model), or
-        float32 throughout (float32 model). With AVX2-packed float32 weights and every layer's
-        attention fused, all the layers run in one C call (`cpu_kernels.decode_layers`: the
-        same kernels, without a Python round trip between them). Returns [B, T, hidden]."""
+        (`can_fuse_decode`; `fused_layers` runs them). Returns [B, T, hidden]."""
         B, T = input_ids.shape
-        a = self.args
         layers = [cast(DecoderLayer, lay) for lay in self.model.layers]
         # [B * T, hidden]: a fresh tensor, the residual stream the kernels update in place.
         x = self.model.embed_tokens(input_ids.reshape(-1))
         cos4, sin4 = self.rope(positions, x.dtype)  # [B, 1, T, D]
-        cos, sin = cos4.reshape(B * T, -1), sin4.reshape(B * T, -1)
-        scale = a.head_dim**-0.5
-        eps = a.rms_norm_eps
         targets = [cache.fused_target(i) for i in range(len(layers))]
-        one_call = self._one_call_layers(targets)
-        if one_call is not None:
-            full = cast(list[FusedTarget], targets)
-            h = cpu_kernels.decode_layers(x, cos, sin, one_call, full, a.num_heads, eps, scale, T)
-            return h.view(B, T, -1)
-        h = cpu_kernels.add_rms_norm(x, None, layers[0].input_layernorm.weight, eps)
-        for i, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            assert attn.qkv is not None and attn.o is not None
-            assert mlp.gate_up is not None and mlp.down is not None
-            qkv = linear(h, *attn.qkv)  # [B * T, (H + 2 KVH) D]
-            target = targets[i]
-            if target is None:
-                out = attn.attend_projected(qkv.view(B, T, -1), cos4, sin4, cache)
-                out = out.reshape(B * T, -1)
-            else:
-                k, v, lengths, ring, ring_pos = target
-                att = cpu_kernels.rope_append_attend(
-                    qkv, cos, sin, k, v, lengths, a.num_heads, scale, ring, ring_pos, T
-                )
-                out = linear(att, *attn.o)
-            h = cpu_kernels.add_rms_norm(x, out, layer.post_attention_layernorm.weight, eps)
-            down = linear(cpu_kernels.silu_mul(linear(h, *mlp.gate_up)), *mlp.down)
-            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            h = cpu_kernels.add_rms_norm(x, down, norm.weight, eps)
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            out = layers[i].self_attn.attend_projected(qkv.view(B, T, -1), cos4, sin4, cache)
+            return out.reshape(B * T, -1)
+
+        h = fused_layers(
+            x, cos4, sin4, [FusedLayer.of(lay) for lay in layers], self.model.norm.weight,
+            targets, self.args, self._one_call_layers(targets), attend,
+        )  # fmt: skip
         return h.view(B, T, -1)
+
+    def pack_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Weights:
+        """A linear's weight [out, in] (and bias) in this model's packed layout, for modules
+        that compute beside it (the MTP drafter); unchanged when the model is not packed."""
+        if self._pack_layout is None:
+            return weight, bias
+        return self._pack(weight.detach(), bias)
 
     def _one_call_layers(
         self, targets: list[FusedTarget | None]
@@ -500,19 +565,8 @@ class Decoder(nn.Module):
         if self._pack_layout != "avx2" or any(t is None for t in targets):
             return None
         if self._decode_layers is None:
-            weights: list[cpu_kernels.LayerWeights] = []
-            for lay in self.model.layers:
-                layer = cast(DecoderLayer, lay)
-                attn, mlp = layer.self_attn, layer.mlp
-                assert attn.qkv is not None and attn.o is not None
-                assert mlp.gate_up is not None and mlp.down is not None
-                packed = (attn.qkv[0], attn.o[0], mlp.gate_up[0], mlp.down[0])
-                assert all(isinstance(w, cpu_kernels.PackedLinear) for w in packed)
-                qkv, o, gate_up, down = cast(tuple[cpu_kernels.PackedLinear, ...], packed)
-                norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-                weights.append((norms[0].detach(), qkv, o, norms[1].detach(), gate_up, down))
-            final = self.model.norm.weight.detach()
-            self._decode_layers = cpu_kernels.prepare_decode_layers(weights, final)
+            layers = [FusedLayer.of(cast(DecoderLayer, lay)) for lay in self.model.layers]
+            self._decode_layers = one_call_layers(layers, self.model.norm.weight.detach())
         return self._decode_layers
 
     def _run(self, input_ids, positions, cache):

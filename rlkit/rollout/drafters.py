@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from rlkit.algorithms.registry import Registry
-from rlkit.models.decoder import linear, prepack
+from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_layers, prepack
 from rlkit.models.mtp import MTPModule
 from rlkit.rollout.kv_cache import KVCache
 from rlkit.rollout.sam import SuffixAutomaton, TextMatcher
@@ -81,6 +81,26 @@ class DraftSettings:
 DRAFTERS: Registry[Callable[[Run, DraftSettings], Any]] = Registry("drafter")
 
 
+class _FusedMTP:
+    """The MTP module's block and input projection as the CPU decode kernels take them, packed
+    in the trunk's layout once per `generate` call (the module's plain weights stay what weight
+    syncs load into): a draft depth is then one C call for the block (AVX2-packed float32:
+    `cpu_kernels.decode_layers`) or six kernel calls, instead of some twenty PyTorch ops."""
+
+    def __init__(self, mtp: MTPModule, model: Any):
+        blk, pack = mtp.block, model.pack_weights
+        plain = FusedLayer.of(blk)
+        self.layer = FusedLayer(
+            plain.in_norm, pack(*plain.qkv), pack(*plain.o), plain.post_norm,
+            pack(*plain.gate_up), pack(*plain.down),
+        )  # fmt: skip
+        self.proj = pack(mtp.proj.weight, None)
+        self.final_norm = mtp.norm.weight.detach()
+        self.one_call = (
+            one_call_layers([self.layer], self.final_norm) if model.pack_layout == "avx2" else None
+        )
+
+
 class MTPDrafter:
     def __init__(self, run: Run, cfg: DraftSettings):
         if cfg.mtp is None:
@@ -96,6 +116,7 @@ class MTPDrafter:
         self.h = torch.zeros(c.num_slots, self.k + 1, a.hidden_size, dtype=dtype, device=dev)
         self.tok = torch.zeros(c.num_slots, self.k + 1, dtype=torch.long, device=dev)
         self.pending = np.zeros(c.num_slots, dtype=np.int64)
+        self.fused = _FusedMTP(self.mtp, run.model) if run.e.fused_decode else None
         # The draft head: the whole LM head, or the rows of the most frequent tokens.
         self.counts, self.ids, self.head = cfg.token_counts, None, None
         if 0 < cfg.mtp_vocab < a.vocab_size and self.counts is not None:
@@ -119,18 +140,35 @@ class MTPDrafter:
         start = np.array([len(run.prompts[s // run.n]) - 1 for s in seqs], dtype=np.int64)
         self.cache.reset_slots(range(first, first + m), start)
 
-    def _block(self, run: Run, x: torch.Tensor) -> torch.Tensor:
+    def _input(self, run: Run, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        proj = None if self.fused is None else self.fused.proj
+        return self.mtp.step_input(h, tokens, run.model, proj)
+
+    def _block(self, run: Run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared block on x [B, T, H] (appended to the block's cache): its states g and
+        norm(g) (what the head reads), each [B, T, H]."""
         B, T = x.shape[:2]
         positions = self.cache.begin_decode(B, T)
-        return self.mtp.run_block(x, positions, run.model, self.cache)  # [B, T, H]
+        target = None if self.fused is None else self.cache.fused_target(0)
+        if self.fused is None or target is None:
+            g = self.mtp.run_block(x, positions, run.model, self.cache)
+            return g, self.mtp.norm(g)
+        f = self.fused
+        cos4, sin4 = run.model.rope(positions, x.dtype)
+        flat = x.reshape(B * T, -1)  # fresh from the projection: the residual, updated in place
+        out = fused_layers(
+            flat, cos4, sin4, [f.layer], f.final_norm, [target], run.model.args, f.one_call
+        )
+        return flat.view(B, T, -1), out.view(B, T, -1)
 
     def propose(self, run: Run, room: np.ndarray) -> Draft:
         B, model, params = len(run.seq), run.model, run.params
         n = self.pending[:B]
         T = int(n.max())
         # Catch up on the verified pairs; the last one's state is depth 1.
-        g = self._block(run, self.mtp.step_input(self.h[:B, :T], self.tok[:B, :T], model))
-        g = g[torch.arange(B, device=g.device), torch.from_numpy(n - 1).to(g.device)]  # [B, H]
+        g, out = self._block(run, self._input(run, self.h[:B, :T], self.tok[:B, :T]))
+        last = (torch.arange(B, device=g.device), torch.from_numpy(n - 1).to(g.device))
+        g, out = g[last], out[last]  # [B, H]
         self.cache.rewind(T - n)
         self.pending[:B] = 0
         depth = int(room.max()) if len(room) else 0
@@ -140,7 +178,6 @@ class MTPDrafter:
             vocab = model.args.vocab_size
             probs = torch.zeros(B, self.k, vocab, dtype=torch.float32, device=run.device)
         for i in range(depth):
-            out = self.mtp.norm(g)
             # [B, V], or [B, N] over the sub-vocabulary `ids`.
             logits = model.logits(out) if self.head is None else linear(out, self.head, None)
             if probs is None:
@@ -154,7 +191,8 @@ class MTPDrafter:
                     probs[:, i].index_copy_(1, self.ids, logq.exp())
             tokens[:, i] = d if self.ids is None else self.ids[d]
             if i + 1 < depth:
-                g = self._block(run, self.mtp.step_input(g[:, None], d[:, None], model))[:, 0]
+                g, out = self._block(run, self._input(run, g[:, None], tokens[:, i : i + 1]))
+                g, out = g[:, 0], out[:, 0]
         if depth > 1:
             self.cache.rewind(np.full(B, depth - 1))
         return Draft(tokens, room.astype(np.int64), probs)

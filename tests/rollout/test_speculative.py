@@ -126,37 +126,53 @@ def test_sampled_tokens_carry_the_policys_logprobs(make_spec, reference, prompts
         torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
 
 
-def test_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs):
+@pytest.mark.parametrize("kernels, sub_vocab", [(False, False), (True, False), (True, True)])
+def test_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs, request, kernels, sub_vocab):
     """The drafter's cached recursion (catch-up on verified pairs, then depths 2..k on its own
     drafts) computes what `MTPModule.forward_train` computes in one pass per depth when fed
     the same tokens: at row j, depth d sees the depth-1 states of rows <= j and its own row's
-    deeper states only, so rows past j may hold anything."""
+    deeper states only, so rows past j may hold anything. On PyTorch ops and on the CPU
+    kernels (float32; the block packed in the trunk's layout); with a sub-vocabulary head,
+    each depth's draft is the argmax over that sub-vocabulary and the next depth is fed its
+    token id."""
     from rlkit.rollout.drafters import DraftSettings, MTPDrafter
     from rlkit.rollout.scheduler import Run
     from rlkit.rollout.steps import PlainStep
 
+    if kernels:
+        request.getfixturevalue("f32_kernels")  # skips where the machine lacks them
     model, tok = load_model(tiny_dirs["llama"])
+    V = model.args.vocab_size
     mtp = init_mtp(model.args, seed=4)
     with torch.no_grad():  # sharper than a fresh init, so that argmax drafts are no ties
         for p in mtp.parameters():
             p.mul_(5.0 if p.dim() >= 2 else 1.0)
-    engine = Engine(model, tok, dtype=torch.float32, mtp=mtp)
+    engine = Engine(model, tok, dtype=torch.float32, mtp=mtp, cpu_kernels=kernels)
+    assert engine.fused_decode == kernels
     prompt, k, steps = [5, 17, 99, 3, 8], 3, 6
     sp = SamplingParams(max_new_tokens=steps + k, temperature=0.0)
     tokens = engine.generate([prompt], sp)[0].token_ids
     start = torch.tensor([len(prompt) - 1])
+    settings = DraftSettings(num_draft_tokens=k, mtp=engine.mtp)
+    if sub_vocab:  # the odd ids have been seen most: the head covers them alone
+        settings.mtp_vocab, settings.token_counts = V // 2, (torch.arange(V) % 2).float() * 100
     with torch.inference_mode():
         # Row j: the policy's state that predicts completion token j.
         hidden = engine.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
         run = Run(engine, [prompt], sp, 1, None, k)
-        drafter = MTPDrafter(run, DraftSettings(num_draft_tokens=k, mtp=engine.mtp))
+        drafter = MTPDrafter(run, settings)
+        assert (drafter.fused is not None) == kernels
+        allowed = torch.full((V,), float("-inf"))
+        allowed[drafter.ids if sub_vocab else slice(None)] = 0.0
+        if sub_vocab:
+            assert drafter.ids is not None and bool((drafter.ids % 2 == 1).all())
         run._admit(PlainStep())
         drafter.admitted(run, 0, [0], hidden[0:1])
         for j in range(steps):
             drafts = drafter.propose(run, np.array([k])).tokens[0].tolist()
             fed = torch.tensor([tokens[: j + 1] + drafts[: k - 1]])
             states = engine.mtp.forward_train(engine.model, hidden[None, : j + k], fed, start, k)
-            want = [int(engine.model.logits(s[0, j]).argmax()) for s in states]
+            want = [int((engine.model.logits(s[0, j]) + allowed).argmax()) for s in states]
             assert drafts == want, j
             # One verified token: the state at token j's position and token j + 1.
             drafter.observed(
