@@ -21,9 +21,9 @@ and calls `mtp_token_stats` and `mtp_weights`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from rlkit.algorithms.registry import Registry
 
@@ -60,32 +60,72 @@ def mtp_weights(
     return w / mean if float(mean) > 0 else w
 
 
-def _chunk_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = h.float() @ weight.T  # [C, V]
-    logp = logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-    # The top-1 guess is right: returned as a float column (checkpoint wants tensors out).
-    hit = (logits.argmax(dim=-1) == targets).float()
-    return torch.stack([logp, hit.detach()], dim=1)  # [C, 2]
+def _chunk_stats(
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, jacobian: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log p(target) [C], top-1 hits [C] and, with `jacobian`, d log p(target) / d h [C, H]
+    = w[target] - softmax(h w^T) w, for one chunk of float32 rows h [C, H] and head w [V, H]."""
+    z = h @ w.T  # [C, V]
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets[:, None])[:, 0] - lse
+    hit = z.argmax(dim=-1) == targets
+    if not jacobian:
+        return logp, hit, None
+    p = z.sub_(lse[:, None]).exp_()  # softmax, in z's memory
+    return logp, hit, w[targets] - p @ w
+
+
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """log p(target) under a frozen LM head, with its gradient in the states computed in the
+    forward pass: the backward only scales each row's d log p / d h by its incoming gradient.
+    Each chunk's logits are computed once and the head is read twice (logits, p @ w), where
+    checkpointing a chunk computed its logits twice and read the head three times."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, states: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        w = head.float()
+        logps, hits, jacs = [], [], []
+        for i in range(0, states.shape[0], chunk):
+            h = states[i : i + chunk].float()
+            logp, hit, jac = _chunk_stats(h, w, targets[i : i + chunk], True)
+            assert jac is not None
+            logps.append(logp)
+            hits.append(hit)
+            jacs.append(jac)
+        ctx.save_for_backward(torch.cat(jacs))
+        ctx.states_dtype = states.dtype
+        hit_all = torch.cat(hits)
+        ctx.mark_non_differentiable(hit_all)
+        return torch.cat(logps), hit_all
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_logp: torch.Tensor, g_hit: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, None, None]:
+        (jac,) = ctx.saved_tensors
+        return (g_logp[:, None] * jac).to(ctx.states_dtype), None, None, None
 
 
 def mtp_token_stats(
     states: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) [M] (differentiable in states) and top-1 hits [M] bool of the LM head
-    `head` [V, H] (frozen: pass it detached) on MTP states [M, H], chunk by chunk (and
-    checkpointed with gradients, as `token_logprobs`), float32."""
+    `head` [V, H] (frozen: no gradient reaches it) on MTP states [M, H], chunk by chunk in
+    float32 (`_FrozenHeadLogprobs`: one chunk of logits alive at a time)."""
     if states.dim() != 2 or head.dim() != 2 or states.shape[1] != head.shape[1]:
         raise ValueError(f"states [M, H] and head [V, H], got {states.shape} and {head.shape}")
-    head = head.float()
-    grad = torch.is_grad_enabled() and states.requires_grad
-    outs = []
-    for i in range(0, states.shape[0], chunk_size):
-        args = (states[i : i + chunk_size], head, targets[i : i + chunk_size])
-        outs.append(
-            _checkpoint(_chunk_stats, *args, use_reentrant=False) if grad else _chunk_stats(*args)
-        )
-    if not outs:
+    if states.shape[0] == 0:
         empty = states.new_zeros(0, dtype=torch.float32)
         return empty, empty.bool()
-    out = torch.cat(outs)
-    return out[:, 0], out[:, 1] > 0.5
+    head = head.detach()
+    if torch.is_grad_enabled() and states.requires_grad:
+        logp, hit = _FrozenHeadLogprobs.apply(states, head, targets, chunk_size)
+        return logp, hit
+    w = head.float()
+    outs = [
+        _chunk_stats(states[i : i + chunk_size].float(), w, targets[i : i + chunk_size], False)
+        for i in range(0, states.shape[0], chunk_size)
+    ]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

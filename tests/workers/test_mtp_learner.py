@@ -161,3 +161,31 @@ def test_weight_variants():
     pos = mtp_weights(adv, mask, "positive")
     assert (pos[1] == 0).all() and (pos[2] == 0).all() and pos[0, 0] > 0
     assert (mtp_weights(-adv.abs(), mask, "positive") == 0).all()  # nothing to fit: zero
+
+
+def test_frozen_head_token_stats_match_autograd():
+    """mtp_token_stats (gradient in the states computed in the forward, chunked) gives the
+    log-probabilities, hits and state gradients of a plain log-softmax through autograd,
+    across chunk boundaries, and leaves the head without a gradient."""
+    from rlkit.algorithms.mtp import mtp_token_stats
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(37, 16, generator=g, dtype=torch.float64).requires_grad_()
+    head = torch.randn(50, 16, generator=g, dtype=torch.float64).requires_grad_()
+    targets = torch.randint(0, 50, (37,), generator=g)
+    weights = torch.rand(37, generator=g, dtype=torch.float64)
+    logp, hit = mtp_token_stats(states, head, targets, chunk_size=8)
+    (weights * logp).sum().backward()
+    assert head.grad is None
+    ref_states = states.detach().clone().requires_grad_()
+    logits = ref_states.float() @ head.detach().float().T
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+    (weights.float() * ref).sum().backward()
+    torch.testing.assert_close(logp, ref.detach(), atol=1e-5, rtol=0)
+    assert torch.equal(hit, logits.argmax(-1) == targets)
+    torch.testing.assert_close(states.grad.float(), ref_states.grad.float(), atol=1e-5, rtol=0)
+    assert states.grad.dtype == torch.float64
+    with torch.no_grad():
+        again, hit2 = mtp_token_stats(states, head, targets, chunk_size=8)
+    torch.testing.assert_close(again, logp.detach())
+    assert torch.equal(hit2, hit)
