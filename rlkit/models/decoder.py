@@ -365,6 +365,9 @@ class Decoder(nn.Module):
         # The layers for `cpu_kernels.decode_layers` (AVX2-packed float32 weights), built on
         # the first fused decode step after each packing.
         self._decode_layers: cpu_kernels.DecodeLayers | None = None
+        # The layers' weights as the CPU kernels take them, built on the first fused decode
+        # step after each fusing or packing (`FusedLayer`).
+        self._fused: list[FusedLayer] | None = None
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -376,6 +379,7 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             cast(DecoderLayer, layer).self_attn.fuse()
             cast(DecoderLayer, layer).mlp.fuse()
+        self._decode_layers = self._fused = None
 
     # Per layer: (module, fused tuple attribute, parameter names it is made of).
     _PACKED = (
@@ -433,7 +437,7 @@ class Decoder(nn.Module):
             raise ValueError(f"{layout} packed weights do not run for {w.dtype} on {w.device}")
         self._batch_hint = batch_hint
         self._pack_layout = layout
-        self._decode_layers = None
+        self._decode_layers = self._fused = None
         for module, attr, names, _ in self._packed_groups():
             weight, bias = getattr(module, attr)
             setattr(module, attr, self._pack(weight, bias))
@@ -458,7 +462,7 @@ class Decoder(nn.Module):
         problems += [f"(unexpected) {k}" for k in sorted(set(rest) - own)]
         if problems:
             return problems
-        self._decode_layers = None
+        self._decode_layers = self._fused = None
         for module, attr, _, keys in groups:
             parts = [state[k].to(dtype) for k in keys]
             fused = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -543,9 +547,11 @@ class Decoder(nn.Module):
             out = layers[i].self_attn.attend_projected(qkv.view(B, T, -1), cos4, sin4, cache)
             return out.reshape(B * T, -1)
 
+        if self._fused is None:
+            self._fused = [FusedLayer.of(lay) for lay in layers]
         h = fused_layers(
-            x, cos4, sin4, [FusedLayer.of(lay) for lay in layers], self.model.norm.weight,
-            targets, self.args, self._one_call_layers(targets), attend,
+            x, cos4, sin4, self._fused, self.model.norm.weight, targets, self.args,
+            self._one_call_layers(targets), attend,
         )  # fmt: skip
         return h.view(B, T, -1)
 

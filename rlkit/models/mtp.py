@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlkit.models.config import ModelArgs
-from rlkit.models.decoder import Decoder, DecoderLayer, RMSNorm, Weights, linear
+from rlkit.models.decoder import Decoder, DecoderLayer, RMSNorm
 
 MTP_FILE = "mtp.safetensors"
 PREFIX = "mtp."
@@ -50,15 +50,11 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(args, 0)
         self.norm = RMSNorm(h, args.rms_norm_eps)
 
-    def step_input(
-        self, h: torch.Tensor, tokens: torch.Tensor, trunk: Decoder, proj: Weights | None = None
-    ) -> torch.Tensor:
+    def step_input(self, h: torch.Tensor, tokens: torch.Tensor, trunk: Decoder) -> torch.Tensor:
         """x [..., H] from the previous state h [..., H] and the next tokens [...]. The trunk's
-        embedding is frozen for the MTP loss (read detached). proj: `self.proj`'s weight as
-        the drafter packed it (inference), instead of the module's."""
+        embedding is frozen for the MTP loss (read detached)."""
         e = F.embedding(tokens, trunk.model.embed_tokens.weight.detach())
-        both = torch.cat([self.hnorm(h), self.enorm(e.to(h.dtype))], dim=-1)
-        return self.proj(both) if proj is None else linear(both, *proj)
+        return self.proj(torch.cat([self.hnorm(h), self.enorm(e.to(h.dtype))], dim=-1))
 
     def run_block(
         self, x: torch.Tensor, positions: torch.Tensor, trunk: Decoder, cache: Any

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rlkit.algorithms.registry import Registry
-from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_layers, prepack
+from rlkit.kernels import cpu as cpu_kernels
+from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_layers
 from rlkit.models.mtp import MTPModule
 from rlkit.rollout.kv_cache import KVCache
 from rlkit.rollout.sam import SuffixAutomaton, TextMatcher
@@ -95,10 +97,21 @@ class _FusedMTP:
             pack(*plain.gate_up), pack(*plain.down),
         )  # fmt: skip
         self.proj = pack(mtp.proj.weight, None)
+        self.hnorm, self.enorm = mtp.hnorm.weight.detach(), mtp.enorm.weight.detach()
         self.final_norm = mtp.norm.weight.detach()
+        self.eps = mtp.args.rms_norm_eps
         self.one_call = (
             one_call_layers([self.layer], self.final_norm) if model.pack_layout == "avx2" else None
         )
+
+    def input(self, h: torch.Tensor, tokens: torch.Tensor, model: Any) -> torch.Tensor:
+        """`MTPModule.step_input` on the kernels: x [B, T, H] from states h [B, T, H] and
+        tokens [B, T]."""
+        B, T, H = h.shape
+        e = F.embedding(tokens.reshape(-1), model.model.embed_tokens.weight)
+        hn = cpu_kernels.add_rms_norm(h.reshape(B * T, H), None, self.hnorm, self.eps)
+        en = cpu_kernels.add_rms_norm(e, None, self.enorm, self.eps)
+        return linear(torch.cat([hn, en], dim=-1), *self.proj).view(B, T, H)
 
 
 class MTPDrafter:
@@ -128,8 +141,8 @@ class MTPDrafter:
             top = torch.topk(rank, cfg.mtp_vocab, sorted=False).indices
             self.ids = top.sort().values  # [N]
             head = run.model.lm_head.weight.detach()[self.ids].contiguous()  # [N, H]
-            # Laid out once per call for oneDNN's GEMM where the trunk's weights are.
-            self.head = prepack(head, run.model._batch_hint) if run.model.prepacked else head
+            # Packed once per call in the trunk's layout (AVX2 GEMM, oneDNN), if it has one.
+            self.head = run.model.pack_weights(head, None)[0]
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
         m = len(seqs)
@@ -141,8 +154,9 @@ class MTPDrafter:
         self.cache.reset_slots(range(first, first + m), start)
 
     def _input(self, run: Run, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        proj = None if self.fused is None else self.fused.proj
-        return self.mtp.step_input(h, tokens, run.model, proj)
+        if self.fused is None:
+            return self.mtp.step_input(h, tokens, run.model)
+        return self.fused.input(h, tokens, run.model)
 
     def _block(self, run: Run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared block on x [B, T, H] (appended to the block's cache): its states g and
