@@ -61,71 +61,112 @@ def mtp_weights(
 
 
 def _chunk_stats(
-    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, jacobian: bool
+    h: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    jacobian: bool,
+    teacher: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """log p(target) [C], top-1 hits [C] and, with `jacobian`, d log p(target) / d h [C, H]
-    = w[target] - softmax(h w^T) w, for one chunk of float32 rows h [C, H] and head w [V, H]."""
+    """For one chunk of float32 rows h [C, H] and head w [V, H], q = softmax(h w^T): the
+    score [C] (log q(target); with `teacher` rows [C, H], sum_v p_v log q_v where p =
+    softmax(teacher w^T / temperature)), top-1 hits [C] against `targets` and, with
+    `jacobian`, d score / d h [C, H] = (onehot(target) or p) w - q w."""
     z = h @ w.T  # [C, V]
     lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, targets[:, None])[:, 0] - lse
     hit = z.argmax(dim=-1) == targets
+    p = None
+    if teacher is None:
+        score = z.gather(-1, targets[:, None])[:, 0] - lse
+    else:
+        p = torch.softmax((teacher @ w.T).div_(temperature), dim=-1)
+        score = (p * z).sum(-1) - lse
     if not jacobian:
-        return logp, hit, None
-    p = z.sub_(lse[:, None]).exp_()  # softmax, in z's memory
-    return logp, hit, w[targets] - p @ w
+        return score, hit, None
+    q = z.sub_(lse[:, None]).exp_()  # softmax, in z's memory
+    pulled = w[targets] if p is None else p @ w
+    return score, hit, pulled - q @ w
 
 
-class _FrozenHeadLogprobs(torch.autograd.Function):
-    """log p(target) under a frozen LM head, with its gradient in the states computed in the
-    forward pass: the backward only scales each row's d log p / d h by its incoming gradient.
-    Each chunk's logits are computed once and the head is read twice (logits, p @ w), where
-    checkpointing a chunk computed its logits twice and read the head three times."""
+class _FrozenHeadScores(torch.autograd.Function):
+    """`_chunk_stats`' scores under a frozen LM head, with their gradient in the states
+    computed in the forward pass: the backward only scales each row's d score / d h by its
+    incoming gradient. Each chunk's logits are computed once and the head is read twice
+    (logits, q w; a teacher's distribution once more), where checkpointing a chunk computed
+    its logits twice and read the head three times."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, states: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk: int
+        ctx: Any,
+        states: torch.Tensor,
+        head: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        teacher: torch.Tensor | None,
+        temperature: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         w = head.float()
-        logps, hits, jacs = [], [], []
+        scores, hits, jacs = [], [], []
         for i in range(0, states.shape[0], chunk):
             h = states[i : i + chunk].float()
-            logp, hit, jac = _chunk_stats(h, w, targets[i : i + chunk], True)
+            t = None if teacher is None else teacher[i : i + chunk].float()
+            score, hit, jac = _chunk_stats(h, w, targets[i : i + chunk], True, t, temperature)
             assert jac is not None
-            logps.append(logp)
+            scores.append(score)
             hits.append(hit)
             jacs.append(jac)
         ctx.save_for_backward(torch.cat(jacs))
         ctx.states_dtype = states.dtype
         hit_all = torch.cat(hits)
         ctx.mark_non_differentiable(hit_all)
-        return torch.cat(logps), hit_all
+        return torch.cat(scores), hit_all
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any, g_logp: torch.Tensor, g_hit: torch.Tensor | None
-    ) -> tuple[torch.Tensor, None, None, None]:
+        ctx: Any, g_score: torch.Tensor, g_hit: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, None, None, None, None]:
         (jac,) = ctx.saved_tensors
-        return (g_logp[:, None] * jac).to(ctx.states_dtype), None, None, None
+        return (g_score[:, None] * jac).to(ctx.states_dtype), None, None, None, None, None
 
 
 def mtp_token_stats(
-    states: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256
+    states: torch.Tensor,
+    head: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 256,
+    teacher: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) [M] (differentiable in states) and top-1 hits [M] bool of the LM head
-    `head` [V, H] (frozen: no gradient reaches it) on MTP states [M, H], chunk by chunk in
-    float32 (`_FrozenHeadLogprobs`: one chunk of logits alive at a time)."""
+    """Scores [M] (differentiable in states) and top-1 hits [M] bool of the LM head `head`
+    [V, H] (frozen: no gradient reaches it) on MTP states [M, H], chunk by chunk in float32
+    (`_FrozenHeadScores`: one chunk of logits alive at a time). The score is log q(target);
+    with `teacher` [M, H] (the trunk's states at the targets' positions, read without
+    gradient) it is sum_v p_v log q_v against the trunk's own distribution p at `temperature`
+    (minus the soft cross-entropy: self-distillation on the policy's distribution, not on the
+    one token it sampled)."""
     if states.dim() != 2 or head.dim() != 2 or states.shape[1] != head.shape[1]:
         raise ValueError(f"states [M, H] and head [V, H], got {states.shape} and {head.shape}")
+    if teacher is not None and teacher.shape != states.shape:
+        raise ValueError(
+            f"teacher {tuple(teacher.shape)} differs from states {tuple(states.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if states.shape[0] == 0:
         empty = states.new_zeros(0, dtype=torch.float32)
         return empty, empty.bool()
     head = head.detach()
+    teacher = None if teacher is None else teacher.detach()
     if torch.is_grad_enabled() and states.requires_grad:
-        logp, hit = _FrozenHeadLogprobs.apply(states, head, targets, chunk_size)
-        return logp, hit
+        score, hit = _FrozenHeadScores.apply(
+            states, head, targets, chunk_size, teacher, temperature
+        )
+        return score, hit
     w = head.float()
-    outs = [
-        _chunk_stats(states[i : i + chunk_size].float(), w, targets[i : i + chunk_size], False)
-        for i in range(0, states.shape[0], chunk_size)
-    ]
+    outs = []
+    with torch.no_grad():
+        for i in range(0, states.shape[0], chunk_size):
+            t = None if teacher is None else teacher[i : i + chunk_size].float()
+            h = states[i : i + chunk_size].float()
+            outs.append(_chunk_stats(h, w, targets[i : i + chunk_size], False, t, temperature))
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

@@ -149,6 +149,7 @@ RULES: dict[str, Check | None] = {
     # exp(beta * A) with |A| up to a few: past 10 one sample takes all the weight.
     "algorithm.mtp.beta": in_range(0, 10),
     "algorithm.mtp.lr": in_range(0, 1, low_open=True),
+    "algorithm.mtp.target": None,
     "algorithm.mtp.detach_trunk": None,
     "algorithm.mtp.eval_prompts": positive,
     "optim.lr": in_range(0, 1, low_open=True),

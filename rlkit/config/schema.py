@@ -251,6 +251,12 @@ class MTPConfig:
     weight: Literal["linear", "positive", "exp"] = "linear"
     beta: float = 0.5
     lr: float = 1.0e-4
+    # What each MTP position learns: "token", the token the policy sampled there (one-hot
+    # cross-entropy, the peers' loss); "policy", the policy's whole next-token distribution
+    # there at the rollout temperature (soft cross-entropy against the trunk's own logits,
+    # computed from the hidden states the learner has anyway: every position teaches the
+    # drafter the full distribution its drafts are verified against).
+    target: Literal["token", "policy"] = "token"
     # Gradients of the MTP loss stop at the trunk's hidden states.
     detach_trunk: bool = True
     # mtp_warmup: held-out prompts (the eval split's first ones) whose speculative rollouts

@@ -39,6 +39,8 @@ class MTPTrainer:
     def configure(self, cfg: RecipeConfig) -> None:
         self.cfg = cfg.algorithm.mtp
         self.depth = cfg.rollout.speculative.num_draft_tokens
+        # The distribution the rollouts sample from, for target "policy" (greedy: 1).
+        self.temperature = cfg.rollout.temperature or 1.0
         self.clip = cfg.optim.grad_clip
         o = cfg.optim
         self.opt = torch.optim.AdamW(
@@ -76,7 +78,12 @@ class MTPTrainer:
             if d >= T:
                 break
             ok = valid[:, d:].to(dev)  # [n, T - d]: target j + d exists
-            logp, hit = mtp_token_stats(g[:, : T - d][ok], head, mb.response_ids[:, d:].to(dev)[ok])
+            # Row j + d of the trunk's states is the policy's distribution of token j + d.
+            teacher = states[:, d:][ok] if self.cfg.target == "policy" else None
+            logp, hit = mtp_token_stats(
+                g[:, : T - d][ok], head, mb.response_ids[:, d:].to(dev)[ok], 256, teacher,
+                self.temperature,
+            )  # fmt: skip
             total = total - (weights[:, d:].to(dev)[ok] * logp).sum()
             sums[f"mtp/ce_sum_d{d}"] = float(-logp.detach().sum())
             sums[f"mtp/hits_d{d}"] = float(hit.sum())
@@ -96,7 +103,8 @@ class MTPTrainer:
 
     @staticmethod
     def metrics(sums: dict[str, float], loss_sum: float, targets: float) -> dict[str, float]:
-        """mtp/loss (the weighted loss), and per depth d mtp/ce_d (mean cross-entropy) and
+        """mtp/loss (the weighted loss), and per depth d mtp/ce_d (mean cross-entropy against
+        the target: the sampled token, or with target "policy" the policy's distribution) and
         mtp/acc_d (top-1 accuracy) on the batch's rollout tokens."""
         out = {"mtp/loss": loss_sum / max(targets, 1.0)}
         for key, value in sums.items():

@@ -163,29 +163,63 @@ def test_weight_variants():
     assert (mtp_weights(-adv.abs(), mask, "positive") == 0).all()  # nothing to fit: zero
 
 
-def test_frozen_head_token_stats_match_autograd():
+@pytest.mark.parametrize("soft", [False, True])
+def test_frozen_head_token_stats_match_autograd(soft):
     """mtp_token_stats (gradient in the states computed in the forward, chunked) gives the
-    log-probabilities, hits and state gradients of a plain log-softmax through autograd,
-    across chunk boundaries, and leaves the head without a gradient."""
+    scores, hits and state gradients of a plain log-softmax through autograd, across chunk
+    boundaries, and leaves the head and the teacher without a gradient. soft: the score is
+    sum_v p_v log q_v against the teacher's distribution p at temperature 0.7."""
     from rlkit.algorithms.mtp import mtp_token_stats
 
     g = torch.Generator().manual_seed(0)
     states = torch.randn(37, 16, generator=g, dtype=torch.float64).requires_grad_()
     head = torch.randn(50, 16, generator=g, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(37, 16, generator=g, dtype=torch.float64).requires_grad_()
     targets = torch.randint(0, 50, (37,), generator=g)
     weights = torch.rand(37, generator=g, dtype=torch.float64)
-    logp, hit = mtp_token_stats(states, head, targets, chunk_size=8)
-    (weights * logp).sum().backward()
-    assert head.grad is None
+    kw = {"teacher": teacher, "temperature": 0.7} if soft else {}
+    score, hit = mtp_token_stats(states, head, targets, chunk_size=8, **kw)
+    (weights * score).sum().backward()
+    assert head.grad is None and teacher.grad is None
     ref_states = states.detach().clone().requires_grad_()
-    logits = ref_states.float() @ head.detach().float().T
-    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+    w = head.detach().float()
+    logits = ref_states.float() @ w.T
+    logq = torch.log_softmax(logits, -1)
+    if soft:
+        p = torch.softmax(teacher.detach().float() @ w.T / 0.7, -1)
+        ref = (p * logq).sum(-1)
+    else:
+        ref = logq.gather(-1, targets[:, None])[:, 0]
     (weights.float() * ref).sum().backward()
-    torch.testing.assert_close(logp, ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(score, ref.detach(), atol=1e-5, rtol=0)
     assert torch.equal(hit, logits.argmax(-1) == targets)
     torch.testing.assert_close(states.grad.float(), ref_states.grad.float(), atol=1e-5, rtol=0)
     assert states.grad.dtype == torch.float64
     with torch.no_grad():
-        again, hit2 = mtp_token_stats(states, head, targets, chunk_size=8)
-    torch.testing.assert_close(again, logp.detach())
+        again, hit2 = mtp_token_stats(states, head, targets, chunk_size=8, **kw)
+    torch.testing.assert_close(again, score.detach())
     assert torch.equal(hit2, hit)
+
+
+def test_policy_target_distils_the_trunks_distribution(model_dir):
+    """algorithm.mtp.target=policy: the drafter learns the trunk's own next-token distribution
+    (soft cross-entropy falls towards the trunk's entropy), the trunk does not move."""
+    learner = _learner(model_dir, *SPEC, "algorithm.mtp.lr=1e-2", "algorithm.mtp.target=policy")
+    with torch.no_grad():  # a random tiny trunk is near uniform: nothing to distil
+        learner.model.lm_head.weight.mul_(40.0)
+    trunk = _trunk(learner)
+    batch = _batch()
+    with torch.no_grad():  # the entropy of the distributions depth 1 learns (rows 1..)
+        states, valid = learner.response_states(learner.model, batch)
+        p = torch.softmax(states.float() @ learner.model.lm_head.weight.float().T, -1)
+        ent = -(p * p.clamp_min(1e-30).log()).sum(-1)[:, 1:][valid[:, 1:]].mean().item()
+    first = learner.mtp_step(batch)
+    for _ in range(15):
+        last = learner.mtp_step(batch)
+    # A soft cross-entropy is at least the target's entropy (one-hot targets on these
+    # repeated tokens would go below it), and falls towards it as q approaches p.
+    assert first["mtp/ce_d1"] > ent + 5.0, (first, ent)
+    assert ent - 1e-3 <= last["mtp/ce_d1"] < ent + 0.5, (last, ent)
+    assert last["mtp/ce_d2"] < first["mtp/ce_d2"] - 5.0, (first, last)
+    for k, v in learner.model.state_dict().items():
+        assert torch.equal(v, trunk[k]), k
