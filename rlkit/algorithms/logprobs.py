@@ -94,19 +94,22 @@ class _ChunkedLogprobs(torch.autograd.Function):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s : s + chunk].float()  # [C, H]
+                # In place from here: two [C, V] tensors alive (z, then log p, then dz; and p),
+                # not the five a plain expression holds at its peak.
                 z = h @ w.T  # [C, V]
                 if temp != 1.0:
-                    z = z / temp
-                logp_all = z - torch.logsumexp(z, dim=-1, keepdim=True)  # log p, [C, V]
-                del z
-                p = logp_all.exp()
+                    z.div_(temp)
+                z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log p
+                p = z.exp()
                 gl = g_logp[s : s + chunk, None]  # [C, 1]
-                dz = p * -gl
-                dz.scatter_add_(1, targets[s : s + chunk, None], gl)
                 if ctx.with_entropy:
-                    ent = -(p * logp_all).sum(-1, keepdim=True)  # [C, 1]
-                    dz -= g_ent[s : s + chunk, None] * p * (logp_all + ent)
-                del p, logp_all
+                    ent = -(p * z).sum(-1, keepdim=True)  # [C, 1]
+                    # dz = -gl * p - g_ent * p * (log p + H), written over log p
+                    dz = z.add_(ent).mul_(-g_ent[s : s + chunk, None]).sub_(gl).mul_(p)
+                else:
+                    dz = p.mul_(-gl)
+                del z, p
+                dz.scatter_add_(1, targets[s : s + chunk, None], gl)
                 if temp != 1.0:
                     dz /= temp
                 if grad_h is not None:

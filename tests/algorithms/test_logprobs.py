@@ -43,6 +43,13 @@ def test_temperature_and_no_entropy():
     logp, ent = token_logprobs(hidden, weight, targets, chunk_size=10, temperature=0.7)
     assert ent is None
     torch.testing.assert_close(logp, reference(hidden, weight, targets, temperature=0.7)[0])
+    # the backward without the entropy term (its own in-place branch)
+    coef = torch.randn(37, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((logp * coef).sum(), (hidden, weight))
+    ref_logp = reference(hidden, weight, targets, temperature=0.7)[0]
+    ref_grads = torch.autograd.grad((ref_logp * coef).sum(), (hidden, weight))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_bf16_inputs_computed_in_float32():
