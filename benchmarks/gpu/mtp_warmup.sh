@@ -4,11 +4,13 @@
 # then the trained module (mtp.safetensors, ~17 MB) and the stage's metrics into $OUT, for the
 # CPU's speculative bench (`rlkit bench rollout --mtp DIR`) and later RL runs.
 source benchmarks/gpu/setup.sh
-python3 -m rlkit.cli train recipes/mtp_arithmetic.yaml run.name=mtp_warmup run.dir=/tmp/runs \
-  run.wandb=disabled run.progress_bar=false \
-  "stages=[{type: mtp_warmup, name: warmup, overrides: {train.steps: ${WARMUP:-60}, train.eval_every: 20, algorithm.mtp.lr: 1.0e-3}}]" \
+# EVAL_EVERY / SAVE_EVERY: held-out accepted length and checkpoints every so many steps;
+# LIMIT (seconds): stop the stage there (the last saved checkpoint is what comes back).
+timeout ${LIMIT:-100000} python3 -m rlkit.cli train recipes/mtp_arithmetic.yaml run.name=mtp_warmup \
+  run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false \
+  "stages=[{type: mtp_warmup, name: warmup, overrides: {train.steps: ${WARMUP:-60}, train.eval_every: ${EVAL_EVERY:-20}, train.save_every: ${SAVE_EVERY:-20}, algorithm.mtp.lr: 1.0e-3}}]" \
   2>&1 | grep -v "Warning\|WARNING" | tail -8
-ckpt=$(ls -d /tmp/runs/mtp_warmup/checkpoints/0_warmup/step_* | tail -1)
+ckpt=$(ls -dv /tmp/runs/mtp_warmup/checkpoints/0_warmup/step_* | tail -1)
 ls $ckpt
 mkdir -p $OUT/mtp_warmup
 cp $ckpt/mtp.safetensors $OUT/mtp_warmup/ 2>/dev/null || cp $ckpt/model/mtp.safetensors $OUT/mtp_warmup/
