@@ -9,13 +9,16 @@ Every row generates `batch` sequences of exactly `max_new_tokens` tokens (sampli
 ignore_eos, so every engine does the same work) from the same prompts (random tokens of
 `prompt-len`, or with `--task` the task's first train prompts in the chat template, whose
 text a drafter can predict), after one warm-up run, and reports the median of `--repeats`
-timed runs:
+timed runs. With `--stop-at-eos` each sequence ends at its EOS as in an RL rollout (a
+drafter is then measured on the text it drafts in training, not on what a model writes
+after its answer), and tok/s counts what was generated:
 
 - tokens_per_s: generated tokens / wall seconds of the generate call (for vLLM, the seconds
   spent inside `LLM.generate`, measured in its server: no pipe or pickling time);
 - prefill_s: a one-token generate of the same prompts (prefill plus one sampling step);
 - ms_per_step: (generate seconds - prefill_s) / (max_new_tokens - 1), one decode step of
-  the whole batch;
+  the whole batch (not with `--stop-at-eos`: the batch shrinks as sequences end);
+- tokens: generated tokens of the last timed run;
 - kv_bytes_peak: K/V storage the engine held (native: its preallocated cache as allocated;
   hf: the dynamic cache at its largest, batch x (prompt + new) x bytes per token; vllm: the
   same count, since its pool is sized by a setting, not by the request);
@@ -82,6 +85,7 @@ COLUMNS = (
     ("mode", "mode", "{}"),
     ("drafter", "drafter", "{}"),
     ("seqs_admitted", "seqs", "{:.0f}"),
+    ("tokens", "tokens", "{}"),
     ("tokens_per_s", "tok/s", "{:.1f}"),
     ("ms_per_step", "ms/step", "{:.1f}"),
     ("prefill_s", "prefill s", "{:.3f}"),
@@ -159,7 +163,7 @@ def _params(args: argparse.Namespace, new_tokens: int, seed: int) -> SamplingPar
         top_p=args.top_p,
         top_k=args.top_k,
         max_new_tokens=new_tokens,
-        ignore_eos=True,
+        ignore_eos=not args.stop_at_eos,
         seed=seed,
     )
 
@@ -323,7 +327,7 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
             seconds, tokens = runner.generate(n_new, 1 + i)
             times.append(seconds)
     peak_mem = torch.cuda.max_memory_allocated() if cuda else mem.peak
-    if tokens != args.batch * n_new:
+    if tokens != args.batch * n_new and not args.stop_at_eos:
         raise RuntimeError(
             f"{runner.engine}/{runner.mode} generated {tokens} tokens, expected "
             f"{args.batch} x {n_new}: the rows would not be comparable"
@@ -343,7 +347,9 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
         # Sequences the engine decoded at once (native: its admitted batch; others: --batch).
         "seqs_admitted": stats.get("seqs_admitted_peak", float(args.batch)),
         "tokens_per_s": tokens / seconds,
-        "ms_per_step": 1000 * max(seconds - prefill, 0.0) / max(n_new - 1, 1),
+        "ms_per_step": (
+            None if args.stop_at_eos else 1000 * max(seconds - prefill, 0.0) / max(n_new - 1, 1)
+        ),
         "prefill_s": prefill,
         "kv_bytes_peak": runner.kv_bytes(),
         "peak_mem_bytes": peak_mem,
@@ -472,6 +478,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         help="native engines: size the batch by this many GiB of KV cache (at most --batch; "
         "a compressed cache admits more); the seqs column says how many each row admitted",
     )
+    ap.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="each sequence ends at its EOS (as in an RL rollout) instead of running to "
+        "--max-new-tokens; native and vllm engines",
+    )
     ap.add_argument("--json", default=None, help="write the rows to this file as JSON")
     args = ap.parse_args(list(argv))
     args.device, where = local_device(args.device)
@@ -484,6 +496,10 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     if "spec" in modes:
         drafters = _csv(args.drafter, DRAFTER_NAMES, "drafter")
         modes = [m for m in modes if m != "spec"] + [f"spec:{d}" for d in drafters]
+    if args.stop_at_eos and "hf" in engines:
+        raise SystemExit(
+            "rlkit bench: --stop-at-eos: the hf engine always runs to the cap; drop it"
+        )
     if args.task and "hf" in engines:
         raise SystemExit("rlkit bench: --task prompts have mixed lengths; drop the hf engine")
     if args.threads:

@@ -90,6 +90,29 @@ def test_spec_rows_per_drafter_on_task_prompts(model_dir, capsys):
     assert "acc len" in out and "mtp=untrained" in out
 
 
+def test_stop_at_eos_rows_count_what_was_generated(model_dir):
+    from argparse import Namespace
+
+    from rlkit.bench import _params
+
+    ns = Namespace(temperature=0.0, top_p=1.0, top_k=0)
+    assert _params(Namespace(**vars(ns), stop_at_eos=True), 8, 0).ignore_eos is False
+    assert _params(Namespace(**vars(ns), stop_at_eos=False), 8, 0).ignore_eos is True
+    argv = [
+        "--model", model_dir, "--batch", "2", "--max-new-tokens", "12", "--repeats", "1",
+        "--modes", "dense,spec", "--drafter", "sam", "--engines", "native", "--stop-at-eos",
+        "--task", "arithmetic", "--sam-min-match", "2", "--temperature", "0", "--threads", "1",
+    ]  # fmt: skip
+    rows = rollout(argv)
+    # Greedy speculative decoding is lossless: the same tokens, so the same count, EOS or not.
+    assert rows[0]["tokens"] == rows[1]["tokens"] <= 2 * 12
+    for r in rows:
+        assert r["ms_per_step"] is None
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+    with pytest.raises(SystemExit, match="--stop-at-eos: the hf engine"):
+        rollout(["--model", model_dir, "--engines", "native,hf", "--stop-at-eos"])
+
+
 def test_kv_memory_sizes_each_mode_and_the_rows_say_how_many(model_dir, capsys):
     """--kv-memory-gb: the dense row admits what that many GiB hold at its full length, the
     sparse row what they hold at budget + interval entries: more, and it decodes them."""
