@@ -13,6 +13,8 @@ import ctypes
 import sys
 from functools import cache
 
+import torch
+
 
 @cache
 def _libc() -> ctypes.CDLL | None:
@@ -24,7 +26,12 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def trim() -> None:
+def trim(device: torch.device | str = "cpu") -> None:
+    """Trim after a phase whose tensors lived on `device`. A GPU phase's activations and
+    caches are device memory, so its host heap barely moved: no trim there (glibc's walk of a
+    multi-GB heap is host time inside a step that the host already bounds)."""
+    if torch.device(device).type != "cpu":
+        return
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

@@ -529,7 +529,7 @@ class Learner:
         part["elapsed"] = time.perf_counter() - start
         part["memory"] = self._end_phase()
         part["nonfinite"] = self.nonfinite_skipped
-        heap.trim()
+        heap.trim(self.device)
         return part
 
     def _mtp_idle(self, part, mtp, mini, mini_idx, active, mtp_w, mtp_norm) -> None:
@@ -600,7 +600,7 @@ class Learner:
         part["mtp"]["norms"].append(self.mtp.step(self.rank))
         part["elapsed"] = time.perf_counter() - start
         part["memory"] = self._end_phase()
-        heap.trim()
+        heap.trim(self.device)
         return part
 
     def _micro_size(self, batch: RolloutBatch) -> int:
@@ -692,7 +692,7 @@ class Learner:
         part["elapsed"] = time.perf_counter() - start
         part["memory"] = self._end_phase()
         part["nonfinite"] = self.nonfinite_skipped
-        heap.trim()
+        heap.trim(self.device)
         return part
 
     def weights(

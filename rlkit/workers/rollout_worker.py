@@ -93,7 +93,7 @@ class RolloutWorker:
                 self.engine.release_cache()
         else:
             completions = self.engine.generate(prompts, params, n=n)
-        heap.trim()
+        heap.trim(self.device)
         return [
             {
                 "prompt_index": c.prompt_index,
@@ -135,7 +135,7 @@ class RolloutWorker:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.engine.load_state_dict(state_dict)
         del state_dict
-        heap.trim()
+        heap.trim(self.device)
 
     def stats(self) -> dict[str, float]:
         """The engine's figures of the last `generate` (KV bytes; see `Engine`), if any."""
