@@ -18,7 +18,8 @@ after its answer), and tok/s counts what was generated:
 - prefill_s: a one-token generate of the same prompts (prefill plus one sampling step);
 - ms_per_step: (generate seconds - prefill_s) / (max_new_tokens - 1), one decode step of
   the whole batch (not with `--stop-at-eos`: the batch shrinks as sequences end);
-- tokens: generated tokens of the last timed run;
+- tokens: generated tokens of the last timed run (`--stop-at-eos`: of all timed runs, and
+  tokens_per_s their sum over the sum of their seconds);
 - kv_bytes_peak: K/V storage the engine held (native: its preallocated cache as allocated;
   hf: the dynamic cache at its largest, batch x (prompt + new) x bytes per token; vllm: the
   same count, since its pool is sized by a setting, not by the request);
@@ -318,7 +319,7 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
     # Warm-up: allocation, thread pools, first kernels (CUDA graphs, Triton compilation).
     runner.generate(min(n_new, runner.warmup_tokens), 0)
     prefill = statistics.median(runner.generate(1, 100 + i)[0] for i in range(args.repeats))
-    times, tokens = [], 0
+    times, counts, accepts = [], [], []
     cuda = args.device.startswith("cuda") and runner.pid is None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -326,6 +327,9 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.repeats):
             seconds, tokens = runner.generate(n_new, 1 + i)
             times.append(seconds)
+            counts.append(tokens)
+            if runner.drafter:
+                accepts.append(runner.stats().get("spec/accept_len_mean"))
     peak_mem = torch.cuda.max_memory_allocated() if cuda else mem.peak
     if tokens != args.batch * n_new and not args.stop_at_eos:
         raise RuntimeError(
@@ -335,6 +339,19 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
     seconds = statistics.median(times)
     stats = runner.stats()
     spec = stats if runner.drafter else {}
+    if args.stop_at_eos:
+        # Runs of different lengths: throughput over all of them (a median of per-run rates
+        # would weigh a 5-token run like a 256-token one), and the accepted length per
+        # sequence step over all of them (each run's mean weighted by its steps, tokens / mean).
+        tokens, tokens_per_s = sum(counts), sum(counts) / sum(times)
+        if accepts and all(a for a in accepts):
+            spec = {
+                **spec,
+                "spec/accept_len_mean": tokens
+                / sum(c / a for c, a in zip(counts, accepts, strict=True)),
+            }
+    else:
+        tokens, tokens_per_s = counts[-1], counts[-1] / seconds
     return {
         "engine": runner.engine,
         "mode": runner.mode,
@@ -346,7 +363,7 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
         "draft_ms": spec.get("spec/draft_ms"),
         # Sequences the engine decoded at once (native: its admitted batch; others: --batch).
         "seqs_admitted": stats.get("seqs_admitted_peak", float(args.batch)),
-        "tokens_per_s": tokens / seconds,
+        "tokens_per_s": tokens_per_s,
         "ms_per_step": (
             None if args.stop_at_eos else 1000 * max(seconds - prefill, 0.0) / max(n_new - 1, 1)
         ),
