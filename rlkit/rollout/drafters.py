@@ -33,7 +33,7 @@ from rlkit.algorithms.registry import Registry
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_layers
 from rlkit.models.mtp import MTPModule
-from rlkit.rollout.kv_cache import KVCache
+from rlkit.rollout.kv_cache import KVCache, to_device
 from rlkit.rollout.sam import SuffixAutomaton, TextMatcher
 from rlkit.rollout.sampling import draw, sampling_logprobs
 
@@ -55,10 +55,16 @@ class Drafter(Protocol):
     def propose(self, run: Run, room: np.ndarray) -> Draft: ...
 
     def observed(
-        self, run: Run, hidden: torch.Tensor, emitted: torch.Tensor, num: np.ndarray
+        self,
+        run: Run,
+        hidden: torch.Tensor,
+        emitted: torch.Tensor,
+        num: np.ndarray,
+        emitted_host: np.ndarray | None = None,
     ) -> None:
         """hidden [B, T, H]: the policy's states at the fed positions; emitted [B, T]: the
-        tokens that followed them, the first num[b] valid."""
+        tokens that followed them, the first num[b] valid; emitted_host: the same on the host
+        where the step already has it (no second device-to-host wait)."""
         ...
 
     def moved(self, src: list[int], dst: list[int]) -> None: ...
@@ -181,7 +187,7 @@ class MTPDrafter:
         T = int(n.max())
         # Catch up on the verified pairs; the last one's state is depth 1.
         g, out = self._block(run, self._input(run, self.h[:B, :T], self.tok[:B, :T]))
-        last = (torch.arange(B, device=g.device), torch.from_numpy(n - 1).to(g.device))
+        last = (torch.arange(B, device=g.device), to_device(n - 1, g.device))
         g, out = g[last], out[last]  # [B, H]
         self.cache.rewind(T - n)
         self.pending[:B] = 0
@@ -212,17 +218,19 @@ class MTPDrafter:
         return Draft(tokens, room.astype(np.int64), probs)
 
     def observed(
-        self, run: Run, hidden: torch.Tensor, emitted: torch.Tensor, num: np.ndarray
+        self,
+        run: Run,
+        hidden: torch.Tensor,
+        emitted: torch.Tensor,
+        num: np.ndarray,
+        emitted_host: np.ndarray | None = None,
     ) -> None:
         T = hidden.shape[1]
         self.h[: len(num), :T] = hidden
         self.tok[: len(num), :T] = emitted
         self.pending[: len(num)] = num
         if self.counts is not None:
-            valid = (
-                torch.arange(T, device=emitted.device)
-                < torch.from_numpy(num).to(emitted.device)[:, None]
-            )
+            valid = torch.arange(T, device=emitted.device) < to_device(num, emitted.device)[:, None]
             self.counts.index_add_(
                 0, emitted[valid], torch.ones_like(emitted[valid], dtype=self.counts.dtype)
             )
@@ -231,8 +239,7 @@ class MTPDrafter:
         if not src:
             return
         self.cache.move(src, dst)
-        s = torch.tensor(src, device=self.h.device)
-        d = torch.tensor(dst, device=self.h.device)
+        s, d = to_device(src, self.h.device), to_device(dst, self.h.device)
         self.h[d], self.tok[d] = self.h[s], self.tok[s]
         self.pending[dst] = self.pending[src]
 
@@ -258,12 +265,17 @@ class SAMDrafter:
             d = self.text[s].draft(int(room[b]), self.min_match)
             tokens[b, : len(d)] = d
             num[b] = len(d)
-        return Draft(torch.from_numpy(tokens).to(run.device), num, None)
+        return Draft(to_device(tokens, run.device), num, None)
 
     def observed(
-        self, run: Run, hidden: torch.Tensor, emitted: torch.Tensor, num: np.ndarray
+        self,
+        run: Run,
+        hidden: torch.Tensor,
+        emitted: torch.Tensor,
+        num: np.ndarray,
+        emitted_host: np.ndarray | None = None,
     ) -> None:
-        rows = emitted.tolist()
+        rows = emitted.tolist() if emitted_host is None else emitted_host.tolist()
         for b, s in enumerate(run.seq):
             self.text[s].extend(rows[b][: num[b]])
 
@@ -290,7 +302,7 @@ class SAMThenMTP:
         by_sam = self.sam.propose(run, room)
         use_sam = by_sam.num > 0
         by_mtp = self.mtp.propose(run, np.where(use_sam, 0, room))
-        pick = torch.from_numpy(use_sam).to(run.device)
+        pick = to_device(use_sam, run.device).bool()
         tokens = torch.where(pick[:, None], by_sam.tokens, by_mtp.tokens)
         probs = by_mtp.probs
         if probs is not None and bool(use_sam.any()):
@@ -300,10 +312,15 @@ class SAMThenMTP:
         return Draft(tokens, np.where(use_sam, by_sam.num, by_mtp.num), probs)
 
     def observed(
-        self, run: Run, hidden: torch.Tensor, emitted: torch.Tensor, num: np.ndarray
+        self,
+        run: Run,
+        hidden: torch.Tensor,
+        emitted: torch.Tensor,
+        num: np.ndarray,
+        emitted_host: np.ndarray | None = None,
     ) -> None:
-        self.sam.observed(run, hidden, emitted, num)
-        self.mtp.observed(run, hidden, emitted, num)
+        self.sam.observed(run, hidden, emitted, num, emitted_host)
+        self.mtp.observed(run, hidden, emitted, num, emitted_host)
 
     def moved(self, src: list[int], dst: list[int]) -> None:
         self.mtp.moved(src, dst)

@@ -89,11 +89,12 @@ class Run:
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
         self.checker = StopChecker(engine.tokenizer, params.stop)
         # Outputs indexed by sequence id (prompt i, sample j -> i * n + j): compaction never
-        # moves them.
-        self.out_tokens = torch.zeros(total, params.max_new_tokens, dtype=torch.long, device=dev)
-        self.out_logprobs = torch.zeros(
-            total, params.max_new_tokens, dtype=torch.float32, device=dev
-        )
+        # moves them. `lookahead` + 1 spare columns: a verify step writes all its T positions
+        # (no boolean-mask indexing, which would wait for the GPU); a row's entries past its
+        # count are scratch that its next step overwrites, and nothing reads them.
+        width = params.max_new_tokens + lookahead + 1
+        self.out_tokens = torch.zeros(total, width, dtype=torch.long, device=dev)
+        self.out_logprobs = torch.zeros(total, width, dtype=torch.float32, device=dev)
         # Device state of the running slots.
         self.last = torch.zeros(self.slots, dtype=torch.long, device=dev)  # token to feed next
         self.done = torch.zeros(self.slots, dtype=torch.bool, device=dev)  # stop id sampled
@@ -232,13 +233,15 @@ class Run:
         self, tokens: torch.Tensor, logp: torch.Tensor, num: torch.Tensor, num_host: np.ndarray
     ) -> None:
         """num[b] >= 1 new tokens per running slot: the first num[b] of tokens[b], logp[b]
-        [B, T]; num_host is num on the host."""
+        [B, T]; num_host is num on the host. No host sync: every position is written (past
+        num[b] into the scratch columns beyond the row's count)."""
         B, T = tokens.shape
-        valid = torch.arange(T, device=self.device)[None, :] < num[:, None]  # [B, T]
-        cols = self.count_dev[:B, None] + torch.arange(T, device=self.device)  # [B, T]
+        steps = torch.arange(T, device=self.device)
+        valid = steps[None, :] < num[:, None]  # [B, T]
+        cols = self.count_dev[:B, None] + steps  # [B, T]
         rows = self.seq_dev[:B, None].expand(B, T)
-        self.out_tokens[rows[valid], cols[valid]] = tokens[valid]
-        self.out_logprobs[rows[valid], cols[valid]] = logp[valid]
+        self.out_tokens[rows, cols] = tokens
+        self.out_logprobs[rows, cols] = logp
         self.done[:B] |= (torch.isin(tokens, self.stop_ids) & valid).any(dim=1)
         self.last[:B] = tokens.gather(1, (num - 1)[:, None])[:, 0]
         self.count_dev[:B] += num

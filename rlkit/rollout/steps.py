@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from rlkit.kernels.spec_verify import verify_drafts
+from rlkit.rollout.kv_cache import to_device
 from rlkit.rollout.sampling import sampling_logprobs
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class SpecStep:
                 for i in range(0, B * T, _VERIFY_ROWS)
             ]
         ).view(B, T, -1)
-        num = torch.from_numpy(draft.num).to(dev)
+        num = to_device(draft.num, dev)
         if params.temperature == 0:
             accepted, token = verify_drafts(logp, drafts, num, greedy=True)
         else:
@@ -122,10 +123,12 @@ class SpecStep:
         emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # [B, T]
         emitted.scatter_(1, accepted[:, None], token[:, None])
         emitted_logp = logp.gather(-1, emitted[:, :, None])[..., 0]  # [B, T]
-        kept = accepted.cpu().numpy()  # the step's one host sync
+        # The step's one host sync: the kept counts and the emitted tokens in one copy.
+        host = torch.cat([accepted[:, None], emitted], dim=1).cpu().numpy()
+        kept, emitted_host = host[:, 0], host[:, 1:]
         run.cache.rewind(T - 1 - kept)
         run.emit(emitted, emitted_logp, accepted + 1, kept + 1)
-        self.drafter.observed(run, hidden, emitted, kept + 1)
+        self.drafter.observed(run, hidden, emitted, kept + 1, emitted_host)
         self.steps += 1
         self.seq_steps += B
         self.emitted += int(kept.sum()) + B

@@ -197,3 +197,48 @@ def test_cuda_graph_steps_and_compressions_never_sync_the_host(tiny_dirs, prompt
         DecodeGraphs.step, CompressedKVCache.compress = real_step, real_compress
     assert checked["steps"] > 0
     assert (checked["compressions"] > 0) == (policy is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("drafter", ["mtp", "sam+mtp"])
+def test_speculative_steps_wait_for_the_gpu_once(tiny_dirs, prompts, drafter):
+    """On a GPU: a speculative step (drafting, the graphed verify forward, verification,
+    emission) waits for the device once, for the kept counts and emitted tokens it must read
+    on the host; host arrays go in pinned and asynchronously, emission writes without boolean
+    masks. Counted under CUDA's sync debug mode "warn", one warning per synchronisation."""
+    import warnings
+
+    from rlkit.config.schema import SpeculativeConfig
+    from rlkit.models import load_model
+    from rlkit.models.mtp import init_mtp
+    from rlkit.rollout import Engine
+    from rlkit.rollout.steps import SpecStep
+
+    model, tok = load_model(tiny_dirs["qwen3"])
+    spec = SpeculativeConfig(drafter=drafter, num_draft_tokens=3, sam_min_match=2)
+    engine = Engine(
+        model.to("cuda"), tok, dtype=torch.float32, max_batch_size=5, speculative=spec,
+        mtp=init_mtp(model.args, seed=1),
+    )  # fmt: skip
+    sp = SamplingParams(max_new_tokens=24, ignore_eos=True, temperature=1.0, seed=3)
+    engine.generate(prompts, sp, n=2)  # captures the graphs, compiles the kernels
+    syncs: list[int] = []
+    real = SpecStep.step
+
+    def step(self, run):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                real(self, run)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message).lower() for w in caught))
+
+    SpecStep.step = step
+    try:
+        engine.generate(prompts, sp, n=2)
+    finally:
+        SpecStep.step = real
+    assert syncs and max(syncs) == 1, syncs
