@@ -88,6 +88,29 @@ def _chunk_stats(
     return score, hit, pulled - q @ w
 
 
+def _chunked_stats(
+    states: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    jacobian: bool,
+    teacher: torch.Tensor | None,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`_chunk_stats` over all rows, `chunk` at a time in float32, the chunks' outputs
+    concatenated (d score / d h only with `jacobian`)."""
+    scores, hits, jacs = [], [], []
+    for i in range(0, states.shape[0], chunk):
+        h = states[i : i + chunk].float()
+        t = None if teacher is None else teacher[i : i + chunk].float()
+        score, hit, jac = _chunk_stats(h, w, targets[i : i + chunk], jacobian, t, temperature)
+        scores.append(score)
+        hits.append(hit)
+        if jac is not None:
+            jacs.append(jac)
+    return torch.cat(scores), torch.cat(hits), torch.cat(jacs) if jacobian else None
+
+
 class _FrozenHeadScores(torch.autograd.Function):
     """`_chunk_stats`' scores under a frozen LM head, with their gradient in the states
     computed in the forward pass: the backward only scales each row's d score / d h by its
@@ -105,21 +128,14 @@ class _FrozenHeadScores(torch.autograd.Function):
         teacher: torch.Tensor | None,
         temperature: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        w = head.float()
-        scores, hits, jacs = [], [], []
-        for i in range(0, states.shape[0], chunk):
-            h = states[i : i + chunk].float()
-            t = None if teacher is None else teacher[i : i + chunk].float()
-            score, hit, jac = _chunk_stats(h, w, targets[i : i + chunk], True, t, temperature)
-            assert jac is not None
-            scores.append(score)
-            hits.append(hit)
-            jacs.append(jac)
-        ctx.save_for_backward(torch.cat(jacs))
+        scores, hits, jac = _chunked_stats(
+            states, head.float(), targets, chunk, True, teacher, temperature
+        )
+        assert jac is not None
+        ctx.save_for_backward(jac)
         ctx.states_dtype = states.dtype
-        hit_all = torch.cat(hits)
-        ctx.mark_non_differentiable(hit_all)
-        return torch.cat(scores), hit_all
+        ctx.mark_non_differentiable(hits)
+        return scores, hits
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -162,11 +178,8 @@ def mtp_token_stats(
             states, head, targets, chunk_size, teacher, temperature
         )
         return score, hit
-    w = head.float()
-    outs = []
     with torch.no_grad():
-        for i in range(0, states.shape[0], chunk_size):
-            t = None if teacher is None else teacher[i : i + chunk_size].float()
-            h = states[i : i + chunk_size].float()
-            outs.append(_chunk_stats(h, w, targets[i : i + chunk_size], False, t, temperature))
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        score, hit, _ = _chunked_stats(
+            states, head.float(), targets, chunk_size, False, teacher, temperature
+        )
+    return score, hit

@@ -547,10 +547,9 @@ class Decoder(nn.Module):
             out = layers[i].self_attn.attend_projected(qkv.view(B, T, -1), cos4, sin4, cache)
             return out.reshape(B * T, -1)
 
-        if self._fused is None:
-            self._fused = [FusedLayer.of(lay) for lay in layers]
+        fused = self._fused_layers()
         h = fused_layers(
-            x, cos4, sin4, self._fused, self.model.norm.weight, targets, self.args,
+            x, cos4, sin4, fused, self.model.norm.weight, targets, self.args,
             self._one_call_layers(targets), attend,
         )  # fmt: skip
         return h.view(B, T, -1)
@@ -571,9 +570,17 @@ class Decoder(nn.Module):
         if self._pack_layout != "avx2" or any(t is None for t in targets):
             return None
         if self._decode_layers is None:
-            layers = [FusedLayer.of(cast(DecoderLayer, lay)) for lay in self.model.layers]
-            self._decode_layers = one_call_layers(layers, self.model.norm.weight.detach())
+            self._decode_layers = one_call_layers(
+                self._fused_layers(), self.model.norm.weight.detach()
+            )
         return self._decode_layers
+
+    def _fused_layers(self) -> list[FusedLayer]:
+        """The trunk's layers as the fused step reads them (built once; reset with the
+        weights' layout by fuse / pack / load)."""
+        if self._fused is None:
+            self._fused = [FusedLayer.of(cast(DecoderLayer, lay)) for lay in self.model.layers]
+        return self._fused
 
     def _run(self, input_ids, positions, cache):
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]

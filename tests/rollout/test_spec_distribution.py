@@ -60,7 +60,7 @@ class _HalfTemperatureDrafter:
             ids[rows, lens + i] = d
         return Draft(tokens, room.astype(np.int64), probs)
 
-    def observed(self, run, hidden, emitted, num):
+    def observed(self, run, hidden, emitted, num, emitted_host=None):
         pass
 
     def moved(self, src, dst):
