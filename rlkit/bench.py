@@ -319,7 +319,9 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
     # Warm-up: allocation, thread pools, first kernels (CUDA graphs, Triton compilation).
     runner.generate(min(n_new, runner.warmup_tokens), 0)
     prefill = statistics.median(runner.generate(1, 100 + i)[0] for i in range(args.repeats))
-    times, counts, accepts = [], [], []
+    times: list[float] = []
+    counts: list[int] = []
+    accepts: list[float | None] = []
     cuda = args.device.startswith("cuda") and runner.pid is None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -344,12 +346,10 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
         # would weigh a 5-token run like a 256-token one), and the accepted length per
         # sequence step over all of them (each run's mean weighted by its steps, tokens / mean).
         tokens, tokens_per_s = sum(counts), sum(counts) / sum(times)
-        if accepts and all(a for a in accepts):
-            spec = {
-                **spec,
-                "spec/accept_len_mean": tokens
-                / sum(c / a for c, a in zip(counts, accepts, strict=True)),
-            }
+        means = [a for a in accepts if a]
+        if accepts and len(means) == len(accepts):
+            steps = sum(c / a for c, a in zip(counts, means, strict=True))
+            spec = {**spec, "spec/accept_len_mean": tokens / steps}
     else:
         tokens, tokens_per_s = counts[-1], counts[-1] / seconds
     return {
