@@ -191,6 +191,7 @@ def _native(
             num_draft_tokens=args.num_draft_tokens,
             sam_min_match=args.sam_min_match,
             mtp_vocab=args.mtp_vocab,
+            max_batch=args.spec_max_batch,
         )
         if "mtp" in drafter:
             mtp = load_mtp(args.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)
@@ -319,7 +320,9 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
     # Warm-up: allocation, thread pools, first kernels (CUDA graphs, Triton compilation).
     runner.generate(min(n_new, runner.warmup_tokens), 0)
     prefill = statistics.median(runner.generate(1, 100 + i)[0] for i in range(args.repeats))
-    times, counts, accepts = [], [], []
+    times: list[float] = []
+    counts: list[int] = []
+    accepts: list[float | None] = []
     cuda = args.device.startswith("cuda") and runner.pid is None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -344,12 +347,10 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
         # would weigh a 5-token run like a 256-token one), and the accepted length per
         # sequence step over all of them (each run's mean weighted by its steps, tokens / mean).
         tokens, tokens_per_s = sum(counts), sum(counts) / sum(times)
-        if accepts and all(a for a in accepts):
-            spec = {
-                **spec,
-                "spec/accept_len_mean": tokens
-                / sum(c / a for c, a in zip(counts, accepts, strict=True)),
-            }
+        means = [a for a in accepts if a]
+        if accepts and len(means) == len(accepts):
+            steps = sum(c / a for c, a in zip(counts, means, strict=True))
+            spec = {**spec, "spec/accept_len_mean": tokens / steps}
     else:
         tokens, tokens_per_s = counts[-1], counts[-1] / seconds
     return {
@@ -462,6 +463,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     )
     spec.add_argument("--num-draft-tokens", type=int, default=3)
     spec.add_argument("--sam-min-match", type=int, default=4)
+    spec.add_argument(
+        "--spec-max-batch",
+        type=int,
+        default=0,
+        help="speculate only while at most this many sequences run (0: always)",
+    )
     spec.add_argument(
         "--mtp-vocab",
         type=int,
@@ -582,6 +589,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             num_draft_tokens=args.num_draft_tokens,
             sam_min_match=args.sam_min_match,
             mtp_vocab=args.mtp_vocab,
+            spec_max_batch=args.spec_max_batch,
             mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))
