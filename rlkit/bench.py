@@ -191,6 +191,7 @@ def _native(
             num_draft_tokens=args.num_draft_tokens,
             sam_min_match=args.sam_min_match,
             mtp_vocab=args.mtp_vocab,
+            max_batch=args.spec_max_batch,
         )
         if "mtp" in drafter:
             mtp = load_mtp(args.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)
@@ -463,6 +464,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     spec.add_argument("--num-draft-tokens", type=int, default=3)
     spec.add_argument("--sam-min-match", type=int, default=4)
     spec.add_argument(
+        "--spec-max-batch",
+        type=int,
+        default=0,
+        help="speculate only while at most this many sequences run (0: always)",
+    )
+    spec.add_argument(
         "--mtp-vocab",
         type=int,
         default=0,
@@ -582,6 +589,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             num_draft_tokens=args.num_draft_tokens,
             sam_min_match=args.sam_min_match,
             mtp_vocab=args.mtp_vocab,
+            spec_max_batch=args.spec_max_batch,
             mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))

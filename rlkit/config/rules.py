@@ -112,6 +112,7 @@ RULES: dict[str, Check | None] = {
     "rollout.speculative.sam_min_match": positive,
     "rollout.speculative.sam_static": None,
     "rollout.speculative.mtp_vocab": in_range(0, 10_000_000),
+    "rollout.speculative.max_batch": in_range(0, 1_000_000),
     "rollout.vllm.python": optional(executable),
     "rollout.vllm.gpu_memory_utilization": in_range(0, 1, low_open=True),
     "rollout.vllm.sleep_between_steps": None,

@@ -177,6 +177,12 @@ class SpeculativeConfig:
     # head is most of a draft's cost (SmolLM2: 28M of the 32M parameters each depth reads);
     # still lossless (the draft distribution is zero elsewhere).
     mtp_vocab: int = 0
+    # Speculate only while at most this many sequences decode at once (0: always). A verify
+    # step of B x (k + 1) rows costs about a plain step while it is bound by reading the
+    # weights (on a 2-core CPU up to ~8 rows), more past that: a large batch then decodes
+    # plain steps, and the drafts start once few sequences are left, the long tail that
+    # decides when a rollout ends.
+    max_batch: int = 0
 
 
 @dataclass

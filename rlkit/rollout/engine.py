@@ -207,6 +207,8 @@ class Engine:
         if self.speculative is not None:
             if self.speculative.num_draft_tokens < 1:
                 raise ValueError("speculative.num_draft_tokens must be >= 1")
+            if self.speculative.max_batch < 0:
+                raise ValueError("speculative.max_batch must be >= 0 (0: always speculate)")
             if self.compression is not None and self.compression.policy == "h2o":
                 raise ValueError(
                     "speculative decoding does not combine with the h2o policy: its accumulated "
@@ -406,6 +408,6 @@ class Engine:
                 k, spec.sam_min_match, self.mtp, self.static_corpus, spec.mtp_vocab,
                 self.token_counts,
             )  # fmt: skip
-            step = SpecStep(DRAFTERS.get(name)(run, settings), k)
+            step = SpecStep(DRAFTERS.get(name)(run, settings), k, spec.max_batch)
         with _attention_backends(self.device):
             return run.execute(step)

@@ -70,11 +70,17 @@ class SpecStep:
     Each row drafts at most k tokens, fewer near its token limit and before the cache's next
     compression check (`KVCache.draft_room`); rows with fewer drafts than the step's widest
     are padded and their extra entries rewound with the rejected ones. Under CUDA graphs every
-    step feeds k + 1 tokens, so one graph per batch bucket serves every step.
+    step that drafts feeds k + 1 tokens, so one graph per batch bucket serves every such step.
+
+    max_batch > 0: while more sequences run, no row drafts (room 0): the step feeds one token
+    per row and draws it from the policy's distribution as a plain step does, and the drafter
+    still observes every token (the MTP module runs its catch-up block over it), so drafting
+    resumes where the batch has shrunk.
     """
 
-    def __init__(self, drafter: Drafter, num_draft_tokens: int):
-        self.drafter, self.k = drafter, num_draft_tokens
+    def __init__(self, drafter: Drafter, num_draft_tokens: int, max_batch: int = 0):
+        self.drafter, self.k, self.max_batch = drafter, num_draft_tokens, max_batch
+        self.plain_steps = 0
         self.steps = self.seq_steps = self.emitted = self.drafted = self.accepted = 0
         self.draft_seconds = 0.0
 
@@ -94,10 +100,24 @@ class SpecStep:
         if bound is not None:
             room = np.minimum(room, bound)
         room = np.maximum(room, 0)
+        if self.max_batch and B > self.max_batch:
+            room = np.zeros_like(room)
         t0 = time.perf_counter()
         draft = self.drafter.propose(run, room)  # tokens [B, k], num [B] <= room
         self.draft_seconds += time.perf_counter() - t0
-        width = self.k if run.graphs is not None else int(draft.num.max())
+        width = int(draft.num.max())
+        if not width:
+            # No row drafts (a batch over max_batch, or every row at its limit): a plain step,
+            # which the drafter still observes.
+            hidden = forward_tokens(run, run.last[:B, None])
+            tok, tok_logp = run.sample(hidden[:, -1])
+            run.emit_one(tok, tok_logp)
+            one = np.ones(B, dtype=np.int64)
+            self.drafter.observed(run, hidden, tok[:, None], one, tok[:, None].cpu().numpy())
+            self.plain_steps += 1
+            return
+        if run.graphs is not None:
+            width = self.k  # one graph per bucket serves every drafting step
         T = width + 1
         drafts = draft.tokens[:, :width]
         hidden = forward_tokens(run, torch.cat([run.last[:B, None], drafts], dim=1))  # [B, T, H]
@@ -138,7 +158,9 @@ class SpecStep:
     def stats(self) -> dict[str, float]:
         """spec/accept_len_mean: tokens emitted per sequence and verify step (accepted drafts
         + 1); spec/accept_rate: accepted / drafted tokens; spec/drafted_per_step: drafts per
-        sequence and step; spec/draft_ms: drafting time per step."""
+        sequence and verify step; spec/draft_ms: drafting time per verify step (with the
+        drafter's catch-up during plain steps); spec/plain_steps: steps where no row drafted
+        (over max_batch, or every row at its limit)."""
         steps = max(self.seq_steps, 1)
         return {
             "spec/accept_len_mean": self.emitted / steps,
@@ -146,4 +168,5 @@ class SpecStep:
             "spec/drafted_per_step": self.drafted / steps,
             "spec/draft_ms": 1000 * self.draft_seconds / max(self.steps, 1),
             "spec/verify_steps": float(self.steps),
+            "spec/plain_steps": float(self.plain_steps),
         }

@@ -133,7 +133,8 @@ def test_cuda_graph_verify_steps_decode_like_eager_ones(tiny_dirs, prompts, poli
     graphed, eager = make(True), make(False)
     out, ref = graphed.generate(prompts, sp, n=2), eager.generate(prompts, sp, n=2)
     assert graphed._graphs is not None and graphed._graphs.capture
-    assert {T for _, T in graphed._graphs.graphs} == {4}
+    fed = {T for _, T in graphed._graphs.graphs}  # k + 1 drafting; 1 where no row drafted
+    assert 4 in fed and fed <= {1, 4}
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)

@@ -15,10 +15,14 @@ from rlkit.rollout import Engine, SamplingParams
 
 @pytest.fixture
 def make_spec(tiny_dirs):
-    def make(arch="llama", drafter="sam+mtp", k=3, seed=0, mtp_vocab=0, **kwargs):
+    def make(arch="llama", drafter="sam+mtp", k=3, seed=0, mtp_vocab=0, max_batch=0, **kwargs):
         model, tok = load_model(tiny_dirs[arch])
         spec = SpeculativeConfig(
-            drafter=drafter, num_draft_tokens=k, sam_min_match=2, mtp_vocab=mtp_vocab
+            drafter=drafter,
+            num_draft_tokens=k,
+            sam_min_match=2,
+            mtp_vocab=mtp_vocab,
+            max_batch=max_batch,
         )
         mtp = init_mtp(model.args, seed=seed)
         return Engine(model, tok, dtype=torch.float32, speculative=spec, mtp=mtp, **kwargs)
@@ -48,6 +52,39 @@ def test_greedy_speculative_equals_plain_decoding(make_spec, prompts, drafter, a
     assert st["spec/verify_steps"] > 0 and st["spec/accept_len_mean"] >= 1.0
     if drafter != "mtp" and arch == "llama":  # its greedy text loops: SAM's drafts pass
         assert st["spec/accept_len_mean"] > 1.3, st
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "sam+mtp"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_max_batch_decodes_plain_steps_until_the_batch_shrinks(
+    make_spec, reference, prompts, drafter, temperature
+):
+    """speculative.max_batch = 2 with 3 slots: plain steps while 3 sequences run, drafts once
+    2 or fewer are left (the tail); greedy output stays the plain decoding's, sampled tokens
+    carry the policy's log-probs, and the drafter kept up through the plain steps."""
+    from rlkit.rollout import sampling_logprobs
+
+    sp = SamplingParams(max_new_tokens=20, temperature=temperature, seed=4, stop_token_ids=[17, 99])
+    engine = make_spec("llama", drafter, max_batch=2, max_batch_size=3, sync_every=2)
+    out = engine.generate(prompts, sp, n=2)
+    st = engine.stats
+    assert st["spec/plain_steps"] > 0 and st["spec/verify_steps"] > 0, st
+    if temperature == 0.0:
+        _same(out, engine.generate(prompts, sp, n=2, drafter="none"))
+        always = make_spec("llama", drafter, max_batch_size=3, sync_every=2)
+        _same(out, always.generate(prompts, sp, n=2))
+        assert always.stats["spec/verify_steps"] > st["spec/verify_steps"]
+    else:
+        model = reference("llama")
+        for c in out:
+            prompt = prompts[c.prompt_index]
+            with torch.no_grad():
+                logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
+            logp = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
+            want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="max_batch must be >= 0"):
+        make_spec("llama", drafter, max_batch=-1)
 
 
 def test_limits_stop_strings_and_capacity(make_spec, prompts):
@@ -80,7 +117,10 @@ def test_padded_verify_steps_decode_like_eager_ones(make_spec, prompts, drafter,
         _same(out, eager.generate(prompts, sp, n=2, drafter="none"))
     graphs = padded._graphs
     assert graphs is not None and not graphs.capture
-    assert {T for _, T in graphs.steps} == {4} and len(graphs.steps) > 1
+    # Drafting steps feed k + 1 tokens per row; a step where no row drafts (SAM without a
+    # long enough match, rows at their limit) is a plain one-token step.
+    fed = {T for _, T in graphs.steps}
+    assert 4 in fed and fed <= {1, 4} and len(graphs.steps) > 1
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "rkv", "streaming", "layer_hybrid"])
