@@ -158,15 +158,15 @@ class SpecStep:
     def stats(self) -> dict[str, float]:
         """spec/accept_len_mean: tokens emitted per sequence and verify step (accepted drafts
         + 1); spec/accept_rate: accepted / drafted tokens; spec/drafted_per_step: drafts per
-        sequence and verify step; spec/draft_ms: drafting time per verify step (with the
-        drafter's catch-up during plain steps); spec/plain_steps: steps where no row drafted
-        (over max_batch, or every row at its limit)."""
+        sequence and verify step; spec/draft_ms: the drafter's time per decode step, verify
+        and plain (in a plain step it only catches up on the new token); spec/plain_steps:
+        steps where no row drafted (over max_batch, or every row at its limit)."""
         steps = max(self.seq_steps, 1)
         return {
             "spec/accept_len_mean": self.emitted / steps,
             "spec/accept_rate": self.accepted / max(self.drafted, 1),
             "spec/drafted_per_step": self.drafted / steps,
-            "spec/draft_ms": 1000 * self.draft_seconds / max(self.steps, 1),
+            "spec/draft_ms": 1000 * self.draft_seconds / max(self.steps + self.plain_steps, 1),
             "spec/verify_steps": float(self.steps),
             "spec/plain_steps": float(self.plain_steps),
         }
