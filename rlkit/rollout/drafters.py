@@ -231,9 +231,8 @@ class MTPDrafter:
         self.pending[: len(num)] = num
         if self.counts is not None:
             valid = torch.arange(T, device=emitted.device) < to_device(num, emitted.device)[:, None]
-            self.counts.index_add_(
-                0, emitted[valid], torch.ones_like(emitted[valid], dtype=self.counts.dtype)
-            )
+            # Every position added, weighted 1 or 0: no boolean-mask indexing (a host wait).
+            self.counts.index_add_(0, emitted.reshape(-1), valid.reshape(-1).to(self.counts.dtype))
 
     def moved(self, src: list[int], dst: list[int]) -> None:
         if not src:

@@ -202,8 +202,8 @@ def test_cuda_graph_steps_and_compressions_never_sync_the_host(tiny_dirs, prompt
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("drafter", ["mtp", "sam+mtp"])
-def test_speculative_steps_wait_for_the_gpu_once(tiny_dirs, prompts, drafter):
+@pytest.mark.parametrize("drafter, mtp_vocab", [("mtp", 0), ("mtp", 64), ("sam+mtp", 0)])
+def test_speculative_steps_wait_for_the_gpu_once(tiny_dirs, prompts, drafter, mtp_vocab):
     """On a GPU: a speculative step (drafting, the graphed verify forward, verification,
     emission) waits for the device once, for the kept counts and emitted tokens it must read
     on the host; host arrays go in pinned and asynchronously, emission writes without boolean
@@ -217,7 +217,9 @@ def test_speculative_steps_wait_for_the_gpu_once(tiny_dirs, prompts, drafter):
     from rlkit.rollout.steps import SpecStep
 
     model, tok = load_model(tiny_dirs["qwen3"])
-    spec = SpeculativeConfig(drafter=drafter, num_draft_tokens=3, sam_min_match=2)
+    spec = SpeculativeConfig(
+        drafter=drafter, num_draft_tokens=3, sam_min_match=2, mtp_vocab=mtp_vocab
+    )
     engine = Engine(
         model.to("cuda"), tok, dtype=torch.float32, max_batch_size=5, speculative=spec,
         mtp=init_mtp(model.args, seed=1),
