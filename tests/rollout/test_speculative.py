@@ -30,6 +30,20 @@ def make_spec(tiny_dirs):
     return make
 
 
+def _assert_policy_logprobs(model, prompts, out, sp):
+    """Each emitted token's log-prob is the policy's under the sampling distribution."""
+    from rlkit.rollout import sampling_logprobs
+
+    for c in out:
+        prompt = prompts[c.prompt_index]
+        with torch.no_grad():
+            logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
+        logp = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
+        want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert torch.isfinite(want).all(), "a token outside the top-k / top-p set was emitted"
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+
+
 def _same(out, ref, atol=1e-5):
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
     assert [c.finish_reason for c in out] == [c.finish_reason for c in ref]
@@ -62,7 +76,6 @@ def test_max_batch_decodes_plain_steps_until_the_batch_shrinks(
     """speculative.max_batch = 2 with 3 slots: plain steps while 3 sequences run, drafts once
     2 or fewer are left (the tail); greedy output stays the plain decoding's, sampled tokens
     carry the policy's log-probs, and the drafter kept up through the plain steps."""
-    from rlkit.rollout import sampling_logprobs
 
     sp = SamplingParams(max_new_tokens=20, temperature=temperature, seed=4, stop_token_ids=[17, 99])
     engine = make_spec("llama", drafter, max_batch=2, max_batch_size=3, sync_every=2)
@@ -75,14 +88,7 @@ def test_max_batch_decodes_plain_steps_until_the_batch_shrinks(
         _same(out, always.generate(prompts, sp, n=2))
         assert always.stats["spec/verify_steps"] > st["spec/verify_steps"]
     else:
-        model = reference("llama")
-        for c in out:
-            prompt = prompts[c.prompt_index]
-            with torch.no_grad():
-                logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
-            logp = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
-            want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-            torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+        _assert_policy_logprobs(reference("llama"), prompts, out, sp)
     with pytest.raises(ValueError, match="max_batch must be >= 0"):
         make_spec("llama", drafter, max_batch=-1)
 
@@ -150,20 +156,11 @@ def test_h2o_is_refused(make_spec):
     ids=["t1", "t0.7-k5", "t1.3-p0.8"],
 )
 def test_sampled_tokens_carry_the_policys_logprobs(make_spec, reference, prompts, params):
-    from rlkit.rollout import sampling_logprobs
 
     sp = SamplingParams(max_new_tokens=14, seed=3, ignore_eos=True, **params)
     engine = make_spec("qwen3", "sam+mtp")
     out = engine.generate(prompts, sp, n=3)
-    model = reference("qwen3")
-    for c in out:
-        prompt = prompts[c.prompt_index]
-        with torch.no_grad():
-            logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
-        logp = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
-        want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-        assert torch.isfinite(want).all(), "a token outside the top-k / top-p set was emitted"
-        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+    _assert_policy_logprobs(reference("qwen3"), prompts, out, sp)
 
 
 @pytest.mark.parametrize("kernels, sub_vocab", [(False, False), (True, False), (True, True)])
