@@ -68,6 +68,23 @@ def _write_profile(prof: torch.profiler.profile, path: str, title: str) -> None:
             f.write(avg.table(sort_by="self_device_time_total", row_limit=20) + "\n")
 
 
+def _write_step_trace(prof: torch.profiler.profile, path: str, title: str) -> None:
+    """One profiled learner step in brief, appended to `path`: its top ops by self CPU time
+    and the CUDA runtime and driver calls (allocator maps, frees, syncs) with their counts,
+    to compare a slow step with a fast one."""
+    avg = prof.key_averages()
+    rows = sorted(avg, key=lambda e: -e.self_cpu_time_total)
+    runtime = [e for e in rows if e.key.startswith(("cuda", "cu"))]
+    with open(path, "a", encoding="utf-8") as f:
+        total = sum(e.self_cpu_time_total for e in rows) / 1e3
+        f.write(f"## {title}: self CPU {total:.1f} ms over {sum(e.count for e in rows)} events\n")
+        for e in rows[:14]:
+            f.write(f"  {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:6d}x {e.key}\n")
+        f.write("  runtime/driver calls:\n")
+        for e in runtime[:12]:
+            f.write(f"  {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:6d}x {e.key}\n")
+
+
 def _frame_key(frames: list[dict]) -> str:
     """The innermost rlkit line of an allocation's Python stack (else its innermost frame)."""
     for fr in frames:
@@ -161,6 +178,12 @@ def main() -> None:
         help="write torch.profiler tables of step 1's rollout and learner step to this file",
     )
     ap.add_argument(
+        "--trace",
+        default=None,
+        help="profile every timed learner step and append a brief of each (top ops, CUDA "
+        "runtime calls) to this file",
+    )
+    ap.add_argument(
         "--memory",
         default=None,
         help="CUDA: record allocations over the timed steps and write what was alive at their "
@@ -218,11 +241,19 @@ def main() -> None:
         )
         t2 = time.perf_counter()
         prof = _profiler(args.device) if args.profile and step == 1 else None
+        traced = bool(args.trace) and step > 0
         if prof is not None:
             with prof:
                 metrics = worker.train_step(batch)
                 _sync(args.device)
             _write_profile(prof, args.profile, f"learner step {step}")
+        elif traced:
+            prof = _profiler(args.device)
+            with prof:
+                metrics = worker.train_step(batch)
+                _sync(args.device)
+            t_traced = time.perf_counter() - t2
+            _write_step_trace(prof, args.trace, f"learner step {step} ({t_traced:.3f} s)")
         else:
             metrics = worker.train_step(batch)
         _sync(args.device)

@@ -129,3 +129,31 @@ def test_shared_prefix_forward_only_where_it_removes_enough_tokens():
     assert _sharing_pays(batch(40, 20))  # the default recipe's shape: most tokens are prompt
     assert not _sharing_pays(batch(64, 1024))  # 5% of the tokens: plain causal attention
     assert not _sharing_pays(batch(40, 20, n=1))  # nothing repeated
+
+
+@pytest.mark.parametrize("compute", ["none", "bfloat16"])
+def test_warm_up_leaves_the_learner_as_it_was(model_dir, compute):
+    """The set-up's warm-up (run on a GPU) changes nothing a step can see: the next step's
+    metrics and weights equal a learner's that never warmed up, and it leaves no gradient,
+    optimizer state or moved random stream behind."""
+    cfg = load_recipe(
+        None,
+        [f"model.compute_dtype={compute}", "optim.lr=1e-2", "model.gradient_checkpointing=true"],
+    )
+    cold = Learner(model_dir, cfg, num_threads=1)
+    cold_metrics = cold.train_step(_batch())
+    torch.manual_seed(1234)
+    warm = Learner(model_dir, cfg, num_threads=1)
+    rng = torch.get_rng_state()
+    warm.warm_up()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in warm.model.parameters())
+    assert not warm.opt.state
+    assert warm.model.training
+    warm_metrics = warm.train_step(_batch())
+    timing = "throughput/learner_tokens_per_s"
+    assert warm_metrics.pop(timing) > 0 and cold_metrics.pop(timing) > 0
+    assert warm_metrics == cold_metrics
+    cold_state, warm_state = cold.model.state_dict(), warm.model.state_dict()
+    for k, v in warm_state.items():
+        assert torch.equal(v, cold_state[k]), k
