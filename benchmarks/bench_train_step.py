@@ -189,6 +189,12 @@ def main() -> None:
         help="CUDA: record allocations over the timed steps and write what was alive at their "
         "peak, grouped by the rlkit line that allocated it, to this file",
     )
+    ap.add_argument(
+        "--keep-allocator-cache",
+        action="store_true",
+        help="an experiment: the colocated hand-offs skip torch.cuda.empty_cache (the "
+        "allocator keeps its mapped memory between phases)",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     # As `rlkit train`'s actors; read when this process first touches CUDA (below).
@@ -204,6 +210,8 @@ def main() -> None:
             *args.overrides,
         ],
     )
+    if args.keep_allocator_cache:
+        torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
     worker = ColocatedWorker(args.model, cfg, device=args.device)
     with open(f"{args.model}/config.json") as f:
         model_args = ModelArgs.from_hf(json.load(f))
@@ -240,6 +248,7 @@ def main() -> None:
             batch.rewards, batch.group_ids, batch.response_mask
         )
         t2 = time.perf_counter()
+        cpu2 = time.process_time()
         prof = _profiler(args.device) if args.profile and step == 1 else None
         traced = bool(args.trace) and step > 0
         if prof is not None:
@@ -258,6 +267,7 @@ def main() -> None:
             metrics = worker.train_step(batch)
         _sync(args.device)
         t3 = time.perf_counter()
+        cpu3 = time.process_time()
         sync_ms = worker.sync_engine()
         t4 = time.perf_counter()
         generated = sum(len(o["token_ids"]) for o in outs)
@@ -269,6 +279,9 @@ def main() -> None:
             "generated_tokens": generated,
             "learner_s": t3 - t2,
             "learner_tokens": tokens,
+            # CPU seconds of every thread of this process in the learner step: near learner_s
+            # when the host is the bound, below it when the host waits (GPU, scheduling).
+            "learner_cpu_s": cpu3 - cpu2,
             "learner_mfu": 6 * n_params * tokens / (t3 - t2) / (args.peak_tflops * 1e12),
             "sync_ms": sync_ms,
             "step_s": t4 - t0,

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -65,9 +66,12 @@ _GPU_LAYER_PASS_SECONDS = 150 * 2e-5
 _GPU_FLOPS = 4e14
 
 
-def _sharing_pays(mb: RolloutBatch, params: int = 0, layers: int = 0) -> bool:
+def _sharing_pays(
+    mb: RolloutBatch, params: int = 0, layers: int = 0, on_gpu: bool | None = None
+) -> bool:
     """Whether computing each group's prompt once removes enough of the micro-batch's tokens
-    (on a GPU, `params` and `layers` given: also enough work to pay for its launches)."""
+    (on a GPU, `params` and `layers` given: also enough work to pay for its launches). `mb`
+    may be the CPU copy of a GPU micro-batch (`on_gpu` says where it runs)."""
     total = int(mb.attention_mask.sum())
     uniq, group = torch.unique(mb.group_ids, return_inverse=True)
     # One prompt length per group (a group's samples share their prompt).
@@ -76,9 +80,22 @@ def _sharing_pays(mb: RolloutBatch, params: int = 0, layers: int = 0) -> bool:
     repeated = int(mb.prompt_lens.sum() - per_group.sum())
     if total == 0 or repeated / total < _SHARED_PREFIX_MIN_SAVING:
         return False
-    if mb.input_ids.is_cuda and params:
+    if (mb.input_ids.is_cuda if on_gpu is None else on_gpu) and params:
         return repeated * 8 * params / _GPU_FLOPS > layers * _GPU_LAYER_PASS_SECONDS
     return True
+
+
+def _on_host(batch: RolloutBatch) -> RolloutBatch:
+    """The batch on the CPU (itself when it is there)."""
+    return batch.to("cpu")
+
+
+def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU index tensor on `device`. On a GPU through pinned memory: a copy from pageable
+    memory waits for the stream's queued work, a pinned one is queued behind it."""
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -333,9 +350,12 @@ class Learner:
         return {k: v.detach() for k, v in self._full_items()}
 
     def response_states(
-        self, model: Decoder, mb: RolloutBatch
+        self, model: Decoder, mb: RolloutBatch, host: RolloutBatch | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [n, T, H] whose row j predicts response token j, and valid [n, T]."""
+        """Hidden states [n, T, H] whose row j predicts response token j, and valid [n, T].
+        `host`: the same rows on the CPU (`_rows`), which the decisions here read instead of
+        the device's (each read of a device tensor is a sync on a GPU)."""
+        host = _on_host(mb) if host is None else host
         n, t = mb.response_ids.shape
         dev = mb.input_ids.device
         seq_lens = mb.attention_mask.sum(1)  # [n]
@@ -346,15 +366,17 @@ class Learner:
         # the shared-prefix forward calls the layers from outside it.
         if (
             not self.sharded
-            and bool((mb.prompt_lens >= 2).all())
-            and _sharing_pays(mb, self._params, self._layers)
+            and bool((host.prompt_lens >= 2).all())
+            and _sharing_pays(host, self._params, self._layers, on_gpu=dev.type == "cuda")
         ):
             # Each group's prompt runs once; its samples attend to the shared keys/values.
             hidden = response_hidden(
                 model, mb.input_ids, mb.prompt_lens, seq_lens, mb.group_ids
             )  # [n, R, H]
             return hidden[:, :t], valid
-        hidden = model(mb.input_ids, mb.attention_mask)  # [n, L, H]
+        # A RolloutBatch is right-padded by construction (from_sequences), which is all the
+        # forward's mask check would verify (at a device sync).
+        hidden = model(mb.input_ids)  # [n, L, H]
         # Response token j is predicted by the hidden state at position prompt_len - 1 + j.
         pos = (mb.prompt_lens[:, None] - 1 + steps[None, :]).clamp(
             max=hidden.shape[1] - 1
@@ -368,30 +390,61 @@ class Learner:
         mb: RolloutBatch,
         with_entropy: bool = False,
         states: tuple[torch.Tensor, torch.Tensor] | None = None,
+        host: RolloutBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) of the response tokens; the LM head never sees prompt
-        positions. `states`: `response_states`' result, when the caller has it already."""
+        positions. `states`: `response_states`' result, when the caller has it already;
+        `host`: the rows on the CPU, where the valid positions are counted (no device sync)."""
+        host = _on_host(mb) if host is None else host
         n, t = mb.response_ids.shape
-        hidden, valid = states if states is not None else self.response_states(model, mb)
-        h = hidden[valid]  # [M, H]
+        hidden, _ = states if states is not None else self.response_states(model, mb, host)
+        steps = torch.arange(t)
+        valid = steps[None, :] < (host.attention_mask.sum(1) - host.prompt_lens)[:, None]
+        rows, cols = (to_device(i, hidden.device) for i in valid.nonzero(as_tuple=True))
         logp_flat, ent_flat = token_logprobs(
-            h,
+            hidden[rows, cols],  # [M, H]
             model.lm_head_weight,
-            mb.response_ids[valid],
+            mb.response_ids[rows, cols],
             with_entropy=with_entropy,
             temperature=self.temperature,
             chunk_size=self._head_chunk,
         )
-        logp = hidden.new_zeros(n, t, dtype=torch.float32).masked_scatter(valid, logp_flat)
+        logp = hidden.new_zeros(n, t, dtype=torch.float32).index_put_((rows, cols), logp_flat)
         ent = None
         if ent_flat is not None:
-            ent = hidden.new_zeros(n, t, dtype=torch.float32).masked_scatter(valid, ent_flat)
+            ent = hidden.new_zeros(n, t, dtype=torch.float32).index_put_((rows, cols), ent_flat)
         return logp, ent
 
+    def _rows(
+        self, dev: RolloutBatch, host: RolloutBatch, idx: torch.Tensor
+    ) -> tuple[RolloutBatch, RolloutBatch]:
+        """Rows `idx` (CPU int64) of a batch held on the device and on the host: the host's
+        selected and trimmed there, the device's gathered by the same indices (copied to the
+        device without a stream sync) and trimmed to the host's widths. Selecting on the
+        device alone would read its lengths back (a sync a micro-batch, each draining the
+        launch queue of a host-bound step)."""
+        h = host.select(idx)
+        if dev is host:
+            return h, h
+        d_idx = to_device(idx, dev.input_ids.device)
+        kw: dict[str, Any] = {}
+        for f in fields(dev):
+            value, like = getattr(dev, f.name), getattr(h, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.index_select(0, d_idx)
+                if value.dim() == 2:
+                    value = value[:, : like.shape[1]]
+            kw[f.name] = value
+        return RolloutBatch(**kw), h
+
     @torch.no_grad()
-    def _score(self, model: Decoder, batch: RolloutBatch) -> torch.Tensor:
-        """Log-probs [N, T] of every response token of `batch`. Over N ranks each scores its
-        share of the micro-batches and the rows are summed (the others' rows are zeros)."""
+    def _score(
+        self, model: Decoder, batch: RolloutBatch, host: RolloutBatch | None = None
+    ) -> torch.Tensor:
+        """Log-probs [N, T] of every response token of `batch` (`host`: its CPU copy). Over N
+        ranks each scores its share of the micro-batches and the rows are summed (the others'
+        rows are zeros)."""
+        host = _on_host(batch) if host is None else host
         batch = batch.to(self.device)
         n, t = batch.response_ids.shape
         out = torch.zeros(n, t, dtype=torch.float32, device=self.device)
@@ -399,9 +452,10 @@ class Learner:
         real = len(self.rank.mine(len(chunks)))
         for pos, j in enumerate(self._my_share(len(chunks))):
             idx = chunks[j]
-            lp = self.response_logprobs(model, batch.select(idx))[0]  # [n_j, T_j]
+            mb, hmb = self._rows(batch, host, idx)
+            lp = self.response_logprobs(model, mb, host=hmb)[0]  # [n_j, T_j]
             if pos < real:  # not a padding repeat (FSDP2)
-                out[idx.to(self.device), : lp.shape[1]] = lp
+                out[to_device(idx, self.device), : lp.shape[1]] = lp
         return distributed.sum_tensor(out, self.rank)
 
     def _my_share(self, count: int) -> list[int]:
@@ -428,6 +482,9 @@ class Learner:
         start = time.perf_counter()
         self.nonfinite_skipped = 0
         self._begin_phase()
+        # Index bookkeeping and every count the step needs read the batch's CPU copy: on a
+        # GPU each read of a device tensor is a sync that drains the launch queue.
+        host = _on_host(batch)
         batch = batch.to(self.device)
         self.model.train()
         cfg, algo = self.train_cfg, self.algo
@@ -442,17 +499,16 @@ class Learner:
         # Sparse-RL weights normalised by their batch mean need every sample's old log-probs first.
         if self.sparse is not None and self.sparse.normalize_weights:
             fused_old = False
-        old_logp = None if fused_old else self._score(self.model, batch)  # [N, T]
-        ref_logp = self._score(self.ref_model, batch) if self.ref_model is not None else None
+        old_logp = None if fused_old else self._score(self.model, batch, host)  # [N, T]
+        ref_logp = self._score(self.ref_model, batch, host) if self.ref_model is not None else None
         order = torch.arange(len(batch))
         # A sample whose advantage is zero on every token adds exactly zero to the PPO loss and
         # its gradient (the clipped objective is A times a ratio), so with no KL or entropy term
         # it is skipped; it still counts in the loss normalisers, so the update is unchanged.
         # GRPO zeroes every group whose rewards are all equal: early and late in training, most.
         skip_zero = self.ref_model is None and algo.entropy_coef == 0
-        # Index bookkeeping stays on the CPU (indexing device tensors with it is fine).
-        assert batch.advantages is not None
-        active = batch.advantages.ne(0).any(1).cpu() | (not skip_zero)  # [N]
+        assert host.advantages is not None
+        active = host.advantages.ne(0).any(1) | (not skip_zero)  # [N]
         part["active"], part["samples"] = int(active.sum()), len(batch)
         # MTP-RL: the drafter learns from the same forward's hidden states.
         mtp = self.mtp if self.mtp is not None and self.mtp.trains_in_rl else None
@@ -470,14 +526,18 @@ class Learner:
             if self.rank.lead:  # every rank computed the same batch-wide figures
                 self._merge_stats(sp_stats, 1.0, sums, extremes)
                 part["weight_sparse"] = 1.0
+        # The loss mask's CPU copy, where it is the batch's own (not Sparse-RL's batch-wide
+        # rejection, computed on the device).
+        host_mask = host.response_mask if loss_mask is batch.response_mask else None
+        # The policy loss and its finiteness, summed on the device and read once.
+        loss_sum = torch.zeros((), device=self.device)
         for _ in range(cfg.ppo_epochs):
             for mini_idx in order.chunk(cfg.mini_batches):
-                finite = True
-                mini = batch.select(mini_idx)
-                mini_mask = loss_mask[mini_idx]
+                finite = torch.ones((), dtype=torch.bool, device=self.device)
+                mini_mask = (loss_mask if host_mask is None else host_mask)[mini_idx]
                 n_tokens = max(1.0, float(mini_mask.sum()))
                 n_seqs = max(1.0, float((mini_mask.sum(1) > 0).sum()))
-                live = torch.arange(len(mini))[active[mini_idx]]
+                live = mini_idx[active[mini_idx]]
                 if mtp is not None:
                     mtp_norm = max(1.0, target_count(resp_lens[mini_idx], mtp.depth))
                 micro = [m for m in live.split(self._micro_size(batch)) if len(m)]
@@ -485,20 +545,20 @@ class Learner:
                 for pos, j in enumerate(self._my_share(len(micro))):
                     # A padding repeat (FSDP2) runs forward and backward weighted zero.
                     scale = 1.0 if pos < real else 0.0
-                    mb_idx = micro[j]
-                    mb = mini.select(mb_idx)
-                    gidx = mini_idx[mb_idx]
+                    gidx = micro[j]  # rows of the batch
+                    mb, hmb = self._rows(batch, host, gidx)
+                    d_gidx = to_device(gidx, self.device)
                     if scale:
-                        part["tokens"] += int(mb.attention_mask.sum())
-                    states = self.response_states(self.model, mb)
-                    logp, ent = self.response_logprobs(self.model, mb, True, states)
+                        part["tokens"] += int(hmb.attention_mask.sum())
+                    states = self.response_states(self.model, mb, hmb)
+                    logp, ent = self.response_logprobs(self.model, mb, True, states, hmb)
                     t = logp.shape[1]
-                    old = logp.detach() if old_logp is None else old_logp[gidx, :t]
-                    mask = loss_mask[gidx, :t]
+                    old = logp.detach() if old_logp is None else old_logp[d_gidx, :t]
+                    mask = loss_mask[d_gidx, :t]
                     weights, stats = None, {}
                     if self.sparse is not None:
                         if old_logp is not None:  # corrected over the whole batch above
-                            weights = None if sparse_w is None else sparse_w[gidx, :t]
+                            weights = None if sparse_w is None else sparse_w[d_gidx, :t]
                         else:
                             mask, weights, sp_stats = self._sparse(old, mb.sampler_logp, mask)
                             if scale:
@@ -524,7 +584,7 @@ class Learner:
                         {f"actor/{k}": v for k, v in pl_stats.items() if k != "num_tokens"}
                     )
                     if ref_logp is not None:
-                        kl = kl_penalty(logp, ref_logp[gidx, :t], algo.kl_estimator)
+                        kl = kl_penalty(logp, ref_logp[d_gidx, :t], algo.kl_estimator)
                         kl_loss = aggregate(
                             kl, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs
                         )
@@ -540,29 +600,30 @@ class Learner:
                             )
                             loss = loss - algo.entropy_coef * ent_loss
                     # actor/loss: the policy's objective (PPO + KL - entropy), MTP's apart.
-                    policy_loss = float(loss.detach())
+                    policy_loss = loss.detach()
                     if mtp is not None:
-                        mtp_loss, mtp_part = mtp.loss(self.model, *states, mb, mtp_w[gidx, :t])
+                        mtp_loss, mtp_part = mtp.loss(self.model, *states, mb, mtp_w[d_gidx, :t])
                         loss = loss + mtp.cfg.scale * mtp_loss / mtp_norm
                         self._add_mtp(part, float(mtp_loss.detach()), mtp_part)
-                    finite = finite and bool(torch.isfinite(loss.detach()))
+                    finite &= torch.isfinite(loss.detach())
                     (loss * (self._grad_scale * scale)).backward()
                     if not scale:
                         continue
-                    part["loss"] += policy_loss
-                    w = float(mask.sum())
+                    loss_sum += policy_loss
+                    w = float((hmb.response_mask if host_mask is not None else mask).sum())
                     part["weight"] += w
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w
                 if mtp is not None:
-                    self._mtp_idle(part, mtp, mini, mini_idx, active, mtp_w, mtp_norm)
+                    self._mtp_idle(part, mtp, batch, host, mini_idx, active, mtp_w, mtp_norm)
                     part["mtp"]["targets"] += mtp_norm
                     part["mtp"]["norms"].append(mtp.step(self.rank))
-                finite = distributed.all_true(finite, self.rank, self.device)
+                ok = distributed.all_true(bool(finite), self.rank, self.device)
                 if micro:  # some rank ran a micro-batch: every rank joins the sum
                     self._sum_over_ranks()
-                part["grad_norms"].append(self._optimizer_step(finite))
+                part["grad_norms"].append(self._optimizer_step(ok))
                 part["updates"] += 1
+        part["loss"] += float(loss_sum)
         part["lr"] = self.opt.param_groups[0]["lr"]
         self.sched.step()
         part["elapsed"] = time.perf_counter() - start
@@ -571,19 +632,22 @@ class Learner:
         heap.trim(self.device)
         return part
 
-    def _mtp_idle(self, part, mtp, mini, mini_idx, active, mtp_w, mtp_norm) -> None:
+    def _mtp_idle(self, part, mtp, batch, host, mini_idx, active, mtp_w, mtp_norm) -> None:
         """Samples the policy loss skipped (zero advantage) still teach the drafter where
         their weight is not zero: a forward without gradients for them (this rank's share)."""
-        idle = torch.arange(len(mini))[~active[mini_idx]]
-        idle = idle[(mtp_w[mini_idx[idle]] > 0).any(1).cpu()]
-        micro = [m for m in idle.split(self._micro_size(mini)) if len(m)]
+        idle = mini_idx[~active[mini_idx]]  # rows of the batch
+        idle = idle[(mtp_w[to_device(idle, self.device)] > 0).any(1).cpu()]
+        micro = [m for m in idle.split(self._micro_size(batch)) if len(m)]
         for j in self.rank.mine(len(micro)):
-            mb_idx = micro[j]
-            mb, gidx = mini.select(mb_idx), mini_idx[mb_idx]
+            gidx = micro[j]
+            mb, hmb = self._rows(batch, host, gidx)
             with torch.no_grad():
-                states = self.response_states(self.model, mb)
+                states = self.response_states(self.model, mb, hmb)
             mtp_loss, mtp_part = mtp.loss(
-                self.model, *states, mb, mtp_w[gidx, : mb.response_ids.shape[1]]
+                self.model,
+                *states,
+                mb,
+                mtp_w[to_device(gidx, self.device), : mb.response_ids.shape[1]],
             )
             (mtp.cfg.scale * mtp_loss / mtp_norm).backward()
             self._add_mtp(part, float(mtp_loss.detach()), mtp_part)

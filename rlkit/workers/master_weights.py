@@ -7,6 +7,7 @@ master copy for the optimizer (as FSDP's mixed precision does) casts once per op
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -74,11 +75,12 @@ class MasterWeights:
         norm = torch.linalg.vector_norm(
             torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
         )
-        if not torch.isfinite(norm):
+        norm_value = float(norm)  # the step's one device sync
+        if not math.isfinite(norm_value):
             # A NaN or inf gradient would poison every weight it reaches: no update at all.
             for p in self.model_params:
                 p.grad = None
-            return float(norm)
+            return norm_value
         coef_t = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         if not one_at_a_time:
             pairs = [(p, m) for p, m in zip(self.model_params, self.master) if p.grad is not None]
@@ -93,7 +95,7 @@ class MasterWeights:
                 for _, m in group:
                     m.grad = None
                 torch._foreach_copy_([p for p, _ in group], [m for _, m in group])
-            return float(norm)
+            return norm_value
         coef = float(coef_t)
         for p, m in zip(self.model_params, self.master):
             if p.grad is None:
@@ -106,7 +108,7 @@ class MasterWeights:
             opt.step()
             m.grad = None
             p.copy_(m)
-        return float(norm)
+        return norm_value
 
     @torch.no_grad()
     def master_to_model(self) -> None:

@@ -76,6 +76,43 @@ def test_bf16_learner_keeps_float32_master_weights_on_the_gpu(model_dir):
     assert all(m.is_cuda and m.dtype == torch.float32 for m in learner.master.parameters())
 
 
+def test_learner_step_waits_for_the_gpu_a_few_times_whatever_its_micro_batches(model_dir):
+    """The learner's step is bound by the host's launches on a small model: each read of a
+    device value drains the queue and idles the GPU. Index bookkeeping, counts and decisions
+    read the batch's CPU copy; what must come back (the loss and policy metrics, TIS's, the
+    finite check, the gradient norm) is a handful of syncs per step, and the only syncs per
+    micro-batch are its two metric reads. Counted under CUDA's sync debug mode "warn"."""
+    import warnings
+
+    from rlkit.workers.learner import Learner
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 250, (6,), generator=g).tolist() for _ in range(4)]
+    outs = [
+        {"prompt_index": i // 4, "token_ids": torch.randint(0, 250, (3 + i % 5,), generator=g).tolist(),
+         "logprobs": [-3.0] * (3 + i % 5)}
+        for i in range(16)
+    ]  # fmt: skip
+    batch = _batch(outs, prompts, [float(i % 2) for i in range(16)])
+    counts = {}
+    for micro in (16, 4):
+        cfg = load_recipe(None, ["optim.lr=1e-3", f"train.micro_batch_size={micro}"])
+        learner = Learner(model_dir, cfg, num_threads=1, device="cuda")
+        learner.train_step(batch)  # first-use allocations
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                learner.train_step(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[micro] = sum("synchroniz" in str(w.message).lower() for w in caught)
+    print(f"syncs per learner step: {counts}")
+    assert counts[16] <= 8, counts
+    assert counts[4] - counts[16] <= 3 * 2, counts
+
+
 def test_colocated_worker_generates_learns_and_syncs_on_the_gpu(model_dir):
     from rlkit.workers.colocated import ColocatedWorker
 
