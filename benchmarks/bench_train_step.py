@@ -195,6 +195,17 @@ def main() -> None:
         help="an experiment: the colocated hand-offs skip torch.cuda.empty_cache (the "
         "allocator keeps its mapped memory between phases)",
     )
+    ap.add_argument(
+        "--vary-lengths",
+        action="store_true",
+        help="each step draws its new tokens in [max/4, max] (a new padded shape most steps, "
+        "as real rollouts make)",
+    )
+    ap.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="an experiment: SDPA without its cuDNN backend (flash attention instead)",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     # As `rlkit train`'s actors; read when this process first touches CUDA (below).
@@ -210,6 +221,8 @@ def main() -> None:
             *args.overrides,
         ],
     )
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.keep_allocator_cache:
         torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
     worker = ColocatedWorker(args.model, cfg, device=args.device)
@@ -222,14 +235,20 @@ def main() -> None:
         low, model_args.vocab_size, (args.prompts, args.prompt_len), generator=g
     ).tolist()
     coin = torch.Generator().manual_seed(1)
+    lengths = torch.Generator().manual_seed(2)
     rows = []
     for step in range(args.steps + 1):
         if step == 1 and args.memory and args.device == "cuda":
             baseline = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+        new_tokens = args.max_new_tokens
+        if args.vary_lengths:
+            new_tokens = int(
+                torch.randint(max(1, new_tokens // 4), new_tokens + 1, (1,), generator=lengths)
+            )
         params = SamplingParams(
-            temperature=1.0, max_new_tokens=args.max_new_tokens, ignore_eos=True, seed=step
+            temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=step
         )
         _sync(args.device)
         t0 = time.perf_counter()

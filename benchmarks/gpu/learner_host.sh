@@ -2,7 +2,8 @@
 # Where the default recipe's learner step spends its host time on the lent GPU: the colocated
 # worker at the recipe's shape (16 prompts x 8, 46-token prompts, 32 new tokens, ignore_eos),
 # STEPS timed steps (per-step rows: learner_s beside learner_cpu_s), as rlkit runs it and with
-# the allocator's cache kept between phases; into $OUT/learner_host*.json. TRACE=1 also
+# the allocator's cache kept between phases, with a new padded length each step (as real
+# rollouts), and that without cuDNN's attention; into $OUT/learner_host*.json. TRACE=1 also
 # profiles each learner step and briefs it into $OUT/learner_trace.txt.
 source benchmarks/gpu/setup.sh
 m=$(python3 -c "from rlkit.models.loading import resolve_model_dir as r; print(r('smollm2-135m-instruct'))")
@@ -14,3 +15,5 @@ run() {
 }
 echo "== as rlkit runs it"; run --json $OUT/learner_host.json
 echo "== allocator cache kept between phases"; run --keep-allocator-cache --json $OUT/learner_host_keep.json
+echo "== new tokens drawn per step"; run --vary-lengths --json $OUT/learner_host_vary.json
+echo "== new tokens drawn per step, SDPA without cuDNN"; run --vary-lengths --no-cudnn-attention --json $OUT/learner_host_vary_flash.json

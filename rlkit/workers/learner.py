@@ -529,8 +529,9 @@ class Learner:
         # The loss mask's CPU copy, where it is the batch's own (not Sparse-RL's batch-wide
         # rejection, computed on the device).
         host_mask = host.response_mask if loss_mask is batch.response_mask else None
-        # The policy loss and its finiteness, summed on the device and read once.
+        # The policy loss, KL and entropy metrics, summed on the device and read once.
         loss_sum = torch.zeros((), device=self.device)
+        device_sums: dict[str, Any] = {}
         for _ in range(cfg.ppo_epochs):
             for mini_idx in order.chunk(cfg.mini_batches):
                 finite = torch.ones((), dtype=torch.bool, device=self.device)
@@ -555,7 +556,8 @@ class Learner:
                     t = logp.shape[1]
                     old = logp.detach() if old_logp is None else old_logp[d_gidx, :t]
                     mask = loss_mask[d_gidx, :t]
-                    weights, stats = None, {}
+                    weights = None
+                    stats: dict[str, float | torch.Tensor] = {}
                     if self.sparse is not None:
                         if old_logp is not None:  # corrected over the whole batch above
                             weights = None if sparse_w is None else sparse_w[d_gidx, :t]
@@ -567,7 +569,7 @@ class Learner:
                                 part["weight_sparse"] += n_valid
                     elif algo.tis_cap is not None:
                         weights, tis_stats = tis_weights(old, mb.sampler_logp, mask, algo.tis_cap)
-                        stats = {f"actor/{k}": v for k, v in tis_stats.items()}
+                        stats.update({f"actor/{k}": v for k, v in tis_stats.items()})
                     loss, pl_stats = self.policy_loss(
                         logp,
                         old,
@@ -589,10 +591,10 @@ class Learner:
                             kl, mask, algo.loss_agg, global_tokens=n_tokens, global_seqs=n_seqs
                         )
                         loss = loss + algo.kl_coef * kl_loss
-                        stats["actor/kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
+                        stats["actor/kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
                     if ent is not None:
-                        stats["actor/entropy"] = float(
-                            (ent.detach() * mask).sum() / mask.sum().clamp(min=1)
+                        stats["actor/entropy"] = (ent.detach() * mask).sum() / mask.sum().clamp(
+                            min=1
                         )
                         if algo.entropy_coef > 0:
                             ent_loss = aggregate(
@@ -613,7 +615,10 @@ class Learner:
                     w = float((hmb.response_mask if host_mask is not None else mask).sum())
                     part["weight"] += w
                     for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * w
+                        if isinstance(v, torch.Tensor):  # summed on the device, read once
+                            device_sums[k] = device_sums.get(k, 0.0) + v * w
+                        else:
+                            sums[k] = sums.get(k, 0.0) + v * w
                 if mtp is not None:
                     self._mtp_idle(part, mtp, batch, host, mini_idx, active, mtp_w, mtp_norm)
                     part["mtp"]["targets"] += mtp_norm
@@ -623,7 +628,10 @@ class Learner:
                     self._sum_over_ranks()
                 part["grad_norms"].append(self._optimizer_step(ok))
                 part["updates"] += 1
-        part["loss"] += float(loss_sum)
+        values = torch.stack([loss_sum, *device_sums.values()]).tolist()
+        part["loss"] += values[0]
+        for k, v in zip(device_sums, values[1:], strict=True):
+            sums[k] = sums.get(k, 0.0) + v
         part["lr"] = self.opt.param_groups[0]["lr"]
         self.sched.step()
         part["elapsed"] = time.perf_counter() - start
