@@ -137,3 +137,20 @@ def test_cuda_allocator_env_keeps_the_users_setting(monkeypatch):
     assert cuda_allocator_env() == {"PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOC_CONF}
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert cuda_allocator_env() == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+
+
+def test_cuda_workers_take_sdpa_without_cudnn_and_cpu_workers_change_nothing():
+    """The switch is a flag (no GPU needed to set it): a CPU worker leaves it, a CUDA worker
+    turns cuDNN's attention off for its process (a plan per new shape; flash needs none)."""
+    from rlkit.device import use_attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        use_attention_backends("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        use_attention_backends(torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -28,7 +28,7 @@ import psutil
 import torch
 
 from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
-from rlkit.device import DTYPE_NAMES
+from rlkit.device import DTYPE_NAMES, use_attention_backends
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.models.decoder import PACK_LAYOUTS, Decoder, can_pack, default_pack_layout
 from rlkit.models.loading import load_weights
@@ -175,6 +175,7 @@ class Engine:
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
         self.device = next(model.parameters()).device
+        use_attention_backends(self.device)  # prefill shapes change every call
         layout = _pack_layout(prepack, self.device, dtype)
         if layout is not None:
             self.model.prepack_weights(min(max_batch_size, _PACK_BATCH_HINT), layout)

@@ -37,6 +37,7 @@ from rlkit.device import (
     micro_batch_size,
     pick_dtype,
     slow_dtype_warning,
+    use_attention_backends,
 )
 from rlkit.models.decoder import Decoder
 from rlkit.models.loading import DTYPES, load_model, save_pretrained
@@ -150,6 +151,7 @@ class Learner:
             torch.set_num_threads(num_threads)
         torch.manual_seed(cfg.train.seed)
         self.device = torch.device(device)
+        use_attention_backends(self.device)
         self.rank = Rank(rank, world)
         self.model_path = model_path
         model_cfg = cfg.model
