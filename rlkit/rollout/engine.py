@@ -19,7 +19,6 @@ policy's. `Engine.stats` describes the last `generate` call (KV bytes; speculati
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import sys
 from typing import Any
@@ -48,21 +47,6 @@ __all__ = ["Completion", "Engine"]
 
 # GEMM rows that prepacked weights are laid out for (decode batches are up to max_batch_size).
 _PACK_BATCH_HINT = 64
-
-
-def _attention_backends(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """SDPA backends for the engine's masked attention (prefill, verify steps, the MTP
-    drafter's block): on CUDA not cuDNN's, which builds an execution plan for every new shape
-    (~7 ms of host time per call on an H200: the eager draft steps, whose key length grows by
-    one every step, spent half their time there); the efficient and flash kernels take any
-    length. Elsewhere PyTorch's own choice."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(
-        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    )
 
 
 def _reuse_freed_memory() -> None:
@@ -175,7 +159,10 @@ class Engine:
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
         self.device = next(model.parameters()).device
-        use_attention_backends(self.device)  # prefill shapes change every call
+        # Prefill, verify steps and the MTP drafter's block attend over shapes that change
+        # every call: on CUDA no cuDNN attention, which plans each new shape (~7 ms of host
+        # time a call on an H200; half of the eager draft steps' time).
+        use_attention_backends(self.device)
         layout = _pack_layout(prepack, self.device, dtype)
         if layout is not None:
             self.model.prepack_weights(min(max_batch_size, _PACK_BATCH_HINT), layout)
@@ -410,5 +397,4 @@ class Engine:
                 self.token_counts,
             )  # fmt: skip
             step = SpecStep(DRAFTERS.get(name)(run, settings), k, spec.max_batch)
-        with _attention_backends(self.device):
-            return run.execute(step)
+        return run.execute(step)
