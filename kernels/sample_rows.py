@@ -15,12 +15,13 @@ The rule is the sampler's (`rlkit.rollout.sampling.draw`), the CPU C kernel's
 (`rlkit.kernels.cpu.sample_rows`) and `verify_drafts`' residual draw: one uniform per row, the
 running sum accumulated in float64 so that tail tokens keep their probability once most of the
 mass is behind them. The PyTorch path materialises five [N, V] tensors (a float32 copy, the
-log-softmax, its exponential, a float64 cumulative sum, the searchsorted) and, in the engine,
-did so in chunks of 64 rows, each launching its own kernels; at 455 sequences and a 32k
-vocabulary that was ~5% of a sparse decode step's device time on an H200.
+log-softmax, its exponential, a float64 cumulative sum, the searchsorted), each its own
+launches; at 455 sequences and a 32k vocabulary the CDF's scan alone was ~5% of a sparse decode
+step's device time on an H200. (Not yet called by the engine: it joins `sampling.sample`'s
+GPU path once it has run on a GPU.)
 
 Three functions, as the other kernel modules: `sample_rows_reference` (plain PyTorch, exactly
-the engine's former path), the Triton kernel `sample_rows_triton` (one program per row, three
+the engine's path), the Triton kernel `sample_rows_triton` (one program per row, three
 passes over its logits: the maximum, the total of exp(x / T - max), then the first token whose
 running sum passes u times the total, with the log-probability from the same maximum and
 total), and the dispatcher `sample_rows` (the kernel for CUDA tensors when Triton is importable,

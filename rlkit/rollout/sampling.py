@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import torch
 
 from rlkit.kernels import cpu as cpu_kernels
-from rlkit.kernels import sample_rows as gpu_sampler
 
 
 @dataclass
@@ -66,31 +65,16 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return torch.log_softmax(scaled, dim=-1)
 
 
-# Set once the Triton sampler has failed in this process (see `_gpu_sampler_failed`).
-_GPU_SAMPLER_FAILED = False
-
-
-def _gpu_sampler_failed(error: Exception) -> None:
-    """The Triton sampler could not run here (e.g. this Triton cannot compile it): warn once and
-    sample with the PyTorch path, which draws the same tokens from the same uniforms."""
-    global _GPU_SAMPLER_FAILED
-    _GPU_SAMPLER_FAILED = True
-    print(
-        f"rlkit: warning: the Triton sampler failed ({type(error).__name__}: {error}); "
-        "sampling with PyTorch from now on",
-        flush=True,
-    )
-
-
 def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [N] and their log-probabilities [N] (float32) under the sampling distribution.
 
-    Plain temperature sampling of bf16 or float32 logits runs in one kernel where there is
-    one: the C kernel on a CPU (`rlkit.kernels.cpu.sample_rows`, when it is built), the Triton
-    kernel on a GPU (`rlkit.kernels.sample_rows`). Both take the same uniform per row from
-    `generator` and the same inverse-CDF rule, without materialising [N, V] float tensors."""
+    Plain temperature sampling of bf16 or float32 logits on CPU runs in the C kernel
+    (`rlkit.kernels.cpu.sample_rows`) when it is built: the same uniform per row from
+    `generator` and the same inverse-CDF rule, without materialising [N, V] float tensors.
+    (`rlkit.kernels.sample_rows` is that kernel for GPUs in Triton, tested under the Triton
+    interpreter; it joins this path once it has run on a GPU.)"""
     plain = (
         params.temperature > 0
         and params.top_p >= 1
@@ -102,16 +86,6 @@ def sample(
     if plain and logits.device.type == "cpu" and cpu_kernels.available(logits.dtype):
         u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)
         return cpu_kernels.sample_rows(logits, params.temperature, u[:, 0])
-    if plain and logits.is_cuda and gpu_sampler.HAS_TRITON and not _GPU_SAMPLER_FAILED:
-        # The same draws from `generator` as `draw` makes (one float64 uniform a row).
-        u = torch.rand(
-            logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device
-        )
-        try:
-            return gpu_sampler.sample_rows_triton(logits, params.temperature, u[:, 0])
-        except Exception as e:  # a Triton build that cannot compile it: say so, go on without
-            _gpu_sampler_failed(e)
-            return gpu_sampler.sample_rows_reference(logits, params.temperature, u[:, 0])
     logp = sampling_logprobs(logits, params)  # [N, V]
     tokens = logits.argmax(dim=-1) if params.temperature == 0 else draw(logp, generator)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]

@@ -97,25 +97,6 @@ def test_triton_on_gpu_matches_reference():
     assert torch.equal(tok, sr.sample_rows_reference(logits, temperature, u)[0])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_engines_sampler_takes_the_kernel_on_a_gpu_with_the_same_draws():
-    """`rlkit.rollout.sampling.sample` on CUDA logits draws one float64 uniform a row from its
-    generator, as `draw` does, and samples through the kernel: the tokens of the former path."""
-    from rlkit.rollout import sampling
-    from rlkit.rollout.sampling import SamplingParams, sample
-
-    logits, temperature, _ = make_inputs(CASES["N20-V4099-bf16-T0.7"], seed=5, device="cuda")
-    params = SamplingParams(temperature=temperature)
-    tok, logp = sample(logits, params, torch.Generator("cuda").manual_seed(3))
-    u = torch.rand(len(logits), 1, generator=torch.Generator("cuda").manual_seed(3),
-                   dtype=torch.float64, device="cuda")[:, 0]  # fmt: skip
-    ref_tok, ref_logp = sr.sample_rows_reference(logits, temperature, u)
-    assert not sampling._GPU_SAMPLER_FAILED  # the kernel ran, not the fallback
-    assert torch.equal(tok, ref_tok)
-    torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
-
-
 def test_gpu_sampler_chunks_hold_hundreds_of_rows_and_cpu_chunks_64():
     from rlkit.rollout.scheduler import sample_rows_per_chunk
 
