@@ -25,21 +25,9 @@ from rlkit.rollout.stopping import StopChecker
 if TYPE_CHECKING:
     from rlkit.rollout.engine import Engine
 
-# Rows of the LM head and sampler per chunk on a CPU: keeps every [rows, V] temporary under
-# glibc's mmap threshold (see engine._reuse_freed_memory) and in cache. On a GPU a chunk reads
-# the LM head's whole weight and launches its kernels once, so chunks are as large as ~256 MB
-# of temporaries allow (16 bytes an element covers the top-p path's float32 and float64
-# tensors): one chunk for 455 sequences of a 32k vocabulary, where 64-row chunks read the
-# head 8 times a step.
+# Rows of the LM head and sampler per chunk: keeps every [rows, V] temporary under glibc's
+# mmap threshold (see engine._reuse_freed_memory) and in cache.
 SAMPLE_ROWS = 64
-_GPU_SAMPLE_BYTES = 256 << 20
-
-
-def sample_rows_per_chunk(device: torch.device, vocab: int) -> int:
-    """Rows of the LM head and sampler per chunk on `device` (see SAMPLE_ROWS)."""
-    if device.type == "cpu":
-        return SAMPLE_ROWS
-    return max(SAMPLE_ROWS, _GPU_SAMPLE_BYTES // (16 * vocab))
 
 
 @dataclass
@@ -222,10 +210,9 @@ class Run:
 
     def sample(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [N] and sampler log-probs [N] from final hidden states [N, hidden]."""
-        rows = sample_rows_per_chunk(hidden.device, self.model.args.vocab_size)
         outs = [
-            sample(self.model.logits(hidden[i : i + rows]), self.params, self.gen)
-            for i in range(0, hidden.shape[0], rows)
+            sample(self.model.logits(hidden[i : i + SAMPLE_ROWS]), self.params, self.gen)
+            for i in range(0, hidden.shape[0], SAMPLE_ROWS)
         ]
         if len(outs) == 1:
             return outs[0]

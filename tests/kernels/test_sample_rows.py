@@ -97,15 +97,6 @@ def test_triton_on_gpu_matches_reference():
     assert torch.equal(tok, sr.sample_rows_reference(logits, temperature, u)[0])
 
 
-def test_gpu_sampler_chunks_hold_hundreds_of_rows_and_cpu_chunks_64():
-    from rlkit.rollout.scheduler import sample_rows_per_chunk
-
-    assert sample_rows_per_chunk(torch.device("cpu"), 49152) == 64
-    assert sample_rows_per_chunk(torch.device("cuda"), 32000) == 524
-    assert sample_rows_per_chunk(torch.device("cuda"), 49152) == 341
-    assert sample_rows_per_chunk(torch.device("cuda"), 10**6) == 64
-
-
 def test_reference_is_the_samplers_rule_and_follows_the_distribution():
     """The reference is the inverse-CDF rule: with uniforms on a fine grid, each token is drawn
     in proportion to its probability under softmax(logits / T)."""
