@@ -147,6 +147,27 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
+def kill_below(root: int) -> None:
+    """SIGKILL every process below `root`, leaving `root` itself running.
+
+    Each process found is stopped first so that it cannot fork while the tree is walked. The
+    order matters when `root` is a subreaper whose own watcher kills its tree once its parent
+    dies (a call process): if the caller dies part way, `root` still holds everything left
+    (stopped or not) and kills it. Killing `root` first would re-parent its tree to the
+    caller, and the caller's death then to init, out of everyone's reach.
+    """
+    found: list[int] = []
+    for _ in range(100):
+        new = [p for p in descendants(root) if p not in found]
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+            found.append(pid)
+    for pid in found:
+        _signal(pid, signal.SIGKILL)
+
+
 def kill_tree(root: int) -> None:
     """SIGKILL `root` (a session leader), everything below it and everything in its session.
 

@@ -339,6 +339,11 @@ class Worker:
         calls = self.calls
         assert calls is not None
         self.calls = None
+        # What the call started first, while the call process still holds it: if this worker
+        # is killed part way (Ray kills an actor's children too), the call process's lifeline
+        # still fires and kills the rest. The call process first would leave its tree to this
+        # worker, and this worker's death would leave it to init.
+        proctree.kill_below(calls.pid)
         try:
             os.kill(calls.pid, signal.SIGKILL)
         except ProcessLookupError:
