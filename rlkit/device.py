@@ -20,6 +20,7 @@ import os
 import platform
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rlkit.kernels import cpu as cpu_kernels
@@ -143,3 +144,15 @@ def use_attention_backends(device: torch.device | str) -> None:
     A process-wide switch, set where a worker takes its device."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def to_device(host: np.ndarray | list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host integers (an array, a list, or a CPU tensor) on `device` without a host
+    synchronisation: on CUDA through a pinned copy and an asynchronous transfer (a copy from
+    pageable memory waits for the stream's queued work; PyTorch's pinned-memory cache keeps the
+    copy until the transfer has run), so that the host can queue work ahead of the GPU. An array
+    or list is copied first (the caller may change it next)."""
+    t = host if isinstance(host, torch.Tensor) else torch.tensor(np.asarray(host, dtype=np.int64))
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from rlkit.algorithms.registry import Registry
+from rlkit.device import to_device
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_layers
 from rlkit.models.mtp import MTPModule
-from rlkit.rollout.kv_cache import KVCache, to_device
+from rlkit.rollout.kv_cache import KVCache
 from rlkit.rollout.sam import SuffixAutomaton, TextMatcher
 from rlkit.rollout.sampling import draw, sampling_logprobs
 

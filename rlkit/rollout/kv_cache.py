@@ -34,21 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from rlkit.config.schema import KVCompressionConfig
+from rlkit.device import to_device
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.kernels import kv_compress
 from rlkit.kernels.sparse_decode_attention import sparse_decode_attention
 from rlkit.models.decoder import FusedTarget
 from rlkit.rollout.compression import POLICIES, CompressionInputs, oracle_scores, validate
-
-
-def to_device(host: np.ndarray | list[int], device: torch.device) -> torch.Tensor:
-    """A host array (int64) on `device` without a host synchronisation: on CUDA through a
-    pinned copy and an asynchronous transfer (PyTorch's pinned-memory cache keeps the copy
-    until the transfer has run), so that the host can queue steps ahead of the GPU."""
-    t = torch.tensor(np.asarray(host, dtype=np.int64))  # a copy: the host array changes next
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class KVCache:

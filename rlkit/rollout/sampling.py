@@ -75,15 +75,16 @@ def sample(
     `generator` and the same inverse-CDF rule, without materialising [N, V] float tensors.
     (`rlkit.kernels.sample_rows` is that kernel for GPUs in Triton, tested under the Triton
     interpreter; it joins this path once it has run on a GPU.)"""
-    plain = (
+    if (
         params.temperature > 0
         and params.top_p >= 1
         and not 0 < params.top_k < logits.shape[-1]
         and logits.dtype in (torch.bfloat16, torch.float32)
+        and logits.device.type == "cpu"
         and logits.dim() == 2
         and logits.stride(-1) == 1
-    )
-    if plain and logits.device.type == "cpu" and cpu_kernels.available(logits.dtype):
+        and cpu_kernels.available(logits.dtype)
+    ):
         u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)
         return cpu_kernels.sample_rows(logits, params.temperature, u[:, 0])
     logp = sampling_logprobs(logits, params)  # [N, V]

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from rlkit.device import to_device
 from rlkit.kernels.spec_verify import verify_drafts
-from rlkit.rollout.kv_cache import to_device
 from rlkit.rollout.sampling import sampling_logprobs
 
 if TYPE_CHECKING:

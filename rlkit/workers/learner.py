@@ -37,6 +37,7 @@ from rlkit.device import (
     micro_batch_size,
     pick_dtype,
     slow_dtype_warning,
+    to_device,
     use_attention_backends,
 )
 from rlkit.models.decoder import Decoder
@@ -84,19 +85,6 @@ def _sharing_pays(
     if (mb.input_ids.is_cuda if on_gpu is None else on_gpu) and params:
         return repeated * 8 * params / _GPU_FLOPS > layers * _GPU_LAYER_PASS_SECONDS
     return True
-
-
-def _on_host(batch: RolloutBatch) -> RolloutBatch:
-    """The batch on the CPU (itself when it is there)."""
-    return batch.to("cpu")
-
-
-def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU index tensor on `device`. On a GPU through pinned memory: a copy from pageable
-    memory waits for the stream's queued work, a pinned one is queued behind it."""
-    if device.type != "cuda":
-        return index.to(device)
-    return index.pin_memory().to(device, non_blocking=True)
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -357,7 +345,7 @@ class Learner:
         """Hidden states [n, T, H] whose row j predicts response token j, and valid [n, T].
         `host`: the same rows on the CPU (`_rows`), which the decisions here read instead of
         the device's (each read of a device tensor is a sync on a GPU)."""
-        host = _on_host(mb) if host is None else host
+        host = mb.to("cpu") if host is None else host
         n, t = mb.response_ids.shape
         dev = mb.input_ids.device
         seq_lens = mb.attention_mask.sum(1)  # [n]
@@ -397,7 +385,7 @@ class Learner:
         """Log-probs (and entropies) of the response tokens; the LM head never sees prompt
         positions. `states`: `response_states`' result, when the caller has it already;
         `host`: the rows on the CPU, where the valid positions are counted (no device sync)."""
-        host = _on_host(mb) if host is None else host
+        host = mb.to("cpu") if host is None else host
         n, t = mb.response_ids.shape
         hidden, _ = states if states is not None else self.response_states(model, mb, host)
         steps = torch.arange(t)
@@ -419,16 +407,17 @@ class Learner:
 
     def _rows(
         self, dev: RolloutBatch, host: RolloutBatch, idx: torch.Tensor
-    ) -> tuple[RolloutBatch, RolloutBatch]:
+    ) -> tuple[RolloutBatch, RolloutBatch, torch.Tensor]:
         """Rows `idx` (CPU int64) of a batch held on the device and on the host: the host's
         selected and trimmed there, the device's gathered by the same indices (copied to the
-        device without a stream sync) and trimmed to the host's widths. Selecting on the
-        device alone would read its lengths back (a sync a micro-batch, each draining the
-        launch queue of a host-bound step)."""
+        device without a stream sync) and trimmed to the host's widths, and those indices on
+        the device (for the caller's other [N, ...] tensors). Selecting on the device alone
+        would read its lengths back (a sync a micro-batch, each draining the launch queue of a
+        host-bound step)."""
         h = host.select(idx)
-        if dev is host:
-            return h, h
         d_idx = to_device(idx, dev.input_ids.device)
+        if dev is host:
+            return h, h, d_idx
         kw: dict[str, Any] = {}
         for f in fields(dev):
             value, like = getattr(dev, f.name), getattr(h, f.name)
@@ -437,7 +426,7 @@ class Learner:
                 if value.dim() == 2:
                     value = value[:, : like.shape[1]]
             kw[f.name] = value
-        return RolloutBatch(**kw), h
+        return RolloutBatch(**kw), h, d_idx
 
     @torch.no_grad()
     def _score(
@@ -446,7 +435,7 @@ class Learner:
         """Log-probs [N, T] of every response token of `batch` (`host`: its CPU copy). Over N
         ranks each scores its share of the micro-batches and the rows are summed (the others'
         rows are zeros)."""
-        host = _on_host(batch) if host is None else host
+        host = batch.to("cpu") if host is None else host
         batch = batch.to(self.device)
         n, t = batch.response_ids.shape
         out = torch.zeros(n, t, dtype=torch.float32, device=self.device)
@@ -454,10 +443,10 @@ class Learner:
         real = len(self.rank.mine(len(chunks)))
         for pos, j in enumerate(self._my_share(len(chunks))):
             idx = chunks[j]
-            mb, hmb = self._rows(batch, host, idx)
+            mb, hmb, d_idx = self._rows(batch, host, idx)
             lp = self.response_logprobs(model, mb, host=hmb)[0]  # [n_j, T_j]
             if pos < real:  # not a padding repeat (FSDP2)
-                out[to_device(idx, self.device), : lp.shape[1]] = lp
+                out[d_idx, : lp.shape[1]] = lp
         return distributed.sum_tensor(out, self.rank)
 
     def _my_share(self, count: int) -> list[int]:
@@ -486,7 +475,7 @@ class Learner:
         self._begin_phase()
         # Index bookkeeping and every count the step needs read the batch's CPU copy: on a
         # GPU each read of a device tensor is a sync that drains the launch queue.
-        host = _on_host(batch)
+        host = batch.to("cpu")
         batch = batch.to(self.device)
         self.model.train()
         cfg, algo = self.train_cfg, self.algo
@@ -549,8 +538,7 @@ class Learner:
                     # A padding repeat (FSDP2) runs forward and backward weighted zero.
                     scale = 1.0 if pos < real else 0.0
                     gidx = micro[j]  # rows of the batch
-                    mb, hmb = self._rows(batch, host, gidx)
-                    d_gidx = to_device(gidx, self.device)
+                    mb, hmb, d_gidx = self._rows(batch, host, gidx)
                     if scale:
                         part["tokens"] += int(hmb.attention_mask.sum())
                     states = self.response_states(self.model, mb, hmb)
@@ -650,14 +638,11 @@ class Learner:
         micro = [m for m in idle.split(self._micro_size(batch)) if len(m)]
         for j in self.rank.mine(len(micro)):
             gidx = micro[j]
-            mb, hmb = self._rows(batch, host, gidx)
+            mb, hmb, d_gidx = self._rows(batch, host, gidx)
             with torch.no_grad():
                 states = self.response_states(self.model, mb, hmb)
             mtp_loss, mtp_part = mtp.loss(
-                self.model,
-                *states,
-                mb,
-                mtp_w[to_device(gidx, self.device), : mb.response_ids.shape[1]],
+                self.model, *states, mb, mtp_w[d_gidx, : mb.response_ids.shape[1]]
             )
             (mtp.cfg.scale * mtp_loss / mtp_norm).backward()
             self._add_mtp(part, float(mtp_loss.detach()), mtp_part)

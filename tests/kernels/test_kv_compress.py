@@ -9,12 +9,10 @@ On a CUDA machine the `gpu` tests run the compiled kernels.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreter import run_interpreted
 from rlkit.kernels import kv_compress as kc
 
 # name: (R, H, KVH, w, D, L, dtype, strided); the kernels run with blocks of 16 entries, so
@@ -119,12 +117,7 @@ def run_cases(device: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", list(SCORE_CASES))

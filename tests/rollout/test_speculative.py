@@ -222,7 +222,6 @@ def test_mtp_sub_vocabulary_drafts_seen_tokens_and_stays_lossless(
 ):
     """mtp_vocab: the draft head covers the most frequent tokens (prompts and outputs so far);
     greedy output still equals plain decoding's and sampled log-probs are the policy's."""
-    from rlkit.rollout import sampling_logprobs
     from rlkit.rollout.drafters import MTPDrafter
 
     outside = []
@@ -246,14 +245,7 @@ def test_mtp_sub_vocabulary_drafts_seen_tokens_and_stays_lossless(
     assert counts is not None and int(counts.sum()) > sum(len(p) for p in prompts)
     sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=2, ignore_eos=True)
     out = engine.generate(prompts, sp, n=2)
-    model = reference("llama")
-    for c in out:
-        prompt = prompts[c.prompt_index]
-        with torch.no_grad():
-            logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
-        want = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
-        want = want.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+    _assert_policy_logprobs(reference("llama"), prompts, out, sp)
     assert not outside
 
 

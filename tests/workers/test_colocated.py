@@ -22,12 +22,10 @@ def _engine_state(worker):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.numel()}
 
 
-def test_sync_copies_the_learners_weights_into_the_engine(model_dir):
-    cfg = load_recipe(None, ["optim.lr=1e-2", "rollout.dtype=float32", "model.compute_dtype=none"])
-    w = ColocatedWorker(model_dir, cfg, num_threads=1, device="cpu")
+def _rollout_batch(w):
+    """Two prompts x 4 samples from the worker's engine, as a GRPO batch."""
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=0)
-    outs = w.generate(prompts, params, n=4)
+    outs = w.generate(prompts, SamplingParams(max_new_tokens=4, temperature=1.0, seed=0), n=4)
     assert len(outs) == 8
     batch = RolloutBatch.from_sequences(
         [prompts[o["prompt_index"]] for o in outs],
@@ -37,6 +35,13 @@ def test_sync_copies_the_learners_weights_into_the_engine(model_dir):
         [o["prompt_index"] for o in outs],
     )
     batch.advantages = ADVANTAGES.get("grpo")(batch.rewards, batch.group_ids, batch.response_mask)
+    return batch
+
+
+def test_sync_copies_the_learners_weights_into_the_engine(model_dir):
+    cfg = load_recipe(None, ["optim.lr=1e-2", "rollout.dtype=float32", "model.compute_dtype=none"])
+    w = ColocatedWorker(model_dir, cfg, num_threads=1, device="cpu")
+    batch = _rollout_batch(w)
     before = _engine_state(w)
     w.train_step(batch)
     assert all(torch.equal(v, _engine_state(w)[k]) for k, v in before.items())  # not yet
@@ -82,17 +87,7 @@ def _trained_worker(model_dir, overrides):
     """A colocated worker after one learner step (its weights have moved)."""
     cfg = load_recipe(None, ["optim.lr=1e-2", *overrides])
     w = ColocatedWorker(model_dir, cfg, num_threads=1, device="cpu")
-    prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    outs = w.generate(prompts, SamplingParams(max_new_tokens=4, temperature=1.0, seed=0), n=4)
-    batch = RolloutBatch.from_sequences(
-        [prompts[o["prompt_index"]] for o in outs],
-        [o["token_ids"] for o in outs],
-        [o["logprobs"] for o in outs],
-        [float(i % 2) for i in range(8)],
-        [o["prompt_index"] for o in outs],
-    )
-    batch.advantages = ADVANTAGES.get("grpo")(batch.rewards, batch.group_ids, batch.response_mask)
-    w.train_step(batch)
+    w.train_step(_rollout_batch(w))
     return w
 
 
