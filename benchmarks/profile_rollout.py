@@ -20,6 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from rlkit.bench import warmup_tokens
 from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
 from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.models.mtp import init_mtp, load_mtp
@@ -88,7 +89,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
 
-    run(a.interval + 2 if compression is not None else 8, 0)  # warm-up
+    run(warmup_tokens(compression, a.prompt_len), 0)  # warm-up: through the first compression
     seconds, tokens = run(a.new_tokens, 1)
     acts = [ProfilerActivity.CPU]
     if a.device.startswith("cuda"):

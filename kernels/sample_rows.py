@@ -17,8 +17,9 @@ running sum accumulated in float64 so that tail tokens keep their probability on
 mass is behind them. The PyTorch path materialises five [N, V] tensors (a float32 copy, the
 log-softmax, its exponential, a float64 cumulative sum, the searchsorted), each its own
 launches; at 455 sequences and a 32k vocabulary the CDF's scan alone was ~5% of a sparse decode
-step's device time on an H200. (Not yet called by the engine: it joins `sampling.sample`'s
-GPU path once it has run on a GPU.)
+step's device time on an H200. `rlkit.rollout.sampling.sample` calls it for CUDA logits
+(`benchmarks/bench_sampler.py`: 0.09 ms for 455 x 32,000 bf16 rows on an H200, against 0.90 ms
+for the PyTorch path in the engine's old 64-row chunks).
 
 Three functions, as the other kernel modules: `sample_rows_reference` (plain PyTorch, exactly
 the engine's path), the Triton kernel `sample_rows_triton` (one program per row, three

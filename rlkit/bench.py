@@ -142,6 +142,17 @@ class _Runner:
     warmup_tokens: int = 8
 
 
+def warmup_tokens(compression: KVCompressionConfig | None, longest_prompt: int) -> int:
+    """New tokens of a warm-up `generate` that reaches the first real compression of the
+    longest prompt's sequence (the compression kernels compile there, and a timed run must not
+    pay for that): its cache is checked every `interval` decode steps and compressed once it
+    holds more than `budget` entries. 8 without compression."""
+    if compression is None or compression.policy == "none":
+        return 8
+    short = compression.budget + 1 - longest_prompt
+    return compression.interval * max(1, -(-short // compression.interval)) + 2
+
+
 def _model_args(model_dir: str) -> ModelArgs:
     with open(f"{model_dir}/config.json") as f:
         return ModelArgs.from_hf(json.load(f))
@@ -231,8 +242,7 @@ def _native(
         lambda: float(engine.stats["kv_bytes_peak"]),
         drafter=drafter,
         stats=lambda: dict(engine.stats),
-        # A sparse warm-up reaches the first compression (its kernels compile there).
-        warmup_tokens=args.interval + 2 if compression is not None else 8,
+        warmup_tokens=warmup_tokens(compression, max(len(p) for p in prompts)),
     )
 
 

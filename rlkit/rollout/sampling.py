@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlkit.kernels import cpu as cpu_kernels
+from rlkit.kernels import sample_rows as gpu_sampler
 
 
 @dataclass
@@ -70,23 +71,28 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [N] and their log-probabilities [N] (float32) under the sampling distribution.
 
-    Plain temperature sampling of bf16 or float32 logits on CPU runs in the C kernel
-    (`rlkit.kernels.cpu.sample_rows`) when it is built: the same uniform per row from
-    `generator` and the same inverse-CDF rule, without materialising [N, V] float tensors.
-    (`rlkit.kernels.sample_rows` is that kernel for GPUs in Triton, tested under the Triton
-    interpreter; it joins this path once it has run on a GPU.)"""
-    if (
+    Plain temperature sampling (no top-k / top-p) of 2-D bf16 or float32 logits takes one
+    kernel without materialising [N, V] float tensors: on CPU the C kernel
+    (`rlkit.kernels.cpu.sample_rows`) where it is built, on CUDA the Triton kernel
+    (`rlkit.kernels.sample_rows`). Both draw the same uniform per row from `generator` as
+    `draw` does and apply the same inverse-CDF rule, so a seed gives the same tokens on every
+    path (up to float32 rounding at a boundary between two tokens' shares)."""
+    plain = (
         params.temperature > 0
         and params.top_p >= 1
         and not 0 < params.top_k < logits.shape[-1]
         and logits.dtype in (torch.bfloat16, torch.float32)
-        and logits.device.type == "cpu"
         and logits.dim() == 2
         and logits.stride(-1) == 1
-        and cpu_kernels.available(logits.dtype)
-    ):
+    )
+    if plain and logits.device.type == "cpu" and cpu_kernels.available(logits.dtype):
         u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)
         return cpu_kernels.sample_rows(logits, params.temperature, u[:, 0])
+    if plain and logits.is_cuda and gpu_sampler.HAS_TRITON:
+        u = torch.rand(
+            logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device
+        )
+        return gpu_sampler.sample_rows_triton(logits, params.temperature, u[:, 0])
     logp = sampling_logprobs(logits, params)  # [N, V]
     tokens = logits.argmax(dim=-1) if params.temperature == 0 else draw(logp, generator)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]

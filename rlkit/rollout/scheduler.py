@@ -4,9 +4,10 @@ they finish (nano-vllm's Scheduler; the tensors of a decode step live in `steps.
 Sequences have ids (prompt i, sample j -> i * n + j) and run in slots 0..B-1 of the KV cache.
 A loop of `execute`: admit waiting sequences into free slots (prefill: one forward per distinct
 prompt, its keys/values written into the slots of its n samples, and the first token sampled),
-run up to `sync_every` decode steps (each emits one or more tokens per running sequence:
-`DecodeStep`), then retire: read the new tokens on the host, finish sequences (EOS, stop ids,
-stop strings, length), compact the survivors into slots 0..B'-1 and free the rest.
+run decode steps (each emits one or more tokens per running sequence: `DecodeStep`) until a
+retire is due (`Run._decode`: a sequence at its token limit, or at least `sync_every` steps and
+a stop to look for), then retire: read the new tokens on the host, finish sequences (EOS, stop
+ids, stop strings, length), compact the survivors into slots 0..B'-1 and free the rest.
 """
 
 from __future__ import annotations
@@ -25,9 +26,20 @@ from rlkit.rollout.stopping import StopChecker
 if TYPE_CHECKING:
     from rlkit.rollout.engine import Engine
 
-# Rows of the LM head and sampler per chunk: keeps every [rows, V] temporary under glibc's
-# mmap threshold (see engine._reuse_freed_memory) and in cache.
+# Rows of the LM head and sampler per chunk on a CPU: keeps every [rows, V] temporary under
+# glibc's mmap threshold (see engine._reuse_freed_memory) and in cache.
 SAMPLE_ROWS = 64
+# On a GPU, chunks of up to this many bytes per [rows, V] float32 temporary: one LM-head GEMM
+# and one sampler launch for a whole batch of hundreds of rows (each chunk reads the head's
+# weights again).
+GPU_SAMPLE_BYTES = 256 << 20
+
+
+def sample_rows_per_chunk(device: torch.device, vocab: int) -> int:
+    """Rows of the LM head and the sampler per chunk (`Run.sample`)."""
+    if device.type == "cpu":
+        return SAMPLE_ROWS
+    return max(SAMPLE_ROWS, GPU_SAMPLE_BYTES // (4 * vocab))
 
 
 @dataclass
@@ -85,6 +97,7 @@ class Run:
         self.concurrent = 0
         self.graphs = engine._decode_graphs(self.cache)
         self.gen = make_generator(params, dev)
+        self.sample_rows = sample_rows_per_chunk(dev, self.model.args.vocab_size)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else engine.eos_ids)
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
         self.checker = StopChecker(engine.tokenizer, params.stop)
@@ -111,19 +124,32 @@ class Run:
         self.events0 = getattr(self.cache, "events", 0)
         self.held = np.zeros(total, dtype=np.int64)
         self.true_len = np.zeros(total, dtype=np.int64)
+        self.watch = _StopWatch(dev)
 
     def execute(self, step: DecodeStep) -> list[Completion]:
         while self.waiting or self.seq:
             self._admit(step)
-            for _ in range(self.e.sync_every):
-                # The host knows every count: no sequence goes past its limit between syncs.
-                if not len(self.seq) or int((self.limit - self.count).min()) <= 0:
-                    break
-                step.step(self)
-                self.cache.compress_due(len(self.seq))
+            self._decode(step)
             self._retire(step)
         self._record_stats(step)
         return [r for r in self.results if r is not None]
+
+    def _decode(self, step: DecodeStep) -> None:
+        """Decode steps until a retire is due: a sequence at its token limit (the host counts
+        tokens), or `sync_every` steps run and either stop strings to check (they need the
+        tokens on the host) or some sequence has sampled a stop id, which `_StopWatch` learns
+        without waiting for the device. So on a GPU the host stays steps ahead of it and the
+        device idles only at retires that finish sequences, not every `sync_every` steps."""
+        self.watch.reset()
+        steps = 0
+        # The host knows every count: no sequence goes past its limit between retires.
+        while len(self.seq) and int((self.limit - self.count).min()) > 0:
+            step.step(self)
+            self.cache.compress_due(len(self.seq))
+            steps += 1
+            self.watch.post(self.done[: len(self.seq)])
+            if steps >= self.e.sync_every and (self.checker.active or self.watch.stopped()):
+                break
 
     def _record_stats(self, step: DecodeStep) -> None:
         c = self.cache
@@ -210,9 +236,10 @@ class Run:
 
     def sample(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [N] and sampler log-probs [N] from final hidden states [N, hidden]."""
+        rows = self.sample_rows
         outs = [
-            sample(self.model.logits(hidden[i : i + SAMPLE_ROWS]), self.params, self.gen)
-            for i in range(0, hidden.shape[0], SAMPLE_ROWS)
+            sample(self.model.logits(hidden[i : i + rows]), self.params, self.gen)
+            for i in range(0, hidden.shape[0], rows)
         ]
         if len(outs) == 1:
             return outs[0]
@@ -252,13 +279,17 @@ class Run:
     def _retire(self, step: DecodeStep) -> None:
         """Finish sequences that stopped or hit their limit; compact; free their slots."""
         B = len(self.seq)
-        done = self.done[:B].tolist()
+        if not B:
+            return
+        done = self.done[:B].cpu().numpy()  # the retire's wait for the device
+        due = done | (self.count >= self.limit)
+        candidates = range(B) if self.checker.active else np.nonzero(due)[0].tolist()
         finished: list[int] = []
-        for b in range(B):
+        for b in candidates:
             s, count = self.seq[b], int(self.count[b])
             stop_at = None
             if done[b] or self.checker.active:
-                stop_at = self._stop_index(s, self.out_tokens[s, :count], done[b])
+                stop_at = self._stop_index(s, self.out_tokens[s, :count], bool(done[b]))
             if stop_at is not None:
                 self._finish(s, stop_at, "stop")
             elif count >= self.limit[b]:
@@ -308,3 +339,53 @@ class Run:
             self.seq[h], self.count[h], self.limit[h] = self.seq[m], self.count[m], self.limit[m]
         del self.seq[keep_n:]
         self.count, self.limit = self.count[:keep_n], self.limit[:keep_n]
+
+
+class _StopWatch:
+    """Whether some running sequence has sampled a stop id, learnt without waiting for the
+    device: after each step a one-element flag (any of `done`) is copied into pinned host
+    memory behind a CUDA event, and the host reads the flags whose copies have landed. At most
+    `depth` flags are in flight; past that the host waits for the oldest (the device then
+    still has depth - 1 steps queued). On a CPU the flag is read at once."""
+
+    def __init__(self, device: torch.device, depth: int = 8):
+        self.cuda = device.type == "cuda"
+        self.depth = depth
+        self.flags = torch.zeros(depth, dtype=torch.bool, pin_memory=self.cuda)
+        self.events: list[torch.cuda.Event | None] = [None] * depth
+        self.pending: deque[int] = deque()
+        self.next = 0
+        self.seen = False
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.seen = False
+
+    def post(self, done: torch.Tensor) -> None:
+        if not self.cuda:
+            self.seen = self.seen or bool(done.any())
+            return
+        if len(self.pending) == self.depth:
+            event = self.events[self.pending[0]]
+            assert event is not None
+            event.synchronize()
+            self._drain()
+        i, self.next = self.next, (self.next + 1) % self.depth
+        self.flags[i : i + 1].copy_(done.any()[None], non_blocking=True)
+        event = self.events[i] = self.events[i] or torch.cuda.Event()
+        event.record()
+        self.pending.append(i)
+
+    def _drain(self) -> None:
+        while self.pending:
+            event = self.events[self.pending[0]]
+            assert event is not None
+            if not event.query():
+                break
+            self.seen = self.seen or bool(self.flags[self.pending.popleft()])
+
+    def stopped(self) -> bool:
+        """True once a landed flag says a sequence has sampled a stop id (no waiting)."""
+        if self.cuda:
+            self._drain()
+        return self.seen

@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from rlkit.rollout.drafters import Drafter
     from rlkit.rollout.scheduler import Run
 
-# Rows of the LM head and the sampling distribution per chunk in a verify step.
-_VERIFY_ROWS = 64
-
 
 def forward_tokens(run: Run, tokens: torch.Tensor) -> torch.Tensor:
     """Final hidden states [B, T, hidden] of tokens [B, T] fed to slots 0..B-1."""
@@ -125,8 +122,8 @@ class SpecStep:
         flat = hidden.reshape(B * T, -1)
         logp = torch.cat(
             [
-                sampling_logprobs(run.model.logits(flat[i : i + _VERIFY_ROWS]), params)
-                for i in range(0, B * T, _VERIFY_ROWS)
+                sampling_logprobs(run.model.logits(flat[i : i + run.sample_rows]), params)
+                for i in range(0, B * T, run.sample_rows)
             ]
         ).view(B, T, -1)
         num = to_device(draft.num, dev)

@@ -435,3 +435,65 @@ def test_fused_decode_step_matches_the_pytorch_step(tmp_path, arch, policy, T, k
             ref, out = getattr(cache, name).float(), getattr(fused, name).float()
             assert (out - ref).abs().max() <= tol * ref.abs().max().clamp(min=1e-6), name
     assert np.array_equal(cache.lengths, fused.lengths)
+
+
+def _count_retires(monkeypatch) -> list[int]:
+    from rlkit.rollout.scheduler import Run
+
+    retires: list[int] = []
+    real = Run._retire
+
+    def counting(self, step):
+        retires.append(len(self.seq))
+        return real(self, step)
+
+    monkeypatch.setattr(Run, "_retire", counting)
+    return retires
+
+
+def test_retires_only_when_a_sequence_can_finish(make_engine, prompts, monkeypatch):
+    retires = _count_retires(monkeypatch)
+    engine = make_engine(sync_every=2)
+    # No stop can be sampled (ignore_eos, no stop ids or strings): one retire, at the limit.
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=20, **GREEDY))
+    assert retires == [len(prompts)]
+    assert all(len(c.token_ids) == 20 for c in out)
+    # Stop strings need the tokens on the host: a retire every sync_every steps.
+    retires.clear()
+    engine.generate(prompts, SamplingParams(max_new_tokens=20, stop=["\x00never"], **GREEDY))
+    assert len(retires) == 10
+
+
+def test_a_stopped_sequence_is_retired_after_sync_every_steps(make_engine, prompts, monkeypatch):
+    engine = make_engine()
+    free = engine.generate(prompts[:1], SamplingParams(max_new_tokens=16, **GREEDY))[0].token_ids
+    stop = free[1]  # sampled as the second token
+    retires = _count_retires(monkeypatch)
+    engine.sync_every = 3
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=[stop])
+    out = engine.generate(prompts[:1], params)[0]
+    assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
+    # Stopped at decode step 1 (token 2): retired once sync_every steps have run.
+    assert retires == [1]
+
+
+def test_stop_watch_learns_a_stop_without_a_wait(monkeypatch):
+    from rlkit.rollout.scheduler import _StopWatch
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    watch = _StopWatch(dev, depth=3)
+    no = torch.zeros(4, dtype=torch.bool, device=dev)
+    for _ in range(7):  # more flags than the ring holds: the host waits for the oldest
+        watch.post(no)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    assert not watch.stopped()
+    yes = no.clone()
+    yes[2] = True
+    watch.post(yes)
+    watch.post(no)  # a later flag does not hide an earlier stop
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    assert watch.stopped()
+    watch.reset()
+    assert not watch.stopped()
