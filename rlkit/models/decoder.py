@@ -189,6 +189,12 @@ class Attention(nn.Module):
         B, T = q.shape[:2]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        # A cache may rotate and store in one kernel (`KVCache.attend_rope`, a GPU decode step).
+        fused = getattr(cache, "attend_rope", None)
+        out = None if fused is None else fused(self.layer, q, k, v, cos, sin)
+        if out is not None:
+            out = out.transpose(1, 2).reshape(B, T, -1)
+            return linear(out, *self.o) if self.o is not None else self.o_proj(out)
         q = rotate(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = rotate(k.transpose(1, 2), cos, sin)  # [B, KVH, T, D]
         v = v.transpose(1, 2)

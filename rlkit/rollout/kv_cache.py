@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.device import to_device
 from rlkit.kernels import cpu as cpu_kernels
-from rlkit.kernels import kv_compress
+from rlkit.kernels import kv_compress, rope_append
 from rlkit.kernels.sparse_decode_attention import sparse_decode_attention
 from rlkit.models.decoder import FusedTarget
 from rlkit.rollout.compression import POLICIES, CompressionInputs, oracle_scores, validate
@@ -222,12 +222,36 @@ class KVCache:
             self.k[layer, self._slots, :, : k.shape[2]] = k[self._rows]
             self.v[layer, self._slots, :, : v.shape[2]] = v[self._rows]
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        B, H, T, D = q.shape
-        kvh = k.shape[1]
+        B = q.shape[0]
         slots = torch.arange(B, device=self.device)[:, None]  # [B, 1]
         # Advanced indices around a slice: the indexed view is [B, T, KVH, D].
         self.k[layer][slots, :, self._write] = k.transpose(1, 2)
         self.v[layer][slots, :, self._write] = v.transpose(1, 2)
+        return self._attend_stored(layer, q)
+
+    def attend_rope(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """`attend` before RoPE: q [B, T, H, D], k/v [B, T, KVH, D], cos/sin [B, 1, T, D]. A
+        decode step on a GPU rotates q and k and stores k and v in one kernel
+        (`rlkit.kernels.rope_append`); None where the caller rotates and calls `attend`."""
+        if self._mode != "decode" or not rope_append.applies(q):
+            return None
+        q_rot = rope_append.rope_append(
+            q, k, v, cos, sin, self._write, self.k[layer], self.v[layer]
+        )
+        return self._attend_stored(layer, q_rot)
+
+    def _attend_stored(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """A decode step's attention of q [B, H, T, D] once its tokens' k/v are stored."""
+        B, H, T, D = q.shape
+        kvh = self.k.shape[2]
         keys = self.k[layer, :B, :, : self._kv_len]  # [B, KVH, L, D]
         values = self.v[layer, :B, :, : self._kv_len]
         if T == 1:  # one query per sequence over its own entries: the decode kernel
@@ -627,15 +651,42 @@ class CompressedKVCache(KVCache):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._mode == "prefill":
             return self._prefill(layer, q, k, v)
-        B, H, T, D = q.shape
-        kvh = k.shape[1]
+        B = q.shape[0]
         group, ks, vs = self._store(layer)
-        write, kv_len = self._gwrite[group], self._gkv_len[group]
+        write = self._gwrite[group]
         slots = torch.arange(B, device=self.device)[:, None]  # [B, 1]
         ks[slots, :, write] = k.transpose(1, 2)
         vs[slots, :, write] = v.transpose(1, 2)
         if layer in self.q_index:
             self.queries[self.q_index[layer]][slots, :, self._ring] = q.transpose(1, 2)
+        return self._attend_stored(layer, q)
+
+    def attend_rope(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor | None:
+        if self._mode != "decode" or not rope_append.applies(q):
+            return None
+        group, ks, vs = self._store(layer)
+        ring_store = ring = None
+        if layer in self.q_index:
+            ring_store, ring = self.queries[self.q_index[layer]], self._ring
+        q_rot = rope_append.rope_append(
+            q, k, v, cos, sin, self._gwrite[group], ks, vs, ring_store, ring
+        )
+        return self._attend_stored(layer, q_rot)
+
+    def _attend_stored(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = q.shape
+        kvh = self.num_kv_heads
+        group, ks, vs = self._store(layer)
+        write, kv_len = self._gwrite[group], self._gkv_len[group]
+        slots = torch.arange(B, device=self.device)[:, None]  # [B, 1]
         keys, values = ks[:B, :, :kv_len], vs[:B, :, :kv_len]
         G = H // kvh
         if self.h2o:

@@ -245,3 +245,35 @@ def test_speculative_steps_wait_for_the_gpu_once(tiny_dirs, prompts, drafter, mt
     finally:
         SpecStep.step = real
     assert syncs and max(syncs) == 1, syncs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("policy", [None, "snapkv", "layer_hybrid", "h2o"])
+def test_rotating_and_storing_in_one_call_decodes_like_separate_ops(
+    make_engine, prompts, arch, policy, monkeypatch
+):
+    """The GPU decode step's seam (`KVCache.attend_rope`, `rlkit.kernels.rope_append`), taken
+    here through the kernel's reference: the same tokens and log-probs as rotating in the
+    model and storing in `attend`, for every cache layout (dense, a query ring, full layers
+    beside compressed ones, H2O's statistics) and with q/k norms (qwen3)."""
+    from rlkit.kernels import rope_append as ra
+
+    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
+    kw = dict(
+        max_batch_size=5, sync_every=2, kv_compression=compression(policy), cuda_graphs=True,
+        cpu_kernels=False,
+    )  # fmt: skip
+    ref = make_engine(arch, **kw).generate(prompts, sp, n=2)
+    calls = []
+
+    def kernel(*args):
+        calls.append(args[0].shape)
+        return ra.rope_append_reference(*args)
+
+    monkeypatch.setattr(ra, "applies", lambda q: True)
+    monkeypatch.setattr(ra, "rope_append_triton", kernel)
+    out = make_engine(arch, **kw).generate(prompts, sp, n=2)
+    assert calls and all(shape[1] == 1 for shape in calls)  # decode steps only
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
