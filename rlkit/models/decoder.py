@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rlkit.kernels import cpu as cpu_kernels
+from rlkit.kernels import fused_norm
 from rlkit.models.config import ModelArgs, rope_frequencies
 
 # A linear's (weight, bias): plain or oneDNN-prepacked weight with its bias, or the AVX2 GEMM's
@@ -591,6 +592,8 @@ class Decoder(nn.Module):
     def _run(self, input_ids, positions, cache):
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
         cos, sin = self.rope(positions, x.dtype)
+        if cache is not None and self._glued(x):
+            return self._run_glued(x, cos, sin, cache)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             # A cache may be recomputed when its attend() is a pure function of its inputs and
@@ -601,3 +604,32 @@ class Decoder(nn.Module):
             else:
                 x = layer(x, cos, sin, cache)
         return self.model.norm(x)
+
+    def _glued(self, x: torch.Tensor) -> bool:
+        """Whether `_run_glued` takes this forward: inference (no autograd) of fused layers on
+        a GPU where the Triton kernels run, the norms in the activations' dtype."""
+        if not (x.is_cuda and fused_norm.HAS_TRITON) or torch.is_grad_enabled():
+            return False
+        first = cast(DecoderLayer, self.model.layers[0])
+        return first.mlp.gate_up is not None and self.model.norm.weight.dtype == x.dtype
+
+    def _run_glued(self, x, cos, sin, cache):
+        """`_run` for inference on a GPU with the layers' glue in single launches
+        (`rlkit.kernels.fused_norm`): each residual add fused with the RMSNorm after it (the
+        next layer's input norm, or the final one), SiLU(gate) * up in one kernel. The
+        residual stream x [B * T, hidden] is updated in place."""
+        B, T, C = x.shape
+        layers = [cast(DecoderLayer, lay) for lay in self.model.layers]
+        x = x.reshape(B * T, C)
+        eps = layers[0].input_layernorm.eps
+        h = F.rms_norm(x, (C,), layers[0].input_layernorm.weight, eps)
+        for i, lay in enumerate(layers):
+            attn = lay.self_attn(h.view(B, T, C), cos, sin, cache).reshape(B * T, C)
+            h = fused_norm.add_rms_norm(x, attn, lay.post_attention_layernorm.weight, eps)
+            mlp = lay.mlp
+            assert mlp.gate_up is not None and mlp.down is not None
+            up = fused_norm.silu_mul(linear(h, *mlp.gate_up))
+            down = linear(up, *mlp.down)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h = fused_norm.add_rms_norm(x, down, norm.weight, eps)
+        return h.view(B, T, C)

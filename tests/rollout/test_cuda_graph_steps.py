@@ -277,3 +277,29 @@ def test_rotating_and_storing_in_one_call_decodes_like_separate_ops(
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_gpu_layer_glue_decodes_like_the_layers(make_engine, prompts, arch, monkeypatch):
+    """`Decoder._run_glued` (the GPU inference forward: residual adds fused with the norms,
+    SiLU * up in one call), taken here through its kernels' references, prefill and padded
+    decode steps alike: the same tokens and log-probs as the layers' own forward."""
+    from rlkit.models.decoder import Decoder
+
+    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
+    kw = dict(max_batch_size=5, sync_every=2, cuda_graphs=True, cpu_kernels=False)
+    ref = make_engine(arch, **kw).generate(prompts, sp, n=2)
+    calls = []
+    real = Decoder._run_glued
+
+    def glued(self, *args):
+        calls.append(args[0].shape)
+        return real(self, *args)
+
+    monkeypatch.setattr(Decoder, "_glued", lambda self, x: not torch.is_grad_enabled())
+    monkeypatch.setattr(Decoder, "_run_glued", glued)
+    out = make_engine(arch, **kw).generate(prompts, sp, n=2)
+    assert calls
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
