@@ -5,10 +5,10 @@ engine: dense, sparse (a compressed KV cache) and speculative (drafts verified b
 retirement, compaction). Every distinct prompt is prefilled once and its keys/values written
 straight into the slots of its n samples. Decode steps (`steps.py`) advance all running
 sequences at once, one token each (`PlainStep`) or a verified run of drafts each (`SpecStep`
-with a drafter from `drafters.py`); once a sequence has stopped (checked every `sync_every`
-steps at least) or reached its token limit, the host finishes sequences (EOS, stop ids, stop
-strings, length), compacts the survivors into slots 0..B-1 and admits waiting sequences into
-the freed slots.
+with a drafter from `drafters.py`); every `sync_every` steps (when a sequence can stop
+early) and whenever a sequence reaches its token limit, the host finishes sequences (EOS,
+stop ids, stop strings, length), compacts the survivors into slots 0..B-1 and admits waiting
+sequences into the freed slots.
 
 With `kv_compression` (Sparse-RL), the cache is a `CompressedKVCache`: prompts longer than the
 budget are compressed as they are prefilled, and every `interval` tokens of a sequence its
@@ -98,10 +98,9 @@ class Engine:
     policy's cache; an MTP drafter's one-layer dense cache comes on top.
     max_seq_len: prompt + completion cap (default: the model's max positions). The cache is
     sized per call to min(max_seq_len, longest prompt + max_new_tokens) and kept for reuse.
-    sync_every: decode steps at least between retires (the host's reads of finished
-    sequences); past it a retire runs once a sequence has sampled a stop id (learnt without
-    waiting for a GPU), at every `sync_every` steps with stop strings, and always at a
-    sequence's token limit.
+    sync_every: decode steps between retires (the host's reads of finished sequences) when
+    a sequence can stop before its limit (EOS, stop ids, stop strings); a retire also runs at
+    every sequence's token limit, and only there when nothing can stop a sequence earlier.
     max_prefill_tokens: padded prompt tokens per prefill forward.
     kv_compression: Sparse-RL's compressed KV (None or policy "none": dense). The compressed
     layers' cache then holds budget + interval entries per slot, not the whole sequence.

@@ -5,8 +5,8 @@ Sequences have ids (prompt i, sample j -> i * n + j) and run in slots 0..B-1 of 
 A loop of `execute`: admit waiting sequences into free slots (prefill: one forward per distinct
 prompt, its keys/values written into the slots of its n samples, and the first token sampled),
 run decode steps (each emits one or more tokens per running sequence: `DecodeStep`) until a
-retire is due (`Run._decode`: a sequence at its token limit, or at least `sync_every` steps and
-a stop to look for), then retire: read the new tokens on the host, finish sequences (EOS, stop
+retire is due (`Run._decode`: a sequence at its token limit, or `sync_every` steps when a
+sequence can stop before it), then retire: read the new tokens on the host, finish sequences (EOS, stop
 ids, stop strings, length), compact the survivors into slots 0..B'-1 and free the rest.
 """
 
@@ -124,7 +124,6 @@ class Run:
         self.events0 = getattr(self.cache, "events", 0)
         self.held = np.zeros(total, dtype=np.int64)
         self.true_len = np.zeros(total, dtype=np.int64)
-        self.watch = _StopWatch(dev)
 
     def execute(self, step: DecodeStep) -> list[Completion]:
         while self.waiting or self.seq:
@@ -136,19 +135,18 @@ class Run:
 
     def _decode(self, step: DecodeStep) -> None:
         """Decode steps until a retire is due: a sequence at its token limit (the host counts
-        tokens), or `sync_every` steps run and either stop strings to check (they need the
-        tokens on the host) or some sequence has sampled a stop id, which `_StopWatch` learns
-        without waiting for the device. So on a GPU the host stays steps ahead of it and the
-        device idles only at retires that finish sequences, not every `sync_every` steps."""
-        self.watch.reset()
+        tokens), or `sync_every` steps when a sequence can stop before its limit (stop ids,
+        EOS, stop strings). When none can (ignore_eos and no stops: benchmarks, fixed-length
+        rollouts) the device is read only at the limit, so a GPU never idles for a retire
+        that could finish nothing."""
+        can_stop = self.checker.active or len(self.stop_ids) > 0
         steps = 0
         # The host knows every count: no sequence goes past its limit between retires.
         while len(self.seq) and int((self.limit - self.count).min()) > 0:
             step.step(self)
             self.cache.compress_due(len(self.seq))
             steps += 1
-            self.watch.post(self.done[: len(self.seq)])
-            if steps >= self.e.sync_every and (self.checker.active or self.watch.stopped()):
+            if can_stop and steps >= self.e.sync_every:
                 break
 
     def _record_stats(self, step: DecodeStep) -> None:
@@ -339,53 +337,3 @@ class Run:
             self.seq[h], self.count[h], self.limit[h] = self.seq[m], self.count[m], self.limit[m]
         del self.seq[keep_n:]
         self.count, self.limit = self.count[:keep_n], self.limit[:keep_n]
-
-
-class _StopWatch:
-    """Whether some running sequence has sampled a stop id, learnt without waiting for the
-    device: after each step a one-element flag (any of `done`) is copied into pinned host
-    memory behind a CUDA event, and the host reads the flags whose copies have landed. At most
-    `depth` flags are in flight; past that the host waits for the oldest (the device then
-    still has depth - 1 steps queued). On a CPU the flag is read at once."""
-
-    def __init__(self, device: torch.device, depth: int = 8):
-        self.cuda = device.type == "cuda"
-        self.depth = depth
-        self.flags = torch.zeros(depth, dtype=torch.bool, pin_memory=self.cuda)
-        self.events: list[torch.cuda.Event | None] = [None] * depth
-        self.pending: deque[int] = deque()
-        self.next = 0
-        self.seen = False
-
-    def reset(self) -> None:
-        self.pending.clear()
-        self.seen = False
-
-    def post(self, done: torch.Tensor) -> None:
-        if not self.cuda:
-            self.seen = self.seen or bool(done.any())
-            return
-        if len(self.pending) == self.depth:
-            event = self.events[self.pending[0]]
-            assert event is not None
-            event.synchronize()
-            self._drain()
-        i, self.next = self.next, (self.next + 1) % self.depth
-        self.flags[i : i + 1].copy_(done.any()[None], non_blocking=True)
-        event = self.events[i] = self.events[i] or torch.cuda.Event()
-        event.record()
-        self.pending.append(i)
-
-    def _drain(self) -> None:
-        while self.pending:
-            event = self.events[self.pending[0]]
-            assert event is not None
-            if not event.query():
-                break
-            self.seen = self.seen or bool(self.flags[self.pending.popleft()])
-
-    def stopped(self) -> bool:
-        """True once a landed flag says a sequence has sampled a stop id (no waiting)."""
-        if self.cuda:
-            self._drain()
-        return self.seen

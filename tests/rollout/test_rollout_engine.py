@@ -475,25 +475,3 @@ def test_a_stopped_sequence_is_retired_after_sync_every_steps(make_engine, promp
     assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
     # Stopped at decode step 1 (token 2): retired once sync_every steps have run.
     assert retires == [1]
-
-
-def test_stop_watch_learns_a_stop_without_a_wait(monkeypatch):
-    from rlkit.rollout.scheduler import _StopWatch
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    watch = _StopWatch(dev, depth=3)
-    no = torch.zeros(4, dtype=torch.bool, device=dev)
-    for _ in range(7):  # more flags than the ring holds: the host waits for the oldest
-        watch.post(no)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    assert not watch.stopped()
-    yes = no.clone()
-    yes[2] = True
-    watch.post(yes)
-    watch.post(no)  # a later flag does not hide an earlier stop
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    assert watch.stopped()
-    watch.reset()
-    assert not watch.stopped()
