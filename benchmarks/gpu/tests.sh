@@ -14,7 +14,12 @@ for group in "tests/workers/test_gpu.py tests/workers/test_colocated.py" \
              "tests/rollout/test_cuda_graph_steps.py tests/rollout/test_rollout_engine.py tests/rollout/test_speculative.py tests/rollout/test_rollout_kv_cache.py tests/rollout/test_kv_compression.py" \
              "tests/kernels" "tests/test_device.py" ${EXTRA_TESTS:-}; do
   echo "== $group"
-  python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD $group -k "not triton_interpreted" \
+  # A test stuck past 120 s prints every thread's stack, and a group past GROUP_TIMEOUT is
+  # aborted with its stacks (the 2026-11-29 sixth session lost 8 minutes of device time to a
+  # test that never returned).
+  PYTHONFAULTHANDLER=1 timeout -s ABRT ${GROUP_TIMEOUT:-300} \
+    python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD -o faulthandler_timeout=120 \
+    $group -k "not triton_interpreted" \
     2>&1 | tee -a $OUT/gpu_tests.log | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 done
