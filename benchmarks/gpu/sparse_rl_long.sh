@@ -4,12 +4,15 @@
 # step-by-step prompt, up to 1536 new tokens, SnapKV budget 256 / window 16 / interval 64,
 # with the Sparse-RL corrections) and the same recipe dense (policy none), same seed; then
 # benchmarks/sparse_rl_long_summary.py: mean generated tokens, KV removed, rollout phase time
-# ratio, held-out accuracy gap. STEPS shortens or lengthens both runs (default: the recipe's 6).
-# Into $OUT: sparse_rl_long_{sparse,dense}_{summary.json,metrics.jsonl} and
-# gpu_sparse_rl_long.json. Expected: ~2.5-3.5 minutes a run on an H200.
+# ratio, held-out accuracy gap. STEPS shortens or lengthens both runs (default: the recipe's).
+# MODES="sparse" or "dense" runs one of them (one device call each when both do not fit one);
+# the summary needs both, from this machine's /tmp/runs or, afterwards, from the copies:
+#   python benchmarks/sparse_rl_long_summary.py <files>/sparse_rl_long_sparse <files>/sparse_rl_long_dense
+# Into $OUT: sparse_rl_long_{sparse,dense}/{summary.json,metrics.jsonl} and, with both runs,
+# gpu_sparse_rl_long.json.
 source benchmarks/gpu/setup.sh
 steps=${STEPS:+train.steps=$STEPS}
-for mode in sparse dense; do
+for mode in ${MODES:-sparse dense}; do
   extra=""
   [ "$mode" = dense ] && extra="rollout.kv_compression.policy=none"
   start=$(date +%s)
@@ -17,9 +20,12 @@ for mode in sparse dense; do
     run.name=sparse_rl_long_$mode run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false \
     2>&1 | grep -v "Warning\|WARNING" | tail -12
   echo "== $mode: $(( $(date +%s) - start )) s"
+  mkdir -p $OUT/sparse_rl_long_$mode
   for f in summary.json metrics.jsonl; do
-    cp /tmp/runs/sparse_rl_long_$mode/$f $OUT/sparse_rl_long_${mode}_$f
+    cp /tmp/runs/sparse_rl_long_$mode/$f $OUT/sparse_rl_long_$mode/$f
   done
 done
-python3 benchmarks/sparse_rl_long_summary.py /tmp/runs/sparse_rl_long_sparse \
-  /tmp/runs/sparse_rl_long_dense --json $OUT/gpu_sparse_rl_long.json
+if [ -f /tmp/runs/sparse_rl_long_sparse/summary.json ] && [ -f /tmp/runs/sparse_rl_long_dense/summary.json ]; then
+  python3 benchmarks/sparse_rl_long_summary.py /tmp/runs/sparse_rl_long_sparse \
+    /tmp/runs/sparse_rl_long_dense --json $OUT/gpu_sparse_rl_long.json
+fi
