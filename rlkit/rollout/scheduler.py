@@ -6,8 +6,9 @@ A loop of `execute`: admit waiting sequences into free slots (prefill: one forwa
 prompt, its keys/values written into the slots of its n samples, and the first token sampled),
 run decode steps (each emits one or more tokens per running sequence: `DecodeStep`) until a
 retire is due (`Run._decode`: a sequence at its token limit, or `sync_every` steps when a
-sequence can stop before it), then retire: read the new tokens on the host, finish sequences (EOS, stop
-ids, stop strings, length), compact the survivors into slots 0..B'-1 and free the rest.
+sequence can stop before it), then retire: read the new tokens on the host, finish sequences
+(EOS, stop ids, stop strings, length), compact the survivors into slots 0..B'-1 and free the
+rest.
 """
 
 from __future__ import annotations
