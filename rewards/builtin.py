@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from fractions import Fraction
@@ -31,6 +32,38 @@ def arithmetic(completion: str, sample: dict) -> float:
         answer = extract_last_number(completion)
     value = parse_number(answer) if answer is not None else None
     return float(value is not None and value == Fraction(int(str(sample["ground_truth"]).strip())))
+
+
+# A line that answers a labelled problem: "C) 37 + 8 = 45", "**c:** 45", "Q3. 45", "3) 45".
+_LABEL_RE = re.compile(r"[\s*#>`-]*([a-z]{1,3}|[a-z]?\d{1,3})\s*[.:)]")
+
+
+@register_verifier("arithmetic_set")
+def arithmetic_set(completion: str, sample: dict) -> dict[str, float]:
+    """Partial credit over a set of labelled problems: score is the fraction answered right.
+
+    `ground_truth` maps each label to its answer (JSON object, e.g. {"A": 45, "B": 91}). A
+    line that starts with a label (any case, then `)`, `:` or `.`) answers that problem: the
+    first number after the line's first `=` ("= 85 (7 + 8 = 15)" is 85), else the line's last
+    number. A label's last such line counts (a checking pass may correct the first), so
+    writing several answers to a problem gains nothing; labels the set does not have are
+    ignored. `answered`: the fraction of problems given an answer line.
+    """
+    truth = sample["ground_truth"]
+    answers = json.loads(truth) if isinstance(truth, str) else truth
+    expected = {str(label).lower(): Fraction(int(value)) for label, value in answers.items()}
+    if not expected:
+        raise ValueError("arithmetic_set: ground_truth holds no problems")
+    given: dict[str, Fraction | None] = {}
+    for line in completion.splitlines():
+        match = _LABEL_RE.match(line.lower())
+        if match is None or match[1] not in expected:
+            continue
+        rest = line[match.end() :]
+        numbers = find_numbers(rest.split("=", 1)[1]) if "=" in rest else find_numbers(rest)[-1:]
+        given[match[1]] = parse_number(numbers[0]) if numbers else None
+    right = sum(value is not None and value == expected[label] for label, value in given.items())
+    return {"score": right / len(expected), "answered": len(given) / len(expected)}
 
 
 @register_verifier("numeric")

@@ -201,13 +201,16 @@ def test_sparse_rl_long_summary_and_recipe(tmp_path, monkeypatch):
     assert kv.policy == "snapkv" and dense_cfg.rollout.kv_compression.policy == "none"
     # A 600-token sequence keeps at most budget + interval entries: >= 40% removed.
     assert 1 - (kv.budget + kv.interval) / 600 >= 0.4
-    assert sparse_cfg.rollout.max_new_tokens >= 1024 and sparse_cfg.data.task_args["steps"]
+    assert sparse_cfg.rollout.max_new_tokens >= 1024 and sparse_cfg.data.task == "arithmetic_set"
 
     def write(name, rows, acc):
         d = tmp_path / name
         d.mkdir()
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        summary = {"eval_before": {"eval/accuracy": 0.0}, "eval_after": {"eval/accuracy": acc}}
+        summary = {
+            "eval_before": {"eval/accuracy": 0.0, "eval/reward_mean": 0.1},
+            "eval_after": {"eval/accuracy": acc, "eval/reward_mean": 3 * acc},
+        }
         (d / "summary.json").write_text(json.dumps(summary))
         return str(d)
 
@@ -236,3 +239,9 @@ def test_sparse_rl_long_summary_and_recipe(tmp_path, monkeypatch):
     assert out["accuracy_gap_points"] == pytest.approx(-2.0)
     assert all(out["acceptance"].values())
     assert json.loads((tmp_path / "o.json").read_text())["dense"]["rollout_seconds"] == 18
+    # A partial-credit task compares eval/reward_mean: 15% vs 21%, 6 points apart.
+    out = mod.main([sparse, dense, "--metric", "eval/reward_mean"])
+    assert out["accuracy_gap_points"] == pytest.approx(-6.0) and out["sparse"]["eval_before"] == 0.1
+    assert not out["acceptance"]["accuracy_within_3_points"]
+    with pytest.raises(ValueError, match="--metric must be an eval/ key"):
+        mod.main([sparse, dense, "--metric", "reward_mean"])

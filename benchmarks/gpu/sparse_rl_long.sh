@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Sparse-RL with long responses on the lent GPU (issue 16), from the repository root:
-# recipes/sparse_rl_long.yaml (SmolLM2-135M-Instruct, countdown over 6-8 numbers with a
-# step-by-step prompt, up to 1536 new tokens, SnapKV budget 256 / window 16 / interval 64,
-# with the Sparse-RL corrections) and the same recipe dense (policy none), same seed; then
-# benchmarks/sparse_rl_long_summary.py: mean generated tokens, KV removed, rollout phase time
-# ratio, held-out accuracy gap. STEPS shortens or lengthens both runs (default: the recipe's).
+# recipes/sparse_rl_long.yaml (SmolLM2-135M-Instruct, task arithmetic_set: 26 labelled
+# additions answered and then checked, up to 1536 new tokens, SnapKV budget 320 / window 16 /
+# interval 32, with the Sparse-RL corrections) and the same recipe dense (policy none), same
+# seed; then benchmarks/sparse_rl_long_summary.py: mean generated tokens, KV removed, rollout
+# phase time ratio, held-out score gap (eval/reward_mean: the fraction of held-out additions
+# answered right). STEPS shortens or lengthens both runs (default: the recipe's).
 # MODES="sparse" or "dense" runs one of them (one device call each when both do not fit one);
 # the summary needs both, from this machine's /tmp/runs or, afterwards, from the copies:
-#   python benchmarks/sparse_rl_long_summary.py <files>/sparse_rl_long_sparse <files>/sparse_rl_long_dense
+#   python benchmarks/sparse_rl_long_summary.py <files>/sparse_rl_long_sparse \
+#     <files>/sparse_rl_long_dense --metric eval/reward_mean
 # Into $OUT: sparse_rl_long_{sparse,dense}/{summary.json,metrics.jsonl} and, with both runs,
 # gpu_sparse_rl_long.json.
 source benchmarks/gpu/setup.sh
@@ -27,5 +29,5 @@ for mode in ${MODES:-sparse dense}; do
 done
 if [ -f /tmp/runs/sparse_rl_long_sparse/summary.json ] && [ -f /tmp/runs/sparse_rl_long_dense/summary.json ]; then
   python3 benchmarks/sparse_rl_long_summary.py /tmp/runs/sparse_rl_long_sparse \
-    /tmp/runs/sparse_rl_long_dense --json $OUT/gpu_sparse_rl_long.json
+    /tmp/runs/sparse_rl_long_dense --metric eval/reward_mean --json $OUT/gpu_sparse_rl_long.json
 fi

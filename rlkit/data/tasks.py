@@ -33,6 +33,14 @@ COUNTDOWN_STEPS_PROMPT = (
     "You can use + - * / and each number once. Think step by step, trying combinations, "
     "then put the final equation after ####."
 )
+# `arithmetic_set`: additions labelled A) B) ... in one prompt, answered line by line and then
+# checked in a second pass (a long response whose every answer needs its problem from the
+# prompt). Letters keep a label apart from the operands' digits: numbered labels ("1.")
+# measured lower on SmolLM2-135M-Instruct.
+ARITHMETIC_SET_PROMPT = (
+    "Solve these {n} addition problems. Copy each line and write the sum after the = sign. "
+    "Then check your answers: write the whole list again, fixing any mistakes.\n\n{lines}"
+)
 # Problem spaces up to this size are enumerated; larger ones are sampled.
 _ENUMERATE_LIMIT = 200_000
 
@@ -180,6 +188,74 @@ def arithmetic(
             "extra_info": {"split": split, "index": i, "a": a, "op": op, "b": b},
         }
         for i, (a, op, b) in enumerate(problems)
+    ]
+
+
+def _set_reference(sample: dict) -> str:
+    return "\n".join(
+        f"{chr(65 + i)}) {a} + {b} = {a + b}"
+        for i, (a, b) in enumerate(sample["extra_info"]["problems"])
+    )
+
+
+@register_task("arithmetic_set", default_verifier="arithmetic_set", reference=_set_reference)
+def arithmetic_set(
+    split: str,
+    n: int,
+    seed: int,
+    problems: int = 26,
+    digits: int | tuple[int, int] | list[int] = (2, 1),
+    eval_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> list[dict]:
+    """`problems` additions in one prompt, a line each ("C) 37 + 8 ="), scored by the fraction
+    answered right (verifier `arithmetic_set`). `digits`: the operands' digit counts, [first,
+    second], or one count for both. Each addition is assigned to a split by the arithmetic
+    task's key, so no held-out addition appears in a train prompt; a set draws distinct
+    additions of its split."""
+    widths = (
+        [digits, digits] if isinstance(digits, int) and not isinstance(digits, bool)
+        else list(digits) if isinstance(digits, (list, tuple))
+        else []
+    )  # fmt: skip
+    if len(widths) != 2 or not all(type(d) is int and 1 <= d <= 4 for d in widths):
+        raise ValueError(
+            "task 'arithmetic_set': digits must be an integer in [1, 4] or [first, second] of "
+            f"them, got {digits!r}"
+        )
+    _int_arg("arithmetic_set", "problems", problems, 1, 26)
+    _fraction_arg("arithmetic_set", "eval_fraction", eval_fraction)
+    _int_arg("arithmetic_set", "split_seed", split_seed, 0, 2**31 - 1)
+    ranges = [range(1 if d == 1 else 10 ** (d - 1), 10**d) for d in widths]
+    want_eval = split == "eval"
+    pool = [
+        (a, b)
+        for a in ranges[0]
+        for b in ranges[1]
+        if in_eval_split(f"{a}+{b}", eval_fraction, split_seed) == want_eval
+    ]
+    if len(pool) < problems:
+        raise ValueError(
+            f"task 'arithmetic_set': the {split} split holds {len(pool)} additions, fewer than "
+            f"problems={problems}; lower problems or raise digits"
+        )
+    rng = _rng("arithmetic_set", split, seed)
+    sets = _draw_by_rejection(
+        lambda: rng.sample(pool, problems), n, what="arithmetic_set", key=lambda s: str(sorted(s))
+    )
+    return [
+        {
+            "prompt": _chat(
+                ARITHMETIC_SET_PROMPT.format(
+                    n=problems,
+                    lines="\n".join(f"{chr(65 + i)}) {a} + {b} =" for i, (a, b) in enumerate(s)),
+                )
+            ),
+            "ground_truth": json.dumps({chr(65 + i): a + b for i, (a, b) in enumerate(s)}),
+            "data_source": "arithmetic_set",
+            "extra_info": {"split": split, "index": i, "problems": [list(p) for p in s]},
+        }
+        for i, s in enumerate(sets)
     ]
 
 

@@ -4,7 +4,7 @@ import re
 import pytest
 from rlkit.rewards import get_verifier
 
-from rlkit.data.tasks import get_task, list_tasks, register_task
+from rlkit.data.tasks import get_task, in_eval_split, list_tasks, register_task
 
 
 def keys(samples):
@@ -57,7 +57,7 @@ def test_arithmetic_eval_is_a_seeded_tenth_of_the_8100_problems():
         build("eval", 5000, seed=0)
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "countdown"])
+@pytest.mark.parametrize("task", ["arithmetic", "arithmetic_set", "countdown"])
 def test_deterministic_per_seed(task):
     build = get_task(task).build
     assert build("train", 100, seed=3) == build("train", 100, seed=3)
@@ -81,7 +81,7 @@ def test_arithmetic_ops_and_digits():
 
 
 def test_reference_answers_pass_the_task_verifier():
-    for name in ["arithmetic", "countdown"]:
+    for name in ["arithmetic", "arithmetic_set", "countdown"]:
         task = get_task(name)
         verifier = get_verifier(task.default_verifier)
         for s in task.build("eval", 100, seed=0):
@@ -120,3 +120,48 @@ def test_steps_prompts_ask_for_work_before_the_answer():
             assert "step by step" in text and "####" in text
         with pytest.raises(ValueError, match="steps must be true or false"):
             get_task(name).build("train", 1, 0, steps="yes")
+
+
+def set_problems(sample):
+    """(label, a, b) of each line of an arithmetic_set prompt."""
+    return re.findall(r"^([A-Z])\) (\d+) \+ (\d+) =$", sample["prompt"][0]["content"], re.M)
+
+
+def test_arithmetic_set_prompt_lists_every_problem_and_its_truth():
+    samples = get_task("arithmetic_set").build("train", 20, seed=0)
+    for s in samples:
+        assert s["data_source"] == "arithmetic_set"
+        text = s["prompt"][0]["content"]
+        assert text.startswith("Solve these 26 addition problems. Copy each line")
+        assert "write the whole list again" in text
+        lines = set_problems(s)
+        assert [label for label, _, _ in lines] == [chr(c) for c in range(65, 91)]
+        # 2-digit + 1-digit by default, distinct within a set.
+        assert all(10 <= int(a) <= 99 and 1 <= int(b) <= 9 for _, a, b in lines)
+        assert len({(a, b) for _, a, b in lines}) == 26
+        assert json.loads(s["ground_truth"]) == {label: int(a) + int(b) for label, a, b in lines}
+        assert s["extra_info"]["problems"] == [[int(a), int(b)] for _, a, b in lines]
+
+
+def test_arithmetic_set_held_out_additions_never_appear_in_train_prompts():
+    build = get_task("arithmetic_set").build
+    held_out = {(a, b) for s in build("eval", 64, seed=0) for _, a, b in set_problems(s)}
+    train = {(a, b) for s in build("train", 200, seed=3) for _, a, b in set_problems(s)}
+    # 810 additions, a fifth of them held out; 200 train sets of 26 cover their split.
+    assert 120 < len(held_out) < 200 and 600 < len(train) < 700
+    assert not held_out & train
+    # The split is the arithmetic task's: the same key, the same hash.
+    assert all(in_eval_split(f"{a}+{b}", 0.2) for a, b in held_out)
+
+
+def test_arithmetic_set_args_are_checked():
+    build = get_task("arithmetic_set").build
+    lines = set_problems(build("eval", 1, seed=0, problems=5, digits=2)[0])
+    assert len(lines) == 5 and all(int(b) >= 10 for _, _, b in lines)
+    with pytest.raises(ValueError, match="digits must be"):
+        build("train", 1, seed=0, digits=[2, 1, 1])
+    with pytest.raises(ValueError, match="problems must be"):
+        build("train", 1, seed=0, problems=27)
+    # 81 one-digit additions, 8 of them held out at eval_fraction 0.1.
+    with pytest.raises(ValueError, match="eval split holds 8 additions, fewer than problems=9"):
+        build("eval", 1, seed=0, problems=9, digits=1, eval_fraction=0.1)

@@ -9,7 +9,8 @@ def sample(truth):
 
 
 def test_required_verifiers_are_registered():
-    for name in ["arithmetic", "numeric", "math_verify", "boxed", "format_hash", "countdown"]:
+    names = ["arithmetic", "arithmetic_set", "numeric", "math_verify", "boxed", "format_hash"]
+    for name in [*names, "countdown"]:
         assert name in list_verifiers()
 
 
@@ -99,6 +100,43 @@ def test_boxed_and_format_checks():
     regex = get_verifier("format_regex")
     assert regex("<think>a</think> 5", sample("0"), pattern=r"<think>.*</think>") == 1.0
     assert regex("<think>a</think> 5", sample("0"), pattern=r"<think>.*</think>", full=True) == 0.0
+
+
+SET_TRUTH = '{"A": 45, "B": 91, "C": 12, "D": 100}'
+
+
+@pytest.mark.parametrize(
+    "completion, score, answered",
+    [
+        ("A) 37 + 8 = 45\nB) 83 + 8 = 91\nC) 4 + 8 = 12\nD) 91 + 9 = 100", 1.0, 1.0),
+        # Partial credit: two right, one wrong, one missing.
+        ("A) 37 + 8 = 45\nB) 83 + 8 = 92\nD) 91 + 9 = 100", 0.5, 0.75),
+        # Bare answers, other label punctuation, case, markdown and text before the list.
+        ("Here you go:\na: 45\n**B)** 91\n  c. 12", 0.75, 0.75),
+        # The first number after the first "=", whatever follows it.
+        ("A) 37 + 8 = 45 (7 + 8 = 15)\nB) 83 + 8 = 91.", 0.5, 0.5),
+        # An unanswered line is answered wrong; "C) 4 + 8" has no "=": its last number, 8.
+        ("A) 37 + 8 =\nC) 4 + 8", 0.0, 0.5),
+        # Duplicates: a label's last line counts (the checking pass), right or wrong.
+        ("A) 37 + 8 = 44\nB) 83 + 8 = 91\nA) 37 + 8 = 45\nB) 83 + 8 = 90", 0.25, 0.5),
+        # Labels outside the set, and lines without a label, are ignored.
+        ("E) 45\nAB) 91\n1. 45\n37 + 8 = 45\nThe answer is 45", 0.0, 0.0),
+        # Malformed: no separator after the label, a label glued to a word, no text at all.
+        ("A 45\nBx) 91\nAnswer C: 12", 0.0, 0.0),
+        ("", 0.0, 0.0),
+    ],
+)
+def test_arithmetic_set_partial_credit(completion, score, answered):
+    result = get_verifier("arithmetic_set")(completion, sample(SET_TRUTH))
+    assert result == {"score": score, "answered": answered}
+
+
+def test_arithmetic_set_takes_numbered_labels_and_a_dict_truth():
+    verify = get_verifier("arithmetic_set")
+    truth = {"Q1": 3, "Q2": 7, "3": 10}
+    assert verify("Q1: 3\nq2) 8\n3. 10", sample(truth)) == {"score": 2 / 3, "answered": 1.0}
+    with pytest.raises(ValueError, match="no problems"):
+        verify("A) 3", sample("{}"))
 
 
 def test_registry_rejects_duplicates_and_lists_names_on_a_miss():
