@@ -66,6 +66,20 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return torch.log_softmax(scaled, dim=-1)
 
 
+def plain_rows(logits: torch.Tensor, params: SamplingParams) -> bool:
+    """Whether `params` draw from softmax(logits / T) itself (temperature > 0, no top-k or
+    top-p) over 2-D bf16 / float32 rows of unit column stride: what the one-kernel samplers
+    take."""
+    return (
+        params.temperature > 0
+        and params.top_p >= 1
+        and not 0 < params.top_k < logits.shape[-1]
+        and logits.dtype in (torch.bfloat16, torch.float32)
+        and logits.dim() == 2
+        and logits.stride(-1) == 1
+    )
+
+
 def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +91,7 @@ def sample(
     (`rlkit.kernels.sample_rows`). Both draw the same uniform per row from `generator` as
     `draw` does and apply the same inverse-CDF rule, so a seed gives the same tokens on every
     path (up to float32 rounding at a boundary between two tokens' shares)."""
-    plain = (
-        params.temperature > 0
-        and params.top_p >= 1
-        and not 0 < params.top_k < logits.shape[-1]
-        and logits.dtype in (torch.bfloat16, torch.float32)
-        and logits.dim() == 2
-        and logits.stride(-1) == 1
-    )
+    plain = plain_rows(logits, params)
     if plain and logits.device.type == "cpu" and cpu_kernels.available(logits.dtype):
         u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)
         return cpu_kernels.sample_rows(logits, params.temperature, u[:, 0])

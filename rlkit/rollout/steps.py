@@ -49,7 +49,7 @@ class PlainStep:
     def step(self, run: Run) -> None:
         B = len(run.seq)
         hidden = forward_tokens(run, run.last[:B, None])
-        run.emit_one(*run.sample(hidden[:, -1]))
+        run.sample_emit(hidden[:, -1])
 
     def moved(self, src: list[int], dst: list[int]) -> None:
         pass

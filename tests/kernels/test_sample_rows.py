@@ -16,7 +16,7 @@ import torch
 from interpreter import run_interpreted
 from rlkit.kernels import sample_rows as sr
 
-# name: (N, V, dtype, temperature, block_v)
+# name: (N, V, dtype, temperature, chunk)
 CASES: dict[str, tuple] = {
     "N37-V1000-fp32-T1": (37, 1000, torch.float32, 1.0, 256),
     "N20-V4099-bf16-T0.7": (20, 4099, torch.bfloat16, 0.7, 1024),
@@ -43,7 +43,7 @@ def run_cases(device: str) -> dict[str, dict]:
     for i, (name, case) in enumerate(CASES.items()):
         logits, temperature, u = make_inputs(case, seed=i, device=device)
         try:
-            tok, logp = sr.sample_rows_triton(logits, temperature, u, block_v=case[4])
+            tok, logp = sr.sample_rows_triton(logits, temperature, u, chunk=case[4])
         except Exception as e:  # reported per case by the parent
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
@@ -54,7 +54,41 @@ def run_cases(device: str) -> dict[str, dict]:
             "ref_token": ref_tok.tolist(),
             "ref_logp": ref_logp.tolist(),
         }
+    results["emit"] = run_emit(device)
     return results
+
+
+def make_emit(n: int, device: str) -> sr.Emit:
+    """The engine's emission state: 3n sequences of width 9, rows 0..n-1 running sequences
+    3b + 1 at counts b % 5, row 2 already done; stop ids 7 and one token sampled below."""
+    return sr.Emit(
+        out_tokens=torch.full((3 * n, 9), -1, dtype=torch.long, device=device),
+        out_logp=torch.zeros(3 * n, 9, device=device),
+        seq=torch.arange(1, 3 * n + 1, 3, device=device),
+        count=torch.arange(n, device=device) % 5,
+        last=torch.zeros(n + 2, dtype=torch.long, device=device),
+        done=torch.arange(n + 2, device=device) == 2,
+        stop_ids=torch.tensor([7, 0], device=device),
+    )
+
+
+def run_emit(device: str) -> dict:
+    """The kernels with the emit epilogue against the reference's sample + emit ops."""
+    logits, temperature, u = make_inputs(CASES["N37-V1000-fp32-T1"], seed=5, device=device)
+    logits[4] = -30.0
+    logits[4, 0] = 30.0  # row 4 samples a stop id
+    got, want = make_emit(37, device), make_emit(37, device)
+    try:
+        tok, logp = sr.sample_rows_triton(logits, temperature, u, chunk=256, emit=got)
+    except Exception as e:  # reported by the parent
+        return {"error": f"{type(e).__name__}: {e}"}
+    ref_tok, ref_logp = sr.sample_rows_reference(logits, temperature, u)
+    sr.emit_reference(want, ref_tok, ref_logp)
+    out = {"token": tok.tolist(), "ref_token": ref_tok.tolist()}
+    for name in ("out_tokens", "out_logp", "count", "last", "done"):
+        out[name] = getattr(got, name).tolist()
+        out["ref_" + name] = getattr(want, name).tolist()
+    return out
 
 
 def _check_result(name: str, res: dict) -> None:
@@ -79,10 +113,33 @@ def test_triton_interpreted_matches_reference(name, interpreted_results):
     _check_result(name, interpreted_results[name])
 
 
+def _check_emit(res: dict) -> None:
+    assert "error" not in res, res.get("error")
+    assert res["token"] == res["ref_token"]
+    for name in ("out_tokens", "count", "last", "done"):
+        assert res[name] == res["ref_" + name], name
+    torch.testing.assert_close(torch.tensor(res["out_logp"]), torch.tensor(res["ref_out_logp"]))
+    # What the epilogue wrote, independently of the reference: sequence 3b + 1 got its token
+    # at column b % 5, the stop id sampled by row 4 set its flag, row 2's flag stayed set, and
+    # the rows past the batch were left alone.
+    for b, t in enumerate(res["token"]):
+        assert res["out_tokens"][3 * b + 1][b % 5] == t and res["last"][b] == t
+    assert res["token"][4] == 0 and res["done"][4] and res["done"][2]
+    assert res["done"][37:] == [False, False] and res["last"][37:] == [0, 0]
+    stopped = [i for i, t in enumerate(res["token"]) if t in (7, 0)]  # row 3: u = 0, token 0
+    assert [i for i, d in enumerate(res["done"]) if d] == sorted({2, *stopped})
+
+
+def test_triton_interpreted_emit_writes_what_emit_one_writes(interpreted_results):
+    _check_emit(interpreted_results["emit"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_on_gpu_matches_reference():
-    for name, res in run_cases("cuda").items():
+    results = run_cases("cuda")
+    _check_emit(results.pop("emit"))
+    for name, res in results.items():
         _check_result(name, res)
     # The dispatcher takes the kernel for CUDA tensors.
     logits, temperature, u = make_inputs(CASES["N37-V1000-fp32-T1"], seed=0, device="cuda")
@@ -113,6 +170,15 @@ def test_bad_arguments_name_what_is_wrong():
         sr.sample_rows(x, 1.0, torch.zeros(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
         sr.sample_rows(x.long(), 1.0, u)
+
+
+def test_dispatcher_emits_through_the_reference_on_cpu():
+    logits, temperature, u = make_inputs(CASES["N9-V300-fp32-T1.5"], seed=1)
+    emit = make_emit(9, "cpu")
+    tok, logp = sr.sample_rows(logits, temperature, u, emit=emit)
+    assert torch.equal(tok, sr.sample_rows_reference(logits, temperature, u)[0])
+    assert [emit.out_tokens[3 * b + 1, b % 5].item() for b in range(9)] == tok.tolist()
+    assert emit.count.tolist() == [b % 5 + 1 for b in range(9)]
 
 
 if __name__ == "__main__":

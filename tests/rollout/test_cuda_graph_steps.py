@@ -303,3 +303,40 @@ def test_the_gpu_layer_glue_decodes_like_the_layers(make_engine, prompts, arch, 
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_the_sampler_emitting_itself_decodes_like_emit_one(
+    make_engine, prompts, top_p, monkeypatch
+):
+    """`Run.sample_emit` with `fused_emit` (a GPU's path: the sampler's kernels write the
+    tokens, log-probs, last token, stop flag and count), taken here through the dispatcher's
+    reference: the same tokens and log-probs as sampling and then `emit_one`, with stop ids,
+    continuous batching and compaction; top-p (not a plain draw) falls back to `emit_one`."""
+    from rlkit.kernels import sample_rows as sr
+
+    from rlkit.rollout import scheduler
+
+    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
+    sp.top_p = top_p
+    kw = dict(max_batch_size=5, sync_every=2, cuda_graphs=True, cpu_kernels=False)
+    ref = make_engine("llama", **kw).generate(prompts, sp, n=2)
+    calls = []
+    real_init, real_sample = scheduler.Run.__init__, sr.sample_rows
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.fused_emit = True
+
+    def sample_rows(logits, temperature, u, emit=None):
+        calls.append(emit is not None)
+        return real_sample(logits, temperature, u, emit)
+
+    monkeypatch.setattr(scheduler.Run, "__init__", init)
+    monkeypatch.setattr(sr, "sample_rows", sample_rows)
+    out = make_engine("llama", **kw).generate(prompts, sp, n=2)
+    assert calls == [] if top_p < 1 else calls and all(calls)
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    assert any(c.finish_reason == "stop" for c in out)  # a stop id ended some through the flag
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
