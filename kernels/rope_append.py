@@ -21,8 +21,8 @@ whatever its size, ~0.7 ms a step for a 24-layer model at batch 64
 PyTorch path rounds each product: results agree to a unit of bf16's last place).
 
 Three functions, as the other kernel modules: `rope_append_reference` (plain PyTorch: the
-decode step's former path), the Triton kernel `rope_append_triton` (one program per (token,
-head): H query heads, KVH key heads, KVH value heads), and the dispatcher `rope_append` (the
+decode step's former path), the Triton kernel `rope_append_triton` (one program per token:
+its H query heads, KVH key heads and KVH value heads as [heads, D / 2] blocks), and the dispatcher `rope_append` (the
 kernel for CUDA tensors when Triton is importable and D is a power of two, else the reference).
 """
 
@@ -111,50 +111,54 @@ if HAS_TRITON:
         sqr_b, sqr_h, sqr_l, sr_b, sr_t,
         HAS_RING: tl.constexpr,
         HALF: tl.constexpr,
+        HP: tl.constexpr,
+        KP: tl.constexpr,
     ):  # fmt: skip
+        """Program (token): every query, key and value head of one token, so that a program
+        has work enough (one per (token, head) left the GPU scheduling 14,560 tiny programs
+        a layer at 455 sequences) and loads its cos / sin once."""
         bt = tl.program_id(0)
-        h = tl.program_id(1)
         b = (bt // T).to(tl.int64)
         t = (bt % T).to(tl.int64)
-        offs = tl.arange(0, HALF)
+        offs = tl.arange(0, HALF)[None, :]  # [1, HALF]
         c = Cos + b * sc_b + t * sc_t
         s = Sin + b * sc_b + t * sc_t
-        if h < H:
-            src = Q + b * sq_b + t * sq_t + h * sq_h
-            x1 = tl.load(src + offs).to(tl.float32)
-            x2 = tl.load(src + HALF + offs).to(tl.float32)
-            o1 = x1 * tl.load(c + offs).to(tl.float32) - x2 * tl.load(s + offs).to(tl.float32)
-            o2 = x2 * tl.load(c + HALF + offs).to(tl.float32) + x1 * tl.load(s + HALF + offs).to(
-                tl.float32
-            )
-            dst = QOut + b * so_b + h * so_h + t * so_t
-            tl.store(dst + offs, o1.to(QOut.dtype.element_ty))
-            tl.store(dst + HALF + offs, o2.to(QOut.dtype.element_ty))
-            if HAS_RING:
-                r = tl.load(Ring + b * sr_b + t * sr_t)
-                dst = QR + b * sqr_b + h * sqr_h + r * sqr_l
-                tl.store(dst + offs, o1.to(QR.dtype.element_ty))
-                tl.store(dst + HALF + offs, o2.to(QR.dtype.element_ty))
-        elif h < H + KVH:
-            kh = h - H
-            src = K + b * sk_b + t * sk_t + kh * sk_h
-            x1 = tl.load(src + offs).to(tl.float32)
-            x2 = tl.load(src + HALF + offs).to(tl.float32)
-            o1 = x1 * tl.load(c + offs).to(tl.float32) - x2 * tl.load(s + offs).to(tl.float32)
-            o2 = x2 * tl.load(c + HALF + offs).to(tl.float32) + x1 * tl.load(s + HALF + offs).to(
-                tl.float32
-            )
-            w = tl.load(Write + b * sw_b + t * sw_t)
-            dst = KS + b * sks_b + kh * sks_h + w * sks_l
-            tl.store(dst + offs, o1.to(KS.dtype.element_ty))
-            tl.store(dst + HALF + offs, o2.to(KS.dtype.element_ty))
-        else:
-            vh = h - H - KVH
-            src = V + b * sv_b + t * sv_t + vh * sv_h
-            w = tl.load(Write + b * sw_b + t * sw_t)
-            dst = VS + b * svs_b + vh * svs_h + w * svs_l
-            tl.store(dst + offs, tl.load(src + offs))
-            tl.store(dst + HALF + offs, tl.load(src + HALF + offs))
+        c1 = tl.load(c + offs).to(tl.float32)
+        c2 = tl.load(c + HALF + offs).to(tl.float32)
+        s1 = tl.load(s + offs).to(tl.float32)
+        s2 = tl.load(s + HALF + offs).to(tl.float32)
+        # Queries: rotated into QOut [B, H, T, D] and, with a ring, into the query ring.
+        hq = tl.arange(0, HP)[:, None]  # [HP, 1]
+        mq = (hq < H) & (offs < HALF)
+        src = Q + b * sq_b + t * sq_t + hq * sq_h
+        x1 = tl.load(src + offs, mask=mq, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=mq, other=0.0).to(tl.float32)
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+        dst = QOut + b * so_b + hq * so_h + t * so_t
+        tl.store(dst + offs, o1.to(QOut.dtype.element_ty), mask=mq)
+        tl.store(dst + HALF + offs, o2.to(QOut.dtype.element_ty), mask=mq)
+        if HAS_RING:
+            r = tl.load(Ring + b * sr_b + t * sr_t)
+            dst = QR + b * sqr_b + hq * sqr_h + r * sqr_l
+            tl.store(dst + offs, o1.to(QR.dtype.element_ty), mask=mq)
+            tl.store(dst + HALF + offs, o2.to(QR.dtype.element_ty), mask=mq)
+        # Keys, rotated, and values, as they are, into the token's cache entry.
+        w = tl.load(Write + b * sw_b + t * sw_t)
+        hk = tl.arange(0, KP)[:, None]
+        mk = (hk < KVH) & (offs < HALF)
+        src = K + b * sk_b + t * sk_t + hk * sk_h
+        x1 = tl.load(src + offs, mask=mk, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=mk, other=0.0).to(tl.float32)
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+        dst = KS + b * sks_b + hk * sks_h + w * sks_l
+        tl.store(dst + offs, o1.to(KS.dtype.element_ty), mask=mk)
+        tl.store(dst + HALF + offs, o2.to(KS.dtype.element_ty), mask=mk)
+        src = V + b * sv_b + t * sv_t + hk * sv_h
+        dst = VS + b * svs_b + hk * svs_h + w * svs_l
+        tl.store(dst + offs, tl.load(src + offs, mask=mk), mask=mk)
+        tl.store(dst + HALF + offs, tl.load(src + HALF + offs, mask=mk), mask=mk)
 
 
 def rope_append_triton(
@@ -169,7 +173,7 @@ def rope_append_triton(
     ring_store: torch.Tensor | None = None,
     ring: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel (contract in the module docstring): one program per (token, head)."""
+    """The Triton kernel (contract in the module docstring): one program per token."""
     if not HAS_TRITON:
         raise RuntimeError("rope_append_triton needs triton, which is not importable")
     _check(q, k, v, cos, sin, write, k_store, v_store, ring_store, ring)
@@ -189,7 +193,7 @@ def rope_append_triton(
     has_ring = ring_store is not None and ring is not None
     qr = ring_store if ring_store is not None else q_out
     rg = ring if ring is not None else write
-    _rope_append_kernel[(B * T, H + 2 * kvh)](
+    _rope_append_kernel[(B * T,)](
         q, k, v, cos, sin, write, q_out, k_store, v_store, qr, rg,
         T, H, kvh,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -199,7 +203,8 @@ def rope_append_triton(
         k_store.stride(0), k_store.stride(1), k_store.stride(2),
         v_store.stride(0), v_store.stride(1), v_store.stride(2),
         qr.stride(0), qr.stride(1), qr.stride(2), rg.stride(0), rg.stride(1),
-        HAS_RING=has_ring, HALF=D // 2, num_warps=1,
+        HAS_RING=has_ring, HALF=D // 2, HP=triton.next_power_of_2(H),
+        KP=triton.next_power_of_2(kvh), num_warps=4,
     )  # fmt: skip
     return q_out
 
