@@ -12,7 +12,9 @@ bf16), 64 rows of L entries (budget 512 + interval 64 = 576; 1088), SnapKV windo
     scores/kernel-bN       the library's kernel (stats / norm / probs, parallel over entry
                            blocks of N)
     keep_top/*, compact/*  selection (budget 512) and in-place compaction of one [R, KVH, L, D]
-                           store; the engine compacts K and V per layer
+                           store; the engine compacts K and V per layer. keep_top's kernels:
+                           rank (L * L comparisons a row) and select (a bisection over the
+                           scores' bits, the default since 2026-11-30)
     compress/snapkv        one CompressedKVCache.compress of all 64 rows, 24 layers (device
                            time from CUDA events, host time until the launches return)
 
@@ -29,6 +31,7 @@ version (commit 5c75a69; benchmarks/results/gpu_bench_kv_compress.json).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -98,8 +101,10 @@ def bench_length(args, shape: dict, L: int, kernels: bool) -> list[dict]:
             )
     scores = want
     idx = kc.keep_top_reference(scores, lengths, budget, w)
+    rank = functools.partial(kc.keep_top_triton, select=False)
+    select = functools.partial(kc.keep_top_triton, select=True)
     for name, fn in [("reference", kc.keep_top_reference)] + (
-        [("kernel", kc.keep_top_triton)] if kernels else []
+        [("kernel-rank", rank), ("kernel-select", select)] if kernels else []
     ):
         same = torch.equal(fn(scores, lengths, budget, w), idx)
         ms = run(lambda fn=fn: fn(scores, lengths, budget, w))

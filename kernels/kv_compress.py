@@ -409,6 +409,53 @@ if HAS_TRITON:
         tl.store(p_keep, (rank < budget).to(tl.int8), mask=pos_i < L)
 
     @triton.jit
+    def _keep_select_kernel(
+        S,
+        Lens,
+        Keep,
+        L,
+        budget,
+        window,
+        stride_sb,
+        stride_sx,
+        stride_sl,
+        LP: tl.constexpr,
+    ):
+        """Program (head, row) with the whole row in registers: the budget-th best score by a
+        bisection over the scores' ordered integer keys (32 counting passes, not L * L
+        comparisons), then every entry above it and the earliest ones equal to it."""
+        x = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        length = tl.load(Lens + b).to(tl.int32)
+        pos = tl.arange(0, LP)
+        p_s = S + b * stride_sb + x * stride_sx
+        s = tl.load(p_s + pos.to(tl.int64) * stride_sl, mask=pos < L, other=0.0).to(tl.float32)
+        s = tl.where(pos >= length - window, float("inf"), s)
+        s = tl.where(pos >= length, float("-inf"), s)
+        # Float order as integer order in [0, 2**32): negative floats' magnitude bits flipped,
+        # then shifted up by 2**31 (non-negative, so that // rounds down); padding is -1.
+        bits = s.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2**31
+        key = tl.where(pos < L, key, -1)
+        # The largest t with at least `budget` keys >= t (budget <= L: t = 0 qualifies): the
+        # budget-th best key.
+        lo = tl.sum(tl.zeros([1], dtype=tl.int64), 0)
+        hi = lo + 2**32 - 1
+        for _ in range(32):
+            mid = (lo + hi + 1) // 2
+            enough = tl.sum((key >= mid).to(tl.int32), 0) >= budget
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        above = key > lo
+        tie = key == lo
+        # Ties go to the earlier entry: an equal one is kept while the budget has room.
+        room = budget - tl.sum(above.to(tl.int32), 0)
+        tie_i = tie.to(tl.int32)
+        keep = above | (tie & (tl.cumsum(tie_i, 0) - tie_i < room))
+        p_keep = Keep + (b * tl.num_programs(0) + x) * L + pos.to(tl.int64)
+        tl.store(p_keep, keep.to(tl.int8), mask=pos < L)
+
+    @triton.jit
     def _keep_place_kernel(
         Keep,
         Idx,
@@ -480,6 +527,11 @@ if HAS_TRITON:
                 vals,
                 mask=m,
             )
+
+
+# Rows up to this many entries take the bisection kernel of `keep_top_triton` (its registers
+# hold a row); longer ones the rank kernel.
+SELECT_MAX_L = 8192
 
 
 def _require_triton(name: str) -> None:
@@ -556,7 +608,10 @@ def keep_top_triton(
     block_i: int = 64,
     block_j: int = 64,
     block_c: int = 1024,
+    select: bool | None = None,
 ) -> torch.Tensor:
+    """select: the bisection kernel (a row in registers; default for L <= SELECT_MAX_L), or
+    False for the rank kernel (any L)."""
     _require_triton("keep_top_triton")
     _check_keep(scores, lengths, budget, window)
     R, X, L = scores.shape
@@ -564,18 +619,27 @@ def keep_top_triton(
     if R == 0 or X == 0 or budget == 0:
         return out
     keep = torch.empty((R, X, L), dtype=torch.int8, device=scores.device)
-    _keep_rank_kernel[(triton.cdiv(L, block_i), X, R)](
-        scores,
-        lengths,
-        keep,
-        L,
-        budget,
-        window,
-        *scores.stride(),
-        BLOCK_I=block_i,
-        BLOCK_J=block_j,
-        num_warps=4,
-    )
+    if select is None:
+        select = L <= SELECT_MAX_L
+    if select:
+        lp = _next_pow2(L)
+        _keep_select_kernel[(X, R)](
+            scores, lengths, keep, L, budget, window, *scores.stride(), LP=lp,
+            num_warps=max(1, min(16, lp // 256)),
+        )  # fmt: skip
+    else:
+        _keep_rank_kernel[(triton.cdiv(L, block_i), X, R)](
+            scores,
+            lengths,
+            keep,
+            L,
+            budget,
+            window,
+            *scores.stride(),
+            BLOCK_I=block_i,
+            BLOCK_J=block_j,
+            num_warps=4,
+        )
     _keep_place_kernel[(X, R)](
         keep, out, L, *out.stride(), BLOCK_C=min(block_c, _next_pow2(L)), num_warps=4
     )

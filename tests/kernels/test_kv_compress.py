@@ -32,6 +32,9 @@ KEEP_CASES: dict[str, tuple] = {
     "R3-X2-L40-b10-w3": (3, 2, 40, 10, 3, False),
     "R2-X1-L150-b70-w8-ties": (2, 1, 150, 70, 8, True),
     "R4-X3-L17-b16-w1-ties": (4, 3, 17, 16, 1, True),
+    # Signed scores (negative floats' bit order), all kept but one, and a row of ties only.
+    "R3-X2-L64-b63-w2-signed": (3, 2, 64, 63, 2, "signed"),
+    "R2-X2-L33-b20-w4-flat": (2, 2, 33, 20, 4, "flat"),
 }
 # name: (S, KVH, L, D (0: no trailing dim), budget, dtype)
 COMPACT_CASES: dict[str, tuple] = {
@@ -59,8 +62,14 @@ def keep_inputs(case: tuple, seed: int, device: str = "cpu"):
     R, X, L, budget, window, plateaus = case
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(R, X, L, generator=g)
-    if plateaus:  # max-pooling makes runs of equal scores: ties must go to the earlier entry
+    if plateaus is True:  # max-pooling makes runs of equal scores: ties go to the earlier entry
         scores = (scores * 4).floor() / 4
+    elif plateaus == "signed":
+        scores = torch.randn(R, X, L, generator=g) * 1e3
+        scores[0, 0, 5] = -0.0
+        scores[0, 0, 6] = 0.0
+    elif plateaus == "flat":
+        scores = torch.full((R, X, L), 0.25)
     lengths = torch.randint(budget + 1, L + 1, (R,), generator=g)
     lengths[0] = L
     return scores.to(device), lengths.to(device), budget, window
@@ -93,15 +102,18 @@ def run_cases(device: str) -> dict[str, dict]:
         }
     for i, (name, case) in enumerate(KEEP_CASES.items()):
         scores, lengths, budget, window = keep_inputs(case, seed=i, device=device)
-        try:
-            got = kc.keep_top_triton(
-                scores, lengths, budget, window, block_i=16, block_j=32, block_c=16
-            )
-        except Exception as e:
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
         want = kc.keep_top_reference(scores, lengths, budget, window)
-        results[name] = {"equal": bool(torch.equal(got, want))}
+        for select in (True, False):  # the bisection kernel and the rank kernel
+            key = name if select else name + "-rank"
+            try:
+                got = kc.keep_top_triton(
+                    scores, lengths, budget, window, block_i=16, block_j=32, block_c=16,
+                    select=select,
+                )  # fmt: skip
+            except Exception as e:
+                results[key] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            results[key] = {"equal": bool(torch.equal(got, want))}
     for i, (name, case) in enumerate(COMPACT_CASES.items()):
         store, rows, indices = compact_inputs(case, seed=i, device=device)
         want = store.clone()
@@ -127,7 +139,9 @@ def test_triton_interpreted_window_scores_match_reference(name, interpreted_resu
     assert res["shape_ok"] and res["max_err"] <= 2e-5, res
 
 
-@pytest.mark.parametrize("name", list(KEEP_CASES) + list(COMPACT_CASES))
+@pytest.mark.parametrize(
+    "name", list(KEEP_CASES) + [n + "-rank" for n in KEEP_CASES] + list(COMPACT_CASES)
+)
 def test_triton_interpreted_keep_top_and_compaction_match_reference(name, interpreted_results):
     res = interpreted_results[name]
     assert "error" not in res, res.get("error")
