@@ -686,10 +686,11 @@ class CompressedKVCache(KVCache):
         kvh = self.num_kv_heads
         group, ks, vs = self._store(layer)
         write, kv_len = self._gwrite[group], self._gkv_len[group]
-        slots = torch.arange(B, device=self.device)[:, None]  # [B, 1]
         keys, values = ks[:B, :, :kv_len], vs[:B, :, :kv_len]
         G = H // kvh
         if self.h2o:
+            # (Only here: an arange a layer is a launch of every captured step.)
+            slots = torch.arange(B, device=self.device)[:, None]  # [B, 1]
             qg = q.reshape(B, kvh, G * T, D).float()
             logits = qg @ keys.float().transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G*T, L]
             mask = causal_mask(write, kv_len).repeat(1, 1, G, 1)
