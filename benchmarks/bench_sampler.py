@@ -1,17 +1,18 @@
-"""Time the rollout sampler on CUDA: the PyTorch path against the one-launch Triton kernel.
+"""Time the rollout sampler on CUDA: the PyTorch path against the Triton kernels.
 
     python benchmarks/bench_sampler.py [--rows 64,455,512] [--vocab 32000,49152] [--json FILE]
 
-Temperature-1 sampling of bf16 logit rows (the LM head's output), each variant timed side by
-side in one process with CUDA events: a warm-up, then the median of --repeats calls.
+Temperature-1 sampling of bf16 logit rows (the LM head's output) from fixed uniforms, each
+variant timed side by side in one process by replaying a CUDA graph of 20 calls between CUDA
+events (device time: the engine launches these while the GPU runs earlier steps).
 Variants:
-  torch        `rlkit.rollout.sampling.sample` on the whole batch (float32 copy, log-softmax,
-               exp, float64 cumulative sum, searchsorted, gather; the path the engine took)
+  torch        the PyTorch path (`sample_rows_reference`: float32 copy, log-softmax, exp,
+               float64 cumulative sum, searchsorted, gather) on the whole batch
   torch-64     the same in chunks of 64 rows, as the engine's `scheduler.SAMPLE_ROWS` did
   triton-row   the first Triton sampler (2026-11-29), kept here for the comparison: one
                program per row, three passes over its row
   triton       `rlkit.kernels.sample_rows.sample_rows_triton`: two launches, each row split
-               over programs of 2,048 columns (uniforms from the generator)
+               over programs of 2,048 columns
   emit-ops     triton, then the engine's six emission ops (`Run.emit_one`)
   triton+emit  triton writing the emission itself (`Emit`, the engine's GPU path)
 The tokens of torch and triton are compared from the same uniforms (they agree except within
@@ -33,8 +34,6 @@ from rlkit.kernels.sample_rows import (
     sample_rows_reference,
     sample_rows_triton,
 )
-
-from rlkit.rollout.sampling import SamplingParams, sample
 
 
 @triton.jit
@@ -112,17 +111,30 @@ def _emit_state(n: int) -> Emit:
     )
 
 
-def _time(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
+def _time(fn, repeats: int, calls: int = 20) -> float:
+    """Device milliseconds a call: `calls` calls captured in one CUDA graph, replayed between
+    CUDA events (median of `repeats`), so that the host's launch time does not count; the
+    engine launches these while the GPU runs earlier steps. (Eager timing, this script's first
+    version, measured the host at these sizes: the 2026-11-30 run said so, see RESULTS.md.)"""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     times = []
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / calls)
     return statistics.median(times)
 
 
@@ -135,7 +147,6 @@ def main() -> None:
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sampler.py needs CUDA")
-    params = SamplingParams(temperature=1.0)
     rows = []
     for v in (int(x) for x in a.vocab.split(",")):
         for n in (int(x) for x in a.rows.split(",")):
@@ -147,30 +158,26 @@ def main() -> None:
             agree = float((ref_tok == tri_tok).float().mean())
             agree_row = float((ref_tok == _triton_row(logits, 1.0, u)).float().mean())
 
-            def whole(logits=logits, g=g):
-                sample(logits, params, g)
+            def whole(logits=logits, u=u):
+                sample_rows_reference(logits, 1.0, u)
 
-            def chunked(n=n, logits=logits, g=g):
+            def chunked(n=n, logits=logits, u=u):
                 for i in range(0, n, 64):
-                    sample(logits[i : i + 64], params, g)
+                    sample_rows_reference(logits[i : i + 64], 1.0, u[i : i + 64])
 
-            def triton_row(n=n, logits=logits, g=g):
-                u = torch.rand(n, generator=g, dtype=torch.float64, device="cuda")
+            def triton_row(logits=logits, u=u):
                 _triton_row(logits, 1.0, u)
 
-            def triton_(n=n, logits=logits, g=g):
-                u = torch.rand(n, generator=g, dtype=torch.float64, device="cuda")
+            def triton_(logits=logits, u=u):
                 sample_rows_triton(logits, 1.0, u)
 
             state = _emit_state(n)
 
-            def emit_ops(n=n, logits=logits, g=g, state=state):
-                u = torch.rand(n, generator=g, dtype=torch.float64, device="cuda")
+            def emit_ops(logits=logits, u=u, state=state):
                 emit_reference(state, *sample_rows_triton(logits, 1.0, u))
                 state.count.zero_()
 
-            def fused(n=n, logits=logits, g=g, state=state):
-                u = torch.rand(n, generator=g, dtype=torch.float64, device="cuda")
+            def fused(logits=logits, u=u, state=state):
                 sample_rows_triton(logits, 1.0, u, emit=state)
                 state.count.zero_()
 
