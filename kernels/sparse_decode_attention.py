@@ -45,6 +45,10 @@ from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 
 __all__ = [
     "HAS_TRITON",
+    "rope_decode_applies",
+    "rope_decode_attention",
+    "rope_decode_attention_reference",
+    "rope_decode_attention_triton",
     "sparse_decode_attention",
     "sparse_decode_attention_reference",
     "sparse_decode_attention_triton",
@@ -162,6 +166,25 @@ if HAS_TRITON:
         stride_ob,
         stride_oh,
         stride_od,
+        # FUSE (`rope_decode_attention`): Q holds the new token's queries before RoPE; its key
+        # and value (KN, VN [B, KVH, D]) are rotated / stored at entry lengths[b] - 1 by the
+        # program whose share holds it, which also writes the rotated queries into the ring.
+        KN,
+        VN,
+        Cos,
+        Sin,
+        QR,
+        Ring,
+        stride_knb,
+        stride_knh,
+        stride_vnb,
+        stride_vnh,
+        stride_cb,
+        stride_sb,
+        stride_qrb,
+        stride_qrh,
+        stride_qrl,
+        stride_rb,
         G: tl.constexpr,
         D: tl.constexpr,
         BLOCK_H: tl.constexpr,
@@ -169,6 +192,8 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr,  # one split: write the output here, no combine step
         IEEE_DOT: tl.constexpr,
+        FUSE: tl.constexpr = False,
+        HAS_RING: tl.constexpr = False,
     ):
         # 64-bit indices: a view of a large cache easily puts b * stride_kb past 2**31.
         b = tl.program_id(0).to(tl.int64)
@@ -189,11 +214,33 @@ if HAS_TRITON:
         mask_g = offs_g < G
         mask_d = offs_d < D
 
+        mask_q = mask_g[:, None] & mask_d[None, :]
+        q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh
         q = tl.load(
-            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-            mask=mask_g[:, None] & mask_d[None, :],
-            other=0.0,
+            q_ptr + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0
         )  # [BLOCK_H, BLOCK_D]
+        if FUSE:
+            # RoPE in the half-split layout (D a power of two, so BLOCK_D == D): x * cos +
+            # rotate_half(x) * sin, in float32, rounded once to the cache's dtype.
+            partner = (offs_d + D // 2) % D
+            sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+            cos = tl.load(Cos + b * stride_cb + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            sin = tl.load(Sin + b * stride_sb + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            sin = sin * sign
+            q_p = tl.load(q_ptr + partner[None, :] * stride_qd, mask=mask_q, other=0.0)
+            q = (q.to(tl.float32) * cos[None, :] + q_p.to(tl.float32) * sin[None, :]).to(
+                K.dtype.element_ty
+            )
+            kn_ptr = KN + b * stride_knb + kvh * stride_knh
+            k_new = tl.load(kn_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * cos
+            k_new += tl.load(kn_ptr + partner).to(tl.float32) * sin
+            k_new = k_new.to(K.dtype.element_ty)  # [BLOCK_D]
+            v_new = tl.load(VN + b * stride_vnb + kvh * stride_vnh + offs_d, mask=mask_d, other=0.0)
+            # The new entry is added from registers by the program whose share holds it; the
+            # walk stops before it (another program may be storing it).
+            new_at = length - 1
+            owner = (new_at >= start) & (new_at < end)
+            end = tl.minimum(end, new_at)
         if IEEE_DOT:
             q = q.to(tl.float32)
 
@@ -225,6 +272,30 @@ if HAS_TRITON:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
+
+        if FUSE:
+            if owner:
+                # (Padded query rows are zeros: a finite score, never stored.)
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp2(m_i - m_new)
+                p_new = tl.exp2(s_new - m_new)
+                l_i = l_i * alpha + p_new
+                if not IEEE_DOT:
+                    p_new = p_new.to(v_new.dtype).to(tl.float32)  # as the tiles' bf16 dot
+                acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+                m_i = m_new
+                new_row = new_at.to(tl.int64)
+                tl.store(k_base + new_row * stride_kl, k_new[None, :], mask=mask_d[None, :])
+                tl.store(v_base + new_row * stride_vl, v_new[None, :], mask=mask_d[None, :])
+                if HAS_RING:
+                    r = tl.load(Ring + b * stride_rb).to(tl.int64)
+                    tl.store(
+                        QR + b * stride_qrb + heads[:, None] * stride_qrh + r * stride_qrl
+                        + offs_d[None, :],
+                        q.to(QR.dtype.element_ty),
+                        mask=mask_q,
+                    )  # fmt: skip
 
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -323,10 +394,12 @@ def sparse_decode_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fused: tuple | None = None,
 ) -> torch.Tensor:
     """The Triton kernel (contract in the module docstring). The keyword-only knobs are for
     tests and benchmarks: num_splits (None: chosen from B * KVH, L and the GPU's multiprocessor
-    count), block_n (KV entries per block), num_warps, num_stages."""
+    count), block_n (KV entries per block), num_warps, num_stages. `fused`: the new token's
+    (k, v, cos, sin, ring_store, ring), from `rope_decode_attention_triton`."""
     if not HAS_TRITON:
         raise RuntimeError("sparse_decode_attention_triton needs triton, which is not importable")
     B, H, D, kvh, G, scale = _check(q, k, v, lengths, scale)
@@ -358,6 +431,21 @@ def sparse_decode_attention_triton(
     else:
         mid_o = mid_lse = out  # unused
 
+    if fused is None:
+        extra: tuple = (q, q, q, q, q, lengths) + (0,) * 10
+        flags = {}
+    else:
+        k_new, v_new, cos, sin, ring_store, ring = fused
+        has_ring = ring_store is not None
+        qr = ring_store if has_ring else q
+        rg = ring if ring is not None else lengths
+        extra = (
+            k_new, v_new, cos, sin, qr, rg, k_new.stride(0), k_new.stride(1), v_new.stride(0),
+            v_new.stride(1), cos.stride(0), sin.stride(0),
+            qr.stride(0) if has_ring else 0, qr.stride(1) if has_ring else 0,
+            qr.stride(2) if has_ring else 0, rg.stride(0),
+        )  # fmt: skip
+        flags = {"FUSE": True, "HAS_RING": has_ring}
     _decode_partial_kernel[(B, kvh, num_splits)](
         q,
         k,
@@ -373,6 +461,8 @@ def sparse_decode_attention_triton(
         *k.stride(),
         *v.stride(),
         *out.stride(),
+        *extra,
+        **flags,
         G=G,
         D=D,
         BLOCK_H=BLOCK_H,
@@ -421,3 +511,125 @@ def sparse_decode_attention(
         if cpu_kernels.supports(q, k, v):
             return cpu_kernels.decode_attention(q, k, v, lengths, scale)
     return sparse_decode_attention_reference(q, k, v, lengths, scale, exact=False)
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE, the cache append and the attention of a decode step in one launch
+# --------------------------------------------------------------------------------------------
+
+
+def _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring) -> None:
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be [B, 1, H, D] (one new token a row), got {tuple(q.shape)}")
+    B, _, H, D = q.shape
+    kvh = k_cache.shape[1] if k_cache.dim() == 4 else -1
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != (B, 1, kvh, D):
+            raise ValueError(f"{name} must be [{B}, 1, {kvh}, {D}], got {tuple(x.shape)}")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if x.shape != (B, 1, 1, D):
+            raise ValueError(f"{name} must be [{B}, 1, 1, {D}], got {tuple(x.shape)}")
+    if (ring_store is None) != (ring is None):
+        raise ValueError("ring_store and ring go together")
+    if ring is not None and ring.shape != (B, 1):
+        raise ValueError(f"ring must be [{B}, 1], got {tuple(ring.shape)}")
+    if ring_store is not None and (
+        ring_store.dim() != 4 or ring_store.shape[0] < B or ring_store.shape[1:4:2] != (H, D)
+    ):
+        raise ValueError(f"ring_store must be [>= {B}, {H}, W, {D}], got {ring_store.shape}")
+    _check(q[:, 0], k_cache, v_cache, lengths, None)
+
+
+def rope_decode_applies(q: torch.Tensor) -> bool:
+    """Whether `rope_decode_attention` takes the kernel: CUDA, Triton, a power-of-two D."""
+    D = q.shape[-1]
+    return q.is_cuda and HAS_TRITON and D >= 2 and not D & (D - 1)
+
+
+def rope_decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    ring_store: torch.Tensor | None = None,
+    ring: torch.Tensor | None = None,
+    *,
+    cpu_kernel: bool = True,
+) -> torch.Tensor:
+    """`rope_append` (the new token at entry lengths[b] - 1), then `sparse_decode_attention`:
+    the two calls the fused kernel replaces."""
+    from rlkit.kernels.rope_append import rope_append_reference
+
+    _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
+    write = (lengths.to(torch.int64) - 1)[:, None]
+    q_rot = rope_append_reference(q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring)
+    return sparse_decode_attention(q_rot[:, :, 0], k_cache, v_cache, lengths, cpu_kernel=cpu_kernel)
+
+
+def rope_decode_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    ring_store: torch.Tensor | None = None,
+    ring: torch.Tensor | None = None,
+    **knobs: Any,
+) -> torch.Tensor:
+    """The attention kernel with FUSE: every program rotates its group's queries; the one
+    whose share of the row holds entry lengths[b] - 1 rotates the new key, stores it and the
+    value there (and the rotated queries into the ring) and adds that entry from registers,
+    so the others never read an entry being written. knobs: as
+    `sparse_decode_attention_triton`."""
+    if not HAS_TRITON:
+        raise RuntimeError("rope_decode_attention_triton needs triton, which is not importable")
+    _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
+    D = q.shape[-1]
+    if D & (D - 1):
+        raise ValueError(f"rope_decode_attention_triton needs a power-of-two head_dim, got {D}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin),
+                    ("ring_store", ring_store)):  # fmt: skip
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError(f"{name} needs a unit stride on its last dim")
+    fused = (k[:, 0], v[:, 0], cos[:, 0, 0], sin[:, 0, 0], ring_store,
+             None if ring is None else ring[:, 0])  # fmt: skip
+    return sparse_decode_attention_triton(q[:, 0], k_cache, v_cache, lengths, fused=fused, **knobs)
+
+
+def rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    ring_store: torch.Tensor | None = None,
+    ring: torch.Tensor | None = None,
+    *,
+    cpu_kernel: bool = True,
+) -> torch.Tensor:
+    """A decode step's attention with its RoPE and cache append, out [B, H, D]:
+
+        q           [B, 1, H, D]     the new token's queries before RoPE (unit stride on D)
+        k, v        [B, 1, KVH, D]   its key (before RoPE) and value
+        cos, sin    [B, 1, 1, D]     RoPE in the half-split layout
+        k_cache     [B, KVH, L, D]   row b: sequence b's entries (views of the cache), the new
+        v_cache                      one stored at entry lengths[b] - 1
+        lengths     [B]              entries each row attends to, the new one included
+        ring_store  [S, H, W, D]     optional: SnapKV's query ring; ring [B, 1] its entry
+
+    The kernel for CUDA tensors with a power-of-two D (one launch where rope_append and the
+    attention took two), else the reference (`cpu_kernel`: as `sparse_decode_attention`)."""
+    args = (q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
+    if rope_decode_applies(q):
+        return rope_decode_attention_triton(*args)
+    return rope_decode_attention_reference(*args, cpu_kernel=cpu_kernel)

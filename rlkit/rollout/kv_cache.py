@@ -37,6 +37,7 @@ from rlkit.config.schema import KVCompressionConfig
 from rlkit.device import to_device
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.kernels import kv_compress, rope_append
+from rlkit.kernels import sparse_decode_attention as sda
 from rlkit.kernels.sparse_decode_attention import sparse_decode_attention
 from rlkit.models.decoder import FusedTarget
 from rlkit.rollout.compression import POLICIES, CompressionInputs, oracle_scores, validate
@@ -243,6 +244,14 @@ class KVCache:
         (`rlkit.kernels.rope_append`); None where the caller rotates and calls `attend`."""
         if self._mode != "decode" or not rope_append.applies(q):
             return None
+        if q.shape[1] == 1 and sda.rope_decode_applies(q):  # and the attention: one launch
+            B = q.shape[0]
+            keys = self.k[layer, :B, :, : self._kv_len]
+            values = self.v[layer, :B, :, : self._kv_len]
+            out = sda.rope_decode_attention(
+                q, k, v, cos, sin, keys, values, self._lens, cpu_kernel=self.cpu_kernels
+            )
+            return out[:, :, None]
         q_rot = rope_append.rope_append(
             q, k, v, cos, sin, self._write, self.k[layer], self.v[layer]
         )
@@ -676,6 +685,15 @@ class CompressedKVCache(KVCache):
         ring_store = ring = None
         if layer in self.q_index:
             ring_store, ring = self.queries[self.q_index[layer]], self._ring
+        if q.shape[1] == 1 and not self.h2o and sda.rope_decode_applies(q):
+            # RoPE, the append and the attention in one launch (H2O's statistic needs the
+            # attention probabilities: it keeps the separate path).
+            B, kv_len = q.shape[0], self._gkv_len[group]
+            out = sda.rope_decode_attention(
+                q, k, v, cos, sin, ks[:B, :, :kv_len], vs[:B, :, :kv_len], self._glens[group],
+                ring_store, ring, cpu_kernel=self.cpu_kernels,
+            )  # fmt: skip
+            return out[:, :, None]
         q_rot = rope_append.rope_append(
             q, k, v, cos, sin, self._gwrite[group], ks, vs, ring_store, ring
         )

@@ -279,6 +279,41 @@ def test_rotating_and_storing_in_one_call_decodes_like_separate_ops(
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("policy", [None, "snapkv", "layer_hybrid", "h2o"])
+def test_rope_append_and_attention_in_one_call_decode_like_separate_ops(
+    make_engine, prompts, arch, policy, monkeypatch
+):
+    """The GPU decode step's one-launch attention (`sparse_decode_attention.rope_decode_attention`:
+    RoPE, the append, the query ring and the attention), taken here through its reference:
+    the same tokens and log-probs as rotating and storing, then attending, for every cache
+    layout; H2O (its statistic needs the probabilities) keeps the separate path."""
+    from rlkit.kernels import rope_append as ra
+    from rlkit.kernels import sparse_decode_attention as sda
+
+    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
+    kw = dict(
+        max_batch_size=5, sync_every=2, kv_compression=compression(policy), cuda_graphs=True,
+        cpu_kernels=False,
+    )  # fmt: skip
+    ref = make_engine(arch, **kw).generate(prompts, sp, n=2)
+    calls = []
+
+    def fused(*args):
+        calls.append(args[0].shape)
+        return sda.rope_decode_attention_reference(*args, cpu_kernel=False)
+
+    monkeypatch.setattr(ra, "applies", lambda q: True)
+    monkeypatch.setattr(ra, "rope_append_triton", ra.rope_append_reference)  # H2O's path
+    monkeypatch.setattr(sda, "rope_decode_applies", lambda q: True)
+    monkeypatch.setattr(sda, "rope_decode_attention_triton", fused)
+    out = make_engine(arch, **kw).generate(prompts, sp, n=2)
+    assert (not calls) if policy == "h2o" else (calls and all(s[1] == 1 for s in calls))
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_the_gpu_layer_glue_decodes_like_the_layers(make_engine, prompts, arch, monkeypatch):
     """`Decoder._run_glued` (the GPU inference forward: residual adds fused with the norms,
