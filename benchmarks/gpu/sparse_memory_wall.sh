@@ -11,11 +11,13 @@
 source benchmarks/gpu/setup.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# First (~40 s) the compiled compression kernels against their references and the CUDA-graph
+# First (~40 s) the compiled compression, one-launch attention and sampler kernels against
+# their references and the CUDA-graph
 # steps (every policy, H2O included) against eager ones; SPARSE_TESTS=0 skips them.
 if [ "${SPARSE_TESTS:-1}" != 0 ]; then
   python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD tests/kernels/test_kv_compress.py \
-    -k "cuda" 2>&1 | tail -4 | tee $OUT/gpu_sparse_memory_wall.log
+    tests/kernels/test_rope_decode_attention.py tests/kernels/test_sample_rows.py \
+    -k "cuda or gpu" 2>&1 | tail -4 | tee $OUT/gpu_sparse_memory_wall.log
   python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD \
     tests/rollout/test_cuda_graph_steps.py -k "cuda_graph_steps_decode_like_eager or never_sync" 2>&1 \
     | tail -4 | tee -a $OUT/gpu_sparse_memory_wall.log
