@@ -12,8 +12,8 @@ source benchmarks/gpu/setup.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # First (~40 s) the compiled compression, one-launch attention and sampler kernels against
-# their references and the CUDA-graph
-# steps (every policy, H2O included) against eager ones; SPARSE_TESTS=0 skips them.
+# their references and the CUDA-graph steps (every policy, H2O included) against eager ones;
+# SPARSE_TESTS=0 skips them.
 if [ "${SPARSE_TESTS:-1}" != 0 ]; then
   python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD tests/kernels/test_kv_compress.py \
     tests/kernels/test_rope_decode_attention.py tests/kernels/test_sample_rows.py \
