@@ -144,7 +144,7 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
         (["optim.betas=[0.9, .inf]"], "optim.betas[1]", "finite"),
         (["train.steps=4294967296"], "train.steps", "within"),
         (["ray.object_store_memory_mb=10"], "ray.object_store_memory_mb", ">= 75"),
-        (["data.task=arithmetc"], "data.task", "built-in tasks: arithmetic, countdown"),
+        (["data.task=arithmetc"], "data.task", "built-in tasks: arithmetic, arithmetic_set, count"),
         (["algorithm.advantage=grppo"], "algorithm.advantage", "did you mean 'grpo'"),
         (["model.path=/no/such/model"], "model.path", "neither a Hugging Face model directory"),
         (
