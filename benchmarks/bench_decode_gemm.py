@@ -1,0 +1,137 @@
+"""The decode step's linear layers at small batch on CUDA: cuBLAS (the engine's path) against
+`rlkit.kernels.decode_gemm`'s kernels, at a model's four projections (issue 16).
+
+    python benchmarks/bench_decode_gemm.py [--rows 16,64] [--json FILE]
+        [--hidden 2048 --intermediate 5632 --heads 16 --kv-heads 8 --head-dim 128]
+
+Defaults: the random 1.5B Qwen2 shape of the memory-wall bench, bf16. Ops:
+  qkv        x @ W_qkv^T + b   (N = (H + 2 KVH) * head_dim, K = hidden)
+  o          x @ W_o^T         (N = K = hidden)
+  gate_up    cuBLAS: F.linear then `fused_norm.silu_mul` (two launches, the engine's GPU
+             path); kernel: `decode_gate_up_silu` (one launch)
+  down       x @ W_down^T      (N = hidden, K = intermediate)
+Each variant runs from a CUDA graph of calls rotating over enough weight copies (>= 512 MB)
+that the weights come from memory, not L2, replayed between CUDA events (median of --repeats,
+per call). The kernel is swept over block_n x block_k x num_stages; the best configuration is
+reported per op beside cuBLAS, with the bandwidth of the weight read (bytes / time) and the
+largest difference between the two outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from rlkit.kernels import decode_gemm as dg
+from rlkit.kernels import fused_norm
+
+ROTATE_BYTES = 512 << 20
+
+
+def graph_ms(calls: list, repeats: int) -> float:
+    """Device milliseconds per call of `calls` (closures), replayed from one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in calls[:2]:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(calls))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    ap.add_argument("--rows", default="16,64")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_gemm.py needs CUDA")
+    dev, dtype = "cuda", torch.bfloat16
+    C, inter = a.hidden, a.intermediate
+    shapes = {
+        "qkv": ((a.heads + 2 * a.kv_heads) * a.head_dim, C, True),
+        "o": (C, a.heads * a.head_dim, False),
+        "gate_up": (2 * inter, C, False),
+        "down": (C, inter, False),
+    }
+    configs = list(itertools.product([16, 32, 64], [64, 128, 256], [3, 4]))
+    rows_out = []
+    for M in (int(r) for r in a.rows.split(",")):
+        for op, (N, K, has_bias) in shapes.items():
+            copies = max(2, -(-ROTATE_BYTES // (N * K * 2)))
+            ws = [torch.randn(N, K, device=dev, dtype=dtype) / K**0.5 for _ in range(copies)]
+            bias = torch.randn(N, device=dev, dtype=dtype) if has_bias else None
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            if op == "gate_up":
+
+                def base(w, x=x):
+                    return fused_norm.silu_mul(F.linear(x, w))
+
+                def kern(w, x=x, **kw):
+                    return dg.decode_gate_up_silu_triton(x, w, **kw)
+            else:
+
+                def base(w, x=x, bias=bias):
+                    return F.linear(x, w, bias)
+
+                def kern(w, x=x, bias=bias, **kw):
+                    return dg.decode_linear_triton(x, w, bias, **kw)
+
+            t_base = graph_ms([lambda w=w: base(w) for w in ws], a.repeats)
+            best = None
+            for bn, bk, stages in configs:
+                kw = {"block_n": bn, "block_k": bk, "num_stages": stages}
+                try:
+                    t = graph_ms([lambda w=w, kw=kw: kern(w, **kw) for w in ws], a.repeats)
+                except Exception as e:  # a configuration the compiler refuses (registers)
+                    print(f"  {op} M={M} {kw}: {type(e).__name__}")
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, kw)
+            if best is None:
+                continue
+            err = (kern(ws[0], **best[1]).float() - base(ws[0]).float()).abs().max().item()
+            weight_bytes = N * K * 2
+            row = {
+                "op": op, "rows": M, "N": N, "K": K, "cublas_ms": t_base, "kernel_ms": best[0],
+                "kernel_config": best[1], "cublas_over_kernel": t_base / best[0],
+                "cublas_gb_s": weight_bytes / t_base / 1e6,
+                "kernel_gb_s": weight_bytes / best[0] / 1e6, "max_abs_diff": err,
+            }  # fmt: skip
+            rows_out.append(row)
+            print(
+                f"{op:8s} M={M:3d} N={N:6d} K={K:5d}: cuBLAS {t_base * 1e3:7.2f} us "
+                f"({row['cublas_gb_s']:6.0f} GB/s), kernel {best[0] * 1e3:7.2f} us "
+                f"({row['kernel_gb_s']:6.0f} GB/s, {best[1]}), cuBLAS / kernel "
+                f"{row['cublas_over_kernel']:.2f}x, max diff {err:.3g}"
+            )
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows_out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
