@@ -255,8 +255,8 @@ class Run:
         """Sample and emit one token per running slot from final hidden states [B, hidden].
         With `fused_emit` (a GPU), plain temperature sampling and the batch in one chunk, the
         sampler's kernels write the emission themselves (`rlkit.kernels.sample_rows.Emit`):
-        the same uniforms, tokens and log-probs as `emit_one(*sample(hidden))`, in two launches
-        instead of eight."""
+        the same uniforms, tokens and log-probs as `emit_one(*sample(hidden))`, and `emit_one`'s
+        six launches saved."""
         B = hidden.shape[0]
         if self.fused_emit and B <= self.sample_rows:
             logits = self.model.logits(hidden)
