@@ -22,38 +22,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 from rlkit.kernels import decode_gemm as dg
 from rlkit.kernels import fused_norm
 
+from rlkit.bench import time_cuda_graph
+
 ROTATE_BYTES = 512 << 20
 
 
 def graph_ms(calls: list, repeats: int) -> float:
     """Device milliseconds per call of `calls` (closures), replayed from one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in calls[:2]:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / len(calls))
-    return statistics.median(times)
+    return 1e3 * time_cuda_graph(lambda i: calls[i](), len(calls), repeats)
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ from rlkit.kernels.sparse_decode_attention import (
     sparse_decode_attention_triton,
 )
 
+from rlkit.bench import time_cuda_graph
+
 SHAPES = {"smollm2-135m": (9, 3, 64), "h32-kv8-d128": (32, 8, 128)}
 PEAK_TBPS = [("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0)]
 L2_ROTATE_BYTES = 512 << 20  # rotate inputs until this many bytes of K/V are in play
@@ -42,33 +44,6 @@ def peak_from_name(name: str) -> float | None:
         if all(part in name for part in key.split()):
             return tbps
     return None
-
-
-def time_graph(fn, calls: int, repeats: int) -> float:
-    """Seconds per call: capture `calls` calls of fn(i) in one CUDA graph, replay, median."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(min(calls, 3)):  # compile and warm up outside the capture
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    del graph
-    return statistics.median(times)
 
 
 def time_eager(fn, calls: int, repeats: int) -> float:
@@ -143,7 +118,7 @@ def bench_config(shape, B, L, args, gen):
     calls = min(64, max(n_sets, round(2e-3 / est)))
 
     def run(fn):
-        timer = time_graph if args.timing == "graph" else time_eager
+        timer = time_cuda_graph if args.timing == "graph" else time_eager
         return timer(lambda i: fn(*sets[i % n_sets]), calls, args.repeats)
 
     row = {

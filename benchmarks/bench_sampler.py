@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import triton
@@ -34,6 +33,8 @@ from rlkit.kernels.sample_rows import (
     sample_rows_reference,
     sample_rows_triton,
 )
+
+from rlkit.bench import time_cuda_graph
 
 
 @triton.jit
@@ -112,30 +113,9 @@ def _emit_state(n: int) -> Emit:
 
 
 def _time(fn, repeats: int, calls: int = 20) -> float:
-    """Device milliseconds a call: `calls` calls captured in one CUDA graph, replayed between
-    CUDA events (median of `repeats`), so that the host's launch time does not count; the
-    engine launches these while the GPU runs earlier steps. (Eager timing, this script's first
-    version, measured the host at these sizes: the 2026-11-30 run said so, see RESULTS.md.)"""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    return statistics.median(times)
+    """Device milliseconds a call (`rlkit.bench.time_cuda_graph`: the host's launch time does
+    not count; eager timing, this script's first version, measured the host at these sizes)."""
+    return 1e3 * time_cuda_graph(lambda i: fn(), calls, repeats)
 
 
 def main() -> None:

@@ -367,6 +367,14 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _selection_scores(p_s, pos, L, length, window, stride_sl):
+        """The scores keep_top ranks at entries `pos` of a row (float32): +inf for the last
+        `window` valid entries (always kept), -inf past the row's length."""
+        s = tl.load(p_s + pos.to(tl.int64) * stride_sl, mask=pos < L, other=0.0).to(tl.float32)
+        s = tl.where(pos >= length - window, float("inf"), s)
+        return tl.where(pos >= length, float("-inf"), s)
+
+    @triton.jit
     def _keep_rank_kernel(
         S,
         Lens,
@@ -387,17 +395,11 @@ if HAS_TRITON:
         p_s = S + b * stride_sb + x * stride_sx
         pos_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
         offs_j = tl.arange(0, BLOCK_J)
-        s_i = tl.load(p_s + pos_i.to(tl.int64) * stride_sl, mask=pos_i < L, other=0.0)
-        s_i = s_i.to(tl.float32)
-        s_i = tl.where(pos_i >= length - window, float("inf"), s_i)
-        s_i = tl.where(pos_i >= length, float("-inf"), s_i)
+        s_i = _selection_scores(p_s, pos_i, L, length, window, stride_sl)
         rank = tl.zeros([BLOCK_I], dtype=tl.int32)
         for j0 in range(0, L, BLOCK_J):
             pos_j = j0 + offs_j
-            s_j = tl.load(p_s + pos_j.to(tl.int64) * stride_sl, mask=pos_j < L, other=0.0)
-            s_j = s_j.to(tl.float32)
-            s_j = tl.where(pos_j >= length - window, float("inf"), s_j)
-            s_j = tl.where(pos_j >= length, float("-inf"), s_j)
+            s_j = _selection_scores(p_s, pos_j, L, length, window, stride_sl)
             # Past L: never ahead (scores -inf, places after every entry).
             s_j = tl.where(pos_j < L, s_j, float("-inf"))
             ahead = (s_j[None, :] > s_i[:, None]) | (
@@ -429,9 +431,7 @@ if HAS_TRITON:
         length = tl.load(Lens + b).to(tl.int32)
         pos = tl.arange(0, LP)
         p_s = S + b * stride_sb + x * stride_sx
-        s = tl.load(p_s + pos.to(tl.int64) * stride_sl, mask=pos < L, other=0.0).to(tl.float32)
-        s = tl.where(pos >= length - window, float("inf"), s)
-        s = tl.where(pos >= length, float("-inf"), s)
+        s = _selection_scores(p_s, pos, L, length, window, stride_sl)
         # Float order as integer order in [0, 2**32): negative floats' magnitude bits flipped,
         # then shifted up by 2**31 (non-negative, so that // rounds down); padding is -1.
         bits = s.to(tl.int32, bitcast=True)

@@ -101,6 +101,14 @@ def rope_append_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _rotate_halves(src, offs, mask, c1, c2, s1, s2, HALF: tl.constexpr):
+        """RoPE of the rows at src (+ offs: [1, HALF] columns of each half) in float32: the
+        first and second halves of x * cos + rotate_half(x) * sin."""
+        x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+    @triton.jit
     def _rope_append_kernel(
         Q, K, V, Cos, Sin, Write, QOut, KS, VS, QR, Ring,
         T, H, KVH,
@@ -130,11 +138,7 @@ if HAS_TRITON:
         # Queries: rotated into QOut [B, H, T, D] and, with a ring, into the query ring.
         hq = tl.arange(0, HP)[:, None]  # [HP, 1]
         mq = (hq < H) & (offs < HALF)
-        src = Q + b * sq_b + t * sq_t + hq * sq_h
-        x1 = tl.load(src + offs, mask=mq, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + offs, mask=mq, other=0.0).to(tl.float32)
-        o1 = x1 * c1 - x2 * s1
-        o2 = x2 * c2 + x1 * s2
+        o1, o2 = _rotate_halves(Q + b * sq_b + t * sq_t + hq * sq_h, offs, mq, c1, c2, s1, s2, HALF)
         dst = QOut + b * so_b + hq * so_h + t * so_t
         tl.store(dst + offs, o1.to(QOut.dtype.element_ty), mask=mq)
         tl.store(dst + HALF + offs, o2.to(QOut.dtype.element_ty), mask=mq)
@@ -147,11 +151,7 @@ if HAS_TRITON:
         w = tl.load(Write + b * sw_b + t * sw_t)
         hk = tl.arange(0, KP)[:, None]
         mk = (hk < KVH) & (offs < HALF)
-        src = K + b * sk_b + t * sk_t + hk * sk_h
-        x1 = tl.load(src + offs, mask=mk, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + offs, mask=mk, other=0.0).to(tl.float32)
-        o1 = x1 * c1 - x2 * s1
-        o2 = x2 * c2 + x1 * s2
+        o1, o2 = _rotate_halves(K + b * sk_b + t * sk_t + hk * sk_h, offs, mk, c1, c2, s1, s2, HALF)
         dst = KS + b * sks_b + hk * sks_h + w * sks_l
         tl.store(dst + offs, o1.to(KS.dtype.element_ty), mask=mk)
         tl.store(dst + HALF + offs, o2.to(KS.dtype.element_ty), mask=mk)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rlkit.kernels import cpu as cpu_kernels
+from rlkit.kernels import rope_append
 from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 
 __all__ = [
@@ -519,24 +520,14 @@ def sparse_decode_attention(
 
 
 def _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring) -> None:
+    """`rope_append`'s checks with one new token a row at entry lengths - 1, then the
+    attention's."""
+    from rlkit.kernels import rope_append
+
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, H, D] (one new token a row), got {tuple(q.shape)}")
-    B, _, H, D = q.shape
-    kvh = k_cache.shape[1] if k_cache.dim() == 4 else -1
-    for name, x in (("k", k), ("v", v)):
-        if x.shape != (B, 1, kvh, D):
-            raise ValueError(f"{name} must be [{B}, 1, {kvh}, {D}], got {tuple(x.shape)}")
-    for name, x in (("cos", cos), ("sin", sin)):
-        if x.shape != (B, 1, 1, D):
-            raise ValueError(f"{name} must be [{B}, 1, 1, {D}], got {tuple(x.shape)}")
-    if (ring_store is None) != (ring is None):
-        raise ValueError("ring_store and ring go together")
-    if ring is not None and ring.shape != (B, 1):
-        raise ValueError(f"ring must be [{B}, 1], got {tuple(ring.shape)}")
-    if ring_store is not None and (
-        ring_store.dim() != 4 or ring_store.shape[0] < B or ring_store.shape[1:4:2] != (H, D)
-    ):
-        raise ValueError(f"ring_store must be [>= {B}, {H}, W, {D}], got {ring_store.shape}")
+    write = (lengths.to(torch.int64) - 1)[:, None]
+    rope_append._check(q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring)
     _check(q[:, 0], k_cache, v_cache, lengths, None)
 
 
@@ -562,11 +553,11 @@ def rope_decode_attention_reference(
 ) -> torch.Tensor:
     """`rope_append` (the new token at entry lengths[b] - 1), then `sparse_decode_attention`:
     the two calls the fused kernel replaces."""
-    from rlkit.kernels.rope_append import rope_append_reference
-
     _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
     write = (lengths.to(torch.int64) - 1)[:, None]
-    q_rot = rope_append_reference(q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring)
+    q_rot = rope_append.rope_append_reference(
+        q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring
+    )
     return sparse_decode_attention(q_rot[:, :, 0], k_cache, v_cache, lengths, cpu_kernel=cpu_kernel)
 
 

@@ -142,6 +142,36 @@ class _Runner:
     warmup_tokens: int = 8
 
 
+def time_cuda_graph(fn: Callable[[int], Any], calls: int, repeats: int) -> float:
+    """Device seconds per call of fn(i): `calls` calls captured in one CUDA graph (after a
+    warm-up outside the capture), replayed between CUDA events, median of `repeats`. The
+    host's launch time does not count (the engine launches while the GPU runs earlier steps);
+    the kernel benchmarks under benchmarks/ time with it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(calls, 3)):  # compile and warm up outside the capture
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
 def warmup_tokens(compression: KVCompressionConfig | None, longest_prompt: int) -> int:
     """New tokens of a warm-up `generate` that reaches the first real compression of the
     longest prompt's sequence (the compression kernels compile there, and a timed run must not

@@ -270,14 +270,9 @@ class Run:
         self.emit_one(*self.sample(hidden))
 
     def emit_one(self, tok: torch.Tensor, logp: torch.Tensor) -> None:
-        """One new token per running slot: tok, logp [B] (no host sync)."""
-        B = len(self.seq)
-        seq, count = self.seq_dev[:B], self.count_dev[:B]
-        self.out_tokens[seq, count] = tok
-        self.out_logprobs[seq, count] = logp
-        self.done[:B] |= torch.isin(tok, self.stop_ids)
-        self.last[:B] = tok
-        self.count_dev[:B] += 1
+        """One new token per running slot: tok, logp [B] (no host sync): the ops the GPU's
+        sampler runs itself (`sample_emit`)."""
+        row_sampler.emit_reference(self._emit_to, tok, logp)
         self.count += 1
 
     def emit(

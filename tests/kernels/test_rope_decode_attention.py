@@ -128,7 +128,7 @@ def test_bad_arguments_name_what_is_wrong():
     q, k, v, cos, sin, kc, vc, lengths, rs, ri = make_inputs(CASES["b4-h4-kv4-d8-fp32"], 0)
     with pytest.raises(ValueError, match="one new token a row"):
         sda.rope_decode_attention(q.expand(4, 2, 4, 8), k, v, cos, sin, kc, vc, lengths)
-    with pytest.raises(ValueError, match="cos must be"):
+    with pytest.raises(ValueError, match="cos and sin must be"):
         sda.rope_decode_attention(q, k, v, cos[..., :4], sin, kc, vc, lengths)
     with pytest.raises(ValueError, match="ring_store and ring go together"):
         sda.rope_decode_attention(q, k, v, cos, sin, kc, vc, lengths, ring=lengths[:, None])
