@@ -36,6 +36,7 @@ columns (D not a power of two) are masked; fp32 inputs use an exact fp32 dot, no
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -531,10 +532,16 @@ def _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
     _check(q[:, 0], k_cache, v_cache, lengths, None)
 
 
+# RLKIT_FUSED_ROPE_ATTENTION=0 keeps the decode step on the two-launch path (rope_append, then
+# the attention kernel): the A/B switch of the GPU benches and a way around a faulty fused kernel.
+FUSED_ROPE_ATTENTION = os.environ.get("RLKIT_FUSED_ROPE_ATTENTION", "1") != "0"
+
+
 def rope_decode_applies(q: torch.Tensor) -> bool:
-    """Whether `rope_decode_attention` takes the kernel: CUDA, Triton, a power-of-two D."""
+    """Whether `rope_decode_attention` takes the kernel: CUDA, Triton, a power-of-two D (and
+    not turned off by RLKIT_FUSED_ROPE_ATTENTION=0)."""
     D = q.shape[-1]
-    return q.is_cuda and HAS_TRITON and D >= 2 and not D & (D - 1)
+    return FUSED_ROPE_ATTENTION and q.is_cuda and HAS_TRITON and D >= 2 and not D & (D - 1)
 
 
 def rope_decode_attention_reference(
