@@ -159,7 +159,7 @@ def _launch(
         *x.stride(), *weight.stride(), *out.stride(),
         HAS_BIAS=bias is not None, SILU_PAIR=silu_pair,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-        UPCAST=not x.is_cuda, num_warps=num_warps, num_stages=num_stages,
+        UPCAST=not x.is_cuda or x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 

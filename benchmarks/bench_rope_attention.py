@@ -1,0 +1,113 @@
+"""A decode step's RoPE + cache append + attention on CUDA: the one-launch kernel
+(`rope_decode_attention_triton`) against the two launches it replaces (`rope_append_triton`,
+then `sparse_decode_attention_triton`), at the memory-wall bench's shapes (issue 16).
+
+    python benchmarks/bench_rope_attention.py [--rows 64:512,64:2048,64:4096,455:576]
+        [--heads 16 --kv-heads 8 --head-dim 128] [--repeats 20] [--json FILE]
+
+Each `B:L` row: B sequences of a cache row of L entries, lengths uniform in [L/2, L] (the
+dense cache midway through a 4,096-token rollout holds ~2k entries a row; the sparse one 512 +
+up to its interval), bf16, the new token's k/v/q as the decoder passes them. Every variant runs
+from a CUDA graph of calls rotating over enough caches (>= 512 MB) that K/V come from memory,
+replayed between CUDA events (median of --repeats, per call); the ratio two-launch / fused is
+measured side by side in one process. Also prints the bandwidth of each (bytes of K/V read
+over time) and the largest difference between the two outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from rlkit.kernels import rope_append as ra
+from rlkit.kernels import sparse_decode_attention as sda
+
+from rlkit.bench import time_cuda_graph
+
+ROTATE_BYTES = 512 << 20
+
+
+def make_set(B, H, KVH, D, L, gen):
+    dev, dt = "cuda", torch.bfloat16
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dt).to(dev)  # noqa: E731
+    lengths = torch.randint(L // 2, L + 1, (B,), generator=gen).to(dev)
+    angles = torch.rand(B, 1, 1, D // 2, generator=gen) * 6.28
+    cos = torch.cat([angles.cos()] * 2, -1).to(dt).to(dev)
+    sin = torch.cat([angles.sin()] * 2, -1).to(dt).to(dev)
+    return {
+        "q": rnd(B, 1, H, D), "k": rnd(B, 1, KVH, D), "v": rnd(B, 1, KVH, D),
+        "cos": cos, "sin": sin, "k_cache": rnd(B, KVH, L, D), "v_cache": rnd(B, KVH, L, D),
+        "lengths": lengths,
+    }  # fmt: skip
+
+
+def two_launch(s):
+    write = (s["lengths"] - 1)[:, None]
+    q_rot = ra.rope_append_triton(
+        s["q"], s["k"], s["v"], s["cos"], s["sin"], write, s["k_cache"], s["v_cache"]
+    )
+    return sda.sparse_decode_attention_triton(
+        q_rot[:, :, 0], s["k_cache"], s["v_cache"], s["lengths"]
+    )
+
+
+def fused(s):
+    return sda.rope_decode_attention_triton(
+        s["q"], s["k"], s["v"], s["cos"], s["sin"], s["k_cache"], s["v_cache"], s["lengths"]
+    )
+
+
+def bench_row(B: int, L: int, H: int, KVH: int, D: int, repeats: int, gen) -> dict:
+    set_bytes = 2 * B * KVH * L * D * 2
+    n = max(2, min(32, -(-ROTATE_BYTES // set_bytes)))
+    sets = [make_set(B, H, KVH, D, L, gen) for _ in range(n)]
+    out_two, out_fused = two_launch(sets[0]), fused(sets[0])
+    diff = (out_two.float() - out_fused.float()).abs().max().item()
+    kv_read = sum(2 * int(s["lengths"].sum()) * KVH * D * 2 for s in sets) / n
+    t_two = time_cuda_graph(lambda i: two_launch(sets[i % n]), 2 * n, repeats)
+    t_fused = time_cuda_graph(lambda i: fused(sets[i % n]), 2 * n, repeats)
+    row = {
+        "B": B, "L": L, "H": H, "KVH": KVH, "D": D,
+        "splits": sda._pick_num_splits(B, KVH, L, 64, sets[0]["q"].device),
+        "two_launch_us": 1e6 * t_two, "fused_us": 1e6 * t_fused,
+        "two_over_fused": t_two / t_fused,
+        "two_launch_gb_s": kv_read / t_two / 1e9, "fused_gb_s": kv_read / t_fused / 1e9,
+        "max_diff": diff,
+    }  # fmt: skip
+    print(
+        f"B={B:4d} L={L:5d} splits={row['splits']:2d}: two launches {row['two_launch_us']:8.1f} us "
+        f"({row['two_launch_gb_s']:5.0f} GB/s), fused {row['fused_us']:8.1f} us "
+        f"({row['fused_gb_s']:5.0f} GB/s), two / fused {row['two_over_fused']:.3f}x, "
+        f"max diff {diff:.3g}",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="64:512,64:2048,64:4096,455:576")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_rope_attention.py needs a CUDA device")
+    H, KVH, D = args.heads, args.kv_heads, args.head_dim
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for spec in args.rows.split(","):
+        B, L = (int(x) for x in spec.split(":"))
+        rows.append(bench_row(B, L, H, KVH, D, args.repeats, gen))
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
