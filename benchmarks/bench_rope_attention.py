@@ -43,23 +43,51 @@ def make_set(B, H, KVH, D, L, gen):
     }  # fmt: skip
 
 
-def two_launch(s):
+def two_launch(s, **knobs):
     write = (s["lengths"] - 1)[:, None]
     q_rot = ra.rope_append_triton(
         s["q"], s["k"], s["v"], s["cos"], s["sin"], write, s["k_cache"], s["v_cache"]
     )
     return sda.sparse_decode_attention_triton(
-        q_rot[:, :, 0], s["k_cache"], s["v_cache"], s["lengths"]
+        q_rot[:, :, 0], s["k_cache"], s["v_cache"], s["lengths"], **knobs
     )
 
 
-def fused(s):
+def fused(s, **knobs):
     return sda.rope_decode_attention_triton(
-        s["q"], s["k"], s["v"], s["cos"], s["sin"], s["k_cache"], s["v_cache"], s["lengths"]
-    )
+        s["q"], s["k"], s["v"], s["cos"], s["sin"], s["k_cache"], s["v_cache"], s["lengths"],
+        **knobs,
+    )  # fmt: skip
 
 
-def bench_row(B: int, L: int, H: int, KVH: int, D: int, repeats: int, gen) -> dict:
+SWEEP = [
+    {"num_splits": sp, "num_warps": w, "num_stages": st, "block_n": bn}
+    for sp in (1, 2, 4) for w in (4, 8) for st in (2, 3) for bn in (32, 64, 128)
+]  # fmt: skip
+
+
+def sweep_row(sets: list, n: int, repeats: int) -> dict:
+    """The best kernel configuration of each variant (--sweep), per call microseconds."""
+    best: dict = {}
+    for name, fn in (("two_launch", two_launch), ("fused", fused)):
+        for knobs in SWEEP:
+            try:
+                t = time_cuda_graph(
+                    lambda i, fn=fn, kn=knobs: fn(sets[i % n], **kn), 2 * n, repeats
+                )
+            except Exception as e:  # e.g. out of shared memory: skipped, named
+                print(f"  {name} {knobs}: {type(e).__name__}", flush=True)
+                continue
+            if name not in best or t < best[name][0]:
+                best[name] = (t, knobs)
+    return {f"{k}_best_us": 1e6 * v[0] for k, v in best.items()} | {
+        f"{k}_best_knobs": v[1] for k, v in best.items()
+    }
+
+
+def bench_row(
+    B: int, L: int, H: int, KVH: int, D: int, repeats: int, gen, sweep: bool = False
+) -> dict:
     set_bytes = 2 * B * KVH * L * D * 2
     n = max(2, min(32, -(-ROTATE_BYTES // set_bytes)))
     sets = [make_set(B, H, KVH, D, L, gen) for _ in range(n)]
@@ -83,6 +111,14 @@ def bench_row(B: int, L: int, H: int, KVH: int, D: int, repeats: int, gen) -> di
         f"max diff {diff:.3g}",
         flush=True,
     )
+    if sweep:
+        row |= sweep_row(sets, n, repeats)
+        print(
+            f"  best: two launches {row['two_launch_best_us']:.1f} us "
+            f"{row['two_launch_best_knobs']}, fused {row['fused_best_us']:.1f} us "
+            f"{row['fused_best_knobs']}",
+            flush=True,
+        )
     return row
 
 
@@ -94,6 +130,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also the best splits/warps/stages/block")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_rope_attention.py needs a CUDA device")
@@ -102,7 +139,7 @@ def main() -> None:
     rows = []
     for spec in args.rows.split(","):
         B, L = (int(x) for x in spec.split(":"))
-        rows.append(bench_row(B, L, H, KVH, D, args.repeats, gen))
+        rows.append(bench_row(B, L, H, KVH, D, args.repeats, gen, args.sweep))
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
