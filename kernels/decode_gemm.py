@@ -18,9 +18,11 @@ once and every row's product comes from one pass.
 Per op the PyTorch reference (`*_reference`: the model's ops, F.linear, then silu * up in the
 output dtype) and the Triton kernel (`*_triton`: float32 accumulators, one rounding to the
 output dtype; tensor-core dots of the inputs' dtype, float32 products under the interpreter).
-Not called by the engine yet: `benchmarks/bench_decode_gemm.py` times them against cuBLAS at
-the 1.5B shapes on the device, and they get a dispatcher where that bench measures them
-faster (written 2026-11-30 after the session's device time ran out).
+`benchmarks/bench_decode_gemm.py` times them against cuBLAS at the 1.5B shapes on the device
+(2026-11-30, H200, best configuration each): the gate/up kernel beat cuBLAS + `silu_mul`
+1.10x at 16 rows and 1.17x at 64 (15.1 against 17.7 us); the plain linear kernel did not beat
+cuBLAS (0.92-1.02x) and is not called. `gate_up_applies` says where the engine's GPU step
+(`Decoder._run_glued`) takes the gate/up kernel: the measured regime only.
 """
 
 from __future__ import annotations
@@ -36,11 +38,33 @@ __all__ = [
     "decode_gate_up_silu_triton",
     "decode_linear_reference",
     "decode_linear_triton",
+    "gate_up_applies",
+    "GATE_UP_KNOBS",
 ]
 
 # The kernels hold all M rows of a tile in registers.
 MAX_ROWS = 128
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+# The gate/up kernel's configuration and regime, from the bench above: bf16, at most 64 rows
+# (measured at 16 and 64), an intermediate size of at least 4,096 (measured at 5,632; a narrow
+# MLP, e.g. SmolLM2's 1,536, gives too few programs to fill the GPU and was not measured).
+GATE_UP_KNOBS = {"block_n": 64, "block_k": 128, "num_stages": 4}
+GATE_UP_MAX_ROWS = 64
+GATE_UP_MIN_INTERMEDIATE = 4096
+
+
+def gate_up_applies(x: torch.Tensor, gate_up: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `decode_gate_up_silu_triton` takes x [M, K] @ gate_up [2I, K]^T in a GPU step."""
+    return (
+        HAS_TRITON
+        and x.is_cuda
+        and bias is None
+        and x.dtype == torch.bfloat16
+        and gate_up.dtype == torch.bfloat16
+        and x.dim() == 2
+        and x.shape[0] <= GATE_UP_MAX_ROWS
+        and gate_up.shape[0] // 2 >= GATE_UP_MIN_INTERMEDIATE
+    )
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:

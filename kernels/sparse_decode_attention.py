@@ -535,13 +535,36 @@ def _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
 # RLKIT_FUSED_ROPE_ATTENTION=0 keeps the decode step on the two-launch path (rope_append, then
 # the attention kernel): the A/B switch of the GPU benches and a way around a faulty fused kernel.
 FUSED_ROPE_ATTENTION = os.environ.get("RLKIT_FUSED_ROPE_ATTENTION", "1") != "0"
+# The fused kernel carries the new token's rotation and store through its loop, and streams
+# long rows slower than the plain kernel: on an H200 (2026-11-30, bench_rope_attention.py
+# --sweep, H16 KVH8 D128 bf16), each at its best configuration, fused / two launches was
+# 37.5 / 39.4 us at 64 rows of <= 576 entries, 197.1 / 195.9 at 455 rows, 111.9 / 110.1 at 64
+# rows of <= 2,048 (a dense cache): so it takes rows of at most this many entries (a compressed
+# cache's budget + interval), and the two launches take longer ones.
+FUSED_MAX_LEN = 1024
 
 
-def rope_decode_applies(q: torch.Tensor) -> bool:
-    """Whether `rope_decode_attention` takes the kernel: CUDA, Triton, a power-of-two D (and
-    not turned off by RLKIT_FUSED_ROPE_ATTENTION=0)."""
+def rope_decode_applies(q: torch.Tensor, length: int = 0) -> bool:
+    """Whether `rope_decode_attention` takes the kernel for rows of `length` entries: CUDA,
+    Triton, a power-of-two D, length <= FUSED_MAX_LEN (and not turned off by
+    RLKIT_FUSED_ROPE_ATTENTION=0)."""
     D = q.shape[-1]
-    return FUSED_ROPE_ATTENTION and q.is_cuda and HAS_TRITON and D >= 2 and not D & (D - 1)
+    return (
+        FUSED_ROPE_ATTENTION
+        and length <= FUSED_MAX_LEN
+        and q.is_cuda
+        and HAS_TRITON
+        and D >= 2
+        and not D & (D - 1)
+    )
+
+
+def _fused_knobs(B: int, kvh: int, device: torch.device) -> dict[str, int]:
+    """The fused kernel's configuration, from the same sweep: 3 stages at every measured shape;
+    blocks of 32 entries while the batch gives at most ~4 programs per multiprocessor (64 rows),
+    of 64 beyond (455 rows)."""
+    few = device.type != "cuda" or B * kvh <= 4 * _sm_count(device)
+    return {"num_stages": 3, "block_n": 32 if few else 64}
 
 
 def rope_decode_attention_reference(
@@ -629,5 +652,5 @@ def rope_decode_attention(
     attention took two), else the reference (`cpu_kernel`: as `sparse_decode_attention`)."""
     args = (q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
     if rope_decode_applies(q):
-        return rope_decode_attention_triton(*args)
+        return rope_decode_attention_triton(*args, **_fused_knobs(q.shape[0], k.shape[2], q.device))
     return rope_decode_attention_reference(*args, cpu_kernel=cpu_kernel)

@@ -29,7 +29,7 @@ if [ "${SPARSE_TESTS:-1}" != 0 ]; then
     export RLKIT_FUSED_ROPE_ATTENTION=0
   fi
   python3 -m pytest -q -p no:cacheprovider -rs --rootdir=$PWD \
-    tests/rollout/test_cuda_graph_steps.py -k "cuda_graph_steps_decode_like_eager or never_sync" 2>&1 \
+    tests/rollout/test_cuda_graph_steps.py -k "cuda_graph_steps_decode_like_eager or never_sync or gate_up" 2>&1 \
     | tail -4 | tee -a $OUT/gpu_sparse_memory_wall.log
 fi
 python3 -c "

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rlkit.kernels import cpu as cpu_kernels
-from rlkit.kernels import fused_norm
+from rlkit.kernels import decode_gemm, fused_norm
 from rlkit.models.config import ModelArgs, rope_frequencies
 
 # A linear's (weight, bias): plain or oneDNN-prepacked weight with its bias, or the AVX2 GEMM's
@@ -628,7 +628,12 @@ class Decoder(nn.Module):
             h = fused_norm.add_rms_norm(x, attn, lay.post_attention_layernorm.weight, eps)
             mlp = lay.mlp
             assert mlp.gate_up is not None and mlp.down is not None
-            up = fused_norm.silu_mul(linear(h, *mlp.gate_up))
+            if decode_gemm.gate_up_applies(h, *mlp.gate_up):  # SiLU * up in the GEMM
+                up = decode_gemm.decode_gate_up_silu_triton(
+                    h, mlp.gate_up[0], **decode_gemm.GATE_UP_KNOBS
+                )
+            else:
+                up = fused_norm.silu_mul(linear(h, *mlp.gate_up))
             down = linear(up, *mlp.down)
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h = fused_norm.add_rms_norm(x, down, norm.weight, eps)

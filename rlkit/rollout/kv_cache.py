@@ -244,7 +244,8 @@ class KVCache:
         (`rlkit.kernels.rope_append`); None where the caller rotates and calls `attend`."""
         if self._mode != "decode" or not rope_append.applies(q):
             return None
-        if q.shape[1] == 1 and sda.rope_decode_applies(q):  # and the attention: one launch
+        # One launch for RoPE, the append and the attention, over rows short enough for it.
+        if q.shape[1] == 1 and sda.rope_decode_applies(q, self._kv_len):
             B = q.shape[0]
             keys = self.k[layer, :B, :, : self._kv_len]
             values = self.v[layer, :B, :, : self._kv_len]
@@ -685,10 +686,11 @@ class CompressedKVCache(KVCache):
         ring_store = ring = None
         if layer in self.q_index:
             ring_store, ring = self.queries[self.q_index[layer]], self._ring
-        if q.shape[1] == 1 and not self.h2o and sda.rope_decode_applies(q):
+        kv_len = self._gkv_len[group]
+        if q.shape[1] == 1 and not self.h2o and sda.rope_decode_applies(q, kv_len):
             # RoPE, the append and the attention in one launch (H2O's statistic needs the
             # attention probabilities: it keeps the separate path).
-            B, kv_len = q.shape[0], self._gkv_len[group]
+            B = q.shape[0]
             out = sda.rope_decode_attention(
                 q, k, v, cos, sin, ks[:B, :, :kv_len], vs[:B, :, :kv_len], self._glens[group],
                 ring_store, ring, cpu_kernel=self.cpu_kernels,

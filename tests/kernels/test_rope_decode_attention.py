@@ -71,7 +71,13 @@ def run_cases(device: str) -> dict[str, dict]:
         ring_err = 0.0
         if got_in[8] is not None:
             ring_err = (got_in[8].float() - want_in[8].float()).abs().max().item()
+        dispatch_err = 0.0
+        if device == "cuda":  # the dispatcher's own configuration (blocks, stages)
+            again = make_inputs(case, seed=i, device=device)
+            dispatched = sda.rope_decode_attention(*again)
+            dispatch_err = (dispatched.float() - want.float()).abs().max().item()
         results[name] = {
+            "dispatch_err": dispatch_err,
             "out_err": (got.float() - want.float()).abs().max().item(),
             "k_err": (got_in[5].float() - want_in[5].float()).abs().max().item(),
             "v_equal": bool(torch.equal(got_in[6], want_in[6])),
@@ -85,6 +91,7 @@ def _check(name: str, res: dict) -> None:
     assert "error" not in res, res.get("error")
     dtype = CASES[name][5]
     assert res["shape_ok"] and res["out_err"] <= ATOL[dtype], (name, res)
+    assert res["dispatch_err"] <= ATOL[dtype], (name, res)
     # The stored key and the ring's queries: RoPE in float32, one rounding (a bf16 ulp at most
     # from the reference's own rounding order).
     tol = 2e-5 if dtype == torch.float32 else 0.0625

@@ -299,13 +299,13 @@ def test_rope_append_and_attention_in_one_call_decode_like_separate_ops(
     ref = make_engine(arch, **kw).generate(prompts, sp, n=2)
     calls = []
 
-    def fused(*args):
+    def fused(*args, **knobs):
         calls.append(args[0].shape)
         return sda.rope_decode_attention_reference(*args, cpu_kernel=False)
 
     monkeypatch.setattr(ra, "applies", lambda q: True)
     monkeypatch.setattr(ra, "rope_append_triton", ra.rope_append_reference)  # H2O's path
-    monkeypatch.setattr(sda, "rope_decode_applies", lambda q: True)
+    monkeypatch.setattr(sda, "rope_decode_applies", lambda q, length=0: True)
     monkeypatch.setattr(sda, "rope_decode_attention_triton", fused)
     out = make_engine(arch, **kw).generate(prompts, sp, n=2)
     assert (not calls) if policy == "h2o" else (calls and all(s[1] == 1 for s in calls))
@@ -338,6 +338,51 @@ def test_the_gpu_layer_glue_decodes_like_the_layers(make_engine, prompts, arch, 
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+
+
+def test_the_gpu_glue_takes_the_gate_up_kernel_where_it_applies(make_engine, prompts, monkeypatch):
+    """Where `decode_gemm.gate_up_applies` (a wide MLP at <= 64 rows on a GPU), the glued step
+    runs the gate/up GEMM with SiLU * up in one call (here its reference, with the dispatcher's
+    knobs): the same tokens and log-probs as the layers' own forward, and the call is taken by
+    the decode steps and not by a wider prefill."""
+    from rlkit.kernels import decode_gemm as dg
+
+    from rlkit.models.decoder import Decoder, linear
+
+    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
+    kw = dict(max_batch_size=5, sync_every=2, cuda_graphs=True, cpu_kernels=False)
+    ref = make_engine("qwen2", **kw).generate(prompts, sp, n=2)
+    rows = []
+
+    def kernel(x, gate_up, **knobs):
+        assert knobs == dg.GATE_UP_KNOBS
+        rows.append(x.shape[0])
+        # (The CPU engine's weights may be oneDNN-prepacked: the model's `linear` takes them.)
+        gate, up = linear(x, gate_up, None).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    monkeypatch.setattr(Decoder, "_glued", lambda self, x: not torch.is_grad_enabled())
+    monkeypatch.setattr(dg, "gate_up_applies", lambda x, w, b: b is None and x.shape[0] <= 8)
+    monkeypatch.setattr(dg, "decode_gate_up_silu_triton", kernel)
+    out = make_engine("qwen2", **kw).generate(prompts, sp, n=2)
+    assert rows and max(rows) <= 8
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+
+
+def test_gate_up_applies_only_in_the_measured_regime():
+    from rlkit.kernels import decode_gemm as dg
+
+    w = torch.zeros(2 * 4096, 8, dtype=torch.bfloat16)
+    x = torch.zeros(64, 8, dtype=torch.bfloat16)
+    assert not dg.gate_up_applies(x, w, None)  # on the CPU never
+    if torch.cuda.is_available() and dg.HAS_TRITON:
+        wc, xc = w.cuda(), x.cuda()
+        assert dg.gate_up_applies(xc, wc, None)
+        assert not dg.gate_up_applies(torch.zeros(65, 8, dtype=torch.bfloat16).cuda(), wc, None)
+        assert not dg.gate_up_applies(xc, wc[:4096], None)  # intermediate 2048
+        assert not dg.gate_up_applies(xc.float(), wc.float(), None)
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
