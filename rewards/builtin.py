@@ -39,7 +39,7 @@ _LABEL_RE = re.compile(r"[\s*#>`-]*([a-z]{1,3}|[a-z]?\d{1,3})\s*[.:)]")
 
 
 @register_verifier("arithmetic_set")
-def arithmetic_set(completion: str, sample: dict) -> dict[str, float]:
+def arithmetic_set(completion: str, sample: dict, passes: int = 1) -> dict[str, float]:
     """Partial credit over a set of labelled problems: score is the fraction answered right.
 
     `ground_truth` maps each label to its answer (JSON object, e.g. {"A": 45, "B": 91}). A
@@ -47,14 +47,19 @@ def arithmetic_set(completion: str, sample: dict) -> dict[str, float]:
     first number after the line's first `=` ("= 85 (7 + 8 = 15)" is 85), else the line's last
     number. A label's last such line counts (a checking pass may correct the first), so
     writing several answers to a problem gains nothing; labels the set does not have are
-    ignored. `answered`: the fraction of problems given an answer line.
+    ignored. `passes`: a problem counts only when at least this many lines answer it (2: the
+    prompt's checking pass is graded too). `answered`: the fraction of problems given an
+    answer line; `checked`: the fraction answered on at least two lines.
     """
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"arithmetic_set: passes must be an integer >= 1, got {passes!r}")
     truth = sample["ground_truth"]
     answers = json.loads(truth) if isinstance(truth, str) else truth
     expected = {str(label).lower(): Fraction(int(value)) for label, value in answers.items()}
     if not expected:
         raise ValueError("arithmetic_set: ground_truth holds no problems")
     given: dict[str, Fraction | None] = {}
+    lines: dict[str, int] = {}
     for line in completion.splitlines():
         match = _LABEL_RE.match(line.lower())
         if match is None or match[1] not in expected:
@@ -62,8 +67,14 @@ def arithmetic_set(completion: str, sample: dict) -> dict[str, float]:
         rest = line[match.end() :]
         numbers = find_numbers(rest.split("=", 1)[1]) if "=" in rest else find_numbers(rest)[-1:]
         given[match[1]] = parse_number(numbers[0]) if numbers else None
-    right = sum(value is not None and value == expected[label] for label, value in given.items())
-    return {"score": right / len(expected), "answered": len(given) / len(expected)}
+        lines[match[1]] = lines.get(match[1], 0) + 1
+    right = sum(
+        value is not None and value == expected[label] and lines[label] >= passes
+        for label, value in given.items()
+    )
+    n = len(expected)
+    checked = sum(count >= 2 for count in lines.values())
+    return {"score": right / n, "answered": len(given) / n, "checked": checked / n}
 
 
 @register_verifier("numeric")

@@ -128,15 +128,36 @@ SET_TRUTH = '{"A": 45, "B": 91, "C": 12, "D": 100}'
 )
 def test_arithmetic_set_partial_credit(completion, score, answered):
     result = get_verifier("arithmetic_set")(completion, sample(SET_TRUTH))
-    assert result == {"score": score, "answered": answered}
+    assert {k: result[k] for k in ("score", "answered")} == {"score": score, "answered": answered}
 
 
 def test_arithmetic_set_takes_numbered_labels_and_a_dict_truth():
     verify = get_verifier("arithmetic_set")
     truth = {"Q1": 3, "Q2": 7, "3": 10}
-    assert verify("Q1: 3\nq2) 8\n3. 10", sample(truth)) == {"score": 2 / 3, "answered": 1.0}
+    result = verify("Q1: 3\nq2) 8\n3. 10", sample(truth))
+    assert result == {"score": 2 / 3, "answered": 1.0, "checked": 0.0}
     with pytest.raises(ValueError, match="no problems"):
         verify("A) 3", sample("{}"))
+
+
+def test_arithmetic_set_passes_grades_the_checking_pass():
+    """passes=2: a problem counts only when answered on two lines or more (the first pass and
+    the check), its last answer right; `checked` reports the share answered twice."""
+    verify = get_verifier("arithmetic_set")
+    once = "A) 37 + 8 = 45\nB) 83 + 8 = 91\nC) 4 + 8 = 12\nD) 91 + 9 = 100"
+    twice = once + "\nA) 37 + 8 = 45\nB) 83 + 8 = 91\nC) 4 + 8 = 13"
+    assert verify(once, sample(SET_TRUTH))["score"] == 1.0
+    assert verify(once, sample(SET_TRUTH), passes=2) == {
+        "score": 0.0, "answered": 1.0, "checked": 0.0
+    }
+    # A and B checked and right; C checked but wrong at the last line; D never checked.
+    assert verify(twice, sample(SET_TRUTH), passes=2) == {
+        "score": 0.5, "answered": 1.0, "checked": 0.75
+    }
+    assert verify(twice, sample(SET_TRUTH))["score"] == 0.75
+    for bad in (0, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="passes must be an integer >= 1"):
+            verify(once, sample(SET_TRUTH), passes=bad)
 
 
 def test_registry_rejects_duplicates_and_lists_names_on_a_miss():
