@@ -535,19 +535,25 @@ def _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
 # RLKIT_FUSED_ROPE_ATTENTION=0 keeps the decode step on the two-launch path (rope_append, then
 # the attention kernel): the A/B switch of the GPU benches and a way around a faulty fused kernel.
 FUSED_ROPE_ATTENTION = os.environ.get("RLKIT_FUSED_ROPE_ATTENTION", "1") != "0"
-# The fused kernel carries the new token's rotation and store through its loop, and streams
-# long rows slower than the plain kernel: on an H200 (2026-11-30, bench_rope_attention.py
-# --sweep, H16 KVH8 D128 bf16), each at its best configuration, fused / two launches was
-# 37.5 / 39.4 us at 64 rows of <= 576 entries, 197.1 / 195.9 at 455 rows, 111.9 / 110.1 at 64
-# rows of <= 2,048 (a dense cache): so it takes rows of at most this many entries (a compressed
-# cache's budget + interval), and the two launches take longer ones.
+# The fused kernel carries the new token's rotation and store through its loop and streams
+# rows slower than the plain kernel; it pays where the launch it saves counts, a small batch
+# of short rows. On an H200 (2026-11-30, H16 KVH8 D128 bf16): `bench_rope_attention.py
+# --sweep`, each at its best configuration, fused / two launches 37.5 / 39.4 us at 64 rows of
+# <= 576 entries, 197.1 / 195.9 at 455 rows, 111.9 / 110.1 at 64 rows of <= 2,048 (a dense
+# cache); the engine's 455-sequence compressed rollout (`rlkit bench rollout`, 4,096 tokens)
+# made 54,087 tok/s fused against 54,667 with two launches. So it takes rows of at most
+# FUSED_MAX_LEN entries (a compressed cache's budget + interval) at most FUSED_MAX_PROGRAMS_PER_SM
+# (sequence, kv head) programs per multiprocessor.
 FUSED_MAX_LEN = 1024
+FUSED_MAX_PROGRAMS_PER_SM = 4
+# Its configuration in that regime, from the same sweep.
+FUSED_KNOBS = {"num_stages": 3, "block_n": 32}
 
 
-def rope_decode_applies(q: torch.Tensor, length: int = 0) -> bool:
-    """Whether `rope_decode_attention` takes the kernel for rows of `length` entries: CUDA,
-    Triton, a power-of-two D, length <= FUSED_MAX_LEN (and not turned off by
-    RLKIT_FUSED_ROPE_ATTENTION=0)."""
+def rope_decode_applies(q: torch.Tensor, length: int = 0, kv_heads: int = 1) -> bool:
+    """Whether `rope_decode_attention` takes the fused kernel for q [B, 1, H, D] over rows of
+    `length` entries with `kv_heads` kv heads: CUDA, Triton, a power-of-two D, the regime
+    above (and not turned off by RLKIT_FUSED_ROPE_ATTENTION=0)."""
     D = q.shape[-1]
     return (
         FUSED_ROPE_ATTENTION
@@ -556,15 +562,8 @@ def rope_decode_applies(q: torch.Tensor, length: int = 0) -> bool:
         and HAS_TRITON
         and D >= 2
         and not D & (D - 1)
+        and q.shape[0] * kv_heads <= FUSED_MAX_PROGRAMS_PER_SM * _sm_count(q.device)
     )
-
-
-def _fused_knobs(B: int, kvh: int, device: torch.device) -> dict[str, int]:
-    """The fused kernel's configuration, from the same sweep: 3 stages at every measured shape;
-    blocks of 32 entries while the batch gives at most ~4 programs per multiprocessor (64 rows),
-    of 64 beyond (455 rows)."""
-    few = device.type != "cuda" or B * kvh <= 4 * _sm_count(device)
-    return {"num_stages": 3, "block_n": 32 if few else 64}
 
 
 def rope_decode_attention_reference(
@@ -648,9 +647,13 @@ def rope_decode_attention(
         lengths     [B]              entries each row attends to, the new one included
         ring_store  [S, H, W, D]     optional: SnapKV's query ring; ring [B, 1] its entry
 
-    The kernel for CUDA tensors with a power-of-two D (one launch where rope_append and the
-    attention took two), else the reference (`cpu_kernel`: as `sparse_decode_attention`)."""
+    The fused kernel where `rope_decode_applies` (one launch where rope_append and the
+    attention take two), else those two dispatchers in turn (kernels on CUDA; the references,
+    or the C attention kernel by `cpu_kernel`, elsewhere)."""
     args = (q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
-    if rope_decode_applies(q):
-        return rope_decode_attention_triton(*args, **_fused_knobs(q.shape[0], k.shape[2], q.device))
-    return rope_decode_attention_reference(*args, cpu_kernel=cpu_kernel)
+    if rope_decode_applies(q, k_cache.shape[2], k.shape[2]):
+        return rope_decode_attention_triton(*args, **FUSED_KNOBS)
+    _check_fused(*args)
+    write = (lengths.to(torch.int64) - 1)[:, None]
+    q_rot = rope_append.rope_append(q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring)
+    return sparse_decode_attention(q_rot[:, :, 0], k_cache, v_cache, lengths, cpu_kernel=cpu_kernel)

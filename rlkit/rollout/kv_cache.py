@@ -245,7 +245,7 @@ class KVCache:
         if self._mode != "decode" or not rope_append.applies(q):
             return None
         # One launch for RoPE, the append and the attention, over rows short enough for it.
-        if q.shape[1] == 1 and sda.rope_decode_applies(q, self._kv_len):
+        if q.shape[1] == 1 and sda.rope_decode_applies(q, self._kv_len, k.shape[2]):
             B = q.shape[0]
             keys = self.k[layer, :B, :, : self._kv_len]
             values = self.v[layer, :B, :, : self._kv_len]
@@ -687,7 +687,7 @@ class CompressedKVCache(KVCache):
         if layer in self.q_index:
             ring_store, ring = self.queries[self.q_index[layer]], self._ring
         kv_len = self._gkv_len[group]
-        if q.shape[1] == 1 and not self.h2o and sda.rope_decode_applies(q, kv_len):
+        if q.shape[1] == 1 and not self.h2o and sda.rope_decode_applies(q, kv_len, k.shape[2]):
             # RoPE, the append and the attention in one launch (H2O's statistic needs the
             # attention probabilities: it keeps the separate path).
             B = q.shape[0]

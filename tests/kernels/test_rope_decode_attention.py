@@ -131,6 +131,32 @@ def test_reference_stores_the_new_token_then_attends():
     torch.testing.assert_close(out, want)
 
 
+def test_the_fused_kernel_applies_only_in_its_measured_regime():
+    """Short rows and few (sequence, kv head) programs per multiprocessor, on CUDA: a dense
+    cache's long rows and a large batch take the two launches; the CPU never the kernel."""
+    assert not sda.rope_decode_applies(torch.zeros(4, 1, 16, 128), 512, 8)
+    if not (torch.cuda.is_available() and sda.HAS_TRITON):
+        return
+    sms = sda._sm_count(torch.device("cuda"))
+    q = lambda b: torch.zeros(b, 1, 16, 128, device="cuda")  # noqa: E731
+    assert sda.rope_decode_applies(q(64), 576, 8) == (64 * 8 <= 4 * sms)
+    assert not sda.rope_decode_applies(q(8), sda.FUSED_MAX_LEN + 1, 8)
+    assert not sda.rope_decode_applies(q(4 * sms), 576, 8)
+    assert not sda.rope_decode_applies(torch.zeros(8, 1, 16, 96, device="cuda"), 576, 8)
+
+
+def test_the_dispatcher_outside_the_regime_is_the_two_calls():
+    """Where the fused kernel does not apply (here: the CPU), `rope_decode_attention` is
+    rope_append then the attention: equal to the reference, the new entry stored."""
+    case = CASES["b3-h8-kv2-d64-bf16-ring"]
+    got_in, want_in = make_inputs(case, seed=5), make_inputs(case, seed=5)
+    got = sda.rope_decode_attention(*got_in, cpu_kernel=False)
+    want = sda.rope_decode_attention_reference(*want_in, cpu_kernel=False)
+    torch.testing.assert_close(got, want)
+    for i in (5, 6, 8):  # the caches and the query ring, written alike
+        torch.testing.assert_close(got_in[i], want_in[i])
+
+
 def test_bad_arguments_name_what_is_wrong():
     q, k, v, cos, sin, kc, vc, lengths, rs, ri = make_inputs(CASES["b4-h4-kv4-d8-fp32"], 0)
     with pytest.raises(ValueError, match="one new token a row"):

@@ -148,11 +148,15 @@ def test_arithmetic_set_passes_grades_the_checking_pass():
     twice = once + "\nA) 37 + 8 = 45\nB) 83 + 8 = 91\nC) 4 + 8 = 13"
     assert verify(once, sample(SET_TRUTH))["score"] == 1.0
     assert verify(once, sample(SET_TRUTH), passes=2) == {
-        "score": 0.0, "answered": 1.0, "checked": 0.0
+        "score": 0.0,
+        "answered": 1.0,
+        "checked": 0.0,
     }
     # A and B checked and right; C checked but wrong at the last line; D never checked.
     assert verify(twice, sample(SET_TRUTH), passes=2) == {
-        "score": 0.5, "answered": 1.0, "checked": 0.75
+        "score": 0.5,
+        "answered": 1.0,
+        "checked": 0.75,
     }
     assert verify(twice, sample(SET_TRUTH))["score"] == 0.75
     for bad in (0, True, 1.5, "2"):

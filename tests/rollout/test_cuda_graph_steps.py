@@ -305,7 +305,7 @@ def test_rope_append_and_attention_in_one_call_decode_like_separate_ops(
 
     monkeypatch.setattr(ra, "applies", lambda q: True)
     monkeypatch.setattr(ra, "rope_append_triton", ra.rope_append_reference)  # H2O's path
-    monkeypatch.setattr(sda, "rope_decode_applies", lambda q, length=0: True)
+    monkeypatch.setattr(sda, "rope_decode_applies", lambda q, length=0, kv_heads=1: True)
     monkeypatch.setattr(sda, "rope_decode_attention_triton", fused)
     out = make_engine(arch, **kw).generate(prompts, sp, n=2)
     assert (not calls) if policy == "h2o" else (calls and all(s[1] == 1 for s in calls))
