@@ -547,7 +547,7 @@ FUSED_ROPE_ATTENTION = os.environ.get("RLKIT_FUSED_ROPE_ATTENTION", "1") != "0"
 FUSED_MAX_LEN = 1024
 FUSED_MAX_PROGRAMS_PER_SM = 4
 # Its configuration in that regime, from the same sweep.
-FUSED_KNOBS = {"num_stages": 3, "block_n": 32}
+FUSED_KNOBS: dict[str, Any] = {"num_stages": 3, "block_n": 32}
 
 
 def rope_decode_applies(q: torch.Tensor, length: int = 0, kv_heads: int = 1) -> bool:
