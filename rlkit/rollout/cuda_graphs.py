@@ -11,15 +11,23 @@ What makes a step replayable: the cache's `begin_decode(B, T, pad_to=P)` writes 
 write indices, lengths and positions into one device buffer per T that never moves and spans
 every row's whole capacity (the attention kernel reads only each row's length; several tokens
 per row attend through a causal mask built inside the forward from the write indices), and
-this class feeds the tokens through a fixed buffer too. Rows B..P-1 of a bucket are padding over free slots. The
-weights are updated in place by a weight sync (`load_weights` copies), so graphs stay valid;
-a new cache (a different size) gets new graphs. Sampling and everything on the host stay
-outside the graph.
+this class feeds the tokens through a fixed buffer too. Rows B..P-1 of a bucket are padding
+over free slots. The weights are updated in place by a weight sync (`load_weights` copies), so
+graphs stay valid; a new cache (a different size) gets new graphs. Sampling and everything on
+the host stay outside the graph.
+
+`StepGraphs` is the mechanism for any step function over a cache (its inputs in fixed
+buffers); `DecodeGraphs` is the policy's step on it, and the MTP drafter's block steps
+(`drafters.MTPDrafter`: the catch-up over k + 1 verified pairs, then one token per further
+depth, on its own one-layer cache) are another, captured per `generate` call.
 
 `capture=False` runs the same padded step eagerly: the path tested on machines without CUDA.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,52 +44,82 @@ def buckets(max_batch: int) -> list[int]:
     return [*out, max_batch]
 
 
-class DecodeGraphs:
-    def __init__(self, model: Decoder, cache: KVCache, capture: bool = True):
-        self.model, self.cache, self.capture = model, cache, capture
+class StepGraphs:
+    """Padded steps of `fn(*inputs, positions)` over `cache`, replayed from CUDA graphs: one
+    graph per (bucket, T). Each input is fed as [batch, T, ...] and copied into a fixed buffer
+    of the cache's slots; `cache.begin_decode(batch, T, pad_to=bucket)` writes the step's
+    write indices, lengths and positions into the cache's own fixed buffers; the outputs (a
+    tensor or a tuple of them, each [bucket, T, ...]) are returned for rows 0..batch-1, as
+    views valid until the next step of the same key. The policy's decode step
+    (`DecodeGraphs`: tokens in, hidden states out) and the MTP drafter's block steps (states
+    and tokens in, its states out) are both this."""
+
+    def __init__(self, fn: Callable[..., Any], cache: KVCache, capture: bool = True):
+        self.fn, self.cache, self.capture = fn, cache, capture
         self.buckets = buckets(cache.num_slots)
-        # Fixed token buffers per tokens-per-row.
-        self.tokens: dict[int, torch.Tensor] = {}
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.inputs: dict[int, tuple[torch.Tensor, ...]] = {}  # fixed buffers per T
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.steps: dict[tuple[int, int], int] = {}  # steps run per (bucket, tokens per row)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def step(self, batch: int, fed: torch.Tensor) -> torch.Tensor:
-        """One decode step of slots 0..batch-1 fed tokens fed [batch, T]: hidden states
-        [batch, T, hidden] (a view of the graph's output, valid until the next step)."""
-        pad, T = self.bucket(batch), fed.shape[1]
+    def step(self, batch: int, *fed: torch.Tensor) -> Any:
+        """One step of slots 0..batch-1 fed inputs [batch, T, ...] (all the same T)."""
+        pad, T = self.bucket(batch), fed[0].shape[1]
         key = (pad, T)
         self.steps[key] = self.steps.get(key, 0) + 1
         positions = self.cache.begin_decode(batch, T, pad_to=pad)
-        if T not in self.tokens:
-            self.tokens[T] = torch.zeros(
-                (self.cache.num_slots, T), dtype=torch.long, device=self.cache.device
+        if T not in self.inputs:
+            self.inputs[T] = tuple(
+                torch.zeros(
+                    (self.cache.num_slots, *x.shape[1:]), dtype=x.dtype, device=self.cache.device
+                )
+                for x in fed
             )
-        self.tokens[T][:batch].copy_(fed[:batch])
-        tokens = self.tokens[T][:pad]
+        buffers = self.inputs[T]
+        for buf, x in zip(buffers, fed, strict=True):
+            buf[:batch].copy_(x[:batch])
+        args = tuple(buf[:pad] for buf in buffers)
         if not self.capture:
-            return self.model.forward_cached(tokens, positions, self.cache)[:batch]
+            return _rows(self.fn(*args, positions), batch)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(tokens, positions)
+            self.graphs[key] = self._capture(args, positions)
         graph, out = self.graphs[key]
         graph.replay()
-        return out[:batch]
+        return _rows(out, batch)
 
     def _capture(
-        self, tokens: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self, args: tuple[torch.Tensor, ...], positions: torch.Tensor
+    ) -> tuple[torch.cuda.CUDAGraph, Any]:
         # Warm up on a side stream (lazy initialisation, Triton compilation), then capture.
         # Both run this step's own inputs, so the cache writes they make are the step's own:
         # the replay that follows writes the same values again.
-        side = torch.cuda.Stream(device=tokens.device)
-        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        device = positions.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            self.model.forward_cached(tokens, positions, self.cache)
-        torch.cuda.current_stream(tokens.device).wait_stream(side)
+            self.fn(*args, positions)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model.forward_cached(tokens, positions, self.cache)
+            out = self.fn(*args, positions)
         return graph, out
+
+
+def _rows(out: Any, batch: int) -> Any:
+    return tuple(o[:batch] for o in out) if isinstance(out, tuple) else out[:batch]
+
+
+class DecodeGraphs(StepGraphs):
+    """The policy's decode step: tokens [batch, T] in, final hidden states [batch, T, hidden]
+    out (a view of the graph's output, valid until the next step)."""
+
+    def __init__(self, model: Decoder, cache: KVCache, capture: bool = True):
+        self.model = model
+        super().__init__(
+            lambda tokens, positions: model.forward_cached(tokens, positions, cache),
+            cache,
+            capture,
+        )

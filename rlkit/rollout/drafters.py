@@ -34,6 +34,7 @@ from rlkit.device import to_device
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_layers
 from rlkit.models.mtp import MTPModule
+from rlkit.rollout.cuda_graphs import StepGraphs
 from rlkit.rollout.kv_cache import KVCache
 from rlkit.rollout.sam import SuffixAutomaton, TextMatcher
 from rlkit.rollout.sampling import draw, sampling_logprobs
@@ -137,6 +138,17 @@ class MTPDrafter:
         self.tok = torch.zeros(c.num_slots, self.k + 1, dtype=torch.long, device=dev)
         self.pending = np.zeros(c.num_slots, dtype=np.int64)
         self.fused = _FusedMTP(self.mtp, run.model) if run.e.fused_decode else None
+        # Where the policy's steps are padded CUDA-graph replays, so are the block's: the
+        # catch-up over k + 1 pairs and each depth's one token, a graph per bucket each.
+        self.graphs: StepGraphs | None = None
+        if run.graphs is not None:
+            mtp, model, cache = self.mtp, run.model, self.cache
+
+            def block_step(h: torch.Tensor, tok: torch.Tensor, positions: torch.Tensor):
+                g = mtp.run_block(mtp.step_input(h, tok, model), positions, model, cache)
+                return g, mtp.norm(g)
+
+            self.graphs = StepGraphs(block_step, self.cache, capture=run.graphs.capture)
         # The draft head: the whole LM head, or the rows of the most frequent tokens.
         self.counts, self.ids, self.head = cfg.token_counts, None, None
         if 0 < cfg.mtp_vocab < a.vocab_size and self.counts is not None:
@@ -182,12 +194,22 @@ class MTPDrafter:
         )
         return flat.view(B, T, -1), out.view(B, T, -1)
 
+    def _step(
+        self, run: Run, h: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the inputs of states h [B, T, H] and tokens [B, T]: (g, norm(g))."""
+        if self.graphs is not None:
+            return self.graphs.step(h.shape[0], h, tokens)
+        return self._block(run, self._input(run, h, tokens))
+
     def propose(self, run: Run, room: np.ndarray) -> Draft:
         B, model, params = len(run.seq), run.model, run.params
         n = self.pending[:B]
-        T = int(n.max())
+        # Under graphs every catch-up takes k + 1 pairs (one graph a bucket); the pairs past a
+        # row's own are rewound with the rest.
+        T = self.k + 1 if self.graphs is not None else int(n.max())
         # Catch up on the verified pairs; the last one's state is depth 1.
-        g, out = self._block(run, self._input(run, self.h[:B, :T], self.tok[:B, :T]))
+        g, out = self._step(run, self.h[:B, :T], self.tok[:B, :T])
         last = (torch.arange(B, device=g.device), to_device(n - 1, g.device))
         g, out = g[last], out[last]  # [B, H]
         self.cache.rewind(T - n)
@@ -212,7 +234,7 @@ class MTPDrafter:
                     probs[:, i].index_copy_(1, self.ids, logq.exp())
             tokens[:, i] = d if self.ids is None else self.ids[d]
             if i + 1 < depth:
-                g, out = self._block(run, self._input(run, g[:, None], tokens[:, i : i + 1]))
+                g, out = self._step(run, g[:, None], tokens[:, i : i + 1])
                 g, out = g[:, 0], out[:, 0]
         if depth > 1:
             self.cache.rewind(np.full(B, depth - 1))

@@ -108,10 +108,26 @@ def test_limits_stop_strings_and_capacity(make_spec, prompts):
     _same(engine.generate(prompts[:1], sp), engine.generate(prompts[:1], sp, drafter="none"))
 
 
-@pytest.mark.parametrize("drafter, temperature", [("sam", 0.0), ("sam+mtp", 1.0)])
-def test_padded_verify_steps_decode_like_eager_ones(make_spec, prompts, drafter, temperature):
+@pytest.mark.parametrize(
+    "drafter, temperature", [("sam", 0.0), ("sam+mtp", 1.0), ("mtp", 0.0), ("mtp", 1.0)]
+)
+def test_padded_verify_steps_decode_like_eager_ones(
+    make_spec, prompts, drafter, temperature, monkeypatch
+):
     """`cuda_graphs=True` on a CPU runs the padded steps a CUDA graph replays (k + 1 tokens
-    per row, the batch through the buckets) eagerly; sampled, they draw the same uniforms."""
+    per row, the batch through the buckets) eagerly; sampled, they draw the same uniforms.
+    The MTP drafter's block runs padded steps too (its own graphs on a GPU): the catch-up
+    over k + 1 pairs and each further depth over one token."""
+    from rlkit.rollout import drafters
+
+    made = []
+
+    class Recorded(drafters.StepGraphs):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(drafters, "StepGraphs", Recorded)
     sp = SamplingParams(max_new_tokens=16, temperature=temperature, seed=5, stop_token_ids=[17, 99])
     # cpu_kernels=False: the fused C step would take precedence over padded steps on a CPU.
     kw = dict(max_batch_size=5, sync_every=2, cpu_kernels=False)
@@ -127,6 +143,12 @@ def test_padded_verify_steps_decode_like_eager_ones(make_spec, prompts, drafter,
     # long enough match, rows at their limit) is a plain one-token step.
     fed = {T for _, T in graphs.steps}
     assert 4 in fed and fed <= {1, 4} and len(graphs.steps) > 1
+    if "mtp" in drafter:
+        assert made and all(not g.capture for g in made)
+        block_fed = {T for g in made for _, T in g.steps}
+        assert block_fed == {1, 4}  # catch-ups of k + 1 pairs, then depths 2..k of one token
+    else:
+        assert not made
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "rkv", "streaming", "layer_hybrid"])
