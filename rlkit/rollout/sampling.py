@@ -56,14 +56,43 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]  # [N, 1]
         scaled.masked_fill_(scaled < kth, float("-inf"))
     if params.top_p < 1:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass
-        # before it already does (the most likely token always survives).
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        scaled.masked_fill_(drop, float("-inf"))
+        scaled.masked_fill_(scaled < _top_p_floor(scaled, params.top_p), float("-inf"))
     return torch.log_softmax(scaled, dim=-1)
+
+
+# Candidates `_top_p_floor` ranks before it sorts a whole row: a nucleus of a language model's
+# next-token distribution is almost always far smaller, and a full sort of a 49k-token row cost
+# ~3.8 ms on a 2-core CPU (AVX-512 BF16 EPYC) against ~0.3 for this top-k (2026-11-30).
+TOP_P_CANDIDATES = 1024
+
+
+def _top_p_floor(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row of scaled logits [N, V] (-inf for masked tokens): the least logit the nucleus
+    keeps, [N, 1]. The nucleus is the smallest set of most likely tokens whose mass reaches
+    top_p (a token is dropped once the mass of those before it already does; the most likely
+    always stays), widened to every token tied with its least likely one, so the set does not
+    depend on how a sort orders ties. Rows whose nucleus lies within the top
+    TOP_P_CANDIDATES tokens never sort the whole row (on a CPU: on a GPU the rows are sorted,
+    which is fast there, and asking which rows need it would wait for the device)."""
+    probs = torch.softmax(scaled, dim=-1)
+    if scaled.is_cuda:
+        full, order = torch.sort(probs, dim=-1, descending=True)
+        return _floor_of_sorted(scaled.gather(-1, order), full, top_p)
+    k = min(TOP_P_CANDIDATES, scaled.shape[-1])
+    top, idx = torch.topk(probs, k, dim=-1)  # descending
+    floor = _floor_of_sorted(scaled.gather(-1, idx), top, top_p)
+    wide = top.sum(dim=-1) < top_p  # the nucleus reaches past the candidates
+    if k < scaled.shape[-1] and bool(wide.any()):
+        rows = wide.nonzero()[:, 0]
+        full, order = torch.sort(probs[rows], dim=-1, descending=True)
+        floor[rows] = _floor_of_sorted(scaled[rows].gather(-1, order), full, top_p)
+    return floor
+
+
+def _floor_of_sorted(logits: torch.Tensor, probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The least kept logit [N, 1] from rows sorted by probability, descending."""
+    kept = ((probs.cumsum(dim=-1) - probs) < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+    return logits.gather(-1, kept - 1)
 
 
 def plain_rows(logits: torch.Tensor, params: SamplingParams) -> bool:

@@ -44,6 +44,41 @@ def test_masked_tokens_are_never_drawn():
     assert (top3 == tokens[:, None]).any(-1).all()
 
 
+def _nucleus_by_sorting(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The rule spelled out: sort, keep while the mass before a token is under top_p, then
+    every token tied with the least kept one."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for r in range(logits.shape[0]):
+        probs = torch.softmax(logits[r], -1)
+        order = torch.sort(probs, descending=True).indices
+        mass, least = 0.0, None
+        for i in order.tolist():
+            if mass >= top_p:
+                break
+            mass += float(probs[i])
+            least = logits[r, i]
+        keep[r] = logits[r] >= least
+    return keep
+
+
+@pytest.mark.parametrize("vocab, scale", [(3000, 8.0), (3000, 0.5), (700, 2.0)])
+def test_top_p_from_candidates_is_the_sorted_rule(vocab, scale, monkeypatch):
+    """Peaked rows (the nucleus among the first candidates) and flat ones (past them: the row
+    is sorted whole) keep exactly the sorted rule's set, ties at its edge included."""
+    from rlkit.rollout import sampling
+
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 256)
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(6, vocab, generator=g) * scale).to(torch.bfloat16).float()  # ties
+    logits[0, :5] = logits[0, :5].max()  # a tie at the top
+    for top_p in (0.3, 0.7, 0.95):
+        got = torch.isfinite(sampling_logprobs(logits, SamplingParams(top_p=top_p)))
+        assert torch.equal(got, _nucleus_by_sorting(logits, top_p)), top_p
+    # Flat rows need more than the candidates: the fallback ran (else the sets would differ).
+    if scale < 1:
+        assert _nucleus_by_sorting(logits, 0.7).sum(-1).min() > 256
+
+
 @pytest.mark.parametrize(
     "bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0)]
 )
