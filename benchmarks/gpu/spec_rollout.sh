@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# MTP-RL's rollout phase on the lent GPU (issue 15), from the repository root: RL steps of
+# recipes/sparse_rl_long.yaml without its KV compression (SmolLM2-135M-Instruct, task
+# arithmetic_set: 26 labelled additions copied from the prompt and answered, T = 1, top-p 0.7,
+# 8 prompts x 8, up to 1,536 new tokens), dense, then with speculative rollouts per drafter,
+# same seed; then benchmarks/spec_summary.py gpu (mean `timing/rollout` per step after the
+# first, accepted length, reduction, best drafter) into $OUT/gpu_spec_rollout.json.
+# Needs SmolLM2 and Ray carried (../shared/tools/device-carry). DRAFTERS picks the runs
+# (default "sam": no MTP module needed); "sam+mtp" / "mtp" need MTP_FROM=DIR (a directory
+# with mtp.safetensors, e.g. from benchmarks/gpu/mtp_warmup.sh in the same call). STEPS
+# (default 6) per run. The learner trains as usual: only the rollouts differ.
+source benchmarks/gpu/setup.sh
+steps=${STEPS:-6}
+common="rollout.kv_compression.policy=none train.steps=$steps train.eval_every=0 data.num_eval=8
+  run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false"
+model=smollm2-135m-instruct
+if [ -n "${MTP_FROM:-}" ]; then
+  model=/tmp/smollm2_mtp
+  rm -rf $model && cp -r "$(python3 -c "from rlkit.models.loading import resolve_model_dir as r; print(r('smollm2-135m-instruct'))")" $model
+  cp "$MTP_FROM/mtp.safetensors" $model/
+fi
+runs=""
+for drafter in none ${DRAFTERS:-sam}; do
+  name=spec_rollout_${drafter/+/_}
+  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: ${K:-3}, sam_min_match: 2, mtp_vocab: 8192}"
+  [ "$drafter" = none ] && spec=""
+  start=$(date +%s)
+  python3 -m rlkit.cli train recipes/sparse_rl_long.yaml model.path=$model $common \
+    run.name=$name ${spec:+"$spec"} 2>&1 | grep -v "Warning\|WARNING" | tail -4
+  echo "== $drafter: $(( $(date +%s) - start )) s"
+  mkdir -p $OUT/$name
+  for f in summary.json metrics.jsonl config.yaml; do cp /tmp/runs/$name/$f $OUT/$name/ 2>/dev/null; done
+  [ "$drafter" = none ] || runs="$runs /tmp/runs/$name"
+done
+python3 benchmarks/spec_summary.py gpu --dense /tmp/runs/spec_rollout_none --spec $runs \
+  --out $OUT/gpu_spec_rollout.json --skip-first 1
