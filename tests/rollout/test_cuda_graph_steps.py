@@ -2,6 +2,7 @@
 here (`Engine(cuda_graphs=True)` on a CPU), must decode exactly as the plain steps do, with
 the batch shrinking through the buckets, slots refilled, and compressed caches."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,50 @@ def test_buckets_cover_every_batch_up_to_the_slots():
     assert buckets(12) == [1, 2, 4, 8, 12]
     for b in range(1, 13):
         assert min(x for x in buckets(12) if x >= b) - b < b  # padding stays under half
+
+
+def _step_graphs_case(device: str, capture: bool):
+    """A StepGraphs over a KV cache of 6 slots whose step function reads two inputs and the
+    step's positions, writes into the cache (its write indices) and returns a tuple."""
+    from rlkit.rollout.cuda_graphs import StepGraphs
+    from rlkit.rollout.kv_cache import KVCache
+
+    cache = KVCache(1, 6, 16, 1, 4, torch.float32, device, cpu_kernels=False)
+    cache.reset_slots(range(6), np.array([3, 1, 4, 1, 5, 2]))
+
+    def fn(h, tok, positions):
+        return h * 2 + tok[..., None], positions + tok
+
+    return StepGraphs(fn, cache, capture=capture), cache
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_step_graphs_feed_fixed_buffers_and_return_the_batch_rows(device):
+    """Any step function over a cache: inputs [batch, T, ...] are copied into buffers of the
+    cache's slots, the batch is padded to its bucket (begin_decode(pad_to=...)), the outputs
+    (a tuple here) come back for the batch's rows, one graph (or eager padded step) per
+    (bucket, T); on CUDA the replays give what the eager padded steps give."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    graphs, cache = _step_graphs_case(device, capture=device == "cuda")
+    eager, eager_cache = _step_graphs_case(device, capture=False)
+    g = torch.Generator().manual_seed(0)
+    for batch, T in [(3, 4), (3, 4), (5, 1), (2, 4)]:
+        h = torch.randn(batch, T, 4, generator=g).to(device)
+        tok = torch.randint(0, 9, (batch, T), generator=g).to(device)
+        start = cache.positions[:batch].copy()
+        out, pos = graphs.step(batch, h, tok)
+        ref, ref_pos = eager.step(batch, h, tok)
+        assert out.shape == (batch, T, 4) and pos.shape == (batch, T)
+        torch.testing.assert_close(out, h * 2 + tok[..., None])
+        want = torch.as_tensor(start)[:, None] + torch.arange(T) + tok.cpu()
+        assert torch.equal(pos.cpu(), want)
+        torch.testing.assert_close(out, ref)
+        assert torch.equal(pos, ref_pos)
+    assert graphs.steps == {(4, 4): 2, (6, 1): 1, (2, 4): 1}  # buckets 1, 2, 4, 6
+    assert set(graphs.inputs) == {1, 4} and graphs.inputs[4][0].shape == (6, 4, 4)
+    if device == "cuda":
+        assert set(graphs.graphs) == {(4, 4), (6, 1), (2, 4)}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
