@@ -523,8 +523,6 @@ def sparse_decode_attention(
 def _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring) -> None:
     """`rope_append`'s checks with one new token a row at entry lengths - 1, then the
     attention's."""
-    from rlkit.kernels import rope_append
-
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, H, D] (one new token a row), got {tuple(q.shape)}")
     write = (lengths.to(torch.int64) - 1)[:, None]
@@ -582,11 +580,16 @@ def rope_decode_attention_reference(
 ) -> torch.Tensor:
     """`rope_append` (the new token at entry lengths[b] - 1), then `sparse_decode_attention`:
     the two calls the fused kernel replaces."""
-    _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
+    args = (q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
+    return _rope_then_attend(args, rope_append.rope_append_reference, cpu_kernel)
+
+
+def _rope_then_attend(args: tuple, rope: Any, cpu_kernel: bool) -> torch.Tensor:
+    """`rope` (rope_append or its reference) at entry lengths - 1, then the attention."""
+    _check_fused(*args)
+    q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring = args
     write = (lengths.to(torch.int64) - 1)[:, None]
-    q_rot = rope_append.rope_append_reference(
-        q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring
-    )
+    q_rot = rope(q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring)
     return sparse_decode_attention(q_rot[:, :, 0], k_cache, v_cache, lengths, cpu_kernel=cpu_kernel)
 
 
@@ -653,7 +656,4 @@ def rope_decode_attention(
     args = (q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
     if rope_decode_applies(q, k_cache.shape[2], k.shape[2]):
         return rope_decode_attention_triton(*args, **FUSED_KNOBS)
-    _check_fused(*args)
-    write = (lengths.to(torch.int64) - 1)[:, None]
-    q_rot = rope_append.rope_append(q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring)
-    return sparse_decode_attention(q_rot[:, :, 0], k_cache, v_cache, lengths, cpu_kernel=cpu_kernel)
+    return _rope_then_attend(args, rope_append.rope_append, cpu_kernel)

@@ -8,9 +8,7 @@ source benchmarks/gpu/setup.sh
 stages="stages=[{type: mtp_warmup, name: warmup, overrides: {train.steps: ${WARMUP:-30}, train.eval_every: 0, algorithm.mtp.lr: 1.0e-3}}, {type: rlvr, name: rl}]"
 model=smollm2-135m-instruct
 if [ -n "${MTP_FROM:-}" ]; then
-  model=/tmp/smollm2_mtp
-  rm -rf $model && cp -r "$(python3 -c "from rlkit.models.loading import resolve_model_dir as r; print(r('smollm2-135m-instruct'))")" $model
-  cp "$MTP_FROM/mtp.safetensors" $model/
+  smollm2_with_mtp "$MTP_FROM" && model=/tmp/smollm2_mtp
   stages="stages=[{type: rlvr, name: rl}]"
 fi
 for loss in ${LOSSES:-frozen plain advantage dense}; do

@@ -17,4 +17,11 @@ export PYTHONPATH=$PWD:/tmp/site
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 RAY_worker_niceness=0 TOKENIZERS_PARALLELISM=false
 python3 -c "from rlkit.models.loading import resolve_model_dir as r; print(r('smollm2-135m-instruct'))" 2>&1 | tail -1
+# SmolLM2 with the MTP module in $1 (a directory holding mtp.safetensors) beside it, at
+# /tmp/smollm2_mtp: the model path for runs that start from a module trained elsewhere.
+smollm2_with_mtp() {
+  rm -rf /tmp/smollm2_mtp
+  cp -r "$(python3 -c "from rlkit.models.loading import resolve_model_dir as r; print(r('smollm2-135m-instruct'))")" /tmp/smollm2_mtp
+  cp "$1/mtp.safetensors" /tmp/smollm2_mtp/
+}
 set +e

@@ -15,9 +15,7 @@ common="rollout.kv_compression.policy=none train.steps=$steps train.eval_every=0
   run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false"
 model=smollm2-135m-instruct
 if [ -n "${MTP_FROM:-}" ]; then
-  model=/tmp/smollm2_mtp
-  rm -rf $model && cp -r "$(python3 -c "from rlkit.models.loading import resolve_model_dir as r; print(r('smollm2-135m-instruct'))")" $model
-  cp "$MTP_FROM/mtp.safetensors" $model/
+  smollm2_with_mtp "$MTP_FROM" && model=/tmp/smollm2_mtp
 fi
 runs=""
 for drafter in none ${DRAFTERS:-sam}; do

@@ -117,7 +117,6 @@ class DecodeGraphs(StepGraphs):
     out (a view of the graph's output, valid until the next step)."""
 
     def __init__(self, model: Decoder, cache: KVCache, capture: bool = True):
-        self.model = model
         super().__init__(
             lambda tokens, positions: model.forward_cached(tokens, positions, cache),
             cache,

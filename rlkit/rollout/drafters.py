@@ -142,13 +142,11 @@ class MTPDrafter:
         # catch-up over k + 1 pairs and each depth's one token, a graph per bucket each.
         self.graphs: StepGraphs | None = None
         if run.graphs is not None:
-            mtp, model, cache = self.mtp, run.model, self.cache
-
-            def block_step(h: torch.Tensor, tok: torch.Tensor, positions: torch.Tensor):
-                g = mtp.run_block(mtp.step_input(h, tok, model), positions, model, cache)
-                return g, mtp.norm(g)
-
-            self.graphs = StepGraphs(block_step, self.cache, capture=run.graphs.capture)
+            self.graphs = StepGraphs(
+                lambda h, tok, positions: self._block_at(run, self._input(run, h, tok), positions),
+                self.cache,
+                capture=run.graphs.capture,
+            )
         # The draft head: the whole LM head, or the rows of the most frequent tokens.
         self.counts, self.ids, self.head = cfg.token_counts, None, None
         if 0 < cfg.mtp_vocab < a.vocab_size and self.counts is not None:
@@ -180,8 +178,13 @@ class MTPDrafter:
     def _block(self, run: Run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared block on x [B, T, H] (appended to the block's cache): its states g and
         norm(g) (what the head reads), each [B, T, H]."""
+        return self._block_at(run, x, self.cache.begin_decode(*x.shape[:2]))
+
+    def _block_at(
+        self, run: Run, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_block` once the cache has begun the step at `positions` [B, T]."""
         B, T = x.shape[:2]
-        positions = self.cache.begin_decode(B, T)
         target = None if self.fused is None else self.cache.fused_target(0)
         if self.fused is None or target is None:
             g = self.mtp.run_block(x, positions, run.model, self.cache)

@@ -28,6 +28,7 @@ so that building a step needs no device-to-host sync.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,22 @@ from rlkit.kernels import sparse_decode_attention as sda
 from rlkit.kernels.sparse_decode_attention import sparse_decode_attention
 from rlkit.models.decoder import FusedTarget
 from rlkit.rollout.compression import POLICIES, CompressionInputs, oracle_scores, validate
+
+
+class RopeTarget(NamedTuple):
+    """A layer's storage and step buffers for `KVCache.attend_rope`: keys and values
+    [slots, KVH, L, D], the step's write indices [B, T], each row's entries after it [B], the
+    entries the step's attention spans, the query ring and its entry (or None), and whether the
+    one-launch RoPE + append + attention may take it."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    write: torch.Tensor
+    lens: torch.Tensor
+    kv_len: int
+    ring_store: torch.Tensor | None
+    ring: torch.Tensor | None
+    fusable: bool
 
 
 class KVCache:
@@ -241,22 +258,27 @@ class KVCache:
     ) -> torch.Tensor | None:
         """`attend` before RoPE: q [B, T, H, D], k/v [B, T, KVH, D], cos/sin [B, 1, T, D]. A
         decode step on a GPU rotates q and k and stores k and v in one kernel
-        (`rlkit.kernels.rope_append`); None where the caller rotates and calls `attend`."""
+        (`rlkit.kernels.rope_append`), and for one token a row over rows short enough for it
+        attends in the same launch (`sparse_decode_attention.rope_decode_applies`); None
+        where the caller rotates and calls `attend`."""
         if self._mode != "decode" or not rope_append.applies(q):
             return None
-        # One launch for RoPE, the append and the attention, over rows short enough for it.
-        if q.shape[1] == 1 and sda.rope_decode_applies(q, self._kv_len, k.shape[2]):
+        t = self._rope_target(layer)
+        if q.shape[1] == 1 and t.fusable and sda.rope_decode_applies(q, t.kv_len, k.shape[2]):
             B = q.shape[0]
-            keys = self.k[layer, :B, :, : self._kv_len]
-            values = self.v[layer, :B, :, : self._kv_len]
-            out = sda.rope_decode_attention(
-                q, k, v, cos, sin, keys, values, self._lens, cpu_kernel=self.cpu_kernels
-            )
+            out = sda.rope_decode_attention_triton(
+                q, k, v, cos, sin, t.k[:B, :, : t.kv_len], t.v[:B, :, : t.kv_len], t.lens,
+                t.ring_store, t.ring, **sda.FUSED_KNOBS,
+            )  # fmt: skip
             return out[:, :, None]
-        q_rot = rope_append.rope_append(
-            q, k, v, cos, sin, self._write, self.k[layer], self.v[layer]
-        )
+        q_rot = rope_append.rope_append(q, k, v, cos, sin, t.write, t.k, t.v, t.ring_store, t.ring)
         return self._attend_stored(layer, q_rot)
+
+    def _rope_target(self, layer: int) -> RopeTarget:
+        """Where a decode step's RoPE'd keys and values go in `layer` (`attend_rope`)."""
+        return RopeTarget(
+            self.k[layer], self.v[layer], self._write, self._lens, self._kv_len, None, None, True
+        )
 
     def _attend_stored(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """A decode step's attention of q [B, H, T, D] once its tokens' k/v are stored."""
@@ -671,35 +693,17 @@ class CompressedKVCache(KVCache):
             self.queries[self.q_index[layer]][slots, :, self._ring] = q.transpose(1, 2)
         return self._attend_stored(layer, q)
 
-    def attend_rope(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor | None:
-        if self._mode != "decode" or not rope_append.applies(q):
-            return None
+    def _rope_target(self, layer: int) -> RopeTarget:
+        # The layer's group's storage and step buffers, and SnapKV's query ring where the layer
+        # has one. H2O's statistic needs the attention probabilities: not the fused kernel.
         group, ks, vs = self._store(layer)
         ring_store = ring = None
         if layer in self.q_index:
             ring_store, ring = self.queries[self.q_index[layer]], self._ring
-        kv_len = self._gkv_len[group]
-        if q.shape[1] == 1 and not self.h2o and sda.rope_decode_applies(q, kv_len, k.shape[2]):
-            # RoPE, the append and the attention in one launch (H2O's statistic needs the
-            # attention probabilities: it keeps the separate path).
-            B = q.shape[0]
-            out = sda.rope_decode_attention(
-                q, k, v, cos, sin, ks[:B, :, :kv_len], vs[:B, :, :kv_len], self._glens[group],
-                ring_store, ring, cpu_kernel=self.cpu_kernels,
-            )  # fmt: skip
-            return out[:, :, None]
-        q_rot = rope_append.rope_append(
-            q, k, v, cos, sin, self._gwrite[group], ks, vs, ring_store, ring
-        )
-        return self._attend_stored(layer, q_rot)
+        return RopeTarget(
+            ks, vs, self._gwrite[group], self._glens[group], self._gkv_len[group], ring_store,
+            ring, not self.h2o,
+        )  # fmt: skip
 
     def _attend_stored(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         B, H, T, D = q.shape

@@ -20,6 +20,25 @@ def compression(policy):
     return KVCompressionConfig(policy=policy, budget=10, window=3, interval=3, full_every=2)
 
 
+def _same_tokens_and_logprobs(out, ref, atol):
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
+
+
+def _glued_against_layers(make_engine, prompts, arch, monkeypatch):
+    """Completions of the GPU glue path (`Decoder._run_glued`, taken on any machine through
+    its kernels' references and whatever the caller patched) and of the layers' own forward:
+    (glued, layers)."""
+    from rlkit.models.decoder import Decoder
+
+    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
+    kw = dict(max_batch_size=5, sync_every=2, cuda_graphs=True, cpu_kernels=False)
+    ref = make_engine(arch, **kw).generate(prompts, sp, n=2)
+    monkeypatch.setattr(Decoder, "_glued", lambda self, x: not torch.is_grad_enabled())
+    return make_engine(arch, **kw).generate(prompts, sp, n=2), ref
+
+
 def test_buckets_cover_every_batch_up_to_the_slots():
     assert buckets(1) == [1]
     assert buckets(8) == [1, 2, 4, 8]
@@ -180,9 +199,7 @@ def test_cuda_graph_verify_steps_decode_like_eager_ones(tiny_dirs, prompts, poli
     assert graphed._graphs is not None and graphed._graphs.capture
     fed = {T for _, T in graphed._graphs.graphs}  # k + 1 drafting; 1 where no row drafted
     assert 4 in fed and fed <= {1, 4}
-    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
-    for a, b in zip(out, ref, strict=True):
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+    _same_tokens_and_logprobs(out, ref, atol=1e-4)
     if temperature == 0.0:  # lossless against plain decoding too
         plain = eager.generate(prompts, sp, n=2, drafter="none")
         assert [c.token_ids for c in out] == [c.token_ids for c in plain]
@@ -319,9 +336,7 @@ def test_rotating_and_storing_in_one_call_decodes_like_separate_ops(
     monkeypatch.setattr(ra, "rope_append_triton", kernel)
     out = make_engine(arch, **kw).generate(prompts, sp, n=2)
     assert calls and all(shape[1] == 1 for shape in calls)  # decode steps only
-    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
-    for a, b in zip(out, ref, strict=True):
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    _same_tokens_and_logprobs(out, ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -354,9 +369,7 @@ def test_rope_append_and_attention_in_one_call_decode_like_separate_ops(
     monkeypatch.setattr(sda, "rope_decode_attention_triton", fused)
     out = make_engine(arch, **kw).generate(prompts, sp, n=2)
     assert (not calls) if policy == "h2o" else (calls and all(s[1] == 1 for s in calls))
-    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
-    for a, b in zip(out, ref, strict=True):
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    _same_tokens_and_logprobs(out, ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -366,9 +379,6 @@ def test_the_gpu_layer_glue_decodes_like_the_layers(make_engine, prompts, arch, 
     decode steps alike: the same tokens and log-probs as the layers' own forward."""
     from rlkit.models.decoder import Decoder
 
-    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
-    kw = dict(max_batch_size=5, sync_every=2, cuda_graphs=True, cpu_kernels=False)
-    ref = make_engine(arch, **kw).generate(prompts, sp, n=2)
     calls = []
     real = Decoder._run_glued
 
@@ -376,13 +386,10 @@ def test_the_gpu_layer_glue_decodes_like_the_layers(make_engine, prompts, arch, 
         calls.append(args[0].shape)
         return real(self, *args)
 
-    monkeypatch.setattr(Decoder, "_glued", lambda self, x: not torch.is_grad_enabled())
     monkeypatch.setattr(Decoder, "_run_glued", glued)
-    out = make_engine(arch, **kw).generate(prompts, sp, n=2)
+    out, ref = _glued_against_layers(make_engine, prompts, arch, monkeypatch)
     assert calls
-    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
-    for a, b in zip(out, ref, strict=True):
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    _same_tokens_and_logprobs(out, ref, atol=1e-6)
 
 
 def test_the_gpu_glue_takes_the_gate_up_kernel_where_it_applies(make_engine, prompts, monkeypatch):
@@ -391,29 +398,23 @@ def test_the_gpu_glue_takes_the_gate_up_kernel_where_it_applies(make_engine, pro
     knobs): the same tokens and log-probs as the layers' own forward, and the call is taken by
     the decode steps and not by a wider prefill."""
     from rlkit.kernels import decode_gemm as dg
+    from rlkit.kernels import fused_norm
 
-    from rlkit.models.decoder import Decoder, linear
+    from rlkit.models.decoder import linear
 
-    sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
-    kw = dict(max_batch_size=5, sync_every=2, cuda_graphs=True, cpu_kernels=False)
-    ref = make_engine("qwen2", **kw).generate(prompts, sp, n=2)
     rows = []
 
     def kernel(x, gate_up, **knobs):
         assert knobs == dg.GATE_UP_KNOBS
         rows.append(x.shape[0])
         # (The CPU engine's weights may be oneDNN-prepacked: the model's `linear` takes them.)
-        gate, up = linear(x, gate_up, None).chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
+        return fused_norm.silu_mul_reference(linear(x, gate_up, None))
 
-    monkeypatch.setattr(Decoder, "_glued", lambda self, x: not torch.is_grad_enabled())
     monkeypatch.setattr(dg, "gate_up_applies", lambda x, w, b: b is None and x.shape[0] <= 8)
     monkeypatch.setattr(dg, "decode_gate_up_silu_triton", kernel)
-    out = make_engine("qwen2", **kw).generate(prompts, sp, n=2)
+    out, ref = _glued_against_layers(make_engine, prompts, "qwen2", monkeypatch)
     assert rows and max(rows) <= 8
-    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
-    for a, b in zip(out, ref, strict=True):
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    _same_tokens_and_logprobs(out, ref, atol=1e-6)
 
 
 def test_gate_up_applies_only_in_the_measured_regime():
