@@ -3,10 +3,12 @@
     python benchmarks/profile_rollout.py --model DIR [--device cuda] [--mode dense|sparse|spec]
         [--batch 64] [--prompt-len 64] [--new-tokens 1024] [--budget 512] [--window 8]
         [--interval 64] [--policy snapkv] [--drafter sam+mtp] [--mtp DIR] [--out FILE]
+        [--task arithmetic_set --task-args JSON --samples 8] [--temperature 1] [--top-p 1]
 
 One warm-up `generate` (CUDA graphs captured, Triton kernels compiled, the first compression
-reached), then one timed call without the profiler and one under it (random prompts,
-ignore_eos, temperature 1). Prints the wall time of the timed call, its tokens/s and ms per
+reached), then one timed call without the profiler and one under it (ignore_eos; random
+prompts, or with --task batch / samples of the task's first train prompts in the chat
+template, each sampled `samples` times: what a drafter sees in an RL step). Prints the wall time of the timed call, its tokens/s and ms per
 decode step, then two tables: device kernels by total device time, and host-side ops by
 self CPU time (on a GPU a step bound by launches shows up as host time far above device time).
 The tables also go to --out.
@@ -15,12 +17,13 @@ The tables also go to --out.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rlkit.bench import warmup_tokens
+from rlkit.bench import _task_prompts, warmup_tokens
 from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
 from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.models.mtp import init_mtp, load_mtp
@@ -45,6 +48,11 @@ def main() -> None:
     ap.add_argument("--num-draft-tokens", type=int, default=3)
     ap.add_argument("--mtp-vocab", type=int, default=0)
     ap.add_argument("--mtp", default=None, help="a model directory with mtp.safetensors")
+    ap.add_argument("--task", default=None, help="a built-in task's train prompts")
+    ap.add_argument("--task-args", default="{}", help="the task's build arguments, JSON")
+    ap.add_argument("--samples", type=int, default=8, help="samples per --task prompt")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--rows", type=int, default=30, help="rows per table")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -75,12 +83,21 @@ def main() -> None:
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     vocab = model.args.vocab_size
-    prompts = [
-        torch.randint(0, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.batch)
-    ]
+    if a.task:
+        distinct = _task_prompts(
+            a.task, max(1, a.batch // a.samples), 0, model_dir, json.loads(a.task_args)
+        )
+        prompts = [distinct[i // a.samples % len(distinct)] for i in range(a.batch)]
+    else:
+        prompts = [
+            torch.randint(0, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.batch)
+        ]
 
     def run(new: int, seed: int) -> tuple[float, int]:
-        params = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=seed)
+        params = SamplingParams(
+            temperature=a.temperature, top_p=a.top_p, max_new_tokens=new, ignore_eos=True,
+            seed=seed,
+        )  # fmt: skip
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -89,7 +106,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
 
-    run(warmup_tokens(compression, a.prompt_len), 0)  # warm-up: through the first compression
+    run(warmup_tokens(compression, max(map(len, prompts))), 0)  # warm-up: through the first compression
     seconds, tokens = run(a.new_tokens, 1)
     acts = [ProfilerActivity.CPU]
     if a.device.startswith("cuda"):

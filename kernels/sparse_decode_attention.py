@@ -7,13 +7,16 @@ sequence's length are garbage and never contribute.
 
     sparse_decode_attention(q, k, v, lengths, scale=None) -> out
 
-    q        [B, H, D]         one query token per sequence
+    q        [B, H, D]         one query token per sequence, or
+             [B, H, T, D]      T new tokens per sequence (a speculative verify step): they are
+                               its last T entries, and query t sees the entries before
+                               lengths[b] - (T - 1 - t) (causal among the new tokens)
     k, v     [B, KVH, L, D]    any strides (e.g. `cache.k[layer, :B, :, :L]`); H % KVH == 0,
                                query head h reads kv head h // (H // KVH) (GQA)
     lengths  [B] int32/int64   valid entries per sequence; clamped to [0, L]; a sequence of
                                length 0 gets an output of zeros
     scale    default 1/sqrt(D)
-    out      [B, H, D], q's dtype
+    out      [B, H, D] (or [B, H, T, D]), q's dtype
 
 Three functions: `sparse_decode_attention_reference` (plain PyTorch), the Triton kernel
 `sparse_decode_attention_triton`, and the dispatcher `sparse_decode_attention`, which runs the
@@ -31,6 +34,9 @@ sequences split evenly); each split writes its normalised partial output and bas
 log-sum-exp, and a second small kernel combines them. With one split the first kernel writes
 the output itself. Padded query rows (G < 16, the least tl.dot takes) and padded head-dim
 columns (D not a power of two) are masked; fp32 inputs use an exact fp32 dot, not tf32.
+With T new tokens a row, a program's query rows are the G x T (head, token) pairs of its
+group, each masked to its own causal limit: the whole verify step reads each row's entries
+once, where a masked SDPA over the padded step's full capacity read every row to the end.
 """
 
 from __future__ import annotations
@@ -68,13 +74,13 @@ def _check(
 ) -> tuple[int, int, int, int, int, float]:
     """Raise ValueError naming the first thing wrong with the arguments; else return
     (B, H, D, KVH, G, scale), the scale defaulting to 1/sqrt(D)."""
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be [B, H, D] or [B, H, T, D], got shape {tuple(q.shape)}")
     if k.dim() != 4:
         raise ValueError(f"k must be [B, KVH, L, D], got shape {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
-    B, H, D = q.shape
+    B, H, D = q.shape[0], q.shape[1], q.shape[-1]
     if k.shape[0] != B:
         raise ValueError(f"batch mismatch: q has B={B}, k/v have B={k.shape[0]}")
     if k.shape[3] != D:
@@ -119,21 +125,24 @@ def sparse_decode_attention_reference(
     still accumulates in float32) and differs from exact=True by about one bf16/fp16 rounding.
     """
     B, H, D, kvh, G, scale = _check(q, k, v, lengths, scale)
+    T = q.shape[2] if q.dim() == 4 else 1
     L = k.shape[2]
     dtype = torch.float32 if exact else q.dtype
-    qg = q.reshape(B, kvh, G, D).to(dtype)
+    # Query row g * T + t of kv head h: head h * G + g, token t.
+    qg = q.reshape(B, kvh, G * T, D).to(dtype)
     kk, vv = k.to(dtype), v.to(dtype)
-    lens = lengths.to(torch.int64)
-    mask = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
-    empty = lens <= 0
+    # Token t sees the entries before lengths - (T - 1 - t): [B, T].
+    lim = lengths.to(torch.int64)[:, None] - (T - 1) + torch.arange(T, device=q.device)
+    mask = torch.arange(L, device=q.device) < lim[:, :, None]  # [B, T, L]
+    empty = lim <= 0  # [B, T]
     # A row with no valid entry would be all -inf (NaN); let it attend to everything and zero it.
-    mask = mask | empty[:, None]
-    out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask[:, None, None, :], scale=scale)
-    out = out.reshape(B, H, D)
+    mask = (mask | empty[:, :, None]).repeat(1, G, 1)[:, None]  # [B, 1, G * T, L]
+    out = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask, scale=scale)
+    out = out.reshape(B, H, T, D)
     out = torch.where(
-        empty[:, None, None], torch.zeros((), dtype=out.dtype, device=out.device), out
+        empty[:, None, :, None], torch.zeros((), dtype=out.dtype, device=out.device), out
     )
-    return out.to(q.dtype)
+    return out.to(q.dtype) if q.dim() == 4 else out[:, :, 0].to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +177,8 @@ if HAS_TRITON:
         stride_ob,
         stride_oh,
         stride_od,
+        stride_qt,  # T > 1: q [B, H, T, D] and out [B, H, T, D]'s token strides
+        stride_ot,
         # FUSE (`rope_decode_attention`): Q holds the new token's queries before RoPE; its key
         # and value (KN, VN [B, KVH, D]) are rotated / stored at entry lengths[b] - 1 by the
         # program whose share holds it, which also writes the rotated queries into the ring.
@@ -196,6 +207,7 @@ if HAS_TRITON:
         IEEE_DOT: tl.constexpr,
         FUSE: tl.constexpr = False,
         HAS_RING: tl.constexpr = False,
+        T: tl.constexpr = 1,  # new tokens a row; query row r is head kvh * G + r // T, token r % T
     ):
         # 64-bit indices: a view of a large cache easily puts b * stride_kb past 2**31.
         b = tl.program_id(0).to(tl.int64)
@@ -212,12 +224,15 @@ if HAS_TRITON:
         offs_g = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-        heads = kvh * G + offs_g
-        mask_g = offs_g < G
+        heads = kvh * G + offs_g // T
+        tok = offs_g % T
+        mask_g = offs_g < G * T
         mask_d = offs_d < D
+        # Each query row's causal limit: token t sees the entries before length - (T - 1 - t).
+        lim = length - (T - 1) + tok  # [BLOCK_H]
 
         mask_q = mask_g[:, None] & mask_d[None, :]
-        q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh
+        q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + tok[:, None] * stride_qt
         q = tl.load(
             q_ptr + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0
         )  # [BLOCK_H, BLOCK_D]
@@ -262,8 +277,16 @@ if HAS_TRITON:
                 s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
-            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))  # [BLOCK_H, N]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if T == 1:
+                s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))  # [BLOCK_H, N]
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+            else:
+                # A row's limit may leave it a block with no entry: its max stays -inf, and
+                # the exponents below are taken against 0 instead (exp2(-inf) = 0, no NaN).
+                seen = mask_n[None, :] & (pos[None, :] < lim[:, None])
+                s = tl.where(seen, s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -303,14 +326,15 @@ if HAS_TRITON:
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         if DIRECT:
             tl.store(
-                Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                Out + b * stride_ob + heads[:, None] * stride_oh + tok[:, None] * stride_ot
+                + offs_d[None, :] * stride_od,
                 o.to(Out.dtype.element_ty),
                 mask=mask_g[:, None] & mask_d[None, :],
-            )
+            )  # fmt: skip
         else:
-            # MidO [B, H, num_splits, BLOCK_D] and MidLse [B, H, num_splits], contiguous.
+            # MidO [B, H, T, num_splits, BLOCK_D] and MidLse [B, H, T, num_splits], contiguous.
             H = tl.num_programs(1) * G
-            row = (b * H + heads) * num_splits + split  # [BLOCK_H]
+            row = ((b * H + heads) * T + tok) * num_splits + split  # [BLOCK_H]
             tl.store(
                 MidO + row[:, None] * BLOCK_D + offs_d[None, :],
                 o,
@@ -406,12 +430,18 @@ def sparse_decode_attention_triton(
         raise RuntimeError("sparse_decode_attention_triton needs triton, which is not importable")
     B, H, D, kvh, G, scale = _check(q, k, v, lengths, scale)
     L = k.shape[2]
-    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    if B == 0 or H == 0 or D == 0:
+    one = q.dim() == 3
+    T = 1 if one else q.shape[2]
+    if fused is not None and not one:
+        raise ValueError("the fused RoPE step takes one new token a row")
+    out4 = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    out = out4[:, :, 0] if one else out4
+    if B == 0 or H == 0 or D == 0 or T == 0:
         return out
+    q4 = q[:, :, None] if one else q
 
     BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_H = max(16, _next_pow2(G))  # tl.dot needs at least 16 rows
+    BLOCK_H = max(16, _next_pow2(G * T))  # tl.dot needs at least 16 rows
     if block_n is None:
         block_n = 64
     if num_splits is None:
@@ -428,8 +458,8 @@ def sparse_decode_attention_triton(
     opts: dict[str, Any] = {"num_warps": num_warps, "num_stages": num_stages}
 
     if num_splits > 1:
-        mid_o = torch.empty((B, H, num_splits, BLOCK_D), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+        mid_o = torch.empty((B, H, T, num_splits, BLOCK_D), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((B, H, T, num_splits), dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out  # unused
 
@@ -448,23 +478,26 @@ def sparse_decode_attention_triton(
             qr.stride(2) if has_ring else 0, rg.stride(0),
         )  # fmt: skip
         flags = {"FUSE": True, "HAS_RING": has_ring}
+    qs, os_ = q4.stride(), out4.stride()
     _decode_partial_kernel[(B, kvh, num_splits)](
-        q,
+        q4,
         k,
         v,
         lengths,
-        out,
+        out4,
         mid_o,
         mid_lse,
         scale * 1.4426950408889634,
         L,
         num_splits,
-        *q.stride(),
+        qs[0], qs[1], qs[3],
         *k.stride(),
         *v.stride(),
-        *out.stride(),
+        os_[0], os_[1], os_[3],
+        qs[2], os_[2],
         *extra,
         **flags,
+        T=T,
         G=G,
         D=D,
         BLOCK_H=BLOCK_H,
@@ -475,12 +508,14 @@ def sparse_decode_attention_triton(
         **opts,
     )
     if num_splits > 1:
-        _decode_combine_kernel[(B, H)](
+        # (head, token) pairs as H * T rows: out4 is contiguous, so row h * T + t is at
+        # (h * T + t) * D.
+        _decode_combine_kernel[(B, H * T)](
             mid_o,
             mid_lse,
-            out,
-            *out.stride(),
-            H,
+            out4,
+            os_[0], os_[2], os_[3],
+            H * T,
             num_splits,
             D=D,
             BLOCK_D=BLOCK_D,
@@ -504,11 +539,13 @@ def sparse_decode_attention(
     `rlkit.kernels.cpu` for bf16 or float32 when it is built for this CPU; else the PyTorch reference
     (in the inputs' dtype, the fast form; see `sparse_decode_attention_reference`).
 
-    Dense decoding is the case where every sequence's length is all of its entries.
+    Dense decoding is the case where every sequence's length is all of its entries; a
+    speculative verify step feeds q [B, H, T, D].
     cpu_kernel=False skips the C kernel (to compare against ATen's attention)."""
     if q.is_cuda and HAS_TRITON:
         return sparse_decode_attention_triton(q, k, v, lengths, scale)
-    if cpu_kernel and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32):
+    one = q.dim() == 3  # the C kernel takes one new token a row
+    if one and cpu_kernel and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32):
         scale = _check(q, k, v, lengths, scale)[-1]
         if cpu_kernels.supports(q, k, v):
             return cpu_kernels.decode_attention(q, k, v, lengths, scale)

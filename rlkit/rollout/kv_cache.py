@@ -282,22 +282,18 @@ class KVCache:
 
     def _attend_stored(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """A decode step's attention of q [B, H, T, D] once its tokens' k/v are stored."""
-        B, H, T, D = q.shape
-        kvh = self.k.shape[2]
+        B, T = q.shape[0], q.shape[2]
         keys = self.k[layer, :B, :, : self._kv_len]  # [B, KVH, L, D]
         values = self.v[layer, :B, :, : self._kv_len]
-        if T == 1:  # one query per sequence over its own entries: the decode kernel
+        # Each row's queries over its own entries, the step's T new ones last (writes are
+        # contiguous: query t sees those before lens - (T - 1 - t)): the decode kernel, which
+        # for T > 1 (a verify step) on a GPU reads each row once up to its length.
+        if T == 1:
             out = sparse_decode_attention(
                 q[:, :, 0], keys, values, self._lens, cpu_kernel=self.cpu_kernels
             )
             return out[:, :, None]
-        # The G query heads that share a kv head become G*T query rows of that head: plain
-        # SDPA on [B, KVH, G*T, D] runs much faster on CPU than its GQA mode for short T.
-        # Built here, from the step's write indices, so that a captured step rebuilds it.
-        mask = causal_mask(self._write, self._kv_len).repeat(1, 1, H // kvh, 1)
-        qg = q.reshape(B, kvh, (H // kvh) * T, D)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-        return out.reshape(B, H, T, D)  # a copy where SDPA returns strided (CUDA)
+        return sparse_decode_attention(q, keys, values, self._lens, cpu_kernel=self.cpu_kernels)
 
     def fused_target(self, layer: int) -> FusedTarget | None:
         """The fused step's view of `layer` (see `FusedDecodeCache`), after `begin_decode(B,
@@ -725,16 +721,13 @@ class CompressedKVCache(KVCache):
             acc[slots, :, write] = torch.zeros((), dtype=acc.dtype, device=acc.device)
             acc[:B, :, :kv_len] += probs.sum(dim=2)
             return (probs @ values.float()).to(q.dtype).view(B, H, T, D)
+        lens = self._glens[group]
         if T == 1:
             out = sparse_decode_attention(
-                q[:, :, 0], keys, values, self._glens[group], cpu_kernel=self.cpu_kernels
+                q[:, :, 0], keys, values, lens, cpu_kernel=self.cpu_kernels
             )
             return out[:, :, None]
-        mask = causal_mask(write, kv_len).repeat(1, 1, G, 1)
-        out = F.scaled_dot_product_attention(
-            q.reshape(B, kvh, G * T, D), keys, values, attn_mask=mask
-        )
-        return out.reshape(B, H, T, D)  # a copy where SDPA returns strided (CUDA)
+        return sparse_decode_attention(q, keys, values, lens, cpu_kernel=self.cpu_kernels)
 
     def fused_target(self, layer: int) -> FusedTarget | None:
         """The fused decode step's view of `layer` after `begin_decode(B, T)`; None under H2O

@@ -17,9 +17,10 @@ from interpreter import run_interpreted
 from rlkit.kernels import cpu as cpu_kernel
 from rlkit.kernels import sparse_decode_attention as sda
 
-# name: (B, H, KVH, D, L, dtype, num_splits, lengths spec, strided views)
+# name: (B, H, KVH, D, L, dtype, num_splits, lengths spec, strided views[, T])
 # lengths spec: "ragged" (random, first = L, last 1), "ragged32" (the same as int32), "full"
-# (all == L), "zero" (last row 0)
+# (all == L), "zero" (last row 0). T > 1: q [B, H, T, D], a verify step's T new tokens a row
+# (a row of length 1 < T leaves its first T - 1 queries nothing to see: zeros).
 CASES: dict[str, tuple] = {
     "g1_d64_bf16_ragged": (3, 4, 4, 64, 48, torch.bfloat16, 1, "ragged", False),
     "g3_d64_fp32_ragged_strided": (3, 6, 2, 64, 80, torch.float32, 1, "ragged", True),
@@ -29,6 +30,10 @@ CASES: dict[str, tuple] = {
     "g4_d32_fp16_zero_split2": (3, 4, 1, 32, 48, torch.float16, 2, "zero", False),
     "g1_d48_fp32_ragged_pad_d": (2, 2, 2, 48, 33, torch.float32, 1, "ragged", False),
     "g3_d32_bf16_int32_lengths": (2, 6, 2, 32, 70, torch.bfloat16, 4, "ragged32", True),
+    "t4_g3_d64_bf16_ragged_strided": (3, 6, 2, 64, 80, torch.bfloat16, 1, "ragged", True, 4),
+    "t4_g3_d64_fp32_split3": (3, 9, 3, 64, 96, torch.float32, 3, "ragged", False, 4),
+    "t2_g4_d32_fp16_zero_split2": (3, 8, 2, 32, 48, torch.float16, 2, "zero", False, 2),
+    "t4_g6_d64_fp32_rows24": (2, 12, 2, 64, 70, torch.float32, 1, "ragged", True, 4),
 }
 
 # Largest |triton - exact reference| allowed, by dtype (outputs are O(1)).
@@ -36,7 +41,9 @@ ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def make_inputs(case: tuple, seed: int, device: str = "cpu"):
-    B, H, KVH, D, L, dtype, _, spec, strided = case
+    B, H, KVH, D, L, dtype, _, spec, strided = case[:9]
+    T = case[9] if len(case) > 9 else 1
+    qshape = (B, H, D) if T == 1 else (B, H, T, D)
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -44,14 +51,14 @@ def make_inputs(case: tuple, seed: int, device: str = "cpu"):
 
     if strided:
         # Views of a bigger cache [layers, slots, KVH, max_len, D], as the engine passes them;
-        # q is every other head of a [B, 2H, D] tensor.
+        # q is every other head of a [B, 2H, (T,) D] tensor.
         k_cache = randn(2, B + 2, KVH, L + 24, D)
         v_cache = randn(2, B + 2, KVH, L + 24, D)
         k, v = k_cache[1, :B, :, :L], v_cache[1, 1 : B + 1, :, :L]
-        q = randn(B, 2 * H, D)[:, ::2]
+        q = randn(B, 2 * H, *qshape[2:])[:, ::2]
         assert not k.is_contiguous() and not q.is_contiguous()
     else:
-        k, v, q = randn(B, KVH, L, D), randn(B, KVH, L, D), randn(B, H, D)
+        k, v, q = randn(B, KVH, L, D), randn(B, KVH, L, D), randn(*qshape)
     if spec == "full":
         lengths = torch.full((B,), L)
     else:
@@ -109,20 +116,23 @@ def test_triton_interpreted_matches_reference(name, interpreted_results):
 
 
 def _naive(q, k, v, lengths, scale=None):
-    """Loop per sequence and head, float64."""
-    B, H, D = q.shape
+    """Loop per sequence, head and new token, float64 (q [B, H, D] or [B, H, T, D])."""
+    one = q.dim() == 3
+    q = q[:, :, None] if one else q
+    B, H, T, D = q.shape
     G = H // k.shape[1]
     scale = 1 / math.sqrt(D) if scale is None else scale
-    out = torch.zeros(B, H, D, dtype=torch.float64)
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
     for b in range(B):
-        n = int(lengths[b])
-        for h in range(H):
-            if n == 0:
-                continue
-            kk = k[b, h // G, :n].double()
-            w = torch.softmax(kk @ q[b, h].double() * scale, 0)
-            out[b, h] = w @ v[b, h // G, :n].double()
-    return out
+        for t in range(T):
+            n = int(lengths[b]) - (T - 1 - t)  # token t sees the entries before its own end
+            for h in range(H):
+                if n <= 0:
+                    continue
+                kk = k[b, h // G, :n].double()
+                w = torch.softmax(kk @ q[b, h, t].double() * scale, 0)
+                out[b, h, t] = w @ v[b, h // G, :n].double()
+    return out[:, :, 0] if one else out
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -195,7 +205,7 @@ def _bad(**change):
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"q": torch.randn(2, 1, 8, 64)}, r"q must be \[B, H, D\]"),
+        ({"q": torch.randn(2, 1, 8, 2, 64)}, r"q must be \[B, H, D\] or \[B, H, T, D\]"),
         ({"k": torch.randn(2, 2, 64)}, r"k must be \[B, KVH, L, D\]"),
         ({"v": torch.randn(2, 2, 63, 64)}, "v shape"),
         ({"q": torch.randn(3, 8, 64)}, "batch mismatch"),
@@ -226,6 +236,9 @@ GPU_CASES = {
     "big_b4_l4096_fp16_autosplit": (4, 32, 8, 128, 4096, torch.float16, None, "full", False),
     "big_b8_l2048_fp32_split7": (8, 32, 8, 128, 2048, torch.float32, 7, "zero", True),
     "g8_d128_b16_l777_bf16": (16, 64, 8, 128, 777, torch.bfloat16, None, "zero", False),
+    # A SmolLM2 verify step: 64 rows of k + 1 = 4 new tokens.
+    "verify_smollm_b64_t4_bf16": (64, 9, 3, 64, 1000, torch.bfloat16, None, "ragged", True, 4),
+    "verify_b4_t4_l4096_bf16": (4, 32, 8, 128, 4096, torch.bfloat16, None, "ragged", True, 4),
 }
 
 
