@@ -179,6 +179,7 @@ if HAS_TRITON:
         stride_od,
         stride_qt,  # T > 1: q [B, H, T, D] and out [B, H, T, D]'s token strides
         stride_ot,
+        stride_lb,  # lengths may be a view (a padded verify step's [slots, T] buffer column)
         # FUSE (`rope_decode_attention`): Q holds the new token's queries before RoPE; its key
         # and value (KN, VN [B, KVH, D]) are rotated / stored at entry lengths[b] - 1 by the
         # program whose share holds it, which also writes the rotated queries into the ring.
@@ -214,7 +215,7 @@ if HAS_TRITON:
         kvh = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
 
-        length = tl.load(Lens + b).to(tl.int32)
+        length = tl.load(Lens + b * stride_lb).to(tl.int32)
         length = tl.minimum(tl.maximum(length, 0), L)
         # This split's share of the sequence, a whole number of blocks.
         chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
@@ -280,15 +281,16 @@ if HAS_TRITON:
             if T == 1:
                 s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))  # [BLOCK_H, N]
                 m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = m_new
             else:
                 # A row's limit may leave it a block with no entry: its max stays -inf, and
                 # the exponents below are taken against 0 instead (exp2(-inf) = 0, no NaN).
                 seen = mask_n[None, :] & (pos[None, :] < lim[:, None])
                 s = tl.where(seen, s * qk_scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + pos[:, None] * stride_vl, mask=kv_mask, other=0.0)  # [N, D]
             if IEEE_DOT:
@@ -494,7 +496,7 @@ def sparse_decode_attention_triton(
         *k.stride(),
         *v.stride(),
         os_[0], os_[1], os_[3],
-        qs[2], os_[2],
+        qs[2], os_[2], lengths.stride(0),
         *extra,
         **flags,
         T=T,

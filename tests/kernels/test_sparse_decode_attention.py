@@ -66,6 +66,9 @@ def make_inputs(case: tuple, seed: int, device: str = "cpu"):
         lengths[0] = L
         lengths[-1] = 0 if spec == "zero" else 1
     lengths = lengths.to(torch.int32 if spec == "ragged32" else torch.int64).to(device)
+    if strided:  # a column of a wider buffer, as a padded verify step's lengths are
+        lengths = torch.stack([lengths, torch.full_like(lengths, L + 7)], dim=1)[:, 0]
+        assert lengths.stride(0) == 2
     # Poison the entries past each length (finite: stale cache entries are real numbers, and
     # SDPA's mask does not survive NaN); leaked, they would dominate the output.
     for b in range(B):
