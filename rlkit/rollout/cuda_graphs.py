@@ -114,7 +114,10 @@ def _rows(out: Any, batch: int) -> Any:
 
 class DecodeGraphs(StepGraphs):
     """The policy's decode step: tokens [batch, T] in, final hidden states [batch, T, hidden]
-    out (a view of the graph's output, valid until the next step)."""
+    out (a view of the graph's output, valid until the next step).
+
+    `extra`: other steps over the same cache, kept (and dropped) with it: the speculative
+    verify steps, one per sampling setting (`steps.SpecStep`)."""
 
     def __init__(self, model: Decoder, cache: KVCache, capture: bool = True):
         super().__init__(
@@ -122,3 +125,4 @@ class DecodeGraphs(StepGraphs):
             cache,
             capture,
         )
+        self.extra: dict[Any, StepGraphs] = {}

@@ -9,7 +9,11 @@
 
 Both run the policy's forward through `forward_tokens`, which takes T >= 1 tokens per row the
 same three ways: a padded step replayed from a CUDA graph (`cuda_graphs.py`), the fused CPU
-step on the C kernels (`Decoder.forward_decode_fused`), or PyTorch ops.
+step on the C kernels (`Decoder.forward_decode_fused`), or PyTorch ops. Under CUDA graphs a
+verify step replays its whole device part as one graph: the forward, the LM head, the
+sampling distribution, the verification and the emitted tokens (`verify_rows`), with the
+step's uniforms drawn into a fixed buffer first (a graph cannot draw from the run's own
+generator); launched one by one, those ops cost more than the forward on a GPU.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import torch
 
 from rlkit.device import to_device
 from rlkit.kernels.spec_verify import verify_drafts
-from rlkit.rollout.sampling import sampling_logprobs
+from rlkit.rollout.cuda_graphs import StepGraphs
+from rlkit.rollout.sampling import SamplingParams, sampling_logprobs
 
 if TYPE_CHECKING:
+    from rlkit.models.decoder import Decoder
     from rlkit.rollout.drafters import Drafter
     from rlkit.rollout.scheduler import Run
 
@@ -38,6 +44,65 @@ def forward_tokens(run: Run, tokens: torch.Tensor) -> torch.Tensor:
     if run.e.fused_decode:
         return run.model.forward_decode_fused(tokens, positions, run.cache)
     return run.model.forward_cached(tokens, positions, run.cache)
+
+
+def verify_rows(
+    model: Decoder,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    num: torch.Tensor,
+    u: torch.Tensor,
+    q: torch.Tensor | None,
+    params: SamplingParams,
+    rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The verification of a step that fed tokens [B, T] (each row's last token, then its
+    drafts; row b's first num[b] drafts are real) and got final hidden states [B, T, H]:
+    the sampling distribution at every position (the LM head over `rows` rows at a time), the
+    rule (`verify_drafts`, uniforms u [B, T], draft distributions q [B, T - 1, V] or None),
+    and the emitted tokens [B, T] (the kept drafts, then the verifier's token, then scratch),
+    their log-probs [B, T] and the kept counts [B]. No host sync: a CUDA graph captures it."""
+    B, T = tokens.shape
+    flat = hidden.reshape(B * T, -1)
+    logp = torch.cat(
+        [
+            sampling_logprobs(model.logits(flat[i : i + rows]), params)
+            for i in range(0, B * T, rows)
+        ]
+    ).view(B, T, -1)
+    drafts = tokens[:, 1:]
+    if params.temperature == 0:
+        accepted, token = verify_drafts(logp, drafts, num, greedy=True)
+    else:
+        accepted, token = verify_drafts(logp.exp(), drafts, num, q, u)
+    emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # [B, T]
+    emitted.scatter_(1, accepted[:, None], token[:, None])
+    emitted_logp = logp.gather(-1, emitted[:, :, None])[..., 0]  # [B, T]
+    return emitted, emitted_logp, accepted
+
+
+def verify_graphs(run: Run, has_q: bool) -> StepGraphs:
+    """The run's padded verify steps (`verify_rows` after the forward) for its sampling
+    setting, kept with its decode graphs (`DecodeGraphs.extra`): captured once per cache,
+    setting and bucket, not per `generate` call. Inputs: tokens [B, T], num [B], u [B, T]
+    and, with has_q, q [B, T - 1, V]; outputs: hidden states, emitted, their log-probs, the
+    kept counts."""
+    graphs = run.graphs
+    assert graphs is not None
+    p = run.params
+    params = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+    key = ("verify", params.temperature, params.top_p, params.top_k, has_q)
+    if key not in graphs.extra:
+        model, cache, rows = run.model, run.cache, run.sample_rows
+
+        def fn(tokens: torch.Tensor, num: torch.Tensor, u: torch.Tensor, *rest: torch.Tensor):
+            *q, positions = rest
+            hidden = model.forward_cached(tokens, positions, cache)
+            out = verify_rows(model, hidden, tokens, num, u, q[0] if q else None, params, rows)
+            return (hidden, *out)
+
+        graphs.extra[key] = StepGraphs(fn, cache, graphs.capture)
+    return graphs.extra[key]
 
 
 class PlainStep:
@@ -116,30 +181,26 @@ class SpecStep:
         if run.graphs is not None:
             width = self.k  # one graph per bucket serves every drafting step
         T = width + 1
-        drafts = draft.tokens[:, :width]
-        hidden = forward_tokens(run, torch.cat([run.last[:B, None], drafts], dim=1))  # [B, T, H]
-        # The sampling distribution at every fed position: [B, T, V] log-probs.
-        flat = hidden.reshape(B * T, -1)
-        logp = torch.cat(
-            [
-                sampling_logprobs(run.model.logits(flat[i : i + run.sample_rows]), params)
-                for i in range(0, B * T, run.sample_rows)
-            ]
-        ).view(B, T, -1)
+        tokens = torch.cat([run.last[:B, None], draft.tokens[:, :width]], dim=1)  # [B, T]
         num = to_device(draft.num, dev)
+        # k + 1 uniforms whatever the step's width (the last draws the final token): a padded
+        # step and an eager one make the same decisions from the same seed. Greedy: unused.
         if params.temperature == 0:
-            accepted, token = verify_drafts(logp, drafts, num, greedy=True)
+            u = torch.zeros(B, T, dtype=torch.float64, device=dev)
         else:
-            # k + 1 uniforms whatever the step's width (the last draws the final token): a
-            # padded step and an eager one make the same decisions from the same seed.
             u = torch.rand(B, self.k + 1, generator=run.gen, dtype=torch.float64, device=dev)
             u = torch.cat([u[:, :width], u[:, self.k :]], dim=1)  # [B, T]
-            q = None if draft.probs is None else draft.probs[:, :width]
-            accepted, token = verify_drafts(logp.exp(), drafts, num, q, u)
-        # Emitted: the kept drafts, then the verifier's token.
-        emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # [B, T]
-        emitted.scatter_(1, accepted[:, None], token[:, None])
-        emitted_logp = logp.gather(-1, emitted[:, :, None])[..., 0]  # [B, T]
+        q = None if draft.probs is None else draft.probs[:, :width]
+        if run.graphs is not None:
+            fed = (tokens, num, u) if q is None else (tokens, num, u, q)
+            hidden, emitted, emitted_logp, accepted = verify_graphs(run, q is not None).step(
+                B, *fed
+            )
+        else:
+            hidden = forward_tokens(run, tokens)  # [B, T, H]
+            emitted, emitted_logp, accepted = verify_rows(
+                run.model, hidden, tokens, num, u, q, params, run.sample_rows
+            )
         # The step's one host sync: the kept counts and the emitted tokens in one copy.
         host = torch.cat([accepted[:, None], emitted], dim=1).cpu().numpy()
         kept, emitted_host = host[:, 0], host[:, 1:]

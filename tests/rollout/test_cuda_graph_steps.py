@@ -197,8 +197,11 @@ def test_cuda_graph_verify_steps_decode_like_eager_ones(tiny_dirs, prompts, poli
     graphed, eager = make(True), make(False)
     out, ref = graphed.generate(prompts, sp, n=2), eager.generate(prompts, sp, n=2)
     assert graphed._graphs is not None and graphed._graphs.capture
-    fed = {T for _, T in graphed._graphs.graphs}  # k + 1 drafting; 1 where no row drafted
-    assert 4 in fed and fed <= {1, 4}
+    # k + 1 a row in the verify graphs (forward, head, rule, emission); 1 where no row drafted.
+    verify = list(graphed._graphs.extra.values())
+    assert len(verify) == 1 and verify[0].capture
+    assert {T for _, T in verify[0].graphs} == {4}
+    assert {T for _, T in graphed._graphs.graphs} <= {1}
     _same_tokens_and_logprobs(out, ref, atol=1e-4)
     if temperature == 0.0:  # lossless against plain decoding too
         plain = eager.generate(prompts, sp, n=2, drafter="none")

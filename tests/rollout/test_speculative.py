@@ -139,10 +139,14 @@ def test_padded_verify_steps_decode_like_eager_ones(
         _same(out, eager.generate(prompts, sp, n=2, drafter="none"))
     graphs = padded._graphs
     assert graphs is not None and not graphs.capture
-    # Drafting steps feed k + 1 tokens per row; a step where no row drafts (SAM without a
-    # long enough match, rows at their limit) is a plain one-token step.
-    fed = {T for _, T in graphs.steps}
-    assert 4 in fed and fed <= {1, 4} and len(graphs.steps) > 1
+    # Drafting steps feed k + 1 tokens per row through the verify steps kept with the decode
+    # graphs (forward, head, rule and emission as one padded step), one per sampling setting;
+    # a step where no row drafts (SAM without a long enough match, rows at their limit) is a
+    # plain one-token step.
+    verify = list(graphs.extra.values())
+    assert len(verify) == 1 and not verify[0].capture
+    assert {T for _, T in verify[0].steps} == {4} and len(verify[0].steps) > 1
+    assert {T for _, T in graphs.steps} <= {1}
     if "mtp" in drafter:
         assert made and all(not g.capture for g in made)
         block_fed = {T for g in made for _, T in g.steps}
