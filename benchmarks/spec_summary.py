@@ -66,12 +66,16 @@ def _rows(run_dir: str, stage: str | None) -> list[dict]:
     return rows
 
 
-def _drafter(run_dir: str) -> str:
+def _speculative(run_dir: str) -> dict:
     import yaml
 
     with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
-    return cfg.get("rollout", {}).get("speculative", {}).get("drafter", "none")
+    return cfg.get("rollout", {}).get("speculative", {}) or {}
+
+
+def _drafter(run_dir: str) -> str:
+    return _speculative(run_dir).get("drafter", "none")
 
 
 def _gpu(args: argparse.Namespace) -> dict:
@@ -93,6 +97,7 @@ def _gpu(args: argparse.Namespace) -> dict:
             {
                 "device": device,
                 "drafter": _drafter(run),
+                "num_draft_tokens": _speculative(run).get("num_draft_tokens"),
                 "run": run,
                 "accept_len_mean": statistics.mean(accept) if accept else None,
                 "rollout_seconds_dense": dense,
@@ -102,7 +107,12 @@ def _gpu(args: argparse.Namespace) -> dict:
             }
         )
     best = max(records, key=lambda r: r["reduction"])
-    summary = {"records": records, "best": best["drafter"], "dense_run": args.dense}
+    summary = {
+        "records": records,
+        "best": best["drafter"],
+        "best_num_draft_tokens": best["num_draft_tokens"],
+        "dense_run": args.dense,
+    }
     _write(args.out, summary)
     return summary
 

@@ -8,7 +8,8 @@
 # Needs SmolLM2 and Ray carried (../shared/tools/device-carry). DRAFTERS picks the runs
 # (default "sam": no MTP module needed); "sam+mtp" / "mtp" need MTP_FROM=DIR (a directory
 # with mtp.safetensors, e.g. from benchmarks/gpu/mtp_warmup.sh in the same call). STEPS
-# (default 6) per run. The learner trains as usual: only the rollouts differ.
+# (default 6) per run; KS (default "3"): the draft lengths k to run each drafter at. The
+# learner trains as usual: only the rollouts differ.
 source benchmarks/gpu/setup.sh
 steps=${STEPS:-6}
 common="rollout.kv_compression.policy=none train.steps=$steps train.eval_every=0 data.num_eval=8
@@ -18,9 +19,12 @@ if [ -n "${MTP_FROM:-}" ]; then
   smollm2_with_mtp "$MTP_FROM" && model=/tmp/smollm2_mtp
 fi
 runs=""
-for drafter in none ${DRAFTERS:-sam}; do
+for run in none ${DRAFTERS:-sam}; do
+ for k in $([ "$run" = none ] && echo 0 || echo ${KS:-3}); do
+  drafter=$run
   name=spec_rollout_${drafter/+/_}
-  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: ${K:-3}, sam_min_match: 2, mtp_vocab: 8192}"
+  [ "$drafter" = none ] || name=${name}_k$k
+  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: 2, mtp_vocab: 8192}"
   [ "$drafter" = none ] && spec=""
   start=$(date +%s)
   python3 -m rlkit.cli train recipes/sparse_rl_long.yaml model.path=$model $common \
@@ -29,6 +33,7 @@ for drafter in none ${DRAFTERS:-sam}; do
   mkdir -p $OUT/$name
   for f in summary.json metrics.jsonl config.yaml; do cp /tmp/runs/$name/$f $OUT/$name/ 2>/dev/null; done
   [ "$drafter" = none ] || runs="$runs /tmp/runs/$name"
+ done
 done
 python3 benchmarks/spec_summary.py gpu --dense /tmp/runs/spec_rollout_none --spec $runs \
   --out $OUT/gpu_spec_rollout.json --skip-first 1
