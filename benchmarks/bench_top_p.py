@@ -3,11 +3,12 @@
     python benchmarks/bench_top_p.py [--rows 64,256,512] [--vocab 49152] [--json FILE]
 
 bf16 logit rows (randn * 4: a peaked row, as a language model's) through
-`sampling_logprobs` at top-p 0.7 (the recipes' setting: temperature, softmax, a sort of
-every row, the floor, the mask, log-softmax) and at top-p 1 (the same without the nucleus),
-and the nucleus floor alone from the `k` most likely tokens (`torch.topk`) for k in 64, 256,
-1024: the candidates a sort-free path would rank (exact only for rows whose nucleus lies
-within them). Device time per call, each variant replayed from a CUDA graph of 20 calls in
+`sampling_logprobs` at top-p 0.7 (the recipes' setting: temperature, softmax, the nucleus
+floor, the mask, log-softmax; on CUDA the floor is `rlkit.kernels.top_p`'s kernel) and at
+top-p 1 (the same without the nucleus); the floor alone by the sort
+(`top_p_floor_reference`) and by the kernel, with whether they agree; and the floor from the
+`k` most likely tokens (`torch.topk`) for k in 64, 256, 1024 (exact only for rows whose
+nucleus lies within them). Device time per call, each variant replayed from a CUDA graph of 20 calls in
 one process (`rlkit.bench.time_cuda_graph`), with the share of rows whose nucleus the
 candidates hold.
 """
@@ -18,9 +19,10 @@ import argparse
 import json
 
 import torch
+from rlkit.kernels import top_p as tp
 
 from rlkit.bench import time_cuda_graph
-from rlkit.rollout.sampling import SamplingParams, _floor_of_sorted, sampling_logprobs
+from rlkit.rollout.sampling import SamplingParams, sampling_logprobs
 
 
 def _measure(n: int, vocab: int, top_p: float, g: torch.Generator) -> dict:
@@ -28,14 +30,26 @@ def _measure(n: int, vocab: int, top_p: float, g: torch.Generator) -> dict:
     nucleus = SamplingParams(temperature=1.0, top_p=top_p)
     plain = SamplingParams(temperature=1.0)
     row: dict = {"rows": n, "vocab": vocab}
-    row["sort_us"] = 1e6 * time_cuda_graph(lambda i: sampling_logprobs(logits, nucleus), 20, 5)
+    row["sampling_top_p_us"] = 1e6 * time_cuda_graph(
+        lambda i: sampling_logprobs(logits, nucleus), 20, 5
+    )
     row["plain_us"] = 1e6 * time_cuda_graph(lambda i: sampling_logprobs(logits, plain), 20, 5)
     probs = torch.softmax(logits.float(), dim=-1)
+    scaled = logits.float()
+    row["sort_floor_us"] = 1e6 * time_cuda_graph(
+        lambda i: tp.top_p_floor_reference(scaled, top_p), 20, 5
+    )
+    row["kernel_floor_us"] = 1e6 * time_cuda_graph(
+        lambda i: tp.top_p_floor_triton(scaled, top_p), 20, 5
+    )
+    row["kernel_equals_sort"] = bool(
+        torch.equal(tp.top_p_floor_triton(scaled, top_p), tp.top_p_floor_reference(scaled, top_p))
+    )
     for k in (64, 256, 1024):
 
         def floor(i: int, k: int = k) -> torch.Tensor:
             top, idx = torch.topk(probs, k, dim=-1)
-            return _floor_of_sorted(logits.float().gather(-1, idx), top, top_p)
+            return tp.floor_of_sorted(logits.float().gather(-1, idx), top, top_p)
 
         row[f"topk{k}_floor_us"] = 1e6 * time_cuda_graph(floor, 20, 5)
         held = torch.topk(probs, k, dim=-1).values.sum(-1) >= top_p

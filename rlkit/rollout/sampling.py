@@ -8,6 +8,8 @@ import torch
 
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.kernels import sample_rows as gpu_sampler
+from rlkit.kernels import top_p as top_p_kernels
+from rlkit.kernels.top_p import floor_of_sorted
 
 
 @dataclass
@@ -71,28 +73,21 @@ def _top_p_floor(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     keeps, [N, 1]. The nucleus is the smallest set of most likely tokens whose mass reaches
     top_p (a token is dropped once the mass of those before it already does; the most likely
     always stays), widened to every token tied with its least likely one, so the set does not
-    depend on how a sort orders ties. Rows whose nucleus lies within the top
-    TOP_P_CANDIDATES tokens never sort the whole row (on a CPU: on a GPU the rows are sorted,
-    which is fast there, and asking which rows need it would wait for the device)."""
-    probs = torch.softmax(scaled, dim=-1)
+    depend on how a sort orders ties. On a GPU: `rlkit.kernels.top_p` (a bisection over each
+    row's values, no sort, no host sync). On a CPU, rows whose nucleus lies within the top
+    TOP_P_CANDIDATES tokens never sort the whole row."""
     if scaled.is_cuda:
-        full, order = torch.sort(probs, dim=-1, descending=True)
-        return _floor_of_sorted(scaled.gather(-1, order), full, top_p)
+        return top_p_kernels.top_p_floor(scaled, top_p)
+    probs = torch.softmax(scaled, dim=-1)
     k = min(TOP_P_CANDIDATES, scaled.shape[-1])
     top, idx = torch.topk(probs, k, dim=-1)  # descending
-    floor = _floor_of_sorted(scaled.gather(-1, idx), top, top_p)
+    floor = floor_of_sorted(scaled.gather(-1, idx), top, top_p)
     wide = top.sum(dim=-1) < top_p  # the nucleus reaches past the candidates
     if k < scaled.shape[-1] and bool(wide.any()):
         rows = wide.nonzero()[:, 0]
         full, order = torch.sort(probs[rows], dim=-1, descending=True)
-        floor[rows] = _floor_of_sorted(scaled[rows].gather(-1, order), full, top_p)
+        floor[rows] = floor_of_sorted(scaled[rows].gather(-1, order), full, top_p)
     return floor
-
-
-def _floor_of_sorted(logits: torch.Tensor, probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The least kept logit [N, 1] from rows sorted by probability, descending."""
-    kept = ((probs.cumsum(dim=-1) - probs) < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
-    return logits.gather(-1, kept - 1)
 
 
 def plain_rows(logits: torch.Tensor, params: SamplingParams) -> bool:
