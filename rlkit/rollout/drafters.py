@@ -15,7 +15,8 @@ and the emitted tokens). It follows the scheduler's slots through `admitted`, `m
   elsewhere, so the rule stays exact, and a draft reads N rows of the head instead of V.
 - `sam`: a suffix automaton per sequence over prompt + generated tokens (`sam.py`), plus an
   optional static one over the train split's reference answers; drafts are deterministic
-  (q = one-hot).
+  (q = one-hot). Without a static automaton the matchers are C's (`kernels/sam_matchers.py`,
+  one call a step for the batch) where that library builds, else `sam.TextMatcher`.
 - `sam+mtp`: SAM's draft where its match reaches the threshold, else MTP's.
 """
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from rlkit.algorithms.registry import Registry
 from rlkit.device import to_device
 from rlkit.kernels import cpu as cpu_kernels
+from rlkit.kernels import sam_matchers
 from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_layers
 from rlkit.models.mtp import MTPModule
 from rlkit.rollout.cuda_graphs import StepGraphs
@@ -275,14 +277,25 @@ class MTPDrafter:
 class SAMDrafter:
     def __init__(self, run: Run, cfg: DraftSettings):
         self.k, self.min_match, self.static = cfg.num_draft_tokens, cfg.sam_min_match, cfg.static
-        self.text: dict[int, TextMatcher] = {}  # by sequence id: compaction never moves them
+        # By sequence id (compaction never moves them): the C matchers where they build and no
+        # static automaton is asked for, else Python's.
+        self.c = (
+            sam_matchers.Matchers() if self.static is None and sam_matchers.available() else None
+        )
+        self.text: dict[int, TextMatcher] = {}
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
         firsts = run.last[first : first + len(seqs)].tolist()
         for s, t in zip(seqs, firsts, strict=True):
-            self.text[s] = TextMatcher([*run.prompts[s // run.n], t], self.static)
+            if self.c is not None:
+                self.c.add(s, [*run.prompts[s // run.n], t])
+            else:
+                self.text[s] = TextMatcher([*run.prompts[s // run.n], t], self.static)
 
     def propose(self, run: Run, room: np.ndarray) -> Draft:
+        if self.c is not None:
+            tokens, num = self.c.draft(run.seq, room, self.min_match, self.k)
+            return Draft(to_device(tokens, run.device), num, None)
         B = len(run.seq)
         tokens = np.zeros((B, self.k), dtype=np.int64)
         num = np.zeros(B, dtype=np.int64)
@@ -300,6 +313,10 @@ class SAMDrafter:
         num: np.ndarray,
         emitted_host: np.ndarray | None = None,
     ) -> None:
+        if self.c is not None:
+            host = emitted.cpu().numpy() if emitted_host is None else emitted_host
+            self.c.extend(run.seq, host, num)
+            return
         rows = emitted.tolist() if emitted_host is None else emitted_host.tolist()
         for b, s in enumerate(run.seq):
             self.text[s].extend(rows[b][: num[b]])
@@ -308,6 +325,8 @@ class SAMDrafter:
         pass
 
     def finished(self, seqs: list[int]) -> None:
+        if self.c is not None:
+            self.c.remove(seqs)
         for s in seqs:
             self.text.pop(s, None)
 

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 
 from rlkit.rollout.sam import STATIC_LEN_BIAS, SuffixAutomaton, TextMatcher, corpus_automaton
@@ -74,3 +75,68 @@ def test_draft_threshold_room_and_static_corpus():
     long = TextMatcher([7, 7, 1, 2, 3], static=corpus)
     assert long.s_match == 5 and long.s_match - STATIC_LEN_BIAS == 1
     assert long.draft(3, min_match=1) == [8, 8, 8]
+
+
+def _c_matchers():
+    from rlkit.kernels import sam_matchers
+
+    if not sam_matchers.available():
+        why = sam_matchers.unavailable_reason() or ""
+        if "no C compiler" in why or "RLKIT_CPU_KERNELS=0" in why:
+            pytest.skip(f"the C matchers cannot be built here: {why}")
+        raise AssertionError(f"the C matchers failed to build: {why}")
+    return sam_matchers.Matchers()
+
+
+@pytest.mark.parametrize("alphabet, n, seed", [(2, 300, 0), (3, 300, 1), (8, 400, 2), (50, 400, 3)])
+def test_c_matchers_draft_what_the_python_matcher_drafts(alphabet, n, seed):
+    """Four sequences through the C matchers, batched as the drafter calls them (a prompt,
+    then 1..4 tokens a step, rows of ragged counts), against one Python TextMatcher each: the
+    same matched length and the same drafts at every step, for every room and threshold."""
+    rng = random.Random(seed)
+    c = _c_matchers()
+    seqs = [3, 11, 5, 8]
+    texts = {s: [rng.randrange(alphabet) for _ in range(rng.randint(0, 20))] for s in seqs}
+    py = {s: TextMatcher(texts[s]) for s in seqs}
+    for s in seqs:
+        c.add(s, texts[s])
+    made = 0
+    while made < n:
+        rows, num = [], []
+        for s in seqs:
+            t = texts[s]
+            if t and rng.random() < 0.5:  # repeated material
+                start = rng.randrange(len(t))
+                chunk = t[start : start + rng.randint(1, 4)]
+            else:
+                chunk = [rng.randrange(alphabet) for _ in range(rng.randint(1, 4))]
+            rows.append(chunk + [0] * (4 - len(chunk)))
+            num.append(len(chunk))
+        c.extend(seqs, np.array(rows), np.array(num))
+        for s, row, k in zip(seqs, rows, num, strict=True):
+            texts[s].extend(row[:k])
+            py[s].extend(row[:k])
+            made += k
+        for s in seqs:
+            assert c.match(s) == py[s].match
+        room = np.array([rng.randint(0, 5) for _ in seqs])
+        for min_match in (1, 2, 4):
+            tokens, got = c.draft(seqs, room, min_match, 5)
+            for b, s in enumerate(seqs):
+                want = py[s].draft(int(room[b]), min_match)
+                assert tokens[b, : got[b]].tolist() == want, (s, min_match)
+    c.remove(seqs[:2])
+    assert len(c) == 2
+    with pytest.raises(KeyError, match="no matcher for sequence 3"):
+        c.draft([3], np.array([2]), 1, 2)
+
+
+def test_c_matchers_reject_bad_shapes():
+    c = _c_matchers()
+    c.add(1, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"tokens must be \[1, T\]"):
+        c.extend([1], np.zeros((2, 3)), np.array([1]))
+    with pytest.raises(ValueError, match=r"num must be in \[0, 3\]"):
+        c.extend([1], np.zeros((1, 3)), np.array([4]))
+    with pytest.raises(ValueError, match="already has a matcher"):
+        c.add(1, [1])

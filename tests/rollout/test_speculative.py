@@ -290,3 +290,39 @@ def test_weight_sync_reaches_the_engines_mtp_module(make_spec):
     assert torch.equal(attn.qkv[0], torch.cat([q, k, v]))  # the fused GEMM sees the new weights
     with pytest.raises(ValueError, match="MTP weights do not match"):
         engine.load_state_dict({"mtp.proj.weight": new.proj.weight, "mtp.nope": q})
+
+
+@pytest.mark.parametrize("drafter", ["sam", "sam+mtp"])
+def test_sam_drafts_the_same_through_c_and_python_matchers(
+    make_spec, prompts, drafter, monkeypatch
+):
+    """The SAM drafter takes the C matchers where they build (one call a step for the batch)
+    and Python's elsewhere: a sampled rollout through slots being refilled makes the same
+    drafts, so the same tokens, log-probs and acceptance either way."""
+    from rlkit.kernels import sam_matchers
+
+    from rlkit.rollout import drafters
+
+    if not sam_matchers.available():
+        pytest.skip(f"the C matchers cannot be built here: {sam_matchers.unavailable_reason()}")
+    made: list = []
+    real = drafters.SAMDrafter.__init__
+
+    def spy(self, run, cfg):
+        real(self, run, cfg)
+        made.append(self.c is not None)
+
+    monkeypatch.setattr(drafters.SAMDrafter, "__init__", spy)
+    # Top-k 3: a tiny random model's text repeats itself enough for SAM to draft.
+    sp = SamplingParams(
+        max_new_tokens=32, temperature=1.0, top_k=3, seed=4, stop_token_ids=[17, 99]
+    )
+    engine = make_spec("llama", drafter, max_batch_size=3)
+    with_c = engine.generate(prompts, sp, n=2)
+    c_stats = dict(engine.stats)
+    monkeypatch.setattr(sam_matchers, "available", lambda: False)
+    with_py = engine.generate(prompts, sp, n=2)
+    assert made == [True, False]
+    _same(with_c, with_py)
+    assert c_stats["spec/accept_len_mean"] == engine.stats["spec/accept_len_mean"]
+    assert c_stats["spec/drafted_per_step"] == engine.stats["spec/drafted_per_step"] > 0
