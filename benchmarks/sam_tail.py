@@ -75,7 +75,7 @@ def main() -> None:
         steps, d, acc = per[s]
         n = len(c.token_ids)
         print(
-            f"seq {s}: {n} tokens ({c.finish_reason}), {steps} verify steps, drafted {d}, "
+            f"seq {s}: {n} tokens ({c.finish_reason}), {steps} decode steps, drafted {d}, "
             f"accepted {acc}, {n / max(steps, 1):.2f} tokens a step"
         )
         if c.finish_reason == "length":

@@ -26,9 +26,11 @@ searches the floor among the row's own values: it reads the row once for its max
 finite logit, once for the softmax total Z, then bisects over the float32 values between them
 (ordered as integers: a float's bits, the negative ones' magnitude bits flipped), one pass per
 step summing exp(x - max) over x > t, keeping M(hi) < top_p Z <= M(lo), until hi and lo are
-adjacent floats; hi is then a logit of the row and the floor. At most 32 steps: the rows stay
-in the GPU's L2 cache across them. The sums run in float32 in another order than the sort's
-cumulative sum, so the two can differ only where M(v) is within float32 rounding of top_p Z.
+adjacent floats; hi is then a logit of the row and the floor. At most 32 steps, each a pass
+over the row (from L2 while the batch's rows fit there: 64 rows of 49,152 float32 are 12.6 MB);
+on the H200 that is still 3.4x (64 rows) to 4.3x (256 rows) faster than the sort. The sums run
+in float32 in another order than the sort's cumulative sum, so the two can differ only where
+M(v) is within float32 rounding of top_p Z.
 """
 
 from __future__ import annotations
