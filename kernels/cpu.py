@@ -239,6 +239,17 @@ def _build(b: _Build) -> Path:
     return out
 
 
+def toolchain_missing() -> str | None:
+    """Why no C library of rlkit's can be built here at all (None: one can): they are
+    disabled (RLKIT_CPU_KERNELS=0), or there is no C compiler."""
+    if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
+        return "disabled by RLKIT_CPU_KERNELS=0"
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        return f"no C compiler: {cc!r} is not on PATH"
+    return None
+
+
 def missing_prerequisite(dtype: torch.dtype = torch.bfloat16) -> str | None:
     """What this machine lacks for the kernels of `dtype`, found without building them (None:
     nothing): there are none for that dtype, they are disabled (RLKIT_CPU_KERNELS=0), there is
@@ -248,11 +259,9 @@ def missing_prerequisite(dtype: torch.dtype = torch.bfloat16) -> str | None:
     b = _BUILDS.get(dtype)
     if b is None:
         return f"no CPU kernels for {dtype}"
-    if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
-        return "disabled by RLKIT_CPU_KERNELS=0"
-    cc = os.environ.get("CC", "gcc")
-    if shutil.which(cc) is None:
-        return f"no C compiler: {cc!r} is not on PATH"
+    why = toolchain_missing()
+    if why is not None:
+        return why
     level = isa()
     if ISAS.index(level) >= ISAS.index(b.isa):
         return None

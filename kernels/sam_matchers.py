@@ -20,8 +20,6 @@ Where it cannot be built `available()` is False and the drafter keeps the Python
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
 import subprocess
 import threading
 
@@ -47,11 +45,9 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _open() -> tuple[ctypes.CDLL | None, str | None]:
-    if os.environ.get("RLKIT_CPU_KERNELS", "1") == "0":
-        return None, "disabled by RLKIT_CPU_KERNELS=0"
-    cc = os.environ.get("CC", "gcc")
-    if shutil.which(cc) is None:
-        return None, f"no C compiler: {cc!r} is not on PATH"
+    why = missing_prerequisite()
+    if why is not None:
+        return None, why
     try:
         lib = ctypes.CDLL(str(cpu._build(_BUILD)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -68,6 +64,13 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
     lib.rlkit_sam_match.argtypes = [ptr]
     lib.rlkit_sam_match.restype = i64
     return lib, None
+
+
+def missing_prerequisite() -> str | None:
+    """What this machine lacks to build the library (`cpu.toolchain_missing`: disabled, or no
+    C compiler), found without building it. Where this is None and `available()` is False,
+    the build or load failed: a bug, not a property of the machine."""
+    return cpu.toolchain_missing()
 
 
 def available() -> bool:

@@ -492,11 +492,17 @@ def sparse_decode_attention_triton(
         scale * 1.4426950408889634,
         L,
         num_splits,
-        qs[0], qs[1], qs[3],
+        qs[0],
+        qs[1],
+        qs[3],
         *k.stride(),
         *v.stride(),
-        os_[0], os_[1], os_[3],
-        qs[2], os_[2], lengths.stride(0),
+        os_[0],
+        os_[1],
+        os_[3],
+        qs[2],
+        os_[2],
+        lengths.stride(0),
         *extra,
         **flags,
         T=T,
@@ -516,7 +522,9 @@ def sparse_decode_attention_triton(
             mid_o,
             mid_lse,
             out4,
-            os_[0], os_[2], os_[3],
+            os_[0],
+            os_[2],
+            os_[3],
             H * T,
             num_splits,
             D=D,
@@ -542,15 +550,23 @@ def sparse_decode_attention(
     (in the inputs' dtype, the fast form; see `sparse_decode_attention_reference`).
 
     Dense decoding is the case where every sequence's length is all of its entries; a
-    speculative verify step feeds q [B, H, T, D].
+    speculative verify step feeds q [B, H, T, D] (a plain step's [B, H, 1, D] takes the
+    one-token kernels).
     cpu_kernel=False skips the C kernel (to compare against ATen's attention)."""
     if q.is_cuda and HAS_TRITON:
         return sparse_decode_attention_triton(q, k, v, lengths, scale)
-    one = q.dim() == 3  # the C kernel takes one new token a row
-    if one and cpu_kernel and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32):
-        scale = _check(q, k, v, lengths, scale)[-1]
-        if cpu_kernels.supports(q, k, v):
-            return cpu_kernels.decode_attention(q, k, v, lengths, scale)
+    # The C kernel takes one new token a row: [B, H, 1, D] goes to it as [B, H, D].
+    q3 = q[:, :, 0] if q.dim() == 4 and q.shape[2] == 1 else q
+    if (
+        q3.dim() == 3
+        and cpu_kernel
+        and q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float32)
+    ):
+        scale = _check(q3, k, v, lengths, scale)[-1]
+        if cpu_kernels.supports(q3, k, v):
+            out = cpu_kernels.decode_attention(q3, k, v, lengths, scale)
+            return out if q3 is q else out[:, :, None]
     return sparse_decode_attention_reference(q, k, v, lengths, scale, exact=False)
 
 

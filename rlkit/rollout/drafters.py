@@ -16,7 +16,7 @@ and the emitted tokens). It follows the scheduler's slots through `admitted`, `m
 - `sam`: a suffix automaton per sequence over prompt + generated tokens (`sam.py`), plus an
   optional static one over the train split's reference answers; drafts are deterministic
   (q = one-hot). Without a static automaton the matchers are C's (`kernels/sam_matchers.py`,
-  one call a step for the batch) where that library builds, else `sam.TextMatcher`.
+  one call a step for the batch) where that library builds, else `sam.TextMatchers`.
 - `sam+mtp`: SAM's draft where its match reaches the threshold, else MTP's.
 """
 
@@ -38,7 +38,7 @@ from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_laye
 from rlkit.models.mtp import MTPModule
 from rlkit.rollout.cuda_graphs import StepGraphs
 from rlkit.rollout.kv_cache import KVCache
-from rlkit.rollout.sam import SuffixAutomaton, TextMatcher
+from rlkit.rollout.sam import SuffixAutomaton, TextMatchers
 from rlkit.rollout.sampling import draw, sampling_logprobs
 
 if TYPE_CHECKING:
@@ -276,33 +276,22 @@ class MTPDrafter:
 
 class SAMDrafter:
     def __init__(self, run: Run, cfg: DraftSettings):
-        self.k, self.min_match, self.static = cfg.num_draft_tokens, cfg.sam_min_match, cfg.static
+        self.k, self.min_match = cfg.num_draft_tokens, cfg.sam_min_match
         # By sequence id (compaction never moves them): the C matchers where they build and no
         # static automaton is asked for, else Python's.
-        self.c = (
-            sam_matchers.Matchers() if self.static is None and sam_matchers.available() else None
+        self.matchers: sam_matchers.Matchers | TextMatchers = (
+            sam_matchers.Matchers()
+            if cfg.static is None and sam_matchers.available()
+            else TextMatchers(cfg.static)
         )
-        self.text: dict[int, TextMatcher] = {}
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
         firsts = run.last[first : first + len(seqs)].tolist()
         for s, t in zip(seqs, firsts, strict=True):
-            if self.c is not None:
-                self.c.add(s, [*run.prompts[s // run.n], t])
-            else:
-                self.text[s] = TextMatcher([*run.prompts[s // run.n], t], self.static)
+            self.matchers.add(s, [*run.prompts[s // run.n], t])
 
     def propose(self, run: Run, room: np.ndarray) -> Draft:
-        if self.c is not None:
-            tokens, num = self.c.draft(run.seq, room, self.min_match, self.k)
-            return Draft(to_device(tokens, run.device), num, None)
-        B = len(run.seq)
-        tokens = np.zeros((B, self.k), dtype=np.int64)
-        num = np.zeros(B, dtype=np.int64)
-        for b, s in enumerate(run.seq):
-            d = self.text[s].draft(int(room[b]), self.min_match)
-            tokens[b, : len(d)] = d
-            num[b] = len(d)
+        tokens, num = self.matchers.draft(run.seq, room, self.min_match, self.k)
         return Draft(to_device(tokens, run.device), num, None)
 
     def observed(
@@ -313,22 +302,14 @@ class SAMDrafter:
         num: np.ndarray,
         emitted_host: np.ndarray | None = None,
     ) -> None:
-        if self.c is not None:
-            host = emitted.cpu().numpy() if emitted_host is None else emitted_host
-            self.c.extend(run.seq, host, num)
-            return
-        rows = emitted.tolist() if emitted_host is None else emitted_host.tolist()
-        for b, s in enumerate(run.seq):
-            self.text[s].extend(rows[b][: num[b]])
+        host = emitted.cpu().numpy() if emitted_host is None else emitted_host
+        self.matchers.extend(run.seq, host, num)
 
     def moved(self, src: list[int], dst: list[int]) -> None:
         pass
 
     def finished(self, seqs: list[int]) -> None:
-        if self.c is not None:
-            self.c.remove(seqs)
-        for s in seqs:
-            self.text.pop(s, None)
+        self.matchers.remove(seqs)
 
 
 class SAMThenMTP:

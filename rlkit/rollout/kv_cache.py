@@ -282,17 +282,12 @@ class KVCache:
 
     def _attend_stored(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """A decode step's attention of q [B, H, T, D] once its tokens' k/v are stored."""
-        B, T = q.shape[0], q.shape[2]
+        B = q.shape[0]
         keys = self.k[layer, :B, :, : self._kv_len]  # [B, KVH, L, D]
         values = self.v[layer, :B, :, : self._kv_len]
         # Each row's queries over its own entries, the step's T new ones last (writes are
         # contiguous: query t sees those before lens - (T - 1 - t)): the decode kernel, which
         # for T > 1 (a verify step) on a GPU reads each row once up to its length.
-        if T == 1:
-            out = sparse_decode_attention(
-                q[:, :, 0], keys, values, self._lens, cpu_kernel=self.cpu_kernels
-            )
-            return out[:, :, None]
         return sparse_decode_attention(q, keys, values, self._lens, cpu_kernel=self.cpu_kernels)
 
     def fused_target(self, layer: int) -> FusedTarget | None:
@@ -722,11 +717,6 @@ class CompressedKVCache(KVCache):
             acc[:B, :, :kv_len] += probs.sum(dim=2)
             return (probs @ values.float()).to(q.dtype).view(B, H, T, D)
         lens = self._glens[group]
-        if T == 1:
-            out = sparse_decode_attention(
-                q[:, :, 0], keys, values, lens, cpu_kernel=self.cpu_kernels
-            )
-            return out[:, :, None]
         return sparse_decode_attention(q, keys, values, lens, cpu_kernel=self.cpu_kernels)
 
     def fused_target(self, layer: int) -> FusedTarget | None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 # A static automaton's match counts this many tokens less than a dynamic one of equal length.
 STATIC_LEN_BIAS = 4
 
@@ -128,6 +130,41 @@ class TextMatcher:
             return self.sam.continuation(self.state, n)
         assert self.static is not None
         return self.static.continuation(self.s_state, n)
+
+
+class TextMatchers:
+    """`TextMatcher`s by sequence id with the batched interface of the C matchers
+    (`rlkit.kernels.sam_matchers.Matchers`: add, extend, draft, remove), which the SAM drafter
+    takes where that library builds; this one also takes a static automaton."""
+
+    def __init__(self, static: SuffixAutomaton | None = None) -> None:
+        self.static = static
+        self.text: dict[int, TextMatcher] = {}
+
+    def add(self, seq: int, tokens: list[int]) -> None:
+        self.text[seq] = TextMatcher(tokens, self.static)
+
+    def extend(self, seqs: list[int], tokens: np.ndarray, num: np.ndarray) -> None:
+        """Row b of tokens [B, T] (its first num[b]) joins sequence seqs[b]'s text."""
+        rows = tokens.tolist()
+        for b, s in enumerate(seqs):
+            self.text[s].extend(rows[b][: num[b]])
+
+    def draft(
+        self, seqs: list[int], room: np.ndarray, min_match: int, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [B, k] and counts [B]: each sequence's draft of up to room[b] tokens."""
+        tokens = np.zeros((len(seqs), k), dtype=np.int64)
+        num = np.zeros(len(seqs), dtype=np.int64)
+        for b, s in enumerate(seqs):
+            d = self.text[s].draft(int(room[b]), min_match)
+            tokens[b, : len(d)] = d
+            num[b] = len(d)
+        return tokens, num
+
+    def remove(self, seqs: list[int]) -> None:
+        for s in seqs:
+            self.text.pop(s, None)
 
 
 def corpus_automaton(texts: Iterable[list[int]], separator: int) -> SuffixAutomaton:

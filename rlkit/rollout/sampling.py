@@ -9,7 +9,6 @@ import torch
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.kernels import sample_rows as gpu_sampler
 from rlkit.kernels import top_p as top_p_kernels
-from rlkit.kernels.top_p import floor_of_sorted
 
 
 @dataclass
@@ -81,12 +80,12 @@ def _top_p_floor(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = torch.softmax(scaled, dim=-1)
     k = min(TOP_P_CANDIDATES, scaled.shape[-1])
     top, idx = torch.topk(probs, k, dim=-1)  # descending
-    floor = floor_of_sorted(scaled.gather(-1, idx), top, top_p)
+    floor = top_p_kernels.floor_of_sorted(scaled.gather(-1, idx), top, top_p)
     wide = top.sum(dim=-1) < top_p  # the nucleus reaches past the candidates
     if k < scaled.shape[-1] and bool(wide.any()):
         rows = wide.nonzero()[:, 0]
         full, order = torch.sort(probs[rows], dim=-1, descending=True)
-        floor[rows] = floor_of_sorted(scaled[rows].gather(-1, order), full, top_p)
+        floor[rows] = top_p_kernels.floor_of_sorted(scaled[rows].gather(-1, order), full, top_p)
     return floor
 
 

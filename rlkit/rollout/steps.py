@@ -65,10 +65,7 @@ def verify_rows(
     B, T = tokens.shape
     flat = hidden.reshape(B * T, -1)
     logp = torch.cat(
-        [
-            sampling_logprobs(model.logits(flat[i : i + rows]), params)
-            for i in range(0, B * T, rows)
-        ]
+        [sampling_logprobs(model.logits(flat[i : i + rows]), params) for i in range(0, B * T, rows)]
     ).view(B, T, -1)
     drafts = tokens[:, 1:]
     if params.temperature == 0:
@@ -90,9 +87,10 @@ def verify_graphs(run: Run, has_q: bool) -> StepGraphs:
     graphs = run.graphs
     assert graphs is not None
     p = run.params
-    params = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
-    key = ("verify", params.temperature, params.top_p, params.top_k, has_q)
+    key = ("verify", p.temperature, p.top_p, p.top_k, has_q)
     if key not in graphs.extra:
+        # The setting alone (a later call's params differ in seed, limits, stops).
+        params = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
         model, cache, rows = run.model, run.cache, run.sample_rows
 
         def fn(tokens: torch.Tensor, num: torch.Tensor, u: torch.Tensor, *rest: torch.Tensor):
