@@ -6,7 +6,8 @@
     m.draft(seqs, room, min_match, k)    -> tokens [B, k], num [B] (numpy int64)
     m.remove(seqs)
 
-The Python reference is `rlkit.rollout.sam.TextMatcher` (without its static automaton): the
+The Python reference is `rlkit.rollout.sam.TextMatcher` (without its static automaton; its
+batched set `TextMatchers` has this class's interface, and the drafter takes either): the
 same automaton, cursor and drafts; tests/rollout/test_sam.py compares the two token by token.
 The C matchers exist for the GPU host's sake: a speculative step waits for the device, then
 the host observes every row's new tokens and drafts again before it can launch the next step,
