@@ -117,7 +117,7 @@ class DecodeGraphs(StepGraphs):
     out (a view of the graph's output, valid until the next step).
 
     `extra`: other steps over the same cache, kept (and dropped) with it: the speculative
-    verify steps, one per sampling setting (`steps.SpecStep`)."""
+    verify steps, one per sampling setting (`steps.SpecStep`, `steps.SyncFreeSpecStep`)."""
 
     def __init__(self, model: Decoder, cache: KVCache, capture: bool = True):
         super().__init__(
@@ -125,4 +125,21 @@ class DecodeGraphs(StepGraphs):
             cache,
             capture,
         )
-        self.extra: dict[Any, StepGraphs] = {}
+        self.extra: dict[Any, Any] = {}
+        self._slot_state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def slot_state(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A run's token to feed next and tokens generated per slot [slots] (`Run.last`,
+        `Run.count_dev`), zeroed: kept with the graphs, at fixed addresses, so that a step
+        captured over them (`steps.SyncFreeSpecStep`, which advances them itself) serves
+        every `generate` call on this cache."""
+        if self._slot_state is None:
+            n, dev = self.cache.num_slots, self.cache.device
+            self._slot_state = (
+                torch.zeros(n, dtype=torch.long, device=dev),
+                torch.zeros(n, dtype=torch.long, device=dev),
+            )
+        last, count = self._slot_state
+        last.zero_()
+        count.zero_()
+        return last[:slots], count[:slots]

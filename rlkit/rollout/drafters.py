@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from rlkit.algorithms.registry import Registry
 from rlkit.device import to_device
 from rlkit.kernels import cpu as cpu_kernels
-from rlkit.kernels import sam_matchers
+from rlkit.kernels import sam_device, sam_matchers
 from rlkit.models.decoder import FusedLayer, fused_layers, linear, one_call_layers
 from rlkit.models.mtp import MTPModule
 from rlkit.rollout.cuda_graphs import StepGraphs
@@ -277,6 +277,7 @@ class MTPDrafter:
 class SAMDrafter:
     def __init__(self, run: Run, cfg: DraftSettings):
         self.k, self.min_match = cfg.num_draft_tokens, cfg.sam_min_match
+        self.static = cfg.static
         # By sequence id (compaction never moves them): the C matchers where they build and no
         # static automaton is asked for, else Python's.
         self.matchers: sam_matchers.Matchers | TextMatchers = (
@@ -310,6 +311,98 @@ class SAMDrafter:
 
     def finished(self, seqs: list[int]) -> None:
         self.matchers.remove(seqs)
+
+    def on_device(self) -> DeviceSAM | None:
+        """The same drafts from device state (`steps.SyncFreeSpecStep`); None with a static
+        automaton, which has no device form."""
+        return DeviceSAM(self.k, self.min_match) if self.static is None else None
+
+
+class DeviceDrafter(Protocol):
+    """A drafter whose state lives on the device and whose drafting is capturable: it drafts
+    and learns inside a verify step that never syncs (`steps.SyncFreeSpecStep`). Its state
+    tensors live in `state`, kept with the cache's decode graphs, so that the steps captured
+    over them serve every `generate` call."""
+
+    # What the captured steps depend on besides the sampling setting.
+    key: tuple[Any, ...]
+
+    def bind(
+        self, state: dict[str, torch.Tensor], slots: int, length: int, device: torch.device
+    ) -> None:
+        """Use (allocating on first use) the state tensors in `state` for `slots` rows of
+        texts up to `length` tokens."""
+        ...
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None: ...
+
+    def propose(self, rows: int, room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drafts [rows, k] and their counts [rows] <= room [rows] of slots 0..rows-1
+        (capturable: no host reads)."""
+        ...
+
+    def extend(self, rows: int, tokens: torch.Tensor, num: torch.Tensor) -> None:
+        """Slots 0..rows-1 emitted tokens[b, :num[b]] (capturable)."""
+        ...
+
+    def moved(self, src: list[int], dst: list[int]) -> None: ...
+
+    def mutated(self) -> list[torch.Tensor]:
+        """The state tensors a step changes other than at scratch places (a capture's warm-up
+        run restores them)."""
+        ...
+
+
+class DeviceSAM:
+    """`sam` on the device (`rlkit.kernels.sam_device`): the same drafts as `SAMDrafter`'s
+    automata, from a per-slot match-length state that each emitted token updates
+    elementwise. Made by `SAMDrafter.on_device` where there is no static automaton."""
+
+    def __init__(self, k: int, min_match: int):
+        self.k, self.min_match = k, min_match
+        self.key = ("sam", k, min_match)
+
+    def bind(
+        self, state: dict[str, torch.Tensor], slots: int, length: int, device: torch.device
+    ) -> None:
+        if "sam_hist" not in state or state["sam_hist"].shape[1] < length:
+            dev = device
+            state["sam_hist"] = torch.zeros(slots, length, dtype=torch.long, device=dev)
+            state["sam_M"] = torch.zeros(slots, length, dtype=torch.int32, device=dev)
+            state["sam_hlen"] = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.hist, self.M, self.hlen = state["sam_hist"], state["sam_M"], state["sam_hlen"]
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        m, dev = len(seqs), self.hist.device
+        rows = slice(first, first + m)
+        texts = [run.prompts[s // run.n] for s in seqs]
+        lens = np.array([len(t) for t in texts], dtype=np.int64)
+        host = np.zeros((m, int(lens.max()) + 1), dtype=np.int64)
+        for i, t in enumerate(texts):
+            host[i, : len(t)] = t
+        tokens = to_device(host, dev)
+        at = to_device(lens, dev)
+        tokens[torch.arange(m, device=dev), at] = run.last[rows]  # the first sampled token
+        self.M[rows] = 0
+        self.hlen[rows] = 0
+        sam_device.extend(self.hist[rows], self.M[rows], self.hlen[rows], tokens, at + 1)
+
+    def propose(self, rows: int, room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sam_device.draft(
+            self.hist[:rows], self.M[:rows], self.hlen[:rows], room, self.min_match, self.k
+        )
+
+    def extend(self, rows: int, tokens: torch.Tensor, num: torch.Tensor) -> None:
+        sam_device.extend(self.hist[:rows], self.M[:rows], self.hlen[:rows], tokens, num)
+
+    def moved(self, src: list[int], dst: list[int]) -> None:
+        if src:
+            s, d = to_device(src, self.hist.device), to_device(dst, self.hist.device)
+            for t in (self.hist, self.M, self.hlen):
+                t[d] = t[s]
+
+    def mutated(self) -> list[torch.Tensor]:
+        return [self.M, self.hlen]
 
 
 class SAMThenMTP:

@@ -42,7 +42,7 @@ from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
 from rlkit.rollout.sam import SuffixAutomaton, corpus_automaton
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.rollout.scheduler import Completion, DecodeStep, Run
-from rlkit.rollout.steps import PlainStep, SpecStep
+from rlkit.rollout.steps import PlainStep, SpecStep, SyncFreeSpecStep
 
 __all__ = ["Completion", "Engine"]
 
@@ -399,5 +399,15 @@ class Engine:
                 k, spec.sam_min_match, self.mtp, self.static_corpus, spec.mtp_vocab,
                 self.token_counts,
             )  # fmt: skip
-            step = SpecStep(DRAFTERS.get(name)(run, settings), k, spec.max_batch)
+            host_drafter = DRAFTERS.get(name)(run, settings)
+            # Padded steps over a dense cache with a drafter that has a device form: the
+            # verify steps never sync (`SyncFreeSpecStep`); else the host drafts each step.
+            on_device = getattr(host_drafter, "on_device", None)
+            device_drafter = (
+                on_device() if on_device and run.graphs and run.cache.device_lengths else None
+            )
+            if device_drafter is not None:
+                step = SyncFreeSpecStep(run, device_drafter, k, spec.max_batch)
+            else:
+                step = SpecStep(host_drafter, k, spec.max_batch)
         return run.execute(step)

@@ -233,6 +233,61 @@ class KVCache:
         self.lengths[: len(counts)] -= counts
         self.positions[: len(counts)] -= counts
 
+    # -- lengths kept on the device (`steps.SyncFreeSpecStep`) -------------------------------
+    #
+    # A step that advances each row by a count only the device knows (a verify step that
+    # never syncs) keeps the lengths in device tensors between host syncs: `lengths_to_device`
+    # after the host changed them (admission, compaction), `begin_decode_device` and
+    # `advance_device` inside the step (capturable: no host reads or writes), and
+    # `lengths_from_device` with the values the host read at its sync. Only a dense cache
+    # (whose lengths are its positions) drives its lengths this way: a compressed cache's
+    # trigger is on the host (`device_lengths` is False there).
+
+    device_lengths = True
+
+    def lengths_to_device(self, batch: int) -> torch.Tensor:
+        """Slots 0..batch-1's host lengths into the device tensor the device-driven steps
+        read and advance (allocated once, never moved); returns it [slots]."""
+        if not np.array_equal(self.lengths[:batch], self.positions[:batch]):
+            raise ValueError("device-driven steps need slots whose positions are their lengths")
+        if not hasattr(self, "_len_dev"):
+            self._len_dev = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
+        self._len_dev[:batch].copy_(to_device(self.lengths[:batch], self.device))
+        return self._len_dev
+
+    def begin_decode_device(self, active: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """`begin_decode` of a padded step of P = len(active) rows from the device lengths:
+        row b's tokens go to entries len[b].. when active[b], else to entries 0.. (a free slot,
+        or a row at its limit whose entries nothing reads again). Returns positions [P, T]."""
+        P, T = active.shape[0], new_tokens
+        if T not in self._static:
+            self._static[T] = torch.zeros(
+                (3, self.num_slots, T), dtype=torch.long, device=self.device
+            )
+        buf = self._static[T][:, :P]
+        start = torch.where(active, self._len_dev[:P], 0)
+        buf[0] = start[:, None] + torch.arange(T, device=self.device)
+        buf[1, :, 0] = buf[0, :, -1] + 1
+        buf[2] = buf[0]  # a dense cache's positions are its lengths
+        self._mode = "decode"
+        self._write, self._lens = buf[0], buf[1, :, 0]
+        self._kv_len = self.max_len
+        return buf[2]
+
+    def lengths_on_device(self, batch: int) -> torch.Tensor:
+        """Slots 0..batch-1's device lengths [batch] (a view)."""
+        return self._len_dev[:batch]
+
+    def advance_device(self, num: torch.Tensor) -> None:
+        """Rows 0..len(num)-1 keep num[b] of the entries the step wrote (capturable)."""
+        self._len_dev[: num.shape[0]] += num
+
+    def lengths_from_device(self, lengths: np.ndarray) -> None:
+        """The host's copy of slots 0..len(lengths)-1's device lengths, read at a sync."""
+        B = len(lengths)
+        self.lengths[:B] = lengths
+        self.positions[:B] = lengths
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k/v [B, KVH, T, D] of the new tokens, return attention of q [B, H, T, D]."""
         if self._mode == "prefill":
@@ -370,6 +425,9 @@ class CompressedKVCache(KVCache):
     and a speculative sparse rollout is the same sparse policy. `events` counts (sequence,
     layer) compressions.
     """
+
+    # Its compression trigger is on the host: verify steps sync (`KVCache.device_lengths`).
+    device_lengths = False
 
     def __init__(
         self,

@@ -73,6 +73,19 @@ class DecodeStep(Protocol):
 
     def stats(self) -> dict[str, float]: ...
 
+    # True when the host knows every row's count after each step (`Run.count`); False for a
+    # step that advances rows by counts only the device knows until `sync`
+    # (`steps.SyncFreeSpecStep`): `Run.count` is then a lower bound (one token a step).
+    exact_counts: bool
+
+    def begin(self, run: Run) -> None:
+        """Before a stretch of steps (after admission or a retire changed the batch)."""
+        ...
+
+    def sync(self, run: Run) -> None:
+        """After a stretch, before the retire: the host's copies brought up to date."""
+        ...
+
 
 class Run:
     """State of one `generate` call. Per-slot arrays cover slots 0..B-1 (the running batch)."""
@@ -107,14 +120,22 @@ class Run:
         # moves them. `lookahead` + 1 spare columns: a verify step writes all its T positions
         # (no boolean-mask indexing, which would wait for the GPU); a row's entries past its
         # count are scratch that its next step overwrites, and nothing reads them.
+        # Row `total` is scratch: where a step that runs rows with nothing to emit (padding,
+        # rows at their limit: `steps.SyncFreeSpecStep`) writes them.
         width = params.max_new_tokens + lookahead + 1
-        self.out_tokens = torch.zeros(total, width, dtype=torch.long, device=dev)
-        self.out_logprobs = torch.zeros(total, width, dtype=torch.float32, device=dev)
+        self.scratch_row = total
+        self.out_tokens = torch.zeros(total + 1, width, dtype=torch.long, device=dev)
+        self.out_logprobs = torch.zeros(total + 1, width, dtype=torch.float32, device=dev)
         # Device state of the running slots.
-        self.last = torch.zeros(self.slots, dtype=torch.long, device=dev)  # token to feed next
+        # The token to feed next and the tokens generated: with the decode graphs when there
+        # are some (a captured step may advance them itself), else the run's own.
+        if self.graphs is not None:
+            self.last, self.count_dev = self.graphs.slot_state(self.slots)
+        else:
+            self.last = torch.zeros(self.slots, dtype=torch.long, device=dev)
+            self.count_dev = torch.zeros(self.slots, dtype=torch.long, device=dev)
         self.done = torch.zeros(self.slots, dtype=torch.bool, device=dev)  # stop id sampled
         self.seq_dev = torch.zeros(self.slots, dtype=torch.long, device=dev)
-        self.count_dev = torch.zeros(self.slots, dtype=torch.long, device=dev)
         # On a GPU the sampler writes what `emit_one` writes itself (`sample_emit`).
         self.fused_emit = dev.type == "cuda" and row_sampler.HAS_TRITON
         self._emit_to = row_sampler.Emit(
@@ -148,14 +169,21 @@ class Run:
         rollouts) the device is read only at the limit, so a GPU never idles for a retire
         that could finish nothing."""
         can_stop = self.checker.active or len(self.stop_ids) > 0
+        # Counts only the device knows: read every `sync_every` steps whatever can stop.
+        bounded = can_stop or not step.exact_counts
         steps = 0
-        # The host knows every count: no sequence goes past its limit between retires.
+        if len(self.seq):
+            step.begin(self)
+        # The host knows every count (or a lower bound: then a row that reaches its limit
+        # before the host sees it emits nothing more): no sequence goes past its limit.
         while len(self.seq) and int((self.limit - self.count).min()) > 0:
             step.step(self)
             self.cache.compress_due(len(self.seq))
             steps += 1
-            if can_stop and steps >= self.e.sync_every:
+            if bounded and steps >= self.e.sync_every:
                 break
+        if len(self.seq):
+            step.sync(self)
 
     def _record_stats(self, step: DecodeStep) -> None:
         c = self.cache

@@ -19,7 +19,8 @@ generator); launched one by one, those ops cost more than the forward on a GPU.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from rlkit.rollout.sampling import SamplingParams, sampling_logprobs
 
 if TYPE_CHECKING:
     from rlkit.models.decoder import Decoder
-    from rlkit.rollout.drafters import Drafter
+    from rlkit.rollout.drafters import DeviceDrafter, Drafter
     from rlkit.rollout.scheduler import Run
 
 
@@ -106,6 +107,14 @@ def verify_graphs(run: Run, has_q: bool) -> StepGraphs:
 class PlainStep:
     """One sampled token per sequence."""
 
+    exact_counts = True
+
+    def begin(self, run: Run) -> None:
+        pass
+
+    def sync(self, run: Run) -> None:
+        pass
+
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
         pass
 
@@ -138,6 +147,8 @@ class SpecStep:
     resumes where the batch has shrunk.
     """
 
+    exact_counts = True
+
     def __init__(self, drafter: Drafter, num_draft_tokens: int, max_batch: int = 0):
         self.drafter, self.k, self.max_batch = drafter, num_draft_tokens, max_batch
         self.plain_steps = 0
@@ -152,6 +163,12 @@ class SpecStep:
 
     def finished(self, seqs: list[int]) -> None:
         self.drafter.finished(seqs)
+
+    def begin(self, run: Run) -> None:
+        pass
+
+    def sync(self, run: Run) -> None:
+        pass
 
     def step(self, run: Run) -> None:
         B, dev, params = len(run.seq), run.device, run.params
@@ -226,3 +243,188 @@ class SpecStep:
             "spec/verify_steps": float(self.steps),
             "spec/plain_steps": float(self.plain_steps),
         }
+
+
+class SyncFreeSpecStep:
+    """Draft, verify and emit with no host sync: `SpecStep` with the drafter on the device
+    (`drafters.DeviceDrafter`, e.g. `DeviceSAM`) and the cache's lengths on the device
+    (`KVCache.device_lengths`), for padded steps (CUDA graphs; `capture=False` runs the same
+    steps eagerly).
+
+    Each step is one replay of a captured function over fixed tensors: the rows' room (their
+    limit - count - 1, at most k; 0 for rows at their limit, padding rows, and every row while
+    more than `max_batch` run), the drafter's drafts, the policy's forward over k + 1 tokens a
+    row from the cache's device lengths, `verify_rows`, the rows' new counts, next tokens and
+    lengths, and the drafter's update with the emitted tokens. Outside the graph, per step: the
+    uniforms drawn from the run's generator into a fixed buffer (as `SpecStep` draws them),
+    and the emitted tokens written to the run's outputs (a few launches, no sync). The host
+    reads the counts and lengths every `sync_every` steps (`sync`): between reads `Run.count`
+    is a lower bound (`exact_counts` False), and a row that reaches its limit emits nothing
+    more until the retire.
+
+    Rows that draft nothing still feed k + 1 tokens and keep only the verifier's token, which
+    is the policy's own sample: the output distribution is the policy's as in `SpecStep`.
+    Greedy output equals `SpecStep`'s with the same drafter token for token.
+
+    The state the graphs read and write lives with the cache's decode graphs (`state`, per
+    sampling setting and drafter key): the run's `last` and `count_dev`
+    (`DecodeGraphs.slot_state`), the cache's device lengths, the limits, the uniforms, the
+    drafter's tensors and the step's counters.
+    """
+
+    exact_counts = False
+
+    def __init__(self, run: Run, drafter: DeviceDrafter, num_draft_tokens: int, max_batch: int = 0):
+        graphs = run.graphs
+        assert graphs is not None and run.cache.device_lengths
+        self.drafter, self.k, self.max_batch = drafter, num_draft_tokens, max_batch
+        p = run.params
+        key = ("sync-free", p.temperature, p.top_p, p.top_k, max_batch, *drafter.key)
+        if key not in graphs.extra:
+            graphs.extra[key] = _SyncFreeGraphs(graphs.capture, graphs.buckets)
+        self.g: _SyncFreeGraphs = graphs.extra[key]
+        slots, dev = run.cache.num_slots, run.device
+        st = self.g.state
+        if "limit" not in st:
+            st["limit"] = torch.zeros(slots, dtype=torch.long, device=dev)
+            st["nrows"] = torch.zeros(1, dtype=torch.long, device=dev)
+            st["u"] = torch.zeros(slots, num_draft_tokens + 1, dtype=torch.float64, device=dev)
+            # Rows stepped, tokens emitted, drafted, accepted.
+            st["counts"] = torch.zeros(4, dtype=torch.long, device=dev)
+        drafter.bind(st, slots, run.cache.max_len, dev)
+        st["counts"].zero_()
+        self.steps = 0
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        self.drafter.admitted(run, first, seqs, hidden)
+
+    def moved(self, src: list[int], dst: list[int]) -> None:
+        self.drafter.moved(src, dst)
+
+    def finished(self, seqs: list[int]) -> None:
+        pass
+
+    def begin(self, run: Run) -> None:
+        B, st = len(run.seq), self.g.state
+        run.cache.lengths_to_device(B)
+        st["limit"].zero_()
+        st["limit"][:B].copy_(to_device(run.limit, run.device))
+        st["nrows"].fill_(B)
+
+    def step(self, run: Run) -> None:
+        B, st = len(run.seq), self.g.state
+        pad = self.g.bucket(B)
+        if run.params.temperature > 0:
+            u = torch.rand(B, self.k + 1, generator=run.gen, dtype=torch.float64, device=run.device)
+            st["u"][:B].copy_(u)
+        # What the step advances (put back after a capture's warm-up run).
+        self.g.restore = [
+            run.count_dev, run.last, run.cache.lengths_on_device(run.slots), st["counts"],
+            *self.drafter.mutated(),
+        ]  # fmt: skip
+        emitted, logp, num, active = self.g.run(pad, lambda: self._device_step(run, pad))
+        # Into the run's outputs (per call, so outside the graph): rows with nothing to emit
+        # write to the scratch row.
+        T = emitted.shape[1]
+        steps = torch.arange(T, device=run.device)
+        count0 = torch.where(active, run.count_dev[:pad] - num, 0)
+        cols = count0[:, None] + steps
+        seqs = torch.where(active, run.seq_dev[:pad], run.scratch_row)[:, None].expand(pad, T)
+        run.out_tokens[seqs, cols] = emitted
+        run.out_logprobs[seqs, cols] = logp
+        valid = steps[None, :] < num[:, None]
+        run.done[:pad] |= (torch.isin(emitted, run.stop_ids) & valid).any(dim=1)
+        run.count += 1  # a lower bound until `sync`
+        self.steps += 1
+
+    def _device_step(self, run: Run, pad: int) -> tuple[torch.Tensor, ...]:
+        """One step of slots 0..pad-1 on the device (captured): returns the emitted tokens
+        and log-probs [pad, k + 1], the counts emitted [pad] and which rows emitted [pad]."""
+        st, k, cache = self.g.state, self.k, run.cache
+        count, limit = run.count_dev[:pad], st["limit"][:pad]
+        active = count < limit
+        room = torch.where(active, (limit - count - 1).clamp(min=0, max=k), 0)
+        if self.max_batch:
+            room = torch.where(st["nrows"] <= self.max_batch, room, 0)
+        drafts, dnum = self.drafter.propose(pad, room)
+        tokens = torch.cat([run.last[:pad, None], drafts], dim=1)  # [pad, k + 1]
+        positions = cache.begin_decode_device(active, k + 1)
+        hidden = run.model.forward_cached(tokens, positions, cache)
+        emitted, logp, accepted = verify_rows(
+            run.model, hidden, tokens, dnum, st["u"][:pad], None, run.params, run.sample_rows
+        )
+        num = torch.where(active, accepted + 1, 0)
+        cache.advance_device(num)
+        last = emitted.gather(1, (num - 1).clamp(min=0)[:, None])[:, 0]
+        run.last[:pad] = torch.where(active, last, run.last[:pad])
+        run.count_dev[:pad] += num
+        self.drafter.extend(pad, emitted, num)
+        st["counts"] += torch.stack(
+            [active.sum(), num.sum(), dnum.sum(), (num - 1).clamp(min=0).sum()]
+        )
+        return emitted, logp, num, active
+
+    def sync(self, run: Run) -> None:
+        """The host's counts and cache lengths from the device, in one copy."""
+        B = len(run.seq)
+        lens = run.cache.lengths_on_device(B)
+        host = torch.cat([run.count_dev[:B], lens]).cpu().numpy()
+        run.count[:] = host[:B]
+        run.cache.lengths_from_device(host[B:])
+
+    def stats(self) -> dict[str, float]:
+        """As `SpecStep.stats`; spec/draft_ms is the host's drafting time, 0 here: the drafts
+        are made inside the step's graph."""
+        rows, emitted, drafted, accepted = self.g.state["counts"].tolist()
+        rows = max(rows, 1)
+        return {
+            "spec/accept_len_mean": emitted / rows,
+            "spec/accept_rate": accepted / max(drafted, 1),
+            "spec/drafted_per_step": drafted / rows,
+            "spec/draft_ms": 0.0,
+            "spec/verify_steps": float(self.steps),
+            "spec/plain_steps": 0.0,
+        }
+
+
+class _SyncFreeGraphs:
+    """`SyncFreeSpecStep`'s graphs (one per bucket) and state, kept with the cache's decode
+    graphs per sampling setting and drafter."""
+
+    def __init__(self, capture: bool, bucket_sizes: list[int]):
+        self.capture, self.buckets = capture, bucket_sizes
+        self.state: dict[str, torch.Tensor] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.restore: list[torch.Tensor] = []
+        self.steps: dict[int, int] = {}  # steps run per bucket
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def run(self, pad: int, fn: Callable[[], Any]) -> Any:
+        """fn() for bucket pad: replayed from its graph (captured on first use), or eagerly."""
+        self.steps[pad] = self.steps.get(pad, 0) + 1
+        if not self.capture:
+            return fn()
+        if pad not in self.graphs:
+            self.graphs[pad] = self._capture(fn)
+        graph, out = self.graphs[pad]
+        graph.replay()
+        return out
+
+    def _capture(self, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+        # The warm-up (lazy initialisation, Triton compilation) runs the step for real: the
+        # state it advances is put back, so that the replay after the capture is the step.
+        kept = [t.clone() for t in self.restore]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        for t, k in zip(self.restore, kept, strict=True):
+            t.copy_(k)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        return graph, out

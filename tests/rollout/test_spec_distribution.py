@@ -79,7 +79,9 @@ def _chi_square_pvalue(stat: float, df: int) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(stat / 2.0)))
 
 
-def _exact_cells(model, params: SamplingParams, min_count: float) -> dict[tuple, float]:
+def _exact_cells(
+    model, params: SamplingParams, min_count: float, prompt: list[int] = PROMPT
+) -> dict[tuple, float]:
     """Probabilities of every (x1, x2, x3) expected at least min_count times."""
 
     def dist(prefix: list[int]) -> torch.Tensor:
@@ -89,24 +91,46 @@ def _exact_cells(model, params: SamplingParams, min_count: float) -> dict[tuple,
 
     floor = min_count / SAMPLES
     cells: dict[tuple, float] = {}
-    p1 = dist(PROMPT)
+    p1 = dist(prompt)
     for x1 in (p1 >= floor).nonzero()[:, 0].tolist():
-        p2 = dist(PROMPT + [x1]) * p1[x1]
+        p2 = dist(prompt + [x1]) * p1[x1]
         for x2 in (p2 >= floor).nonzero()[:, 0].tolist():
-            p3 = dist(PROMPT + [x1, x2]) * p2[x2]
+            p3 = dist(prompt + [x1, x2]) * p2[x2]
             for x3 in (p3 >= floor).nonzero()[:, 0].tolist():
                 cells[(x1, x2, x3)] = float(p3[x3])
     return cells
 
 
-def _pvalue(tiny_dirs, params: SamplingParams, stats: dict | None = None) -> float:
+# The sync-free path's prompt: the policy's greedy continuation of PROMPT (95, 39, ...), then
+# PROMPT and its first token again, so that SAM drafts where the sample repeats the text
+# (about one row-step in five drafts; ~77% of drafts accepted at T = 1).
+SAM_PROMPT = [5, 17, 99, 3, 95, 39, 255, 87, 62, 111, 66, 75, 5, 17, 99, 3, 95]
+
+
+def _pvalue(
+    tiny_dirs, params: SamplingParams, stats: dict | None = None, sync_free: bool = False
+) -> float:
+    """sync_free: SAM drafting on the device through `SyncFreeSpecStep` (padded steps run
+    eagerly on a CPU), on SAM_PROMPT; else the half-temperature drafter on PROMPT."""
     model, tok = load_model(tiny_dirs["llama"])
     with torch.no_grad():
         model.lm_head.weight.mul_(SHARPEN_MODEL)
-    cells = _exact_cells(model, params, min_count=5)
-    spec = SpeculativeConfig(drafter="half-temperature", num_draft_tokens=2)
-    engine = Engine(model, tok, dtype=torch.float32, max_batch_size=SAMPLES, speculative=spec)
-    out = engine.generate([PROMPT], params, n=SAMPLES)
+    prompt = SAM_PROMPT if sync_free else PROMPT
+    cells = _exact_cells(model, params, min_count=5, prompt=prompt)
+    if sync_free:
+        spec = SpeculativeConfig(drafter="sam", num_draft_tokens=2, sam_min_match=1)
+        graphs = dict(cuda_graphs=True, cpu_kernels=False)
+    else:
+        spec = SpeculativeConfig(drafter="half-temperature", num_draft_tokens=2)
+        graphs = {}
+    engine = Engine(
+        model, tok, dtype=torch.float32, max_batch_size=SAMPLES, speculative=spec, **graphs
+    )
+    out = engine.generate([prompt], params, n=SAMPLES)
+    if sync_free:
+        assert any(
+            isinstance(g, steps_module._SyncFreeGraphs) for g in engine._graphs.extra.values()
+        )
     if stats is not None:
         stats.update(engine.stats)
     counts: dict[tuple, int] = {}
@@ -136,6 +160,18 @@ def test_emitted_tokens_follow_the_policys_distribution(tiny_dirs, params):
     assert pvalue > 1e-4
 
 
+@pytest.mark.parametrize("params", PARAMS, ids=["t1", "t0.7-k5", "t1.3-p0.8"])
+def test_sync_free_sam_steps_follow_the_policys_distribution(tiny_dirs, params):
+    sp = SamplingParams(max_new_tokens=3, seed=11, ignore_eos=True, **params)
+    stats: dict = {}
+    pvalue = _pvalue(tiny_dirs, sp, stats, sync_free=True)
+    assert stats["spec/drafted_per_step"] > 0.05  # drafts were made and accepted...
+    assert stats["spec/accept_rate"] > 0.05
+    if params == PARAMS[0]:
+        assert stats["spec/accept_rate"] < 0.95  # ... and at T = 1 rejected (0.77)
+    assert pvalue > 1e-4
+
+
 def _accept_every_draft(target, drafts, num, q=None, u=None, greedy=False):
     # Every draft passes (u = 0 < p(d) for any token p allows); then the bonus token.
     u = u.clone()
@@ -155,3 +191,11 @@ def test_wrong_rules_fail_the_same_test(tiny_dirs, monkeypatch, rule):
     sp = SamplingParams(max_new_tokens=3, seed=11, ignore_eos=True, **PARAMS[0])
     pvalue = _pvalue(tiny_dirs, sp)
     assert pvalue < 1e-12
+
+
+def test_a_wrong_rule_fails_the_sync_free_test(tiny_dirs, monkeypatch):
+    # SAM's one-hot drafts make the residual p without the draft: resampling from p differs
+    # little there (p-value 1e-3 here), accepting every draft a lot.
+    monkeypatch.setattr(steps_module, "verify_drafts", _accept_every_draft)
+    sp = SamplingParams(max_new_tokens=3, seed=11, ignore_eos=True, **PARAMS[0])
+    assert _pvalue(tiny_dirs, sp, sync_free=True) < 1e-12

@@ -118,7 +118,7 @@ def test_padded_verify_steps_decode_like_eager_ones(
     per row, the batch through the buckets) eagerly; sampled, they draw the same uniforms.
     The MTP drafter's block runs padded steps too (its own graphs on a GPU): the catch-up
     over k + 1 pairs and each further depth over one token."""
-    from rlkit.rollout import drafters
+    from rlkit.rollout import drafters, steps
 
     made = []
 
@@ -145,8 +145,14 @@ def test_padded_verify_steps_decode_like_eager_ones(
     # plain one-token step.
     verify = list(graphs.extra.values())
     assert len(verify) == 1 and not verify[0].capture
-    assert {T for _, T in verify[0].steps} == {4} and len(verify[0].steps) > 1
-    assert {T for _, T in graphs.steps} <= {1}
+    if drafter == "sam":
+        # SAM drafts on the device: every step is a sync-free verify step (k + 1 tokens a
+        # row, drafting or not) through the batch's buckets, and no step is a plain one.
+        assert isinstance(verify[0], steps._SyncFreeGraphs) and len(verify[0].steps) > 1
+        assert not graphs.steps and padded.stats["spec/plain_steps"] == 0
+    else:
+        assert {T for _, T in verify[0].steps} == {4} and len(verify[0].steps) > 1
+        assert {T for _, T in graphs.steps} <= {1}
     if "mtp" in drafter:
         assert made and all(not g.capture for g in made)
         block_fed = {T for g in made for _, T in g.steps}

@@ -1,0 +1,182 @@
+"""Speculative rollouts whose verify steps never sync (`steps.SyncFreeSpecStep`): SAM drafts on
+the device (`drafters.DeviceSAM`) and the cache's lengths advance on the device, the host
+reading counts every `sync_every` steps. On a CPU `cuda_graphs=True` runs the same padded
+steps eagerly. Greedy output equals plain decoding's and the host-drafted `SpecStep`'s token
+for token (continuous batching, stops, limits, capacity, max_batch), sampled tokens carry
+the policy's log-probs, the state kept with the graphs serves later calls, and the engine
+keeps the host path where the device one does not apply."""
+
+import pytest
+import torch
+
+from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
+from rlkit.models import load_model
+from rlkit.rollout import Engine, SamplingParams, sampling_logprobs, steps
+from rlkit.rollout.sam import corpus_automaton
+
+
+def _same(out, ref, atol=1e-5):
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    assert [c.finish_reason for c in out] == [c.finish_reason for c in ref]
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
+
+
+def _assert_policy_logprobs(model, prompts, out, sp):
+    """Each emitted token's log-prob is the policy's under the sampling distribution."""
+    for c in out:
+        prompt = prompts[c.prompt_index]
+        with torch.no_grad():
+            logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
+        logp = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
+        want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert torch.isfinite(want).all(), "a token outside the top-k / top-p set was emitted"
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+
+
+@pytest.fixture
+def make(tiny_dirs):
+    def make(arch="llama", k=3, graphs=True, max_batch=0, **kwargs):
+        model, tok = load_model(tiny_dirs[arch])
+        spec = SpeculativeConfig(
+            drafter="sam", num_draft_tokens=k, sam_min_match=2, max_batch=max_batch
+        )
+        # cpu_kernels=False: the fused C step would take precedence over padded steps.
+        kwargs.setdefault("cpu_kernels", False)
+        return Engine(
+            model, tok, dtype=torch.float32, speculative=spec, cuda_graphs=graphs, **kwargs
+        )
+
+    return make
+
+
+def _sync_free(engine) -> list:
+    return [g for g in engine._graphs.extra.values() if isinstance(g, steps._SyncFreeGraphs)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_greedy_output_equals_plain_and_host_drafted_decoding(make, prompts, arch):
+    # 8 sequences through 3 slots (admission, compaction, refill), stop ids, mixed lengths.
+    sp = SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=[17, 99])
+    engine = make(arch, max_batch_size=3, sync_every=2)
+    out = engine.generate(prompts, sp, n=2)
+    st = engine.stats
+    (g,) = _sync_free(engine)
+    assert set(g.steps) <= {1, 2, 3} and len(g.steps) > 1  # the buckets as the batch drains
+    assert st["spec/verify_steps"] == sum(g.steps.values()) > 0 and st["spec/plain_steps"] == 0
+    _same(out, engine.generate(prompts, sp, n=2, drafter="none"))
+    host = make(arch, graphs=False, max_batch_size=3, sync_every=2)
+    _same(out, host.generate(prompts, sp, n=2))
+    # The same drafts, the same acceptance: only where drafting ran differs.
+    if arch == "llama":  # its greedy text loops: SAM's drafts pass
+        assert st["spec/accept_len_mean"] > 1.3, st
+    assert st["spec/drafted_per_step"] > 0 and 0 < st["spec/accept_rate"] <= 1
+
+
+def test_limits_stop_strings_and_capacity(make, prompts):
+    engine = make(k=4, max_seq_len=40)
+    tok = engine.tokenizer
+    for sp in (
+        SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_new_tokens=7, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True),  # capped by 40
+    ):
+        out = engine.generate(prompts, sp)
+        _same(out, engine.generate(prompts, sp, drafter="none"))
+        assert [len(c.token_ids) for c in out] == [
+            min(sp.max_new_tokens, 40 - len(p)) for p in prompts
+        ]
+    free = engine.generate(prompts[:1], SamplingParams(max_new_tokens=20, temperature=0.0))[0]
+    stop = tok.decode(free.token_ids[6:8])
+    sp = SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop])
+    _same(engine.generate(prompts[:1], sp), engine.generate(prompts[:1], sp, drafter="none"))
+    assert _sync_free(engine)
+
+
+def test_max_batch_drafts_only_in_the_tail(make, prompts):
+    sp = SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=[17, 99])
+    tail = make(max_batch=2, max_batch_size=3, sync_every=2)
+    always = make(max_batch_size=3, sync_every=2)
+    out = tail.generate(prompts, sp, n=2)
+    drafted = tail.stats["spec/drafted_per_step"]
+    _same(out, always.generate(prompts, sp, n=2))
+    assert 0 < drafted < always.stats["spec/drafted_per_step"]
+    _same(out, tail.generate(prompts, sp, n=2, drafter="none"))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)],
+    ids=["t1", "t0.7-k5", "t1.3-p0.8"],
+)
+def test_sampled_tokens_carry_the_policys_logprobs(make, reference, prompts, params):
+    sp = SamplingParams(max_new_tokens=14, seed=3, stop_token_ids=[17], **params)
+    engine = make("qwen3", max_batch_size=4, sync_every=3)
+    out = engine.generate(prompts, sp, n=3)
+    _assert_policy_logprobs(reference("qwen3"), prompts, out, sp)
+    assert _sync_free(engine) and engine.stats["spec/verify_steps"] > 0
+    # The same seed, the same draws: a second engine gives the same samples.
+    _same(out, make("qwen3", max_batch_size=4, sync_every=3).generate(prompts, sp, n=3))
+
+
+def test_later_calls_reuse_the_graphs_state(make, prompts):
+    """Calls of other sizes on one engine (the state kept with its graphs: last tokens,
+    counts, lengths, SAM's texts) give what fresh engines give."""
+    engine = make(max_batch_size=4, sync_every=2)
+    calls = [
+        (prompts, SamplingParams(max_new_tokens=18, temperature=0.0), 2),
+        (prompts[2:], SamplingParams(max_new_tokens=9, temperature=0.0, ignore_eos=True), 1),
+        (prompts[:3], SamplingParams(max_new_tokens=18, temperature=0.0, stop_token_ids=[17]), 3),
+    ]
+    for p, sp, n in calls:
+        _same(
+            engine.generate(p, sp, n=n), make(max_batch_size=4, sync_every=2).generate(p, sp, n=n)
+        )
+    assert len(_sync_free(engine)) == 1
+
+
+def test_host_drafting_where_the_device_form_does_not_apply(make, prompts):
+    sp = SamplingParams(max_new_tokens=12, temperature=0.0)
+    # A static automaton has no device form.
+    static = make()
+    static.static_corpus = corpus_automaton([[5, 17, 99, 3, 8, 8]], separator=0)
+    static.generate(prompts, sp)
+    assert not _sync_free(static) and static._graphs.extra
+    # A compressed cache's trigger is on the host.
+    cfg = KVCompressionConfig(policy="snapkv", budget=10, window=3, interval=5)
+    sparse = make(kv_compression=cfg)
+    out = sparse.generate(prompts, sp)
+    assert not _sync_free(sparse)
+    _same(out, sparse.generate(prompts, sp, drafter="none"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_steps_equal_host_drafting_and_never_sync(tiny_dirs, prompts, monkeypatch):
+    """On a GPU: captured sync-free steps give the host-drafted `SpecStep`'s greedy output,
+    and once captured a step runs under CUDA's sync debug mode "error" (no host read)."""
+
+    def engine(graphs):
+        model, tok = load_model(tiny_dirs["llama"])
+        spec = SpeculativeConfig(drafter="sam", num_draft_tokens=3, sam_min_match=2)
+        return Engine(
+            model.cuda(), tok, dtype=torch.float32, speculative=spec, cuda_graphs=graphs,
+            max_batch_size=4, sync_every=3,
+        )  # fmt: skip
+
+    sp = SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=[17])
+    fast = engine(True)
+    out = fast.generate(prompts, sp, n=2)
+    (g,) = _sync_free(fast)
+    assert g.capture and g.graphs
+    _same(out, engine(False).generate(prompts, sp, n=2), atol=1e-4)
+    step = steps.SyncFreeSpecStep.step
+
+    def checked(self, run):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(self, run)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(steps.SyncFreeSpecStep, "step", checked)
+    _same(fast.generate(prompts, sp, n=2), out)
