@@ -10,6 +10,7 @@
 # the summary needs both, from this machine's /tmp/runs or, afterwards, from the copies:
 #   python benchmarks/sparse_rl_long_summary.py <files>/sparse_rl_long_sparse \
 #     <files>/sparse_rl_long_dense --metric eval/reward_mean
+# EXTRA: further overrides for both runs (e.g. EXTRA="rollout.kv_compression.budget=512").
 # Into $OUT: sparse_rl_long_{sparse,dense}/{summary.json,metrics.jsonl} and, with both runs,
 # gpu_sparse_rl_long.json.
 source benchmarks/gpu/setup.sh
@@ -18,7 +19,7 @@ for mode in ${MODES:-sparse dense}; do
   extra=""
   [ "$mode" = dense ] && extra="rollout.kv_compression.policy=none"
   start=$(date +%s)
-  python3 -m rlkit.cli train recipes/sparse_rl_long.yaml $extra $steps \
+  python3 -m rlkit.cli train recipes/sparse_rl_long.yaml ${EXTRA:-} $extra $steps \
     run.name=sparse_rl_long_$mode run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false \
     2>&1 | grep -v "Warning\|WARNING" | tail -12
   echo "== $mode: $(( $(date +%s) - start )) s"
