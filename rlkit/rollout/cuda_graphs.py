@@ -133,13 +133,17 @@ class DecodeGraphs(StepGraphs):
         `Run.count_dev`), zeroed: kept with the graphs, at fixed addresses, so that a step
         captured over them (`steps.SyncFreeSpecStep`, which advances them itself) serves
         every `generate` call on this cache."""
+        last, count = self.slot_state_all()
+        last.zero_()
+        count.zero_()
+        return last[:slots], count[:slots]
+
+    def slot_state_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`slot_state`'s tensors over all the cache's slots (not zeroed)."""
         if self._slot_state is None:
             n, dev = self.cache.num_slots, self.cache.device
             self._slot_state = (
                 torch.zeros(n, dtype=torch.long, device=dev),
                 torch.zeros(n, dtype=torch.long, device=dev),
             )
-        last, count = self._slot_state
-        last.zero_()
-        count.zero_()
-        return last[:slots], count[:slots]
+        return self._slot_state

@@ -293,6 +293,9 @@ class SyncFreeSpecStep:
             st["counts"] = torch.zeros(4, dtype=torch.long, device=dev)
         drafter.bind(st, slots, run.cache.max_len, dev)
         st["counts"].zero_()
+        # The run's `last` and `count_dev` are the first run.slots rows of these: a bucket
+        # may pad past the run's slots, up to the cache's.
+        self.last, self.count = graphs.slot_state_all()
         self.steps = 0
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
@@ -319,21 +322,23 @@ class SyncFreeSpecStep:
             st["u"][:B].copy_(u)
         # What the step advances (put back after a capture's warm-up run).
         self.g.restore = [
-            run.count_dev, run.last, run.cache.lengths_on_device(run.slots), st["counts"],
+            self.count, self.last, run.cache.lengths_on_device(run.cache.num_slots), st["counts"],
             *self.drafter.mutated(),
         ]  # fmt: skip
         emitted, logp, num, active = self.g.run(pad, lambda: self._device_step(run, pad))
         # Into the run's outputs (per call, so outside the graph): rows with nothing to emit
         # write to the scratch row.
+        # Only rows 0..B-1 can be active.
+        emitted, logp, num, active = emitted[:B], logp[:B], num[:B], active[:B]
         T = emitted.shape[1]
         steps = torch.arange(T, device=run.device)
-        count0 = torch.where(active, run.count_dev[:pad] - num, 0)
+        count0 = torch.where(active, run.count_dev[:B] - num, 0)
         cols = count0[:, None] + steps
-        seqs = torch.where(active, run.seq_dev[:pad], run.scratch_row)[:, None].expand(pad, T)
+        seqs = torch.where(active, run.seq_dev[:B], run.scratch_row)[:, None].expand(B, T)
         run.out_tokens[seqs, cols] = emitted
         run.out_logprobs[seqs, cols] = logp
         valid = steps[None, :] < num[:, None]
-        run.done[:pad] |= (torch.isin(emitted, run.stop_ids) & valid).any(dim=1)
+        run.done[:B] |= (torch.isin(emitted, run.stop_ids) & valid).any(dim=1)
         run.count += 1  # a lower bound until `sync`
         self.steps += 1
 
@@ -341,13 +346,13 @@ class SyncFreeSpecStep:
         """One step of slots 0..pad-1 on the device (captured): returns the emitted tokens
         and log-probs [pad, k + 1], the counts emitted [pad] and which rows emitted [pad]."""
         st, k, cache = self.g.state, self.k, run.cache
-        count, limit = run.count_dev[:pad], st["limit"][:pad]
+        count, limit = self.count[:pad], st["limit"][:pad]
         active = count < limit
         room = torch.where(active, (limit - count - 1).clamp(min=0, max=k), 0)
         if self.max_batch:
             room = torch.where(st["nrows"] <= self.max_batch, room, 0)
         drafts, dnum = self.drafter.propose(pad, room)
-        tokens = torch.cat([run.last[:pad, None], drafts], dim=1)  # [pad, k + 1]
+        tokens = torch.cat([self.last[:pad, None], drafts], dim=1)  # [pad, k + 1]
         positions = cache.begin_decode_device(active, k + 1)
         hidden = run.model.forward_cached(tokens, positions, cache)
         emitted, logp, accepted = verify_rows(
@@ -356,8 +361,8 @@ class SyncFreeSpecStep:
         num = torch.where(active, accepted + 1, 0)
         cache.advance_device(num)
         last = emitted.gather(1, (num - 1).clamp(min=0)[:, None])[:, 0]
-        run.last[:pad] = torch.where(active, last, run.last[:pad])
-        run.count_dev[:pad] += num
+        self.last[:pad] = torch.where(active, last, self.last[:pad])
+        self.count[:pad] += num
         self.drafter.extend(pad, emitted, num)
         st["counts"] += torch.stack(
             [active.sum(), num.sum(), dnum.sum(), (num - 1).clamp(min=0).sum()]

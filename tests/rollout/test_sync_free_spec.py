@@ -125,6 +125,9 @@ def test_later_calls_reuse_the_graphs_state(make, prompts):
     engine = make(max_batch_size=4, sync_every=2)
     calls = [
         (prompts, SamplingParams(max_new_tokens=18, temperature=0.0), 2),
+        # 3 sequences on the 4-slot cache: the 3 rows pad to the bucket of 4, past the run's
+        # own slots.
+        (prompts[1:], SamplingParams(max_new_tokens=14, temperature=0.0, ignore_eos=True), 1),
         (prompts[2:], SamplingParams(max_new_tokens=9, temperature=0.0, ignore_eos=True), 1),
         (prompts[:3], SamplingParams(max_new_tokens=18, temperature=0.0, stop_token_ids=[17]), 3),
     ]
