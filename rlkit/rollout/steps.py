@@ -234,15 +234,26 @@ class SpecStep:
         sequence and verify step; spec/draft_ms: the drafter's time per decode step, verify
         and plain (in a plain step it only catches up on the new token); spec/plain_steps:
         steps where no row drafted (over max_batch, or every row at its limit)."""
-        steps = max(self.seq_steps, 1)
-        return {
-            "spec/accept_len_mean": self.emitted / steps,
-            "spec/accept_rate": self.accepted / max(self.drafted, 1),
-            "spec/drafted_per_step": self.drafted / steps,
-            "spec/draft_ms": 1000 * self.draft_seconds / max(self.steps + self.plain_steps, 1),
-            "spec/verify_steps": float(self.steps),
-            "spec/plain_steps": float(self.plain_steps),
-        }
+        draft_ms = 1000 * self.draft_seconds / max(self.steps + self.plain_steps, 1)
+        return _spec_stats(
+            self.seq_steps, self.emitted, self.drafted, self.accepted, draft_ms, self.steps,
+            self.plain_steps,
+        )  # fmt: skip
+
+
+def _spec_stats(
+    rows: int, emitted: int, drafted: int, accepted: int, draft_ms: float, verify: int, plain: int
+) -> dict[str, float]:
+    """The spec/* metrics (`SpecStep.stats`) from row-steps, tokens emitted, drafted and
+    accepted, the host's drafting ms a step, and the verify and plain steps."""
+    return {
+        "spec/accept_len_mean": emitted / max(rows, 1),
+        "spec/accept_rate": accepted / max(drafted, 1),
+        "spec/drafted_per_step": drafted / max(rows, 1),
+        "spec/draft_ms": draft_ms,
+        "spec/verify_steps": float(verify),
+        "spec/plain_steps": float(plain),
+    }
 
 
 class SyncFreeSpecStep:
@@ -381,15 +392,7 @@ class SyncFreeSpecStep:
         """As `SpecStep.stats`; spec/draft_ms is the host's drafting time, 0 here: the drafts
         are made inside the step's graph."""
         rows, emitted, drafted, accepted = self.g.state["counts"].tolist()
-        rows = max(rows, 1)
-        return {
-            "spec/accept_len_mean": emitted / rows,
-            "spec/accept_rate": accepted / max(drafted, 1),
-            "spec/drafted_per_step": drafted / rows,
-            "spec/draft_ms": 0.0,
-            "spec/verify_steps": float(self.steps),
-            "spec/plain_steps": 0.0,
-        }
+        return _spec_stats(rows, emitted, drafted, accepted, 0.0, self.steps, 0)
 
 
 class _SyncFreeGraphs:

@@ -8,30 +8,12 @@ keeps the host path where the device one does not apply."""
 
 import pytest
 import torch
+from test_speculative import _assert_policy_logprobs, _same
 
 from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
 from rlkit.models import load_model
-from rlkit.rollout import Engine, SamplingParams, sampling_logprobs, steps
+from rlkit.rollout import Engine, SamplingParams, steps
 from rlkit.rollout.sam import corpus_automaton
-
-
-def _same(out, ref, atol=1e-5):
-    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
-    assert [c.finish_reason for c in out] == [c.finish_reason for c in ref]
-    for a, b in zip(out, ref, strict=True):
-        torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
-
-
-def _assert_policy_logprobs(model, prompts, out, sp):
-    """Each emitted token's log-prob is the policy's under the sampling distribution."""
-    for c in out:
-        prompt = prompts[c.prompt_index]
-        with torch.no_grad():
-            logits = model.logits(model(torch.tensor([prompt + c.token_ids])))[0]
-        logp = sampling_logprobs(logits[len(prompt) - 1 : -1], sp)
-        want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-        assert torch.isfinite(want).all(), "a token outside the top-k / top-p set was emitted"
-        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
 
 
 @pytest.fixture
