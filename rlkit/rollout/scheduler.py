@@ -309,17 +309,31 @@ class Run:
         """num[b] >= 1 new tokens per running slot: the first num[b] of tokens[b], logp[b]
         [B, T]; num_host is num on the host. No host sync: every position is written (past
         num[b] into the scratch columns beyond the row's count)."""
-        B, T = tokens.shape
-        steps = torch.arange(T, device=self.device)
-        valid = steps[None, :] < num[:, None]  # [B, T]
-        cols = self.count_dev[:B, None] + steps  # [B, T]
-        rows = self.seq_dev[:B, None].expand(B, T)
-        self.out_tokens[rows, cols] = tokens
-        self.out_logprobs[rows, cols] = logp
-        self.done[:B] |= (torch.isin(tokens, self.stop_ids) & valid).any(dim=1)
+        B = tokens.shape[0]
+        self.write_out(tokens, logp, num, self.seq_dev[:B], self.count_dev[:B])
         self.last[:B] = tokens.gather(1, (num - 1)[:, None])[:, 0]
         self.count_dev[:B] += num
         self.count += num_host
+
+    def write_out(
+        self,
+        tokens: torch.Tensor,
+        logp: torch.Tensor,
+        num: torch.Tensor,
+        seqs: torch.Tensor,
+        start: torch.Tensor,
+    ) -> None:
+        """Row b's tokens and log-probs [B, T] into sequence seqs[b]'s outputs from column
+        start[b], all T of them (past num[b]: scratch the row's next step overwrites), and
+        `done` for a stop id among its first num[b]. No host sync."""
+        B, T = tokens.shape
+        steps = torch.arange(T, device=self.device)
+        cols = start[:, None] + steps  # [B, T]
+        rows = seqs[:, None].expand(B, T)
+        self.out_tokens[rows, cols] = tokens
+        self.out_logprobs[rows, cols] = logp
+        valid = steps[None, :] < num[:, None]
+        self.done[:B] |= (torch.isin(tokens, self.stop_ids) & valid).any(dim=1)
 
     # -- retirement ------------------------------------------------------------------------
 

@@ -329,8 +329,8 @@ class SyncFreeSpecStep:
         B, st = len(run.seq), self.g.state
         pad = self.g.bucket(B)
         if run.params.temperature > 0:
-            u = torch.rand(B, self.k + 1, generator=run.gen, dtype=torch.float64, device=run.device)
-            st["u"][:B].copy_(u)
+            # Drawn straight into the step's buffer: the draws `SpecStep` makes.
+            torch.rand(B, self.k + 1, generator=run.gen, dtype=torch.float64, out=st["u"][:B])
         # What the step advances (put back after a capture's warm-up run).
         self.g.restore = [
             self.count, self.last, run.cache.lengths_on_device(run.cache.num_slots), st["counts"],
@@ -339,17 +339,11 @@ class SyncFreeSpecStep:
         emitted, logp, num, active = self.g.run(pad, lambda: self._device_step(run, pad))
         # Into the run's outputs (per call, so outside the graph): rows with nothing to emit
         # write to the scratch row.
-        # Only rows 0..B-1 can be active.
+        # Only rows 0..B-1 can be active; the counts were advanced inside the step.
         emitted, logp, num, active = emitted[:B], logp[:B], num[:B], active[:B]
-        T = emitted.shape[1]
-        steps = torch.arange(T, device=run.device)
-        count0 = torch.where(active, run.count_dev[:B] - num, 0)
-        cols = count0[:, None] + steps
-        seqs = torch.where(active, run.seq_dev[:B], run.scratch_row)[:, None].expand(B, T)
-        run.out_tokens[seqs, cols] = emitted
-        run.out_logprobs[seqs, cols] = logp
-        valid = steps[None, :] < num[:, None]
-        run.done[:B] |= (torch.isin(emitted, run.stop_ids) & valid).any(dim=1)
+        seqs = torch.where(active, run.seq_dev[:B], run.scratch_row)
+        start = torch.where(active, run.count_dev[:B] - num, 0)
+        run.write_out(emitted, logp, num, seqs, start)
         run.count += 1  # a lower bound until `sync`
         self.steps += 1
 
