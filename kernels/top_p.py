@@ -26,7 +26,9 @@ searches the floor among the row's own values: it reads the row once for its max
 finite logit, once for the softmax total Z, then bisects over the float32 values between them
 (ordered as integers: a float's bits, the negative ones' magnitude bits flipped), one pass per
 step summing exp(x - max) over x > t, keeping M(hi) < top_p Z <= M(lo), until hi and lo are
-adjacent floats; hi is then a logit of the row and the floor. At most 32 steps, each a pass
+adjacent floats; hi is then a logit of the row and the floor (with `ways` W > 2, each pass
+tests W - 1 values at once and keeps the bracket between the last whose mass above still
+reaches top_p Z and the next: W-fold a pass). At most 32 steps, each a pass
 over the row (from L2 while the batch's rows fit there: 64 rows of 49,152 float32 are 12.6 MB);
 on the H200 that is still 3.4x (64 rows) to 4.3x (256 rows) faster than the sort. The sums run
 in float32 in another order than the sort's cumulative sum, so the two can differ only where
@@ -82,7 +84,7 @@ if HAS_TRITON:
         return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _top_p_floor_kernel(X, Out, stride_x, V, top_p, BLOCK: tl.constexpr):
+    def _top_p_floor_kernel(X, Out, stride_x, V, top_p, BLOCK: tl.constexpr, WAYS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = X + row * stride_x
         offs = tl.arange(0, BLOCK)
@@ -104,21 +106,40 @@ if HAS_TRITON:
         # M(value(hi)) < target <= M(value(lo)): M(max) = 0; below the least logit, M = Z.
         hi = _key(m).to(tl.int64)
         lo = _key(least).to(tl.int64) - 1
+        # Each pass tests WAYS - 1 keys spread over (lo, hi) (entry 0 is lo itself) and keeps
+        # the bracket between the last one whose mass above reaches the target and the next:
+        # the bracket shrinks WAYS-fold a pass (WAYS = 2: bisection).
+        ways = tl.arange(0, WAYS).to(tl.int64)
         while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            t = _value(mid)
-            acc = tl.zeros([BLOCK], tl.float32)
+            mids = lo + ((hi - lo) * ways) // WAYS  # [WAYS], non-decreasing
+            t = _value(mids)
+            mass = tl.zeros([WAYS, BLOCK], tl.float32)
             for start in range(0, V, BLOCK):
                 x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf"))
-                acc += tl.where(x > t, tl.exp(x - m), 0.0)
-            above = tl.sum(acc, 0)
-            hi = tl.where(above < target, mid, hi)
-            lo = tl.where(above < target, lo, mid)
+                e = tl.exp(x - m)[None, :]
+                mass += tl.where(x[None, :] > t[:, None], e, 0.0)
+            above = tl.sum(mass, 1)  # [WAYS], non-increasing: sums of nested subsets
+            reach = above >= target
+            # Entry 0 (lo) always reaches; `hi` is the first test that does not, if any.
+            lo = tl.max(tl.where(reach, mids, lo), 0)
+            hi = tl.min(tl.where(reach, hi, mids), 0)
         tl.store(Out + row, _value(hi))
 
 
-def top_p_floor_triton(scaled: torch.Tensor, top_p: float, *, block: int = 2048) -> torch.Tensor:
-    """The kernel (module docstring); `block`: columns a program reads per iteration."""
+# The kernel's setting on the GPU path: bisection with 2,048 columns an iteration is what
+# the H200 measured (2026-11-30). `ways` = 16 (up to ~8 passes over a row instead of ~32,
+# each summing 15 masses at once) is tested under the interpreter and compiles for sm_90, but
+# its time is not measured yet: `benchmarks/bench_top_p.py --ways 2,16` decides.
+BLOCK, WAYS = 2048, 2
+
+
+def top_p_floor_triton(
+    scaled: torch.Tensor, top_p: float, *, block: int = BLOCK, ways: int = WAYS
+) -> torch.Tensor:
+    """The kernel (module docstring); `block`: columns a program reads per iteration; `ways`
+    (a power of two >= 2): keys tested a pass (2: bisection)."""
+    if ways < 2 or ways & (ways - 1):
+        raise ValueError(f"ways must be a power of two >= 2, got {ways}")
     if not HAS_TRITON:
         raise RuntimeError("top_p_floor_triton needs triton, which is not importable")
     _check(scaled, top_p)
@@ -127,7 +148,7 @@ def top_p_floor_triton(scaled: torch.Tensor, top_p: float, *, block: int = 2048)
     if N == 0:
         return out
     _top_p_floor_kernel[(N,)](scaled, out, scaled.stride(0), V, float(top_p), BLOCK=block,
-                              num_warps=8)  # fmt: skip
+                              WAYS=ways, num_warps=8)  # fmt: skip
     return out
 
 

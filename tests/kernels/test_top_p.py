@@ -46,23 +46,29 @@ def make_rows(case: tuple, seed: int, device: str = "cpu") -> torch.Tensor:
     return x.to(device)
 
 
+# Keys tested a pass: bisection, and the default multi-way search.
+WAYS = (2, 16)
+
+
 def run_cases(device: str) -> dict[str, dict]:
     results = {}
-    for i, (name, case) in enumerate(CASES.items()):
-        x = make_rows(case, seed=i, device=device)
-        try:
-            got = tp.top_p_floor_triton(x, case[3], block=case[4])
-        except Exception as e:  # reported per case by the parent
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        want = tp.top_p_floor_reference(x, case[3])
-        kept = (x >= got).sum(dim=1)
-        results[name] = {
-            "got": got[:, 0].tolist(),
-            "want": want[:, 0].tolist(),
-            "kept_min": int(kept.min()),
-            "shape_ok": tuple(got.shape) == (x.shape[0], 1),
-        }
+    for i, (case_name, case) in enumerate(CASES.items()):
+        for ways in WAYS:
+            name = f"{case_name}-ways{ways}"
+            x = make_rows(case, seed=i, device=device)
+            try:
+                got = tp.top_p_floor_triton(x, case[3], block=case[4], ways=ways)
+            except Exception as e:  # reported per case by the parent
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            want = tp.top_p_floor_reference(x, case[3])
+            kept = (x >= got).sum(dim=1)
+            results[name] = {
+                "got": got[:, 0].tolist(),
+                "want": want[:, 0].tolist(),
+                "kept_min": int(kept.min()),
+                "shape_ok": tuple(got.shape) == (x.shape[0], 1),
+            }
     return results
 
 
@@ -78,7 +84,7 @@ def interpreted_results() -> dict[str, dict]:
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [f"{c}-ways{w}" for c in CASES for w in WAYS])
 def test_triton_interpreted_matches_the_sort(name, interpreted_results):
     _check_result(name, interpreted_results[name])
 
@@ -111,6 +117,12 @@ def test_bad_arguments_raise_value_error(x, top_p, match):
         tp.top_p_floor(x, top_p)
 
 
+@pytest.mark.skipif(not tp.HAS_TRITON, reason="needs triton")
+def test_ways_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        tp.top_p_floor_triton(torch.zeros(2, 3), 0.5, ways=3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and tp.HAS_TRITON), reason="needs CUDA")
 def test_triton_on_gpu_matches_the_sort():
@@ -119,7 +131,10 @@ def test_triton_on_gpu_matches_the_sort():
         _check_result(name, res)
     # SmolLM2's vocabulary, a verify step's rows.
     x = make_rows((256, 49152, "peaked", 0.7, 2048), seed=9, device="cuda")
-    assert torch.equal(tp.top_p_floor(x, 0.7), tp.top_p_floor_reference(x, 0.7))
+    want = tp.top_p_floor_reference(x, 0.7)
+    assert torch.equal(tp.top_p_floor(x, 0.7), want)
+    for ways in (2, 4, 32):
+        assert torch.equal(tp.top_p_floor_triton(x, 0.7, ways=ways), want), ways
 
 
 if __name__ == "__main__":
