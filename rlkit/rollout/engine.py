@@ -131,7 +131,10 @@ class Engine:
     sequences the call could decode at once: its cache's slots in use, `admitted`),
     concurrent_seqs_max (the most that did run at once); speculative calls add
     spec/accept_len_mean, spec/accept_rate, spec/drafted_per_step, spec/draft_ms,
-    spec/verify_steps (`steps.SpecStep.stats`).
+    spec/verify_steps (`steps.SpecStep.stats`); time_total_s, time_admit_s, time_decode_s,
+    time_retire_s (the call's wall seconds and their split: admission with its prefills,
+    decode stretches each ending in the host's read of the device, retires) and decode_rounds
+    (admit / decode / retire rounds).
     """
 
     def __init__(

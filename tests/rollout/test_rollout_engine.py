@@ -475,3 +475,14 @@ def test_a_stopped_sequence_is_retired_after_sync_every_steps(make_engine, promp
     assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
     # Stopped at decode step 1 (token 2): retired once sync_every steps have run.
     assert retires == [1]
+
+
+def test_stats_split_the_call_s_wall_time(make_engine, prompts):
+    engine = make_engine(sync_every=2)
+    engine.generate(prompts, SamplingParams(max_new_tokens=20, stop=["\x00never"], **GREEDY))
+    st = engine.stats
+    parts = [st[f"time_{k}_s"] for k in ("admit", "decode", "retire")]
+    assert all(p > 0 for p in parts)
+    assert sum(parts) <= st["time_total_s"] <= sum(parts) + 0.5
+    # One admission round, then a retire every sync_every = 2 of the 19 decode steps.
+    assert st["decode_rounds"] == 10
