@@ -113,6 +113,8 @@ RULES: dict[str, Check | None] = {
     "rollout.speculative.sam_static": None,
     "rollout.speculative.mtp_vocab": in_range(0, 10_000_000),
     "rollout.speculative.max_batch": in_range(0, 1_000_000),
+    "rollout.speculative.tail_rows": in_range(0, 1_000_000),
+    "rollout.speculative.tail_draft_tokens": in_range(0, 16),  # >= num_draft_tokens: below
     "rollout.vllm.python": optional(executable),
     "rollout.vllm.gpu_memory_utilization": in_range(0, 1, low_open=True),
     "rollout.vllm.sleep_between_steps": None,
@@ -293,6 +295,9 @@ def _speculative_fits(cfg: RecipeConfig) -> None:
         )
     if spec.drafter == "none":
         return
+    tail = spec.tail_problem()
+    if tail is not None:
+        raise Invalid(tail[1], key=f"rollout.speculative.{tail[0]}")
     if cfg.rollout.engine != "native":
         raise Invalid(
             "needs rollout.engine: native (the vLLM backend drafts with its own settings)",

@@ -183,6 +183,46 @@ class SpeculativeConfig:
     # plain steps, and the drafts start once few sequences are left, the long tail that
     # decides when a rollout ends.
     max_batch: int = 0
+    # A longer draft in the tail: while at most `tail_rows` sequences decode (0: off), each
+    # drafts up to `tail_draft_tokens` (>= num_draft_tokens) instead. On a GPU a verify step
+    # over a few rows costs about the same at k = 3 and k = 12 (it is bound by launches and
+    # weight reads, not by its tokens), and the last few sequences decide when a rollout
+    # ends: where their text repeats (SAM's matches run long) a longer draft ends it sooner.
+    tail_rows: int = 0
+    tail_draft_tokens: int = 0
+
+    def tail_problem(self) -> tuple[str, str] | None:
+        """(key, what is wrong) when the tail setting cannot be honoured, else None."""
+        if self.tail_rows > 0 and self.tail_draft_tokens == 0:
+            return (
+                "tail_rows",
+                f"({self.tail_rows}) needs tail_draft_tokens, the draft length in the tail "
+                f"(>= num_draft_tokens, {self.num_draft_tokens})",
+            )
+        if self.tail_rows > 0 and self.tail_draft_tokens < self.num_draft_tokens:
+            return (
+                "tail_draft_tokens",
+                f"must be >= num_draft_tokens ({self.num_draft_tokens}) when tail_rows is set "
+                f"(tail_rows {self.tail_rows}), got {self.tail_draft_tokens}",
+            )
+        if self.tail_rows == 0 and self.tail_draft_tokens > 0:
+            return (
+                "tail_draft_tokens",
+                f"({self.tail_draft_tokens}) applies only with tail_rows > 0: the most "
+                "sequences decoding at once for the longer draft",
+            )
+        return None
+
+    def draft_tokens(self, rows: int) -> int:
+        """The draft length while `rows` sequences decode."""
+        if self.tail_rows and rows <= self.tail_rows:
+            return self.tail_draft_tokens
+        return self.num_draft_tokens
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """The longest draft any step makes (what caches and drafters are sized for)."""
+        return max(self.num_draft_tokens, self.tail_draft_tokens if self.tail_rows else 0)
 
 
 @dataclass

@@ -203,6 +203,9 @@ class Engine:
                 raise ValueError("speculative.num_draft_tokens must be >= 1")
             if self.speculative.max_batch < 0:
                 raise ValueError("speculative.max_batch must be >= 0 (0: always speculate)")
+            tail = self.speculative.tail_problem()
+            if tail is not None:
+                raise ValueError(f"speculative.{tail[0]} {tail[1]}")
             if self.compression is not None and self.compression.policy == "h2o":
                 raise ValueError(
                     "speculative decoding does not combine with the h2o policy: its accumulated "
@@ -390,7 +393,7 @@ class Engine:
             raise ValueError(f"a prompt has {longest} tokens; max_seq_len is {self.max_seq_len}")
         spec = self.speculative or SpeculativeConfig()
         name = spec.drafter if drafter is None else drafter
-        k = spec.num_draft_tokens if name != "none" else 0
+        k = spec.max_draft_tokens if name != "none" else 0
         run = Run(self, prompts, params, n, self.compression if compress else None, lookahead=k)
         step: DecodeStep = PlainStep()
         if name != "none":
@@ -410,7 +413,7 @@ class Engine:
                 on_device() if on_device and run.graphs and run.cache.device_lengths else None
             )
             if device_drafter is not None:
-                step = SyncFreeSpecStep(run, device_drafter, k, spec.max_batch)
+                step = SyncFreeSpecStep(run, device_drafter, spec.draft_tokens, spec.max_batch)
             else:
-                step = SpecStep(host_drafter, k, spec.max_batch)
+                step = SpecStep(host_drafter, spec.draft_tokens, spec.max_batch)
         return run.execute(step)

@@ -145,12 +145,17 @@ class SpecStep:
     per row and draws it from the policy's distribution as a plain step does, and the drafter
     still observes every token (the MTP module runs its catch-up block over it), so drafting
     resumes where the batch has shrunk.
+
+    num_draft_tokens: k, or a function of the rows running to k
+    (`SpeculativeConfig.draft_tokens`: a longer draft in the tail); the drafter is sized for
+    the largest.
     """
 
     exact_counts = True
 
-    def __init__(self, drafter: Drafter, num_draft_tokens: int, max_batch: int = 0):
-        self.drafter, self.k, self.max_batch = drafter, num_draft_tokens, max_batch
+    def __init__(self, drafter: Drafter, num_draft_tokens: DraftLength, max_batch: int = 0):
+        self.drafter, self.max_batch = drafter, max_batch
+        self.k_for = _draft_length(num_draft_tokens)
         self.plain_steps = 0
         self.steps = self.seq_steps = self.emitted = self.drafted = self.accepted = 0
         self.draft_seconds = 0.0
@@ -172,7 +177,8 @@ class SpecStep:
 
     def step(self, run: Run) -> None:
         B, dev, params = len(run.seq), run.device, run.params
-        room = np.minimum(self.k, run.limit - run.count - 1)  # the last token is the verifier's
+        k = self.k_for(B)
+        room = np.minimum(k, run.limit - run.count - 1)  # the last token is the verifier's
         bound = run.cache.draft_room(B)
         if bound is not None:
             room = np.minimum(room, bound)
@@ -194,7 +200,7 @@ class SpecStep:
             self.plain_steps += 1
             return
         if run.graphs is not None:
-            width = self.k  # one graph per bucket serves every drafting step
+            width = k  # one graph per (bucket, k) serves every drafting step
         T = width + 1
         tokens = torch.cat([run.last[:B, None], draft.tokens[:, :width]], dim=1)  # [B, T]
         num = to_device(draft.num, dev)
@@ -203,8 +209,8 @@ class SpecStep:
         if params.temperature == 0:
             u = torch.zeros(B, T, dtype=torch.float64, device=dev)
         else:
-            u = torch.rand(B, self.k + 1, generator=run.gen, dtype=torch.float64, device=dev)
-            u = torch.cat([u[:, :width], u[:, self.k :]], dim=1)  # [B, T]
+            u = torch.rand(B, k + 1, generator=run.gen, dtype=torch.float64, device=dev)
+            u = torch.cat([u[:, :width], u[:, k:]], dim=1)  # [B, T]
         q = None if draft.probs is None else draft.probs[:, :width]
         if run.graphs is not None:
             fed = (tokens, num, u) if q is None else (tokens, num, u, q)
@@ -241,6 +247,16 @@ class SpecStep:
         )  # fmt: skip
 
 
+DraftLength = int | Callable[[int], int]
+
+
+def _draft_length(k: DraftLength) -> Callable[[int], int]:
+    """The draft length as a function of the rows running."""
+    if callable(k):
+        return k
+    return lambda rows: k
+
+
 def _spec_stats(
     rows: int, emitted: int, drafted: int, accepted: int, draft_ms: float, verify: int, plain: int
 ) -> dict[str, float]:
@@ -275,7 +291,9 @@ class SyncFreeSpecStep:
 
     Rows that draft nothing still feed k + 1 tokens and keep only the verifier's token, which
     is the policy's own sample: the output distribution is the policy's as in `SpecStep`.
-    Greedy output equals `SpecStep`'s with the same drafter token for token.
+    Greedy output equals `SpecStep`'s with the same drafter token for token. With a draft
+    length that depends on the rows running (`num_draft_tokens` a function, as `SpecStep`'s)
+    there is one graph per (bucket, k).
 
     The state the graphs read and write lives with the cache's decode graphs (`state`, per
     sampling setting and drafter key): the run's `last` and `count_dev`
@@ -285,10 +303,13 @@ class SyncFreeSpecStep:
 
     exact_counts = False
 
-    def __init__(self, run: Run, drafter: DeviceDrafter, num_draft_tokens: int, max_batch: int = 0):
+    def __init__(
+        self, run: Run, drafter: DeviceDrafter, num_draft_tokens: DraftLength, max_batch: int = 0
+    ):
         graphs = run.graphs
         assert graphs is not None and run.cache.device_lengths
-        self.drafter, self.k, self.max_batch = drafter, num_draft_tokens, max_batch
+        self.drafter, self.max_batch = drafter, max_batch
+        self.k_for = _draft_length(num_draft_tokens)
         p = run.params
         key = ("sync-free", p.temperature, p.top_p, p.top_k, max_batch, *drafter.key)
         if key not in graphs.extra:
@@ -299,7 +320,6 @@ class SyncFreeSpecStep:
         if "limit" not in st:
             st["limit"] = torch.zeros(slots, dtype=torch.long, device=dev)
             st["nrows"] = torch.zeros(1, dtype=torch.long, device=dev)
-            st["u"] = torch.zeros(slots, num_draft_tokens + 1, dtype=torch.float64, device=dev)
             # Rows stepped, tokens emitted, drafted, accepted.
             st["counts"] = torch.zeros(4, dtype=torch.long, device=dev)
         drafter.bind(st, slots, run.cache.max_len, dev)
@@ -327,16 +347,19 @@ class SyncFreeSpecStep:
 
     def step(self, run: Run) -> None:
         B, st = len(run.seq), self.g.state
-        pad = self.g.bucket(B)
+        pad, k = self.g.bucket(B), self.k_for(B)
+        u = f"u{k}"  # the step's uniforms [slots, k + 1]
+        if u not in st:
+            st[u] = torch.zeros(run.cache.num_slots, k + 1, dtype=torch.float64, device=run.device)
         if run.params.temperature > 0:
             # Drawn straight into the step's buffer: the draws `SpecStep` makes.
-            torch.rand(B, self.k + 1, generator=run.gen, dtype=torch.float64, out=st["u"][:B])
+            torch.rand(B, k + 1, generator=run.gen, dtype=torch.float64, out=st[u][:B])
         # What the step advances (put back after a capture's warm-up run).
         self.g.restore = [
             self.count, self.last, run.cache.lengths_on_device(run.cache.num_slots), st["counts"],
             *self.drafter.mutated(),
         ]  # fmt: skip
-        emitted, logp, num, active = self.g.run(pad, lambda: self._device_step(run, pad))
+        emitted, logp, num, active = self.g.run((pad, k), lambda: self._device_step(run, pad, k))
         # Into the run's outputs (per call, so outside the graph): rows with nothing to emit
         # write to the scratch row.
         # Only rows 0..B-1 can be active; the counts were advanced inside the step.
@@ -347,21 +370,22 @@ class SyncFreeSpecStep:
         run.count += 1  # a lower bound until `sync`
         self.steps += 1
 
-    def _device_step(self, run: Run, pad: int) -> tuple[torch.Tensor, ...]:
-        """One step of slots 0..pad-1 on the device (captured): returns the emitted tokens
-        and log-probs [pad, k + 1], the counts emitted [pad] and which rows emitted [pad]."""
-        st, k, cache = self.g.state, self.k, run.cache
+    def _device_step(self, run: Run, pad: int, k: int) -> tuple[torch.Tensor, ...]:
+        """One step of slots 0..pad-1 drafting up to k tokens a row on the device (captured):
+        returns the emitted tokens and log-probs [pad, k + 1], the counts emitted [pad] and
+        which rows emitted [pad]."""
+        st, cache = self.g.state, run.cache
         count, limit = self.count[:pad], st["limit"][:pad]
         active = count < limit
         room = torch.where(active, (limit - count - 1).clamp(min=0, max=k), 0)
         if self.max_batch:
             room = torch.where(st["nrows"] <= self.max_batch, room, 0)
-        drafts, dnum = self.drafter.propose(pad, room)
-        tokens = torch.cat([self.last[:pad, None], drafts], dim=1)  # [pad, k + 1]
+        drafts, dnum = self.drafter.propose(pad, room)  # [pad, the drafter's k >= k]
+        tokens = torch.cat([self.last[:pad, None], drafts[:, :k]], dim=1)  # [pad, k + 1]
         positions = cache.begin_decode_device(active, k + 1)
         hidden = run.model.forward_cached(tokens, positions, cache)
         emitted, logp, accepted = verify_rows(
-            run.model, hidden, tokens, dnum, st["u"][:pad], None, run.params, run.sample_rows
+            run.model, hidden, tokens, dnum, st[f"u{k}"][:pad], None, run.params, run.sample_rows
         )
         num = torch.where(active, accepted + 1, 0)
         cache.advance_device(num)
@@ -396,22 +420,23 @@ class _SyncFreeGraphs:
     def __init__(self, capture: bool, bucket_sizes: list[int]):
         self.capture, self.buckets = capture, bucket_sizes
         self.state: dict[str, torch.Tensor] = {}
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.restore: list[torch.Tensor] = []
-        self.steps: dict[int, int] = {}  # steps run per bucket
+        self.steps: dict[tuple[int, int], int] = {}  # steps run per (bucket, k)
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def run(self, pad: int, fn: Callable[[], Any]) -> Any:
-        """fn() for bucket pad: replayed from its graph (captured on first use), or eagerly."""
-        self.steps[pad] = self.steps.get(pad, 0) + 1
+    def run(self, key: tuple[int, int], fn: Callable[[], Any]) -> Any:
+        """fn() for key (bucket, k): replayed from its graph (captured on first use), or
+        eagerly."""
+        self.steps[key] = self.steps.get(key, 0) + 1
         if not self.capture:
             return fn()
-        if pad not in self.graphs:
-            self.graphs[pad] = self._capture(fn)
-        graph, out = self.graphs[pad]
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(fn)
+        graph, out = self.graphs[key]
         graph.replay()
         return out
 

@@ -111,6 +111,25 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
             "sam or sam+mtp",
         ),
         (
+            ["rollout.speculative.drafter=sam", "rollout.speculative.tail_rows=4"],
+            "rollout.speculative.tail_rows",
+            "needs tail_draft_tokens",
+        ),
+        (
+            [
+                "rollout.speculative.drafter=sam",
+                "rollout.speculative.tail_rows=4",
+                "rollout.speculative.tail_draft_tokens=2",
+            ],
+            "rollout.speculative.tail_draft_tokens",
+            ">= num_draft_tokens (3)",
+        ),
+        (
+            ["rollout.speculative.drafter=sam", "rollout.speculative.tail_draft_tokens=8"],
+            "rollout.speculative.tail_draft_tokens",
+            "only with tail_rows > 0",
+        ),
+        (
             ["rollout.speculative.num_draft_tokens=0"],
             "rollout.speculative.num_draft_tokens",
             "[1, 16]",

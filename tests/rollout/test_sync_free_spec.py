@@ -18,11 +18,12 @@ from rlkit.rollout.sam import corpus_automaton
 
 @pytest.fixture
 def make(tiny_dirs):
-    def make(arch="llama", k=3, graphs=True, max_batch=0, **kwargs):
+    def make(arch="llama", k=3, graphs=True, max_batch=0, tail=(0, 0), **kwargs):
         model, tok = load_model(tiny_dirs[arch])
         spec = SpeculativeConfig(
-            drafter="sam", num_draft_tokens=k, sam_min_match=2, max_batch=max_batch
-        )
+            drafter="sam", num_draft_tokens=k, sam_min_match=2, max_batch=max_batch,
+            tail_rows=tail[0], tail_draft_tokens=tail[1],
+        )  # fmt: skip
         # cpu_kernels=False: the fused C step would take precedence over padded steps.
         kwargs.setdefault("cpu_kernels", False)
         return Engine(
@@ -44,7 +45,9 @@ def test_greedy_output_equals_plain_and_host_drafted_decoding(make, prompts, arc
     out = engine.generate(prompts, sp, n=2)
     st = engine.stats
     (g,) = _sync_free(engine)
-    assert set(g.steps) <= {1, 2, 3} and len(g.steps) > 1  # the buckets as the batch drains
+    # The buckets as the batch drains, one draft length.
+    assert {p for p, _ in g.steps} <= {1, 2, 3} and len(g.steps) > 1
+    assert {k for _, k in g.steps} == {3}
     assert st["spec/verify_steps"] == sum(g.steps.values()) > 0 and st["spec/plain_steps"] == 0
     _same(out, engine.generate(prompts, sp, n=2, drafter="none"))
     host = make(arch, graphs=False, max_batch_size=3, sync_every=2)
@@ -84,6 +87,43 @@ def test_max_batch_drafts_only_in_the_tail(make, prompts):
     _same(out, always.generate(prompts, sp, n=2))
     assert 0 < drafted < always.stats["spec/drafted_per_step"]
     _same(out, tail.generate(prompts, sp, n=2, drafter="none"))
+
+
+def test_a_longer_draft_in_the_tail(make, prompts):
+    """tail_rows / tail_draft_tokens: k = 2 while more than 2 sequences run, 6 after; one graph
+    per (bucket, k); greedy output still plain decoding's and the host-drafted step's with the
+    same setting."""
+    sp = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=[17, 99])
+    tail = make(k=2, tail=(2, 6), max_batch_size=4, sync_every=2)
+    out = tail.generate(prompts, sp, n=2)
+    drafted = tail.stats["spec/drafted_per_step"]
+    (g,) = _sync_free(tail)
+    assert {(p, k) for p, k in g.steps if k == 6} and all(
+        (k == 6) == (p <= 2) for p, k in g.steps
+    ), g.steps
+    _same(out, tail.generate(prompts, sp, n=2, drafter="none"))
+    host = make(k=2, tail=(2, 6), graphs=False, max_batch_size=4, sync_every=2)
+    _same(out, host.generate(prompts, sp, n=2))
+    plain_k = make(k=2, max_batch_size=4, sync_every=2)
+    plain_k.generate(prompts, sp, n=2)
+    # The tail's rows draft further (the greedy text loops, so SAM's drafts run long).
+    assert drafted > plain_k.stats["spec/drafted_per_step"]
+    host_k = make(k=2, graphs=False, max_batch_size=4, sync_every=2)
+    host_k.generate(prompts, sp, n=2)
+    assert host.stats["spec/drafted_per_step"] > host_k.stats["spec/drafted_per_step"]
+
+
+def test_the_tail_setting_samples_the_policy(make, reference, prompts):
+    sp = SamplingParams(max_new_tokens=16, seed=5, temperature=1.0, top_p=0.9)
+    engine = make("qwen3", k=2, tail=(3, 5), max_batch_size=4, sync_every=3)
+    out = engine.generate(prompts, sp, n=2)
+    _assert_policy_logprobs(reference("qwen3"), prompts, out, sp)
+    (g,) = _sync_free(engine)
+    assert {k for _, k in g.steps} == {2, 5}
+    _same(
+        out,
+        make("qwen3", k=2, tail=(3, 5), max_batch_size=4, sync_every=3).generate(prompts, sp, n=2),
+    )
 
 
 @pytest.mark.parametrize(
@@ -142,7 +182,9 @@ def test_cuda_graph_steps_equal_host_drafting_and_never_sync(tiny_dirs, prompts,
 
     def engine(graphs):
         model, tok = load_model(tiny_dirs["llama"])
-        spec = SpeculativeConfig(drafter="sam", num_draft_tokens=3, sam_min_match=2)
+        spec = SpeculativeConfig(
+            drafter="sam", num_draft_tokens=3, sam_min_match=2, tail_rows=2, tail_draft_tokens=6
+        )
         return Engine(
             model.cuda(), tok, dtype=torch.float32, speculative=spec, cuda_graphs=graphs,
             max_batch_size=4, sync_every=3,
@@ -152,7 +194,7 @@ def test_cuda_graph_steps_equal_host_drafting_and_never_sync(tiny_dirs, prompts,
     fast = engine(True)
     out = fast.generate(prompts, sp, n=2)
     (g,) = _sync_free(fast)
-    assert g.capture and g.graphs
+    assert g.capture and {k for _, k in g.graphs} == {3, 6}  # a longer draft in the tail
     _same(out, engine(False).generate(prompts, sp, n=2), atol=1e-4)
     step = steps.SyncFreeSpecStep.step
 
