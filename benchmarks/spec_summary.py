@@ -98,6 +98,8 @@ def _gpu(args: argparse.Namespace) -> dict:
                 "device": device,
                 "drafter": _drafter(run),
                 "num_draft_tokens": _speculative(run).get("num_draft_tokens"),
+                "tail_rows": _speculative(run).get("tail_rows", 0),
+                "tail_draft_tokens": _speculative(run).get("tail_draft_tokens", 0),
                 "run": run,
                 "accept_len_mean": statistics.mean(accept) if accept else None,
                 "rollout_seconds_dense": dense,
@@ -111,6 +113,7 @@ def _gpu(args: argparse.Namespace) -> dict:
         "records": records,
         "best": best["drafter"],
         "best_num_draft_tokens": best["num_draft_tokens"],
+        "best_tail": [best["tail_rows"], best["tail_draft_tokens"]],
         "dense_run": args.dense,
     }
     _write(args.out, summary)

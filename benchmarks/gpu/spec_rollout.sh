@@ -8,8 +8,10 @@
 # Needs SmolLM2 and Ray carried (../shared/tools/device-carry). DRAFTERS picks the runs
 # (default "sam": no MTP module needed); "sam+mtp" / "mtp" need MTP_FROM=DIR (a directory
 # with mtp.safetensors, e.g. from benchmarks/gpu/mtp_warmup.sh in the same call). STEPS
-# (default 6) per run; KS (default "3"): the draft lengths k to run each drafter at. The
-# learner trains as usual: only the rollouts differ.
+# (default 6) per run; KS (default "3"): the draft lengths k to run each drafter at; TAILS
+# (default "0:0"): rollout.speculative.tail_rows:tail_draft_tokens settings to run each k at
+# (e.g. "0:0 8:12": also a 12-token draft once at most 8 sequences run). The learner trains
+# as usual: only the rollouts differ.
 source benchmarks/gpu/setup.sh
 steps=${STEPS:-6}
 common="rollout.kv_compression.policy=none train.steps=$steps train.eval_every=0 data.num_eval=8
@@ -21,10 +23,12 @@ fi
 runs=""
 for run in none ${DRAFTERS:-sam}; do
  for k in $([ "$run" = none ] && echo 0 || echo ${KS:-3}); do
+ for tail in $([ "$run" = none ] && echo 0:0 || echo ${TAILS:-0:0}); do
   drafter=$run
   name=spec_rollout_${drafter/+/_}
   [ "$drafter" = none ] || name=${name}_k$k
-  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: 2, mtp_vocab: 8192}"
+  [ "$tail" = 0:0 ] || name=${name}_t${tail/:/x}
+  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: 2, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}}"
   [ "$drafter" = none ] && spec=""
   start=$(date +%s)
   python3 -m rlkit.cli train recipes/sparse_rl_long.yaml model.path=$model $common \
@@ -33,6 +37,7 @@ for run in none ${DRAFTERS:-sam}; do
   mkdir -p $OUT/$name
   for f in summary.json metrics.jsonl config.yaml; do cp /tmp/runs/$name/$f $OUT/$name/ 2>/dev/null; done
   [ "$drafter" = none ] || runs="$runs /tmp/runs/$name"
+ done
  done
 done
 python3 benchmarks/spec_summary.py gpu --dense /tmp/runs/spec_rollout_none --spec $runs \
