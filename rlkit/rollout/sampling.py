@@ -43,11 +43,15 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def sampling_logprobs(
+    logits: torch.Tensor, params: SamplingParams, need: torch.Tensor | None = None
+) -> torch.Tensor:
     """Log-probabilities [N, V] of the distribution tokens are drawn from.
 
     Temperature first, then top-k, then top-p (Hugging Face's order); masked tokens get -inf.
-    Greedy decoding reports the temperature-1 distribution.
+    Greedy decoding reports the temperature-1 distribution. need [N] bool: the rows the caller
+    reads (None: all); the others skip top-p (`rlkit.kernels.top_p`: the nucleus search is
+    most of the cost), so their values are not the distribution.
     """
     if params.temperature == 0:
         return torch.log_softmax(logits.float(), dim=-1)
@@ -57,7 +61,8 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]  # [N, 1]
         scaled.masked_fill_(scaled < kth, float("-inf"))
     if params.top_p < 1:
-        scaled.masked_fill_(scaled < _top_p_floor(scaled, params.top_p), float("-inf"))
+        floor = _top_p_floor(scaled, params.top_p, need)
+        scaled.masked_fill_(scaled < floor, float("-inf"))
     return torch.log_softmax(scaled, dim=-1)
 
 
@@ -67,16 +72,18 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 TOP_P_CANDIDATES = 1024
 
 
-def _top_p_floor(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+def _top_p_floor(
+    scaled: torch.Tensor, top_p: float, need: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per row of scaled logits [N, V] (-inf for masked tokens): the least logit the nucleus
     keeps, [N, 1]. The nucleus is the smallest set of most likely tokens whose mass reaches
     top_p (a token is dropped once the mass of those before it already does; the most likely
     always stays), widened to every token tied with its least likely one, so the set does not
     depend on how a sort orders ties. On a GPU: `rlkit.kernels.top_p` (a bisection over each
     row's values, no sort, no host sync). On a CPU, rows whose nucleus lies within the top
-    TOP_P_CANDIDATES tokens never sort the whole row."""
+    TOP_P_CANDIDATES tokens never sort the whole row. Rows `need` leaves out get -inf."""
     if scaled.is_cuda:
-        return top_p_kernels.top_p_floor(scaled, top_p)
+        return top_p_kernels.top_p_floor(scaled, top_p, need)
     probs = torch.softmax(scaled, dim=-1)
     k = min(TOP_P_CANDIDATES, scaled.shape[-1])
     top, idx = torch.topk(probs, k, dim=-1)  # descending
@@ -86,7 +93,7 @@ def _top_p_floor(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
         rows = wide.nonzero()[:, 0]
         full, order = torch.sort(probs[rows], dim=-1, descending=True)
         floor[rows] = top_p_kernels.floor_of_sorted(scaled[rows].gather(-1, order), full, top_p)
-    return floor
+    return top_p_kernels.unneeded(floor, need)
 
 
 def plain_rows(logits: torch.Tensor, params: SamplingParams) -> bool:

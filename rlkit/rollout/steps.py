@@ -65,8 +65,13 @@ def verify_rows(
     their log-probs [B, T] and the kept counts [B]. No host sync: a CUDA graph captures it."""
     B, T = tokens.shape
     flat = hidden.reshape(B * T, -1)
+    # Positions past a row's drafts and the next are never read: no nucleus search there.
+    need = (torch.arange(T, device=num.device) <= num[:, None]).reshape(-1)
     logp = torch.cat(
-        [sampling_logprobs(model.logits(flat[i : i + rows]), params) for i in range(0, B * T, rows)]
+        [
+            sampling_logprobs(model.logits(flat[i : i + rows]), params, need[i : i + rows])
+            for i in range(0, B * T, rows)
+        ]
     ).view(B, T, -1)
     drafts = tokens[:, 1:]
     if params.temperature == 0:

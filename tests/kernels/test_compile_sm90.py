@@ -24,9 +24,14 @@ def _compile(fn, signature: dict, constexprs: dict) -> bytes:
 
 
 @pytest.mark.parametrize("ways, block", [(2, 2048), (16, 512), (32, 512)])
-def test_top_p_floor_kernel_compiles(ways, block):
-    sig = {"X": "*fp32", "Out": "*fp32", "stride_x": "i32", "V": "i32", "top_p": "fp32"}
-    assert _compile(tp._top_p_floor_kernel, sig, {"BLOCK": block, "WAYS": ways})
+@pytest.mark.parametrize("has_need", [False, True])
+def test_top_p_floor_kernel_compiles(ways, block, has_need):
+    sig = {
+        "X": "*fp32", "Out": "*fp32", "Need": "*i1" if has_need else "*fp32", "stride_x": "i32",
+        "V": "i32", "top_p": "fp32",
+    }  # fmt: skip
+    consts = {"HAS_NEED": has_need, "BLOCK": block, "WAYS": ways}
+    assert _compile(tp._top_p_floor_kernel, sig, consts)
 
 
 def test_sam_extend_kernel_compiles():

@@ -69,6 +69,17 @@ def run_cases(device: str) -> dict[str, dict]:
                 "kept_min": int(kept.min()),
                 "shape_ok": tuple(got.shape) == (x.shape[0], 1),
             }
+        # Rows not needed: -inf, the needed ones as before (every other row, the first kept).
+        x = make_rows(case, seed=i, device=device)
+        need = torch.arange(x.shape[0], device=device) % 2 == 0
+        got = tp.top_p_floor_triton(x, case[3], need, block=case[4])
+        want = tp.top_p_floor_reference(x, case[3], need)
+        results[f"{case_name}-need"] = {
+            "got": got[:, 0].tolist(),
+            "want": want[:, 0].tolist(),
+            "kept_min": int((x >= got)[need].sum(dim=1).min()),
+            "shape_ok": tuple(got.shape) == (x.shape[0], 1),
+        }
     return results
 
 
@@ -84,9 +95,21 @@ def interpreted_results() -> dict[str, dict]:
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("name", [f"{c}-ways{w}" for c in CASES for w in WAYS])
+@pytest.mark.parametrize(
+    "name", [f"{c}-{s}" for c in CASES for s in [*(f"ways{w}" for w in WAYS), "need"]]
+)
 def test_triton_interpreted_matches_the_sort(name, interpreted_results):
     _check_result(name, interpreted_results[name])
+
+
+def test_rows_not_needed_keep_every_token():
+    x = make_rows(CASES["peaked-V4099-p0.7"], seed=4)
+    need = torch.tensor([True, False] * 6)
+    got = tp.top_p_floor(x, 0.7, need)
+    assert torch.equal(got[need], tp.top_p_floor_reference(x, 0.7)[need])
+    assert bool((got[~need] == float("-inf")).all())
+    with pytest.raises(ValueError, match="need must be a bool"):
+        tp.top_p_floor(x, 0.7, need.long())
 
 
 def test_reference_keeps_the_nucleus_and_its_ties():
@@ -135,6 +158,8 @@ def test_triton_on_gpu_matches_the_sort():
     assert torch.equal(tp.top_p_floor(x, 0.7), want)
     for ways in (2, 4, 32):
         assert torch.equal(tp.top_p_floor_triton(x, 0.7, ways=ways), want), ways
+    need = torch.rand(256, device="cuda") < 0.3
+    assert torch.equal(tp.top_p_floor(x, 0.7, need), tp.top_p_floor_reference(x, 0.7, need))
 
 
 if __name__ == "__main__":
