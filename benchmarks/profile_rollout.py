@@ -106,7 +106,9 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
 
-    run(warmup_tokens(compression, max(map(len, prompts))), 0)  # warm-up: through the first compression
+    run(
+        warmup_tokens(compression, max(map(len, prompts))), 0
+    )  # warm-up: through the first compression
     seconds, tokens = run(a.new_tokens, 1)
     acts = [ProfilerActivity.CPU]
     if a.device.startswith("cuda"):
