@@ -11,7 +11,9 @@
 # (default 6) per run; KS (default "3"): the draft lengths k to run each drafter at; TAILS
 # (default "0:0"): rollout.speculative.tail_rows:tail_draft_tokens settings to run each k at
 # (e.g. "0:0 8:12": also a 12-token draft once at most 8 sequences run). The learner trains
-# as usual: only the rollouts differ.
+# as usual: only the rollouts differ. RECIPE (default recipes/sparse_rl_long.yaml) and EXTRA
+# (further overrides for every run) measure another recipe, e.g. RECIPE=recipes/mtp_arithmetic.yaml
+# EXTRA="stages=[rlvr] algorithm.mtp.loss=frozen" (its RL stage with SAM drafts alone).
 source benchmarks/gpu/setup.sh
 steps=${STEPS:-6}
 common="rollout.kv_compression.policy=none train.steps=$steps train.eval_every=0 data.num_eval=8
@@ -31,7 +33,7 @@ for run in none ${DRAFTERS:-sam}; do
   spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: 2, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}}"
   [ "$drafter" = none ] && spec=""
   start=$(date +%s)
-  python3 -m rlkit.cli train recipes/sparse_rl_long.yaml model.path=$model $common \
+  python3 -m rlkit.cli train ${RECIPE:-recipes/sparse_rl_long.yaml} model.path=$model $common ${EXTRA:-} \
     run.name=$name ${spec:+"$spec"} 2>&1 | grep -v "Warning\|WARNING" | tail -4
   echo "== $drafter: $(( $(date +%s) - start )) s"
   mkdir -p $OUT/$name
