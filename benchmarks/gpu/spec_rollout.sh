@@ -33,6 +33,7 @@ for run in none ${DRAFTERS:-sam}; do
   spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: 2, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}}"
   [ "$drafter" = none ] && spec=""
   start=$(date +%s)
+  rm -rf /tmp/runs/$name  # a run directory left by an earlier call would be resumed
   python3 -m rlkit.cli train ${RECIPE:-recipes/sparse_rl_long.yaml} model.path=$model $common ${EXTRA:-} \
     run.name=$name ${spec:+"$spec"} 2>&1 | grep -v "Warning\|WARNING" | tail -4
   echo "== $drafter: $(( $(date +%s) - start )) s"
