@@ -31,7 +31,7 @@ for run in none ${DRAFTERS:-sam}; do
   [ "$drafter" = none ] || name=${name}_k$k
   [ "$tail" = 0:0 ] || name=${name}_t${tail/:/x}
   spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: 2, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}}"
-  [ "$drafter" = none ] && spec=""
+  [ "$drafter" = none ] && spec="rollout.speculative.drafter=none"  # a recipe may draft
   start=$(date +%s)
   rm -rf /tmp/runs/$name  # a run directory left by an earlier call would be resumed
   python3 -m rlkit.cli train ${RECIPE:-recipes/sparse_rl_long.yaml} model.path=$model $common ${EXTRA:-} \
