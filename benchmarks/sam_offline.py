@@ -25,7 +25,10 @@ steps (the longest text's length).
 Variants of the match SAM drafts from (the longest suffix of the text that occurred earlier):
 - first: the continuation of its first occurrence (`rlkit.rollout.sam.TextMatcher`,
   `kernels/sam_device.py`);
-- latest: of its most recent occurrence.
+- latest: of its most recent occurrence;
+- first-wrap, latest-wrap: the same, but a continuation that reaches the text's end goes on
+  copying itself (the occurrence o tokens back continues as the text did o tokens back), so a
+  short period still drafts k tokens.
 """
 
 from __future__ import annotations
@@ -63,8 +66,11 @@ class Matcher:
         if length < max(min_match, 1):
             return self.h[:0]
         hits = np.nonzero(m == length)[0] + 1  # offsets, ascending
-        o = int(hits[-1] if which == "first" else hits[0])
+        o = int(hits[-1] if which.startswith("first") else hits[0])
         start = self.n - o  # j* + 1
+        if which.endswith("wrap"):
+            # Past the text's end the continuation copies itself (period o).
+            return self.h[start + np.arange(k) % o]
         return self.h[start : start + min(k, o)]
 
 
@@ -148,6 +154,7 @@ def main() -> None:
     ap.add_argument("--ks", default="3,6")
     ap.add_argument("--min-match", type=int, default=2)
     ap.add_argument("--tail", default="0:0,16:10", help="tail_rows:tail_draft_tokens settings")
+    ap.add_argument("--matches", default="first,latest", help="first, latest, *-wrap")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.generate:
@@ -165,7 +172,7 @@ def main() -> None:
             tr, tk = map(int, tail.split(":"))
             if tr and tk < k:
                 continue
-            for which in ("first", "latest"):
+            for which in a.matches.split(","):
                 t0 = time.perf_counter()
                 r = simulate(texts, k, a.min_match, which, (tr, tk))
                 r["seconds"] = time.perf_counter() - t0

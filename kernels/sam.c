@@ -1,7 +1,9 @@
 /* Suffix-automaton text matchers for SAM drafts, in C: `rlkit.rollout.sam.TextMatcher`
  * (the dynamic part) for a batch of sequences in one call per decode step.
  *
- *   rlkit_sam_new()                          a matcher over an empty text
+ *   rlkit_sam_new(latest)                    a matcher over an empty text; latest != 0: its
+ *                                            drafts continue the match's most recent earlier
+ *                                            occurrence, else its first
  *   rlkit_sam_free(m)
  *   rlkit_sam_extend_batch(ms, tok, ld, num, B)
  *                                            matcher b takes tokens tok[b * ld : b * ld + num[b]]
@@ -14,7 +16,9 @@
  * substrings with the same end positions, clones on a split), and the same cursor: the
  * longest suffix of the text that occurs earlier in it, matched before each new token is
  * added, so that the state's first end has a continuation; a draft is the tokens after that
- * first end. Transitions live in one open-addressing hash table keyed by (state, token), and
+ * first end (or, with latest, after its last end before the newest token: each new token's
+ * position is written into every state on its suffix-link chain, as the Python class does).
+ * Transitions live in one open-addressing hash table keyed by (state, token), and
  * each state keeps a list of its own edges for the clone's copy. The Python class spends
  * ~7 us a token in its dictionaries, which on a GPU host is time the device waits for: a
  * verify step syncs, then the host observes every row's new tokens and drafts again before
@@ -32,6 +36,7 @@ typedef struct {
     int64_t n_tokens, cap_tokens;
     /* states */
     int64_t *len, *link, *first_end, *head; /* head: first edge of the state's list, -1 */
+    int64_t *last_end;                       /* kept only with latest */
     int64_t n_states, cap_states;
     /* edges: token, target, next edge of the same state */
     int64_t *e_tok, *e_to, *e_next;
@@ -40,8 +45,9 @@ typedef struct {
     int64_t *h_state, *h_tok, *h_edge;
     int64_t cap_hash;
     int64_t last;
-    /* the cursor */
+    /* the cursor; with latest, where its match last ended before the newest token */
     int64_t state, match;
+    int64_t latest, end;
 } sam_t;
 
 /* Arrays of int64 that share one capacity, grown together to at least `need` (doubling).
@@ -126,12 +132,13 @@ static int set(sam_t *m, int64_t state, int64_t tok, int64_t target) {
 }
 
 static int64_t new_state(sam_t *m, int64_t len, int64_t first_end, int64_t link) {
-    int64_t **states[] = {&m->len, &m->link, &m->first_end, &m->head};
-    if (grow(states, 4, &m->cap_states, m->n_states + 1)) return -1;
+    int64_t **states[] = {&m->len, &m->link, &m->first_end, &m->head, &m->last_end};
+    if (grow(states, 5, &m->cap_states, m->n_states + 1)) return -1;
     int64_t s = m->n_states++;
     m->len[s] = len;
     m->link[s] = link;
     m->first_end[s] = first_end;
+    m->last_end[s] = first_end;
     m->head[s] = -1;
     return s;
 }
@@ -140,14 +147,17 @@ void rlkit_sam_free(void *p) {
     sam_t *m = p;
     if (!m) return;
     free(m->tokens), free(m->len), free(m->link), free(m->first_end), free(m->head);
+    free(m->last_end);
     free(m->e_tok), free(m->e_to), free(m->e_next);
     free(m->h_state), free(m->h_tok), free(m->h_edge);
     free(m);
 }
 
-void *rlkit_sam_new(void) {
+void *rlkit_sam_new(int64_t latest) {
     sam_t *m = calloc(1, sizeof(sam_t));
     if (!m) return NULL;
+    m->latest = latest != 0;
+    m->end = -1;
     if (new_state(m, 0, -1, -1) < 0 || reserve_edge(m)) {
         rlkit_sam_free(m);
         return NULL;
@@ -186,6 +196,8 @@ static int sam_extend(sam_t *m, int64_t tok) {
         }
     }
     m->last = cur;
+    if (m->latest) /* the new end is every suffix's: the states on cur's suffix-link chain */
+        for (int64_t s = cur; s > 0; s = m->link[s]) m->last_end[s] = end;
     return 0;
 }
 
@@ -205,6 +217,8 @@ static int matcher_extend(sam_t *m, const int64_t *tok, int64_t n) {
         } else {
             state = length = 0;
         }
+        /* before t joins: the state's last end is the latest earlier one */
+        if (m->latest) m->end = length ? m->last_end[state] : -1;
         if (sam_extend(m, t)) return 1;
         /* normalise: a clone made by this token may now hold the matched string */
         while (state > 0 && m->len[m->link[state]] >= length) state = m->link[state];
@@ -227,7 +241,7 @@ int rlkit_sam_draft_batch(void **ms, const int64_t *room, int64_t min_match, int
         const sam_t *m = ms[b];
         int64_t n = room[b] < k ? room[b] : k, got = 0;
         if (n > 0 && m->match >= min_match && m->state > 0) {
-            int64_t end = m->first_end[m->state];
+            int64_t end = m->latest ? m->end : m->first_end[m->state];
             for (int64_t j = end + 1; j < m->n_tokens && got < n; j++) out[b * k + got++] = m->tokens[j];
         }
         num[b] = got;

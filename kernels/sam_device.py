@@ -5,7 +5,8 @@ suffix of a row's text that also occurs earlier in it. For a text x[0..e] (lengt
 
 - the match length l is the longest m such that the last m tokens x[e-m+1..e] also occur
   ending at an earlier position j <= e - 1;
-- j* is the smallest such j (the first occurrence) with match length l;
+- j* is the smallest such j (the first occurrence) with match length l, or with `latest` the
+  largest (the most recent occurrence: `rollout.speculative.sam_match`);
 - if l >= min_match (and l > 0) the draft is x[j*+1 : j*+1+room], at most `room` tokens,
   truncated at the text's end (min(room, e - j*) tokens); else there is no draft.
 
@@ -22,11 +23,11 @@ Per batch row b (a slot), all on one device:
 
 By offset, appending a token t at position n (the new end) is elementwise: for o in [1, n],
 M[o] = M[o] + 1 if hist[n - o] == t else 0; entries o > n stay 0. Hence l = max_o M[o] and
-j* = end - o*, o* the LARGEST offset with M[o*] = l.
+j* = end - o*, o* the LARGEST offset with M[o*] = l (the smallest with `latest`).
 
     extend(hist, M, hlen, tokens, num) -> None         in place
-    draft(hist, M, hlen, room, min_match, k) -> (draft_tokens, draft_num)
-    longest_match(M, hlen) -> (length, offset)
+    draft(hist, M, hlen, room, min_match, k, latest=False) -> (draft_tokens, draft_num)
+    longest_match(M, hlen, latest=False) -> (length, offset)
 
     tokens       [B, T] int64   row b appends tokens[b, :num[b]]; the rest is ignored
     num          [B] int64      in [0, T]; the caller guarantees hlen + num <= L
@@ -37,6 +38,7 @@ j* = end - o*, o* the LARGEST offset with M[o*] = l.
     draft_num    [B] int64      min(room[b], o*, k) when l >= max(min_match, 1), else 0
     length       [B] int64      l (TextMatcher.match)
     offset       [B] int64      o* (0 when l = 0)
+    latest       bool           draft from the most recent occurrence, not the first
 
 `extend` writes the new tokens into hist[b, hlen:hlen+num] with one scatter, updates M token by
 token (each token's update sees the earlier ones), and adds num to hlen; rows with num = 0 are
@@ -212,9 +214,12 @@ def extend(
         extend_reference(hist, M, hlen, tokens, num)
 
 
-def longest_match(M: torch.Tensor, hlen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def longest_match(
+    M: torch.Tensor, hlen: torch.Tensor, latest: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(l, o*) [B] int64 each: the longest match's length and its largest offset (the first
-    occurrence, j* = hlen - 1 - o*); o* = 0 where l = 0."""
+    occurrence, j* = hlen - 1 - o*), or with `latest` its smallest (the most recent); o* = 0
+    where l = 0."""
     if M.dim() != 2:
         raise ValueError(f"M must be [B, L], got shape {tuple(M.shape)}")
     B, L = M.shape
@@ -226,8 +231,10 @@ def longest_match(M: torch.Tensor, hlen: torch.Tensor) -> tuple[torch.Tensor, to
     o = torch.arange(L, device=M.device).unsqueeze(0)
     m = torch.where((o >= 1) & (o < hlen.unsqueeze(1)), M, 0).to(torch.int64)
     length = m.max(dim=1).values
-    offset = torch.where((m == length.unsqueeze(1)) & (length.unsqueeze(1) > 0), o, 0)
-    return length, offset.max(dim=1).values
+    hit = (m == length.unsqueeze(1)) & (length.unsqueeze(1) > 0)
+    if latest:
+        return length, torch.where(hit, o, L).min(dim=1).values % L  # L (no hit) -> 0
+    return length, torch.where(hit, o, 0).max(dim=1).values
 
 
 def draft(
@@ -237,6 +244,7 @@ def draft(
     room: torch.Tensor,
     min_match: int,
     k: int,
+    latest: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B, k] int64, num [B] int64): each row's draft of up to min(room[b], k) tokens
     (module docstring), TextMatcher.draft's; capturable, PyTorch on every device."""
@@ -247,7 +255,7 @@ def draft(
         raise ValueError(f"room is on {room.device}, hist on {hist.device}")
     if min_match < 0 or k < 0:
         raise ValueError(f"min_match and k must be >= 0, got {min_match} and {k}")
-    length, offset = longest_match(M, hlen)
+    length, offset = longest_match(M, hlen, latest)
     cap = torch.minimum(room.to(torch.int64).clamp(min=0, max=k), offset)
     num = torch.where(length >= max(min_match, 1), cap, 0)
     i = torch.arange(k, device=hist.device).unsqueeze(0)

@@ -1,6 +1,7 @@
 """SAM drafts' text matchers in C (`kernels/sam.c`) for a batch of sequences.
 
-    m = Matchers()                       None-free only where `available()`
+    m = Matchers(latest=False)           only where `available()`; latest: drafts continue the
+                                         match's most recent occurrence, else its first
     m.add(seq, tokens)                   a matcher over a sequence's text so far
     m.extend(seqs, tokens, num)          row b of tokens [B, T] (its first num[b]) joins seqs[b]'s
     m.draft(seqs, room, min_match, k)    -> tokens [B, k], num [B] (numpy int64)
@@ -54,7 +55,7 @@ def _open() -> tuple[ctypes.CDLL | None, str | None]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return None, f"could not build or load sam.c: {exc}"
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.rlkit_sam_new.argtypes = []
+    lib.rlkit_sam_new.argtypes = [i64]
     lib.rlkit_sam_new.restype = ptr
     lib.rlkit_sam_free.argtypes = [ptr]
     lib.rlkit_sam_free.restype = None
@@ -92,7 +93,8 @@ def _int64(a: np.ndarray | list[int], name: str) -> np.ndarray:
 class Matchers:
     """C matchers by sequence id (module docstring). Frees them when removed or collected."""
 
-    def __init__(self) -> None:
+    def __init__(self, latest: bool = False) -> None:
+        self.latest = latest
         lib = _load()
         if lib is None:
             raise RuntimeError(f"the C SAM matchers are unavailable: {unavailable_reason()}")
@@ -108,7 +110,7 @@ class Matchers:
     def add(self, seq: int, tokens: list[int] | np.ndarray) -> None:
         if seq in self._ptr:
             raise ValueError(f"sequence {seq} already has a matcher")
-        p = self._lib.rlkit_sam_new()
+        p = self._lib.rlkit_sam_new(int(self.latest))
         if not p:
             raise MemoryError("rlkit_sam_new: allocation failed")
         self._ptr[seq] = p

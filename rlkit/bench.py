@@ -231,6 +231,7 @@ def _native(
             drafter=drafter,  # type: ignore[arg-type]
             num_draft_tokens=args.num_draft_tokens,
             sam_min_match=args.sam_min_match,
+            sam_match=args.sam_match,
             mtp_vocab=args.mtp_vocab,
             max_batch=args.spec_max_batch,
         )
@@ -504,6 +505,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     spec.add_argument("--num-draft-tokens", type=int, default=3)
     spec.add_argument("--sam-min-match", type=int, default=4)
     spec.add_argument(
+        "--sam-match",
+        default="latest",
+        choices=["latest", "first"],
+        help="the earlier occurrence of its match SAM continues",
+    )
+    spec.add_argument(
         "--spec-max-batch",
         type=int,
         default=0,
@@ -628,6 +635,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         settings.update(
             num_draft_tokens=args.num_draft_tokens,
             sam_min_match=args.sam_min_match,
+            sam_match=args.sam_match,
             mtp_vocab=args.mtp_vocab,
             spec_max_batch=args.spec_max_batch,
             mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",

@@ -111,6 +111,7 @@ RULES: dict[str, Check | None] = {
     "rollout.speculative.num_draft_tokens": in_range(1, 16),
     "rollout.speculative.sam_min_match": positive,
     "rollout.speculative.sam_static": None,
+    "rollout.speculative.sam_match": None,
     "rollout.speculative.mtp_vocab": in_range(0, 10_000_000),
     "rollout.speculative.max_batch": in_range(0, 1_000_000),
     "rollout.speculative.tail_rows": in_range(0, 1_000_000),

@@ -15,7 +15,8 @@ and the emitted tokens). It follows the scheduler's slots through `admitted`, `m
   elsewhere, so the rule stays exact, and a draft reads N rows of the head instead of V.
 - `sam`: a suffix automaton per sequence over prompt + generated tokens (`sam.py`), plus an
   optional static one over the train split's reference answers; drafts are deterministic
-  (q = one-hot). Without a static automaton the matchers are C's (`kernels/sam_matchers.py`,
+  (q = one-hot) and continue the match's most recent earlier occurrence (`sam_latest`) or its
+  first. Without a static automaton the matchers are C's (`kernels/sam_matchers.py`,
   one call a step for the batch) where that library builds, else `sam.TextMatchers`.
 - `sam+mtp`: SAM's draft where its match reaches the threshold, else MTP's.
 """
@@ -88,6 +89,8 @@ class DraftSettings:
     # [V] float32 on the device: how often each token was seen (the engine's, kept across
     # calls); the MTP drafter's sub-vocabulary is its top `mtp_vocab`.
     token_counts: torch.Tensor | None = None
+    # SAM continues the match's most recent earlier occurrence, else its first.
+    sam_latest: bool = True
 
 
 DRAFTERS: Registry[Callable[[Run, DraftSettings], Any]] = Registry("drafter")
@@ -277,13 +280,13 @@ class MTPDrafter:
 class SAMDrafter:
     def __init__(self, run: Run, cfg: DraftSettings):
         self.k, self.min_match = cfg.num_draft_tokens, cfg.sam_min_match
-        self.static = cfg.static
+        self.static, self.latest = cfg.static, cfg.sam_latest
         # By sequence id (compaction never moves them): the C matchers where they build and no
         # static automaton is asked for, else Python's.
         self.matchers: sam_matchers.Matchers | TextMatchers = (
-            sam_matchers.Matchers()
+            sam_matchers.Matchers(self.latest)
             if cfg.static is None and sam_matchers.available()
-            else TextMatchers(cfg.static)
+            else TextMatchers(cfg.static, self.latest)
         )
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
@@ -315,7 +318,9 @@ class SAMDrafter:
     def on_device(self) -> DeviceSAM | None:
         """The same drafts from device state (`steps.SyncFreeSpecStep`); None with a static
         automaton, which has no device form."""
-        return DeviceSAM(self.k, self.min_match) if self.static is None else None
+        if self.static is not None:
+            return None
+        return DeviceSAM(self.k, self.min_match, self.latest)
 
 
 class DeviceDrafter(Protocol):
@@ -358,9 +363,9 @@ class DeviceSAM:
     automata, from a per-slot match-length state that each emitted token updates
     elementwise. Made by `SAMDrafter.on_device` where there is no static automaton."""
 
-    def __init__(self, k: int, min_match: int):
-        self.k, self.min_match = k, min_match
-        self.key = ("sam", k, min_match)
+    def __init__(self, k: int, min_match: int, latest: bool = False):
+        self.k, self.min_match, self.latest = k, min_match, latest
+        self.key = ("sam", k, min_match, latest)
 
     def bind(
         self, state: dict[str, torch.Tensor], slots: int, length: int, device: torch.device
@@ -389,8 +394,9 @@ class DeviceSAM:
 
     def propose(self, rows: int, room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sam_device.draft(
-            self.hist[:rows], self.M[:rows], self.hlen[:rows], room, self.min_match, self.k
-        )
+            self.hist[:rows], self.M[:rows], self.hlen[:rows], room, self.min_match, self.k,
+            self.latest,
+        )  # fmt: skip
 
     def extend(self, rows: int, tokens: torch.Tensor, num: torch.Tensor) -> None:
         sam_device.extend(self.hist[:rows], self.M[:rows], self.hlen[:rows], tokens, num)

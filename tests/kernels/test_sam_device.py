@@ -80,9 +80,10 @@ def run_case(case: tuple, seed: int, device: str, impl: str) -> dict:
     state = new_state(B, L, device)
     hist, M, hlen = state
     ref = new_state(B, L, device)  # the reference alongside, for the kernel's exact state
-    matchers = TextMatchers()
+    matchers, latest = TextMatchers(), TextMatchers(latest=True)
     for b in range(B):
         matchers.add(b, [])
+        latest.add(b, [])
     lengths = [0] * B
     mismatches: list[str] = []
     checks = 0
@@ -113,6 +114,7 @@ def run_case(case: tuple, seed: int, device: str, impl: str) -> dict:
             sd.extend_reference(*ref, tokens, num)
             expect(all(torch.equal(a, r) for a, r in zip(state, ref)), "state != reference's")
         matchers.extend(list(range(B)), np.array(rows, dtype=np.int64), np.array(nums))
+        latest.extend(list(range(B)), np.array(rows, dtype=np.int64), np.array(nums))
         lengths = [lengths[b] + nums[b] for b in range(B)]
 
         expect(hlen.tolist() == lengths, f"hlen {hlen.tolist()} != {lengths}")
@@ -131,6 +133,9 @@ def run_case(case: tuple, seed: int, device: str, impl: str) -> dict:
             if tm.match:
                 first_end = tm.sam.first_end[tm.state]
                 expect(int(offset[b]) == n - 1 - first_end, f"row {b}: offset != first end's")
+                last = sd.longest_match(M[b : b + 1], hlen[b : b + 1], latest=True)[1]
+                end = latest.text[b].end
+                expect(int(last[0]) == n - 1 - end, f"row {b}: latest offset != last end's")
             for min_match in MIN_MATCHES:
                 for room in (0, 1, 3, K, K + 2):
                     want = tm.draft(min(room, K), min_match)
@@ -147,6 +152,11 @@ def run_case(case: tuple, seed: int, device: str, impl: str) -> dict:
             want_t, want_n = matchers.draft(list(range(B)), np.array(rooms), min_match, K)
             expect(got_t.tolist() == want_t.tolist(), f"batch tokens, min {min_match}")
             expect(got_n.tolist() == want_n.tolist(), f"batch num, min {min_match}")
+            room_t = torch.tensor(rooms, device=device)
+            got_t, got_n = sd.draft(hist, M, hlen, room_t, min_match, K, latest=True)
+            want_t, want_n = latest.draft(list(range(B)), np.array(rooms), min_match, K)
+            expect(got_t.tolist() == want_t.tolist(), f"latest batch tokens, min {min_match}")
+            expect(got_n.tolist() == want_n.tolist(), f"latest batch num, min {min_match}")
         full_steps += all(n == L for n in lengths)
         step += 1
     return {"mismatches": mismatches, "checks": checks, "steps": step, "full": lengths == [L] * B}

@@ -8,22 +8,25 @@ import pytest
 from rlkit.rollout.sam import STATIC_LEN_BIAS, SuffixAutomaton, TextMatcher, corpus_automaton
 
 
-def _longest_earlier_suffix(text: list[int]) -> tuple[int, int]:
-    """(length, first end) of the longest suffix of text that occurs in text[:-1], by search."""
+def _longest_earlier_suffix(text: list[int], latest: bool = False) -> tuple[int, int]:
+    """(length, first end) of the longest suffix of text that occurs in text[:-1], by search;
+    with latest its last end there."""
     earlier = tuple(text[:-1])
     for length in range(len(text) - 1, 0, -1):
         suffix = tuple(text[-length:])
-        for end in range(length - 1, len(earlier)):
+        ends = range(length - 1, len(earlier))
+        for end in reversed(ends) if latest else ends:
             if earlier[end - length + 1 : end + 1] == suffix:
                 return length, end
     return 0, -1
 
 
+@pytest.mark.parametrize("latest", [False, True], ids=["first", "latest"])
 @pytest.mark.parametrize("alphabet, n, seed", [(2, 120, 0), (3, 120, 1), (8, 120, 2), (40, 80, 3)])
-def test_matcher_finds_the_longest_earlier_suffix_and_its_first_end(alphabet, n, seed):
+def test_matcher_finds_the_longest_earlier_suffix_and_its_end(alphabet, n, seed, latest):
     rng = random.Random(seed)
     text: list[int] = []
-    matcher = TextMatcher([])
+    matcher = TextMatcher([], latest=latest)
     for _ in range(n):
         # Runs of repeated material, as generated text has, among random tokens.
         if text and rng.random() < 0.3:
@@ -34,10 +37,11 @@ def test_matcher_finds_the_longest_earlier_suffix_and_its_first_end(alphabet, n,
         for t in chunk:
             text.append(t)
             matcher.extend([t])
-            length, end = _longest_earlier_suffix(text)
+            length, end = _longest_earlier_suffix(text, latest)
             assert matcher.match == length, (text, matcher.match, length)
             if length:
-                assert matcher.sam.first_end[matcher.state] == end
+                got = matcher.end if latest else matcher.sam.first_end[matcher.state]
+                assert got == end
                 want = text[end + 1 : end + 1 + 5]
                 assert matcher.draft(5, 1) == want
 
@@ -77,7 +81,7 @@ def test_draft_threshold_room_and_static_corpus():
     assert long.draft(3, min_match=1) == [8, 8, 8]
 
 
-def _c_matchers():
+def _c_matchers(latest: bool = False):
     from rlkit.kernels import sam_matchers
 
     why = sam_matchers.missing_prerequisite()
@@ -86,19 +90,20 @@ def _c_matchers():
     assert sam_matchers.available(), (
         f"the C matchers failed to build: {sam_matchers.unavailable_reason()}"
     )
-    return sam_matchers.Matchers()
+    return sam_matchers.Matchers(latest)
 
 
+@pytest.mark.parametrize("latest", [False, True], ids=["first", "latest"])
 @pytest.mark.parametrize("alphabet, n, seed", [(2, 300, 0), (3, 300, 1), (8, 400, 2), (50, 400, 3)])
-def test_c_matchers_draft_what_the_python_matcher_drafts(alphabet, n, seed):
+def test_c_matchers_draft_what_the_python_matcher_drafts(alphabet, n, seed, latest):
     """Four sequences through the C matchers, batched as the drafter calls them (a prompt,
     then 1..4 tokens a step, rows of ragged counts), against one Python TextMatcher each: the
     same matched length and the same drafts at every step, for every room and threshold."""
     rng = random.Random(seed)
-    c = _c_matchers()
+    c = _c_matchers(latest)
     seqs = [3, 11, 5, 8]
     texts = {s: [rng.randrange(alphabet) for _ in range(rng.randint(0, 20))] for s in seqs}
-    py = {s: TextMatcher(texts[s]) for s in seqs}
+    py = {s: TextMatcher(texts[s], latest=latest) for s in seqs}
     for s in seqs:
         c.add(s, texts[s])
     made = 0

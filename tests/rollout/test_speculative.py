@@ -334,3 +334,25 @@ def test_sam_drafts_the_same_through_c_and_python_matchers(
     _same(with_c, with_py)
     assert c_stats["spec/accept_len_mean"] == engine.stats["spec/accept_len_mean"]
     assert c_stats["spec/drafted_per_step"] == engine.stats["spec/drafted_per_step"] > 0
+
+
+@pytest.mark.parametrize("match", ["latest", "first"])
+def test_the_sam_drafter_takes_the_recipes_occurrence(tiny_dirs, prompts, match, monkeypatch):
+    """`sam_match` reaches the host matchers (C or Python) and their device form."""
+    from rlkit.rollout import drafters
+
+    model, tok = load_model(tiny_dirs["llama"])
+    spec = SpeculativeConfig(drafter="sam", num_draft_tokens=2, sam_match=match)
+    engine = Engine(model, tok, dtype=torch.float32, speculative=spec, cuda_graphs=False)
+    made = []
+    real = drafters.SAMDrafter.__init__
+
+    def spy(self, run, cfg):
+        real(self, run, cfg)
+        made.append(self)
+
+    monkeypatch.setattr(drafters.SAMDrafter, "__init__", spy)
+    engine.generate(prompts[:2], SamplingParams(max_new_tokens=6, temperature=0.0))
+    (d,) = made
+    assert d.matchers.latest == (match == "latest")
+    assert d.on_device().latest == (match == "latest")

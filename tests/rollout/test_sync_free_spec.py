@@ -18,11 +18,11 @@ from rlkit.rollout.sam import corpus_automaton
 
 @pytest.fixture
 def make(tiny_dirs):
-    def make(arch="llama", k=3, graphs=True, max_batch=0, tail=(0, 0), **kwargs):
+    def make(arch="llama", k=3, graphs=True, max_batch=0, tail=(0, 0), match="latest", **kwargs):
         model, tok = load_model(tiny_dirs[arch])
         spec = SpeculativeConfig(
             drafter="sam", num_draft_tokens=k, sam_min_match=2, max_batch=max_batch,
-            tail_rows=tail[0], tail_draft_tokens=tail[1],
+            tail_rows=tail[0], tail_draft_tokens=tail[1], sam_match=match,
         )  # fmt: skip
         # cpu_kernels=False: the fused C step would take precedence over padded steps.
         kwargs.setdefault("cpu_kernels", False)
@@ -37,20 +37,23 @@ def _sync_free(engine) -> list:
     return [g for g in engine._graphs.extra.values() if isinstance(g, steps._SyncFreeGraphs)]
 
 
+@pytest.mark.parametrize("match", ["latest", "first"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_greedy_output_equals_plain_and_host_drafted_decoding(make, prompts, arch):
+def test_greedy_output_equals_plain_and_host_drafted_decoding(make, prompts, arch, match):
     # 8 sequences through 3 slots (admission, compaction, refill), stop ids, mixed lengths.
     sp = SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=[17, 99])
-    engine = make(arch, max_batch_size=3, sync_every=2)
+    engine = make(arch, max_batch_size=3, sync_every=2, match=match)
     out = engine.generate(prompts, sp, n=2)
     st = engine.stats
     (g,) = _sync_free(engine)
+    (key,) = [k for k in engine._graphs.extra if k[0] == "sync-free"]
+    assert key[-1] == (match == "latest")  # DeviceSAM's key ends with its latest flag
     # The buckets as the batch drains, one draft length.
     assert {p for p, _ in g.steps} <= {1, 2, 3} and len(g.steps) > 1
     assert {k for _, k in g.steps} == {3}
     assert st["spec/verify_steps"] == sum(g.steps.values()) > 0 and st["spec/plain_steps"] == 0
     _same(out, engine.generate(prompts, sp, n=2, drafter="none"))
-    host = make(arch, graphs=False, max_batch_size=3, sync_every=2)
+    host = make(arch, graphs=False, max_batch_size=3, sync_every=2, match=match)
     _same(out, host.generate(prompts, sp, n=2))
     # The same drafts, the same acceptance: only where drafting ran differs.
     if arch == "llama":  # its greedy text loops: SAM's drafts pass
