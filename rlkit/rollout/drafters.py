@@ -40,7 +40,7 @@ from rlkit.models.mtp import MTPModule
 from rlkit.rollout.cuda_graphs import StepGraphs
 from rlkit.rollout.kv_cache import KVCache
 from rlkit.rollout.sam import SuffixAutomaton, TextMatchers
-from rlkit.rollout.sampling import draw, sampling_logprobs
+from rlkit.rollout.sampling import SamplingParams, draw, draw_with, sampling_logprobs
 
 if TYPE_CHECKING:
     from rlkit.rollout.scheduler import Run
@@ -131,7 +131,7 @@ class MTPDrafter:
     def __init__(self, run: Run, cfg: DraftSettings):
         if cfg.mtp is None:
             raise ValueError("the mtp drafter needs an MTP module (Engine(mtp=...))")
-        self.mtp, self.k = cfg.mtp, cfg.num_draft_tokens
+        self.mtp, self.k, self.run = cfg.mtp, cfg.num_draft_tokens, run
         a, c, dev = run.model.args, run.cache, run.device
         dtype = run.e.dtype
         self.cache = KVCache(
@@ -276,6 +276,10 @@ class MTPDrafter:
     def finished(self, seqs: list[int]) -> None:
         pass
 
+    def on_device(self) -> DeviceMTP:
+        """The same drafts from device state (`steps.SyncFreeSpecStep`)."""
+        return DeviceMTP(self, self.run)
+
 
 class SAMDrafter:
     def __init__(self, run: Run, cfg: DraftSettings):
@@ -332,22 +336,31 @@ class DeviceDrafter(Protocol):
     # What the captured steps depend on besides the sampling setting.
     key: tuple[Any, ...]
 
-    def bind(
-        self, state: dict[str, torch.Tensor], slots: int, length: int, device: torch.device
-    ) -> None:
+    def bind(self, state: dict[str, Any], slots: int, length: int, device: torch.device) -> None:
         """Use (allocating on first use) the state tensors in `state` for `slots` rows of
         texts up to `length` tokens."""
         ...
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None: ...
 
-    def propose(self, rows: int, room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drafts [rows, k] and their counts [rows] <= room [rows] of slots 0..rows-1
+    def before_step(self, run: Run, rows: int) -> None:
+        """On the host before each step's replay (e.g. its uniforms drawn from the run's
+        generator into a fixed buffer)."""
+        ...
+
+    def propose(
+        self, rows: int, room: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Drafts [rows, k], their counts [rows] <= room [rows] of slots 0..rows-1 and the
+        distributions q [rows, k, V] they were sampled from (None: deterministic drafts)
         (capturable: no host reads)."""
         ...
 
-    def extend(self, rows: int, tokens: torch.Tensor, num: torch.Tensor) -> None:
-        """Slots 0..rows-1 emitted tokens[b, :num[b]] (capturable)."""
+    def extend(
+        self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor
+    ) -> None:
+        """Slots 0..rows-1 emitted tokens[b, :num[b]] (capturable); hidden [rows, T, H]: the
+        policy's states at the fed positions, tokens[b, t] the token after position t."""
         ...
 
     def moved(self, src: list[int], dst: list[int]) -> None: ...
@@ -367,9 +380,7 @@ class DeviceSAM:
         self.k, self.min_match, self.latest = k, min_match, latest
         self.key = ("sam", k, min_match, latest)
 
-    def bind(
-        self, state: dict[str, torch.Tensor], slots: int, length: int, device: torch.device
-    ) -> None:
+    def bind(self, state: dict[str, Any], slots: int, length: int, device: torch.device) -> None:
         if "sam_hist" not in state or state["sam_hist"].shape[1] < length:
             dev = device
             state["sam_hist"] = torch.zeros(slots, length, dtype=torch.long, device=dev)
@@ -392,13 +403,21 @@ class DeviceSAM:
         self.hlen[rows] = 0
         sam_device.extend(self.hist[rows], self.M[rows], self.hlen[rows], tokens, at + 1)
 
-    def propose(self, rows: int, room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return sam_device.draft(
+    def before_step(self, run: Run, rows: int) -> None:
+        pass
+
+    def propose(
+        self, rows: int, room: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        tokens, num = sam_device.draft(
             self.hist[:rows], self.M[:rows], self.hlen[:rows], room, self.min_match, self.k,
             self.latest,
         )  # fmt: skip
+        return tokens, num, None
 
-    def extend(self, rows: int, tokens: torch.Tensor, num: torch.Tensor) -> None:
+    def extend(
+        self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor
+    ) -> None:
         sam_device.extend(self.hist[:rows], self.M[:rows], self.hlen[:rows], tokens, num)
 
     def moved(self, src: list[int], dst: list[int]) -> None:
@@ -409,6 +428,177 @@ class DeviceSAM:
 
     def mutated(self) -> list[torch.Tensor]:
         return [self.M, self.hlen]
+
+
+class DeviceMTP:
+    """`mtp` on the device (`steps.SyncFreeSpecStep`): `MTPDrafter`'s drafts with its state in
+    fixed tensors, every step captured with the verify step. Per slot the pairs (policy state,
+    next token) verified since the last step (`extend` writes them inside the step) and the
+    block's one-layer cache, whose lengths live on the device (`KVCache.begin_decode_device`).
+    A step catches up over k + 1 pairs (those past a row's own rewound), then runs all k
+    depths (a head, a draw, the block) whatever the rows' room, and rewinds the depths'
+    entries. Sampled drafts take uniforms drawn on the host before the replay
+    (`before_step`), so a seed gives other samples than `MTPDrafter`'s, from the same q.
+    With `mtp_vocab` the head covers the call's sub-vocabulary (the host drafter's `ids`),
+    copied into a fixed buffer each call; the token counts grow inside the step."""
+
+    def __init__(self, host: MTPDrafter, run: Run):
+        self.mtp, self.model, self.k = host.mtp, run.model, host.k
+        p = run.params
+        self.params = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        self.ids, self.counts = host.ids, host.counts
+        self.n_vocab = 0 if host.ids is None else len(host.ids)
+        self.key = ("mtp", self.k, self.n_vocab, self.counts is not None)
+
+    def bind(self, state: dict[str, Any], slots: int, length: int, device: torch.device) -> None:
+        a, k, dtype = self.model.args, self.k, self.model.lm_head.weight.dtype
+        if "mtp_h" not in state:
+            state["mtp_h"] = torch.zeros(slots, k + 1, a.hidden_size, dtype=dtype, device=device)
+            state["mtp_tok"] = torch.zeros(slots, k + 1, dtype=torch.long, device=device)
+            state["mtp_n"] = torch.zeros(slots, dtype=torch.long, device=device)
+            state["mtp_u"] = torch.zeros(slots, k, dtype=torch.float64, device=device)
+            state["mtp_cache"] = KVCache(
+                1, slots, length, a.num_kv_heads, a.head_dim, dtype, device, False,
+                lookahead=k + 1,
+            )  # fmt: skip
+            state["mtp_cache"].lengths_to_device(slots)
+            if self.n_vocab:
+                state["mtp_ids"] = torch.zeros(self.n_vocab, dtype=torch.long, device=device)
+                state["mtp_head"] = torch.zeros(
+                    self.n_vocab, a.hidden_size, dtype=dtype, device=device
+                )
+        self.h, self.tok, self.n = state["mtp_h"], state["mtp_tok"], state["mtp_n"]
+        self.u, self.cache = state["mtp_u"], state["mtp_cache"]
+        self.n.zero_()
+        if self.n_vocab:
+            assert self.ids is not None
+            state["mtp_ids"].copy_(self.ids)
+            state["mtp_head"].copy_(self.model.lm_head.weight.detach()[self.ids])
+            self.head, self.sub = state["mtp_head"], state["mtp_ids"]
+        else:
+            self.head, self.sub = self.model.lm_head.weight, None
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        m = len(seqs)
+        rows = slice(first, first + m)
+        self.h[rows, 0] = hidden
+        self.tok[rows, 0] = run.last[rows]
+        self.n[rows] = 1
+        # The block's first entry: the last prompt position.
+        start = np.array([len(run.prompts[s // run.n]) - 1 for s in seqs], dtype=np.int64)
+        self.cache.reset_slots(range(first, first + m), start)
+        self.cache.lengths_to_device(first + m, first)
+
+    def before_step(self, run: Run, rows: int) -> None:
+        if self.params.temperature > 0:
+            torch.rand(rows, self.k, generator=run.gen, dtype=torch.float64, out=self.u[:rows])
+
+    def _block(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        positions = self.cache.begin_decode_device(active, x.shape[1])
+        return self.mtp.run_block(x, positions, self.model, self.cache)
+
+    def propose(
+        self, rows: int, room: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        k, model, mtp, dev = self.k, self.model, self.mtp, self.h.device
+        n = self.n[:rows]
+        active = n > 0
+        # Catch up on the verified pairs; the last one's state is depth 1.
+        g = self._block(mtp.step_input(self.h[:rows], self.tok[:rows], model), active)
+        g = g[torch.arange(rows, device=dev), (n - 1).clamp(min=0)]  # [rows, H]
+        self.cache.advance_device(n)
+        one = active.long()
+        tokens = torch.zeros(rows, k, dtype=torch.long, device=dev)
+        probs = None
+        if self.params.temperature > 0:
+            vocab = model.args.vocab_size
+            probs = torch.zeros(rows, k, vocab, dtype=torch.float32, device=dev)
+        for i in range(k):
+            logits = F.linear(mtp.norm(g), self.head)  # [rows, V] or [rows, N]
+            if probs is None:
+                d = logits.argmax(dim=-1)
+            else:
+                logq = sampling_logprobs(logits, self.params)
+                d = draw_with(logq, self.u[:rows, i])
+                if self.sub is None:
+                    probs[:, i] = logq.exp()
+                else:
+                    probs[:, i].index_copy_(1, self.sub, logq.exp())
+            tokens[:, i] = d if self.sub is None else self.sub[d]
+            if i + 1 < k:
+                x = mtp.step_input(g[:, None], tokens[:, i : i + 1], model)
+                g = self._block(x, active)[:, 0]
+                self.cache.advance_device(one)
+        self.cache.advance_device(-(k - 1) * one)
+        return tokens, room.clamp(min=0, max=k), probs
+
+    def extend(
+        self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor
+    ) -> None:
+        T = tokens.shape[1]
+        self.h[:rows, :T] = hidden
+        self.tok[:rows, :T] = tokens
+        self.n[:rows] = num
+        if self.counts is not None:
+            valid = torch.arange(T, device=tokens.device) < num[:, None]
+            self.counts.index_add_(0, tokens.reshape(-1), valid.reshape(-1).to(self.counts.dtype))
+
+    def moved(self, src: list[int], dst: list[int]) -> None:
+        if src:
+            self.cache.move_device(src, dst)
+            s, d = to_device(src, self.h.device), to_device(dst, self.h.device)
+            for t in (self.h, self.tok, self.n):
+                t[d] = t[s]
+
+    def mutated(self) -> list[torch.Tensor]:
+        out = [self.h, self.tok, self.n, self.cache.lengths_on_device(self.cache.num_slots)]
+        return out + ([self.counts] if self.counts is not None else [])
+
+
+class DeviceSAMThenMTP:
+    """`sam+mtp` on the device: SAM's draft where its match reaches the threshold, else the MTP
+    module's (`SAMThenMTP`), both computed every step."""
+
+    def __init__(self, sam: DeviceSAM, mtp: DeviceMTP):
+        self.sam, self.mtp = sam, mtp
+        self.key = ("sam+mtp", *sam.key, *mtp.key)
+
+    def bind(self, state: dict[str, Any], slots: int, length: int, device: torch.device) -> None:
+        self.sam.bind(state, slots, length, device)
+        self.mtp.bind(state, slots, length, device)
+
+    def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        self.sam.admitted(run, first, seqs, hidden)
+        self.mtp.admitted(run, first, seqs, hidden)
+
+    def before_step(self, run: Run, rows: int) -> None:
+        self.mtp.before_step(run, rows)
+
+    def propose(
+        self, rows: int, room: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        by_sam, n_sam, _ = self.sam.propose(rows, room)
+        use = n_sam > 0
+        by_mtp, n_mtp, q = self.mtp.propose(rows, torch.where(use, 0, room))
+        tokens = torch.where(use[:, None], by_sam, by_mtp)
+        if q is not None:
+            # SAM's drafts are deterministic: q is one-hot on them.
+            onehot = torch.zeros_like(q).scatter_(-1, by_sam[:, :, None], 1.0)
+            q = torch.where(use[:, None, None], onehot, q)
+        return tokens, torch.where(use, n_sam, n_mtp), q
+
+    def extend(
+        self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor
+    ) -> None:
+        self.sam.extend(rows, tokens, num, hidden)
+        self.mtp.extend(rows, tokens, num, hidden)
+
+    def moved(self, src: list[int], dst: list[int]) -> None:
+        self.sam.moved(src, dst)
+        self.mtp.moved(src, dst)
+
+    def mutated(self) -> list[torch.Tensor]:
+        return self.sam.mutated() + self.mtp.mutated()
 
 
 class SAMThenMTP:
@@ -451,6 +641,10 @@ class SAMThenMTP:
 
     def finished(self, seqs: list[int]) -> None:
         self.sam.finished(seqs)
+
+    def on_device(self) -> DeviceSAMThenMTP | None:
+        sam, mtp = self.sam.on_device(), self.mtp.on_device()
+        return None if sam is None or mtp is None else DeviceSAMThenMTP(sam, mtp)
 
 
 DRAFTERS.register("mtp")(MTPDrafter)

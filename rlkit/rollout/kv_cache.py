@@ -241,18 +241,22 @@ class KVCache:
     # `advance_device` inside the step (capturable: no host reads or writes), and
     # `lengths_from_device` with the values the host read at its sync. Only a dense cache
     # (whose lengths are its positions) drives its lengths this way: a compressed cache's
-    # trigger is on the host (`device_lengths` is False there).
+    # trigger is on the host (`device_lengths` is False there). Each slot's true positions
+    # are its entries' indices plus an offset (0 for a policy's cache; a drafter's cache
+    # starts at the completion: `reset_slots`).
 
     device_lengths = True
 
-    def lengths_to_device(self, batch: int) -> torch.Tensor:
-        """Slots 0..batch-1's host lengths into the device tensor the device-driven steps
-        read and advance (allocated once, never moved); returns it [slots]."""
-        if not np.array_equal(self.lengths[:batch], self.positions[:batch]):
-            raise ValueError("device-driven steps need slots whose positions are their lengths")
+    def lengths_to_device(self, batch: int, first: int = 0) -> torch.Tensor:
+        """Slots first..batch-1's host lengths (and position offsets) into the device tensors
+        the device-driven steps read and advance (allocated once, never moved); returns the
+        lengths [slots]."""
         if not hasattr(self, "_len_dev"):
             self._len_dev = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
-        self._len_dev[:batch].copy_(to_device(self.lengths[:batch], self.device))
+            self._off_dev = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
+        rows = slice(first, batch)
+        self._len_dev[rows].copy_(to_device(self.lengths[rows], self.device))
+        self._off_dev[rows].copy_(to_device(self.positions[rows] - self.lengths[rows], self.device))
         return self._len_dev
 
     def begin_decode_device(self, active: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -268,7 +272,7 @@ class KVCache:
         start = torch.where(active, self._len_dev[:P], 0)
         buf[0] = start[:, None] + torch.arange(T, device=self.device)
         buf[1, :, 0] = buf[0, :, -1] + 1
-        buf[2] = buf[0]  # a dense cache's positions are its lengths
+        buf[2] = buf[0] + torch.where(active, self._off_dev[:P], 0)[:, None]
         self._mode = "decode"
         self._write, self._lens = buf[0], buf[1, :, 0]
         self._kv_len = self.max_len
@@ -285,8 +289,22 @@ class KVCache:
     def lengths_from_device(self, lengths: np.ndarray) -> None:
         """The host's copy of slots 0..len(lengths)-1's device lengths, read at a sync."""
         B = len(lengths)
+        offset = self.positions[:B] - self.lengths[:B]
         self.lengths[:B] = lengths
-        self.positions[:B] = lengths
+        self.positions[:B] = lengths + offset
+
+    def move_device(self, src: list[int], dst: list[int]) -> None:
+        """`move` for slots whose lengths only the device knows (a drafter's cache on the
+        sync-free path): every entry and the device lengths and offsets."""
+        if not src:
+            return
+        s, d = to_device(src, self.device), to_device(dst, self.device)
+        self.k[:, d] = self.k[:, s]
+        self.v[:, d] = self.v[:, s]
+        self._len_dev[d] = self._len_dev[s]
+        self._off_dev[d] = self._off_dev[s]
+        self.lengths[dst] = self.lengths[src]
+        self.positions[dst] = self.positions[src]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k/v [B, KVH, T, D] of the new tokens, return attention of q [B, H, T, D]."""

@@ -140,7 +140,12 @@ def draw(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.
     uniform per row (torch's per-element exponential / multinomial sampling costs ~20x more on
     CPU at a 50k vocabulary). The CDF is summed in float64 so that tail tokens keep their
     probability once most of the mass is behind them."""
+    u = torch.rand(logp.shape[0], generator=generator, dtype=torch.float64, device=logp.device)
+    return draw_with(logp, u)
+
+
+def draw_with(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`draw` with the rows' uniforms u [N] (float64) given: capturable in a CUDA graph."""
     cdf = logp.exp().cumsum(dim=-1, dtype=torch.float64)  # [N, V]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
-    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
     return tokens.clamp_max_(cdf.shape[-1] - 1)

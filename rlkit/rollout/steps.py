@@ -279,7 +279,8 @@ def _spec_stats(
 
 class SyncFreeSpecStep:
     """Draft, verify and emit with no host sync: `SpecStep` with the drafter on the device
-    (`drafters.DeviceDrafter`, e.g. `DeviceSAM`) and the cache's lengths on the device
+    (`drafters.DeviceDrafter`: `DeviceSAM`, `DeviceMTP`, `DeviceSAMThenMTP`; sampled MTP
+    drafts come with their q) and the cache's lengths on the device
     (`KVCache.device_lengths`), for padded steps (CUDA graphs; `capture=False` runs the same
     steps eagerly).
 
@@ -287,8 +288,9 @@ class SyncFreeSpecStep:
     limit - count - 1, at most k; 0 for rows at their limit, padding rows, and every row while
     more than `max_batch` run), the drafter's drafts, the policy's forward over k + 1 tokens a
     row from the cache's device lengths, `verify_rows`, the rows' new counts, next tokens and
-    lengths, and the drafter's update with the emitted tokens. Outside the graph, per step: the
-    uniforms drawn from the run's generator into a fixed buffer (as `SpecStep` draws them),
+    lengths, and the drafter's update with the emitted tokens and the policy's states. Outside
+    the graph, per step: the drafter's and the rule's uniforms drawn from the run's generator
+    into fixed buffers (the rule's as `SpecStep` draws them),
     and the emitted tokens written to the run's outputs (a few launches, no sync). The host
     reads the counts and lengths every `sync_every` steps (`sync`): between reads `Run.count`
     is a lower bound (`exact_counts` False), and a row that reaches its limit emits nothing
@@ -356,6 +358,7 @@ class SyncFreeSpecStep:
         u = f"u{k}"  # the step's uniforms [slots, k + 1]
         if u not in st:
             st[u] = torch.zeros(run.cache.num_slots, k + 1, dtype=torch.float64, device=run.device)
+        self.drafter.before_step(run, B)
         if run.params.temperature > 0:
             # Drawn straight into the step's buffer: the draws `SpecStep` makes.
             torch.rand(B, k + 1, generator=run.gen, dtype=torch.float64, out=st[u][:B])
@@ -385,19 +388,20 @@ class SyncFreeSpecStep:
         room = torch.where(active, (limit - count - 1).clamp(min=0, max=k), 0)
         if self.max_batch:
             room = torch.where(st["nrows"] <= self.max_batch, room, 0)
-        drafts, dnum = self.drafter.propose(pad, room)  # [pad, the drafter's k >= k]
+        drafts, dnum, q = self.drafter.propose(pad, room)  # [pad, the drafter's k >= k]
         tokens = torch.cat([self.last[:pad, None], drafts[:, :k]], dim=1)  # [pad, k + 1]
         positions = cache.begin_decode_device(active, k + 1)
         hidden = run.model.forward_cached(tokens, positions, cache)
+        q = None if q is None else q[:, :k]
         emitted, logp, accepted = verify_rows(
-            run.model, hidden, tokens, dnum, st[f"u{k}"][:pad], None, run.params, run.sample_rows
+            run.model, hidden, tokens, dnum, st[f"u{k}"][:pad], q, run.params, run.sample_rows
         )
         num = torch.where(active, accepted + 1, 0)
         cache.advance_device(num)
         last = emitted.gather(1, (num - 1).clamp(min=0)[:, None])[:, 0]
         self.last[:pad] = torch.where(active, last, self.last[:pad])
         self.count[:pad] += num
-        self.drafter.extend(pad, emitted, num)
+        self.drafter.extend(pad, emitted, num, hidden)
         st["counts"] += torch.stack(
             [active.sum(), num.sum(), dnum.sum(), (num - 1).clamp(min=0).sum()]
         )
@@ -424,7 +428,7 @@ class _SyncFreeGraphs:
 
     def __init__(self, capture: bool, bucket_sizes: list[int]):
         self.capture, self.buckets = capture, bucket_sizes
-        self.state: dict[str, torch.Tensor] = {}
+        self.state: dict[str, Any] = {}
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.restore: list[torch.Tensor] = []

@@ -21,6 +21,7 @@ from rlkit.kernels.spec_verify import verify_drafts_reference
 import rlkit.rollout.steps as steps_module
 from rlkit.config.schema import SpeculativeConfig
 from rlkit.models import load_model
+from rlkit.models.mtp import init_mtp
 from rlkit.rollout import Engine, SamplingParams, sampling_logprobs
 from rlkit.rollout.drafters import DRAFTERS, Draft
 from rlkit.rollout.sampling import draw
@@ -108,18 +109,25 @@ SAM_PROMPT = [5, 17, 99, 3, 95, 39, 255, 87, 62, 111, 66, 75, 5, 17, 99, 3, 95]
 
 
 def _pvalue(
-    tiny_dirs, params: SamplingParams, stats: dict | None = None, sync_free: bool = False
+    tiny_dirs,
+    params: SamplingParams,
+    stats: dict | None = None,
+    sync_free: bool = False,
+    drafter: str = "sam",
 ) -> float:
-    """sync_free: SAM drafting on the device through `SyncFreeSpecStep` (padded steps run
-    eagerly on a CPU), on SAM_PROMPT; else the half-temperature drafter on PROMPT."""
+    """sync_free: `drafter` (sam, mtp, sam+mtp: a seeded MTP module) drafting on the device
+    through `SyncFreeSpecStep` (padded steps run eagerly on a CPU), on SAM_PROMPT; else the
+    half-temperature drafter on PROMPT."""
     model, tok = load_model(tiny_dirs["llama"])
     with torch.no_grad():
         model.lm_head.weight.mul_(SHARPEN_MODEL)
     prompt = SAM_PROMPT if sync_free else PROMPT
     cells = _exact_cells(model, params, min_count=5, prompt=prompt)
     if sync_free:
-        spec = SpeculativeConfig(drafter="sam", num_draft_tokens=2, sam_min_match=1)
+        spec = SpeculativeConfig(drafter=drafter, num_draft_tokens=2, sam_min_match=1)
         graphs = dict(cuda_graphs=True, cpu_kernels=False)
+        if "mtp" in drafter:
+            graphs["mtp"] = init_mtp(model.args, seed=0)
     else:
         spec = SpeculativeConfig(drafter="half-temperature", num_draft_tokens=2)
         graphs = {}
@@ -169,6 +177,19 @@ def test_sync_free_sam_steps_follow_the_policys_distribution(tiny_dirs, params):
     assert stats["spec/accept_rate"] > 0.05
     if params == PARAMS[0]:
         assert stats["spec/accept_rate"] < 0.95  # ... and at T = 1 rejected (0.77)
+    assert pvalue > 1e-4
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "sam+mtp"])
+@pytest.mark.parametrize("params", [PARAMS[0], PARAMS[2]], ids=["t1", "t1.3-p0.8"])
+def test_sync_free_mtp_steps_follow_the_policys_distribution(tiny_dirs, params, drafter):
+    """`DeviceMTP`'s sampled drafts (q over the vocabulary, its uniforms drawn before the
+    step) verified inside the step: the emitted tokens follow the policy's distribution."""
+    sp = SamplingParams(max_new_tokens=3, seed=11, ignore_eos=True, **params)
+    stats: dict = {}
+    pvalue = _pvalue(tiny_dirs, sp, stats, sync_free=True, drafter=drafter)
+    assert stats["spec/drafted_per_step"] > 0.5  # every row drafts...
+    assert 0.02 < stats["spec/accept_rate"] < 0.95  # ... and some drafts pass, some fail
     assert pvalue > 1e-4
 
 

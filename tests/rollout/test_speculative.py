@@ -109,16 +109,58 @@ def test_limits_stop_strings_and_capacity(make_spec, prompts):
 
 
 @pytest.mark.parametrize(
-    "drafter, temperature", [("sam", 0.0), ("sam+mtp", 1.0), ("mtp", 0.0), ("mtp", 1.0)]
+    "drafter, temperature, mtp_vocab",
+    [("sam", 0.0, 0), ("sam+mtp", 0.0, 0), ("sam+mtp", 1.0, 64), ("mtp", 0.0, 64), ("mtp", 1.0, 0)],
 )
-def test_padded_verify_steps_decode_like_eager_ones(
+def test_padded_steps_draft_on_the_device(
+    make_spec, reference, prompts, drafter, temperature, mtp_vocab
+):
+    """`cuda_graphs=True` on a CPU runs the padded steps a CUDA graph replays eagerly. Over a
+    dense cache every drafter drafts on the device (`steps.SyncFreeSpecStep`: `DeviceSAM`,
+    `DeviceMTP`, `DeviceSAMThenMTP`): greedy output is the host-drafted steps' and plain
+    decoding's, with the same drafts (the same share accepted, where no early stop makes the
+    two paths run rows past their end differently); sampled tokens carry the policy's
+    log-probs and a seed reproduces them."""
+    from rlkit.rollout import steps
+
+    sp = SamplingParams(max_new_tokens=16, temperature=temperature, seed=5, stop_token_ids=[17, 99])
+    # cpu_kernels=False: the fused C step would take precedence over padded steps on a CPU.
+    kw = dict(max_batch_size=5, sync_every=2, cpu_kernels=False, mtp_vocab=mtp_vocab)
+    padded = make_spec("llama", drafter, cuda_graphs=True, **kw)
+    eager = make_spec("llama", drafter, cuda_graphs=False, **kw)
+    out = padded.generate(prompts, sp, n=2)
+    graphs = padded._graphs
+    assert graphs is not None and not graphs.capture
+    (sync_free,) = graphs.extra.values()
+    assert isinstance(sync_free, steps._SyncFreeGraphs) and len(sync_free.steps) > 1
+    assert not graphs.steps and padded.stats["spec/plain_steps"] == 0
+    (key,) = graphs.extra
+    assert key[5] == drafter  # the device drafter's key
+    if temperature == 0.0:
+        _same(out, eager.generate(prompts, sp, n=2))
+        _same(out, eager.generate(prompts, sp, n=2, drafter="none"))
+        fixed = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+        padded.generate(prompts, fixed, n=2)
+        eager.generate(prompts, fixed, n=2)
+        # The same drafts, the same verdicts. (Steps where no row drafts are plain steps on
+        # the host path, verify steps on the device's: the per-step figures differ.)
+        assert padded.stats["spec/accept_rate"] == pytest.approx(eager.stats["spec/accept_rate"])
+        assert padded.stats["spec/drafted_per_step"] > 0
+    else:
+        _assert_policy_logprobs(reference("llama"), prompts, out, sp)
+        again = make_spec("llama", drafter, cuda_graphs=True, **kw)
+        _same(out, again.generate(prompts, sp, n=2))
+
+
+@pytest.mark.parametrize("drafter, temperature", [("sam+mtp", 1.0), ("mtp", 0.0), ("mtp", 1.0)])
+def test_padded_host_drafted_steps_decode_like_eager_ones(
     make_spec, prompts, drafter, temperature, monkeypatch
 ):
-    """`cuda_graphs=True` on a CPU runs the padded steps a CUDA graph replays (k + 1 tokens
-    per row, the batch through the buckets) eagerly; sampled, they draw the same uniforms.
-    The MTP drafter's block runs padded steps too (its own graphs on a GPU): the catch-up
-    over k + 1 pairs and each further depth over one token."""
-    from rlkit.rollout import drafters, steps
+    """Where the drafts cannot come from the device (a compressed cache's trigger is on the
+    host) the padded steps are host-drafted `SpecStep`s: the verify step kept with the decode
+    graphs and the MTP block's own padded steps (the catch-up over k + 1 pairs, then each
+    further depth over one token); sampled, they draw the same uniforms as eager steps."""
+    from rlkit.rollout import drafters
 
     made = []
 
@@ -129,8 +171,8 @@ def test_padded_verify_steps_decode_like_eager_ones(
 
     monkeypatch.setattr(drafters, "StepGraphs", Recorded)
     sp = SamplingParams(max_new_tokens=16, temperature=temperature, seed=5, stop_token_ids=[17, 99])
-    # cpu_kernels=False: the fused C step would take precedence over padded steps on a CPU.
-    kw = dict(max_batch_size=5, sync_every=2, cpu_kernels=False)
+    cfg = KVCompressionConfig(policy="snapkv", budget=12, window=3, interval=6)
+    kw = dict(max_batch_size=5, sync_every=2, cpu_kernels=False, kv_compression=cfg)
     padded = make_spec("llama", drafter, cuda_graphs=True, **kw)
     eager = make_spec("llama", drafter, cuda_graphs=False, **kw)
     out = padded.generate(prompts, sp, n=2)
@@ -139,26 +181,13 @@ def test_padded_verify_steps_decode_like_eager_ones(
         _same(out, eager.generate(prompts, sp, n=2, drafter="none"))
     graphs = padded._graphs
     assert graphs is not None and not graphs.capture
-    # Drafting steps feed k + 1 tokens per row through the verify steps kept with the decode
-    # graphs (forward, head, rule and emission as one padded step), one per sampling setting;
-    # a step where no row drafts (SAM without a long enough match, rows at their limit) is a
-    # plain one-token step.
-    verify = list(graphs.extra.values())
-    assert len(verify) == 1 and not verify[0].capture
-    if drafter == "sam":
-        # SAM drafts on the device: every step is a sync-free verify step (k + 1 tokens a
-        # row, drafting or not) through the batch's buckets, and no step is a plain one.
-        assert isinstance(verify[0], steps._SyncFreeGraphs) and len(verify[0].steps) > 1
-        assert not graphs.steps and padded.stats["spec/plain_steps"] == 0
-    else:
-        assert {T for _, T in verify[0].steps} == {4} and len(verify[0].steps) > 1
-        assert {T for _, T in graphs.steps} <= {1}
-    if "mtp" in drafter:
-        assert made and all(not g.capture for g in made)
-        block_fed = {T for g in made for _, T in g.steps}
-        assert block_fed == {1, 4}  # catch-ups of k + 1 pairs, then depths 2..k of one token
-    else:
-        assert not made
+    (verify,) = graphs.extra.values()
+    assert not verify.capture
+    assert {T for _, T in verify.steps} == {4} and len(verify.steps) > 1
+    assert {T for _, T in graphs.steps} <= {1}
+    assert made and all(not g.capture for g in made)
+    block_fed = {T for g in made for _, T in g.steps}
+    assert block_fed == {1, 4}  # catch-ups of k + 1 pairs, then depths 2..k of one token
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "rkv", "streaming", "layer_hybrid"])
@@ -247,6 +276,57 @@ def test_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs, request, ke
             drafter.observed(
                 run, hidden[None, j + 1 : j + 2], torch.tensor([[tokens[j + 1]]]), np.array([1])
             )
+
+
+@pytest.mark.parametrize("sub_vocab", [False, True])
+def test_device_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs, sub_vocab):
+    """`DeviceMTP` (all k depths every step, its cache's lengths on the device) drafts what
+    the training forward predicts, as the host drafter does (the test above)."""
+    from rlkit.rollout.drafters import DraftSettings, MTPDrafter
+    from rlkit.rollout.scheduler import Run
+    from rlkit.rollout.steps import PlainStep
+
+    model, tok = load_model(tiny_dirs["llama"])
+    V = model.args.vocab_size
+    mtp = init_mtp(model.args, seed=4)
+    with torch.no_grad():
+        for p in mtp.parameters():
+            p.mul_(5.0 if p.dim() >= 2 else 1.0)
+    engine = Engine(model, tok, dtype=torch.float32, mtp=mtp, cpu_kernels=False)
+    prompt, k, steps = [5, 17, 99, 3, 8], 3, 6
+    sp = SamplingParams(max_new_tokens=steps + k, temperature=0.0)
+    tokens = engine.generate([prompt], sp)[0].token_ids
+    start = torch.tensor([len(prompt) - 1])
+    settings = DraftSettings(num_draft_tokens=k, mtp=engine.mtp)
+    if sub_vocab:
+        settings.mtp_vocab, settings.token_counts = V // 2, (torch.arange(V) % 2).float() * 100
+    with torch.inference_mode():
+        hidden = engine.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
+        run = Run(engine, [prompt], sp, 1, None, k)
+        dev = MTPDrafter(run, settings).on_device()
+        state: dict = {}
+        dev.bind(state, run.cache.num_slots, run.cache.max_len, run.device)
+        allowed = torch.full((V,), float("-inf"))
+        allowed[dev.ids if sub_vocab else slice(None)] = 0.0
+        run._admit(PlainStep())
+        dev.admitted(run, 0, [0], hidden[0:1])
+        j = 0
+        while j < steps:
+            drafts, num, q = dev.propose(1, torch.tensor([k]))
+            assert q is None and num.tolist() == [k]
+            drafts = drafts[0].tolist()
+            fed = torch.tensor([tokens[: j + 1] + drafts[: k - 1]])
+            states = engine.mtp.forward_train(engine.model, hidden[None, : j + k], fed, start, k)
+            want = [int((engine.model.logits(s[0, j]) + allowed).argmax()) for s in states]
+            assert drafts == want, j
+            # One or two verified tokens (a catch-up over several pairs), padded to k + 1.
+            m = 1 + j % 2
+            fed_tokens = torch.zeros(1, k + 1, dtype=torch.long)
+            fed_tokens[0, :m] = torch.tensor(tokens[j + 1 : j + 1 + m])
+            fed_hidden = torch.zeros(1, k + 1, hidden.shape[-1])
+            fed_hidden[0, :m] = hidden[j + 1 : j + 1 + m]
+            dev.extend(1, fed_tokens, torch.tensor([m]), fed_hidden)
+            j += m
 
 
 def test_mtp_sub_vocabulary_drafts_seen_tokens_and_stays_lossless(
