@@ -12,6 +12,7 @@ from test_speculative import _assert_policy_logprobs, _same
 
 from rlkit.config.schema import KVCompressionConfig, SpeculativeConfig
 from rlkit.models import load_model
+from rlkit.models.mtp import init_mtp
 from rlkit.rollout import Engine, SamplingParams, steps
 from rlkit.rollout.sam import corpus_automaton
 
@@ -179,26 +180,34 @@ def test_host_drafting_where_the_device_form_does_not_apply(make, prompts):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_steps_equal_host_drafting_and_never_sync(tiny_dirs, prompts, monkeypatch):
+@pytest.mark.parametrize(
+    "drafter, temperature", [("sam", 0.0), ("sam+mtp", 0.0), ("mtp", 0.0), ("sam+mtp", 1.0)]
+)
+def test_cuda_graph_steps_equal_host_drafting_and_never_sync(
+    tiny_dirs, prompts, monkeypatch, drafter, temperature
+):
     """On a GPU: captured sync-free steps give the host-drafted `SpecStep`'s greedy output,
-    and once captured a step runs under CUDA's sync debug mode "error" (no host read)."""
+    and once captured a step runs under CUDA's sync debug mode "error" (no host read); the
+    MTP drafters' block, heads and draws inside the step too."""
 
     def engine(graphs):
         model, tok = load_model(tiny_dirs["llama"])
         spec = SpeculativeConfig(
-            drafter="sam", num_draft_tokens=3, sam_min_match=2, tail_rows=2, tail_draft_tokens=6
-        )
+            drafter=drafter, num_draft_tokens=3, sam_min_match=2, tail_rows=2,
+            tail_draft_tokens=6, mtp_vocab=64,
+        )  # fmt: skip
         return Engine(
             model.cuda(), tok, dtype=torch.float32, speculative=spec, cuda_graphs=graphs,
-            max_batch_size=4, sync_every=3,
+            max_batch_size=4, sync_every=3, mtp=init_mtp(model.args, seed=0),
         )  # fmt: skip
 
-    sp = SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=[17])
+    sp = SamplingParams(max_new_tokens=40, temperature=temperature, seed=3, stop_token_ids=[17])
     fast = engine(True)
     out = fast.generate(prompts, sp, n=2)
     (g,) = _sync_free(fast)
     assert g.capture and {k for _, k in g.graphs} == {3, 6}  # a longer draft in the tail
-    _same(out, engine(False).generate(prompts, sp, n=2), atol=1e-4)
+    if temperature == 0.0:
+        _same(out, engine(False).generate(prompts, sp, n=2), atol=1e-4)
     step = steps.SyncFreeSpecStep.step
 
     def checked(self, run):
@@ -209,4 +218,4 @@ def test_cuda_graph_steps_equal_host_drafting_and_never_sync(tiny_dirs, prompts,
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(steps.SyncFreeSpecStep, "step", checked)
-    _same(fast.generate(prompts, sp, n=2), out)
+    _same(fast.generate(prompts, sp, n=2), out, atol=1e-4)
