@@ -61,19 +61,26 @@ def _nucleus_by_sorting(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return keep
 
 
+@pytest.mark.parametrize("first_tier", [64, 4])
 @pytest.mark.parametrize("vocab, scale", [(3000, 8.0), (3000, 0.5), (700, 2.0)])
-def test_top_p_from_candidates_is_the_sorted_rule(vocab, scale, monkeypatch):
-    """Peaked rows (the nucleus among the first candidates) and flat ones (past them: the row
-    is sorted whole) keep exactly the sorted rule's set, ties at its edge included."""
+def test_top_p_from_candidates_is_the_sorted_rule(vocab, scale, first_tier, monkeypatch):
+    """Peaked rows (the nucleus among the first tier's candidates, or the second's) and flat
+    ones (past them: the row is sorted whole) keep exactly the sorted rule's set, ties at its
+    edge included; rows left out by `need` keep every token."""
     from rlkit.rollout import sampling
 
     monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 256)
+    monkeypatch.setattr(sampling, "TOP_P_FIRST_TIER", first_tier)
     g = torch.Generator().manual_seed(vocab)
     logits = (torch.randn(6, vocab, generator=g) * scale).to(torch.bfloat16).float()  # ties
     logits[0, :5] = logits[0, :5].max()  # a tie at the top
     for top_p in (0.3, 0.7, 0.95):
         got = torch.isfinite(sampling_logprobs(logits, SamplingParams(top_p=top_p)))
         assert torch.equal(got, _nucleus_by_sorting(logits, top_p)), top_p
+    need = torch.tensor([True, False, True, True, False, True])
+    got = torch.isfinite(sampling_logprobs(logits, SamplingParams(top_p=0.7), need))
+    assert torch.equal(got[need], _nucleus_by_sorting(logits, 0.7)[need])
+    assert bool(got[~need].all())
     # Flat rows need more than the candidates: the fallback ran (else the sets would differ).
     if scale < 1:
         assert _nucleus_by_sorting(logits, 0.7).sum(-1).min() > 256
