@@ -14,6 +14,7 @@ fi
 for loss in ${LOSSES:-frozen plain advantage dense}; do
   extra=""
   [ "$loss" = dense ] && extra="rollout.speculative.drafter=none" && l=frozen || l=$loss
+  rm -rf /tmp/runs/mtp_$loss  # a warm machine's earlier run would be resumed
   python3 -m rlkit.cli train recipes/mtp_arithmetic.yaml model.path=$model algorithm.mtp.loss=$l \
     $extra run.name=mtp_$loss run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false \
     train.steps=${STEPS:-30} train.eval_every=0 "$stages" \

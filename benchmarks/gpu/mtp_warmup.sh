@@ -17,6 +17,7 @@ if [ "${TASK:-}" = arithmetic_set ]; then
     "rollout.speculative={drafter: sam+mtp, num_draft_tokens: 3, sam_min_match: 2, mtp_vocab: 8192}"
     rollout.max_new_tokens=${MAX_NEW:-768} eval.max_new_tokens=${MAX_NEW:-768})
 fi
+rm -rf /tmp/runs/mtp_warmup  # a warm machine's earlier run would be resumed
 timeout ${LIMIT:-100000} python3 -m rlkit.cli train $recipe run.name=mtp_warmup \
   run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false "${task[@]}" \
   "stages=[{type: mtp_warmup, name: warmup, overrides: {train.steps: ${WARMUP:-60}, train.eval_every: ${EVAL_EVERY:-20}, train.save_every: ${SAVE_EVERY:-20}, algorithm.mtp.lr: 1.0e-3}}]" \
