@@ -457,9 +457,11 @@ class DeviceMTP:
             state["mtp_tok"] = torch.zeros(slots, k + 1, dtype=torch.long, device=device)
             state["mtp_n"] = torch.zeros(slots, dtype=torch.long, device=device)
             state["mtp_u"] = torch.zeros(slots, k, dtype=torch.float64, device=device)
+            # A step writes up to 2k entries past a row's length: the catch-up's k + 1, kept
+            # n <= k + 1 of them, then k - 1 depths.
             state["mtp_cache"] = KVCache(
                 1, slots, length, a.num_kv_heads, a.head_dim, dtype, device, False,
-                lookahead=k + 1,
+                lookahead=2 * k,
             )  # fmt: skip
             state["mtp_cache"].lengths_to_device(slots)
             if self.n_vocab:
