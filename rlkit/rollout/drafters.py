@@ -132,26 +132,11 @@ class MTPDrafter:
         if cfg.mtp is None:
             raise ValueError("the mtp drafter needs an MTP module (Engine(mtp=...))")
         self.mtp, self.k, self.run = cfg.mtp, cfg.num_draft_tokens, run
-        a, c, dev = run.model.args, run.cache, run.device
-        dtype = run.e.dtype
-        self.cache = KVCache(
-            1, c.num_slots, c.capacity, a.num_kv_heads, a.head_dim, dtype, dev, run.e.cpu_kernels,
-            lookahead=self.k + 1,
-        )  # fmt: skip
-        # Pairs (policy state, the token after it) verified but not yet in the MTP cache.
-        self.h = torch.zeros(c.num_slots, self.k + 1, a.hidden_size, dtype=dtype, device=dev)
-        self.tok = torch.zeros(c.num_slots, self.k + 1, dtype=torch.long, device=dev)
-        self.pending = np.zeros(c.num_slots, dtype=np.int64)
+        a, dev = run.model.args, run.device
+        self.built = False  # the host path's state, made at the first admission (`_build`)
+        # The fused CPU step's packed block (never with padded steps, hence never on the
+        # device path).
         self.fused = _FusedMTP(self.mtp, run.model) if run.e.fused_decode else None
-        # Where the policy's steps are padded CUDA-graph replays, so are the block's: the
-        # catch-up over k + 1 pairs and each depth's one token, a graph per bucket each.
-        self.graphs: StepGraphs | None = None
-        if run.graphs is not None:
-            self.graphs = StepGraphs(
-                lambda h, tok, positions: self._block_at(run, self._input(run, h, tok), positions),
-                self.cache,
-                capture=run.graphs.capture,
-            )
         # The draft head: the whole LM head, or the rows of the most frequent tokens.
         self.counts, self.ids, self.head = cfg.token_counts, None, None
         if 0 < cfg.mtp_vocab < a.vocab_size and self.counts is not None:
@@ -166,7 +151,32 @@ class MTPDrafter:
             # Packed once per call in the trunk's layout (AVX2 GEMM, oneDNN), if it has one.
             self.head = run.model.pack_weights(head, None)[0]
 
+    def _build(self, run: Run) -> None:
+        """The host path's state (a run that drafts on the device never needs it): the block's
+        one-layer cache, the pairs not yet in it, the block's graphs."""
+        a, c, dev, dtype = run.model.args, run.cache, run.device, run.e.dtype
+        self.cache = KVCache(
+            1, c.num_slots, c.capacity, a.num_kv_heads, a.head_dim, dtype, dev, run.e.cpu_kernels,
+            lookahead=self.k + 1,
+        )  # fmt: skip
+        # Pairs (policy state, the token after it) verified but not yet in the MTP cache.
+        self.h = torch.zeros(c.num_slots, self.k + 1, a.hidden_size, dtype=dtype, device=dev)
+        self.tok = torch.zeros(c.num_slots, self.k + 1, dtype=torch.long, device=dev)
+        self.pending = np.zeros(c.num_slots, dtype=np.int64)
+        # Where the policy's steps are padded CUDA-graph replays, so are the block's: the
+        # catch-up over k + 1 pairs and each depth's one token, a graph per bucket each.
+        self.graphs: StepGraphs | None = None
+        if run.graphs is not None:
+            self.graphs = StepGraphs(
+                lambda h, tok, positions: self._block_at(run, self._input(run, h, tok), positions),
+                self.cache,
+                capture=run.graphs.capture,
+            )
+        self.built = True
+
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
+        if not self.built:
+            self._build(run)
         m = len(seqs)
         self.h[first : first + m, 0] = hidden
         self.tok[first : first + m, 0] = run.last[first : first + m]
