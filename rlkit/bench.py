@@ -234,6 +234,8 @@ def _native(
             sam_match=args.sam_match,
             mtp_vocab=args.mtp_vocab,
             max_batch=args.spec_max_batch,
+            tail_rows=args.tail_rows,
+            tail_draft_tokens=args.tail_draft_tokens,
         )
         if "mtp" in drafter:
             mtp = load_mtp(args.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)
@@ -511,6 +513,13 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         help="the earlier occurrence of its match SAM continues",
     )
     spec.add_argument(
+        "--tail-rows",
+        type=int,
+        default=0,
+        help="draft --tail-draft-tokens instead once at most this many sequences run (0: off)",
+    )
+    spec.add_argument("--tail-draft-tokens", type=int, default=0)
+    spec.add_argument(
         "--spec-max-batch",
         type=int,
         default=0,
@@ -567,6 +576,14 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     if "spec" in modes:
         drafters = _csv(args.drafter, DRAFTER_NAMES, "drafter")
         modes = [m for m in modes if m != "spec"] + [f"spec:{d}" for d in drafters]
+        from rlkit.config.schema import SpeculativeConfig
+
+        tail = SpeculativeConfig(
+            num_draft_tokens=args.num_draft_tokens, tail_rows=args.tail_rows,
+            tail_draft_tokens=args.tail_draft_tokens,
+        ).tail_problem()  # fmt: skip
+        if tail is not None:
+            raise SystemExit(f"rlkit bench: --{tail[0].replace('_', '-')} {tail[1]}")
     if args.stop_at_eos and "hf" in engines:
         raise SystemExit(
             "rlkit bench: --stop-at-eos: the hf engine always runs to the cap; drop it"
@@ -638,6 +655,8 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             sam_match=args.sam_match,
             mtp_vocab=args.mtp_vocab,
             spec_max_batch=args.spec_max_batch,
+            tail_rows=args.tail_rows,
+            tail_draft_tokens=args.tail_draft_tokens,
             mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))

@@ -90,6 +90,34 @@ def test_spec_rows_per_drafter_on_task_prompts(model_dir, capsys):
     assert "acc len" in out and "mtp=untrained" in out
 
 
+def test_tail_draft_length_reaches_the_engine_and_bad_settings_stop_first(
+    model_dir, tmp_path, monkeypatch
+):
+    from rlkit.rollout import engine as engine_module
+
+    seen = []
+    real = engine_module.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.speculative)
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", spy)
+    out = tmp_path / "rows.json"
+    argv = [
+        "--model", model_dir, "--batch", "4", "--max-new-tokens", "12", "--repeats", "1",
+        "--modes", "spec", "--drafter", "sam", "--engines", "native", "--task", "arithmetic",
+        "--sam-min-match", "1", "--temperature", "0", "--threads", "1",
+    ]  # fmt: skip
+    rollout([*argv, "--tail-rows", "4", "--tail-draft-tokens", "5", "--json", str(out)])
+    spec = [s for s in seen if s is not None]
+    assert spec and all(s.draft_tokens(4) == 5 and s.draft_tokens(5) == 3 for s in spec)
+    (row,) = json.loads(out.read_text())
+    assert row["settings"]["tail_rows"] == 4 and row["settings"]["tail_draft_tokens"] == 5
+    with pytest.raises(SystemExit, match="--tail-draft-tokens must be >= num_draft_tokens"):
+        rollout([*argv, "--num-draft-tokens", "3", "--tail-rows", "2", "--tail-draft-tokens", "2"])
+
+
 def test_stop_at_eos_rows_count_what_was_generated(model_dir):
     from argparse import Namespace
 
