@@ -75,24 +75,28 @@ __all__ = [
 ]
 
 
+def _expect(
+    name: str, x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, hist: torch.Tensor
+) -> None:
+    """Raise ValueError unless x has this shape, dtype and hist's device."""
+    if tuple(x.shape) != shape:
+        dims = "[B, L]" if len(shape) == 2 else "[B]"
+        raise ValueError(f"{name} must be {dims} = {shape}, got shape {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {x.dtype}")
+    if x.device != hist.device:
+        raise ValueError(f"{name} is on {x.device}, hist on {hist.device}")
+
+
 def _check_state(hist: torch.Tensor, M: torch.Tensor, hlen: torch.Tensor) -> tuple[int, int]:
-    """Raise ValueError naming the first wrong state tensor; else (B, L)."""
+    """Raise ValueError naming the first wrong argument; else (B, L)."""
     if hist.dim() != 2:
         raise ValueError(f"hist must be [B, L], got shape {tuple(hist.shape)}")
     if hist.dtype != torch.int64:
         raise ValueError(f"hist must be int64, got {hist.dtype}")
     B, L = hist.shape
-    if tuple(M.shape) != (B, L):
-        raise ValueError(f"M must be [B, L] = {(B, L)}, got shape {tuple(M.shape)}")
-    if M.dtype != torch.int32:
-        raise ValueError(f"M must be int32, got {M.dtype}")
-    if tuple(hlen.shape) != (B,):
-        raise ValueError(f"hlen must be [B] = {(B,)}, got shape {tuple(hlen.shape)}")
-    if hlen.dtype != torch.int64:
-        raise ValueError(f"hlen must be int64, got {hlen.dtype}")
-    for name, x in (("M", M), ("hlen", hlen)):
-        if x.device != hist.device:
-            raise ValueError(f"{name} is on {x.device}, hist on {hist.device}")
+    _expect("M", M, (B, L), torch.int32, hist)
+    _expect("hlen", hlen, (B,), torch.int64, hist)
     if L and (hist.stride(1) != 1 or M.stride(1) != 1):
         raise ValueError("hist and M need a unit column stride")
     return B, L
@@ -107,13 +111,9 @@ def _check_extend(
         raise ValueError(f"tokens must be [B, T] with B = {B}, got shape {tuple(tokens.shape)}")
     if tokens.dtype != torch.int64:
         raise ValueError(f"tokens must be int64, got {tokens.dtype}")
-    if tuple(num.shape) != (B,):
-        raise ValueError(f"num must be [B] = {(B,)}, got shape {tuple(num.shape)}")
-    if num.dtype != torch.int64:
-        raise ValueError(f"num must be int64, got {num.dtype}")
-    for name, x in (("tokens", tokens), ("num", num)):
-        if x.device != hist.device:
-            raise ValueError(f"{name} is on {x.device}, hist on {hist.device}")
+    if tokens.device != hist.device:
+        raise ValueError(f"tokens is on {tokens.device}, hist on {hist.device}")
+    _expect("num", num, (B,), torch.int64, hist)
     T = tokens.shape[1]
     if T and tokens.stride(1) != 1:
         raise ValueError("tokens needs a unit column stride")

@@ -40,7 +40,7 @@ from rlkit.models.mtp import MTPModule
 from rlkit.rollout.cuda_graphs import StepGraphs
 from rlkit.rollout.kv_cache import KVCache
 from rlkit.rollout.sam import SuffixAutomaton, TextMatchers
-from rlkit.rollout.sampling import SamplingParams, draw, draw_with, sampling_logprobs
+from rlkit.rollout.sampling import SamplingParams, draw_with, sampling_logprobs
 
 if TYPE_CHECKING:
     from rlkit.rollout.scheduler import Run
@@ -125,6 +125,29 @@ class _FusedMTP:
         hn = cpu_kernels.add_rms_norm(h.reshape(B * T, H), None, self.hnorm, self.eps)
         en = cpu_kernels.add_rms_norm(e, None, self.enorm, self.eps)
         return linear(torch.cat([hn, en], dim=-1), *self.proj).view(B, T, H)
+
+
+def _draft_depth(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    u: torch.Tensor | None,
+    ids: torch.Tensor | None,
+    probs: torch.Tensor | None,
+    i: int,
+) -> torch.Tensor:
+    """One MTP depth's drafts [B] from the head's logits [B, V] (or [B, N] over the
+    sub-vocabulary `ids`): the argmax when greedy (u None), else drawn with uniforms u [B]
+    from the processed distribution q, written into probs[:, i] ([B, k, V], zero off `ids`)."""
+    if u is None or probs is None:
+        d = logits.argmax(dim=-1)
+    else:
+        logq = sampling_logprobs(logits, params)
+        d = draw_with(logq, u)
+        if ids is None:
+            probs[:, i] = logq.exp()
+        else:
+            probs[:, i].index_copy_(1, ids, logq.exp())
+    return d if ids is None else ids[d]
 
 
 class MTPDrafter:
@@ -241,16 +264,10 @@ class MTPDrafter:
         for i in range(depth):
             # [B, V], or [B, N] over the sub-vocabulary `ids`.
             logits = model.logits(out) if self.head is None else linear(out, self.head, None)
-            if probs is None:
-                d = logits.argmax(dim=-1)
-            else:
-                logq = sampling_logprobs(logits, params)
-                d = draw(logq, run.gen)
-                if self.ids is None:
-                    probs[:, i] = logq.exp()
-                else:
-                    probs[:, i].index_copy_(1, self.ids, logq.exp())
-            tokens[:, i] = d if self.ids is None else self.ids[d]
+            u = None
+            if probs is not None:  # `draw`'s uniforms
+                u = torch.rand(B, generator=run.gen, dtype=torch.float64, device=run.device)
+            tokens[:, i] = _draft_depth(logits, params, u, self.ids, probs, i)
             if i + 1 < depth:
                 g, out = self._step(run, g[:, None], tokens[:, i : i + 1])
                 g, out = g[:, 0], out[:, 0]
@@ -527,16 +544,8 @@ class DeviceMTP:
             probs = torch.zeros(rows, k, vocab, dtype=torch.float32, device=dev)
         for i in range(k):
             logits = F.linear(mtp.norm(g), self.head)  # [rows, V] or [rows, N]
-            if probs is None:
-                d = logits.argmax(dim=-1)
-            else:
-                logq = sampling_logprobs(logits, self.params)
-                d = draw_with(logq, self.u[:rows, i])
-                if self.sub is None:
-                    probs[:, i] = logq.exp()
-                else:
-                    probs[:, i].index_copy_(1, self.sub, logq.exp())
-            tokens[:, i] = d if self.sub is None else self.sub[d]
+            u = None if probs is None else self.u[:rows, i]
+            tokens[:, i] = _draft_depth(logits, self.params, u, self.sub, probs, i)
             if i + 1 < k:
                 x = mtp.step_input(g[:, None], tokens[:, i : i + 1], model)
                 g = self._block(x, active)[:, 0]
@@ -592,11 +601,7 @@ class DeviceSAMThenMTP:
         by_sam, n_sam, _ = self.sam.propose(rows, room)
         use = n_sam > 0
         by_mtp, n_mtp, q = self.mtp.propose(rows, torch.where(use, 0, room))
-        tokens = torch.where(use[:, None], by_sam, by_mtp)
-        if q is not None:
-            # SAM's drafts are deterministic: q is one-hot on them.
-            onehot = torch.zeros_like(q).scatter_(-1, by_sam[:, :, None], 1.0)
-            q = torch.where(use[:, None, None], onehot, q)
+        tokens, q = _sam_where(use, by_sam, by_mtp, q)
         return tokens, torch.where(use, n_sam, n_mtp), q
 
     def extend(
@@ -611,6 +616,18 @@ class DeviceSAMThenMTP:
 
     def mutated(self) -> list[torch.Tensor]:
         return self.sam.mutated() + self.mtp.mutated()
+
+
+def _sam_where(
+    use: torch.Tensor, by_sam: torch.Tensor, by_mtp: torch.Tensor, q: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sam+mtp`'s drafts [B, k]: SAM's in rows `use` [B] (bool), MTP's elsewhere; and their
+    q [B, k, V] (None: greedy), one-hot on SAM's deterministic drafts."""
+    tokens = torch.where(use[:, None], by_sam, by_mtp)
+    if q is not None:
+        onehot = torch.zeros_like(q).scatter_(-1, by_sam[:, :, None], 1.0)
+        q = torch.where(use[:, None, None], onehot, q)
+    return tokens, q
 
 
 class SAMThenMTP:
@@ -629,13 +646,12 @@ class SAMThenMTP:
         use_sam = by_sam.num > 0
         by_mtp = self.mtp.propose(run, np.where(use_sam, 0, room))
         pick = to_device(use_sam, run.device).bool()
-        tokens = torch.where(pick[:, None], by_sam.tokens, by_mtp.tokens)
-        probs = by_mtp.probs
-        if probs is not None and bool(use_sam.any()):
-            # SAM's drafts are deterministic: q is one-hot on them.
-            onehot = torch.zeros_like(probs).scatter_(-1, by_sam.tokens[:, :, None], 1.0)
-            probs = torch.where(pick[:, None, None], onehot, probs)
-        return Draft(tokens, np.where(use_sam, by_sam.num, by_mtp.num), probs)
+        # With no SAM row, MTP's q as it is (no one-hot pass over [B, k, V]).
+        probs = by_mtp.probs if use_sam.any() else None
+        tokens, q = _sam_where(pick, by_sam.tokens, by_mtp.tokens, probs)
+        return Draft(
+            tokens, np.where(use_sam, by_sam.num, by_mtp.num), by_mtp.probs if q is None else q
+        )
 
     def observed(
         self,
