@@ -295,7 +295,7 @@ def test_bad_extend_and_draft_arguments_raise_value_error():
 
 
 needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and sd.HAS_TRITON), reason="needs CUDA"
+    not (torch.cuda.is_available() and sd.HAS_TRITON), reason="needs CUDA and triton"
 )
 
 
