@@ -175,14 +175,24 @@ def test_cuda_graph_steps_decode_like_eager_steps(tiny_dirs, prompts, policy):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy", [None, "snapkv"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cuda_graph_verify_steps_decode_like_eager_ones(tiny_dirs, prompts, policy, temperature):
+def test_cuda_graph_verify_steps_decode_like_eager_ones(
+    tiny_dirs, prompts, policy, temperature, monkeypatch
+):
     """On a GPU: speculative verify steps (k + 1 tokens per row) replayed from CUDA graphs
     against launched ones, greedy and sampled (same seed: the same uniforms), with the Triton
-    verification kernel, and after a weight sync."""
+    verification kernel, and after a weight sync. Greedy without compression the graphed
+    engine drafts on the device (`steps.SyncFreeSpecStep`); sampled, whose device drafts
+    take other uniforms than the host's, both draft on the host."""
     from rlkit.config.schema import SpeculativeConfig
     from rlkit.models import load_model
     from rlkit.models.mtp import init_mtp
-    from rlkit.rollout import Engine
+    from rlkit.rollout import Engine, steps
+    from rlkit.rollout.drafters import MTPDrafter, SAMThenMTP
+
+    device = policy is None and temperature == 0.0
+    if not device:
+        for cls in (MTPDrafter, SAMThenMTP):
+            monkeypatch.setattr(cls, "on_device", lambda self: None)
 
     def make(graphs):
         model, tok = load_model(tiny_dirs["qwen3"])
@@ -197,10 +207,13 @@ def test_cuda_graph_verify_steps_decode_like_eager_ones(tiny_dirs, prompts, poli
     graphed, eager = make(True), make(False)
     out, ref = graphed.generate(prompts, sp, n=2), eager.generate(prompts, sp, n=2)
     assert graphed._graphs is not None and graphed._graphs.capture
-    # k + 1 a row in the verify graphs (forward, head, rule, emission); 1 where no row drafted.
     verify = list(graphed._graphs.extra.values())
     assert len(verify) == 1 and verify[0].capture
-    assert {T for _, T in verify[0].graphs} == {4}
+    if device:  # a graph per (bucket, k)
+        assert isinstance(verify[0], steps._SyncFreeGraphs)
+        assert {k for _, k in verify[0].graphs} == {3}
+    else:  # the host drafts: k + 1 tokens a row in the verify graphs
+        assert {T for _, T in verify[0].graphs} == {4}
     assert {T for _, T in graphed._graphs.graphs} <= {1}
     _same_tokens_and_logprobs(out, ref, atol=1e-4)
     if temperature == 0.0:  # lossless against plain decoding too
@@ -268,19 +281,26 @@ def test_cuda_graph_steps_and_compressions_never_sync_the_host(tiny_dirs, prompt
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("drafter, mtp_vocab", [("mtp", 0), ("mtp", 64), ("sam+mtp", 0)])
-def test_speculative_steps_wait_for_the_gpu_once(tiny_dirs, prompts, drafter, mtp_vocab):
+def test_speculative_steps_wait_for_the_gpu_once(
+    tiny_dirs, prompts, drafter, mtp_vocab, monkeypatch
+):
     """On a GPU: a speculative step (drafting, the graphed verify forward, verification,
     emission) waits for the device once, for the kept counts and emitted tokens it must read
     on the host; host arrays go in pinned and asynchronously, emission writes without boolean
-    masks. Counted under CUDA's sync debug mode "warn", one warning per synchronisation."""
+    masks. Counted under CUDA's sync debug mode "warn", one warning per synchronisation. The
+    host-drafted step is the one compressed caches take (elsewhere these drafters run on the
+    device, `test_sync_free_spec.py`): the device forms are switched off here."""
     import warnings
 
     from rlkit.config.schema import SpeculativeConfig
     from rlkit.models import load_model
     from rlkit.models.mtp import init_mtp
     from rlkit.rollout import Engine
+    from rlkit.rollout.drafters import MTPDrafter, SAMThenMTP
     from rlkit.rollout.steps import SpecStep
 
+    for cls in (MTPDrafter, SAMThenMTP):
+        monkeypatch.setattr(cls, "on_device", lambda self: None)
     model, tok = load_model(tiny_dirs["qwen3"])
     spec = SpeculativeConfig(
         drafter=drafter, num_draft_tokens=3, sam_min_match=2, mtp_vocab=mtp_vocab
