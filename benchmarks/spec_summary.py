@@ -100,6 +100,7 @@ def _gpu(args: argparse.Namespace) -> dict:
                 "num_draft_tokens": _speculative(run).get("num_draft_tokens"),
                 "tail_rows": _speculative(run).get("tail_rows", 0),
                 "tail_draft_tokens": _speculative(run).get("tail_draft_tokens", 0),
+                "mtp_draft": _speculative(run).get("mtp_draft", "sample"),
                 "run": run,
                 "accept_len_mean": statistics.mean(accept) if accept else None,
                 "rollout_seconds_dense": dense,

@@ -233,6 +233,7 @@ def _native(
             sam_min_match=args.sam_min_match,
             sam_match=args.sam_match,
             mtp_vocab=args.mtp_vocab,
+            mtp_draft=args.mtp_draft,
             max_batch=args.spec_max_batch,
             tail_rows=args.tail_rows,
             tail_draft_tokens=args.tail_draft_tokens,
@@ -532,6 +533,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         help="the MTP draft head's tokens (the most frequent; 0: the whole vocabulary)",
     )
     spec.add_argument(
+        "--mtp-draft",
+        default="sample",
+        choices=["sample", "argmax"],
+        help="sampling runs: the MTP module's drafts drawn from its distribution, or its argmax",
+    )
+    spec.add_argument(
         "--mtp",
         default=None,
         help="a model directory whose mtp.safetensors drafts (default: "
@@ -584,6 +591,11 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         ).tail_problem()  # fmt: skip
         if tail is not None:
             raise SystemExit(f"rlkit bench: --{tail[0].replace('_', '-')} {tail[1]}")
+        if args.mtp_draft != "sample" and not any("mtp" in d for d in drafters):
+            raise SystemExit(
+                f"rlkit bench: --mtp-draft {args.mtp_draft} needs an MTP drafter (--drafter "
+                f"mtp or sam+mtp), got {args.drafter}"
+            )
     if args.stop_at_eos and "hf" in engines:
         raise SystemExit(
             "rlkit bench: --stop-at-eos: the hf engine always runs to the cap; drop it"
@@ -654,6 +666,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             sam_min_match=args.sam_min_match,
             sam_match=args.sam_match,
             mtp_vocab=args.mtp_vocab,
+            mtp_draft=args.mtp_draft,
             spec_max_batch=args.spec_max_batch,
             tail_rows=args.tail_rows,
             tail_draft_tokens=args.tail_draft_tokens,

@@ -116,6 +116,15 @@ def test_tail_draft_length_reaches_the_engine_and_bad_settings_stop_first(
     assert row["settings"]["tail_rows"] == 4 and row["settings"]["tail_draft_tokens"] == 5
     with pytest.raises(SystemExit, match="--tail-draft-tokens must be >= num_draft_tokens"):
         rollout([*argv, "--num-draft-tokens", "3", "--tail-rows", "2", "--tail-draft-tokens", "2"])
+    with pytest.raises(SystemExit, match="--mtp-draft argmax needs an MTP drafter"):
+        rollout([*argv, "--mtp-draft", "argmax"])
+    # The MTP drafter's argmax drafts in a sampling run.
+    seen.clear()
+    mtp = [a if a != "sam" else "mtp" for a in argv]
+    rollout([*mtp, "--mtp-draft", "argmax", "--temperature", "1", "--json", str(out)])
+    assert {s.mtp_draft for s in seen if s is not None} == {"argmax"}
+    (row,) = json.loads(out.read_text())
+    assert row["settings"]["mtp_draft"] == "argmax" and row["accept_len_mean"] >= 1.0
 
 
 def test_stop_at_eos_rows_count_what_was_generated(model_dir):

@@ -113,6 +113,7 @@ RULES: dict[str, Check | None] = {
     "rollout.speculative.sam_static": None,
     "rollout.speculative.sam_match": None,
     "rollout.speculative.mtp_vocab": in_range(0, 10_000_000),
+    "rollout.speculative.mtp_draft": None,  # needs an MTP drafter: _speculative_fits
     "rollout.speculative.max_batch": in_range(0, 1_000_000),
     "rollout.speculative.tail_rows": in_range(0, 1_000_000),
     "rollout.speculative.tail_draft_tokens": in_range(0, 16),  # >= num_draft_tokens: below
@@ -288,7 +289,14 @@ def _speculative_fits(cfg: RecipeConfig) -> None:
             f"needs rollout.speculative.drafter sam or sam+mtp, got {spec.drafter!r}",
             key="rollout.speculative.sam_static",
         )
-    if cfg.rollout.engine != "native" and any(st.type == "mtp_warmup" for st in cfg.stages):
+    warmup = any(st.type == "mtp_warmup" for st in cfg.stages)
+    if spec.mtp_draft != "sample" and "mtp" not in spec.drafter and not warmup:
+        raise Invalid(
+            f"({spec.mtp_draft!r}) sets how the MTP module drafts: it needs rollout."
+            f"speculative.drafter mtp or sam+mtp (or an mtp_warmup stage), got {spec.drafter!r}",
+            key="rollout.speculative.mtp_draft",
+        )
+    if cfg.rollout.engine != "native" and warmup:
         raise Invalid(
             "has an mtp_warmup stage, which needs rollout.engine: native (the MTP module's "
             "held-out acceptance is measured with the native engine's drafter)",

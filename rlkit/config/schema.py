@@ -182,6 +182,13 @@ class SpeculativeConfig:
     # head is most of a draft's cost (SmolLM2: 28M of the 32M parameters each depth reads);
     # still lossless (the draft distribution is zero elsewhere).
     mtp_vocab: int = 0
+    # How the MTP module drafts when sampling (T > 0). sample: each draft token drawn from the
+    # module's processed distribution q, which the verify rule then reads (accepted with
+    # probability min(1, p/q), residual max(0, p - q)). argmax: its most likely token, a
+    # deterministic draft like SAM's (accepted with probability p): no q [rows, k, vocab],
+    # no sampling pass per depth, a cheaper verify rule, for drafts that may pass less often.
+    # Lossless either way; greedy decoding drafts the argmax with either.
+    mtp_draft: Literal["sample", "argmax"] = "sample"
     # Speculate only while at most this many sequences decode at once (0: always). A verify
     # step of B x (k + 1) rows costs about a plain step while it is bound by reading the
     # weights (on a 2-core CPU up to ~8 rows), more past that: a large batch then decodes

@@ -91,6 +91,8 @@ class DraftSettings:
     token_counts: torch.Tensor | None = None
     # SAM continues the match's most recent earlier occurrence, else its first.
     sam_latest: bool = True
+    # The MTP drafter drafts its argmax (deterministic drafts) even when sampling.
+    mtp_argmax: bool = False
 
 
 DRAFTERS: Registry[Callable[[Run, DraftSettings], Any]] = Registry("drafter")
@@ -155,6 +157,11 @@ class MTPDrafter:
         if cfg.mtp is None:
             raise ValueError("the mtp drafter needs an MTP module (Engine(mtp=...))")
         self.mtp, self.k, self.run = cfg.mtp, cfg.num_draft_tokens, run
+        # The drafts' own sampling: the run's, or greedy (argmax drafts, no q).
+        p = run.params
+        self.params = SamplingParams(
+            temperature=0.0 if cfg.mtp_argmax else p.temperature, top_p=p.top_p, top_k=p.top_k
+        )
         a, dev = run.model.args, run.device
         self.built = False  # the host path's state, made at the first admission (`_build`)
         # The fused CPU step's packed block (never with padded steps, hence never on the
@@ -244,7 +251,7 @@ class MTPDrafter:
         return self._block(run, self._input(run, h, tokens))
 
     def propose(self, run: Run, room: np.ndarray) -> Draft:
-        B, model, params = len(run.seq), run.model, run.params
+        B, model, params = len(run.seq), run.model, self.params
         n = self.pending[:B]
         # Under graphs every catch-up takes k + 1 pairs (one graph a bucket); the pairs past a
         # row's own are rewound with the rest.
@@ -370,17 +377,18 @@ class DeviceDrafter(Protocol):
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None: ...
 
-    def before_step(self, run: Run, rows: int) -> None:
-        """On the host before each step's replay (e.g. its uniforms drawn from the run's
-        generator into a fixed buffer)."""
+    def before_step(self, run: Run, rows: int, k: int) -> None:
+        """On the host before each step's replay of a k-token draft (e.g. its uniforms drawn
+        from the run's generator into a fixed buffer)."""
         ...
 
     def propose(
-        self, rows: int, room: torch.Tensor
+        self, rows: int, room: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Drafts [rows, k], their counts [rows] <= room [rows] of slots 0..rows-1 and the
-        distributions q [rows, k, V] they were sampled from (None: deterministic drafts)
-        (capturable: no host reads)."""
+        """Drafts [rows, k] (k <= the drafter's own, the step's draft length: each graph has
+        its k), their counts [rows] <= room [rows] of slots 0..rows-1 and the distributions
+        q [rows, k, V] they were sampled from (None: deterministic drafts) (capturable: no
+        host reads)."""
         ...
 
     def extend(
@@ -430,14 +438,14 @@ class DeviceSAM:
         self.hlen[rows] = 0
         sam_device.extend(self.hist[rows], self.M[rows], self.hlen[rows], tokens, at + 1)
 
-    def before_step(self, run: Run, rows: int) -> None:
+    def before_step(self, run: Run, rows: int, k: int) -> None:
         pass
 
     def propose(
-        self, rows: int, room: torch.Tensor
+        self, rows: int, room: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         tokens, num = sam_device.draft(
-            self.hist[:rows], self.M[:rows], self.hlen[:rows], room, self.min_match, self.k,
+            self.hist[:rows], self.M[:rows], self.hlen[:rows], room, self.min_match, k,
             self.latest,
         )  # fmt: skip
         return tokens, num, None
@@ -462,20 +470,21 @@ class DeviceMTP:
     fixed tensors, every step captured with the verify step. Per slot the pairs (policy state,
     next token) verified since the last step (`extend` writes them inside the step) and the
     block's one-layer cache, whose lengths live on the device (`KVCache.begin_decode_device`).
-    A step catches up over k + 1 pairs (those past a row's own rewound), then runs all k
-    depths (a head, a draw, the block) whatever the rows' room, and rewinds the depths'
-    entries. Sampled drafts take uniforms drawn on the host before the replay
+    A step catches up over K + 1 pairs (K the longest draft, `num_draft_tokens` or the
+    tail's; those past a row's own rewound), then runs the step's k depths (a head, a draw,
+    the block; a graph per k: a tail's longer draft costs nothing before the tail) whatever
+    the rows' room, and rewinds the depths' entries. Sampled drafts take uniforms drawn on the host before the replay
     (`before_step`), so a seed gives other samples than `MTPDrafter`'s, from the same q.
     With `mtp_vocab` the head covers the call's sub-vocabulary (the host drafter's `ids`),
     copied into a fixed buffer each call; the token counts grow inside the step."""
 
     def __init__(self, host: MTPDrafter, run: Run):
         self.mtp, self.model, self.k = host.mtp, run.model, host.k
-        p = run.params
-        self.params = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        self.params = host.params
         self.ids, self.counts = host.ids, host.counts
         self.n_vocab = 0 if host.ids is None else len(host.ids)
-        self.key = ("mtp", self.k, self.n_vocab, self.counts is not None)
+        # The drafts' temperature: 0 for argmax drafts (a step with no q) at any run's.
+        self.key = ("mtp", self.k, self.n_vocab, self.counts is not None, self.params.temperature)
 
     def bind(self, state: dict[str, Any], slots: int, length: int, device: torch.device) -> None:
         a, k, dtype = self.model.args, self.k, self.model.lm_head.weight.dtype
@@ -518,18 +527,18 @@ class DeviceMTP:
         self.cache.reset_slots(range(first, first + m), start)
         self.cache.lengths_to_device(first + m, first)
 
-    def before_step(self, run: Run, rows: int) -> None:
+    def before_step(self, run: Run, rows: int, k: int) -> None:
         if self.params.temperature > 0:
-            torch.rand(rows, self.k, generator=run.gen, dtype=torch.float64, out=self.u[:rows])
+            torch.rand(rows, k, generator=run.gen, dtype=torch.float64, out=self.u[:rows, :k])
 
     def _block(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         positions = self.cache.begin_decode_device(active, x.shape[1])
         return self.mtp.run_block(x, positions, self.model, self.cache)
 
     def propose(
-        self, rows: int, room: torch.Tensor
+        self, rows: int, room: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        k, model, mtp, dev = self.k, self.model, self.mtp, self.h.device
+        model, mtp, dev = self.model, self.mtp, self.h.device
         n = self.n[:rows]
         active = n > 0
         # Catch up on the verified pairs; the last one's state is depth 1.
@@ -592,15 +601,15 @@ class DeviceSAMThenMTP:
         self.sam.admitted(run, first, seqs, hidden)
         self.mtp.admitted(run, first, seqs, hidden)
 
-    def before_step(self, run: Run, rows: int) -> None:
-        self.mtp.before_step(run, rows)
+    def before_step(self, run: Run, rows: int, k: int) -> None:
+        self.mtp.before_step(run, rows, k)
 
     def propose(
-        self, rows: int, room: torch.Tensor
+        self, rows: int, room: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        by_sam, n_sam, _ = self.sam.propose(rows, room)
+        by_sam, n_sam, _ = self.sam.propose(rows, room, k)
         use = n_sam > 0
-        by_mtp, n_mtp, q = self.mtp.propose(rows, torch.where(use, 0, room))
+        by_mtp, n_mtp, q = self.mtp.propose(rows, torch.where(use, 0, room), k)
         tokens, q = _sam_where(use, by_sam, by_mtp, q)
         return tokens, torch.where(use, n_sam, n_mtp), q
 

@@ -403,7 +403,7 @@ class Engine:
                 raise ValueError("speculative decoding does not combine with the h2o policy")
             settings = DraftSettings(
                 k, spec.sam_min_match, self.mtp, self.static_corpus, spec.mtp_vocab,
-                self.token_counts, spec.sam_match == "latest",
+                self.token_counts, spec.sam_match == "latest", spec.mtp_draft == "argmax",
             )  # fmt: skip
             host_drafter = DRAFTERS.get(name)(run, settings)
             # Padded steps over a dense cache with a drafter that has a device form: the

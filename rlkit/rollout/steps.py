@@ -358,7 +358,7 @@ class SyncFreeSpecStep:
         u = f"u{k}"  # the step's uniforms [slots, k + 1]
         if u not in st:
             st[u] = torch.zeros(run.cache.num_slots, k + 1, dtype=torch.float64, device=run.device)
-        self.drafter.before_step(run, B)
+        self.drafter.before_step(run, B, k)
         if run.params.temperature > 0:
             # Drawn straight into the step's buffer: the draws `SpecStep` makes.
             torch.rand(B, k + 1, generator=run.gen, dtype=torch.float64, out=st[u][:B])
@@ -388,11 +388,10 @@ class SyncFreeSpecStep:
         room = torch.where(active, (limit - count - 1).clamp(min=0, max=k), 0)
         if self.max_batch:
             room = torch.where(st["nrows"] <= self.max_batch, room, 0)
-        drafts, dnum, q = self.drafter.propose(pad, room)  # [pad, the drafter's k >= k]
-        tokens = torch.cat([self.last[:pad, None], drafts[:, :k]], dim=1)  # [pad, k + 1]
+        drafts, dnum, q = self.drafter.propose(pad, room, k)  # [pad, k]
+        tokens = torch.cat([self.last[:pad, None], drafts], dim=1)  # [pad, k + 1]
         positions = cache.begin_decode_device(active, k + 1)
         hidden = run.model.forward_cached(tokens, positions, cache)
-        q = None if q is None else q[:, :k]
         emitted, logp, accepted = verify_rows(
             run.model, hidden, tokens, dnum, st[f"u{k}"][:pad], q, run.params, run.sample_rows
         )

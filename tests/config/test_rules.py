@@ -111,6 +111,16 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
             "sam or sam+mtp",
         ),
         (
+            ["rollout.speculative.drafter=sam", "rollout.speculative.mtp_draft=argmax"],
+            "rollout.speculative.mtp_draft",
+            "needs rollout.speculative.drafter mtp or sam+mtp",
+        ),
+        (
+            ["rollout.speculative.drafter=sam+mtp", "rollout.speculative.mtp_draft=top"],
+            "rollout.speculative.mtp_draft",
+            "",
+        ),
+        (
             ["rollout.speculative.drafter=sam", "rollout.speculative.tail_rows=4"],
             "rollout.speculative.tail_rows",
             "needs tail_draft_tokens",

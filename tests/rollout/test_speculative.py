@@ -15,15 +15,16 @@ from rlkit.rollout import Engine, SamplingParams
 
 @pytest.fixture
 def make_spec(tiny_dirs):
-    def make(arch="llama", drafter="sam+mtp", k=3, seed=0, mtp_vocab=0, max_batch=0, **kwargs):
+    def make(
+        arch="llama", drafter="sam+mtp", k=3, seed=0, mtp_vocab=0, max_batch=0, tail=(0, 0),
+        mtp_draft="sample", **kwargs,
+    ):  # fmt: skip
         model, tok = load_model(tiny_dirs[arch])
         spec = SpeculativeConfig(
-            drafter=drafter,
-            num_draft_tokens=k,
-            sam_min_match=2,
-            mtp_vocab=mtp_vocab,
-            max_batch=max_batch,
-        )
+            drafter=drafter, num_draft_tokens=k, sam_min_match=2, mtp_vocab=mtp_vocab,
+            max_batch=max_batch, tail_rows=tail[0], tail_draft_tokens=tail[1],
+            mtp_draft=mtp_draft,
+        )  # fmt: skip
         mtp = init_mtp(model.args, seed=seed)
         return Engine(model, tok, dtype=torch.float32, speculative=spec, mtp=mtp, **kwargs)
 
@@ -109,23 +110,38 @@ def test_limits_stop_strings_and_capacity(make_spec, prompts):
 
 
 @pytest.mark.parametrize(
-    "drafter, temperature, mtp_vocab",
-    [("sam", 0.0, 0), ("sam+mtp", 0.0, 0), ("sam+mtp", 1.0, 64), ("mtp", 0.0, 64), ("mtp", 1.0, 0)],
+    "drafter, temperature, mtp_vocab, more",
+    [
+        ("sam", 0.0, 0, {}),
+        ("sam+mtp", 0.0, 0, {}),
+        ("sam+mtp", 1.0, 64, {}),
+        ("mtp", 0.0, 64, {}),
+        ("mtp", 1.0, 0, {}),
+        ("mtp", 0.0, 0, {"tail": (3, 6)}),
+        ("mtp", 1.0, 0, {"tail": (3, 6), "mtp_draft": "argmax"}),
+        ("sam+mtp", 1.0, 64, {"mtp_draft": "argmax"}),
+    ],
 )
 def test_padded_steps_draft_on_the_device(
-    make_spec, reference, prompts, drafter, temperature, mtp_vocab
+    make_spec, reference, prompts, drafter, temperature, mtp_vocab, more
 ):
     """`cuda_graphs=True` on a CPU runs the padded steps a CUDA graph replays eagerly. Over a
     dense cache every drafter drafts on the device (`steps.SyncFreeSpecStep`: `DeviceSAM`,
     `DeviceMTP`, `DeviceSAMThenMTP`): greedy output is the host-drafted steps' and plain
     decoding's, with the same drafts (the same share accepted, where no early stop makes the
     two paths run rows past their end differently); sampled tokens carry the policy's
-    log-probs and a seed reproduces them."""
+    log-probs and a seed reproduces them. With a tail setting the steps of the last rows
+    draft longer (a step per (bucket, k)); with `mtp_draft: argmax` sampled runs' MTP drafts
+    are deterministic (the drafter's key says temperature 0, no q)."""
     from rlkit.rollout import steps
 
-    sp = SamplingParams(max_new_tokens=16, temperature=temperature, seed=5, stop_token_ids=[17, 99])
+    # The 30-token prompt's rows stop at 16 tokens, the others at 22: a tail comes.
+    sp = SamplingParams(max_new_tokens=22, temperature=temperature, seed=5, stop_token_ids=[17, 99])
     # cpu_kernels=False: the fused C step would take precedence over padded steps on a CPU.
-    kw = dict(max_batch_size=5, sync_every=2, cpu_kernels=False, mtp_vocab=mtp_vocab)
+    kw = dict(
+        max_batch_size=5, sync_every=2, cpu_kernels=False, mtp_vocab=mtp_vocab, max_seq_len=46,
+        **more,
+    )  # fmt: skip
     padded = make_spec("llama", drafter, cuda_graphs=True, **kw)
     eager = make_spec("llama", drafter, cuda_graphs=False, **kw)
     out = padded.generate(prompts, sp, n=2)
@@ -133,6 +149,10 @@ def test_padded_steps_draft_on_the_device(
     assert graphs is not None and not graphs.capture
     (sync_free,) = graphs.extra.values()
     assert isinstance(sync_free, steps._SyncFreeGraphs) and len(sync_free.steps) > 1
+    assert {k for _, k in sync_free.steps} == ({3, 6} if "tail" in more else {3})
+    if "mtp" in drafter:  # DeviceMTP's key ends with its drafts' temperature
+        argmax = more.get("mtp_draft") == "argmax"
+        assert next(iter(graphs.extra))[-1] == (0.0 if argmax else temperature)
     assert not graphs.steps and padded.stats["spec/plain_steps"] == 0
     (key,) = graphs.extra
     assert key[5] == drafter  # the device drafter's key
@@ -150,6 +170,7 @@ def test_padded_steps_draft_on_the_device(
         _assert_policy_logprobs(reference("llama"), prompts, out, sp)
         again = make_spec("llama", drafter, cuda_graphs=True, **kw)
         _same(out, again.generate(prompts, sp, n=2))
+        _assert_policy_logprobs(reference("llama"), prompts, eager.generate(prompts, sp, n=2), sp)
 
 
 @pytest.mark.parametrize("drafter, temperature", [("sam+mtp", 1.0), ("mtp", 0.0), ("mtp", 1.0)])
@@ -278,10 +299,12 @@ def test_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs, request, ke
             )
 
 
-@pytest.mark.parametrize("sub_vocab", [False, True])
-def test_device_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs, sub_vocab):
-    """`DeviceMTP` (all k depths every step, its cache's lengths on the device) drafts what
-    the training forward predicts, as the host drafter does (the test above)."""
+@pytest.mark.parametrize("sub_vocab, argmax", [(False, False), (True, False), (False, True)])
+def test_device_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs, sub_vocab, argmax):
+    """`DeviceMTP` (the step's k depths, k varying from step to step up to the drafter's K,
+    its cache's lengths on the device) drafts what the training forward predicts, as the host
+    drafter does (the test above): greedy, or sampling with `mtp_draft: argmax` (the argmax,
+    no q)."""
     from rlkit.rollout.drafters import DraftSettings, MTPDrafter
     from rlkit.rollout.scheduler import Run
     from rlkit.rollout.steps import PlainStep
@@ -293,37 +316,41 @@ def test_device_mtp_drafts_are_the_training_forwards_predictions(tiny_dirs, sub_
         for p in mtp.parameters():
             p.mul_(5.0 if p.dim() >= 2 else 1.0)
     engine = Engine(model, tok, dtype=torch.float32, mtp=mtp, cpu_kernels=False)
-    prompt, k, steps = [5, 17, 99, 3, 8], 3, 6
-    sp = SamplingParams(max_new_tokens=steps + k, temperature=0.0)
+    prompt, K, steps = [5, 17, 99, 3, 8], 4, 8
+    sp = SamplingParams(max_new_tokens=steps + K, temperature=0.0)
     tokens = engine.generate([prompt], sp)[0].token_ids
     start = torch.tensor([len(prompt) - 1])
-    settings = DraftSettings(num_draft_tokens=k, mtp=engine.mtp)
+    settings = DraftSettings(num_draft_tokens=K, mtp=engine.mtp, mtp_argmax=argmax)
     if sub_vocab:
         settings.mtp_vocab, settings.token_counts = V // 2, (torch.arange(V) % 2).float() * 100
+    run_params = SamplingParams(max_new_tokens=steps + K, temperature=1.0) if argmax else sp
     with torch.inference_mode():
         hidden = engine.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
-        run = Run(engine, [prompt], sp, 1, None, k)
+        run = Run(engine, [prompt], run_params, 1, None, K)
         dev = MTPDrafter(run, settings).on_device()
         state: dict = {}
         dev.bind(state, run.cache.num_slots, run.cache.max_len, run.device)
         allowed = torch.full((V,), float("-inf"))
         allowed[dev.ids if sub_vocab else slice(None)] = 0.0
         run._admit(PlainStep())
+        run.last[0] = tokens[0]  # a sampling run's first token may be another
         dev.admitted(run, 0, [0], hidden[0:1])
         j = 0
         while j < steps:
-            drafts, num, q = dev.propose(1, torch.tensor([k]))
-            assert q is None and num.tolist() == [k]
+            k = 2 + j % 3  # 2, 3 or 4 depths
+            dev.before_step(run, 1, k)
+            drafts, num, q = dev.propose(1, torch.tensor([K]), k)
+            assert q is None and num.tolist() == [k] and drafts.shape == (1, k)
             drafts = drafts[0].tolist()
             fed = torch.tensor([tokens[: j + 1] + drafts[: k - 1]])
             states = engine.mtp.forward_train(engine.model, hidden[None, : j + k], fed, start, k)
             want = [int((engine.model.logits(s[0, j]) + allowed).argmax()) for s in states]
             assert drafts == want, j
-            # One or two verified tokens (a catch-up over several pairs), padded to k + 1.
+            # One or two verified tokens (a catch-up over several pairs), padded to K + 1.
             m = 1 + j % 2
-            fed_tokens = torch.zeros(1, k + 1, dtype=torch.long)
+            fed_tokens = torch.zeros(1, K + 1, dtype=torch.long)
             fed_tokens[0, :m] = torch.tensor(tokens[j + 1 : j + 1 + m])
-            fed_hidden = torch.zeros(1, k + 1, hidden.shape[-1])
+            fed_hidden = torch.zeros(1, K + 1, hidden.shape[-1])
             fed_hidden[0, :m] = hidden[j + 1 : j + 1 + m]
             dev.extend(1, fed_tokens, torch.tensor([m]), fed_hidden)
             j += m
