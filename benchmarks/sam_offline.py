@@ -6,7 +6,9 @@
 With `--generate`, first samples the texts: SmolLM2-135M-Instruct (bf16), the first P
 `arithmetic_set` train prompts (26 problems) x N samples, T = 1, top-p 0.7, up to 1,536 tokens,
 stop at EOS (the GPU speculative recipe's rollout, `benchmarks/gpu/spec_rollout.sh`), saved to
---texts; else reads them.
+--texts; else reads them. --task, --task-args, --top-p and --max-new-tokens sample another
+recipe's rollouts (e.g. `recipes/mtp_arithmetic.yaml`'s: --task arithmetic --task-args
+'{"digits": 2, "ops": ["+"], "steps": true}' --top-p 1 --max-new-tokens 256).
 
 Why fixed texts measure speculative decoding exactly: with a deterministic draft d (SAM's: q is
 one-hot) the rule accepts d with probability p(d) and otherwise emits a token drawn from p
@@ -129,7 +131,16 @@ def simulate(
     }
 
 
-def generate(path: str, prompts: int, samples: int, seed: int) -> None:
+def generate(
+    path: str,
+    prompts: int,
+    samples: int,
+    seed: int,
+    task: str = "arithmetic_set",
+    task_args: dict | None = None,
+    top_p: float = 0.7,
+    max_new_tokens: int = 1536,
+) -> None:
     import torch
 
     from rlkit.bench import _task_prompts
@@ -140,8 +151,9 @@ def generate(path: str, prompts: int, samples: int, seed: int) -> None:
     model_dir = resolve_model_dir("smollm2-135m-instruct")
     model, tok = load_model(model_dir, dtype=torch.bfloat16)
     engine = Engine(model, tok, max_batch_size=prompts * samples, dtype=torch.bfloat16)
-    ps = _task_prompts("arithmetic_set", prompts, 0, model_dir, {"problems": 26, "digits": [2, 1]})
-    sp = SamplingParams(temperature=1.0, top_p=0.7, max_new_tokens=1536, seed=seed)
+    args = {"problems": 26, "digits": [2, 1]} if task_args is None else task_args
+    ps = _task_prompts(task, prompts, 0, model_dir, args)
+    sp = SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     outs = engine.generate(ps, sp, n=samples)
     with open(path, "w") as f:
         json.dump({"prompts": ps, "n": samples, "completions": [o.token_ids for o in outs]}, f)
@@ -151,6 +163,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--texts", required=True, help="JSON of prompts, n and completions")
     ap.add_argument("--generate", default=None, help="P,N,SEED: sample the texts first")
+    ap.add_argument("--task", default="arithmetic_set", help="--generate's built-in task")
+    ap.add_argument("--task-args", default=None, help="its build arguments, JSON")
+    ap.add_argument("--top-p", type=float, default=0.7, help="--generate's top-p (T = 1)")
+    ap.add_argument("--max-new-tokens", type=int, default=1536)
     ap.add_argument("--ks", default="3,6")
     ap.add_argument("--min-match", type=int, default=2)
     ap.add_argument("--tail", default="0:0,16:10", help="tail_rows:tail_draft_tokens settings")
@@ -159,7 +175,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.generate:
         p, n, seed = map(int, a.generate.split(","))
-        generate(a.texts, p, n, seed)
+        args = None if a.task_args is None else json.loads(a.task_args)
+        generate(a.texts, p, n, seed, a.task, args, a.top_p, a.max_new_tokens)
     with open(a.texts) as f:
         data = json.load(f)
     n = data["n"]

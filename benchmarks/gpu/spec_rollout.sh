@@ -15,7 +15,8 @@
 # (further overrides for every run) measure another recipe, e.g. RECIPE=recipes/mtp_arithmetic.yaml
 # EXTRA="stages=[rlvr] algorithm.mtp.loss=frozen" (its RL stage with SAM drafts alone).
 # MTP_DRAFT=argmax: the mtp / sam+mtp runs draft the MTP module's argmax (no q, no sampling
-# pass per depth; rollout.speculative.mtp_draft).
+# pass per depth; rollout.speculative.mtp_draft). SAM_MIN_MATCH (default 2): SAM's threshold
+# (sam+mtp: below it MTP drafts).
 source benchmarks/gpu/setup.sh
 steps=${STEPS:-6}
 common="rollout.kv_compression.policy=none train.steps=$steps train.eval_every=0 data.num_eval=8
@@ -33,9 +34,10 @@ for run in none ${DRAFTERS:-sam}; do
   [ "$drafter" = none ] || name=${name}_k$k
   [ "$tail" = 0:0 ] || name=${name}_t${tail/:/x}
   case $drafter in *mtp*) [ "${MTP_DRAFT:-sample}" = sample ] || name=${name}_${MTP_DRAFT};; esac
+  [ "${SAM_MIN_MATCH:-2}" = 2 ] || name=${name}_mm${SAM_MIN_MATCH}
   draw=""  # MTP_DRAFT=argmax: the MTP drafters' argmax drafts (rollout.speculative.mtp_draft)
   case $drafter in *mtp*) draw=", mtp_draft: ${MTP_DRAFT:-sample}";; esac
-  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: 2, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}$draw}"
+  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: ${SAM_MIN_MATCH:-2}, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}$draw}"
   [ "$drafter" = none ] && spec="rollout.speculative.drafter=none"  # a recipe may draft
   start=$(date +%s)
   rm -rf /tmp/runs/$name  # a run directory left by an earlier call would be resumed
