@@ -18,12 +18,15 @@ the processed ones (temperature, top-k, top-p applied), so the rule is lossless 
 sampler draws from.
 
     verify_drafts(target, draft_tokens, num_drafts, draft_probs=None, uniforms=None,
-                  greedy=False) -> (accepted, token)
+                  greedy=False, log=False) -> (accepted, token)
 
     target        [B, T, V] float32   target probabilities at the T = k + 1 fed positions
                                       (greedy: any scores whose argmax is the greedy token)
     draft_tokens  [B, k] int64        drafts; entries at or past num_drafts[b] are ignored
     num_drafts    [B] int64           in [0, k]
+                                      (log: their logarithms, read where the rule needs them;
+                                      on a CPU that skips exp over the T x V the rule never
+                                      reads: p at the drafts and one row a sequence)
     draft_probs   [B, k, V] float32   q_i of each draft, or None: every draft deterministic
     uniforms      [B, T]              in [0, 1): u[:, i] tests draft i + 1, u[:, k] draws the
                                       final token (stochastic only)
@@ -89,8 +92,10 @@ def verify_drafts_reference(
     draft_probs: torch.Tensor | None = None,
     uniforms: torch.Tensor | None = None,
     greedy: bool = False,
+    log: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rule of the module docstring in plain PyTorch (the kernel's reference)."""
+    """The rule of the module docstring in plain PyTorch (the kernel's reference). log: target
+    holds log-probabilities, exponentiated only where the rule reads them."""
     B, k, V = _check(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
     dev = target.device
     rows = torch.arange(B, device=dev)
@@ -103,6 +108,8 @@ def verify_drafts_reference(
         assert uniforms is not None
         # Accept draft i with probability min(1, p(d) / q(d)): u < p / q, written u * q < p.
         p_d = target[:, :k].gather(-1, draft_tokens[:, :, None])[..., 0]  # [B, k]
+        if log:
+            p_d = p_d.exp()
         q_d = (
             draft_probs.gather(-1, draft_tokens[:, :, None])[..., 0]
             if draft_probs is not None
@@ -113,7 +120,8 @@ def verify_drafts_reference(
     accepted = (passed & live).long().cumprod(dim=1).sum(dim=1)  # [B]
     if greedy:
         return accepted, best[rows, accepted]
-    p = target[rows, accepted].double()  # [B, V] the row after the last kept draft
+    p = target[rows, accepted]  # [B, V] the row after the last kept draft
+    p = (p.exp() if log else p).double()
     rejected = accepted < num_drafts  # [B]: a draft failed; else the bonus token
     at = accepted.clamp(max=max(k - 1, 0))
     if draft_probs is not None and k > 0:
@@ -308,9 +316,14 @@ def verify_drafts(
     draft_probs: torch.Tensor | None = None,
     uniforms: torch.Tensor | None = None,
     greedy: bool = False,
+    log: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accepted drafts [B] and the next token [B] (module docstring): the Triton kernel for
-    CUDA tensors when Triton is importable, else the PyTorch reference."""
+    CUDA tensors when Triton is importable (log: on probabilities exponentiated first), else
+    the PyTorch reference."""
     if target.is_cuda and HAS_TRITON:
-        return verify_drafts_triton(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
-    return verify_drafts_reference(target, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
+        probs = target.exp() if log and not greedy else target
+        return verify_drafts_triton(probs, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
+    return verify_drafts_reference(
+        target, draft_tokens, num_drafts, draft_probs, uniforms, greedy, log and not greedy
+    )

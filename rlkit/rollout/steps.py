@@ -77,7 +77,8 @@ def verify_rows(
     if params.temperature == 0:
         accepted, token = verify_drafts(logp, drafts, num, greedy=True)
     else:
-        accepted, token = verify_drafts(logp.exp(), drafts, num, q, u)
+        # Log-probabilities: on a CPU the rule exponentiates only what it reads.
+        accepted, token = verify_drafts(logp, drafts, num, q, u, log=True)
     emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # [B, T]
     emitted.scatter_(1, accepted[:, None], token[:, None])
     emitted_logp = logp.gather(-1, emitted[:, :, None])[..., 0]  # [B, T]

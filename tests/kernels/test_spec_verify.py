@@ -164,6 +164,24 @@ def test_rule_by_hand_greedy():
     assert (int(acc), int(tok)) == (2, 2)  # both kept, the bonus is row 2's argmax
 
 
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if not c[4]])
+def test_log_targets_give_the_rule_on_their_exponentials(name):
+    """`log=True` (what the rollout engine passes: log-probabilities, exponentiated only where
+    the rule reads them) decides as the rule on the probabilities does, seed for seed."""
+    differs = 0
+    for seed in range(5):
+        target, drafts, num, q, u, greedy = make_inputs(CASES[name], seed)
+        logp = target.log()
+        want = sv.verify_drafts(logp.exp(), drafts, num, q, u, greedy)
+        got = sv.verify_drafts(logp, drafts, num, q, u, greedy, log=True)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), (name, seed)
+        # Probabilities read as logarithms decide otherwise: the flag is read.
+        wrong = sv.verify_drafts_reference(target, drafts, num, q, u, greedy, log=True)
+        differs += any(not torch.equal(a, b) for a, b in zip(wrong, want, strict=True))
+    assert differs
+
+
 def test_a_token_the_target_forbids_is_never_accepted():
     p = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])
     q = torch.tensor([[[1.0, 0.0]]])

@@ -194,17 +194,17 @@ def test_sync_free_mtp_steps_follow_the_policys_distribution(tiny_dirs, params, 
     assert pvalue > 1e-4
 
 
-def _accept_every_draft(target, drafts, num, q=None, u=None, greedy=False):
+def _accept_every_draft(target, drafts, num, q=None, u=None, greedy=False, log=False):
     # Every draft passes (u = 0 < p(d) for any token p allows); then the bonus token.
     u = u.clone()
     u[:, :-1] = 0.0
-    return verify_drafts_reference(target, drafts, num, q, u, greedy)
+    return verify_drafts_reference(target, drafts, num, q, u, greedy, log)
 
 
-def _resample_from_p(target, drafts, num, q=None, u=None, greedy=False):
-    accepted, _ = verify_drafts_reference(target, drafts, num, q, u, greedy)
+def _resample_from_p(target, drafts, num, q=None, u=None, greedy=False, log=False):
+    accepted, _ = verify_drafts_reference(target, drafts, num, q, u, greedy, log)
     # The same decisions, then the token drawn from p at the first rejection, not p - q.
-    return verify_drafts_reference(target, drafts, accepted, q, u, greedy)
+    return verify_drafts_reference(target, drafts, accepted, q, u, greedy, log)
 
 
 @pytest.mark.parametrize("rule", [_accept_every_draft, _resample_from_p], ids=lambda f: f.__name__)
