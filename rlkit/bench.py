@@ -9,7 +9,8 @@ Every row generates `batch` sequences of exactly `max_new_tokens` tokens (sampli
 ignore_eos, so every engine does the same work) from the same prompts (random tokens of
 `prompt-len`, or with `--task` the task's first train prompts in the chat template, whose
 text a drafter can predict), after one warm-up run, and reports the median of `--repeats`
-timed runs. With `--stop-at-eos` each sequence ends at its EOS as in an RL rollout (a
+timed runs (one row's after another's, or with `--interleave` repeat i of every row before
+repeat i + 1 of any, so that the machine's drift falls on every row alike). With `--stop-at-eos` each sequence ends at its EOS as in an RL rollout (a
 drafter is then measured on the text it drafts in training, not on what a model writes
 after its answer), and tok/s counts what was generated:
 
@@ -359,25 +360,62 @@ _BUILDERS: dict[str, Callable[..., _Runner]] = {
 }
 
 
-def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
-    n_new = args.max_new_tokens
-    # Warm-up: allocation, thread pools, first kernels (CUDA graphs, Triton compilation).
-    runner.generate(min(n_new, runner.warmup_tokens), 0)
+@dataclasses.dataclass
+class _Timed:
+    """One runner's timed repeats: seconds, tokens and accepted lengths per run."""
+
+    prefill: float = 0.0
+    times: list[float] = dataclasses.field(default_factory=list)
+    counts: list[int] = dataclasses.field(default_factory=list)
+    accepts: list[float | None] = dataclasses.field(default_factory=list)
+
+
+def _warm(runner: _Runner, args: argparse.Namespace) -> _Timed:
+    """Warm-up (allocation, thread pools, first kernels: CUDA graphs, Triton compilation),
+    then the prefill's median time."""
+    runner.generate(min(args.max_new_tokens, runner.warmup_tokens), 0)
     prefill = statistics.median(runner.generate(1, 100 + i)[0] for i in range(args.repeats))
-    times: list[float] = []
-    counts: list[int] = []
-    accepts: list[float | None] = []
+    return _Timed(prefill)
+
+
+def _repeat(runner: _Runner, args: argparse.Namespace, timed: _Timed, i: int) -> None:
+    """Timed run i (seed 1 + i)."""
+    seconds, tokens = runner.generate(args.max_new_tokens, 1 + i)
+    timed.times.append(seconds)
+    timed.counts.append(tokens)
+    if runner.drafter:
+        timed.accepts.append(runner.stats().get("spec/accept_len_mean"))
+
+
+def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
+    timed = _warm(runner, args)
     cuda = args.device.startswith("cuda") and runner.pid is None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with _PeakRSS(runner.pid) as mem:
         for i in range(args.repeats):
-            seconds, tokens = runner.generate(n_new, 1 + i)
-            times.append(seconds)
-            counts.append(tokens)
-            if runner.drafter:
-                accepts.append(runner.stats().get("spec/accept_len_mean"))
+            _repeat(runner, args, timed, i)
     peak_mem = torch.cuda.max_memory_allocated() if cuda else mem.peak
+    return _row(runner, args, timed, peak_mem)
+
+
+def _measure_interleaved(runners: list[_Runner], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`--interleave`: every runner warmed up, then repeat i of each in turn, so that a drift
+    of the machine's speed falls on every row alike. Peak memory is not reported: the runners
+    share the process (and the device) while they are timed."""
+    timed = [_warm(r, args) for r in runners]
+    for i in range(args.repeats):
+        for r, t in zip(runners, timed, strict=True):
+            _repeat(r, args, t, i)
+    return [_row(r, args, t, None) for r, t in zip(runners, timed, strict=True)]
+
+
+def _row(
+    runner: _Runner, args: argparse.Namespace, timed: _Timed, peak_mem: float | None
+) -> dict[str, Any]:
+    n_new = args.max_new_tokens
+    times, counts, accepts, prefill = timed.times, timed.counts, timed.accepts, timed.prefill
+    tokens = counts[-1]
     if tokens != args.batch * n_new and not args.stop_at_eos:
         raise RuntimeError(
             f"{runner.engine}/{runner.mode} generated {tokens} tokens, expected "
@@ -396,7 +434,7 @@ def _measure(runner: _Runner, args: argparse.Namespace) -> dict[str, Any]:
             steps = sum(c / a for c, a in zip(counts, means, strict=True))
             spec = {**spec, "spec/accept_len_mean": tokens / steps}
     else:
-        tokens, tokens_per_s = counts[-1], counts[-1] / seconds
+        tokens_per_s = counts[-1] / seconds
     return {
         "engine": runner.engine,
         "mode": runner.mode,
@@ -571,6 +609,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         help="each sequence ends at its EOS (as in an RL rollout) instead of running to "
         "--max-new-tokens; native and vllm engines",
     )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time repeat i of every row before repeat i + 1 of any (all engines loaded at "
+        "once), so that the machine's drift falls on every row alike; no peak-memory column",
+    )
     ap.add_argument("--json", default=None, help="write the rows to this file as JSON")
     args = ap.parse_args(list(argv))
     args.device, where = local_device(args.device)
@@ -624,7 +668,20 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     if skipped:
         print(f"rlkit bench: {', '.join(skipped)} skipped (only the native engine has modes)")
     rows = []
-    for engine, mode in plan:
+    if args.interleave:
+        runners: list[_Runner] = []
+        try:
+            for engine, mode in plan:
+                print(f"rlkit bench: {engine} {mode} ...", file=sys.stderr, flush=True)
+                runners.append(_BUILDERS[engine](args, model_dir, mode, prompts))
+            print("rlkit bench: timing the rows interleaved ...", file=sys.stderr, flush=True)
+            rows = _measure_interleaved(runners, args)
+        finally:
+            for runner in runners:
+                runner.close()
+            runners.clear()
+            gc.collect()
+    for engine, mode in plan if not args.interleave else []:
         print(f"rlkit bench: {engine} {mode} ...", file=sys.stderr, flush=True)
         runner = _BUILDERS[engine](args, model_dir, mode, prompts)
         try:
@@ -648,6 +705,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             "task",
             "task_args",
             "kv_memory_gb",
+            "interleave",
         )
     }
     settings["threads"] = torch.get_num_threads()

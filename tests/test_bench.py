@@ -151,6 +151,38 @@ def test_stop_at_eos_rows_count_what_was_generated(model_dir):
         rollout(["--model", model_dir, "--engines", "native,hf", "--stop-at-eos"])
 
 
+def test_interleaved_rows_time_repeat_i_of_every_row_first(model_dir, monkeypatch, capsys):
+    import rlkit.bench as bench
+
+    order = []
+    real = bench._repeat
+
+    def spy(runner, args, timed, i):
+        order.append((runner.mode, i))
+        real(runner, args, timed, i)
+
+    monkeypatch.setattr(bench, "_repeat", spy)
+    argv = [
+        "--model", model_dir, "--batch", "2", "--max-new-tokens", "10", "--repeats", "3",
+        "--modes", "dense,spec", "--drafter", "sam", "--engines", "native", "--task",
+        "arithmetic", "--sam-min-match", "2", "--temperature", "0", "--threads", "1",
+    ]  # fmt: skip
+    rows = rollout([*argv, "--interleave"])
+    assert order == [(m, i) for i in range(3) for m in ("dense", "spec")]
+    assert [r["mode"] for r in rows] == ["dense", "spec"]
+    for r in rows:
+        assert len(r["seconds_all"]) == 3 and r["tokens"] == 2 * 10
+        assert r["peak_mem_bytes"] is None
+    assert rows[1]["accept_len_mean"] >= 1.0
+    out = capsys.readouterr()
+    assert "interleaved" in out.err and "interleave=True" in out.out
+    # Without the flag: one row's repeats, then the other's.
+    order.clear()
+    rows = rollout(argv)
+    assert order == [(m, i) for m in ("dense", "spec") for i in range(3)]
+    assert all(r["peak_mem_bytes"] > 0 for r in rows)
+
+
 def test_kv_memory_sizes_each_mode_and_the_rows_say_how_many(model_dir, capsys):
     """--kv-memory-gb: the dense row admits what that many GiB hold at its full length, the
     sparse row what they hold at budget + interval entries: more, and it decodes them."""
