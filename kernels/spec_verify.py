@@ -21,12 +21,12 @@ sampler draws from.
                   greedy=False, log=False) -> (accepted, token)
 
     target        [B, T, V] float32   target probabilities at the T = k + 1 fed positions
-                                      (greedy: any scores whose argmax is the greedy token)
+                                      (greedy: any scores whose argmax is the greedy token;
+                                      log: their logarithms, exponentiated where the rule
+                                      reads them, which on a CPU skips exp over the T x V
+                                      it never reads: p at the drafts and one row a sequence)
     draft_tokens  [B, k] int64        drafts; entries at or past num_drafts[b] are ignored
     num_drafts    [B] int64           in [0, k]
-                                      (log: their logarithms, read where the rule needs them;
-                                      on a CPU that skips exp over the T x V the rule never
-                                      reads: p at the drafts and one row a sequence)
     draft_probs   [B, k, V] float32   q_i of each draft, or None: every draft deterministic
     uniforms      [B, T]              in [0, 1): u[:, i] tests draft i + 1, u[:, k] draws the
                                       final token (stochastic only)

@@ -473,8 +473,10 @@ class DeviceMTP:
     A step catches up over K + 1 pairs (K the longest draft, `num_draft_tokens` or the
     tail's; those past a row's own rewound), then runs the step's k depths (a head, a draw,
     the block; a graph per k: a tail's longer draft costs nothing before the tail) whatever
-    the rows' room, and rewinds the depths' entries. Sampled drafts take uniforms drawn on the host before the replay
-    (`before_step`), so a seed gives other samples than `MTPDrafter`'s, from the same q.
+    the rows' room, and rewinds the depths' entries. Sampled drafts take uniforms drawn on
+    the host before the replay (`before_step`), so a seed gives other samples than
+    `MTPDrafter`'s, from the same q; with `mtp_draft: argmax` the drafts are the argmax
+    and there is no q.
     With `mtp_vocab` the head covers the call's sub-vocabulary (the host drafter's `ids`),
     copied into a fixed buffer each call; the token counts grow inside the step."""
 
