@@ -21,8 +21,10 @@ verify steps counted are those the engine's speculative decoding of these texts 
 
 Drafters replayed: sam (the latest occurrence, `sam_match: latest`), mtp (argmax,
 `mtp_draft: argmax`), sam+mtp at SAM thresholds (SAM's draft where its match is at least that
-long, else MTP's: `sam_min_match` of a sam+mtp run), and `oracle` (whichever of the two passes
-more; a bound no drafter reaches).
+long, else MTP's: `sam_min_match` of a sam+mtp run), `oracle` (whichever of the two passes
+more: what verifying both chains in one step gives) and `chains4` (the best of four chains:
+SAM's latest and first occurrences, MTP's argmax chain, and the chain that starts from MTP's
+depth-1 runner-up).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def train(model, mtp, texts, states, ids, epochs: int, depth: int = 3, lr: float
 
 @torch.no_grad()
 def draft_table(model, mtp, texts, states, ids, kmax: int) -> list[np.ndarray]:
-    """Per text: [len, kmax], entry (j, d - 1) the depth-d argmax draft at row j (over ids)."""
+    """Per text: [len, kmax + 1], entry (j, d - 1) the depth-d argmax draft at row j (over
+    ids), and last the depth-1 draft's runner-up (a second chain's first token)."""
     head = model.lm_head.weight.detach()[ids].float()
     tabs = []
     for (prompt, comp), h in zip(texts, states, strict=True):
@@ -104,7 +107,8 @@ def draft_table(model, mtp, texts, states, ids, kmax: int) -> list[np.ndarray]:
             model, h[None], torch.tensor([comp]), torch.tensor([len(prompt) - 1]), kmax
         )
         cols = [ids[(g[0] @ head.T).argmax(-1)].numpy() for g in outs]
-        tabs.append(np.stack(cols, axis=1))
+        second = ids[(outs[0][0] @ head.T).topk(2, dim=-1).indices[:, 1]].numpy()
+        tabs.append(np.stack([*cols, second], axis=1))
     return tabs
 
 
@@ -136,9 +140,16 @@ def replay(texts, tabs, k: int, drafter: str, min_match: int) -> dict:
             d = m.h[:0]
             if room > 0:
                 sam = m.draft(room, min_match, "latest") if drafter != "mtp" else m.h[:0]
-                mtp = tabs[b][pos[b] - 1, :room]
+                row = tabs[b][pos[b] - 1]
+                mtp = row[:room]
                 if drafter == "oracle":
                     d = sam if passed(sam, comp, pos[b]) >= passed(mtp, comp, pos[b]) else mtp
+                elif drafter == "chains4":
+                    # SAM's latest and first occurrences, MTP's chain and the chain from its
+                    # depth-1 runner-up (deeper depths teacher-forced: valid while it passes).
+                    runner_up = np.concatenate([row[-1:], row[1:room]])
+                    chains = [sam, m.draft(room, min_match, "first"), mtp, runner_up]
+                    d = max(chains, key=lambda c: passed(c, comp, pos[b]))
                 elif drafter == "sam" or (drafter == "sam+mtp" and len(sam)):
                     d = sam
                 else:
@@ -210,7 +221,7 @@ def main() -> None:
     for k in ks:
         runs = [("sam", a.min_match), ("mtp", 0)]
         runs += [("sam+mtp", int(t)) for t in a.sam_thresholds.split(",")]
-        runs += [("oracle", a.min_match)]
+        runs += [("oracle", a.min_match), ("chains4", a.min_match)]
         for drafter, mm in runs:
             r = replay(texts, tabs, k, drafter, mm)
             rows.append(r)

@@ -11,13 +11,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from mtp_offline import replay  # noqa: E402
 
 
-def _table(comp, kmax, right):
-    """MTP drafts at each row j for depths 1..kmax: the text's tokens where `right`, else -1."""
-    tab = np.full((len(comp), kmax), -1, dtype=np.int64)
+def _table(comp, kmax, right, runner_up=False):
+    """MTP drafts at each row j for depths 1..kmax (the text's tokens where `right`, else -1),
+    then the depth-1 runner-up (the text's token where `runner_up`, else -2)."""
+    tab = np.full((len(comp), kmax + 1), -1, dtype=np.int64)
+    tab[:, -1] = -2
     for j in range(len(comp)):
         for d in range(1, kmax + 1):
             if j + d < len(comp) and right:
                 tab[j, d - 1] = comp[j + d]
+        if j + 1 < len(comp) and runner_up:
+            tab[j, -1] = comp[j + 1]
     return tab
 
 
@@ -49,3 +53,15 @@ def test_sam_drafts_a_repeated_text_and_the_oracle_takes_the_better_draft():
     assert replay(texts, wrong, k, "oracle", 2)["steps_longest"] == sam["steps_longest"]
     # With the threshold above any match, sam+mtp drafts MTP's (wrong) tokens only.
     assert replay(texts, wrong, k, "sam+mtp", 99)["steps_longest"] == len(comp) - 1
+
+
+def test_four_chains_take_the_runner_ups_chain_where_it_passes():
+    comp = list(range(100, 131))
+    texts = [([1, 2, 3], comp)]
+    k = 3
+    # Depth 1's argmax always wrong, its runner-up right; deeper depths right (teacher-forced).
+    tab = _table(comp, k, True, runner_up=True)
+    tab[:, 0] = -1
+    assert replay(texts, [tab], k, "oracle", 2)["steps_longest"] == len(comp) - 1
+    chains = replay(texts, [tab], k, "chains4", 2)
+    assert chains["steps_longest"] == int(np.ceil((len(comp) - 1) / (k + 1)))
