@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sam_offline import Matcher  # noqa: E402
+from sam_offline import Matcher, passed  # noqa: E402
+from sam_offline import replay as replay_texts  # noqa: E402
 
 
 def _texts(path: str) -> list[tuple[list[int], list[int]]]:
@@ -113,67 +114,38 @@ def draft_table(model, mtp, texts, states, ids, kmax: int) -> list[np.ndarray]:
 
 
 def replay(texts, tabs, k: int, drafter: str, min_match: int) -> dict:
-    """Verify steps per sequence, all sequences starting together (`sam_offline.simulate`)."""
-    B = len(texts)
-    ms = []
-    for prompt, comp in texts:
-        m = Matcher(len(prompt) + len(comp) + 1)
-        for t in prompt:
-            m.append(t)
-        m.append(comp[0])
-        ms.append(m)
-    pos = np.ones(B, dtype=np.int64)
-    lens = np.array([len(c) for _, c in texts])
-    steps = np.zeros(B, dtype=np.int64)
-    drafted = accepted = by_sam = 0
+    """Verify steps per sequence with `drafter`'s drafts (`sam_offline.replay`)."""
+    by_sam = 0
 
-    def passed(d, comp, p):
-        n = 0
-        while n < len(d) and d[n] == comp[p + n]:
-            n += 1
-        return n
+    def draft(b: int, m: Matcher, room: int, at: int) -> np.ndarray:
+        nonlocal by_sam
+        comp = texts[b][1]
+        sam = m.draft(room, min_match, "latest") if drafter != "mtp" else m.h[:0]
+        row = tabs[b][at - 1]
+        mtp = row[:room]
+        if drafter == "oracle":
+            d = sam if passed(sam, comp, at) >= passed(mtp, comp, at) else mtp
+        elif drafter == "chains4":
+            # SAM's latest and first occurrences, MTP's chain and the chain from its depth-1
+            # runner-up (deeper depths teacher-forced: valid while it passes).
+            runner_up = np.concatenate([row[-1:], row[1:room]])
+            chains = [sam, m.draft(room, min_match, "first"), mtp, runner_up]
+            d = max(chains, key=lambda c: passed(c, comp, at))
+        elif drafter == "sam" or (drafter == "sam+mtp" and len(sam)):
+            d = sam
+        else:
+            d = mtp
+        by_sam += drafter != "mtp" and d is sam and len(sam) > 0
+        return d
 
-    for b in range(B):
-        comp, m = texts[b][1], ms[b]
-        while pos[b] < lens[b]:
-            room = min(k, int(lens[b] - pos[b]) - 1)
-            d = m.h[:0]
-            if room > 0:
-                sam = m.draft(room, min_match, "latest") if drafter != "mtp" else m.h[:0]
-                row = tabs[b][pos[b] - 1]
-                mtp = row[:room]
-                if drafter == "oracle":
-                    d = sam if passed(sam, comp, pos[b]) >= passed(mtp, comp, pos[b]) else mtp
-                elif drafter == "chains4":
-                    # SAM's latest and first occurrences, MTP's chain and the chain from its
-                    # depth-1 runner-up (deeper depths teacher-forced: valid while it passes).
-                    runner_up = np.concatenate([row[-1:], row[1:room]])
-                    chains = [sam, m.draft(room, min_match, "first"), mtp, runner_up]
-                    d = max(chains, key=lambda c: passed(c, comp, pos[b]))
-                elif drafter == "sam" or (drafter == "sam+mtp" and len(sam)):
-                    d = sam
-                else:
-                    d = mtp
-                by_sam += drafter != "mtp" and d is sam and len(sam) > 0
-            n = passed(d, comp, pos[b])
-            drafted += len(d)
-            accepted += n
-            for t in comp[pos[b] : pos[b] + n + 1]:
-                m.append(int(t))
-            pos[b] += n + 1
-            steps[b] += 1
-    longest = int(np.argmax(steps))
+    counts = replay_texts(texts, k, draft)
+    del counts["batch_steps"]  # no tail setting: every sequence runs as it would alone
     return {
         "drafter": drafter,
         "k": k,
         "sam_min_match": min_match if drafter != "mtp" else None,
-        "steps_longest": int(steps.max()),
-        "its_tokens": int(lens[longest]),
-        "steps_mean": float(steps.mean()),
-        "dense_steps": int(lens.max()),
-        "tokens_per_step": float(lens.sum() / steps.sum()),
-        "accept_rate": accepted / max(drafted, 1),
-        "sam_share": by_sam / max(int(steps.sum()), 1),
+        **counts,
+        "sam_share": by_sam / max(counts["steps_total"], 1),
     }
 
 

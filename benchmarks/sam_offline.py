@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -76,14 +77,27 @@ class Matcher:
         return self.h[start : start + min(k, o)]
 
 
-def simulate(
+def passed(draft: np.ndarray, comp: list[int], at: int) -> int:
+    """Drafts accepted: the leading ones that are the text's tokens from `at` on."""
+    n = 0
+    while n < len(draft) and draft[n] == comp[at + n]:
+        n += 1
+    return n
+
+
+Drafter = Callable[[int, Matcher, int, int], np.ndarray]
+
+
+def replay(
     texts: list[tuple[list[int], list[int]]],
     k: int,
-    min_match: int,
-    which: str,
+    draft: Drafter,
     tail: tuple[int, int] = (0, 0),
 ) -> dict:
-    """Verify steps per sequence (module docstring)."""
+    """Verify steps per sequence (module docstring), all sequences starting together: each
+    step every unfinished sequence b drafts `draft(b, matcher, room, at)` (at most room
+    tokens for completion positions at.., its matcher holding the text so far) and advances
+    by its accepted drafts + 1. The counts every drafter variant reports."""
     B = len(texts)
     ms = []
     for prompt, comp in texts:
@@ -105,10 +119,8 @@ def simulate(
         for b in run:
             comp, m = texts[b][1], ms[b]
             room = min(kk, int(lens[b] - pos[b]) - 1)
-            d = m.draft(room, min_match, which) if room > 0 else m.h[:0]
-            n = 0
-            while n < len(d) and d[n] == comp[pos[b] + n]:
-                n += 1
+            d = draft(int(b), m, room, int(pos[b])) if room > 0 else m.h[:0]
+            n = passed(d, comp, pos[b])
             drafted += len(d)
             accepted += n
             for t in comp[pos[b] : pos[b] + n + 1]:
@@ -117,18 +129,27 @@ def simulate(
             steps[b] += 1
     longest = int(np.argmax(steps))
     return {
-        "k": k,
-        "min_match": min_match,
-        "match": which,
-        "tail": list(tail),
         "steps_longest": int(steps.max()),
         "its_tokens": int(lens[longest]),
         "steps_mean": float(steps.mean()),
+        "steps_total": int(steps.sum()),
         "batch_steps": batch_steps,
         "dense_steps": int(lens.max()),
         "tokens_per_step": float(lens.sum() / steps.sum()),
         "accept_rate": accepted / max(drafted, 1),
     }
+
+
+def simulate(
+    texts: list[tuple[list[int], list[int]]],
+    k: int,
+    min_match: int,
+    which: str,
+    tail: tuple[int, int] = (0, 0),
+) -> dict:
+    """SAM's verify steps with the match variant `which` (module docstring)."""
+    counts = replay(texts, k, lambda b, m, room, at: m.draft(room, min_match, which), tail)
+    return {"k": k, "min_match": min_match, "match": which, "tail": list(tail), **counts}
 
 
 def generate(

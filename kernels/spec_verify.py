@@ -325,5 +325,5 @@ def verify_drafts(
         probs = target.exp() if log and not greedy else target
         return verify_drafts_triton(probs, draft_tokens, num_drafts, draft_probs, uniforms, greedy)
     return verify_drafts_reference(
-        target, draft_tokens, num_drafts, draft_probs, uniforms, greedy, log and not greedy
+        target, draft_tokens, num_drafts, draft_probs, uniforms, greedy, log
     )

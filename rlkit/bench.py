@@ -10,9 +10,10 @@ ignore_eos, so every engine does the same work) from the same prompts (random to
 `prompt-len`, or with `--task` the task's first train prompts in the chat template, whose
 text a drafter can predict), after one warm-up run, and reports the median of `--repeats`
 timed runs (one row's after another's, or with `--interleave` repeat i of every row before
-repeat i + 1 of any, so that the machine's drift falls on every row alike). With `--stop-at-eos` each sequence ends at its EOS as in an RL rollout (a
-drafter is then measured on the text it drafts in training, not on what a model writes
-after its answer), and tok/s counts what was generated:
+repeat i + 1 of any, so that the machine's drift falls on every row alike). With
+`--stop-at-eos` each sequence ends at its EOS as in an RL rollout (a drafter is then
+measured on the text it drafts in training, not on what a model writes after its answer),
+and tok/s counts what was generated:
 
 - tokens_per_s: generated tokens / wall seconds of the generate call (for vLLM, the seconds
   spent inside `LLM.generate`, measured in its server: no pipe or pickling time);
@@ -410,6 +411,40 @@ def _measure_interleaved(runners: list[_Runner], args: argparse.Namespace) -> li
     return [_row(r, args, t, None) for r, t in zip(runners, timed, strict=True)]
 
 
+def _measure_plan(
+    plan: list[tuple[str, str]], args: argparse.Namespace, model_dir: str, prompts: list
+) -> list[dict[str, Any]]:
+    """A row per (engine, mode): each runner built, measured and closed in turn; with
+    `--interleave` all built first and timed together (`_measure_interleaved`)."""
+
+    def build(engine: str, mode: str) -> _Runner:
+        print(f"rlkit bench: {engine} {mode} ...", file=sys.stderr, flush=True)
+        return _BUILDERS[engine](args, model_dir, mode, prompts)
+
+    if not args.interleave:
+        rows = []
+        for engine, mode in plan:
+            runner = build(engine, mode)
+            try:
+                rows.append(_measure(runner, args))
+            finally:
+                runner.close()
+                del runner
+                gc.collect()
+        return rows
+    runners: list[_Runner] = []
+    try:
+        for engine, mode in plan:
+            runners.append(build(engine, mode))
+        print("rlkit bench: timing the rows interleaved ...", file=sys.stderr, flush=True)
+        return _measure_interleaved(runners, args)
+    finally:
+        for runner in runners:
+            runner.close()
+        runners.clear()
+        gc.collect()
+
+
 def _row(
     runner: _Runner, args: argparse.Namespace, timed: _Timed, peak_mem: float | None
 ) -> dict[str, Any]:
@@ -667,29 +702,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     skipped = [f"{e}/{m}" for e in engines if e not in _MODAL for m in modes if m != "dense"]
     if skipped:
         print(f"rlkit bench: {', '.join(skipped)} skipped (only the native engine has modes)")
-    rows = []
-    if args.interleave:
-        runners: list[_Runner] = []
-        try:
-            for engine, mode in plan:
-                print(f"rlkit bench: {engine} {mode} ...", file=sys.stderr, flush=True)
-                runners.append(_BUILDERS[engine](args, model_dir, mode, prompts))
-            print("rlkit bench: timing the rows interleaved ...", file=sys.stderr, flush=True)
-            rows = _measure_interleaved(runners, args)
-        finally:
-            for runner in runners:
-                runner.close()
-            runners.clear()
-            gc.collect()
-    for engine, mode in plan if not args.interleave else []:
-        print(f"rlkit bench: {engine} {mode} ...", file=sys.stderr, flush=True)
-        runner = _BUILDERS[engine](args, model_dir, mode, prompts)
-        try:
-            rows.append(_measure(runner, args))
-        finally:
-            runner.close()
-            del runner
-            gc.collect()
+    rows = _measure_plan(plan, args, model_dir, prompts)
     base = next((r for r in rows if r["engine"] == "native" and r["mode"] == "dense"), None)
     for r in rows:
         r["ratio_vs_native_dense"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
