@@ -113,6 +113,9 @@ def draft_table(model, mtp, texts, states, ids, kmax: int) -> list[np.ndarray]:
     return tabs
 
 
+CHAINS4 = ["sam", "first", "mtp", "runner"]
+
+
 def replay(texts, tabs, k: int, drafter: str, min_match: int) -> dict:
     """Verify steps per sequence with `drafter`'s drafts (`sam_offline.replay`)."""
     by_sam = 0
@@ -125,11 +128,24 @@ def replay(texts, tabs, k: int, drafter: str, min_match: int) -> dict:
         mtp = row[:room]
         if drafter == "oracle":
             d = sam if passed(sam, comp, at) >= passed(mtp, comp, at) else mtp
-        elif drafter == "chains4":
-            # SAM's latest and first occurrences, MTP's chain and the chain from its depth-1
-            # runner-up (deeper depths teacher-forced: valid while it passes).
-            runner_up = np.concatenate([row[-1:], row[1:room]])
-            chains = [sam, m.draft(room, min_match, "first"), mtp, runner_up]
+        elif drafter == "chains4" or drafter.startswith("chains:"):
+            # The best of several chains verified in one step: SAM's latest (sam), first
+            # (first) and second-latest (second) occurrences, MTP's chain (mtp) and the chain
+            # from its depth-1 runner-up (runner; deeper depths teacher-forced: valid while it
+            # passes). chains4 = chains:sam,first,mtp,runner.
+            names = CHAINS4 if drafter == "chains4" else drafter[len("chains:") :].split(",")
+            chains = []
+            for name in names:
+                if name == "sam":
+                    chains.append(sam)
+                elif name in ("first", "second"):
+                    chains.append(m.draft(room, min_match, name))
+                elif name == "mtp":
+                    chains.append(mtp)
+                elif name == "runner":
+                    chains.append(np.concatenate([row[-1:], row[1:room]]))
+                else:
+                    raise ValueError(f"unknown chain {name!r} in {drafter!r}")
             d = max(chains, key=lambda c: passed(c, comp, at))
         elif drafter == "sam" or (drafter == "sam+mtp" and len(sam)):
             d = sam
@@ -158,6 +174,9 @@ def main() -> None:
     ap.add_argument("--min-match", type=int, default=2, help="sam's threshold")
     ap.add_argument("--sam-thresholds", default="2,4,6", help="sam+mtp's SAM thresholds")
     ap.add_argument("--module", default=None, help="a directory: load mtp.safetensors, or save")
+    ap.add_argument(
+        "--chains", default="", help="more chain sets, ';'-separated: chains:sam,first,mtp"
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -194,6 +213,7 @@ def main() -> None:
         runs = [("sam", a.min_match), ("mtp", 0)]
         runs += [("sam+mtp", int(t)) for t in a.sam_thresholds.split(",")]
         runs += [("oracle", a.min_match), ("chains4", a.min_match)]
+        runs += [(c, a.min_match) for c in a.chains.split(";") if c]
         for drafter, mm in runs:
             r = replay(texts, tabs, k, drafter, mm)
             rows.append(r)

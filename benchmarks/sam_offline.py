@@ -69,7 +69,12 @@ class Matcher:
         if length < max(min_match, 1):
             return self.h[:0]
         hits = np.nonzero(m == length)[0] + 1  # offsets, ascending
-        o = int(hits[-1] if which.startswith("first") else hits[0])
+        if which.startswith("second"):  # the second-latest occurrence, if any
+            if len(hits) < 2:
+                return self.h[:0]
+            o = int(hits[1])
+        else:
+            o = int(hits[-1] if which.startswith("first") else hits[0])
         start = self.n - o  # j* + 1
         if which.endswith("wrap"):
             # Past the text's end the continuation copies itself (period o).

@@ -101,6 +101,9 @@ def _gpu(args: argparse.Namespace) -> dict:
                 "tail_rows": _speculative(run).get("tail_rows", 0),
                 "tail_draft_tokens": _speculative(run).get("tail_draft_tokens", 0),
                 "mtp_draft": _speculative(run).get("mtp_draft", "sample"),
+                "draft_chains": _speculative(run).get("draft_chains", 1),
+                "tail_draft_chains": _speculative(run).get("tail_draft_chains", 0),
+                "sam_min_match": _speculative(run).get("sam_min_match"),
                 "run": run,
                 "accept_len_mean": statistics.mean(accept) if accept else None,
                 "rollout_seconds_dense": dense,
@@ -115,6 +118,7 @@ def _gpu(args: argparse.Namespace) -> dict:
         "best": best["drafter"],
         "best_num_draft_tokens": best["num_draft_tokens"],
         "best_tail": [best["tail_rows"], best["tail_draft_tokens"]],
+        "best_chains": [best["draft_chains"], best["tail_draft_chains"]],
         "dense_run": args.dense,
     }
     _write(args.out, summary)

@@ -11,6 +11,11 @@ sequence's length are garbage and never contribute.
              [B, H, T, D]      T new tokens per sequence (a speculative verify step): they are
                                its last T entries, and query t sees the entries before
                                lengths[b] - (T - 1 - t) (causal among the new tokens)
+    chain    (keyword) 0, or c > 0 with T = 1 + C * c: the T new tokens are a tree of C
+                               draft chains verified together, token 0 the row's last token
+                               and tokens 1 + j * c .. (j + 1) * c chain j; token t sees the
+                               entries before the step, token 0 and the earlier tokens of its
+                               own chain (c = T - 1: causal)
     k, v     [B, KVH, L, D]    any strides (e.g. `cache.k[layer, :B, :, :L]`); H % KVH == 0,
                                query head h reads kv head h // (H // KVH) (GQA)
     lengths  [B] int32/int64   valid entries per sequence; clamped to [0, L]; a sequence of
@@ -112,6 +117,7 @@ def sparse_decode_attention_reference(
     scale: float | None = None,
     *,
     exact: bool = True,
+    chain: int = 0,
 ) -> torch.Tensor:
     """Plain-PyTorch decode attention with the contract of the module docstring.
 
@@ -126,6 +132,7 @@ def sparse_decode_attention_reference(
     """
     B, H, D, kvh, G, scale = _check(q, k, v, lengths, scale)
     T = q.shape[2] if q.dim() == 4 else 1
+    _check_chain(chain, T)
     L = k.shape[2]
     dtype = torch.float32 if exact else q.dtype
     # Query row g * T + t of kv head h: head h * G + g, token t.
@@ -134,6 +141,10 @@ def sparse_decode_attention_reference(
     # Token t sees the entries before lengths - (T - 1 - t): [B, T].
     lim = lengths.to(torch.int64)[:, None] - (T - 1) + torch.arange(T, device=q.device)
     mask = torch.arange(L, device=q.device) < lim[:, :, None]  # [B, T, L]
+    if chain:
+        # Of the step's own entries (index j = entry - (length - T)), only the tree's.
+        j = torch.arange(L, device=q.device) - (lengths.to(torch.int64)[:, None] - T)  # [B, L]
+        mask &= (j[:, None, :] < 0) | _tree_sees(torch.arange(T, device=q.device), j, chain)
     empty = lim <= 0  # [B, T]
     # A row with no valid entry would be all -inf (NaN); let it attend to everything and zero it.
     mask = (mask | empty[:, :, None]).repeat(1, G, 1)[:, None]  # [B, 1, G * T, L]
@@ -143,6 +154,19 @@ def sparse_decode_attention_reference(
         empty[:, None, :, None], torch.zeros((), dtype=out.dtype, device=out.device), out
     )
     return out.to(q.dtype) if q.dim() == 4 else out[:, :, 0].to(q.dtype)
+
+
+def _tree_sees(t: torch.Tensor, j: torch.Tensor, chain: int) -> torch.Tensor:
+    """[B, T, L] bool: whether step token t [T] sees step entry j [B, L] (j >= 0) in a tree of
+    chains of `chain` tokens: token 0, and j in t's chain at or before t."""
+    tt, jj = t[None, :, None], j[:, None, :]
+    jc, tc = (jj - 1).clamp(min=0) // chain, (tt - 1).clamp(min=0) // chain
+    return (jj == 0) | ((jj >= 1) & (tt >= 1) & (jc == tc) & (jj <= tt))
+
+
+def _check_chain(chain: int, T: int) -> None:
+    if chain < 0 or (chain and (T - 1) % chain):
+        raise ValueError(f"chain must be 0 or divide T - 1 = {T - 1} (C chains), got {chain}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +233,7 @@ if HAS_TRITON:
         FUSE: tl.constexpr = False,
         HAS_RING: tl.constexpr = False,
         T: tl.constexpr = 1,  # new tokens a row; query row r is head kvh * G + r // T, token r % T
+        CHAIN: tl.constexpr = 0,  # > 0: the T tokens are a tree of chains of CHAIN tokens
     ):
         # 64-bit indices: a view of a large cache easily puts b * stride_kb past 2**31.
         b = tl.program_id(0).to(tl.int64)
@@ -286,6 +311,14 @@ if HAS_TRITON:
                 # A row's limit may leave it a block with no entry: its max stays -inf, and
                 # the exponents below are taken against 0 instead (exp2(-inf) = 0, no NaN).
                 seen = mask_n[None, :] & (pos[None, :] < lim[:, None])
+                if CHAIN > 0:
+                    # The step's own entries (j >= 0): token 0 and the query's own chain.
+                    j = (pos - (length - T)).to(tl.int32)[None, :]  # [1, N]
+                    t2 = tok[:, None]  # [BLOCK_H, 1]
+                    jc = tl.where(j >= 1, j - 1, 0) // CHAIN
+                    tc = tl.where(t2 >= 1, t2 - 1, 0) // CHAIN
+                    tree = (j == 0) | ((j >= 1) & (t2 >= 1) & (jc == tc) & (j <= t2))
+                    seen = seen & ((j < 0) | tree)
                 s = tl.where(seen, s * qk_scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -423,6 +456,7 @@ def sparse_decode_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     fused: tuple | None = None,
+    chain: int = 0,
 ) -> torch.Tensor:
     """The Triton kernel (contract in the module docstring). The keyword-only knobs are for
     tests and benchmarks: num_splits (None: chosen from B * KVH, L and the GPU's multiprocessor
@@ -436,6 +470,7 @@ def sparse_decode_attention_triton(
     T = 1 if one else q.shape[2]
     if fused is not None and not one:
         raise ValueError("the fused RoPE step takes one new token a row")
+    _check_chain(chain, T)
     out4 = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     out = out4[:, :, 0] if one else out4
     if B == 0 or H == 0 or D == 0 or T == 0:
@@ -506,6 +541,7 @@ def sparse_decode_attention_triton(
         *extra,
         **flags,
         T=T,
+        CHAIN=chain if T > 1 else 0,
         G=G,
         D=D,
         BLOCK_H=BLOCK_H,
@@ -543,6 +579,7 @@ def sparse_decode_attention(
     scale: float | None = None,
     *,
     cpu_kernel: bool = True,
+    chain: int = 0,
 ) -> torch.Tensor:
     """Decode attention over each sequence's first `lengths[b]` KV entries (module docstring):
     the Triton kernel for CUDA tensors when Triton is importable; on CPU the C kernel of
@@ -552,9 +589,10 @@ def sparse_decode_attention(
     Dense decoding is the case where every sequence's length is all of its entries; a
     speculative verify step feeds q [B, H, T, D] (a plain step's [B, H, 1, D] takes the
     one-token kernels).
-    cpu_kernel=False skips the C kernel (to compare against ATen's attention)."""
+    cpu_kernel=False skips the C kernel (to compare against ATen's attention). chain: a tree
+    of draft chains (module docstring)."""
     if q.is_cuda and HAS_TRITON:
-        return sparse_decode_attention_triton(q, k, v, lengths, scale)
+        return sparse_decode_attention_triton(q, k, v, lengths, scale, chain=chain)
     # The C kernel takes one new token a row: [B, H, 1, D] goes to it as [B, H, D].
     q3 = q[:, :, 0] if q.dim() == 4 and q.shape[2] == 1 else q
     if (
@@ -567,7 +605,7 @@ def sparse_decode_attention(
         if cpu_kernels.supports(q3, k, v):
             out = cpu_kernels.decode_attention(q3, k, v, lengths, scale)
             return out if q3 is q else out[:, :, None]
-    return sparse_decode_attention_reference(q, k, v, lengths, scale, exact=False)
+    return sparse_decode_attention_reference(q, k, v, lengths, scale, exact=False, chain=chain)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,29 @@ sampler draws from.
     accepted      [B] int64           drafts kept, in [0, num_drafts[b]]
     token         [B] int64           the token emitted after them
 
+Several draft chains a sequence, verified in one forward (`verify_chains`): the fed positions
+are a tree, the sequence's last token and then C deterministic chains of up to k drafts each
+(index 1 + c * k + i: chain c's draft i + 1, whose row scores chain c's draft i + 2). From the
+root the rule draws the emitted token from p at the current node (greedy: its argmax); where
+that token is the next draft of chains still consistent with the path, the path moves to the
+first such chain's node and draws again, else the step ends with that token. Every emitted
+token is a draw from the policy's distribution after the tokens before it, so the output is
+the policy's exactly, whatever the chains (one chain: the one-chain rule's law, another
+coupling of the uniforms).
+
+    verify_chains(target, chains, num, uniforms=None, greedy=False)
+        -> (accepted, tokens, node)
+
+    target    [B, 1 + C * k, V]   log-probabilities (greedy: scores) at the tree's positions
+    chains    [B, C, k] int64     the chains' drafts; num [B, C] int64 their counts
+    uniforms  [B, k + 1] float64  one a depth (stochastic only)
+    accepted  [B] int64           drafts kept (of one chain)
+    tokens    [B, k + 1] int64    the emitted tokens at 0..accepted (the kept drafts, then the
+                                  drawn one; past that, scratch)
+    node      [B, k + 1] int64    the position whose distribution emitted each token
+
+PyTorch only (capturable, no host sync): a loop of k + 1 depths of [B, V] work.
+
 Three functions, as `sparse_decode_attention.py`: `verify_drafts_reference` (plain PyTorch, the
 rule as written above), the Triton kernel `verify_drafts_triton` (one program per sequence:
 acceptance of all k drafts at once, the first rejection, and the residual's inverse-CDF draw in
@@ -46,7 +69,13 @@ from __future__ import annotations
 import torch
 from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 
-__all__ = ["HAS_TRITON", "verify_drafts", "verify_drafts_reference", "verify_drafts_triton"]
+__all__ = [
+    "HAS_TRITON",
+    "verify_chains",
+    "verify_drafts",
+    "verify_drafts_reference",
+    "verify_drafts_triton",
+]
 
 
 def _check(
@@ -327,3 +356,61 @@ def verify_drafts(
     return verify_drafts_reference(
         target, draft_tokens, num_drafts, draft_probs, uniforms, greedy, log
     )
+
+
+def verify_chains(
+    target: torch.Tensor,
+    chains: torch.Tensor,
+    num: torch.Tensor,
+    uniforms: torch.Tensor | None = None,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Several deterministic draft chains a sequence verified at once (module docstring):
+    (accepted [B], tokens [B, k + 1], node [B, k + 1])."""
+    if chains.dim() != 3:
+        raise ValueError(f"chains must be [B, C, k], got shape {tuple(chains.shape)}")
+    B, C, k = chains.shape
+    if target.dim() != 3 or target.shape[:2] != (B, 1 + C * k):
+        raise ValueError(
+            f"target must be [{B}, 1 + C * k = {1 + C * k}, V], got {tuple(target.shape)}"
+        )
+    if num.shape != (B, C):
+        raise ValueError(f"num must be [{B}, {C}], got {tuple(num.shape)}")
+    if not greedy and (uniforms is None or uniforms.shape != (B, k + 1)):
+        got = None if uniforms is None else tuple(uniforms.shape)
+        raise ValueError(f"uniforms must be [{B}, {k + 1}] for stochastic verification, got {got}")
+    dev = target.device
+    rows = torch.arange(B, device=dev)
+    alive = torch.ones(B, C, dtype=torch.bool, device=dev)
+    cur = torch.zeros(B, dtype=torch.long, device=dev)  # the node the next token is drawn at
+    accepted = torch.zeros(B, dtype=torch.long, device=dev)
+    tokens = torch.zeros(B, k + 1, dtype=torch.long, device=dev)
+    node = torch.zeros(B, k + 1, dtype=torch.long, device=dev)
+    first = torch.arange(C, 0, -1, device=dev)  # argmax of match * first: the first chain
+    for i in range(k + 1):
+        row = target[rows, cur]  # [B, V]
+        if greedy:
+            x = row.argmax(-1)
+        else:
+            assert uniforms is not None
+            x = _draw(row, uniforms[:, i])
+        tokens[:, i] = x
+        node[:, i] = cur
+        if i == k:
+            break
+        # Once no chain matches, none is alive: the later draws are scratch.
+        match = alive & (i < num) & (chains[:, :, i] == x[:, None])
+        go = match.any(1)
+        c = (match.long() * first).argmax(1)
+        cur = torch.where(go, 1 + c * k + i, cur)
+        accepted += go.long()
+        alive = match
+    return accepted, tokens, node
+
+
+def _draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token a row from log-probabilities [N, V] and uniforms u [N]: the first whose running
+    sum (float64) exceeds u times the total (the sampler's inverse-CDF draw)."""
+    cdf = logp.exp().cumsum(dim=-1, dtype=torch.float64)
+    x = torch.searchsorted(cdf, u.to(torch.float64)[:, None] * cdf[:, -1:], right=True)[:, 0]
+    return x.clamp_max_(cdf.shape[-1] - 1)

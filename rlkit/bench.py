@@ -239,6 +239,8 @@ def _native(
             max_batch=args.spec_max_batch,
             tail_rows=args.tail_rows,
             tail_draft_tokens=args.tail_draft_tokens,
+            draft_chains=args.draft_chains,
+            tail_draft_chains=args.tail_draft_chains,
         )
         if "mtp" in drafter:
             mtp = load_mtp(args.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)
@@ -594,6 +596,15 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     )
     spec.add_argument("--tail-draft-tokens", type=int, default=0)
     spec.add_argument(
+        "--draft-chains",
+        type=int,
+        default=1,
+        help="draft chains a row verifies in one step (deterministic drafts, CUDA graphs)",
+    )
+    spec.add_argument(
+        "--tail-draft-chains", type=int, default=0, help="the chains in the tail (0: the same)"
+    )
+    spec.add_argument(
         "--spec-max-batch",
         type=int,
         default=0,
@@ -664,12 +675,16 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         modes = [m for m in modes if m != "spec"] + [f"spec:{d}" for d in drafters]
         from rlkit.config.schema import SpeculativeConfig
 
-        tail = SpeculativeConfig(
-            num_draft_tokens=args.num_draft_tokens, tail_rows=args.tail_rows,
-            tail_draft_tokens=args.tail_draft_tokens,
-        ).tail_problem()  # fmt: skip
-        if tail is not None:
-            raise SystemExit(f"rlkit bench: --{tail[0].replace('_', '-')} {tail[1]}")
+        for d in drafters:
+            cfg = SpeculativeConfig(
+                drafter=d, num_draft_tokens=args.num_draft_tokens,  # type: ignore[arg-type]
+                tail_rows=args.tail_rows, tail_draft_tokens=args.tail_draft_tokens,
+                draft_chains=args.draft_chains, tail_draft_chains=args.tail_draft_chains,
+                mtp_draft=args.mtp_draft,
+            )  # fmt: skip
+            tail = cfg.tail_problem() or cfg.chains_problem()
+            if tail is not None:
+                raise SystemExit(f"rlkit bench: --{tail[0].replace('_', '-')} {tail[1]}")
         if args.mtp_draft != "sample" and not any("mtp" in d for d in drafters):
             raise SystemExit(
                 f"rlkit bench: --mtp-draft {args.mtp_draft} needs an MTP drafter (--drafter "
@@ -741,6 +756,8 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             spec_max_batch=args.spec_max_batch,
             tail_rows=args.tail_rows,
             tail_draft_tokens=args.tail_draft_tokens,
+            draft_chains=args.draft_chains,
+            tail_draft_chains=args.tail_draft_chains,
             mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))

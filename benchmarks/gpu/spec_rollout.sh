@@ -16,7 +16,9 @@
 # EXTRA="stages=[rlvr] algorithm.mtp.loss=frozen" (its RL stage with SAM drafts alone).
 # MTP_DRAFT=argmax: the mtp / sam+mtp runs draft the MTP module's argmax (no q, no sampling
 # pass per depth; rollout.speculative.mtp_draft). SAM_MIN_MATCH (default 2): SAM's threshold
-# (sam+mtp: below it MTP drafts).
+# (sam+mtp: below it MTP drafts). CHAINS (default "1:0"): rollout.speculative.draft_chains:
+# tail_draft_chains settings to run each k and tail at (several draft chains a row verified
+# in one step; they need MTP_DRAFT=argmax for the MTP drafters, and a tail for the second).
 source benchmarks/gpu/setup.sh
 steps=${STEPS:-6}
 common="rollout.kv_compression.policy=none train.steps=$steps train.eval_every=0 data.num_eval=8
@@ -29,15 +31,17 @@ runs=""
 for run in none ${DRAFTERS:-sam}; do
  for k in $([ "$run" = none ] && echo 0 || echo ${KS:-3}); do
  for tail in $([ "$run" = none ] && echo 0:0 || echo ${TAILS:-0:0}); do
+ for chains in $([ "$run" = none ] && echo 1:0 || echo ${CHAINS:-1:0}); do
   drafter=$run
   name=spec_rollout_${drafter/+/_}
   [ "$drafter" = none ] || name=${name}_k$k
   [ "$tail" = 0:0 ] || name=${name}_t${tail/:/x}
+  [ "$chains" = 1:0 ] || name=${name}_c${chains/:/x}
   case $drafter in *mtp*) [ "${MTP_DRAFT:-sample}" = sample ] || name=${name}_${MTP_DRAFT};; esac
   [ "${SAM_MIN_MATCH:-2}" = 2 ] || name=${name}_mm${SAM_MIN_MATCH}
   draw=""  # MTP_DRAFT=argmax: the MTP drafters' argmax drafts (rollout.speculative.mtp_draft)
   case $drafter in *mtp*) draw=", mtp_draft: ${MTP_DRAFT:-sample}";; esac
-  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: ${SAM_MIN_MATCH:-2}, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}$draw}"
+  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: ${SAM_MIN_MATCH:-2}, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}, draft_chains: ${chains%:*}, tail_draft_chains: ${chains#*:}$draw}"
   [ "$drafter" = none ] && spec="rollout.speculative.drafter=none"  # a recipe may draft
   start=$(date +%s)
   rm -rf /tmp/runs/$name  # a run directory left by an earlier call would be resumed
@@ -47,6 +51,7 @@ for run in none ${DRAFTERS:-sam}; do
   mkdir -p $OUT/$name
   for f in summary.json metrics.jsonl config.yaml; do cp /tmp/runs/$name/$f $OUT/$name/ 2>/dev/null; done
   [ "$drafter" = none ] || runs="$runs /tmp/runs/$name"
+ done
  done
  done
 done

@@ -18,7 +18,7 @@ if [ "${PHASE:-1}" = 1 ]; then
     tests/kernels/test_sparse_decode_attention.py tests/kernels/test_spec_verify.py \
     tests/rollout/test_cuda_graph_steps.py tests/rollout/test_speculative.py \
     tests/rollout/test_sam.py tests/rollout/test_sync_free_spec.py \
-    tests/kernels/test_sam_device.py 2>&1 | grep -v Warn | tail -15 | tee $OUT/gpu_tests.txt
+    tests/kernels/test_sam_device.py tests/rollout/test_draft_chains.py 2>&1 | grep -v Warn | tail -15 | tee $OUT/gpu_tests.txt
   TASK=arithmetic_set LIMIT=${LIMIT:-240} WARMUP=${WARMUP:-400} bash benchmarks/gpu/mtp_warmup.sh
   mkdir -p /tmp/mtp_module && cp $OUT/mtp_warmup/mtp.safetensors /tmp/mtp_module/
   exit 0

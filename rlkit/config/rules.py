@@ -43,7 +43,7 @@ from rlkit.config.checks import (
     unit_betas,
 )
 from rlkit.config.errors import ConfigError
-from rlkit.config.schema import RecipeConfig
+from rlkit.config.schema import RecipeConfig, SpeculativeConfig
 
 # The decoder layers' linear layers (rlkit/models/decoder.py) that LoRA adapters may wrap; the
 # embedding and LM head are read as plain weights by the learner and stay frozen.
@@ -117,6 +117,8 @@ RULES: dict[str, Check | None] = {
     "rollout.speculative.max_batch": in_range(0, 1_000_000),
     "rollout.speculative.tail_rows": in_range(0, 1_000_000),
     "rollout.speculative.tail_draft_tokens": in_range(0, 16),  # >= num_draft_tokens: below
+    "rollout.speculative.draft_chains": in_range(1, 4),  # what the drafter makes: below
+    "rollout.speculative.tail_draft_chains": in_range(0, 4),
     "rollout.vllm.python": optional(executable),
     "rollout.vllm.gpu_memory_utilization": in_range(0, 1, low_open=True),
     "rollout.vllm.sleep_between_steps": None,
@@ -303,10 +305,24 @@ def _speculative_fits(cfg: RecipeConfig) -> None:
             key="rollout.engine",
         )
     if spec.drafter == "none":
+        plain = SpeculativeConfig()
+        for key in ("draft_chains", "tail_draft_chains"):
+            if getattr(spec, key) != getattr(plain, key):
+                raise Invalid(
+                    f"({getattr(spec, key)}) needs rollout.speculative.drafter",
+                    key=f"rollout.speculative.{key}",
+                )
         return
-    tail = spec.tail_problem()
+    tail = spec.tail_problem() or spec.chains_problem()
     if tail is not None:
         raise Invalid(tail[1], key=f"rollout.speculative.{tail[0]}")
+    if spec.max_chains > 1 and cfg.rollout.kv_compression.policy != "none":
+        raise Invalid(
+            f"({spec.max_chains}) needs a dense cache: several draft chains run on the verify "
+            "step that keeps the cache's lengths on the device, which a compressed cache's "
+            f"trigger does not (rollout.kv_compression.policy {cfg.rollout.kv_compression.policy!r})",
+            key="rollout.speculative.draft_chains",
+        )
     if cfg.rollout.engine != "native":
         raise Invalid(
             "needs rollout.engine: native (the vLLM backend drafts with its own settings)",

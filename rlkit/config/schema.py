@@ -202,6 +202,18 @@ class SpeculativeConfig:
     # ends: where their text repeats (SAM's matches run long) a longer draft ends it sooner.
     tail_rows: int = 0
     tail_draft_tokens: int = 0
+    # Draft chains a row verifies in one step (1: one chain). Several deterministic chains
+    # go through the policy's forward as a tree sharing the row's cache, and the emitted token
+    # at each depth either continues one of them or ends the step: still lossless, more
+    # tokens a step where one chain guesses wrong. In order: sam: the match's chosen
+    # occurrence (sam_match), then the other one; mtp: the argmax chain, then the one from
+    # depth 1's runner-up; sam+mtp: SAM's, MTP's, MTP's runner-up, SAM's other occurrence
+    # (up to 4; benchmarks/mtp_offline.py ranks them). Needs deterministic drafts (mtp_draft:
+    # argmax), a dense cache and the engine's CUDA-graph verify step (a GPU).
+    # tail_draft_chains: the chains while at most tail_rows sequences decode (0: draft_chains),
+    # where a step over few rows costs about the same for 4 x (k + 1) tokens a row as for k + 1.
+    draft_chains: int = 1
+    tail_draft_chains: int = 0
 
     def tail_problem(self) -> tuple[str, str] | None:
         """(key, what is wrong) when the tail setting cannot be honoured, else None."""
@@ -225,16 +237,66 @@ class SpeculativeConfig:
             )
         return None
 
+    def chains_problem(self) -> tuple[str, str] | None:
+        """(key, what is wrong) when the draft chains cannot be honoured, else None (what
+        the config alone says; the engine checks its step can take them)."""
+        if not 1 <= self.draft_chains <= 4 or not 0 <= self.tail_draft_chains <= 4:
+            key = "draft_chains" if not 1 <= self.draft_chains <= 4 else "tail_draft_chains"
+            return (
+                key,
+                f"must be in [1, 4] (0 for the tail: draft_chains), got {getattr(self, key)}",
+            )
+        if self.tail_draft_chains and not self.tail_rows:
+            return (
+                "tail_draft_chains",
+                f"({self.tail_draft_chains}) applies only with tail_rows > 0: the most "
+                "sequences decoding at once for the tail's chains",
+            )
+        chains = self.max_chains
+        if chains == 1:
+            return None
+        key = "tail_draft_chains" if self.tail_draft_chains > self.draft_chains else "draft_chains"
+        most = {"sam": 2, "mtp": 2, "sam+mtp": 4}.get(self.drafter, 0)
+        if chains > most:
+            return key, (
+                f"({chains}) is more than drafter {self.drafter!r} makes ({most}: sam its "
+                "match's two occurrences, mtp its argmax and runner-up chains, sam+mtp four)"
+            )
+        if "mtp" in self.drafter and self.mtp_draft != "argmax":
+            return key, (
+                f"({chains}) needs deterministic drafts: mtp_draft argmax, got {self.mtp_draft!r}"
+            )
+        if self.sam_static:
+            return key, f"({chains}) does not combine with sam_static (no device form)"
+        return None
+
     def draft_tokens(self, rows: int) -> int:
         """The draft length while `rows` sequences decode."""
         if self.tail_rows and rows <= self.tail_rows:
             return self.tail_draft_tokens
         return self.num_draft_tokens
 
+    def chains(self, rows: int) -> int:
+        """The draft chains a row verifies while `rows` sequences decode."""
+        if self.tail_rows and self.tail_draft_chains and rows <= self.tail_rows:
+            return self.tail_draft_chains
+        return self.draft_chains
+
     @property
     def max_draft_tokens(self) -> int:
-        """The longest draft any step makes (what caches and drafters are sized for)."""
+        """The longest draft any step makes (what drafters are sized for)."""
         return max(self.num_draft_tokens, self.tail_draft_tokens if self.tail_rows else 0)
+
+    @property
+    def max_chains(self) -> int:
+        return max(self.draft_chains, self.tail_draft_chains if self.tail_rows else 0)
+
+    @property
+    def max_step_drafts(self) -> int:
+        """The most draft tokens a row feeds in one step, over its chains (what a cache holds
+        past a row's length)."""
+        tail = self.tail_draft_tokens * self.chains(0) if self.tail_rows else 0
+        return max(self.num_draft_tokens * self.draft_chains, tail)
 
 
 @dataclass

@@ -369,6 +369,8 @@ class DeviceDrafter(Protocol):
 
     # What the captured steps depend on besides the sampling setting.
     key: tuple[Any, ...]
+    # The most draft chains a row `propose_chains` makes.
+    max_chains: int
 
     def bind(self, state: dict[str, Any], slots: int, length: int, device: torch.device) -> None:
         """Use (allocating on first use) the state tensors in `state` for `slots` rows of
@@ -391,6 +393,14 @@ class DeviceDrafter(Protocol):
         host reads)."""
         ...
 
+    def propose_chains(
+        self, rows: int, room: torch.Tensor, k: int, chains: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`chains` (<= max_chains) deterministic draft chains a row, verified together
+        (`steps.SyncFreeSpecStep`): tokens [rows, chains, k] and counts [rows, chains], each
+        <= room (capturable)."""
+        ...
+
     def extend(
         self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor
     ) -> None:
@@ -410,6 +420,8 @@ class DeviceSAM:
     """`sam` on the device (`rlkit.kernels.sam_device`): the same drafts as `SAMDrafter`'s
     automata, from a per-slot match-length state that each emitted token updates
     elementwise. Made by `SAMDrafter.on_device` where there is no static automaton."""
+
+    max_chains = 2  # the match's chosen occurrence, then its other one (latest / first)
 
     def __init__(self, k: int, min_match: int, latest: bool = False):
         self.k, self.min_match, self.latest = k, min_match, latest
@@ -450,6 +462,23 @@ class DeviceSAM:
         )  # fmt: skip
         return tokens, num, None
 
+    def propose_chains(
+        self, rows: int, room: torch.Tensor, k: int, chains: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = [
+            sam_device.draft(
+                self.hist[:rows],
+                self.M[:rows],
+                self.hlen[:rows],
+                room,
+                self.min_match,
+                k,
+                latest,
+            )  # fmt: skip
+            for latest in (self.latest, not self.latest)[:chains]
+        ]
+        return torch.stack([t for t, _ in out], 1), torch.stack([n for _, n in out], 1)
+
     def extend(
         self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor
     ) -> None:
@@ -479,6 +508,8 @@ class DeviceMTP:
     and there is no q.
     With `mtp_vocab` the head covers the call's sub-vocabulary (the host drafter's `ids`),
     copied into a fixed buffer each call; the token counts grow inside the step."""
+
+    max_chains = 2  # the argmax chain, then the one from depth 1's runner-up
 
     def __init__(self, host: MTPDrafter, run: Run):
         self.mtp, self.model, self.k = host.mtp, run.model, host.k
@@ -540,6 +571,23 @@ class DeviceMTP:
     def propose(
         self, rows: int, room: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        tokens, _, probs = self._draft(rows, k, runner_up=False)
+        return tokens[:, 0], room.clamp(min=0, max=k), probs
+
+    def propose_chains(
+        self, rows: int, room: torch.Tensor, k: int, chains: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.params.temperature > 0:
+            raise ValueError("several draft chains need argmax MTP drafts (mtp_draft: argmax)")
+        tokens, _, _ = self._draft(rows, k, runner_up=chains > 1)
+        num = room.clamp(min=0, max=k)[:, None].expand(rows, chains)
+        return tokens[:, :chains], num
+
+    def _draft(
+        self, rows: int, k: int, runner_up: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Drafts [rows, 1 or 2, k]: the module's chain and, with runner_up, the chain that
+        starts from depth 1's second most likely token (argmax after it); their q."""
         model, mtp, dev = self.model, self.mtp, self.h.device
         n = self.n[:rows]
         active = n > 0
@@ -548,21 +596,29 @@ class DeviceMTP:
         g = g[torch.arange(rows, device=dev), (n - 1).clamp(min=0)]  # [rows, H]
         self.cache.advance_device(n)
         one = active.long()
-        tokens = torch.zeros(rows, k, dtype=torch.long, device=dev)
+        tokens = torch.zeros(rows, 1 + runner_up, k, dtype=torch.long, device=dev)
         probs = None
         if self.params.temperature > 0:
             vocab = model.args.vocab_size
             probs = torch.zeros(rows, k, vocab, dtype=torch.float32, device=dev)
-        for i in range(k):
-            logits = F.linear(mtp.norm(g), self.head)  # [rows, V] or [rows, N]
-            u = None if probs is None else self.u[:rows, i]
-            tokens[:, i] = _draft_depth(logits, self.params, u, self.sub, probs, i)
-            if i + 1 < k:
-                x = mtp.step_input(g[:, None], tokens[:, i : i + 1], model)
-                g = self._block(x, active)[:, 0]
-                self.cache.advance_device(one)
-        self.cache.advance_device(-(k - 1) * one)
-        return tokens, room.clamp(min=0, max=k), probs
+        g1 = g
+        for c in range(1 + runner_up):
+            g = g1
+            for i in range(k):
+                logits = F.linear(mtp.norm(g), self.head)  # [rows, V] or [rows, N]
+                if c == 1 and i == 0:
+                    second = logits.topk(2, dim=-1).indices[:, 1]
+                    tokens[:, c, i] = second if self.sub is None else self.sub[second]
+                else:
+                    u = None if probs is None else self.u[:rows, i]
+                    tokens[:, c, i] = _draft_depth(logits, self.params, u, self.sub, probs, i)
+                if i + 1 < k:
+                    x = mtp.step_input(g[:, None], tokens[:, c, i : i + 1], model)
+                    g = self._block(x, active)[:, 0]
+                    self.cache.advance_device(one)
+            # The depths' entries go: a second chain writes the same ones.
+            self.cache.advance_device(-(k - 1) * one)
+        return tokens, n, probs
 
     def extend(
         self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor
@@ -591,6 +647,9 @@ class DeviceSAMThenMTP:
     """`sam+mtp` on the device: SAM's draft where its match reaches the threshold, else the MTP
     module's (`SAMThenMTP`), both computed every step."""
 
+    # SAM's chain, MTP's, MTP's from its depth-1 runner-up, SAM's other occurrence.
+    max_chains = 4
+
     def __init__(self, sam: DeviceSAM, mtp: DeviceMTP):
         self.sam, self.mtp = sam, mtp
         self.key = ("sam+mtp", *sam.key, *mtp.key)
@@ -614,6 +673,21 @@ class DeviceSAMThenMTP:
         by_mtp, n_mtp, q = self.mtp.propose(rows, torch.where(use, 0, room), k)
         tokens, q = _sam_where(use, by_sam, by_mtp, q)
         return tokens, torch.where(use, n_sam, n_mtp), q
+
+    def propose_chains(
+        self, rows: int, room: torch.Tensor, k: int, chains: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In order: SAM's chain, MTP's, MTP's from its depth-1 runner-up, SAM's other
+        occurrence (the offline replay's ranking, `benchmarks/mtp_offline.py`); one chain:
+        SAM's where its match is long enough, else MTP's."""
+        if chains == 1:
+            tokens, num, _ = self.propose(rows, room, k)
+            return tokens[:, None], num[:, None]
+        sam, n_sam = self.sam.propose_chains(rows, room, k, 2 if chains >= 4 else 1)
+        mtp, n_mtp = self.mtp.propose_chains(rows, room, k, 2 if chains >= 3 else 1)
+        order = [(sam, n_sam, 0), (mtp, n_mtp, 0), (mtp, n_mtp, 1), (sam, n_sam, 1)][:chains]
+        tokens = torch.stack([t[:, c] for t, _, c in order], 1)
+        return tokens, torch.stack([n[:, c] for _, n, c in order], 1)
 
     def extend(
         self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor

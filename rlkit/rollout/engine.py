@@ -42,7 +42,7 @@ from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
 from rlkit.rollout.sam import SuffixAutomaton, corpus_automaton
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.rollout.scheduler import Completion, DecodeStep, Run
-from rlkit.rollout.steps import PlainStep, SpecStep, SyncFreeSpecStep
+from rlkit.rollout.steps import DraftLength, PlainStep, SpecStep, SyncFreeSpecStep
 
 __all__ = ["Completion", "Engine"]
 
@@ -203,13 +203,19 @@ class Engine:
                 raise ValueError("speculative.num_draft_tokens must be >= 1")
             if self.speculative.max_batch < 0:
                 raise ValueError("speculative.max_batch must be >= 0 (0: always speculate)")
-            tail = self.speculative.tail_problem()
+            tail = self.speculative.tail_problem() or self.speculative.chains_problem()
             if tail is not None:
                 raise ValueError(f"speculative.{tail[0]} {tail[1]}")
             if self.compression is not None and self.compression.policy == "h2o":
                 raise ValueError(
                     "speculative decoding does not combine with the h2o policy: its accumulated "
                     "attention would count the queries of rejected drafts"
+                )
+            if self.speculative.max_chains > 1 and not self.cuda_graphs:
+                raise ValueError(
+                    f"speculative.draft_chains ({self.speculative.max_chains}) needs the verify "
+                    "step that never syncs, on CUDA graphs: a CUDA device (or cuda_graphs=True "
+                    "off the fused CPU step, which runs the same steps eagerly)"
                 )
         self.mtp = None
         if mtp is not None:
@@ -384,7 +390,8 @@ class Engine:
         compress=False decodes this call against a dense cache even when the engine has
         `kv_compression` (a Sparse-RL run's held-out evaluation of the model as deployed).
         drafter: this call's drafter instead of the engine's `speculative.drafter` ("none":
-        plain decoding; e.g. "mtp" to measure the MTP module of an engine that drafts by SAM).
+        plain decoding; e.g. "mtp" to measure the MTP module of an engine that drafts by SAM);
+        it drafts one chain a row.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
@@ -394,7 +401,11 @@ class Engine:
         spec = self.speculative or SpeculativeConfig()
         name = spec.drafter if drafter is None else drafter
         k = spec.max_draft_tokens if name != "none" else 0
-        run = Run(self, prompts, params, n, self.compression if compress else None, lookahead=k)
+        multi = spec.max_chains > 1 and (drafter is None or drafter == spec.drafter)
+        chains: DraftLength = spec.chains if multi else 1
+        # A step writes up to this many entries past a row's length (its chains' drafts).
+        ahead = spec.max_step_drafts if multi else k
+        run = Run(self, prompts, params, n, self.compression if compress else None, lookahead=ahead)
         step: DecodeStep = PlainStep()
         if name != "none":
             if "mtp" in name and self.mtp is None:
@@ -413,7 +424,15 @@ class Engine:
                 on_device() if on_device and run.graphs and run.cache.device_lengths else None
             )
             if device_drafter is not None:
-                step = SyncFreeSpecStep(run, device_drafter, spec.draft_tokens, spec.max_batch)
+                step = SyncFreeSpecStep(
+                    run, device_drafter, spec.draft_tokens, spec.max_batch, chains
+                )
+            elif multi:
+                raise ValueError(
+                    f"speculative.draft_chains ({spec.max_chains}) needs the verify step that "
+                    "never syncs: CUDA graphs over a dense cache (this call: cuda_graphs "
+                    f"{self.cuda_graphs}, dense cache {run.cache.device_lengths})"
+                )
             else:
                 step = SpecStep(host_drafter, spec.draft_tokens, spec.max_batch)
         return run.execute(step)

@@ -202,6 +202,7 @@ class KVCache:
         and T tokens. Rows batch..P-1 are padding: free slots, written at entries 0..T-1.
         Returns positions [P, T]."""
         self._mode = "decode"
+        self._chain = 0
         if pad_to is not None:
             return self._begin_padded(batch, pad_to, new_tokens)
         start = to_device(self.lengths[:batch], self.device)  # [B]
@@ -246,6 +247,7 @@ class KVCache:
     # starts at the completion: `reset_slots`).
 
     device_lengths = True
+    _chain = 0  # the step's tree of draft chains (`begin_decode_device`)
 
     def lengths_to_device(self, batch: int, first: int = 0) -> torch.Tensor:
         """Slots first..batch-1's host lengths (and position offsets) into the device tensors
@@ -259,10 +261,17 @@ class KVCache:
         self._off_dev[rows].copy_(to_device(self.positions[rows] - self.lengths[rows], self.device))
         return self._len_dev
 
-    def begin_decode_device(self, active: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def begin_decode_device(
+        self, active: torch.Tensor, new_tokens: int, chain: int = 0
+    ) -> torch.Tensor:
         """`begin_decode` of a padded step of P = len(active) rows from the device lengths:
         row b's tokens go to entries len[b].. when active[b], else to entries 0.. (a free slot,
-        or a row at its limit whose entries nothing reads again). Returns positions [P, T]."""
+        or a row at its limit whose entries nothing reads again). Returns positions [P, T].
+
+        chain c > 0: the T = 1 + C * c tokens are a tree of C draft chains after the row's
+        last token (`rlkit.kernels.spec_verify.verify_chains`): chain j's token i sits at
+        position len + 1 + i and attends to the entries before the step, the last token's and
+        its own chain's earlier ones; `keep_path` then keeps one path's entries."""
         P, T = active.shape[0], new_tokens
         if T not in self._static:
             self._static[T] = torch.zeros(
@@ -272,11 +281,29 @@ class KVCache:
         start = torch.where(active, self._len_dev[:P], 0)
         buf[0] = start[:, None] + torch.arange(T, device=self.device)
         buf[1, :, 0] = buf[0, :, -1] + 1
-        buf[2] = buf[0] + torch.where(active, self._off_dev[:P], 0)[:, None]
+        depth = torch.arange(T, device=self.device)
+        if chain:
+            depth = torch.cat([depth[:1], depth[1 : chain + 1].repeat((T - 1) // chain)])
+        buf[2] = start[:, None] + depth + torch.where(active, self._off_dev[:P], 0)[:, None]
         self._mode = "decode"
         self._write, self._lens = buf[0], buf[1, :, 0]
         self._kv_len = self.max_len
+        self._chain = chain
         return buf[2]
+
+    def keep_path(self, path: torch.Tensor, active: torch.Tensor) -> None:
+        """After a tree step (`begin_decode_device` with chain), before `advance_device`:
+        active rows b keep the step's entries path[b, i] (indices into the step's T tokens,
+        [P, n]) as entries len[b] + 1 + i, the accepted chain's entries after the last
+        token's (capturable; entries moved past what a row keeps are never read)."""
+        P, n = path.shape
+        base = self._len_dev[:P, None]
+        dst = base + 1 + torch.arange(n, device=self.device)
+        src = torch.where(active[:, None], base + path, dst)
+        rows = torch.arange(P, device=self.device)[:, None]
+        # [layers, slots, KVH, L, D] indexed [:, rows, :, entries]: [P, n, layers, KVH, D].
+        self.k[:, rows, :, dst] = self.k[:, rows, :, src]
+        self.v[:, rows, :, dst] = self.v[:, rows, :, src]
 
     def lengths_on_device(self, batch: int) -> torch.Tensor:
         """Slots 0..batch-1's device lengths [batch] (a view)."""
@@ -361,7 +388,9 @@ class KVCache:
         # Each row's queries over its own entries, the step's T new ones last (writes are
         # contiguous: query t sees those before lens - (T - 1 - t)): the decode kernel, which
         # for T > 1 (a verify step) on a GPU reads each row once up to its length.
-        return sparse_decode_attention(q, keys, values, self._lens, cpu_kernel=self.cpu_kernels)
+        return sparse_decode_attention(
+            q, keys, values, self._lens, cpu_kernel=self.cpu_kernels, chain=self._chain
+        )
 
     def fused_target(self, layer: int) -> FusedTarget | None:
         """The fused step's view of `layer` (see `FusedDecodeCache`), after `begin_decode(B,
@@ -679,6 +708,7 @@ class CompressedKVCache(KVCache):
         self, batch: int, new_tokens: int = 1, pad_to: int | None = None
     ) -> torch.Tensor:
         self._mode = "decode"
+        self._chain = 0
         if pad_to is not None:
             return self._begin_padded_compressed(batch, pad_to, new_tokens)
         dev = self.device

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rlkit.device import to_device
-from rlkit.kernels.spec_verify import verify_drafts
+from rlkit.kernels.spec_verify import verify_chains, verify_drafts
 from rlkit.rollout.cuda_graphs import StepGraphs
 from rlkit.rollout.sampling import SamplingParams, sampling_logprobs
 
@@ -83,6 +83,38 @@ def verify_rows(
     emitted.scatter_(1, accepted[:, None], token[:, None])
     emitted_logp = logp.gather(-1, emitted[:, :, None])[..., 0]  # [B, T]
     return emitted, emitted_logp, accepted
+
+
+def verify_chain_rows(
+    model: Decoder,
+    hidden: torch.Tensor,
+    chains: torch.Tensor,
+    num: torch.Tensor,
+    u: torch.Tensor,
+    params: SamplingParams,
+    rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`verify_rows` for a step that fed each row's last token and C deterministic draft
+    chains (chains [B, C, k], num [B, C]; hidden [B, 1 + C * k, H]): the rule of
+    `verify_chains` with uniforms u [B, k + 1]. Returns the emitted tokens [B, k + 1], their
+    log-probs, the kept counts [B] and the positions that emitted them [B, k + 1] (the
+    accepted path). No host sync."""
+    B, C, k = chains.shape
+    T = 1 + C * k
+    flat = hidden.reshape(B * T, -1)
+    # A chain's positions past its drafts are never read: no nucleus search there.
+    deep = torch.arange(k, device=num.device) < num[:, :, None]  # [B, C, k]
+    need = torch.cat([deep.new_ones(B, 1), deep.reshape(B, C * k)], dim=1).reshape(-1)
+    logp = torch.cat(
+        [
+            sampling_logprobs(model.logits(flat[i : i + rows]), params, need[i : i + rows])
+            for i in range(0, B * T, rows)
+        ]
+    ).view(B, T, -1)
+    greedy = params.temperature == 0
+    accepted, emitted, node = verify_chains(logp, chains, num, None if greedy else u, greedy)
+    emitted_logp = logp[torch.arange(B, device=num.device)[:, None], node, emitted]
+    return emitted, emitted_logp, accepted, node
 
 
 def verify_graphs(run: Run, has_q: bool) -> StepGraphs:
@@ -303,6 +335,12 @@ class SyncFreeSpecStep:
     length that depends on the rows running (`num_draft_tokens` a function, as `SpecStep`'s)
     there is one graph per (bucket, k).
 
+    draft_chains C > 1 (an int, or a function of the rows running as num_draft_tokens): each
+    row feeds its last token and C deterministic chains of k drafts (`DeviceDrafter.
+    propose_chains`) as a tree (`KVCache.begin_decode_device` with chain k), the rule of
+    `verify_chains` keeps one path, and the cache keeps that path's entries (`keep_path`).
+    One graph per (bucket, k, C).
+
     The state the graphs read and write lives with the cache's decode graphs (`state`, per
     sampling setting and drafter key): the run's `last` and `count_dev`
     (`DecodeGraphs.slot_state`), the cache's device lengths, the limits, the uniforms, the
@@ -312,12 +350,19 @@ class SyncFreeSpecStep:
     exact_counts = False
 
     def __init__(
-        self, run: Run, drafter: DeviceDrafter, num_draft_tokens: DraftLength, max_batch: int = 0
+        self,
+        run: Run,
+        drafter: DeviceDrafter,
+        num_draft_tokens: DraftLength,
+        max_batch: int = 0,
+        draft_chains: DraftLength = 1,
     ):
         graphs = run.graphs
         assert graphs is not None and run.cache.device_lengths
         self.drafter, self.max_batch = drafter, max_batch
         self.k_for = _draft_length(num_draft_tokens)
+        self.chains_for = _draft_length(draft_chains)
+        self.multi = False  # a step verified several chains
         p = run.params
         key = ("sync-free", p.temperature, p.top_p, p.top_k, max_batch, *drafter.key)
         if key not in graphs.extra:
@@ -328,8 +373,9 @@ class SyncFreeSpecStep:
         if "limit" not in st:
             st["limit"] = torch.zeros(slots, dtype=torch.long, device=dev)
             st["nrows"] = torch.zeros(1, dtype=torch.long, device=dev)
-            # Rows stepped, tokens emitted, drafted, accepted.
-            st["counts"] = torch.zeros(4, dtype=torch.long, device=dev)
+            # Rows stepped, tokens emitted, drafted, accepted, and rows whose drafts passed
+            # on a chain other than the first (several chains a row).
+            st["counts"] = torch.zeros(5, dtype=torch.long, device=dev)
         drafter.bind(st, slots, run.cache.max_len, dev)
         st["counts"].zero_()
         # The run's `last` and `count_dev` are the first run.slots rows of these: a bucket
@@ -355,7 +401,7 @@ class SyncFreeSpecStep:
 
     def step(self, run: Run) -> None:
         B, st = len(run.seq), self.g.state
-        pad, k = self.g.bucket(B), self.k_for(B)
+        pad, k, C = self.g.bucket(B), self.k_for(B), self.chains_for(B)
         u = f"u{k}"  # the step's uniforms [slots, k + 1]
         if u not in st:
             st[u] = torch.zeros(run.cache.num_slots, k + 1, dtype=torch.float64, device=run.device)
@@ -368,7 +414,9 @@ class SyncFreeSpecStep:
             self.count, self.last, run.cache.lengths_on_device(run.cache.num_slots), st["counts"],
             *self.drafter.mutated(),
         ]  # fmt: skip
-        emitted, logp, num, active = self.g.run((pad, k), lambda: self._device_step(run, pad, k))
+        key = (pad, k) if C == 1 else (pad, k, C)
+        self.multi |= C > 1
+        emitted, logp, num, active = self.g.run(key, lambda: self._device_step(run, pad, k, C))
         # Into the run's outputs (per call, so outside the graph): rows with nothing to emit
         # write to the scratch row.
         # Only rows 0..B-1 can be active; the counts were advanced inside the step.
@@ -379,23 +427,39 @@ class SyncFreeSpecStep:
         run.count += 1  # a lower bound until `sync`
         self.steps += 1
 
-    def _device_step(self, run: Run, pad: int, k: int) -> tuple[torch.Tensor, ...]:
-        """One step of slots 0..pad-1 drafting up to k tokens a row on the device (captured):
-        returns the emitted tokens and log-probs [pad, k + 1], the counts emitted [pad] and
-        which rows emitted [pad]."""
+    def _device_step(self, run: Run, pad: int, k: int, C: int) -> tuple[torch.Tensor, ...]:
+        """One step of slots 0..pad-1 drafting up to k tokens a row (in C chains) on the
+        device (captured): returns the emitted tokens and log-probs [pad, k + 1], the counts
+        emitted [pad] and which rows emitted [pad]."""
         st, cache = self.g.state, run.cache
         count, limit = self.count[:pad], st["limit"][:pad]
         active = count < limit
         room = torch.where(active, (limit - count - 1).clamp(min=0, max=k), 0)
         if self.max_batch:
             room = torch.where(st["nrows"] <= self.max_batch, room, 0)
-        drafts, dnum, q = self.drafter.propose(pad, room, k)  # [pad, k]
-        tokens = torch.cat([self.last[:pad, None], drafts], dim=1)  # [pad, k + 1]
-        positions = cache.begin_decode_device(active, k + 1)
-        hidden = run.model.forward_cached(tokens, positions, cache)
-        emitted, logp, accepted = verify_rows(
-            run.model, hidden, tokens, dnum, st[f"u{k}"][:pad], q, run.params, run.sample_rows
-        )
+        u = st[f"u{k}"][:pad]
+        if C > 1:
+            chains, cnum = self.drafter.propose_chains(pad, room, k, C)  # [pad, C, k]
+            tokens = torch.cat([self.last[:pad, None], chains.reshape(pad, C * k)], dim=1)
+            positions = cache.begin_decode_device(active, 1 + C * k, chain=k)
+            hidden = run.model.forward_cached(tokens, positions, cache)
+            emitted, logp, accepted, node = verify_chain_rows(
+                run.model, hidden, chains, cnum, u, run.params, run.sample_rows
+            )
+            cache.keep_path(node[:, 1:], active)
+            # The policy's states along the kept path, as a one-chain step's.
+            hidden = hidden.gather(1, node[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            dnum = cnum.sum(1)
+            other = active & (node[:, 1] > k)  # the path's first draft is past chain 0's
+        else:
+            drafts, dnum, q = self.drafter.propose(pad, room, k)  # [pad, k]
+            tokens = torch.cat([self.last[:pad, None], drafts], dim=1)  # [pad, k + 1]
+            positions = cache.begin_decode_device(active, k + 1)
+            hidden = run.model.forward_cached(tokens, positions, cache)
+            emitted, logp, accepted = verify_rows(
+                run.model, hidden, tokens, dnum, u, q, run.params, run.sample_rows
+            )
+            other = torch.zeros_like(active)
         num = torch.where(active, accepted + 1, 0)
         cache.advance_device(num)
         last = emitted.gather(1, (num - 1).clamp(min=0)[:, None])[:, 0]
@@ -403,7 +467,7 @@ class SyncFreeSpecStep:
         self.count[:pad] += num
         self.drafter.extend(pad, emitted, num, hidden)
         st["counts"] += torch.stack(
-            [active.sum(), num.sum(), dnum.sum(), (num - 1).clamp(min=0).sum()]
+            [active.sum(), num.sum(), dnum.sum(), (num - 1).clamp(min=0).sum(), other.sum()]
         )
         return emitted, logp, num, active
 
@@ -418,8 +482,12 @@ class SyncFreeSpecStep:
     def stats(self) -> dict[str, float]:
         """As `SpecStep.stats`; spec/draft_ms is the host's drafting time, 0 here: the drafts
         are made inside the step's graph."""
-        rows, emitted, drafted, accepted = self.g.state["counts"].tolist()
-        return _spec_stats(rows, emitted, drafted, accepted, 0.0, self.steps, 0)
+        rows, emitted, drafted, accepted, other = self.g.state["counts"].tolist()
+        out = _spec_stats(rows, emitted, drafted, accepted, 0.0, self.steps, 0)
+        if self.multi:
+            # Several chains: spec/drafted_per_step counts every chain's drafts.
+            out["spec/other_chain_rate"] = other / max(rows, 1)
+        return out
 
 
 class _SyncFreeGraphs:
@@ -429,16 +497,17 @@ class _SyncFreeGraphs:
     def __init__(self, capture: bool, bucket_sizes: list[int]):
         self.capture, self.buckets = capture, bucket_sizes
         self.state: dict[str, Any] = {}
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
+        # Per (bucket, k), or (bucket, k, chains) for several chains a row.
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.restore: list[torch.Tensor] = []
-        self.steps: dict[tuple[int, int], int] = {}  # steps run per (bucket, k)
+        self.steps: dict[tuple[int, ...], int] = {}  # steps run per graph key
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def run(self, key: tuple[int, int], fn: Callable[[], Any]) -> Any:
-        """fn() for key (bucket, k): replayed from its graph (captured on first use), or
+    def run(self, key: tuple[int, ...], fn: Callable[[], Any]) -> Any:
+        """fn() for key (bucket, k[, chains]): replayed from its graph (captured on first use), or
         eagerly."""
         self.steps[key] = self.steps.get(key, 0) + 1
         if not self.capture:

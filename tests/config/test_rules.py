@@ -140,6 +140,40 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
             "only with tail_rows > 0",
         ),
         (
+            ["rollout.speculative.draft_chains=2"],
+            "rollout.speculative.draft_chains",
+            "needs rollout.speculative.drafter",
+        ),
+        (
+            ["rollout.speculative.drafter=sam", "rollout.speculative.draft_chains=3"],
+            "rollout.speculative.draft_chains",
+            "more than drafter 'sam' makes (2",
+        ),
+        (
+            ["rollout.speculative.drafter=sam+mtp", "rollout.speculative.draft_chains=4"],
+            "rollout.speculative.draft_chains",
+            "mtp_draft argmax",
+        ),
+        (
+            ["rollout.speculative.drafter=sam", "rollout.speculative.draft_chains=5"],
+            "rollout.speculative.draft_chains",
+            "[1, 4]",
+        ),
+        (
+            ["rollout.speculative.drafter=sam", "rollout.speculative.tail_draft_chains=2"],
+            "rollout.speculative.tail_draft_chains",
+            "only with tail_rows > 0",
+        ),
+        (
+            [
+                "rollout.speculative.drafter=sam",
+                "rollout.speculative.draft_chains=2",
+                "rollout.kv_compression.policy=snapkv",
+            ],
+            "rollout.speculative.draft_chains",
+            "needs a dense cache",
+        ),
+        (
             ["rollout.speculative.num_draft_tokens=0"],
             "rollout.speculative.num_draft_tokens",
             "[1, 16]",

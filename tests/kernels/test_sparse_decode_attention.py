@@ -17,10 +17,11 @@ from interpreter import run_interpreted
 from rlkit.kernels import cpu as cpu_kernel
 from rlkit.kernels import sparse_decode_attention as sda
 
-# name: (B, H, KVH, D, L, dtype, num_splits, lengths spec, strided views[, T])
+# name: (B, H, KVH, D, L, dtype, num_splits, lengths spec, strided views[, T[, chain]])
 # lengths spec: "ragged" (random, first = L, last 1), "ragged32" (the same as int32), "full"
 # (all == L), "zero" (last row 0). T > 1: q [B, H, T, D], a verify step's T new tokens a row
-# (a row of length 1 < T leaves its first T - 1 queries nothing to see: zeros).
+# (a row of length 1 < T leaves its first T - 1 queries nothing to see: zeros). chain c: the
+# T = 1 + C * c tokens are a tree of C draft chains (multi-chain verification).
 CASES: dict[str, tuple] = {
     "g1_d64_bf16_ragged": (3, 4, 4, 64, 48, torch.bfloat16, 1, "ragged", False),
     "g3_d64_fp32_ragged_strided": (3, 6, 2, 64, 80, torch.float32, 1, "ragged", True),
@@ -34,6 +35,9 @@ CASES: dict[str, tuple] = {
     "t4_g3_d64_fp32_split3": (3, 9, 3, 64, 96, torch.float32, 3, "ragged", False, 4),
     "t2_g4_d32_fp16_zero_split2": (3, 8, 2, 32, 48, torch.float16, 2, "zero", False, 2),
     "t4_g6_d64_fp32_rows24": (2, 12, 2, 64, 70, torch.float32, 1, "ragged", True, 4),
+    "tree4x3_g3_d64_bf16_split2": (3, 9, 3, 64, 80, torch.bfloat16, 2, "ragged", True, 13, 3),
+    "tree2x2_g4_d32_fp32": (3, 8, 2, 32, 48, torch.float32, 1, "ragged", False, 5, 2),
+    "tree3x1_g3_d64_fp32_split3": (2, 6, 2, 64, 70, torch.float32, 3, "zero", True, 4, 1),
 }
 
 # Largest |triton - exact reference| allowed, by dtype (outputs are O(1)).
@@ -65,6 +69,8 @@ def make_inputs(case: tuple, seed: int, device: str = "cpu"):
         lengths = torch.randint(1, L + 1, (B,), generator=g)
         lengths[0] = L
         lengths[-1] = 0 if spec == "zero" else 1
+        if len(case) > 10:  # a tree's rows hold the step's T entries (or are empty)
+            lengths = torch.where(lengths == 0, 0, lengths.clamp(min=T))
     lengths = lengths.to(torch.int32 if spec == "ragged32" else torch.int64).to(device)
     if strided:  # a column of a wider buffer, as a padded verify step's lengths are
         lengths = torch.stack([lengths, torch.full_like(lengths, L + 7)], dim=1)[:, 0]
@@ -83,11 +89,13 @@ def run_cases(device: str) -> dict[str, dict]:
     for i, (name, case) in enumerate(CASES.items()):
         q, k, v, lengths = make_inputs(case, seed=i, device=device)
         try:
-            out = sda.sparse_decode_attention_triton(q, k, v, lengths, num_splits=case[6])
+            out = sda.sparse_decode_attention_triton(
+                q, k, v, lengths, num_splits=case[6], chain=_chain(case)
+            )
         except Exception as e:  # reported per case by the parent
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        ref = sda.sparse_decode_attention_reference(q, k, v, lengths)
+        ref = sda.sparse_decode_attention_reference(q, k, v, lengths, chain=_chain(case))
         zero_rows = lengths == 0
         results[name] = {
             "max_err": (out.float() - ref.float()).abs().max().item(),
@@ -118,8 +126,14 @@ def test_triton_interpreted_matches_reference(name, interpreted_results):
     _check_result(name, interpreted_results[name])
 
 
-def _naive(q, k, v, lengths, scale=None):
-    """Loop per sequence, head and new token, float64 (q [B, H, D] or [B, H, T, D])."""
+def _chain(case: tuple) -> int:
+    return case[10] if len(case) > 10 else 0
+
+
+def _naive(q, k, v, lengths, scale=None, chain=0):
+    """Loop per sequence, head and new token, float64 (q [B, H, D] or [B, H, T, D]). chain c:
+    token t of the step sees the entries before the step, then the path from the step's first
+    token to itself (token 0, then t's chain up to t), listed as a sequence would hold them."""
     one = q.dim() == 3
     q = q[:, :, None] if one else q
     B, H, T, D = q.shape
@@ -129,21 +143,27 @@ def _naive(q, k, v, lengths, scale=None):
     for b in range(B):
         for t in range(T):
             n = int(lengths[b]) - (T - 1 - t)  # token t sees the entries before its own end
+            seen = list(range(max(n, 0)))
+            if chain and t > 0:
+                base = int(lengths[b]) - T
+                first = base + 1 + (t - 1) // chain * chain  # t's chain starts here
+                seen = list(range(base + 1)) + list(range(first, base + t + 1))
             for h in range(H):
                 if n <= 0:
                     continue
-                kk = k[b, h // G, :n].double()
+                kk = k[b, h // G, seen].double()
                 w = torch.softmax(kk @ q[b, h, t].double() * scale, 0)
-                out[b, h, t] = w @ v[b, h // G, :n].double()
+                out[b, h, t] = w @ v[b, h // G, seen].double()
     return out[:, :, 0] if one else out
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_reference_matches_naive_loop(name):
     q, k, v, lengths = make_inputs(CASES[name], seed=100)
-    want = _naive(q, k, v, lengths)
-    exact = sda.sparse_decode_attention_reference(q, k, v, lengths)
-    fast = sda.sparse_decode_attention_reference(q, k, v, lengths, exact=False)
+    c = _chain(CASES[name])
+    want = _naive(q, k, v, lengths, chain=c)
+    exact = sda.sparse_decode_attention_reference(q, k, v, lengths, chain=c)
+    fast = sda.sparse_decode_attention_reference(q, k, v, lengths, exact=False, chain=c)
     assert exact.dtype == fast.dtype == q.dtype
     tol = ATOL[q.dtype] / 2 if q.dtype != torch.float32 else 1e-5
     assert (exact.double() - want).abs().max() <= tol
@@ -242,6 +262,9 @@ GPU_CASES = {
     # A SmolLM2 verify step: 64 rows of k + 1 = 4 new tokens.
     "verify_smollm_b64_t4_bf16": (64, 9, 3, 64, 1000, torch.bfloat16, None, "ragged", True, 4),
     "verify_b4_t4_l4096_bf16": (4, 32, 8, 128, 4096, torch.bfloat16, None, "ragged", True, 4),
+    # Four chains of 3 and of 10 (multi-chain verification: 64 rows, and a tail of 4).
+    "tree_smollm_b64_4x3_bf16": (64, 9, 3, 64, 1000, torch.bfloat16, None, "ragged", True, 13, 3),
+    "tree_smollm_b4_4x10_bf16": (4, 9, 3, 64, 1600, torch.bfloat16, None, "ragged", True, 41, 10),
 }
 
 
@@ -251,16 +274,17 @@ GPU_CASES = {
 def test_triton_cuda_matches_reference(name):
     case = GPU_CASES[name]
     q, k, v, lengths = make_inputs(case, seed=11, device="cuda")
-    ref = sda.sparse_decode_attention_reference(q, k, v, lengths)
+    c = _chain(case)
+    ref = sda.sparse_decode_attention_reference(q, k, v, lengths, chain=c)
     for splits in {case[6], 1, 5}:
-        out = sda.sparse_decode_attention_triton(q, k, v, lengths, num_splits=splits)
+        out = sda.sparse_decode_attention_triton(q, k, v, lengths, num_splits=splits, chain=c)
         assert out.dtype == q.dtype
         assert torch.isfinite(out.float()).all()
         assert (out[lengths == 0] == 0).all()
         err = (out.float() - ref.float()).abs().max().item()
         assert err <= ATOL[q.dtype], f"{name} splits={splits}: max error {err}"
-    disp = sda.sparse_decode_attention(q, k, v, lengths)
-    assert torch.equal(disp, sda.sparse_decode_attention_triton(q, k, v, lengths))
+    disp = sda.sparse_decode_attention(q, k, v, lengths, chain=c)
+    assert torch.equal(disp, sda.sparse_decode_attention_triton(q, k, v, lengths, chain=c))
 
 
 @pytest.mark.gpu

@@ -211,3 +211,93 @@ def test_bad_arguments_name_what_is_wrong():
 
 if __name__ == "__main__":
     print(json.dumps(run_cases("cpu")))
+
+
+# ------------------------------------------------------------------ several chains a row
+
+
+def _tree_inputs(B: int, seed: int = 0):
+    """A tree of 3 chains of 2 over a vocabulary of 6: chain 0 = (1, 2), chain 1 = (1, 3)
+    (the same first draft: its first node's distribution is chain 0's), chain 2 = (4, 0) with
+    one real draft. Positions: 0 the root, 1 + c * 2 + i chain c's draft i."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(7, 6, generator=g) * 1.5, -1)
+    p[3] = p[1]  # chain 1's first node is chain 0's (the same prefix)
+    chains = torch.tensor([[1, 2], [1, 3], [4, 0]])
+    num = torch.tensor([2, 2, 1])
+    return p, chains, num
+
+
+def _tree_law(p: torch.Tensor) -> dict[tuple[int, ...], float]:
+    """The exact law of the emitted tokens: each drawn from p at the node its prefix reaches."""
+    law: dict[tuple[int, ...], float] = {}
+    for x0 in range(6):
+        if x0 == 1:
+            for x1 in range(6):
+                node = {2: 2, 3: 4}.get(x1)
+                if node is None:
+                    law[(1, x1)] = float(p[0, 1] * p[1, x1])
+                else:
+                    for x2 in range(6):
+                        law[(1, x1, x2)] = float(p[0, 1] * p[1, x1] * p[node, x2])
+        elif x0 == 4:
+            for x1 in range(6):
+                law[(4, x1)] = float(p[0, 4] * p[5, x1])
+        else:
+            law[(x0,)] = float(p[0, x0])
+    return law
+
+
+def test_chains_emit_the_policys_law():
+    """200k rows of one tree: the frequency of each emitted sequence matches its exact law
+    within 5 standard errors (a rule that always followed chain 0, or never moved to a second
+    chain that shares a first draft, fails by far more)."""
+    B = 200_000
+    p, chains, num = _tree_inputs(B)
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(B, 3, generator=g, dtype=torch.float64)
+    acc, tokens, node = sv.verify_chains(
+        p.log()[None].expand(B, -1, -1), chains[None].expand(B, -1, -1),
+        num[None].expand(B, -1), u,
+    )  # fmt: skip
+    seen: dict[tuple[int, ...], int] = {}
+    for a, row in zip(acc.tolist(), tokens.tolist(), strict=True):
+        key = tuple(row[: a + 1])
+        seen[key] = seen.get(key, 0) + 1
+    law = _tree_law(p)
+    assert set(seen) <= set(law)
+    for key, q in law.items():
+        f = seen.get(key, 0) / B
+        assert abs(f - q) <= 5 * (q * (1 - q) / B) ** 0.5 + 1e-6, (key, f, q)
+    # The nodes: chain 1's second node after (1, 3), chain 2's after 4.
+    rows = (tokens[:, 0] == 1) & (tokens[:, 1] == 3)
+    assert (node[rows, 2] == 4).all() and (acc[rows] == 2).all()
+    rows = tokens[:, 0] == 4
+    assert (node[rows, 1] == 5).all() and (acc[rows] == 1).all()
+
+
+def test_chains_by_hand_greedy():
+    p, chains, num = _tree_inputs(1)
+    p = torch.zeros(7, 6)
+    p[0, 1] = p[1, 3] = p[3, 3] = p[4, 5] = 1.0  # argmax path 1, 3 (chain 1), then 5
+    acc, tokens, node = sv.verify_chains(p[None], chains[None], num[None], greedy=True)
+    assert acc.tolist() == [2] and tokens.tolist() == [[1, 3, 5]] and node.tolist() == [[0, 1, 4]]
+    p[0] = torch.eye(6)[4]  # root's argmax 4: chain 2, one draft, then p[5]'s argmax
+    p[5, 2] = 1.0
+    acc, tokens, node = sv.verify_chains(p[None], chains[None], num[None], greedy=True)
+    assert (
+        acc.tolist() == [1] and tokens[0, :2].tolist() == [4, 2] and node[0, :2].tolist() == [0, 5]
+    )
+    num0 = torch.tensor([[0, 0, 0]])  # no drafts: the root's token alone
+    acc, tokens, _ = sv.verify_chains(p[None], chains[None], num0, greedy=True)
+    assert acc.tolist() == [0] and tokens[0, 0] == 4
+
+
+def test_chains_bad_arguments_name_what_is_wrong():
+    p, chains, num = _tree_inputs(1)
+    with pytest.raises(ValueError, match=r"target must be \[1, 1 \+ C \* k = 7, V\]"):
+        sv.verify_chains(p[None, :5], chains[None], num[None], greedy=True)
+    with pytest.raises(ValueError, match=r"num must be \[1, 3\]"):
+        sv.verify_chains(p[None], chains[None], num[None, :2], greedy=True)
+    with pytest.raises(ValueError, match=r"uniforms must be \[1, 3\]"):
+        sv.verify_chains(p[None].log(), chains[None], num[None])
