@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--drafter", default="sam+mtp")
     ap.add_argument("--num-draft-tokens", type=int, default=3)
     ap.add_argument("--mtp-vocab", type=int, default=0)
+    ap.add_argument("--draft-chains", type=int, default=1)
+    ap.add_argument("--mtp-draft", default="sample", choices=["sample", "argmax"])
     ap.add_argument("--mtp", default=None, help="a model directory with mtp.safetensors")
     ap.add_argument("--task", default=None, help="a built-in task's train prompts")
     ap.add_argument("--task-args", default="{}", help="the task's build arguments, JSON")
@@ -74,6 +76,9 @@ def main() -> None:
             drafter=a.drafter,  # type: ignore[arg-type]
             num_draft_tokens=a.num_draft_tokens,
             mtp_vocab=a.mtp_vocab,
+            draft_chains=a.draft_chains,
+            mtp_draft=a.mtp_draft,  # type: ignore[arg-type]
+            sam_min_match=2,
         )
         if "mtp" in a.drafter:
             mtp = load_mtp(a.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)

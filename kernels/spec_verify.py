@@ -66,6 +66,8 @@ tensors when Triton is importable, else the reference). The inverse-CDF draw is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 
@@ -359,53 +361,104 @@ def verify_drafts(
 
 
 def verify_chains(
-    target: torch.Tensor,
+    target: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     chains: torch.Tensor,
     num: torch.Tensor,
     uniforms: torch.Tensor | None = None,
     greedy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Several deterministic draft chains a sequence verified at once (module docstring):
-    (accepted [B], tokens [B, k + 1], node [B, k + 1])."""
+    (accepted [B], tokens [B, k + 1], node [B, k + 1], their log-probs [B, k + 1]).
+
+    target: the tree's log-probabilities [B, 1 + C * k, V], or a function (node [B], need
+    [B] bool) -> [B, V] of each row's at one position, called once a depth (k + 1 times) for
+    the nodes the path reaches: the caller computes only those rows (the LM head and top-p of
+    B rows a depth instead of B x (1 + C * k)); rows not in need are never read.
+
+    A depth reads p at the candidates (the next drafts of the chains still on the path, each
+    token once) and draws with its uniform from them in chain order, by inverse CDF: a
+    candidate with its probability, else the step ends there and the final token is the
+    residual's draw (p without the candidates) with the same uniform rescaled: one pass over
+    the vocabulary a depth (the residual's mass) and one draw (a float64 cumsum) a step."""
     if chains.dim() != 3:
         raise ValueError(f"chains must be [B, C, k], got shape {tuple(chains.shape)}")
     B, C, k = chains.shape
-    if target.dim() != 3 or target.shape[:2] != (B, 1 + C * k):
-        raise ValueError(
-            f"target must be [{B}, 1 + C * k = {1 + C * k}, V], got {tuple(target.shape)}"
-        )
+    dist: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    if isinstance(target, torch.Tensor):
+        if target.dim() != 3 or target.shape[:2] != (B, 1 + C * k):
+            raise ValueError(
+                f"target must be [{B}, 1 + C * k = {1 + C * k}, V], got {tuple(target.shape)}"
+            )
+        tree, at = target, torch.arange(B, device=target.device)
+        dist = lambda node, need: tree[at, node]  # noqa: E731
+    else:
+        dist = target
     if num.shape != (B, C):
         raise ValueError(f"num must be [{B}, {C}], got {tuple(num.shape)}")
     if not greedy and (uniforms is None or uniforms.shape != (B, k + 1)):
         got = None if uniforms is None else tuple(uniforms.shape)
         raise ValueError(f"uniforms must be [{B}, {k + 1}] for stochastic verification, got {got}")
-    dev = target.device
+    dev = chains.device
     rows = torch.arange(B, device=dev)
     alive = torch.ones(B, C, dtype=torch.bool, device=dev)
+    going = torch.ones(B, dtype=torch.bool, device=dev)
     cur = torch.zeros(B, dtype=torch.long, device=dev)  # the node the next token is drawn at
     accepted = torch.zeros(B, dtype=torch.long, device=dev)
     tokens = torch.zeros(B, k + 1, dtype=torch.long, device=dev)
+    logp = torch.zeros(B, k + 1, dtype=torch.float32, device=dev)
     node = torch.zeros(B, k + 1, dtype=torch.long, device=dev)
-    first = torch.arange(C, 0, -1, device=dev)  # argmax of match * first: the first chain
+    order = torch.arange(C, device=dev)
+    first = C - order  # argmax of match * first: the first chain
+    earlier = order[None, :] < order[:, None]  # [C, C]: c' < c
+    final_row: torch.Tensor | None = None
+    final_w = torch.zeros(B, dtype=torch.float64, device=dev)
     for i in range(k + 1):
-        row = target[rows, cur]  # [B, V]
+        row = dist(cur, going).float()  # [B, V] log-probabilities at the path's nodes
+        node[:, i] = cur
+        if i < k:
+            t = chains[:, :, i]  # [B, C]
+            valid = alive & (i < num)
+        else:
+            t = torch.zeros(B, C, dtype=torch.long, device=dev)
+            valid = torch.zeros(B, C, dtype=torch.bool, device=dev)
         if greedy:
             x = row.argmax(-1)
+            match = valid & (t == x[:, None])
         else:
             assert uniforms is not None
-            x = _draw(row, uniforms[:, i])
+            same = t[:, :, None] == t[:, None, :]  # [B, C, C]
+            # Each candidate token once: at its first valid chain.
+            fresh = valid & ~(same & earlier & valid[:, None, :]).any(2)
+            pc = (row.gather(1, t).double().exp() * fresh).cumsum(1)  # [B, C]
+            taken = (same & valid[:, None, :]).any(2)  # a candidate's token, chain by chain
+            masked = row.scatter(1, t, torch.where(taken, float("-inf"), row.gather(1, t)))
+            rest = masked.double().exp().sum(-1)  # the residual's mass
+            ut = uniforms[:, i] * (pc[:, -1] + rest)
+            pick = fresh & (ut[:, None] < pc)
+            c0 = (pick.long() * first).argmax(1)
+            x = torch.where(pick.any(1), t[rows, c0], 0)
+            match = valid & (t == x[:, None]) & pick.any(1, keepdim=True)
+            stop = going & ~pick.any(1)
+            w = ((ut - pc[:, -1]) / rest.clamp(min=1e-300)).clamp(0.0, 1.0 - 1e-12)
+            final_row = (
+                masked if final_row is None else torch.where(stop[:, None], masked, final_row)
+            )
+            final_w = torch.where(stop, w, final_w)
         tokens[:, i] = x
-        node[:, i] = cur
-        if i == k:
-            break
-        # Once no chain matches, none is alive: the later draws are scratch.
-        match = alive & (i < num) & (chains[:, :, i] == x[:, None])
+        logp[:, i] = row.gather(1, x[:, None])[:, 0]
         go = match.any(1)
         c = (match.long() * first).argmax(1)
         cur = torch.where(go, 1 + c * k + i, cur)
         accepted += go.long()
-        alive = match
-    return accepted, tokens, node
+        going &= go
+        alive = match  # once no chain matches, none is alive: the later depths are scratch
+    if not greedy:
+        # The final token: the residual's draw at the node where the path stopped.
+        assert final_row is not None
+        x = _draw(final_row, final_w)
+        tokens[rows, accepted] = x
+        logp[rows, accepted] = final_row.gather(1, x[:, None])[:, 0]
+    return accepted, tokens, node, logp
 
 
 def _draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

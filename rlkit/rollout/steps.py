@@ -96,25 +96,26 @@ def verify_chain_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`verify_rows` for a step that fed each row's last token and C deterministic draft
     chains (chains [B, C, k], num [B, C]; hidden [B, 1 + C * k, H]): the rule of
-    `verify_chains` with uniforms u [B, k + 1]. Returns the emitted tokens [B, k + 1], their
-    log-probs, the kept counts [B] and the positions that emitted them [B, k + 1] (the
-    accepted path). No host sync."""
-    B, C, k = chains.shape
-    T = 1 + C * k
-    flat = hidden.reshape(B * T, -1)
-    # A chain's positions past its drafts are never read: no nucleus search there.
-    deep = torch.arange(k, device=num.device) < num[:, :, None]  # [B, C, k]
-    need = torch.cat([deep.new_ones(B, 1), deep.reshape(B, C * k)], dim=1).reshape(-1)
-    logp = torch.cat(
-        [
-            sampling_logprobs(model.logits(flat[i : i + rows]), params, need[i : i + rows])
-            for i in range(0, B * T, rows)
-        ]
-    ).view(B, T, -1)
+    `verify_chains` with uniforms u [B, k + 1], the sampling distribution computed only at
+    the nodes the path reaches (the LM head and top-p over B rows a depth, `rows` at a time:
+    k + 1 such passes, what one chain's step computes, whatever C). Returns the emitted tokens
+    [B, k + 1], their log-probs, the kept counts [B] and the positions that emitted them
+    [B, k + 1] (the accepted path). No host sync."""
+    B = chains.shape[0]
+    at = torch.arange(B, device=hidden.device)
+
+    def dist(node: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        h = hidden[at, node]  # [B, H]
+        return torch.cat(
+            [
+                sampling_logprobs(model.logits(h[i : i + rows]), params, need[i : i + rows])
+                for i in range(0, B, rows)
+            ]
+        )
+
     greedy = params.temperature == 0
-    accepted, emitted, node = verify_chains(logp, chains, num, None if greedy else u, greedy)
-    emitted_logp = logp[torch.arange(B, device=num.device)[:, None], node, emitted]
-    return emitted, emitted_logp, accepted, node
+    accepted, emitted, node, logp = verify_chains(dist, chains, num, None if greedy else u, greedy)
+    return emitted, logp, accepted, node
 
 
 def verify_graphs(run: Run, has_q: bool) -> StepGraphs:

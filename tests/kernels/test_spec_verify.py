@@ -256,10 +256,14 @@ def test_chains_emit_the_policys_law():
     p, chains, num = _tree_inputs(B)
     g = torch.Generator().manual_seed(1)
     u = torch.rand(B, 3, generator=g, dtype=torch.float64)
-    acc, tokens, node = sv.verify_chains(
+    acc, tokens, node, logp = sv.verify_chains(
         p.log()[None].expand(B, -1, -1), chains[None].expand(B, -1, -1),
         num[None].expand(B, -1), u,
     )  # fmt: skip
+    # Each emitted token's log-prob is p's at the node that emitted it.
+    want = p.log()[node, tokens]
+    upto = torch.arange(3) <= acc[:, None]
+    assert torch.allclose(logp[upto], want[upto])
     seen: dict[tuple[int, ...], int] = {}
     for a, row in zip(acc.tolist(), tokens.tolist(), strict=True):
         key = tuple(row[: a + 1])
@@ -280,16 +284,16 @@ def test_chains_by_hand_greedy():
     p, chains, num = _tree_inputs(1)
     p = torch.zeros(7, 6)
     p[0, 1] = p[1, 3] = p[3, 3] = p[4, 5] = 1.0  # argmax path 1, 3 (chain 1), then 5
-    acc, tokens, node = sv.verify_chains(p[None], chains[None], num[None], greedy=True)
+    acc, tokens, node, _ = sv.verify_chains(p[None], chains[None], num[None], greedy=True)
     assert acc.tolist() == [2] and tokens.tolist() == [[1, 3, 5]] and node.tolist() == [[0, 1, 4]]
     p[0] = torch.eye(6)[4]  # root's argmax 4: chain 2, one draft, then p[5]'s argmax
     p[5, 2] = 1.0
-    acc, tokens, node = sv.verify_chains(p[None], chains[None], num[None], greedy=True)
+    acc, tokens, node, _ = sv.verify_chains(p[None], chains[None], num[None], greedy=True)
     assert (
         acc.tolist() == [1] and tokens[0, :2].tolist() == [4, 2] and node[0, :2].tolist() == [0, 5]
     )
     num0 = torch.tensor([[0, 0, 0]])  # no drafts: the root's token alone
-    acc, tokens, _ = sv.verify_chains(p[None], chains[None], num0, greedy=True)
+    acc, tokens, _, _ = sv.verify_chains(p[None], chains[None], num0, greedy=True)
     assert acc.tolist() == [0] and tokens[0, 0] == 4
 
 

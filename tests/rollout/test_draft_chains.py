@@ -183,3 +183,19 @@ def test_cuda_graph_chain_steps_equal_plain_and_never_sync(
     ref = engine()
     ref.generate(prompts, sp, n=2)
     _same(again, ref.generate(prompts, sp, n=2), atol=1e-4)
+
+
+def test_the_lm_head_runs_on_the_paths_nodes_only(make, prompts, monkeypatch):
+    """A step of C chains computes the sampling distribution at the k + 1 nodes its path
+    reaches, a row each (the LM head over B rows a depth), not at all 1 + C * k positions."""
+    engine = make("llama", "sam", k=3, chains=2, max_batch_size=4)
+    real, widths = engine.model.logits, []
+
+    def logits(h):
+        widths.append(h.shape[0])
+        return real(h)
+
+    monkeypatch.setattr(engine.model, "logits", logits)
+    engine.generate(prompts, SamplingParams(max_new_tokens=12, seed=1, temperature=1.0))
+    # Prefill's last positions, then steps of a padded bucket of <= 4 rows: 4 calls a step.
+    assert widths and max(widths) <= 4, widths
