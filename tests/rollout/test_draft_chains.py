@@ -62,12 +62,16 @@ def test_greedy_output_equals_plain_decoding(make, prompts, arch, drafter, chain
     _same(out, engine.generate(prompts, sp, n=2, drafter="none"))
 
 
+@pytest.mark.parametrize("one_pass", [0, 10_000], ids=["by-depth", "one-pass"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_a_decoy_first_chain_keeps_the_second_chains_path(make, prompts, monkeypatch, arch):
+def test_a_decoy_first_chain_keeps_the_second_chains_path(
+    make, prompts, monkeypatch, arch, one_pass
+):
     """Chain 0 a decoy (SAM's draft with its first token changed: it never passes), chain 1
     SAM's draft: every accepted draft comes from the second chain, whose entries the cache
     must move to the row's next places (`keep_path`), and whose tree positions must see only
     their own chain. Greedy output is still plain decoding's; the accepted length SAM's."""
+    monkeypatch.setattr(steps, "CHAIN_ONE_PASS_ROWS", one_pass)
     real = DeviceSAM.propose_chains
 
     def decoy_first(self, rows, room, k, chains):
@@ -112,12 +116,17 @@ def test_the_tails_chains(make, prompts):
     _same(out, engine.generate(prompts, sp, n=2, drafter="none"))
 
 
+@pytest.mark.parametrize("one_pass", [0, 10_000], ids=["by-depth", "one-pass"])
 @pytest.mark.parametrize(
     "params",
     [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)],
     ids=["t1", "t0.7-k5", "t1.3-p0.8"],
 )
-def test_sampled_tokens_carry_the_policys_logprobs(make, reference, prompts, params):
+def test_sampled_tokens_carry_the_policys_logprobs(
+    make, reference, prompts, params, one_pass, monkeypatch
+):
+    # Both ways of computing the tree's distributions (`CHAIN_ONE_PASS_ROWS`).
+    monkeypatch.setattr(steps, "CHAIN_ONE_PASS_ROWS", one_pass)
     sp = SamplingParams(max_new_tokens=14, seed=3, stop_token_ids=[17], **params)
     engine = make("qwen3", "sam+mtp", chains=4, max_batch_size=4, sync_every=3)
     out = engine.generate(prompts, sp, n=3)
@@ -186,8 +195,10 @@ def test_cuda_graph_chain_steps_equal_plain_and_never_sync(
 
 
 def test_the_lm_head_runs_on_the_paths_nodes_only(make, prompts, monkeypatch):
-    """A step of C chains computes the sampling distribution at the k + 1 nodes its path
-    reaches, a row each (the LM head over B rows a depth), not at all 1 + C * k positions."""
+    """Past `CHAIN_ONE_PASS_ROWS` tree positions a step of C chains computes the sampling
+    distribution at the k + 1 nodes its path reaches, a row each (the LM head over B rows a
+    depth), not at all 1 + C * k positions."""
+    monkeypatch.setattr(steps, "CHAIN_ONE_PASS_ROWS", 0)
     engine = make("llama", "sam", k=3, chains=2, max_batch_size=4)
     real, widths = engine.model.logits, []
 
