@@ -74,6 +74,8 @@ from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 __all__ = [
     "HAS_TRITON",
     "verify_chains",
+    "verify_chains_reference",
+    "verify_chains_triton",
     "verify_drafts",
     "verify_drafts_reference",
     "verify_drafts_triton",
@@ -370,34 +372,50 @@ def verify_chains(
     """Several deterministic draft chains a sequence verified at once (module docstring):
     (accepted [B], tokens [B, k + 1], node [B, k + 1], their log-probs [B, k + 1]).
 
-    target: the tree's log-probabilities [B, 1 + C * k, V], or a function (node [B], need
-    [B] bool) -> [B, V] of each row's at one position, called once a depth (k + 1 times) for
-    the nodes the path reaches: the caller computes only those rows (the LM head and top-p of
-    B rows a depth instead of B x (1 + C * k)); rows not in need are never read.
+    target: the tree's log-probabilities [B, 1 + C * k, V] (on CUDA with Triton: the kernel
+    `verify_chains_triton`, one launch), or a function (node [B], need [B] bool) -> [B, V] of
+    each row's at one position, called once a depth (k + 1 times) for the nodes the path
+    reaches: the caller computes only those rows; rows not in need are never read.
 
     A depth reads p at the candidates (the next drafts of the chains still on the path, each
-    token once) and draws with its uniform from them in chain order, by inverse CDF: a
-    candidate with its probability, else the step ends there and the final token is the
-    residual's draw (p without the candidates) with the same uniform rescaled: one pass over
-    the vocabulary a depth (the residual's mass) and one draw (a float64 cumsum) a step."""
+    token once) and compares its uniform with their running sum in chain order: below it, that
+    candidate; past all of them, the step ends there and the final token is the residual's draw
+    (p without the candidates) with the same uniform rescaled, one float64 inverse-CDF pass a
+    step. (p sums to 1 up to rounding: where rounding leaves the residual no mass, the
+    candidate most likely at that node.)"""
     if chains.dim() != 3:
         raise ValueError(f"chains must be [B, C, k], got shape {tuple(chains.shape)}")
     B, C, k = chains.shape
-    dist: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if isinstance(target, torch.Tensor):
         if target.dim() != 3 or target.shape[:2] != (B, 1 + C * k):
             raise ValueError(
                 f"target must be [{B}, 1 + C * k = {1 + C * k}, V], got {tuple(target.shape)}"
             )
-        tree, at = target, torch.arange(B, device=target.device)
-        dist = lambda node, need: tree[at, node]  # noqa: E731
-    else:
-        dist = target
     if num.shape != (B, C):
         raise ValueError(f"num must be [{B}, {C}], got {tuple(num.shape)}")
     if not greedy and (uniforms is None or uniforms.shape != (B, k + 1)):
         got = None if uniforms is None else tuple(uniforms.shape)
         raise ValueError(f"uniforms must be [{B}, {k + 1}] for stochastic verification, got {got}")
+    if isinstance(target, torch.Tensor) and target.is_cuda and HAS_TRITON:
+        return verify_chains_triton(target, chains, num, uniforms, greedy)
+    return verify_chains_reference(target, chains, num, uniforms, greedy)
+
+
+def verify_chains_reference(
+    target: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    chains: torch.Tensor,
+    num: torch.Tensor,
+    uniforms: torch.Tensor | None = None,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`verify_chains` in PyTorch (checked arguments), a loop of k + 1 depths."""
+    B, C, k = chains.shape
+    dist: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    if isinstance(target, torch.Tensor):
+        tree, at = target, torch.arange(B, device=target.device)
+        dist = lambda node, need: tree[at, node]  # noqa: E731
+    else:
+        dist = target
     dev = chains.device
     rows = torch.arange(B, device=dev)
     alive = torch.ones(B, C, dtype=torch.bool, device=dev)
@@ -412,6 +430,8 @@ def verify_chains(
     earlier = order[None, :] < order[:, None]  # [C, C]: c' < c
     final_row: torch.Tensor | None = None
     final_w = torch.zeros(B, dtype=torch.float64, device=dev)
+    fallback = torch.zeros(B, dtype=torch.long, device=dev)
+    fallback_lp = torch.zeros(B, dtype=torch.float32, device=dev)
     for i in range(k + 1):
         row = dist(cur, going).float()  # [B, V] log-probabilities at the path's nodes
         node[:, i] = cur
@@ -429,21 +449,29 @@ def verify_chains(
             same = t[:, :, None] == t[:, None, :]  # [B, C, C]
             # Each candidate token once: at its first valid chain.
             fresh = valid & ~(same & earlier & valid[:, None, :]).any(2)
-            pc = (row.gather(1, t).double().exp() * fresh).cumsum(1)  # [B, C]
-            taken = (same & valid[:, None, :]).any(2)  # a candidate's token, chain by chain
-            masked = row.scatter(1, t, torch.where(taken, float("-inf"), row.gather(1, t)))
-            rest = masked.double().exp().sum(-1)  # the residual's mass
-            ut = uniforms[:, i] * (pc[:, -1] + rest)
-            pick = fresh & (ut[:, None] < pc)
+            # Exponentiated in float32 (as the kernel: no float64 transcendental), summed in
+            # float64.
+            pc = row.gather(1, t).exp().double() * fresh  # [B, C]
+            cum = pc.cumsum(1)
+            u = uniforms[:, i].double()
+            pick = fresh & (u[:, None] < cum)
             c0 = (pick.long() * first).argmax(1)
             x = torch.where(pick.any(1), t[rows, c0], 0)
             match = valid & (t == x[:, None]) & pick.any(1, keepdim=True)
             stop = going & ~pick.any(1)
-            w = ((ut - pc[:, -1]) / rest.clamp(min=1e-300)).clamp(0.0, 1.0 - 1e-12)
-            final_row = (
-                masked if final_row is None else torch.where(stop[:, None], masked, final_row)
-            )
+            total = cum[:, -1]
+            # The rescaled uniform, used where the step stops (total <= u < 1): in [0, u].
+            w = torch.minimum(((u - total) / (1.0 - total)).clamp(min=0.0), u)
+            taken = (same & valid[:, None, :]).any(2)  # a candidate's token, chain by chain
+            masked = row.scatter(1, t, torch.where(taken, float("-inf"), row.gather(1, t)))
+            best = t[rows, pc.argmax(1)]
+            if final_row is None:
+                final_row = masked
+            else:
+                final_row = torch.where(stop[:, None], masked, final_row)
             final_w = torch.where(stop, w, final_w)
+            fallback = torch.where(stop, best, fallback)
+            fallback_lp = torch.where(stop, row.gather(1, best[:, None])[:, 0], fallback_lp)
         tokens[:, i] = x
         logp[:, i] = row.gather(1, x[:, None])[:, 0]
         go = match.any(1)
@@ -455,15 +483,186 @@ def verify_chains(
     if not greedy:
         # The final token: the residual's draw at the node where the path stopped.
         assert final_row is not None
-        x = _draw(final_row, final_w)
+        cdf = final_row.exp().cumsum(dim=-1, dtype=torch.float64)
+        x = torch.searchsorted(cdf, final_w[:, None] * cdf[:, -1:], right=True)[:, 0]
+        # Past the total only by rounding: the last token with mass.
+        x = torch.minimum(x, (cdf < cdf[:, -1:]).sum(-1))
+        x = torch.where(cdf[:, -1] > 0, x, fallback)
         tokens[rows, accepted] = x
-        logp[rows, accepted] = final_row.gather(1, x[:, None])[:, 0]
+        # The policy's log-prob: a residual token is not a candidate (masked is row there).
+        lp = final_row.gather(1, x[:, None])[:, 0]
+        logp[rows, accepted] = torch.where(cdf[:, -1] > 0, lp, fallback_lp)
     return accepted, tokens, node, logp
 
 
-def _draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token a row from log-probabilities [N, V] and uniforms u [N]: the first whose running
-    sum (float64) exceeds u times the total (the sampler's inverse-CDF draw)."""
-    cdf = logp.exp().cumsum(dim=-1, dtype=torch.float64)
-    x = torch.searchsorted(cdf, u.to(torch.float64)[:, None] * cdf[:, -1:], right=True)[:, 0]
-    return x.clamp_max_(cdf.shape[-1] - 1)
+if HAS_TRITON:
+
+    @triton.jit
+    def _verify_chains_kernel(
+        P,
+        Chains,
+        Num,
+        U,
+        Accepted,
+        Tokens,
+        Node,
+        Logp,
+        V,
+        stride_pb,
+        stride_pt,
+        stride_cb,
+        stride_cc,
+        stride_nb,
+        stride_ub,
+        stride_tb,
+        C: tl.constexpr,
+        C_PAD: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        GREEDY: tl.constexpr,
+    ):
+        # One program per row: the path through its tree, depth by depth (unrolled), then the
+        # residual's draw at the node where it stopped (two passes over the vocabulary).
+        b = tl.program_id(0).to(tl.int64)
+        offs_c = tl.arange(0, C_PAD)
+        m_c = offs_c < C
+        nc = tl.load(Num + b * stride_nb + offs_c, mask=m_c, other=0)
+        offs_v = tl.arange(0, BLOCK_V)
+        zero = b * 0  # an int64 scalar
+        cur = zero
+        acc = zero
+        going = zero == 0
+        alive = m_c
+        final_node = zero
+        final_w = zero.to(tl.float64)
+        fallback = zero
+        stop_t = offs_c.to(tl.int64) * 0
+        stop_valid = offs_c < 0
+        earlier = offs_c[None, :] < offs_c[:, None]  # [C_PAD, C_PAD]: c' < c
+        for i in tl.static_range(K + 1):
+            tl.store(Node + b * stride_tb + i, cur)
+            row = P + b * stride_pb + cur * stride_pt
+            if i < K:
+                t = tl.load(Chains + b * stride_cb + offs_c * stride_cc + i, mask=m_c, other=0)
+                valid = alive & (nc > i) & going
+            else:
+                t = offs_c.to(tl.int64) * 0
+                valid = offs_c < 0
+            if GREEDY:
+                best_val = zero.to(tl.float32) + float("-inf")
+                x = zero
+                for v0 in range(0, V, BLOCK_V):
+                    cols = v0 + offs_v
+                    s_ = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                    blk = tl.max(s_, 0)
+                    idx = tl.min(tl.where((s_ == blk) & (cols < V), cols, V), 0).to(tl.int64)
+                    better = blk > best_val
+                    x = tl.where(better, idx, x)
+                    best_val = tl.where(better, blk, best_val)
+                match = valid & (t == x)
+            else:
+                # (t holds token ids, 0 in padded lanes: every lane's load is in bounds.)
+                lp = tl.where(valid, tl.load(row + t).to(tl.float32), float("-inf"))
+                same = t[:, None] == t[None, :]
+                dup = tl.sum((same & earlier & valid[None, :]).to(tl.int32), 1) > 0
+                fresh = valid & (dup == 0)
+                pc = tl.where(fresh, tl.exp(lp).to(tl.float64), 0.0)
+                cum = tl.cumsum(pc, 0)
+                u = tl.load(U + b * stride_ub + i)
+                pick = fresh & (u < cum)
+                has = tl.sum(pick.to(tl.int32), 0) > 0
+                c0 = tl.min(tl.where(pick, offs_c, C_PAD), 0)
+                x = tl.sum(tl.where(offs_c == c0, t, 0), 0).to(tl.int64)
+                match = valid & (t == x) & has
+                stop = going & (has == 0)
+                total = tl.sum(pc, 0)
+                # Used where the step stops (total <= u < 1): in [0, u].
+                w = tl.minimum(tl.maximum((u - total) / (1.0 - total), 0.0), u)
+                top = tl.max(pc, 0)
+                bc = tl.min(tl.where(pc == top, offs_c, C_PAD), 0)
+                best = tl.sum(tl.where(offs_c == bc, t, 0), 0).to(tl.int64)
+                final_node = tl.where(stop, cur, final_node)
+                final_w = tl.where(stop, w, final_w)
+                fallback = tl.where(stop, best, fallback)
+                stop_t = tl.where(stop, t, stop_t)
+                stop_valid = tl.where(stop, valid, stop_valid)
+            tl.store(Tokens + b * stride_tb + i, x)
+            tl.store(Logp + b * stride_tb + i, tl.load(row + x).to(tl.float32))
+            go = tl.sum(match.to(tl.int32), 0) > 0
+            c = tl.min(tl.where(match, offs_c, C_PAD), 0).to(tl.int64)
+            cur = tl.where(go, 1 + c * K + i, cur)
+            acc += go.to(tl.int64)
+            going = going & go
+            alive = match
+        tl.store(Accepted + b, acc)
+        if not GREEDY:
+            row = P + b * stride_pb + final_node * stride_pt
+            # Pass 1: the residual's mass (p without the stop node's candidates).
+            mass = zero.to(tl.float64)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + offs_v
+                p = tl.exp(tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32))
+                taken = (cols[:, None] == stop_t[None, :]) & stop_valid[None, :]
+                keep = (cols < V) & (tl.sum(taken.to(tl.int32), 1) == 0)
+                mass += tl.sum(tl.where(keep, p.to(tl.float64), 0.0), 0)
+            goal = final_w * mass
+            # Pass 2: the first token whose running sum exceeds goal.
+            running = zero.to(tl.float64)
+            token = zero
+            last = zero  # the last token with mass (past the total only by rounding)
+            found = zero != 0
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + offs_v
+                p = tl.exp(tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32))
+                taken = (cols[:, None] == stop_t[None, :]) & stop_valid[None, :]
+                keep = (cols < V) & (tl.sum(taken.to(tl.int32), 1) == 0)
+                r = tl.where(keep, p.to(tl.float64), 0.0)
+                cdf = running + tl.cumsum(r, 0)
+                hit = (cdf > goal) & (cols < V)
+                first = tl.min(tl.where(hit, cols, V), 0).to(tl.int64)
+                take = (first < V) & (found == 0)
+                token = tl.where(take, first, token)
+                found = found | take
+                last = tl.maximum(last, tl.max(tl.where(r > 0.0, cols, 0), 0).to(tl.int64))
+                running += tl.sum(r, 0)
+            token = tl.where(found, token, last)
+            # Rounding can leave the residual no mass: the node's most likely candidate.
+            token = tl.where(mass > 0.0, token, fallback)
+            tl.store(Tokens + b * stride_tb + acc, token)
+            tl.store(Logp + b * stride_tb + acc, tl.load(row + token).to(tl.float32))
+
+
+def verify_chains_triton(
+    target: torch.Tensor,
+    chains: torch.Tensor,
+    num: torch.Tensor,
+    uniforms: torch.Tensor | None = None,
+    greedy: bool = False,
+    *,
+    block_v: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`verify_chains` for a tree tensor target [B, 1 + C * k, V] in one launch: one program
+    per row walks its path (the candidates' probabilities a depth, unrolled over k + 1), then
+    draws the final token from the residual in two passes over the vocabulary."""
+    if not HAS_TRITON:
+        raise RuntimeError("verify_chains_triton needs triton, which is not importable")
+    B, C, k = chains.shape
+    V = target.shape[-1]
+    dev = target.device
+    accepted = torch.zeros(B, dtype=torch.int64, device=dev)
+    tokens = torch.zeros(B, k + 1, dtype=torch.int64, device=dev)
+    node = torch.zeros(B, k + 1, dtype=torch.int64, device=dev)
+    logp = torch.zeros(B, k + 1, dtype=torch.float32, device=dev)
+    if B == 0:
+        return accepted, tokens, node, logp
+    if target.stride(-1) != 1:
+        target = target.contiguous()
+    ch, n = chains.contiguous(), num.contiguous()
+    u = target if uniforms is None or greedy else uniforms.to(torch.float64).contiguous()
+    _verify_chains_kernel[(B,)](
+        target, ch, n, u, accepted, tokens, node, logp, V,
+        target.stride(0), target.stride(1), ch.stride(0), ch.stride(1), n.stride(0),
+        0 if u is target else u.stride(0), tokens.stride(0),
+        C=C, C_PAD=max(2, _next_pow2(C)), K=k, BLOCK_V=block_v, GREEDY=greedy,
+    )  # fmt: skip
+    return accepted, tokens, node, logp

@@ -57,8 +57,88 @@ def make_inputs(case: tuple, seed: int, device: str = "cpu"):
     return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
 
 
+# name: (B, C, k, V, greedy, block_v): `verify_chains_triton` against the reference.
+CHAIN_CASES: dict[str, tuple] = {
+    "chains-B24-C4-k3-V700": (24, 4, 3, 700, False, 256),
+    "chains-B16-C2-k5-V1000": (16, 2, 5, 1000, False, 512),
+    "chains-B9-C3-k1-V300": (9, 3, 1, 300, False, 128),
+    "chains-B20-C4-k3-V700-greedy": (20, 4, 3, 700, True, 256),
+}
+
+
+def make_chain_inputs(case: tuple, seed: int, device: str = "cpu"):
+    """A tree per row whose chains often hold its nodes' likely tokens (and share first
+    drafts), so that paths move along chains, stop inside them and run to the bonus token."""
+    B, C, k, V, greedy, _ = case
+    g = torch.Generator().manual_seed(seed)
+    T = 1 + C * k
+    logits = torch.randn(B, T, V, generator=g) * 3
+    logits[:, :, : V // 10] = float("-inf")  # holes the distribution never draws
+    target = logits.log_softmax(-1)
+    best = target.argmax(-1)  # [B, T]
+    chains = torch.randint(V // 10, V, (B, C, k), generator=g)
+    for c in range(C):
+        for i in range(k):
+            node = 0 if i == 0 else 1 + c * k + i - 1
+            likely = torch.rand(B, generator=g) < 0.7
+            chains[:, c, i] = torch.where(likely, best[:, node], chains[:, c, i])
+    chains[1::3, -1, 0] = chains[1::3, 0, 0]  # the last chain shares the first's first draft
+    num = torch.randint(0, k + 1, (B, C), generator=g)
+    num[0] = k
+    u = torch.rand(B, k + 1, generator=g, dtype=torch.float64)
+    args = [target, chains, num, None if greedy else u, greedy]
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _chain_result(out) -> dict:
+    acc, tokens, node, logp = out
+    upto = torch.arange(tokens.shape[1], device=acc.device) <= acc[:, None]
+    return {
+        "accepted": acc.tolist(),
+        "tokens": torch.where(upto, tokens, -1).tolist(),
+        "node": torch.where(upto, node, -1).tolist(),
+        "logp": torch.where(upto, logp, 0.0).tolist(),
+    }
+
+
+EMPTY_RESIDUAL_U = (1 - 1e-16, 1 - 1e-9, 0.9999)
+
+
+def _empty_residual_inputs(u0: float, device: str = "cpu"):
+    """Candidates holding all of p's mass (0.3 and 0.7, whose float32 logs sum to just under
+    1 in float64) and a uniform just under 1."""
+    p = torch.full((3, 6), float("-inf"))
+    p[0, 1], p[0, 2] = torch.tensor(0.3).log(), torch.tensor(0.7).log()
+    p[1:, 0] = 0.0
+    chains, num = torch.tensor([[[1], [2]]]), torch.tensor([[1, 1]])
+    u = torch.tensor([[u0, 0.5]], dtype=torch.float64)
+    return [a.to(device) for a in (p[None], chains, num, u)]
+
+
 def run_cases(device: str) -> dict[str, dict]:
     results = {}
+    for j, u0 in enumerate(EMPTY_RESIDUAL_U):
+        args = _empty_residual_inputs(u0, device)
+        try:
+            got = sv.verify_chains_triton(*args, block_v=16)
+        except Exception as e:
+            results[f"chains-empty-residual-{j}"] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        results[f"chains-empty-residual-{j}"] = {
+            "got": _chain_result(got),
+            "ref": _chain_result(sv.verify_chains_reference(*args)),
+        }
+    for i, (name, case) in enumerate(CHAIN_CASES.items()):
+        args = make_chain_inputs(case, seed=i, device=device)
+        try:
+            got = sv.verify_chains_triton(*args, block_v=case[5])
+        except Exception as e:  # reported per case by the parent
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        results[name] = {
+            "got": _chain_result(got),
+            "ref": _chain_result(sv.verify_chains_reference(*args)),
+        }
     for i, (name, case) in enumerate(CASES.items()):
         args = make_inputs(case, seed=i, device=device)
         try:
@@ -95,16 +175,45 @@ def test_triton_interpreted_matches_reference(name, interpreted_results):
     _check_result(name, interpreted_results[name])
 
 
+def _check_chain_result(name: str, res: dict) -> None:
+    assert "error" not in res, res.get("error")
+    got, ref = res["got"], res["ref"]
+    assert got["accepted"] == ref["accepted"], name
+    assert got["tokens"] == ref["tokens"] and got["node"] == ref["node"], name
+    assert torch.allclose(torch.tensor(got["logp"]), torch.tensor(ref["logp"])), name
+    # The cases exercise what they should: paths that stop at once, move, and reach the bonus.
+    acc = ref["accepted"]
+    B, C, k = CHAIN_CASES[name][:3]
+    assert 0 in acc and any(0 < a for a in acc), (name, acc)
+    assert any(n >= 1 + k for row, a in zip(ref["node"], acc) for n in row[1 : a + 1]), name
+
+
+@pytest.mark.parametrize("name", list(CHAIN_CASES))
+def test_chains_triton_interpreted_matches_reference(name, interpreted_results):
+    _check_chain_result(name, interpreted_results[name])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_on_gpu_matches_reference():
     for name, res in run_cases("cuda").items():
-        _check_result(name, res)
+        if name.startswith("chains-empty-residual"):
+            assert res["got"] == res["ref"] and res["got"]["tokens"][0][0] in (1, 2), name
+        else:
+            (_check_chain_result if name in CHAIN_CASES else _check_result)(name, res)
     # The dispatcher takes the kernel for CUDA tensors.
     args = make_inputs(CASES["B33-k3-V1000-q"], seed=0, device="cuda")
     acc, tok = sv.verify_drafts(*args)
     ref_acc, ref_tok = sv.verify_drafts_reference(*args)
     assert torch.equal(acc, ref_acc) and torch.equal(tok, ref_tok)
+    # The dispatcher takes the chain kernel for a CUDA tree.
+    name = "chains-B24-C4-k3-V700"
+    args = make_chain_inputs(CHAIN_CASES[name], seed=0, device="cuda")
+    got = {
+        "got": _chain_result(sv.verify_chains(*args)),
+        "ref": _chain_result(sv.verify_chains_reference(*args)),
+    }
+    _check_chain_result(name, got)
 
 
 P = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
@@ -209,10 +318,6 @@ def test_bad_arguments_name_what_is_wrong():
         sv.verify_drafts(p, d.int(), n, None, u)
 
 
-if __name__ == "__main__":
-    print(json.dumps(run_cases("cpu")))
-
-
 # ------------------------------------------------------------------ several chains a row
 
 
@@ -305,3 +410,22 @@ def test_chains_bad_arguments_name_what_is_wrong():
         sv.verify_chains(p[None], chains[None], num[None, :2], greedy=True)
     with pytest.raises(ValueError, match=r"uniforms must be \[1, 3\]"):
         sv.verify_chains(p[None].log(), chains[None], num[None])
+
+
+def test_chains_never_draw_from_an_empty_residual():
+    """Whatever rounding leaves of the candidates' running sum, the token is one of them (an
+    empty residual's inverse-CDF draw would return the vocabulary's last token)."""
+    for u0 in EMPTY_RESIDUAL_U:
+        acc, tokens, node, logp = sv.verify_chains(*_empty_residual_inputs(u0))
+        assert tokens[0, 0] in (1, 2) and torch.isfinite(logp[0, : int(acc) + 1]).all()
+
+
+@pytest.mark.parametrize("j", range(len(EMPTY_RESIDUAL_U)))
+def test_chains_triton_interpreted_never_draws_from_an_empty_residual(j, interpreted_results):
+    res = interpreted_results[f"chains-empty-residual-{j}"]
+    assert "error" not in res, res.get("error")
+    assert res["got"] == res["ref"] and res["got"]["tokens"][0][0] in (1, 2)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_cases("cpu")))
