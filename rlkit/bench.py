@@ -690,6 +690,14 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
                 f"rlkit bench: --mtp-draft {args.mtp_draft} needs an MTP drafter (--drafter "
                 f"mtp or sam+mtp), got {args.drafter}"
             )
+        chains = max(args.draft_chains, args.tail_draft_chains)
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        if chains > 1 and (not cuda or set(engines) != {"native"}):
+            raise SystemExit(
+                f"rlkit bench: --draft-chains / --tail-draft-chains ({chains}) run on the native "
+                "engine's CUDA-graph verify step: a GPU (--device cuda) and --engines native, "
+                f"got --device {args.device}, --engines {args.engines}"
+            )
     if args.stop_at_eos and "hf" in engines:
         raise SystemExit(
             "rlkit bench: --stop-at-eos: the hf engine always runs to the cap; drop it"

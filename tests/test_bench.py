@@ -118,6 +118,11 @@ def test_tail_draft_length_reaches_the_engine_and_bad_settings_stop_first(
         rollout([*argv, "--num-draft-tokens", "3", "--tail-rows", "2", "--tail-draft-tokens", "2"])
     with pytest.raises(SystemExit, match="--mtp-draft argmax needs an MTP drafter"):
         rollout([*argv, "--mtp-draft", "argmax"])
+    # Draft chains: more than the drafter makes, and off the CUDA-graph step, fail up front.
+    with pytest.raises(SystemExit, match=r"--draft-chains \(3\) is more than drafter 'sam'"):
+        rollout([*argv, "--draft-chains", "3"])
+    with pytest.raises(SystemExit, match="CUDA-graph verify step: a GPU"):
+        rollout([*argv, "--draft-chains", "2", "--device", "cpu"])
     # The MTP drafter's argmax drafts in a sampling run.
     seen.clear()
     mtp = [a if a != "sam" else "mtp" for a in argv]
