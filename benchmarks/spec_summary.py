@@ -103,6 +103,7 @@ def _gpu(args: argparse.Namespace) -> dict:
                 "mtp_draft": _speculative(run).get("mtp_draft", "sample"),
                 "draft_chains": _speculative(run).get("draft_chains", 1),
                 "tail_draft_chains": _speculative(run).get("tail_draft_chains", 0),
+                "chain_kinds": _speculative(run).get("chain_kinds"),
                 "sam_min_match": _speculative(run).get("sam_min_match"),
                 "run": run,
                 "accept_len_mean": statistics.mean(accept) if accept else None,

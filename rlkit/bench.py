@@ -241,6 +241,7 @@ def _native(
             tail_draft_tokens=args.tail_draft_tokens,
             draft_chains=args.draft_chains,
             tail_draft_chains=args.tail_draft_chains,
+            chain_kinds=args.chain_kinds.split(","),
         )
         if "mtp" in drafter:
             mtp = load_mtp(args.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)
@@ -605,6 +606,11 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         "--tail-draft-chains", type=int, default=0, help="the chains in the tail (0: the same)"
     )
     spec.add_argument(
+        "--chain-kinds",
+        default="sam,mtp,mtp_runner_up,sam_other",
+        help="which chains, in order (a step of C chains takes the first C the drafter makes)",
+    )
+    spec.add_argument(
         "--spec-max-batch",
         type=int,
         default=0,
@@ -680,7 +686,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
                 drafter=d, num_draft_tokens=args.num_draft_tokens,  # type: ignore[arg-type]
                 tail_rows=args.tail_rows, tail_draft_tokens=args.tail_draft_tokens,
                 draft_chains=args.draft_chains, tail_draft_chains=args.tail_draft_chains,
-                mtp_draft=args.mtp_draft,
+                mtp_draft=args.mtp_draft, chain_kinds=args.chain_kinds.split(","),
             )  # fmt: skip
             tail = cfg.tail_problem() or cfg.chains_problem()
             if tail is not None:
@@ -766,6 +772,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             tail_draft_tokens=args.tail_draft_tokens,
             draft_chains=args.draft_chains,
             tail_draft_chains=args.tail_draft_chains,
+            chain_kinds=args.chain_kinds,
             mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))

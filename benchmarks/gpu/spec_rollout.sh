@@ -19,6 +19,8 @@
 # (sam+mtp: below it MTP drafts). CHAINS (default "1:0"): rollout.speculative.draft_chains:
 # tail_draft_chains settings to run each k and tail at (several draft chains a row verified
 # in one step; they need MTP_DRAFT=argmax for the MTP drafters, and a tail for the second).
+# CHAIN_KINDS (default: the config's, "sam, mtp, mtp_runner_up, sam_other"): which chains, in
+# order, e.g. "sam, mtp, sam_other" (no runner-up chain).
 source benchmarks/gpu/setup.sh
 steps=${STEPS:-6}
 common="rollout.kv_compression.policy=none train.steps=$steps train.eval_every=0 data.num_eval=8
@@ -37,11 +39,12 @@ for run in none ${DRAFTERS:-sam}; do
   [ "$drafter" = none ] || name=${name}_k$k
   [ "$tail" = 0:0 ] || name=${name}_t${tail/:/x}
   [ "$chains" = 1:0 ] || name=${name}_c${chains/:/x}
+  [ -z "${CHAIN_KINDS:-}" ] || name=${name}_$(echo "$CHAIN_KINDS" | tr -d ' ' | tr ',' '-')
   case $drafter in *mtp*) [ "${MTP_DRAFT:-sample}" = sample ] || name=${name}_${MTP_DRAFT};; esac
   [ "${SAM_MIN_MATCH:-2}" = 2 ] || name=${name}_mm${SAM_MIN_MATCH}
   draw=""  # MTP_DRAFT=argmax: the MTP drafters' argmax drafts (rollout.speculative.mtp_draft)
   case $drafter in *mtp*) draw=", mtp_draft: ${MTP_DRAFT:-sample}";; esac
-  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: ${SAM_MIN_MATCH:-2}, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}, draft_chains: ${chains%:*}, tail_draft_chains: ${chains#*:}$draw}"
+  spec="rollout.speculative={drafter: $drafter, num_draft_tokens: $k, sam_min_match: ${SAM_MIN_MATCH:-2}, mtp_vocab: 8192, tail_rows: ${tail%:*}, tail_draft_tokens: ${tail#*:}, draft_chains: ${chains%:*}, tail_draft_chains: ${chains#*:}$draw${CHAIN_KINDS:+, chain_kinds: [$CHAIN_KINDS]}}"
   [ "$drafter" = none ] && spec="rollout.speculative.drafter=none"  # a recipe may draft
   start=$(date +%s)
   rm -rf /tmp/runs/$name  # a run directory left by an earlier call would be resumed

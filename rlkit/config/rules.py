@@ -119,6 +119,7 @@ RULES: dict[str, Check | None] = {
     "rollout.speculative.tail_draft_tokens": in_range(0, 16),  # >= num_draft_tokens: below
     "rollout.speculative.draft_chains": in_range(1, 4),  # what the drafter makes: below
     "rollout.speculative.tail_draft_chains": in_range(0, 4),
+    "rollout.speculative.chain_kinds": None,  # known kinds, once each: _speculative_fits
     "rollout.vllm.python": optional(executable),
     "rollout.vllm.gpu_memory_utilization": in_range(0, 1, low_open=True),
     "rollout.vllm.sleep_between_steps": None,
@@ -306,7 +307,7 @@ def _speculative_fits(cfg: RecipeConfig) -> None:
         )
     if spec.drafter == "none":
         plain = SpeculativeConfig()
-        for key in ("draft_chains", "tail_draft_chains"):
+        for key in ("draft_chains", "tail_draft_chains", "chain_kinds"):
             if getattr(spec, key) != getattr(plain, key):
                 raise Invalid(
                     f"({getattr(spec, key)}) needs rollout.speculative.drafter",

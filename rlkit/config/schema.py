@@ -157,6 +157,15 @@ class VLLMConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+# Draft chains (`SpeculativeConfig.chain_kinds`), and those each drafter makes.
+CHAIN_KINDS = ("sam", "mtp", "mtp_runner_up", "sam_other")
+DRAFTER_CHAINS = {
+    "sam": ("sam", "sam_other"),
+    "mtp": ("mtp", "mtp_runner_up"),
+    "sam+mtp": CHAIN_KINDS,
+}
+
+
 @dataclass
 class SpeculativeConfig:
     """MTP-RL's speculative rollouts (ALGORITHMS.md sections 4-5): a drafter proposes up to
@@ -214,6 +223,11 @@ class SpeculativeConfig:
     # where a step over few rows costs about the same for 4 x (k + 1) tokens a row as for k + 1.
     draft_chains: int = 1
     tail_draft_chains: int = 0
+    # Which chains, in order: a step of C chains takes the first C of these that the drafter
+    # makes. sam: SAM's match at its chosen occurrence (sam_match); sam_other: at the other one;
+    # mtp: the MTP module's argmax chain; mtp_runner_up: the chain from its depth-1 runner-up
+    # (k - 1 more MTP block passes a step; sam_other costs one more match search).
+    chain_kinds: list[str] = field(default_factory=lambda: list(CHAIN_KINDS))
 
     def tail_problem(self) -> tuple[str, str] | None:
         """(key, what is wrong) when the tail setting cannot be honoured, else None."""
@@ -252,15 +266,23 @@ class SpeculativeConfig:
                 f"({self.tail_draft_chains}) applies only with tail_rows > 0: the most "
                 "sequences decoding at once for the tail's chains",
             )
+        unknown = [k for k in self.chain_kinds if k not in CHAIN_KINDS]
+        if unknown or len(set(self.chain_kinds)) != len(self.chain_kinds):
+            what = f"unknown {unknown}" if unknown else "a kind twice"
+            return "chain_kinds", (
+                f"has {what}: {self.chain_kinds}; the kinds are {', '.join(CHAIN_KINDS)}, "
+                "each at most once"
+            )
         chains = self.max_chains
         if chains == 1:
             return None
         key = "tail_draft_chains" if self.tail_draft_chains > self.draft_chains else "draft_chains"
-        most = {"sam": 2, "mtp": 2, "sam+mtp": 4}.get(self.drafter, 0)
-        if chains > most:
+        order = self.chain_order()
+        if chains > len(order):
+            makes = DRAFTER_CHAINS.get(self.drafter, ())
             return key, (
-                f"({chains}) is more than drafter {self.drafter!r} makes ({most}: sam its "
-                "match's two occurrences, mtp its argmax and runner-up chains, sam+mtp four)"
+                f"({chains}) is more than drafter {self.drafter!r} makes of chain_kinds "
+                f"{self.chain_kinds} ({len(order)}; it makes {', '.join(makes) or 'none'})"
             )
         if "mtp" in self.drafter and self.mtp_draft != "argmax":
             return key, (
@@ -269,6 +291,11 @@ class SpeculativeConfig:
         if self.sam_static:
             return key, f"({chains}) does not combine with sam_static (no device form)"
         return None
+
+    def chain_order(self) -> list[str]:
+        """The chains a step takes, in order: chain_kinds' that the drafter makes."""
+        makes = DRAFTER_CHAINS.get(self.drafter, ())
+        return [k for k in self.chain_kinds if k in makes]
 
     def draft_tokens(self, rows: int) -> int:
         """The draft length while `rows` sequences decode."""

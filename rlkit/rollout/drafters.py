@@ -369,8 +369,8 @@ class DeviceDrafter(Protocol):
 
     # What the captured steps depend on besides the sampling setting.
     key: tuple[Any, ...]
-    # The most draft chains a row `propose_chains` makes.
-    max_chains: int
+    # The draft chains `propose_chains` makes (`SpeculativeConfig.chain_kinds`' names).
+    chain_kinds: tuple[str, ...]
 
     def bind(self, state: dict[str, Any], slots: int, length: int, device: torch.device) -> None:
         """Use (allocating on first use) the state tensors in `state` for `slots` rows of
@@ -394,10 +394,10 @@ class DeviceDrafter(Protocol):
         ...
 
     def propose_chains(
-        self, rows: int, room: torch.Tensor, k: int, chains: int
+        self, rows: int, room: torch.Tensor, k: int, kinds: tuple[str, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`chains` (<= max_chains) deterministic draft chains a row, verified together
-        (`steps.SyncFreeSpecStep`): tokens [rows, chains, k] and counts [rows, chains], each
+        """Deterministic draft chains of these kinds (of `chain_kinds`), in that order, verified
+        together (`steps.SyncFreeSpecStep`): tokens [rows, C, k] and counts [rows, C], each
         <= room (capturable)."""
         ...
 
@@ -421,7 +421,8 @@ class DeviceSAM:
     automata, from a per-slot match-length state that each emitted token updates
     elementwise. Made by `SAMDrafter.on_device` where there is no static automaton."""
 
-    max_chains = 2  # the match's chosen occurrence, then its other one (latest / first)
+    # The match's chosen occurrence, and the other one.
+    chain_kinds: tuple[str, ...] = ("sam", "sam_other")
 
     def __init__(self, k: int, min_match: int, latest: bool = False):
         self.k, self.min_match, self.latest = k, min_match, latest
@@ -463,19 +464,12 @@ class DeviceSAM:
         return tokens, num, None
 
     def propose_chains(
-        self, rows: int, room: torch.Tensor, k: int, chains: int
+        self, rows: int, room: torch.Tensor, k: int, kinds: tuple[str, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        hist, M, hlen = self.hist[:rows], self.M[:rows], self.hlen[:rows]
         out = [
-            sam_device.draft(
-                self.hist[:rows],
-                self.M[:rows],
-                self.hlen[:rows],
-                room,
-                self.min_match,
-                k,
-                latest,
-            )  # fmt: skip
-            for latest in (self.latest, not self.latest)[:chains]
+            sam_device.draft(hist, M, hlen, room, self.min_match, k, self.latest == (kind == "sam"))
+            for kind in _kinds(self, kinds)
         ]
         return torch.stack([t for t, _ in out], 1), torch.stack([n for _, n in out], 1)
 
@@ -509,7 +503,7 @@ class DeviceMTP:
     With `mtp_vocab` the head covers the call's sub-vocabulary (the host drafter's `ids`),
     copied into a fixed buffer each call; the token counts grow inside the step."""
 
-    max_chains = 2  # the argmax chain, then the one from depth 1's runner-up
+    chain_kinds: tuple[str, ...] = ("mtp", "mtp_runner_up")  # argmax; from depth 1's runner-up
 
     def __init__(self, host: MTPDrafter, run: Run):
         self.mtp, self.model, self.k = host.mtp, run.model, host.k
@@ -575,13 +569,15 @@ class DeviceMTP:
         return tokens[:, 0], room.clamp(min=0, max=k), probs
 
     def propose_chains(
-        self, rows: int, room: torch.Tensor, k: int, chains: int
+        self, rows: int, room: torch.Tensor, k: int, kinds: tuple[str, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.params.temperature > 0:
             raise ValueError("several draft chains need argmax MTP drafts (mtp_draft: argmax)")
-        tokens, _, _ = self._draft(rows, k, runner_up=chains > 1)
-        num = room.clamp(min=0, max=k)[:, None].expand(rows, chains)
-        return tokens[:, :chains], num
+        kinds = _kinds(self, kinds)
+        tokens, _, _ = self._draft(rows, k, runner_up="mtp_runner_up" in kinds)
+        pick = [0 if kind == "mtp" else tokens.shape[1] - 1 for kind in kinds]
+        num = room.clamp(min=0, max=k)[:, None].expand(rows, len(kinds))
+        return tokens[:, pick], num
 
     def _draft(
         self, rows: int, k: int, runner_up: bool
@@ -647,8 +643,7 @@ class DeviceSAMThenMTP:
     """`sam+mtp` on the device: SAM's draft where its match reaches the threshold, else the MTP
     module's (`SAMThenMTP`), both computed every step."""
 
-    # SAM's chain, MTP's, MTP's from its depth-1 runner-up, SAM's other occurrence.
-    max_chains = 4
+    chain_kinds: tuple[str, ...] = ("sam", "mtp", "mtp_runner_up", "sam_other")
 
     def __init__(self, sam: DeviceSAM, mtp: DeviceMTP):
         self.sam, self.mtp = sam, mtp
@@ -675,19 +670,21 @@ class DeviceSAMThenMTP:
         return tokens, torch.where(use, n_sam, n_mtp), q
 
     def propose_chains(
-        self, rows: int, room: torch.Tensor, k: int, chains: int
+        self, rows: int, room: torch.Tensor, k: int, kinds: tuple[str, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """In order: SAM's chain, MTP's, MTP's from its depth-1 runner-up, SAM's other
-        occurrence (the offline replay's ranking, `benchmarks/mtp_offline.py`); one chain:
-        SAM's where its match is long enough, else MTP's."""
-        if chains == 1:
-            tokens, num, _ = self.propose(rows, room, k)
-            return tokens[:, None], num[:, None]
-        sam, n_sam = self.sam.propose_chains(rows, room, k, 2 if chains >= 4 else 1)
-        mtp, n_mtp = self.mtp.propose_chains(rows, room, k, 2 if chains >= 3 else 1)
-        order = [(sam, n_sam, 0), (mtp, n_mtp, 0), (mtp, n_mtp, 1), (sam, n_sam, 1)][:chains]
-        tokens = torch.stack([t[:, c] for t, _, c in order], 1)
-        return tokens, torch.stack([n[:, c] for _, n, c in order], 1)
+        """SAM's and MTP's chains of these kinds, in their order (the default order, SAM's,
+        MTP's, MTP's runner-up, SAM's other occurrence, is the offline replay's ranking,
+        `benchmarks/mtp_offline.py`)."""
+        kinds = _kinds(self, kinds)
+        made: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for part in (self.sam, self.mtp):
+            mine = tuple(kind for kind in kinds if kind in part.chain_kinds)
+            if mine:
+                tokens, num = part.propose_chains(rows, room, k, mine)
+                for i, kind in enumerate(mine):
+                    made[kind] = tokens[:, i], num[:, i]
+        tokens = torch.stack([made[kind][0] for kind in kinds], 1)
+        return tokens, torch.stack([made[kind][1] for kind in kinds], 1)
 
     def extend(
         self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor
@@ -701,6 +698,16 @@ class DeviceSAMThenMTP:
 
     def mutated(self) -> list[torch.Tensor]:
         return self.sam.mutated() + self.mtp.mutated()
+
+
+def _kinds(drafter: DeviceDrafter, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """kinds, checked against those the drafter makes."""
+    other = [kind for kind in kinds if kind not in drafter.chain_kinds]
+    if other or not kinds:
+        raise ValueError(
+            f"{type(drafter).__name__} makes draft chains {drafter.chain_kinds}, asked for {kinds}"
+        )
+    return kinds
 
 
 def _sam_where(

@@ -425,8 +425,9 @@ class Engine:
             )
             if device_drafter is not None:
                 step = SyncFreeSpecStep(
-                    run, device_drafter, spec.draft_tokens, spec.max_batch, chains
-                )
+                    run, device_drafter, spec.draft_tokens, spec.max_batch, chains,
+                    tuple(spec.chain_order()) if multi else (),
+                )  # fmt: skip
             elif multi:
                 raise ValueError(
                     f"speculative.draft_chains ({spec.max_chains}) needs the verify step that "

@@ -357,8 +357,8 @@ class SyncFreeSpecStep:
     there is one graph per (bucket, k).
 
     draft_chains C > 1 (an int, or a function of the rows running as num_draft_tokens): each
-    row feeds its last token and C deterministic chains of k drafts (`DeviceDrafter.
-    propose_chains`) as a tree (`KVCache.begin_decode_device` with chain k), the rule of
+    row feeds its last token and C deterministic chains of k drafts, the first C of
+    chain_kinds (`DeviceDrafter.propose_chains`), as a tree (`KVCache.begin_decode_device` with chain k), the rule of
     `verify_chains` keeps one path, and the cache keeps that path's entries (`keep_path`).
     One graph per (bucket, k, C).
 
@@ -377,15 +377,17 @@ class SyncFreeSpecStep:
         num_draft_tokens: DraftLength,
         max_batch: int = 0,
         draft_chains: DraftLength = 1,
+        chain_kinds: tuple[str, ...] = (),
     ):
         graphs = run.graphs
         assert graphs is not None and run.cache.device_lengths
         self.drafter, self.max_batch = drafter, max_batch
         self.k_for = _draft_length(num_draft_tokens)
         self.chains_for = _draft_length(draft_chains)
+        self.chain_kinds = chain_kinds
         self.multi = False  # a step verified several chains
         p = run.params
-        key = ("sync-free", p.temperature, p.top_p, p.top_k, max_batch, *drafter.key)
+        key = ("sync-free", p.temperature, p.top_p, p.top_k, max_batch, *drafter.key, chain_kinds)
         if key not in graphs.extra:
             graphs.extra[key] = _SyncFreeGraphs(graphs.capture, graphs.buckets)
         self.g: _SyncFreeGraphs = graphs.extra[key]
@@ -460,7 +462,8 @@ class SyncFreeSpecStep:
             room = torch.where(st["nrows"] <= self.max_batch, room, 0)
         u = st[f"u{k}"][:pad]
         if C > 1:
-            chains, cnum = self.drafter.propose_chains(pad, room, k, C)  # [pad, C, k]
+            kinds = self.chain_kinds[:C]
+            chains, cnum = self.drafter.propose_chains(pad, room, k, kinds)  # [pad, C, k]
             tokens = torch.cat([self.last[:pad, None], chains.reshape(pad, C * k)], dim=1)
             positions = cache.begin_decode_device(active, 1 + C * k, chain=k)
             hidden = run.model.forward_cached(tokens, positions, cache)

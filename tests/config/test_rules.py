@@ -147,7 +147,22 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
         (
             ["rollout.speculative.drafter=sam", "rollout.speculative.draft_chains=3"],
             "rollout.speculative.draft_chains",
-            "more than drafter 'sam' makes (2",
+            "more than drafter 'sam' makes of chain_kinds",
+        ),
+        (
+            [
+                "rollout.speculative.drafter=sam+mtp",
+                "rollout.speculative.mtp_draft=argmax",
+                "rollout.speculative.draft_chains=2",
+                "rollout.speculative.chain_kinds=[sam, mtp_2nd]",
+            ],
+            "rollout.speculative.chain_kinds",
+            "unknown ['mtp_2nd']",
+        ),
+        (
+            ["rollout.speculative.chain_kinds=[sam]"],
+            "rollout.speculative.chain_kinds",
+            "needs rollout.speculative.drafter",
         ),
         (
             ["rollout.speculative.drafter=sam+mtp", "rollout.speculative.draft_chains=4"],

@@ -14,18 +14,20 @@ from rlkit.config.schema import SpeculativeConfig
 from rlkit.models import load_model
 from rlkit.models.mtp import init_mtp
 from rlkit.rollout import Engine, SamplingParams, steps
-from rlkit.rollout.drafters import DeviceSAM
+from rlkit.rollout.drafters import DeviceMTP, DeviceSAM
 
 
 @pytest.fixture
 def make(tiny_dirs):
-    def make(arch="llama", drafter="sam", k=3, chains=2, tail=(0, 0, 0), **kwargs):
+    def make(arch="llama", drafter="sam", k=3, chains=2, tail=(0, 0, 0), kinds=None, **kwargs):
         model, tok = load_model(tiny_dirs[arch])
         spec = SpeculativeConfig(
             drafter=drafter, num_draft_tokens=k, sam_min_match=2, draft_chains=chains,
             tail_rows=tail[0], tail_draft_tokens=tail[1], tail_draft_chains=tail[2],
             mtp_draft="argmax", mtp_vocab=kwargs.pop("mtp_vocab", 0),
         )  # fmt: skip
+        if kinds is not None:
+            spec.chain_kinds = kinds
         kwargs.setdefault("cpu_kernels", False)  # the fused C step would take precedence
         kwargs.setdefault("cuda_graphs", True)
         mtp = init_mtp(model.args, seed=1) if "mtp" in drafter else None
@@ -74,8 +76,9 @@ def test_a_decoy_first_chain_keeps_the_second_chains_path(
     monkeypatch.setattr(steps, "CHAIN_ONE_PASS_ROWS", one_pass)
     real = DeviceSAM.propose_chains
 
-    def decoy_first(self, rows, room, k, chains):
-        t, n = real(self, rows, room, k, 1)
+    def decoy_first(self, rows, room, k, kinds):
+        assert kinds == ("sam", "sam_other")
+        t, n = real(self, rows, room, k, ("sam",))
         bad = t.clone()
         bad[:, 0, 0] = (t[:, 0, 0] + 1) % 256
         return torch.cat([bad, t], 1), torch.cat([n, n], 1)
@@ -89,6 +92,25 @@ def test_a_decoy_first_chain_keeps_the_second_chains_path(
     st = two.stats
     assert st["spec/other_chain_rate"] > 0.1, st
     assert st["spec/accept_len_mean"] == pytest.approx(one.stats["spec/accept_len_mean"], abs=0.05)
+
+
+def test_chain_kinds_pick_the_chains_and_their_order(make, prompts, monkeypatch):
+    """chain_kinds: SAM's two occurrences and MTP's argmax chain, no runner-up (its extra MTP
+    passes are not made); greedy output is still plain decoding's."""
+    runner_ups = []
+    real = DeviceMTP._draft
+
+    def spy(self, rows, k, runner_up):
+        runner_ups.append(runner_up)
+        return real(self, rows, k, runner_up)
+
+    monkeypatch.setattr(DeviceMTP, "_draft", spy)
+    sp = SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=[17, 99])
+    engine = make("llama", "sam+mtp", chains=3, kinds=["sam_other", "mtp", "sam"])
+    out = engine.generate(prompts, sp, n=2)
+    assert runner_ups and not any(runner_ups)
+    _same(out, engine.generate(prompts, sp, n=2, drafter="none"))
+    assert engine.speculative.chain_order() == ["sam_other", "mtp", "sam"]
 
 
 def test_more_chains_pass_more_tokens_a_step(make, prompts):
@@ -149,6 +171,13 @@ def test_settings_the_step_cannot_take_are_refused(make):
     )
     spec = SpeculativeConfig(drafter="sam", tail_draft_chains=2)
     assert spec.chains_problem()[0] == "tail_draft_chains"
+    for kinds in (["sam", "mtp_second"], ["sam", "sam"]):
+        spec = SpeculativeConfig(drafter="sam", draft_chains=2, chain_kinds=kinds)
+        assert spec.chains_problem()[0] == "chain_kinds"
+    # sam makes two of the default kinds, in their order; mtp_runner_up is not SAM's.
+    assert SpeculativeConfig(drafter="sam").chain_order() == ["sam", "sam_other"]
+    spec = SpeculativeConfig(drafter="sam+mtp", draft_chains=3, chain_kinds=["sam", "mtp"])
+    assert "more than drafter 'sam+mtp' makes of chain_kinds" in spec.chains_problem()[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -210,3 +239,11 @@ def test_the_lm_head_runs_on_the_paths_nodes_only(make, prompts, monkeypatch):
     engine.generate(prompts, SamplingParams(max_new_tokens=12, seed=1, temperature=1.0))
     # Prefill's last positions, then steps of a padded bucket of <= 4 rows: 4 calls a step.
     assert widths and max(widths) <= 4, widths
+
+
+def test_the_device_drafters_make_the_chains_the_config_names():
+    from rlkit.config.schema import DRAFTER_CHAINS
+    from rlkit.rollout.drafters import DeviceSAMThenMTP
+
+    makes = {"sam": DeviceSAM, "mtp": DeviceMTP, "sam+mtp": DeviceSAMThenMTP}
+    assert {name: cls.chain_kinds for name, cls in makes.items()} == DRAFTER_CHAINS
