@@ -387,7 +387,9 @@ class SyncFreeSpecStep:
         self.chain_kinds = chain_kinds
         self.multi = False  # a step verified several chains
         p = run.params
-        key = ("sync-free", p.temperature, p.top_p, p.top_k, max_batch, *drafter.key, chain_kinds)
+        key = ("sync-free", p.temperature, p.top_p, p.top_k, max_batch, *drafter.key)
+        if chain_kinds:  # several chains a row: which (one-chain keys stay as they were)
+            key += (chain_kinds,)
         if key not in graphs.extra:
             graphs.extra[key] = _SyncFreeGraphs(graphs.capture, graphs.buckets)
         self.g: _SyncFreeGraphs = graphs.extra[key]
