@@ -358,9 +358,9 @@ class SyncFreeSpecStep:
 
     draft_chains C > 1 (an int, or a function of the rows running as num_draft_tokens): each
     row feeds its last token and C deterministic chains of k drafts, the first C of
-    chain_kinds (`DeviceDrafter.propose_chains`), as a tree (`KVCache.begin_decode_device` with chain k), the rule of
-    `verify_chains` keeps one path, and the cache keeps that path's entries (`keep_path`).
-    One graph per (bucket, k, C).
+    chain_kinds (`DeviceDrafter.propose_chains`), as a tree (`KVCache.begin_decode_device`
+    with chain k); the rule of `verify_chains` keeps one path, and the cache keeps that
+    path's entries (`keep_path`). One graph per (bucket, k, C).
 
     The state the graphs read and write lives with the cache's decode graphs (`state`, per
     sampling setting and drafter key): the run's `last` and `count_dev`
@@ -533,8 +533,8 @@ class _SyncFreeGraphs:
         return next(b for b in self.buckets if b >= batch)
 
     def run(self, key: tuple[int, ...], fn: Callable[[], Any]) -> Any:
-        """fn() for key (bucket, k[, chains]): replayed from its graph (captured on first use), or
-        eagerly."""
+        """fn() for key (bucket, k[, chains]): replayed from its graph (captured on first
+        use), or eagerly."""
         self.steps[key] = self.steps.get(key, 0) + 1
         if not self.capture:
             return fn()
