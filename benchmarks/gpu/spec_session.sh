@@ -12,7 +12,25 @@
 #     in KS (default "3"), STEPS RL steps each (benchmarks/gpu/spec_rollout.sh)
 #     -> $OUT/gpu_spec_rollout.json, the runs' metrics tarred into $OUT/spec_runs.tgz ($OUT
 #     returns at most 8 files).
+#   PHASE=prof (~1 minute a row): where a verify step's time goes, one chain against several
+#     (benchmarks/profile_rollout.py, sam+mtp argmax, k = 3, the module from phase 1 if any)
+#     at each batch in BATCHES (default "16 4") for each chain count in PCHAINS (default
+#     "1 4") -> $OUT/prof_c{C}_b{B}.txt.
 source benchmarks/gpu/setup.sh
+if [ "${PHASE:-1}" = prof ]; then
+  mtp=()
+  [ -f /tmp/mtp_module/mtp.safetensors ] && mtp=(--mtp /tmp/mtp_module)
+  for b in ${BATCHES:-16 4}; do
+    for c in ${PCHAINS:-1 4}; do
+      python3 benchmarks/profile_rollout.py --model smollm2-135m-instruct --task arithmetic_set \
+        --task-args '{"problems": 26, "digits": [2, 1]}' --top-p 0.7 --new-tokens 384 \
+        --rows 40 --mode spec --drafter sam+mtp --mtp-draft argmax --mtp-vocab 8192 "${mtp[@]}" \
+        --draft-chains "$c" --num-draft-tokens 3 --batch "$b" --out "$OUT/prof_c${c}_b$b.txt" \
+        2>&1 | grep "^profile_rollout\|^stats" | cut -c1-400
+    done
+  done
+  exit 0
+fi
 if [ "${PHASE:-1}" = 1 ]; then
   python3 -m pytest -q -k "not interpreted" tests/kernels/test_top_p.py \
     tests/kernels/test_sparse_decode_attention.py tests/kernels/test_spec_verify.py \
