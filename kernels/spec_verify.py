@@ -498,6 +498,15 @@ def verify_chains_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _residual(row, cols, V, stop_t, stop_valid):
+        """The residual's mass at columns cols of a row of log-probabilities, float64: p,
+        zero at the stop node's candidates (stop_t where stop_valid) and past V."""
+        p = tl.exp(tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32))
+        taken = (cols[:, None] == stop_t[None, :]) & stop_valid[None, :]
+        keep = (cols < V) & (tl.sum(taken.to(tl.int32), 1) == 0)
+        return tl.where(keep, p.to(tl.float64), 0.0)
+
+    @triton.jit
     def _verify_chains_kernel(
         P,
         Chains,
@@ -601,10 +610,7 @@ if HAS_TRITON:
             mass = zero.to(tl.float64)
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + offs_v
-                p = tl.exp(tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32))
-                taken = (cols[:, None] == stop_t[None, :]) & stop_valid[None, :]
-                keep = (cols < V) & (tl.sum(taken.to(tl.int32), 1) == 0)
-                mass += tl.sum(tl.where(keep, p.to(tl.float64), 0.0), 0)
+                mass += tl.sum(_residual(row, cols, V, stop_t, stop_valid), 0)
             goal = final_w * mass
             # Pass 2: the first token whose running sum exceeds goal.
             running = zero.to(tl.float64)
@@ -613,10 +619,7 @@ if HAS_TRITON:
             found = zero != 0
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + offs_v
-                p = tl.exp(tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32))
-                taken = (cols[:, None] == stop_t[None, :]) & stop_valid[None, :]
-                keep = (cols < V) & (tl.sum(taken.to(tl.int32), 1) == 0)
-                r = tl.where(keep, p.to(tl.float64), 0.0)
+                r = _residual(row, cols, V, stop_t, stop_valid)
                 cdf = running + tl.cumsum(r, 0)
                 hit = (cdf > goal) & (cols < V)
                 first = tl.min(tl.where(hit, cols, V), 0).to(tl.int64)

@@ -697,8 +697,8 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
                 f"mtp or sam+mtp), got {args.drafter}"
             )
         chains = max(args.draft_chains, args.tail_draft_chains)
-        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        if chains > 1 and (not cuda or set(engines) != {"native"}):
+        # (args.device is resolved above: `local_device`.)
+        if chains > 1 and (not args.device.startswith("cuda") or set(engines) != {"native"}):
             raise SystemExit(
                 f"rlkit bench: --draft-chains / --tail-draft-chains ({chains}) run on the native "
                 "engine's CUDA-graph verify step: a GPU (--device cuda) and --engines native, "

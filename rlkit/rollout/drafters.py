@@ -565,7 +565,7 @@ class DeviceMTP:
     def propose(
         self, rows: int, room: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        tokens, _, probs = self._draft(rows, k, runner_up=False)
+        tokens, probs = self._draft(rows, k, runner_up=False)
         return tokens[:, 0], room.clamp(min=0, max=k), probs
 
     def propose_chains(
@@ -574,14 +574,14 @@ class DeviceMTP:
         if self.params.temperature > 0:
             raise ValueError("several draft chains need argmax MTP drafts (mtp_draft: argmax)")
         kinds = _kinds(self, kinds)
-        tokens, _, _ = self._draft(rows, k, runner_up="mtp_runner_up" in kinds)
+        tokens, _ = self._draft(rows, k, runner_up="mtp_runner_up" in kinds)
         pick = [0 if kind == "mtp" else tokens.shape[1] - 1 for kind in kinds]
         num = room.clamp(min=0, max=k)[:, None].expand(rows, len(kinds))
         return tokens[:, pick], num
 
     def _draft(
         self, rows: int, k: int, runner_up: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts [rows, 1 or 2, k]: the module's chain and, with runner_up, the chain that
         starts from depth 1's second most likely token (argmax after it); their q."""
         model, mtp, dev = self.model, self.mtp, self.h.device
@@ -614,7 +614,7 @@ class DeviceMTP:
                     self.cache.advance_device(one)
             # The depths' entries go: a second chain writes the same ones.
             self.cache.advance_device(-(k - 1) * one)
-        return tokens, n, probs
+        return tokens, probs
 
     def extend(
         self, rows: int, tokens: torch.Tensor, num: torch.Tensor, hidden: torch.Tensor

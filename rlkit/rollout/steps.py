@@ -64,15 +64,9 @@ def verify_rows(
     and the emitted tokens [B, T] (the kept drafts, then the verifier's token, then scratch),
     their log-probs [B, T] and the kept counts [B]. No host sync: a CUDA graph captures it."""
     B, T = tokens.shape
-    flat = hidden.reshape(B * T, -1)
     # Positions past a row's drafts and the next are never read: no nucleus search there.
     need = (torch.arange(T, device=num.device) <= num[:, None]).reshape(-1)
-    logp = torch.cat(
-        [
-            sampling_logprobs(model.logits(flat[i : i + rows]), params, need[i : i + rows])
-            for i in range(0, B * T, rows)
-        ]
-    ).view(B, T, -1)
+    logp = _logprobs(model, hidden.reshape(B * T, -1), need, params, rows).view(B, T, -1)
     drafts = tokens[:, 1:]
     if params.temperature == 0:
         accepted, token = verify_drafts(logp, drafts, num, greedy=True)
@@ -83,6 +77,20 @@ def verify_rows(
     emitted.scatter_(1, accepted[:, None], token[:, None])
     emitted_logp = logp.gather(-1, emitted[:, :, None])[..., 0]  # [B, T]
     return emitted, emitted_logp, accepted
+
+
+def _logprobs(
+    model: Decoder, h: torch.Tensor, need: torch.Tensor, params: SamplingParams, rows: int
+) -> torch.Tensor:
+    """The sampling distribution's log-probabilities [N, V] at final hidden states h [N, H]:
+    the LM head and `sampling_logprobs` `rows` rows at a time; rows not in need [N] skip the
+    nucleus search (their values are never read)."""
+    return torch.cat(
+        [
+            sampling_logprobs(model.logits(h[i : i + rows]), params, need[i : i + rows])
+            for i in range(0, h.shape[0], rows)
+        ]
+    )
 
 
 # Up to this many tree positions in a step (rows x (1 + C * k)), `verify_chain_rows` computes
@@ -114,24 +122,15 @@ def verify_chain_rows(
     B, C, k = chains.shape
     T = 1 + C * k
     greedy = params.temperature == 0
-
-    def logprobs(h: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
-        return torch.cat(
-            [
-                sampling_logprobs(model.logits(h[i : i + rows]), params, need[i : i + rows])
-                for i in range(0, h.shape[0], rows)
-            ]
-        )
-
     target: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if B * T <= CHAIN_ONE_PASS_ROWS:
         # A chain's positions past its drafts are never read: no nucleus search there.
         deep = torch.arange(k, device=num.device) < num[:, :, None]  # [B, C, k]
         need = torch.cat([deep.new_ones(B, 1), deep.reshape(B, C * k)], dim=1).reshape(-1)
-        target = logprobs(hidden.reshape(B * T, -1), need).view(B, T, -1)
+        target = _logprobs(model, hidden.reshape(B * T, -1), need, params, rows).view(B, T, -1)
     else:
         at = torch.arange(B, device=hidden.device)
-        target = lambda node, need: logprobs(hidden[at, node], need)  # noqa: E731
+        target = lambda node, need: _logprobs(model, hidden[at, node], need, params, rows)  # noqa: E731
     accepted, emitted, node, logp = verify_chains(
         target, chains, num, None if greedy else u, greedy
     )

@@ -9,6 +9,7 @@ own graphs; settings the step cannot take are refused before any work."""
 import pytest
 import torch
 from test_speculative import _assert_policy_logprobs, _same
+from test_sync_free_spec import never_sync
 
 from rlkit.config.schema import SpeculativeConfig
 from rlkit.models import load_model
@@ -207,16 +208,7 @@ def test_cuda_graph_chain_steps_equal_plain_and_never_sync(
     assert g.capture and {key[1:] for key in g.graphs if len(key) == 3} == {(4, 4)}
     if temperature == 0.0:
         _same(out, fast.generate(prompts, sp, n=2, drafter="none"), atol=1e-4)
-    step = steps.SyncFreeSpecStep.step
-
-    def checked(self, run):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step(self, run)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(steps.SyncFreeSpecStep, "step", checked)
+    never_sync(monkeypatch)
     again = fast.generate(prompts, sp, n=2)
     ref = engine()
     ref.generate(prompts, sp, n=2)

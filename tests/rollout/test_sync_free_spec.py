@@ -34,6 +34,21 @@ def make(tiny_dirs):
     return make
 
 
+def never_sync(monkeypatch) -> None:
+    """From here on each sync-free step runs under CUDA's sync debug mode "error": a host
+    read inside it fails the test."""
+    step = steps.SyncFreeSpecStep.step
+
+    def checked(self, run):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(self, run)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(steps.SyncFreeSpecStep, "step", checked)
+
+
 def _sync_free(engine) -> list:
     return [g for g in engine._graphs.extra.values() if isinstance(g, steps._SyncFreeGraphs)]
 
@@ -210,16 +225,7 @@ def test_cuda_graph_steps_equal_host_drafting_and_never_sync(
     assert g.capture and {k for _, k in g.graphs} == {3, 6}  # a longer draft in the tail
     if temperature == 0.0:
         _same(out, engine(False).generate(prompts, sp, n=2), atol=1e-4)
-    step = steps.SyncFreeSpecStep.step
-
-    def checked(self, run):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step(self, run)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(steps.SyncFreeSpecStep, "step", checked)
+    never_sync(monkeypatch)
     again = fast.generate(prompts, sp, n=2)
     # The second call of an engine: `mtp_vocab`'s token counts have grown (another draft
     # head), which changes sampled drafts and so the coupled output; greedy output is the
