@@ -575,9 +575,12 @@ class DeviceMTP:
             raise ValueError("several draft chains need argmax MTP drafts (mtp_draft: argmax)")
         kinds = _kinds(self, kinds)
         tokens, _ = self._draft(rows, k, runner_up="mtp_runner_up" in kinds)
-        pick = [0 if kind == "mtp" else tokens.shape[1] - 1 for kind in kinds]
+        # Slices, not a list index: indexing by a host list copies it to the device, which a
+        # CUDA-graph capture refuses.
+        last = tokens.shape[1] - 1
+        chains = [tokens[:, :1] if kind == "mtp" else tokens[:, last:] for kind in kinds]
         num = room.clamp(min=0, max=k)[:, None].expand(rows, len(kinds))
-        return tokens[:, pick], num
+        return torch.cat(chains, 1) if len(chains) > 1 else chains[0], num
 
     def _draft(
         self, rows: int, k: int, runner_up: bool
