@@ -9,6 +9,7 @@ the compiled kernel.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -198,7 +199,18 @@ def test_chains_triton_interpreted_matches_reference(name, interpreted_results):
 def test_triton_on_gpu_matches_reference():
     for name, res in run_cases("cuda").items():
         if name.startswith("chains-empty-residual"):
-            assert res["got"] == res["ref"] and res["got"]["tokens"][0][0] in (1, 2), name
+            # The candidates' sum sits within an ulp of u here, and the compiled kernel's exp
+            # (ex2.approx) may round it to the other side of u than torch's does: both outcomes
+            # are the rule's (the draw passes candidate 2, whose chain goes on; or it stops
+            # there and, the residual being empty, emits candidate 2 as the final token). What
+            # must hold: never a draw from the empty residual.
+            got = res["got"]
+            assert got["tokens"][0][0] == 2, (name, got)
+            if got["accepted"] == [1]:
+                assert got == res["ref"], name
+            else:
+                assert got["accepted"] == [0] and got["node"] == [[0, -1]], (name, got)
+            assert all(math.isfinite(x) for x in got["logp"][0]), (name, got)
         else:
             (_check_chain_result if name in CHAIN_CASES else _check_result)(name, res)
     # The dispatcher takes the kernel for CUDA tensors.
