@@ -547,6 +547,13 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument(
+        "--group",
+        type=int,
+        default=1,
+        help="samples a prompt, as an RL step's group: --batch / --group prompts, each "
+        "--group times (--batch must be a multiple)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--modes", default="dense")
     ap.add_argument("--engines", default="native,hf")
@@ -710,6 +717,10 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         )
     if args.task and "hf" in engines:
         raise SystemExit("rlkit bench: --task prompts have mixed lengths; drop the hf engine")
+    if args.group < 1 or args.batch % args.group:
+        raise SystemExit(
+            f"rlkit bench: --group {args.group} must be >= 1 and divide --batch {args.batch}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
@@ -719,12 +730,17 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             task_args = json.loads(args.task_args)
         except json.JSONDecodeError as e:
             raise SystemExit(f"rlkit bench: --task-args is not JSON: {e}") from None
-        prompts = _task_prompts(args.task, args.batch, args.seed, model_dir, task_args)
+        prompts = _task_prompts(
+            args.task, args.batch // args.group, args.seed, model_dir, task_args
+        )
     else:
         g = torch.Generator().manual_seed(args.seed)
         # Ordinary token ids (the low ids are special in most vocabularies), one length for all.
         low = min(1000, vocab // 2)
-        prompts = torch.randint(low, vocab, (args.batch, args.prompt_len), generator=g).tolist()
+        prompts = torch.randint(
+            low, vocab, (args.batch // args.group, args.prompt_len), generator=g
+        ).tolist()
+    prompts = [p for p in prompts for _ in range(args.group)]  # each prompt's group together
 
     plan = [(e, m) for e in _MODAL if e in engines for m in modes]
     plan += [(e, "dense") for e in engines if e not in _MODAL]
@@ -741,9 +757,13 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             "model",
             "batch",
             "prompt_len",
+            "group",
             "max_new_tokens",
             "dtype",
             "temperature",
+            "top_p",
+            "top_k",
+            "stop_at_eos",
             "task",
             "task_args",
             "kv_memory_gb",

@@ -319,3 +319,76 @@ def test_sparse_rl_long_summary_and_recipe(tmp_path, monkeypatch):
     assert not out["acceptance"]["accuracy_within_3_points"]
     with pytest.raises(ValueError, match="--metric must be an eval/ key"):
         mod.main([sparse, dense, "--metric", "reward_mean"])
+
+
+def test_group_repeats_each_prompt_as_an_rl_step_does(model_dir, monkeypatch):
+    import rlkit.bench as bench
+
+    seen = {}
+
+    def spy(plan, args, model_dir, prompts):
+        seen["prompts"] = prompts
+        return []
+
+    monkeypatch.setattr(bench, "_measure_plan", spy)
+    argv = ["--model", model_dir, "--batch", "6", "--engines", "native", "--task", "arithmetic"]
+    rollout([*argv, "--group", "3"])
+    p = seen["prompts"]
+    assert len(p) == 6 and p[0] == p[1] == p[2] and p[3] == p[4] == p[5] and p[0] != p[3]
+    rollout(argv)  # default: one sample a prompt
+    assert len({tuple(x) for x in seen["prompts"]}) == 6
+    with pytest.raises(SystemExit, match="--group 4 must be >= 1 and divide --batch 6"):
+        rollout([*argv, "--group", "4"])
+
+
+def test_spec_summary_at_a_fixed_policy_and_the_rl_runs_length_flag(model_dir, tmp_path):
+    """benchmarks/spec_summary.py: `bench` reads an interleaved bench's rows (the phase's
+    seconds are the repeats' means); `gpu` flags a speculative RL run whose responses drifted
+    away from dense's lengths (its rollout seconds are then not the same work)."""
+    rows = tmp_path / "rows.json"
+    argv = [
+        "--model", model_dir, "--batch", "4", "--group", "2", "--max-new-tokens", "12",
+        "--repeats", "2", "--modes", "dense,spec", "--drafter", "sam", "--engines", "native",
+        "--task", "arithmetic", "--sam-min-match", "1", "--temperature", "1", "--threads", "1",
+        "--stop-at-eos", "--json", str(rows),
+    ]  # fmt: skip
+    mod = _load_benchmark("spec_summary")
+    rollout(argv)
+    with pytest.raises(SystemExit, match="--interleave"):
+        mod.main(["bench", str(rows), "--out", str(tmp_path / "s.json")])
+    rollout([*argv, "--interleave"])
+    mod.main(["bench", str(rows), "--out", str(tmp_path / "s.json")])
+    out = json.loads((tmp_path / "s.json").read_text())
+    (rec,) = out["records"]
+    dense, spec = json.loads(rows.read_text())
+    assert rec["rollout_seconds_dense"] == pytest.approx(sum(dense["seconds_all"]) / 2)
+    assert rec["rollout_seconds_spec"] == pytest.approx(sum(spec["seconds_all"]) / 2)
+    assert rec["reduction"] == pytest.approx(
+        1 - rec["rollout_seconds_spec"] / rec["rollout_seconds_dense"]
+    )
+    assert rec["group"] == 2 and rec["drafter"] == "sam" and rec["repeats"] == 2
+    assert out["best"]["drafter"] == "sam"
+
+    def run(name, lengths, spec=None):
+        d = tmp_path / name
+        d.mkdir()
+        steps = [
+            {"timing/rollout": 2.0, "response/length_mean": n, "response/length_max": 2 * n}
+            for n in lengths
+        ]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+        (d / "config.yaml").write_text(
+            "rollout:\n  speculative: {drafter: sam, num_draft_tokens: 3}\n" if spec else "{}\n"
+        )
+        return str(d)
+
+    dense_dir = run("dense", [100, 500, 500])
+    same, short = run("same", [100, 480, 520], True), run("short", [100, 200, 300], True)
+    out = mod.main(
+        ["gpu", "--dense", dense_dir, "--spec", same, short, "--out", str(tmp_path / "g.json"),
+         "--device", "test"]
+    )  # fmt: skip
+    out = json.loads((tmp_path / "g.json").read_text())
+    a, b = out["records"]
+    assert not a["lengths_differ"] and b["lengths_differ"]
+    assert b["response_length_mean_spec"] == 250 and b["response_length_max_dense"] == 1000

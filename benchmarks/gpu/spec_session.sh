@@ -12,6 +12,17 @@
 #     in KS (default "3"), STEPS RL steps each (benchmarks/gpu/spec_rollout.sh)
 #     -> $OUT/gpu_spec_rollout.json, the runs' metrics tarred into $OUT/spec_runs.tgz ($OUT
 #     returns at most 8 files).
+#   PHASE=warmup (~4 min): the MTP warm-up alone (a second machine start: the module is lost
+#     with the machine).
+#   PHASE=bench (~1 minute a setting): the rollout phase at one policy, the fair comparison:
+#     RL runs train on their own samples, so their policies and response lengths drift apart
+#     and their rollout seconds stop being the same work. `rlkit bench rollout` of the recipe's
+#     step (sparse_rl_long: arithmetic_set, 8 prompts x 8, T = 1, top-p 0.7, up to 1,536 new
+#     tokens, to EOS), dense and spec rows interleaved over REPEATS (default 6), SmolLM2 with
+#     the module of phase 1 / warmup; DRAFTERS (default "sam+mtp"; argmax MTP drafts), k = KS
+#     (default 3), tail TAILS (default 16:6), and one bench per tail chain count in BCHAINS
+#     (default "1 4") -> $OUT/${BNAME}_c{C}.json and $OUT/gpu_spec_rollout_${BNAME}.json (BNAME
+#     default bench).
 #   PHASE=prof (~1 minute a row): where a verify step's time goes, one chain against several
 #     (benchmarks/profile_rollout.py, sam+mtp argmax, k = 3, the module from phase 1 if any)
 #     at each batch in BATCHES (default "16 4") for each chain count in PCHAINS (default
@@ -29,6 +40,33 @@ if [ "${PHASE:-1}" = prof ]; then
         2>&1 | grep "^profile_rollout\|^stats" | cut -c1-400
     done
   done
+  exit 0
+fi
+if [ "${PHASE:-1}" = warmup ]; then
+  TASK=arithmetic_set LIMIT=${LIMIT:-200} WARMUP=${WARMUP:-400} bash benchmarks/gpu/mtp_warmup.sh
+  mkdir -p /tmp/mtp_module && cp $OUT/mtp_warmup/mtp.safetensors /tmp/mtp_module/
+  exit 0
+fi
+if [ "${PHASE:-1}" = bench ]; then
+  mtp=()
+  [ -f /tmp/mtp_module/mtp.safetensors ] && mtp=(--mtp /tmp/mtp_module)
+  tail=${TAILS:-16:6}
+  draw=()
+  case ${DRAFTERS:-sam+mtp} in *mtp*) draw=(--mtp-draft argmax);; esac
+  files=()
+  for c in ${BCHAINS:-1 4}; do
+    python3 -m rlkit.cli bench rollout --model smollm2-135m-instruct --task arithmetic_set \
+      --task-args '{"problems": 26, "digits": [2, 1]}' --batch 64 --group 8 \
+      --max-new-tokens 1536 --temperature 1 --top-p 0.7 --stop-at-eos --engines native \
+      --modes dense,spec --drafter "${DRAFTERS:-sam+mtp}" "${mtp[@]}" "${draw[@]}" \
+      --mtp-vocab 8192 --num-draft-tokens "${KS:-3}" --sam-min-match "${SAM_MIN_MATCH:-2}" \
+      --tail-rows "${tail%:*}" --tail-draft-tokens "${tail#*:}" --tail-draft-chains "$c" \
+      --interleave --repeats "${REPEATS:-6}" --json "$OUT/${BNAME:-bench}_c$c.json" 2>&1 \
+      | grep -v Warn | tail -5
+    files+=("$OUT/${BNAME:-bench}_c$c.json")
+  done
+  python3 benchmarks/spec_summary.py bench "${files[@]}" --out "$OUT/gpu_spec_rollout_${BNAME:-bench}.json" \
+    | grep -v "seconds_all\|^   [0-9]"
   exit 0
 fi
 if [ "${PHASE:-1}" = 1 ]; then
