@@ -66,7 +66,7 @@ if [ "${PHASE:-1}" = bench ]; then
     files+=("$OUT/${BNAME:-bench}_c$c.json")
   done
   python3 benchmarks/spec_summary.py bench "${files[@]}" --out "$OUT/gpu_spec_rollout_${BNAME:-bench}.json" \
-    | grep -v "seconds_all\|^   [0-9]"
+    | grep '"drafter"\|"tail_draft_chains"\|"accept_len_mean"\|"rollout_seconds\|"reduction"'
   exit 0
 fi
 if [ "${PHASE:-1}" = 1 ]; then
