@@ -392,3 +392,26 @@ def test_spec_summary_at_a_fixed_policy_and_the_rl_runs_length_flag(model_dir, t
     a, b = out["records"]
     assert not a["lengths_differ"] and b["lengths_differ"]
     assert b["response_length_mean_spec"] == 250 and b["response_length_max_dense"] == 1000
+
+
+def test_warm_up_on_a_gpu_is_a_whole_run():
+    """A timed GPU run must not pay for the CUDA graphs its tail captures: the warm-up there
+    runs as long as a timed run; on the CPU a few tokens (or up to the first compression)."""
+    import argparse
+
+    import rlkit.bench as bench
+
+    class Runner:
+        warmup_tokens = 8
+
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, n, seed):
+            self.calls.append(n)
+            return 0.01, n
+
+    for device, first in (("cuda", 300), ("cuda:1", 300), ("cpu", 8)):
+        r = Runner()
+        bench._warm(r, argparse.Namespace(max_new_tokens=300, repeats=2, device=device))
+        assert r.calls == [first, 1, 1], device
