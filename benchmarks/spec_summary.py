@@ -169,7 +169,7 @@ _BENCH_SETTINGS = (
 )  # fmt: skip
 
 
-def _bench(paths: list[str], out: str) -> dict:
+def _bench(paths: list[str], out: str, skip_first: int = 0) -> dict:
     records = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
@@ -181,10 +181,14 @@ def _bench(paths: list[str], out: str) -> dict:
         base = dense[0]
         if not base["settings"].get("interleave"):
             raise SystemExit(f"{path}: time the rows with --interleave (noisy machines)")
-        t_dense = statistics.mean(base["seconds_all"])
+        if len(base["seconds_all"]) <= skip_first:
+            raise SystemExit(
+                f"{path}: {len(base['seconds_all'])} repeats, --skip-first {skip_first}"
+            )
+        t_dense = statistics.mean(base["seconds_all"][skip_first:])
         for r in spec:
             st = r["settings"]
-            t_spec = statistics.mean(r["seconds_all"])
+            t_spec = statistics.mean(r["seconds_all"][skip_first:])
             records.append(
                 {
                     "method": "fixed policy (rlkit bench rollout, interleaved repeats)",
@@ -192,6 +196,7 @@ def _bench(paths: list[str], out: str) -> dict:
                     "drafter": r["drafter"],
                     **{k: st.get(k) for k in _BENCH_SETTINGS},
                     "repeats": len(r["seconds_all"]),
+                    "repeats_skipped": skip_first,
                     "accept_len_mean": r["accept_len_mean"],
                     "rollout_seconds_dense": t_dense,
                     "rollout_seconds_spec": t_spec,
@@ -226,6 +231,13 @@ def main(argv: list[str]) -> int:
     bench = sub.add_parser("bench")
     bench.add_argument("rows", nargs="+")
     bench.add_argument("--out", required=True)
+    bench.add_argument(
+        "--skip-first",
+        type=int,
+        default=0,
+        help="repeats left out of the seconds (rows from a bench whose warm-up did not reach the "
+        "tail's CUDA graphs; tokens and tok/s stay over all repeats)",
+    )
     gpu = sub.add_parser("gpu")
     gpu.add_argument("--dense", required=True)
     gpu.add_argument("--spec", nargs="+", required=True)
@@ -237,7 +249,7 @@ def main(argv: list[str]) -> int:
     if args.what == "cpu":
         _cpu(args.rows, args.out)
     elif args.what == "bench":
-        _bench(args.rows, args.out)
+        _bench(args.rows, args.out, args.skip_first)
     else:
         _gpu(args)
     return 0
