@@ -376,13 +376,14 @@ class _Timed:
 
 def _warm(runner: _Runner, args: argparse.Namespace) -> _Timed:
     """Warm-up (allocation, thread pools, first kernels: CUDA graphs, Triton compilation),
-    then the prefill's median time. On a GPU the warm-up is a whole run: the engine captures a
-    CUDA graph per padded row count (and a verify step's draft length and chains) when a run
-    first reaches it, as sequences retire, and a timed run must not pay for those captures
-    (the 2026-11-30 H200 bench's first speculative repeat, after an 8-token warm-up, took 1.7x
-    the others)."""
+    then the prefill's median time. On a GPU, where sequences retire at different steps (at
+    their EOS, or a speculative row's own pace), the warm-up is a whole run: the engine
+    captures a CUDA graph per padded row count (and a verify step's draft length and chains)
+    when a run first reaches it, and a timed run must not pay for those captures (the
+    2026-11-30 H200 bench's first speculative repeat, after an 8-token warm-up, took 1.7x the
+    others). Rows that all run to the cap together keep one shape: a short warm-up does."""
     n = min(args.max_new_tokens, runner.warmup_tokens)
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") and (args.stop_at_eos or runner.drafter):
         n = args.max_new_tokens
     runner.generate(n, 0)
     prefill = statistics.median(runner.generate(1, 100 + i)[0] for i in range(args.repeats))

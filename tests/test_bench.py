@@ -395,8 +395,9 @@ def test_spec_summary_at_a_fixed_policy_and_the_rl_runs_length_flag(model_dir, t
 
 
 def test_warm_up_on_a_gpu_is_a_whole_run():
-    """A timed GPU run must not pay for the CUDA graphs its tail captures: the warm-up there
-    runs as long as a timed run; on the CPU a few tokens (or up to the first compression)."""
+    """A timed GPU run must not pay for the CUDA graphs its tail captures: where rows retire
+    at different steps the warm-up runs as long as a timed run; on the CPU a few tokens (or up
+    to the first compression)."""
     import argparse
 
     import rlkit.bench as bench
@@ -404,14 +405,21 @@ def test_warm_up_on_a_gpu_is_a_whole_run():
     class Runner:
         warmup_tokens = 8
 
-        def __init__(self):
+        def __init__(self, drafter):
             self.calls = []
+            self.drafter = drafter
 
         def generate(self, n, seed):
             self.calls.append(n)
             return 0.01, n
 
-    for device, first in (("cuda", 300), ("cuda:1", 300), ("cpu", 8)):
-        r = Runner()
-        bench._warm(r, argparse.Namespace(max_new_tokens=300, repeats=2, device=device))
-        assert r.calls == [first, 1, 1], device
+    for device, eos, drafter, first in (
+        ("cuda", True, None, 300),
+        ("cuda:1", False, "sam", 300),
+        ("cuda", False, None, 8),  # every row to the cap together: one shape
+        ("cpu", True, "sam", 8),
+    ):
+        r = Runner(drafter)
+        ns = argparse.Namespace(max_new_tokens=300, repeats=2, device=device, stop_at_eos=eos)
+        bench._warm(r, ns)
+        assert r.calls == [first, 1, 1], (device, eos, drafter)
