@@ -19,10 +19,11 @@
 #     and their rollout seconds stop being the same work. `rlkit bench rollout` of the recipe's
 #     step (sparse_rl_long: arithmetic_set, 8 prompts x 8, T = 1, top-p 0.7, up to 1,536 new
 #     tokens, to EOS), dense and spec rows interleaved over REPEATS (default 6), SmolLM2 with
-#     the module of phase 1 / warmup; DRAFTERS (default "sam+mtp"; argmax MTP drafts), k = KS
-#     (default 3), tail TAILS (default 16:6), and one bench per tail chain count in BCHAINS
-#     (default "1 4") -> $OUT/${BNAME}_c{C}.json and $OUT/gpu_spec_rollout_${BNAME}.json (BNAME
-#     default bench).
+#     the module of phase 1 / warmup; DRAFTERS (default "sam+mtp"; a comma list gives a row
+#     each beside one dense row, e.g. "sam,sam+mtp"; argmax MTP drafts), k = KS (default 3),
+#     one bench per tail in TAILS (default 16:6; rows:k) and tail chain count in BCHAINS
+#     (default "1 4") -> $OUT/${BNAME}_c{C}[_t{rows}x{k}].json and
+#     $OUT/gpu_spec_rollout_${BNAME}.json (BNAME default bench). $OUT returns at most 8 files.
 #   PHASE=prof (~1 minute a row): where a verify step's time goes, one chain against several
 #     (benchmarks/profile_rollout.py, sam+mtp argmax, k = 3, the module from phase 1 if any)
 #     at each batch in BATCHES (default "16 4") for each chain count in PCHAINS (default
@@ -50,20 +51,27 @@ fi
 if [ "${PHASE:-1}" = bench ]; then
   mtp=()
   [ -f /tmp/mtp_module/mtp.safetensors ] && mtp=(--mtp /tmp/mtp_module)
-  tail=${TAILS:-16:6}
   draw=()
   case ${DRAFTERS:-sam+mtp} in *mtp*) draw=(--mtp-draft argmax);; esac
   files=()
+  for tail in ${TAILS:-16:6}; do
   for c in ${BCHAINS:-1 4}; do
+    if [ "${tail%:*}" = 0 ]; then  # no tail: no tail chains either (one bench)
+      [ "$c" = "$(echo ${BCHAINS:-1 4} | cut -d' ' -f1)" ] || continue
+      c=0
+    fi
+    name=${BNAME:-bench}_c$c
+    [ "$tail" = 16:6 ] || name=${name}_t${tail/:/x}
     python3 -m rlkit.cli bench rollout --model smollm2-135m-instruct --task arithmetic_set \
       --task-args '{"problems": 26, "digits": [2, 1]}' --batch 64 --group 8 \
       --max-new-tokens 1536 --temperature 1 --top-p 0.7 --stop-at-eos --engines native \
       --modes dense,spec --drafter "${DRAFTERS:-sam+mtp}" "${mtp[@]}" "${draw[@]}" \
       --mtp-vocab 8192 --num-draft-tokens "${KS:-3}" --sam-min-match "${SAM_MIN_MATCH:-2}" \
       --tail-rows "${tail%:*}" --tail-draft-tokens "${tail#*:}" --tail-draft-chains "$c" \
-      --interleave --repeats "${REPEATS:-6}" --json "$OUT/${BNAME:-bench}_c$c.json" 2>&1 \
-      | grep -v Warn | tail -5
-    files+=("$OUT/${BNAME:-bench}_c$c.json")
+      --interleave --repeats "${REPEATS:-6}" --json "$OUT/$name.json" 2>&1 \
+      | grep -v Warn | tail -6
+    files+=("$OUT/$name.json")
+  done
   done
   python3 benchmarks/spec_summary.py bench "${files[@]}" --out "$OUT/gpu_spec_rollout_${BNAME:-bench}.json" \
     | grep '"drafter"\|"tail_draft_chains"\|"accept_len_mean"\|"rollout_seconds\|"reduction"'
