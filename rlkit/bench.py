@@ -266,6 +266,7 @@ def _native(
         speculative=spec,
         mtp=mtp,
         kv_memory_gb=args.kv_memory_gb,
+        time_steps=args.step_times,
     )
 
     def generate(new_tokens: int, seed: int) -> tuple[float, int]:
@@ -502,7 +503,44 @@ def _row(
         "seconds": seconds,
         "seconds_all": times,
         "tokens": tokens,
+        "step_ms": _step_timeline(stats),
     }
+
+
+def _step_timeline(stats: dict[str, float]) -> dict[str, dict[int, list[float]]] | None:
+    """The engine's step timeline (`Engine(time_steps=True)`): kind -> rows -> [steps, mean
+    ms]; None without one."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for key, ms in stats.items():
+        if key.startswith("step_ms/"):
+            _, kind, rows = key.split("/")
+            n = stats[f"step_n/{kind}/{rows}"]
+            out.setdefault(kind, {})[int(rows.removeprefix("rows"))] = [n, ms]
+    return out or None
+
+
+def format_step_timeline(rows: list[dict[str, Any]]) -> str:
+    """Each row's step timeline in row-count bands (1, 2, 3-4, 5-8, ...): mean ms a step of
+    each kind, weighted by steps, and the steps."""
+    lines = []
+    for r in rows:
+        timeline = r.get("step_ms")
+        if not timeline:
+            continue
+        lines.append(f"{r['engine']} {r['mode']}" + (f" {r['drafter']}" if r["drafter"] else ""))
+        for kind, by_rows in sorted(timeline.items()):
+            bands: dict[int, list[float]] = {}
+            for n_rows, (n, ms) in by_rows.items():
+                top = 1 << (n_rows - 1).bit_length()  # the band's upper edge
+                cell = bands.setdefault(top, [0.0, 0.0])
+                cell[0] += n
+                cell[1] += n * ms
+            cells = [
+                f"{top if top <= 2 else f'{top // 2 + 1}-{top}'} rows {tot / n:.2f} ms ({n:.0f})"
+                for top, (n, tot) in sorted(bands.items())
+            ]
+            lines.append(f"  {kind}: " + " | ".join(cells))
+    return "\n".join(lines)
 
 
 def _task_prompts(
@@ -677,6 +715,13 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         "--max-new-tokens; native and vllm engines",
     )
     ap.add_argument(
+        "--step-times",
+        action="store_true",
+        help="native engines: a step timeline (the device synchronised around each decode "
+        "step): each row's mean ms a step by kind and running sequences, of its last timed "
+        "run (`step_ms` in --json)",
+    )
+    ap.add_argument(
         "--interleave",
         action="store_true",
         help="time repeat i of every row before repeat i + 1 of any (all engines loaded at "
@@ -805,6 +850,8 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))
     print(format_table(rows))
+    if args.step_times:
+        print(format_step_timeline(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([{**r, "settings": settings} for r in rows], f, indent=1)

@@ -423,3 +423,26 @@ def test_warm_up_on_a_gpu_is_a_whole_run():
         ns = argparse.Namespace(max_new_tokens=300, repeats=2, device=device, stop_at_eos=eos)
         bench._warm(r, ns)
         assert r.calls == [first, 1, 1], (device, eos, drafter)
+
+
+def test_step_timeline_by_kind_and_rows(model_dir, capsys):
+    """--step-times: each native row's steps by kind and running sequences; a speculative row
+    with a tail draft length shows both kinds, and the counts are the steps the run took."""
+    argv = [
+        "--model", model_dir, "--batch", "4", "--max-new-tokens", "12", "--repeats", "1",
+        "--modes", "dense,spec", "--drafter", "sam", "--engines", "native", "--task",
+        "arithmetic", "--sam-min-match", "1", "--num-draft-tokens", "2", "--tail-rows", "2",
+        "--tail-draft-tokens", "3", "--temperature", "0", "--threads", "1", "--step-times",
+    ]  # fmt: skip
+    dense, spec = rollout(argv)
+    plain = dense["step_ms"]["plain"]
+    # Every row runs to the cap together: 11 steps after the prefill's token, at 4 rows.
+    assert set(plain) == {4} and plain[4][0] == 11 and plain[4][1] > 0
+    kinds = spec["step_ms"]
+    assert set(kinds) <= {"spec k2", "spec k3"} and "spec k2" in kinds
+    assert all(rows > 2 for rows in kinds["spec k2"])
+    assert all(rows <= 2 for rows in kinds.get("spec k3", {}))
+    out = capsys.readouterr().out
+    assert "native dense\n  plain: 3-4 rows" in out and "spec k2:" in out
+    # Without the flag: no timeline.
+    assert rollout(argv[:-1])[0]["step_ms"] is None

@@ -135,6 +135,10 @@ class Engine:
     time_retire_s (the call's wall seconds and their split: admission with its prefills,
     decode stretches each ending in the host's read of the device, retires) and decode_rounds
     (admit / decode / retire rounds).
+    time_steps: a diagnostic step timeline. The device is synchronised around every decode step
+    (on a GPU that costs the host its run-ahead), and `stats` gains step_ms/KIND/rowsR (mean
+    milliseconds of a step of that kind, `DecodeStep.kind`, at R running sequences, with its
+    compression check) and step_n/KIND/rowsR (how many).
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class Engine:
         mtp: MTPModule | None = None,
         kv_memory_gb: float | None = None,
         kv_memory_fraction: float | None = None,
+        time_steps: bool = False,
     ):
         if kv_memory_gb is not None and kv_memory_fraction is not None:
             raise ValueError("give kv_memory_gb or kv_memory_fraction, not both")
@@ -162,6 +167,7 @@ class Engine:
         if kv_memory_fraction is not None and not 0 < kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
         self.kv_memory_gb, self.kv_memory_fraction = kv_memory_gb, kv_memory_fraction
+        self.time_steps = time_steps
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.model.fuse_projections()
         self.device = next(model.parameters()).device

@@ -55,6 +55,12 @@ class Completion:
     text: str
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (the step timeline's clock; a no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class DecodeStep(Protocol):
     """Advances every running sequence by at least one token (`steps.PlainStep`, one token;
     `steps.SpecStep`, draft and verify). The hooks keep per-slot state in step with the run."""
@@ -73,6 +79,11 @@ class DecodeStep(Protocol):
     def finished(self, seqs: list[int]) -> None: ...
 
     def stats(self) -> dict[str, float]: ...
+
+    def kind(self, rows: int) -> str:
+        """What the next `step` at this many rows is (the step timeline's label, e.g.
+        "plain", "spec k3", "spec k6 c4")."""
+        ...
 
     # True when the host knows every row's count after each step (`Run.count`); False for a
     # step that advances rows by counts only the device knows until `sync`
@@ -156,6 +167,8 @@ class Run:
         self.true_len = np.zeros(total, dtype=np.int64)
         self.rounds = 0  # admit / decode / retire rounds (the host reads the device in each)
         self.seconds: dict[str, float] = {}
+        # Engine(time_steps=True): (step kind, rows) -> [steps, seconds].
+        self.step_times: dict[tuple[str, int], list[float]] = {}
 
     def execute(self, step: DecodeStep) -> list[Completion]:
         # Wall seconds by part (`time_*_s` in `Engine.stats`): on a GPU the decode loop only
@@ -189,9 +202,20 @@ class Run:
             step.begin(self)
         # The host knows every count (or a lower bound: then a row that reaches its limit
         # before the host sees it emits nothing more): no sequence goes past its limit.
+        timed = self.e.time_steps
         while len(self.seq) and int((self.limit - self.count).min()) > 0:
+            if timed:
+                rows = len(self.seq)
+                key = (step.kind(rows), rows)
+                _synchronize(self.device)
+                t0 = time.perf_counter()
             step.step(self)
             self.cache.compress_due(len(self.seq))
+            if timed:
+                _synchronize(self.device)
+                cell = self.step_times.setdefault(key, [0.0, 0.0])
+                cell[0] += 1
+                cell[1] += time.perf_counter() - t0
             steps += 1
             if bounded and steps >= self.e.sync_every:
                 break
@@ -223,6 +247,12 @@ class Run:
             **{f"time_{k}_s": v for k, v in self.seconds.items()},
             "decode_rounds": float(self.rounds),
             **step.stats(),
+            # The step timeline: mean milliseconds and count of each kind at each row count.
+            **{
+                f"step_ms/{kind}/rows{rows}": 1000 * sec / n
+                for (kind, rows), (n, sec) in self.step_times.items()
+            },
+            **{f"step_n/{kind}/rows{rows}": n for (kind, rows), (n, _) in self.step_times.items()},
         }
 
     # -- admission -------------------------------------------------------------------------

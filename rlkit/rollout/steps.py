@@ -176,6 +176,9 @@ class PlainStep:
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
         pass
 
+    def kind(self, rows: int) -> str:
+        return "plain"
+
     def step(self, run: Run) -> None:
         B = len(run.seq)
         hidden = forward_tokens(run, run.last[:B, None])
@@ -232,6 +235,10 @@ class SpecStep:
 
     def sync(self, run: Run) -> None:
         pass
+
+    def kind(self, rows: int) -> str:
+        # Over max_batch no row drafts: a plain step (so does a step where no row drafts).
+        return "plain" if self.max_batch and rows > self.max_batch else f"spec k{self.k_for(rows)}"
 
     def step(self, run: Run) -> None:
         B, dev, params = len(run.seq), run.device, run.params
@@ -422,6 +429,11 @@ class SyncFreeSpecStep:
         st["limit"].zero_()
         st["limit"][:B].copy_(to_device(run.limit, run.device))
         st["nrows"].fill_(B)
+
+    def kind(self, rows: int) -> str:
+        # Every step feeds k + 1 tokens a row (C chains: 1 + C k), drafts or not.
+        C = self.chains_for(rows)
+        return f"spec k{self.k_for(rows)}" + (f" c{C}" if C > 1 else "")
 
     def step(self, run: Run) -> None:
         B, st = len(run.seq), self.g.state
