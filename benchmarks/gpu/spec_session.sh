@@ -24,6 +24,9 @@
 #     one bench per tail in TAILS (default 16:6; rows:k) and tail chain count in BCHAINS
 #     (default "1 4") -> $OUT/${BNAME}_c{C}[_t{rows}x{k}].json and
 #     $OUT/gpu_spec_rollout_${BNAME}.json (BNAME default bench). $OUT returns at most 8 files.
+#     STEP_TIMES=1: the step timeline too (`--step-times`: mean ms a step by kind and rows,
+#     plain against verify; the device is synchronised around each step, so that run's phase
+#     seconds are not the figure: use REPEATS=1 and a BNAME of its own).
 #   PHASE=prof (~1 minute a row): where a verify step's time goes, one chain against several
 #     (benchmarks/profile_rollout.py, sam+mtp argmax, k = 3, the module from phase 1 if any)
 #     at each batch in BATCHES (default "16 4") for each chain count in PCHAINS (default
@@ -68,8 +71,8 @@ if [ "${PHASE:-1}" = bench ]; then
       --modes dense,spec --drafter "${DRAFTERS:-sam+mtp}" "${mtp[@]}" "${draw[@]}" \
       --mtp-vocab 8192 --num-draft-tokens "${KS:-3}" --sam-min-match "${SAM_MIN_MATCH:-2}" \
       --tail-rows "${tail%:*}" --tail-draft-tokens "${tail#*:}" --tail-draft-chains "$c" \
-      --interleave --repeats "${REPEATS:-6}" --json "$OUT/$name.json" 2>&1 \
-      | grep -v Warn | tail -6
+      --interleave --repeats "${REPEATS:-6}" --json "$OUT/$name.json" \
+      ${STEP_TIMES:+--step-times} 2>&1 | grep -v Warn | tail -${STEP_TIMES:+1}6
     files+=("$OUT/$name.json")
   done
   done
