@@ -65,7 +65,7 @@ import psutil
 import torch
 
 from rlkit.config.schema import DEFAULT_MODEL, KVCompressionConfig, VLLMConfig
-from rlkit.device import cpu_summary, pick_dtype
+from rlkit.device import cpu_summary, pick_dtype, synchronize
 from rlkit.models.config import ModelArgs
 from rlkit.models.loading import DTYPES, load_model, resolve_model_dir
 from rlkit.rollout.sampling import SamplingParams
@@ -196,11 +196,6 @@ def _bytes_per_token(model_dir: str, dtype: torch.dtype) -> int:
     return 2 * a.num_layers * a.num_kv_heads * a.head_dim * dtype.itemsize
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _params(args: argparse.Namespace, new_tokens: int, seed: int) -> SamplingParams:
     return SamplingParams(
         temperature=args.temperature,
@@ -272,7 +267,7 @@ def _native(
     def generate(new_tokens: int, seed: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         outs = engine.generate(prompts, _params(args, new_tokens, seed))
-        _sync(args.device)
+        synchronize(args.device)
         return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs)
 
     return _Runner(
@@ -315,7 +310,7 @@ def _hf(args: argparse.Namespace, model_dir: str, mode: str, prompts) -> _Runner
             use_cache=True,
             pad_token_id=pad,
         )
-        _sync(args.device)
+        synchronize(args.device)
         return time.perf_counter() - t0, int(out.shape[0] * (out.shape[1] - ids.shape[1]))
 
     return _Runner(

@@ -156,3 +156,11 @@ def to_device(host: np.ndarray | list[int] | torch.Tensor, device: torch.device)
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on `device` (a CUDA device's stream; nothing to wait for on a
+    CPU): a wall clock around device work reads true times only after it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

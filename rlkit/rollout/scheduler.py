@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from rlkit.config.schema import KVCompressionConfig
+from rlkit.device import synchronize
 from rlkit.kernels import sample_rows as row_sampler
 from rlkit.rollout.sampling import SamplingParams, make_generator, plain_rows, sample
 from rlkit.rollout.stopping import StopChecker
@@ -53,12 +54,6 @@ class Completion:
     logprobs: list[float]
     finish_reason: str  # "stop" | "length"
     text: str
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (the step timeline's clock; a no-op on a CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class DecodeStep(Protocol):
@@ -207,12 +202,12 @@ class Run:
             if timed:
                 rows = len(self.seq)
                 key = (step.kind(rows), rows)
-                _synchronize(self.device)
+                synchronize(self.device)
                 t0 = time.perf_counter()
             step.step(self)
             self.cache.compress_due(len(self.seq))
             if timed:
-                _synchronize(self.device)
+                synchronize(self.device)
                 cell = self.step_times.setdefault(key, [0.0, 0.0])
                 cell[0] += 1
                 cell[1] += time.perf_counter() - t0
