@@ -580,7 +580,7 @@ class DeviceMTP:
         last = tokens.shape[1] - 1
         chains = [tokens[:, :1] if kind == "mtp" else tokens[:, last:] for kind in kinds]
         num = room.clamp(min=0, max=k)[:, None].expand(rows, len(kinds))
-        return torch.cat(chains, 1) if len(chains) > 1 else chains[0], num
+        return torch.cat(chains, 1), num
 
     def _draft(
         self, rows: int, k: int, runner_up: bool

@@ -23,6 +23,7 @@ import torch
 
 from rlkit.config.schema import RecipeConfig
 from rlkit.data.batch import RolloutBatch
+from rlkit.device import synchronize
 from rlkit.models.mtp import wanted as mtp_wanted
 from rlkit.rollout.engine import Engine
 from rlkit.rollout.sampling import SamplingParams
@@ -197,8 +198,7 @@ class ColocatedWorker:
     def sync_engine(self, only: str | None = None) -> float:
         """Copy the learner's weights (only="mtp": the MTP module's) into the engine on the
         device; returns milliseconds."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         engine = self.rollout.engine
         direct = (
@@ -208,6 +208,5 @@ class ColocatedWorker:
             state = self.learner.weights(self.rollout.weights_dtype(), str(self.device), only)
             engine.load_state_dict(state)
             del state
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return 1000 * (time.perf_counter() - t0)
