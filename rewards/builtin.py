@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
@@ -75,6 +76,40 @@ def arithmetic_set(completion: str, sample: dict, passes: int = 1) -> dict[str, 
     n = len(expected)
     checked = sum(count >= 2 for count in lines.values())
     return {"score": right / n, "answered": len(given) / n, "checked": checked / n}
+
+
+@register_verifier("counting")
+def counting(completion: str, sample: dict) -> dict[str, float]:
+    """Partial credit for writing every whole number from `start` to `end` in order.
+
+    `ground_truth` is {"start": a, "end": b} (JSON or a dict). The response's integers (runs of
+    digits, in order, whatever separates them) are read; the score is the longest strictly
+    increasing run of them inside [a, b] (a subsequence: a skipped or repeated number costs only
+    itself) over the larger of the range's size and the count of integers written, so numbers
+    past the end, out of order or out of range lower it, and a response can reach 1 only by
+    writing exactly a, a + 1, ..., b (`exact`). `past_end`: 1 when any number above b was
+    written (the sample did not stop).
+    """
+    truth = sample["ground_truth"]
+    bounds = json.loads(truth) if isinstance(truth, str) else truth
+    start, end = int(bounds["start"]), int(bounds["end"])
+    if end < start:
+        raise ValueError(f"counting: ground_truth's end {end} is below its start {start}")
+    values = [int(v) for v in _DIGITS_RE.findall(completion)]
+    tails: list[int] = []  # tails[i]: the least last value of an increasing run of i + 1
+    for v in values:
+        if start <= v <= end:
+            i = bisect.bisect_left(tails, v)
+            tails[i : i + 1] = [v]
+    size = end - start + 1
+    return {
+        "score": len(tails) / max(size, len(values)),
+        "exact": float(values == list(range(start, end + 1))),
+        "past_end": float(any(v > end for v in values)),
+    }
+
+
+_DIGITS_RE = re.compile(r"\d+")
 
 
 @register_verifier("numeric")

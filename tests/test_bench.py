@@ -276,6 +276,13 @@ def test_sparse_rl_long_summary_and_recipe(tmp_path, monkeypatch):
     # A 600-token sequence keeps at most budget + interval entries: >= 40% removed.
     assert 1 - (kv.budget + kv.interval) / 600 >= 0.4
     assert sparse_cfg.rollout.max_new_tokens >= 1024 and sparse_cfg.data.task == "arithmetic_set"
+    # The counting recipe: its shortest right answer (120 numbers, >= 4 tokens each) is 480
+    # tokens with the 52-token prompt; a cache of budget + interval removes >= 40% of it.
+    counting = load_recipe("recipes/sparse_rl_counting.yaml")
+    ckv = counting.rollout.kv_compression
+    assert counting.data.task == "counting" and ckv.policy == "snapkv"
+    assert counting.data.task_args["length"][0] >= 120
+    assert 1 - (ckv.budget + ckv.interval) / (52 + 4 * 120) >= 0.4
 
     def write(name, rows, acc):
         d = tmp_path / name

@@ -9,10 +9,12 @@ source benchmarks/gpu/setup.sh
 # TASK=arithmetic_set: warm up on recipes/sparse_rl_long.yaml instead (its task and sampling,
 # no compression: the prompts benchmarks/gpu/spec_rollout.sh drafts for), responses up to
 # MAX_NEW (768) tokens.
+# TASK=counting: the same on recipes/sparse_rl_counting.yaml (the counting task).
 recipe=recipes/mtp_arithmetic.yaml
 task=()
-if [ "${TASK:-}" = arithmetic_set ]; then
+if [ "${TASK:-}" = arithmetic_set ] || [ "${TASK:-}" = counting ]; then
   recipe=recipes/sparse_rl_long.yaml
+  [ "$TASK" = counting ] && recipe=recipes/sparse_rl_counting.yaml
   task=(rollout.kv_compression.policy=none data.num_eval=16
     "rollout.speculative={drafter: sam+mtp, num_draft_tokens: 3, sam_min_match: 2, mtp_vocab: 8192}"
     rollout.max_new_tokens=${MAX_NEW:-768} eval.max_new_tokens=${MAX_NEW:-768})

@@ -11,24 +11,28 @@
 #   python benchmarks/sparse_rl_long_summary.py <files>/sparse_rl_long_sparse \
 #     <files>/sparse_rl_long_dense --metric eval/reward_mean
 # EXTRA: further overrides for both runs (e.g. EXTRA="rollout.kv_compression.budget=512").
+# RECIPE: another recipe of recipes/ by name (e.g. RECIPE=sparse_rl_counting: the counting
+# task, SnapKV 256 / 16 / 32); its runs and files are named after it, and the summary JSON is
+# $OUT/gpu_${RECIPE}.json.
 # Into $OUT: sparse_rl_long_{sparse,dense}/{summary.json,metrics.jsonl} and, with both runs,
 # gpu_sparse_rl_long.json.
 source benchmarks/gpu/setup.sh
 steps=${STEPS:+train.steps=$STEPS}
+recipe=${RECIPE:-sparse_rl_long}
 for mode in ${MODES:-sparse dense}; do
   extra=""
   [ "$mode" = dense ] && extra="rollout.kv_compression.policy=none"
   start=$(date +%s)
-  python3 -m rlkit.cli train recipes/sparse_rl_long.yaml ${EXTRA:-} $extra $steps \
-    run.name=sparse_rl_long_$mode run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false \
+  python3 -m rlkit.cli train recipes/$recipe.yaml ${EXTRA:-} $extra $steps \
+    run.name=${recipe}_$mode run.dir=/tmp/runs run.wandb=disabled run.progress_bar=false \
     2>&1 | grep -v "Warning\|WARNING" | tail -12
   echo "== $mode: $(( $(date +%s) - start )) s"
-  mkdir -p $OUT/sparse_rl_long_$mode
+  mkdir -p $OUT/${recipe}_$mode
   for f in summary.json metrics.jsonl; do
-    cp /tmp/runs/sparse_rl_long_$mode/$f $OUT/sparse_rl_long_$mode/$f
+    cp /tmp/runs/${recipe}_$mode/$f $OUT/${recipe}_$mode/$f
   done
 done
-if [ -f /tmp/runs/sparse_rl_long_sparse/summary.json ] && [ -f /tmp/runs/sparse_rl_long_dense/summary.json ]; then
-  python3 benchmarks/sparse_rl_long_summary.py /tmp/runs/sparse_rl_long_sparse \
-    /tmp/runs/sparse_rl_long_dense --metric eval/reward_mean --json $OUT/gpu_sparse_rl_long.json
+if [ -f /tmp/runs/${recipe}_sparse/summary.json ] && [ -f /tmp/runs/${recipe}_dense/summary.json ]; then
+  python3 benchmarks/sparse_rl_long_summary.py /tmp/runs/${recipe}_sparse \
+    /tmp/runs/${recipe}_dense --metric eval/reward_mean --json $OUT/gpu_${recipe}.json
 fi

@@ -31,14 +31,19 @@
 #     (benchmarks/profile_rollout.py, sam+mtp argmax, k = 3, the module from phase 1 if any)
 #     at each batch in BATCHES (default "16 4") for each chain count in PCHAINS (default
 #     "1 4") -> $OUT/prof_c{C}_b{B}.txt.
+#   TASK=counting (warmup, bench, prof): recipes/sparse_rl_counting.yaml's task (write every
+#     number from A to B, 120-220 of them) instead of arithmetic_set, for warm-up and bench.
 source benchmarks/gpu/setup.sh
+task=${TASK:-arithmetic_set}
+task_args='{"problems": 26, "digits": [2, 1]}'
+[ "$task" = counting ] && task_args='{"start": [100, 799], "length": [120, 220]}'
 if [ "${PHASE:-1}" = prof ]; then
   mtp=()
   [ -f /tmp/mtp_module/mtp.safetensors ] && mtp=(--mtp /tmp/mtp_module)
   for b in ${BATCHES:-16 4}; do
     for c in ${PCHAINS:-1 4}; do
-      python3 benchmarks/profile_rollout.py --model smollm2-135m-instruct --task arithmetic_set \
-        --task-args '{"problems": 26, "digits": [2, 1]}' --top-p 0.7 --new-tokens 384 \
+      python3 benchmarks/profile_rollout.py --model smollm2-135m-instruct --task "$task" \
+        --task-args "$task_args" --top-p 0.7 --new-tokens 384 \
         --rows 40 --mode spec --drafter sam+mtp --mtp-draft argmax --mtp-vocab 8192 "${mtp[@]}" \
         --draft-chains "$c" --num-draft-tokens 3 --batch "$b" --out "$OUT/prof_c${c}_b$b.txt" \
         2>&1 | grep "^profile_rollout\|^stats" | cut -c1-400
@@ -47,7 +52,7 @@ if [ "${PHASE:-1}" = prof ]; then
   exit 0
 fi
 if [ "${PHASE:-1}" = warmup ]; then
-  TASK=arithmetic_set LIMIT=${LIMIT:-200} WARMUP=${WARMUP:-400} bash benchmarks/gpu/mtp_warmup.sh
+  TASK=$task LIMIT=${LIMIT:-200} WARMUP=${WARMUP:-400} bash benchmarks/gpu/mtp_warmup.sh
   mkdir -p /tmp/mtp_module && cp $OUT/mtp_warmup/mtp.safetensors /tmp/mtp_module/
   exit 0
 fi
@@ -65,8 +70,8 @@ if [ "${PHASE:-1}" = bench ]; then
     fi
     name=${BNAME:-bench}_c$c
     [ "$tail" = 16:6 ] || name=${name}_t${tail/:/x}
-    python3 -m rlkit.cli bench rollout --model smollm2-135m-instruct --task arithmetic_set \
-      --task-args '{"problems": 26, "digits": [2, 1]}' --batch 64 --group 8 \
+    python3 -m rlkit.cli bench rollout --model smollm2-135m-instruct --task "$task" \
+      --task-args "$task_args" --batch 64 --group 8 \
       --max-new-tokens 1536 --temperature 1 --top-p 0.7 --stop-at-eos --engines native \
       --modes dense,spec --drafter "${DRAFTERS:-sam+mtp}" "${mtp[@]}" "${draw[@]}" \
       --mtp-vocab 8192 --num-draft-tokens "${KS:-3}" --sam-min-match "${SAM_MIN_MATCH:-2}" \

@@ -41,6 +41,11 @@ ARITHMETIC_SET_PROMPT = (
     "Solve these {n} addition problems. Copy each line and write the sum after the = sign. "
     "Then check your answers: write the whole list again, fixing any mistakes.\n\n{lines}"
 )
+# `counting`: a long single-pass response. Of the templates tried on SmolLM2-135M-Instruct (8
+# prompts x 2 at T = 1, top-p 0.7, 2026-11-30) this one drew the most counting (mean score 0.32
+# against 0.08 and 0.26 for "Count from A to B. Write each number on its own line and nothing
+# else." and "List every number from A up to B, one number per line, with no other text.").
+COUNTING_PROMPT = "Write all the whole numbers from {a} to {b} in order, one per line."
 # Problem spaces up to this size are enumerated; larger ones are sampled.
 _ENUMERATE_LIMIT = 200_000
 
@@ -256,6 +261,70 @@ def arithmetic_set(
             "extra_info": {"split": split, "index": i, "problems": [list(p) for p in s]},
         }
         for i, s in enumerate(sets)
+    ]
+
+
+def _counting_reference(sample: dict) -> str:
+    info = sample["extra_info"]
+    return "\n".join(str(v) for v in range(info["start"], info["end"] + 1))
+
+
+@register_task("counting", default_verifier="counting", reference=_counting_reference)
+def counting(
+    split: str,
+    n: int,
+    seed: int,
+    start: int | tuple[int, int] | list[int] = (100, 799),
+    length: int | tuple[int, int] | list[int] = (100, 200),
+    eval_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> list[dict]:
+    """Write every whole number from a start to an end, one a line (verifier `counting`): a
+    long single-pass response (each 3-digit number and its newline is 4-5 tokens on
+    SmolLM2's digit-split vocabulary, so 100-200 numbers are ~500-1,000 tokens) whose every
+    step is easy but whose end is only in the prompt. SmolLM2-135M-Instruct counts but does not
+    stop (most base samples run to the cap), so the reward is learning to stop at the prompt's
+    end, which a compressed cache must keep. `start`: the first number's range [min, max];
+    `length`: how many numbers, [min, max] (both inclusive; an integer fixes it). A (start,
+    length) pair belongs to one split."""
+
+    def bounds(name: str, value: Any, low: int, high: int) -> tuple[int, int]:
+        pair = (
+            [value, value] if isinstance(value, int) and not isinstance(value, bool)
+            else list(value) if isinstance(value, (list, tuple))
+            else []
+        )  # fmt: skip
+        if (
+            len(pair) != 2
+            or not all(type(v) is int and low <= v <= high for v in pair)
+            or pair[0] > pair[1]
+        ):
+            raise ValueError(
+                f"task 'counting': {name} must be an integer in [{low}, {high}] or [min, max] "
+                f"of them, got {value!r}"
+            )
+        return pair[0], pair[1]
+
+    starts = bounds("start", start, 0, 10**6)
+    lengths = bounds("length", length, 1, 2000)
+    _fraction_arg("counting", "eval_fraction", eval_fraction)
+    _int_arg("counting", "split_seed", split_seed, 0, 2**31 - 1)
+    want_eval = split == "eval"
+    rng = _rng("counting", split, seed)
+
+    def draw() -> tuple[int, int] | None:
+        a, k = rng.randint(*starts), rng.randint(*lengths)
+        return (a, k) if in_eval_split(f"{a}+{k}", eval_fraction, split_seed) == want_eval else None
+
+    problems = _draw_by_rejection(draw, n, what="counting")
+    return [
+        {
+            "prompt": _chat(COUNTING_PROMPT.format(a=a, b=a + k - 1)),
+            "ground_truth": json.dumps({"start": a, "end": a + k - 1}),
+            "data_source": "counting",
+            "extra_info": {"split": split, "index": i, "start": a, "end": a + k - 1},
+        }
+        for i, (a, k) in enumerate(problems)
     ]
 
 

@@ -36,7 +36,13 @@ def test_arithmetic_prompt_format_and_truth():
 
 
 @pytest.mark.parametrize(
-    "task, args", [("arithmetic", {}), ("arithmetic", {"ops": ["+", "-", "*"]}), ("countdown", {})]
+    "task, args",
+    [
+        ("arithmetic", {}),
+        ("arithmetic", {"ops": ["+", "-", "*"]}),
+        ("countdown", {}),
+        ("counting", {}),
+    ],
 )
 def test_splits_are_disjoint_whatever_the_seeds(task, args):
     build = get_task(task).build
@@ -57,7 +63,7 @@ def test_arithmetic_eval_is_a_seeded_tenth_of_the_8100_problems():
         build("eval", 5000, seed=0)
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "arithmetic_set", "countdown"])
+@pytest.mark.parametrize("task", ["arithmetic", "arithmetic_set", "countdown", "counting"])
 def test_deterministic_per_seed(task):
     build = get_task(task).build
     assert build("train", 100, seed=3) == build("train", 100, seed=3)
@@ -81,7 +87,7 @@ def test_arithmetic_ops_and_digits():
 
 
 def test_reference_answers_pass_the_task_verifier():
-    for name in ["arithmetic", "arithmetic_set", "countdown"]:
+    for name in ["arithmetic", "arithmetic_set", "countdown", "counting"]:
         task = get_task(name)
         verifier = get_verifier(task.default_verifier)
         for s in task.build("eval", 100, seed=0):
@@ -165,3 +171,31 @@ def test_arithmetic_set_args_are_checked():
     # 81 one-digit additions, 8 of them held out at eval_fraction 0.1.
     with pytest.raises(ValueError, match="eval split holds 8 additions, fewer than problems=9"):
         build("eval", 1, seed=0, problems=9, digits=1, eval_fraction=0.1)
+
+
+def test_counting_prompt_states_the_range_and_its_truth():
+    samples = get_task("counting").build("train", 200, seed=0, start=[100, 799], length=[120, 220])
+    for s in samples:
+        a, b = map(int, re.fullmatch(
+            r"Write all the whole numbers from (\d+) to (\d+) in order, one per line\.",
+            s["prompt"][0]["content"],
+        ).groups())  # fmt: skip
+        assert 100 <= a <= 799 and 120 <= b - a + 1 <= 220
+        assert json.loads(s["ground_truth"]) == {"start": a, "end": b}
+        assert (s["extra_info"]["start"], s["extra_info"]["end"]) == (a, b)
+    # A fixed start and length are integers; the held-out split is the hash of (start, length).
+    fixed = get_task("counting").build("eval", 1, seed=0, start=9, length=3)[0]
+    assert json.loads(fixed["ground_truth"]) == {"start": 9, "end": 11}
+    assert in_eval_split("9+3", 0.1) and not in_eval_split("5+3", 0.1)
+
+
+def test_counting_args_are_checked():
+    build = get_task("counting").build
+    with pytest.raises(ValueError, match="start must be"):
+        build("train", 1, seed=0, start=[10, 5])
+    with pytest.raises(ValueError, match="length must be"):
+        build("train", 1, seed=0, length=0)
+    with pytest.raises(ValueError, match="length must be"):
+        build("train", 1, seed=0, length=[1, 2, 3])
+    with pytest.raises(ValueError, match="found only"):
+        build("train", 5, seed=0, start=5, length=3)

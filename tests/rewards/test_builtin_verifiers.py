@@ -169,3 +169,31 @@ def test_registry_rejects_duplicates_and_lists_names_on_a_miss():
         register_verifier("arithmetic")(lambda completion, sample: 1.0)
     with pytest.raises(ValueError, match="arithmetic.*numeric"):
         get_verifier("no_such_verifier")
+
+
+@pytest.mark.parametrize(
+    "completion, score, exact, past_end",
+    [
+        ("5\n6\n7\n8\n9", 1.0, 1.0, 0.0),
+        ("Here they are:\n5, 6, 7, 8, 9", 1.0, 1.0, 0.0),
+        # Writing on past the end: 5 right of 7 written.
+        ("5\n6\n7\n8\n9\n10\n11", 5 / 7, 0.0, 1.0),
+        # A numbered list: every number is right, but so many numbers written halve it.
+        ("1. 5\n2. 6\n3. 7\n4. 8\n5. 9", 0.5, 0.0, 0.0),
+        # A skipped number costs only itself; a repeat costs itself as a number written.
+        ("5\n7\n8\n9", 0.8, 0.0, 0.0),
+        ("5\n6\n6\n7\n8\n9", 5 / 6, 0.0, 0.0),
+        ("9\n8\n7\n6\n5", 0.2, 0.0, 0.0),
+        ("I cannot count.", 0.0, 0.0, 0.0),
+    ],
+)
+def test_counting_partial_credit(completion, score, exact, past_end):
+    result = get_verifier("counting")(completion, sample('{"start": 5, "end": 9}'))
+    assert result == pytest.approx({"score": score, "exact": exact, "past_end": past_end})
+
+
+def test_counting_takes_a_dict_truth_and_refuses_an_empty_range():
+    verify = get_verifier("counting")
+    assert verify("3 4", sample({"start": 3, "end": 4}))["score"] == 1.0
+    with pytest.raises(ValueError, match="end 2 is below its start 3"):
+        verify("3", sample({"start": 3, "end": 2}))
