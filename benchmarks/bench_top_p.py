@@ -1,14 +1,14 @@
 """Time top-p's nucleus on CUDA: the full sort the GPU path takes against top-k candidates.
 
     python benchmarks/bench_top_p.py [--rows 64,256,512] [--vocab 49152]
-        [--kernels 2:2048,16:512] [--json FILE]
+        [--kernels values:2048,keys:2048] [--json FILE]
 
 bf16 logit rows (randn * 4: a peaked row, as a language model's) through
 `sampling_logprobs` at top-p 0.7 (the recipes' setting: temperature, softmax, the nucleus
 floor, the mask, log-softmax; on CUDA the floor is `rlkit.kernels.top_p`'s kernel) and at
 top-p 1 (the same without the nucleus); the floor alone by the sort
-(`top_p_floor_reference`) and by the kernel at each `--kernels` setting (ways:block; 2 is the
-bisection the GPU path takes, `top_p.WAYS`), with whether each agrees; and the floor from the
+(`top_p_floor_reference`) and by the kernel at each `--kernels` setting (search:block; the
+GPU path takes `top_p.SEARCH` and `top_p.BLOCK`), with whether each agrees; and the floor from the
 `k` most likely tokens (`torch.topk`) for k in 64, 256, 1024 (exact only for rows whose
 nucleus lies within them). Device time per call, each variant replayed from a CUDA graph of 20 calls in
 one process (`rlkit.bench.time_cuda_graph`), with the share of rows whose nucleus the
@@ -28,7 +28,7 @@ from rlkit.rollout.sampling import SamplingParams, sampling_logprobs
 
 
 def _measure(
-    n: int, vocab: int, top_p: float, g: torch.Generator, kernels: list[tuple[int, int]]
+    n: int, vocab: int, top_p: float, g: torch.Generator, kernels: list[tuple[str, int]]
 ) -> dict:
     logits = (torch.randn(n, vocab, generator=g, device="cuda") * 4).to(torch.bfloat16)
     nucleus = SamplingParams(temperature=1.0, top_p=top_p)
@@ -44,12 +44,14 @@ def _measure(
         lambda i: tp.top_p_floor_reference(scaled, top_p), 20, 5
     )
     want = tp.top_p_floor_reference(scaled, top_p)
-    for ways, block in kernels:
-        name = f"kernel_w{ways}_b{block}"
+    for search, block in kernels:
+        name = f"kernel_{search}_b{block}"
         row[f"{name}_floor_us"] = 1e6 * time_cuda_graph(
-            lambda i, w=ways, b=block: tp.top_p_floor_triton(scaled, top_p, block=b, ways=w), 20, 5
+            lambda i, s=search, b=block: tp.top_p_floor_triton(scaled, top_p, block=b, search=s),
+            20,
+            5,
         )
-        got = tp.top_p_floor_triton(scaled, top_p, block=block, ways=ways)
+        got = tp.top_p_floor_triton(scaled, top_p, block=block, search=search)
         row[f"{name}_equals_sort"] = bool(torch.equal(got, want))
     for k in (64, 256, 1024):
 
@@ -65,21 +67,21 @@ def _measure(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    ap.add_argument("--rows", default="64,256,512")
+    ap.add_argument("--rows", default="1,16,64,256")
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--top-p", type=float, default=0.7)
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--kernels",
-        default="2:2048,16:512,16:1024,32:512",
-        help="the kernel's settings to time, ways:block (2: bisection, the GPU path's)",
+        default="values:2048,keys:2048,values:1024",
+        help="the kernel's settings to time, search:block (values: the GPU path's)",
     )
     a = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     records = []
     for n in map(int, a.rows.split(",")):
-        kernels = [tuple(map(int, k.split(":"))) for k in a.kernels.split(",")]
-        row = _measure(n, a.vocab, a.top_p, g, kernels)  # type: ignore[arg-type]
+        kernels = [(k.split(":")[0], int(k.split(":")[1])) for k in a.kernels.split(",")]
+        row = _measure(n, a.vocab, a.top_p, g, kernels)
         records.append(row)
         print(json.dumps(row))
     if a.json:

@@ -41,6 +41,8 @@ M(v) is within float32 rounding of top_p Z.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
 
@@ -106,8 +108,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _top_p_floor_kernel(
-        X, Out, Need, stride_x, V, top_p,
-        HAS_NEED: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr,
+        X, Out, Need, stride_x, V, top_p, span,
+        HAS_NEED: tl.constexpr, BLOCK: tl.constexpr, BY_VALUE: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         base = X + row * stride_x
@@ -117,66 +119,90 @@ if HAS_TRITON:
             # empty, and the floor stored is -inf.
             need = tl.load(Need + row) != 0
             V = tl.where(need, V, 0)
-        # The row's maximum and least finite logit.
-        hi_x = tl.full([BLOCK], float("-inf"), tl.float32)
+        # One pass: the row's maximum, its least finite logit and Z, the softmax total relative
+        # to the maximum (each lane rescales its sum when its maximum grows).
+        lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
         lo_x = tl.full([BLOCK], float("inf"), tl.float32)
+        lane_z = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf"))
-            hi_x = tl.maximum(hi_x, x)
+            new_max = tl.maximum(lane_max, x)
+            finite = new_max > float("-inf")
+            lane_z = tl.where(
+                finite, lane_z * tl.exp(lane_max - new_max) + tl.exp(x - new_max), 0.0
+            )
+            lane_max = new_max
             lo_x = tl.minimum(lo_x, tl.where(x == float("-inf"), float("inf"), x))
-        m = tl.max(hi_x, 0)
+        m = tl.max(lane_max, 0)
         least = tl.min(lo_x, 0)
-        # Z: the softmax total, relative to the maximum.
-        acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
-            x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf"))
-            acc += tl.exp(x - m)
-        target = top_p * tl.sum(acc, 0)
-        # M(value(hi)) < target <= M(value(lo)): M(max) = 0; below the least logit, M = Z.
-        hi = _key(m).to(tl.int64)
-        lo = _key(least).to(tl.int64) - 1
-        # Each pass tests WAYS - 1 keys spread over (lo, hi) (entry 0 is lo itself) and keeps
-        # the bracket between the last one whose mass above reaches the target and the next:
-        # the bracket shrinks WAYS-fold a pass (WAYS = 2: bisection).
-        if WAYS == 2:
-            # Bisection, with a [BLOCK] accumulator (the general loop's [2, BLOCK] one doubles
-            # the work a pass: 332 against 131 us at 64 rows on the H200).
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
+        z = tl.sum(tl.where(lane_max > float("-inf"), lane_z * tl.exp(lane_max - m), 0.0), 0)
+        target = top_p * z
+        if BY_VALUE:
+            # Bisection over logit values. M(v): the mass strictly above v; the floor is the
+            # least logit v with M(v) < target. Invariant: M(lo) >= target, so no logit <= lo
+            # qualifies; M(up) < target, and cand, the least logit >= up, qualifies; the floor
+            # is cand or a logit in (lo, up). Start: up = cand = max (M = 0), lo = max - span
+            # with span = ln(V / (1 - top_p)) + 1: the tokens at or below lo hold at most
+            # V e^-span < (1 - top_p) of Z (Z >= 1, the maximum's own term), so M(lo) >=
+            # top_p Z. A pass at t = (lo + up) / 2 sums M(t) and finds the least logits >= t
+            # and > t: M(t) < target -> up = t, cand = the least logit >= t; else lo = t, and
+            # when the least logit > t is cand no logit lies in (lo, up): cand is the floor.
+            # Adjacent floats end it too. A few passes on a language model's rows (the gap
+            # between the floor and the next logit below sets it), ~25 on near-ties.
+            up = m
+            cand = m
+            lo = m - span
+            done = tl.zeros([], tl.int32)
+            while done == 0:
+                t = lo + (up - lo) * 0.5
+                # Adjacent floats (or an empty row's NaN): no logit between lo and up.
+                adjacent = (t <= lo) | (t >= up) | (t != t)
+                n = tl.where(adjacent, 0, V)
+                acc = tl.zeros([BLOCK], tl.float32)
+                near_ge = tl.full([BLOCK], float("inf"), tl.float32)
+                near_gt = tl.full([BLOCK], float("inf"), tl.float32)
+                for start in range(0, n, BLOCK):
+                    x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf"))
+                    above = x > t
+                    acc += tl.where(above, tl.exp(x - m), 0.0)
+                    near_gt = tl.minimum(near_gt, tl.where(above, x, float("inf")))
+                    near_ge = tl.minimum(near_ge, tl.where(x >= t, x, float("inf")))
+                below = tl.sum(acc, 0) < target
+                step_below = below & ~adjacent
+                done = (adjacent | (~below & (tl.min(near_gt, 0) >= cand))).to(tl.int32)
+                cand = tl.where(step_below, tl.min(near_ge, 0), cand)
+                up = tl.where(step_below, t, up)
+                lo = tl.where(adjacent | below, lo, t)
+            floor = cand
+        else:
+            # Bisection over the float32 keys between the least logit and the maximum: M(max)
+            # = 0; below the least logit, M = Z. Until hi and lo are adjacent floats (~32
+            # passes): hi is then a logit of the row and the floor.
+            khi = _key(m).to(tl.int64)
+            klo = _key(least).to(tl.int64) - 1
+            while khi - klo > 1:
+                mid = klo + (khi - klo) // 2
                 t = _value(mid)
                 acc = tl.zeros([BLOCK], tl.float32)
                 for start in range(0, V, BLOCK):
                     x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf"))
                     acc += tl.where(x > t, tl.exp(x - m), 0.0)
                 above = tl.sum(acc, 0)
-                hi = tl.where(above < target, mid, hi)
-                lo = tl.where(above < target, lo, mid)
-        else:
-            ways = tl.arange(0, WAYS).to(tl.int64)
-            while hi - lo > 1:
-                mids = lo + ((hi - lo) * ways) // WAYS  # [WAYS], non-decreasing
-                t = _value(mids)
-                mass = tl.zeros([WAYS, BLOCK], tl.float32)
-                for start in range(0, V, BLOCK):
-                    x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf"))
-                    e = tl.exp(x - m)[None, :]
-                    mass += tl.where(x[None, :] > t[:, None], e, 0.0)
-                above = tl.sum(mass, 1)  # [WAYS], non-increasing: sums of nested subsets
-                reach = above >= target
-                # Entry 0 (lo) always reaches; `hi` is the first test that does not, if any.
-                lo = tl.max(tl.where(reach, mids, lo), 0)
-                hi = tl.min(tl.where(reach, hi, mids), 0)
-        floor = _value(hi)
+                khi = tl.where(above < target, mid, khi)
+                klo = tl.where(above < target, klo, mid)
+            floor = _value(khi)
         if HAS_NEED:
             floor = tl.where(need, floor, float("-inf"))
         tl.store(Out + row, floor)
 
 
-# The kernel's setting on the GPU path: bisection with 2,048 columns an iteration. On the
-# H200 (2026-11-30, eleventh session, `benchmarks/bench_top_p.py --kernels`) the W-way search
-# lost to it: W = 16 / 1,024 columns took 188 / 346 / 764 us at 64 / 256 / 448 rows, the
-# bisection 131 / 326 us at 64 / 256 (ninth session).
-BLOCK, WAYS = 2048, 2
+# The kernel's setting on the GPU path: 2,048 columns an iteration, the search over values.
+# The search over keys (~32 passes a row) took 131 us for 16 or 64 rows of SmolLM2's 49,152
+# tokens on the H200, and 128 us for one row (2026-11-30, fifteenth session's profiles: 12-13%
+# of a plain decode step at 1-16 rows); the W-way key search lost to it (188 / 346 / 764 us at
+# 64 / 256 / 448 rows, eleventh session) and is gone.
+BLOCK, SEARCH = 2048, "values"
+SEARCHES = ("values", "keys")
 
 
 def top_p_floor_triton(
@@ -185,12 +211,13 @@ def top_p_floor_triton(
     need: torch.Tensor | None = None,
     *,
     block: int = BLOCK,
-    ways: int = WAYS,
+    search: str = SEARCH,
 ) -> torch.Tensor:
-    """The kernel (module docstring); `block`: columns a program reads per iteration; `ways`
-    (a power of two >= 2): keys tested a pass (2: bisection)."""
-    if ways < 2 or ways & (ways - 1):
-        raise ValueError(f"ways must be a power of two >= 2, got {ways}")
+    """The kernel (module docstring); `block`: columns a program reads per iteration;
+    `search`: "values" (bisection over logit values snapped to the row's logits) or "keys"
+    (bisection over the float32 keys to adjacent floats). Both find the same floor."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     if not HAS_TRITON:
         raise RuntimeError("top_p_floor_triton needs triton, which is not importable")
     _check(scaled, top_p, need)
@@ -198,9 +225,10 @@ def top_p_floor_triton(
     out = torch.empty((N, 1), dtype=torch.float32, device=scaled.device)
     if N == 0:
         return out
+    span = math.log(max(V, 1) / (1.0 - top_p)) + 1.0
     _top_p_floor_kernel[(N,)](
-        scaled, out, out if need is None else need, scaled.stride(0), V, float(top_p),
-        HAS_NEED=need is not None, BLOCK=block, WAYS=ways, num_warps=8,
+        scaled, out, out if need is None else need, scaled.stride(0), V, float(top_p), span,
+        HAS_NEED=need is not None, BLOCK=block, BY_VALUE=search == "values", num_warps=8,
     )  # fmt: skip
     return out
 

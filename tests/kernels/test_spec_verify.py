@@ -27,6 +27,10 @@ CASES: dict[str, tuple] = {
 }
 
 
+# One program a row, and the vocabulary split over 4 programs a row (greedy: one always).
+CHUNKS = (1, 4)
+
+
 def make_inputs(case: tuple, seed: int, device: str = "cpu"):
     B, k, V, with_q, greedy, _ = case
     g = torch.Generator().manual_seed(seed)
@@ -140,20 +144,22 @@ def run_cases(device: str) -> dict[str, dict]:
             "got": _chain_result(got),
             "ref": _chain_result(sv.verify_chains_reference(*args)),
         }
-    for i, (name, case) in enumerate(CASES.items()):
-        args = make_inputs(case, seed=i, device=device)
-        try:
-            acc, tok = sv.verify_drafts_triton(*args, block_v=case[5])
-        except Exception as e:  # reported per case by the parent
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        ref_acc, ref_tok = sv.verify_drafts_reference(*args)
-        results[name] = {
-            "accepted": acc.tolist(),
-            "token": tok.tolist(),
-            "ref_accepted": ref_acc.tolist(),
-            "ref_token": ref_tok.tolist(),
-        }
+    for i, (case_name, case) in enumerate(CASES.items()):
+        for chunks in CHUNKS:
+            name = f"{case_name}-chunks{chunks}"
+            args = make_inputs(case, seed=i, device=device)
+            try:
+                acc, tok = sv.verify_drafts_triton(*args, block_v=case[5], chunks=chunks)
+            except Exception as e:  # reported per case by the parent
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            ref_acc, ref_tok = sv.verify_drafts_reference(*args)
+            results[name] = {
+                "accepted": acc.tolist(),
+                "token": tok.tolist(),
+                "ref_accepted": ref_acc.tolist(),
+                "ref_token": ref_tok.tolist(),
+            }
     return results
 
 
@@ -162,8 +168,9 @@ def _check_result(name: str, res: dict) -> None:
     assert res["accepted"] == res["ref_accepted"], name
     assert res["token"] == res["ref_token"], name
     # The cases exercise what they should: some rows accept drafts, some reject.
-    if CASES[name][1]:
-        assert 0 < sum(res["accepted"]) < CASES[name][0] * CASES[name][1], name
+    case = CASES[name.rsplit("-chunks", 1)[0]]
+    if case[1]:
+        assert 0 < sum(res["accepted"]) < case[0] * case[1], name
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +178,7 @@ def interpreted_results() -> dict[str, dict]:
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [f"{c}-chunks{n}" for c in CASES for n in CHUNKS])
 def test_triton_interpreted_matches_reference(name, interpreted_results):
     _check_result(name, interpreted_results[name])
 
@@ -218,6 +225,21 @@ def test_triton_on_gpu_matches_reference():
     acc, tok = sv.verify_drafts(*args)
     ref_acc, ref_tok = sv.verify_drafts_reference(*args)
     assert torch.equal(acc, ref_acc) and torch.equal(tok, ref_tok)
+    # SmolLM2's vocabulary at a verify step's rows: 16 chunks a row (the default there).
+    for with_q in (False, True):
+        args = make_inputs((16, 3, 49152, with_q, False, 1024), seed=5, device="cuda")
+        acc, tok = sv.verify_drafts(*args)
+        ref_acc, ref_tok = sv.verify_drafts_reference(*args)
+        assert torch.equal(acc, ref_acc) and torch.equal(tok, ref_tok), with_q
+    # The sampler's inverse-CDF draw on CUDA is this kernel with no drafts: the CPU's tokens.
+    from rlkit.rollout.sampling import draw_with
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 49152, generator=g) * 4
+    logits[:, ::3] = float("-inf")  # a nucleus' holes
+    logp = logits.log_softmax(-1)
+    u = torch.rand(32, generator=g, dtype=torch.float64)
+    assert torch.equal(draw_with(logp.cuda(), u.cuda()).cpu(), draw_with(logp, u))
     # The dispatcher takes the chain kernel for a CUDA tree.
     name = "chains-B24-C4-k3-V700"
     args = make_chain_inputs(CHAIN_CASES[name], seed=0, device="cuda")
@@ -441,3 +463,10 @@ def test_chains_triton_interpreted_never_draws_from_an_empty_residual(j, interpr
 
 if __name__ == "__main__":
     print(json.dumps(run_cases("cpu")))
+
+
+def test_chunks_must_be_a_power_of_two():
+    # Checked before anything needs triton.
+    args = make_inputs(CASES["B9-k1-V300-q"], seed=0)
+    with pytest.raises(ValueError, match="chunks must be a power of two"):
+        sv.verify_drafts_triton(*args, chunks=3)

@@ -21,6 +21,8 @@ CASES: dict[str, tuple] = {
     "topk-masked-V2048-p0.95": (8, 2048, "masked", 0.95, 512),
     "one-token-V300-p0.3": (4, 300, "one", 0.3, 128),
     "negative-V513-p0.8": (5, 513, "negative", 0.8, 128),
+    "ulps-V600-p0.6": (6, 600, "ulps", 0.6, 256),
+    "wide-V3000-p0.99": (6, 3000, "wide", 0.99, 1024),
 }
 
 
@@ -41,23 +43,27 @@ def make_rows(case: tuple, seed: int, device: str = "cpu") -> torch.Tensor:
     elif kind == "one":  # one finite token a row
         x = torch.full((N, V), float("-inf"))
         x[torch.arange(N), torch.randint(0, V, (N,), generator=g)] = 3.0
+    elif kind == "ulps":  # adjacent floats: the value search ends on its bracket's width
+        x = 1.0 + torch.randint(0, 6, (N, V), generator=g).float() * 2.0**-23
+    elif kind == "wide":  # logits over a range far wider than the value search's start span
+        x = torch.randn(N, V, generator=g) * 25
     else:  # all negative, far from zero
         x = torch.randn(N, V, generator=g) * 3 - 50
     return x.to(device)
 
 
-# Keys tested a pass: bisection, and the default multi-way search.
-WAYS = (2, 16)
+# The two searches: over logit values (the GPU path's) and over float32 keys.
+SEARCHES = tp.SEARCHES
 
 
 def run_cases(device: str) -> dict[str, dict]:
     results = {}
     for i, (case_name, case) in enumerate(CASES.items()):
-        for ways in WAYS:
-            name = f"{case_name}-ways{ways}"
+        for search in SEARCHES:
+            name = f"{case_name}-{search}"
             x = make_rows(case, seed=i, device=device)
             try:
-                got = tp.top_p_floor_triton(x, case[3], block=case[4], ways=ways)
+                got = tp.top_p_floor_triton(x, case[3], block=case[4], search=search)
             except Exception as e:  # reported per case by the parent
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
                 continue
@@ -95,9 +101,7 @@ def interpreted_results() -> dict[str, dict]:
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize(
-    "name", [f"{c}-{s}" for c in CASES for s in [*(f"ways{w}" for w in WAYS), "need"]]
-)
+@pytest.mark.parametrize("name", [f"{c}-{s}" for c in CASES for s in [*SEARCHES, "need"]])
 def test_triton_interpreted_matches_the_sort(name, interpreted_results):
     _check_result(name, interpreted_results[name])
 
@@ -140,10 +144,10 @@ def test_bad_arguments_raise_value_error(x, top_p, match):
         tp.top_p_floor(x, top_p)
 
 
-def test_ways_must_be_a_power_of_two():
+def test_search_must_be_known():
     # Checked before anything needs triton.
-    with pytest.raises(ValueError, match="power of two"):
-        tp.top_p_floor_triton(torch.zeros(2, 3), 0.5, ways=3)
+    with pytest.raises(ValueError, match="search must be one of"):
+        tp.top_p_floor_triton(torch.zeros(2, 3), 0.5, search="sort")
 
 
 @pytest.mark.gpu
@@ -156,8 +160,8 @@ def test_triton_on_gpu_matches_the_sort():
     x = make_rows((256, 49152, "peaked", 0.7, 2048), seed=9, device="cuda")
     want = tp.top_p_floor_reference(x, 0.7)
     assert torch.equal(tp.top_p_floor(x, 0.7), want)
-    for ways in (2, 4, 32):
-        assert torch.equal(tp.top_p_floor_triton(x, 0.7, ways=ways), want), ways
+    for search in SEARCHES:
+        assert torch.equal(tp.top_p_floor_triton(x, 0.7, search=search), want), search
     need = torch.rand(256, device="cuda") < 0.3
     assert torch.equal(tp.top_p_floor(x, 0.7, need), tp.top_p_floor_reference(x, 0.7, need))
 
