@@ -138,42 +138,58 @@ if HAS_TRITON:
         z = tl.sum(tl.where(lane_max > float("-inf"), lane_z * tl.exp(lane_max - m), 0.0), 0)
         target = top_p * z
         if BY_VALUE:
-            # Bisection over logit values. M(v): the mass strictly above v; the floor is the
-            # least logit v with M(v) < target. Invariant: M(lo) >= target, so no logit <= lo
-            # qualifies; M(up) < target, and cand, the least logit >= up, qualifies; the floor
-            # is cand or a logit in (lo, up). Start: up = cand = max (M = 0), lo = max - span
-            # with span = ln(V / (1 - top_p)) + 1: the tokens at or below lo hold at most
-            # V e^-span < (1 - top_p) of Z (Z >= 1, the maximum's own term), so M(lo) >=
-            # top_p Z. A pass at t = (lo + up) / 2 sums M(t) and finds the least logits >= t
-            # and > t: M(t) < target -> up = t, cand = the least logit >= t; else lo = t, and
-            # when the least logit > t is cand no logit lies in (lo, up): cand is the floor.
-            # Adjacent floats end it too. A few passes on a language model's rows (the gap
-            # between the floor and the next logit below sets it), ~25 on near-ties.
+            # Bisection over logit values. M(v): the mass strictly above v; the floor f is the
+            # least logit with M(f) < target. Invariant: lo < f <= up. Start: up = max (M = 0),
+            # lo = max - span with span = ln(V / (1 - top_p)) + 1: the tokens at or below lo
+            # hold at most V e^-span < (1 - top_p) of Z (Z >= 1, the maximum's own term), so
+            # M(lo) >= top_p Z. A pass at t = (lo + up) / 2 sums S = M(t) and finds a, the
+            # least logit above t, and b, the greatest at or below it, with the mass of the
+            # tokens equal to each (w_a, w_b). S >= target: f > t, and f = a when M(a) =
+            # S - w_a < target (no logit between t and f); else lo = t. S < target: f <= t
+            # (b qualifies: M(b) = S), and f = b when M(next logit below b) = S + w_b >=
+            # target; else up = t. It ends once t falls within a logit's gap of f: a few
+            # passes on a language model's rows; adjacent floats end it too (f = up).
             up = m
-            cand = m
             lo = m - span
+            floor = m
             done = tl.zeros([], tl.int32)
             while done == 0:
                 t = lo + (up - lo) * 0.5
-                # Adjacent floats (or an empty row's NaN): no logit between lo and up.
+                # Adjacent floats (or an empty row's NaN): f is up.
                 adjacent = (t <= lo) | (t >= up) | (t != t)
                 n = tl.where(adjacent, 0, V)
                 acc = tl.zeros([BLOCK], tl.float32)
-                near_ge = tl.full([BLOCK], float("inf"), tl.float32)
-                near_gt = tl.full([BLOCK], float("inf"), tl.float32)
+                a_x = tl.full([BLOCK], float("inf"), tl.float32)
+                a_w = tl.zeros([BLOCK], tl.float32)
+                b_x = tl.full([BLOCK], float("-inf"), tl.float32)
+                b_w = tl.zeros([BLOCK], tl.float32)
                 for start in range(0, n, BLOCK):
                     x = tl.load(base + start + offs, mask=start + offs < V, other=float("-inf"))
+                    e = tl.exp(x - m)
                     above = x > t
-                    acc += tl.where(above, tl.exp(x - m), 0.0)
-                    near_gt = tl.minimum(near_gt, tl.where(above, x, float("inf")))
-                    near_ge = tl.minimum(near_ge, tl.where(x >= t, x, float("inf")))
-                below = tl.sum(acc, 0) < target
-                step_below = below & ~adjacent
-                done = (adjacent | (~below & (tl.min(near_gt, 0) >= cand))).to(tl.int32)
-                cand = tl.where(step_below, tl.min(near_ge, 0), cand)
-                up = tl.where(step_below, t, up)
-                lo = tl.where(adjacent | below, lo, t)
-            floor = cand
+                    acc += tl.where(above, e, 0.0)
+                    # Each lane's least value above t and its mass, greatest at or below.
+                    a_w = tl.where(above & (x == a_x), a_w + e, a_w)
+                    a_new = above & (x < a_x)
+                    a_w = tl.where(a_new, e, a_w)
+                    a_x = tl.where(a_new, x, a_x)
+                    below_t = (~above) & (x > float("-inf"))
+                    b_w = tl.where(below_t & (x == b_x), b_w + e, b_w)
+                    b_new = below_t & (x > b_x)
+                    b_w = tl.where(b_new, e, b_w)
+                    b_x = tl.where(b_new, x, b_x)
+                s_t = tl.sum(acc, 0)
+                a = tl.min(a_x, 0)
+                w_a = tl.sum(tl.where(a_x == a, a_w, 0.0), 0)
+                b = tl.max(b_x, 0)
+                w_b = tl.sum(tl.where(b_x == b, b_w, 0.0), 0)
+                reach = s_t >= target
+                found_a = reach & (s_t - w_a < target) & ~adjacent
+                found_b = (~reach) & (s_t + w_b >= target) & ~adjacent
+                floor = tl.where(adjacent, up, tl.where(found_a, a, tl.where(found_b, b, floor)))
+                done = (adjacent | found_a | found_b).to(tl.int32)
+                lo = tl.where(reach & ~adjacent, t, lo)
+                up = tl.where((~reach) & ~adjacent, t, up)
         else:
             # Bisection over the float32 keys between the least logit and the maximum: M(max)
             # = 0; below the least logit, M = Z. Until hi and lo are adjacent floats (~32
@@ -197,10 +213,11 @@ if HAS_TRITON:
 
 
 # The kernel's setting on the GPU path: 2,048 columns an iteration, the search over values.
-# The search over keys (~32 passes a row) took 131 us for 16 or 64 rows of SmolLM2's 49,152
-# tokens on the H200, and 128 us for one row (2026-11-30, fifteenth session's profiles: 12-13%
-# of a plain decode step at 1-16 rows); the W-way key search lost to it (188 / 346 / 764 us at
-# 64 / 256 / 448 rows, eleventh session) and is gone.
+# The search over keys (~34 passes a row) took 128-136 us for 1-16 rows of SmolLM2's 49,152
+# tokens in the H200 engine's profiles (2026-11-30, fifteenth session: 12-13% of a plain decode
+# step at 1-16 rows); the search over values needs ~6 passes on randn * 4 rows of that size (14
+# on randn * 2). The W-way key search lost to bisection (188 / 346 / 764 us at 64 / 256 / 448
+# rows, eleventh session) and is gone.
 BLOCK, SEARCH = 2048, "values"
 SEARCHES = ("values", "keys")
 
