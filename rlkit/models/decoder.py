@@ -382,7 +382,10 @@ class Decoder(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference only (the rollout engine): fuse q/k/v and gate/up into one GEMM each.
-        Parameters keep their names and stay loadable; they no longer train."""
+        Parameters keep their names and stay loadable; they no longer train. A packed
+        model's projections are fused already (packing released the plain weights)."""
+        if self._pack_layout is not None:
+            return
         for layer in self.model.layers:
             cast(DecoderLayer, layer).self_attn.fuse()
             cast(DecoderLayer, layer).mlp.fuse()
@@ -439,6 +442,13 @@ class Decoder(nn.Module):
         layers' plain weights are released (no second copy of the model), so their
         parameters become empty and new weights load through `load_weights` (which calls
         `load_prepacked`). Biases stay the model's parameters (packed linears share them)."""
+        if self._pack_layout == layout:
+            return  # packed already (a second engine on the same model): the layout stands
+        if self._pack_layout is not None:
+            raise ValueError(
+                f"the model's weights are packed in the {self._pack_layout!r} layout already "
+                f"(its plain weights were released); load the model again for {layout!r}"
+            )
         w = self.model.norm.weight
         if not can_pack(layout, w.device, w.dtype):
             raise ValueError(f"{layout} packed weights do not run for {w.dtype} on {w.device}")

@@ -233,6 +233,14 @@ def test_prepacked_weights_give_identical_outputs_and_reload(
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj\.weight"):
         packed.load_state_dict(bad)
     assert outputs(packed) == outputs(plain)  # a rejected state dict loads nothing
+    # A second engine on the packed model keeps its layout (it used to fail repacking the
+    # released weights); another layout is refused by name.
+    from rlkit.rollout.engine import Engine
+
+    again = Engine(packed.model, packed.tokenizer, dtype=dtype, prepack="onednn")
+    assert outputs(again) == outputs(plain)
+    with pytest.raises(ValueError, match="packed in the 'onednn' layout already"):
+        packed.model.prepack_weights(8, "avx2")
 
 
 def _kernel_shaped_model(tmp_path, arch: str, seed: int, tied: bool = False) -> str:
