@@ -57,9 +57,9 @@ coupling of the uniforms).
 PyTorch only (capturable, no host sync): a loop of k + 1 depths of [B, V] work.
 
 Three functions, as `sparse_decode_attention.py`: `verify_drafts_reference` (plain PyTorch, the
-rule as written above), the Triton kernel `verify_drafts_triton` (one program per sequence:
-acceptance of all k drafts at once, the first rejection, and the residual's inverse-CDF draw in
-two passes over the vocabulary), and the dispatcher `verify_drafts` (the kernel for CUDA
+rule as written above), the Triton kernels `verify_drafts_triton` (acceptance of all k drafts
+at once, the first rejection, and the residual's inverse-CDF draw; each row's vocabulary split
+over up to 16 programs in two launches, or one program a row), and the dispatcher `verify_drafts` (the kernel for CUDA
 tensors when Triton is importable, else the reference). The inverse-CDF draw is the sampler's
 (`rlkit.rollout.sampling.draw`): the first token whose running sum exceeds u times the total.
 """
