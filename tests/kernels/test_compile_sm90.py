@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from rlkit.kernels import sam_device
+from rlkit.kernels import spec_verify as sv
 from rlkit.kernels import top_p as tp
 
 triton = pytest.importorskip("triton", reason="needs triton")
@@ -23,15 +24,30 @@ def _compile(fn, signature: dict, constexprs: dict) -> bytes:
     return kernel.asm["cubin"]
 
 
-@pytest.mark.parametrize("ways, block", [(2, 2048), (16, 512), (32, 512)])
+@pytest.mark.parametrize("by_value, block", [(True, 2048), (True, 1024), (False, 2048)])
 @pytest.mark.parametrize("has_need", [False, True])
-def test_top_p_floor_kernel_compiles(ways, block, has_need):
+def test_top_p_floor_kernel_compiles(by_value, block, has_need):
     sig = {
         "X": "*fp32", "Out": "*fp32", "Need": "*i1" if has_need else "*fp32", "stride_x": "i32",
-        "V": "i32", "top_p": "fp32",
+        "V": "i32", "top_p": "fp32", "span": "fp32",
     }  # fmt: skip
-    consts = {"HAS_NEED": has_need, "BLOCK": block, "WAYS": ways}
+    consts = {"HAS_NEED": has_need, "BLOCK": block, "BY_VALUE": by_value}
     assert _compile(tp._top_p_floor_kernel, sig, consts)
+
+
+@pytest.mark.parametrize("has_q", [False, True])
+def test_chunked_verify_kernels_compile(has_q):
+    rows = {
+        "P": "*fp32", "Q": "*fp32", "Drafts": "*i64", "NumDrafts": "*i64", "U": "*fp64",
+        "Accepted": "*i64", "SumR": "*fp64", "SumP": "*fp64",
+    }  # fmt: skip
+    strides = {
+        "V": "i32", "chunk": "i32", "stride_pb": "i32", "stride_pt": "i32", "stride_qb": "i32",
+        "stride_qt": "i32", "stride_db": "i32", "stride_ub": "i32",
+    }  # fmt: skip
+    meta = {"K": 3, "BLOCK_V": 1024, "HAS_Q": has_q, "CHUNKS": 16}
+    assert _compile(sv._verify_sums_kernel, {**rows, **strides}, {**meta, "K_PAD": 4})
+    assert _compile(sv._verify_draw_kernel, {**rows, "Token": "*i64", **strides}, meta)
 
 
 def test_sam_extend_kernel_compiles():
