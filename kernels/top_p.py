@@ -26,15 +26,19 @@ Why a kernel: on a GPU the sort of every row was most of a sampled step's sampli
 (`benchmarks/bench_top_p.py` on an H200, 2026-11-30: 467 us for 64 rows of SmolLM2's 49,152
 tokens, 1,529 us for the 256 rows of a speculative verify step at k = 3, against 25 / 103 us
 for the whole sampling distribution without top-p). The kernel is one program per row that
-searches the floor among the row's own values: it reads the row once for its maximum and least
-finite logit, once for the softmax total Z, then bisects over the float32 values between them
-(ordered as integers: a float's bits, the negative ones' magnitude bits flipped), one pass per
-step summing exp(x - max) over x > t, keeping M(hi) < top_p Z <= M(lo), until hi and lo are
-adjacent floats; hi is then a logit of the row and the floor (with `ways` W > 2, each pass
-tests W - 1 values at once and keeps the bracket between the last whose mass above still
-reaches top_p Z and the next: W-fold a pass). At most 32 steps, each a pass
-over the row (from L2 while the batch's rows fit there: 64 rows of 49,152 float32 are 12.6 MB);
-on the H200 that is still 3.4x (64 rows) to 4.3x (256 rows) faster than the sort. The sums run
+searches the floor among the row's own values. One pass reads the row's maximum, least finite
+logit and softmax total Z (each lane rescaling its sum as its maximum grows). Then it bisects:
+- `search="values"` (the GPU path): over logit values from max - (ln(V / (1 - top_p)) + 1),
+  below which the tokens cannot hold 1 - top_p of the mass, up to the maximum. Each pass at a
+  threshold t sums M(t) and also finds the nearest logits on either side of t with their mass,
+  so it ends as soon as t falls within a logit's gap of the floor: ~6 passes on SmolLM2-sized
+  rows of randn * 4.
+- `search="keys"`: over the float32 values ordered as integers (a float's bits, the negative
+  ones' magnitude bits flipped), keeping M(hi) < top_p Z <= M(lo) until hi and lo are
+  adjacent floats (~34 passes).
+Each pass reads the row from L2 while the batch's rows fit there (64 rows of 49,152 float32
+are 12.6 MB). On the H200 the value search takes 64-91 us at 1-64 rows, against 166-171 for
+the key search and 89-440 for the sort (`bench_top_p.py`, fifteenth session). The sums run
 in float32 in another order than the sort's cumulative sum, so the two can differ only where
 M(v) is within float32 rounding of top_p Z.
 """
@@ -212,13 +216,15 @@ if HAS_TRITON:
         tl.store(Out + row, floor)
 
 
-# The kernel's setting on the GPU path: 2,048 columns an iteration, the search over values.
+# The kernel's setting on the GPU path: 1,024 columns an iteration, the search over values.
 # The search over keys (~34 passes a row) took 128-136 us for 1-16 rows of SmolLM2's 49,152
 # tokens in the H200 engine's profiles (2026-11-30, fifteenth session: 12-13% of a plain decode
 # step at 1-16 rows); the search over values needs ~6 passes on randn * 4 rows of that size (14
-# on randn * 2). The W-way key search lost to bisection (188 / 346 / 764 us at 64 / 256 / 448
-# rows, eleventh session) and is gone.
-BLOCK, SEARCH = 2048, "values"
+# on randn * 2). `benchmarks/bench_top_p.py` on the H200, same session, values search at 1,024
+# / 2,048 columns: 64 / 67 us at 1 row, 85 / 90 at 16, 85 / 91 at 64, 154 / 163 at 256 (the
+# key search at 2,048: 166 / 171 / 171 / 555). The W-way key search lost to bisection (188 /
+# 346 / 764 us at 64 / 256 / 448 rows, eleventh session) and is gone.
+BLOCK, SEARCH = 1024, "values"
 SEARCHES = ("values", "keys")
 
 
