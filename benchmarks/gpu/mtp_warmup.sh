@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MTP-RL's warm-up stage alone on the lent GPU (issue 15), from the repository root:
 # recipes/mtp_arithmetic.yaml's mtp_warmup (WARMUP steps, default 60) on SmolLM2-135M-Instruct,
-# then the trained module (mtp.safetensors, ~17 MB) and the stage's metrics into $OUT, for the
+# then the trained module (mtp.safetensors, ~17 MB, in parts) and the stage's metrics into $OUT, for the
 # CPU's speculative bench (`rlkit bench rollout --mtp DIR`) and later RL runs.
 source benchmarks/gpu/setup.sh
 # EVAL_EVERY / SAVE_EVERY: held-out accepted length and checkpoints every so many steps;
@@ -26,6 +26,12 @@ timeout ${LIMIT:-100000} python3 -m rlkit.cli train $recipe run.name=mtp_warmup 
   2>&1 | grep -v "Warning\|WARNING" | tail -8
 ckpt=$(ls -dv /tmp/runs/mtp_warmup/checkpoints/0_warmup/step_* | tail -1)
 ls $ckpt
-mkdir -p $OUT/mtp_warmup
-cp $ckpt/mtp.safetensors $OUT/mtp_warmup/ 2>/dev/null || cp $ckpt/model/mtp.safetensors $OUT/mtp_warmup/
-cp /tmp/runs/mtp_warmup/metrics.jsonl /tmp/runs/mtp_warmup/summary.json $OUT/mtp_warmup/
+# The module (~17 MB) goes to /tmp/mtp_module and, in parts under the 16 MiB a file that
+# comes back from $OUT, to $OUT/mtp_warmup/mtp.safetensors.part-*: a later machine start
+# restores it from a carried copy of them (spec_session.sh's MTP_PARTS) instead of warming up
+# again.
+mkdir -p $OUT/mtp_warmup /tmp/mtp_module
+cp $ckpt/mtp.safetensors /tmp/mtp_module/ 2>/dev/null || cp $ckpt/model/mtp.safetensors /tmp/mtp_module/
+split -b 12M /tmp/mtp_module/mtp.safetensors $OUT/mtp_warmup/mtp.safetensors.part-
+cp /tmp/runs/mtp_warmup/metrics.jsonl $OUT/mtp_warmup/
+cp /tmp/runs/mtp_warmup/summary.json $OUT/mtp_warmup/ 2>/dev/null

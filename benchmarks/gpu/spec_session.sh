@@ -6,7 +6,8 @@
 #   PHASE=1 (~7 min): the compiled GPU tests of the speculative path (the interpreted ones
 #     fail under the machine's Triton 3.6 interpreter and are left out) -> $OUT/gpu_tests.txt;
 #     then the MTP warm-up on the spec recipe's own prompts (benchmarks/gpu/mtp_warmup.sh,
-#     TASK=arithmetic_set, LIMIT seconds, default 240) -> $OUT/mtp_warmup/ and /tmp/mtp_module.
+#     TASK=arithmetic_set, LIMIT seconds, default 240) -> /tmp/mtp_module, and $OUT/mtp_warmup/
+#     (the metrics and the module in parts).
 #   PHASE=2 (~5 min a drafter and k, plus dense): the rollout phase dense against each drafter
 #     in DRAFTERS (default "sam sam+mtp"; sam+mtp only where phase 1 left a module) at each k
 #     in KS (default "3"), STEPS RL steps each (benchmarks/gpu/spec_rollout.sh)
@@ -33,7 +34,13 @@
 #     "1 4") -> $OUT/prof_c{C}_b{B}.txt.
 #   TASK=counting (warmup, bench, prof): recipes/sparse_rl_counting.yaml's task (write every
 #     number from A to B, 120-220 of them) instead of arithmetic_set, for warm-up and bench.
+#   MTP_PARTS=DIR: a folder of the repository (git-ignored, e.g. .mtp_parts; in the call's carry) holding
+#     the mtp.safetensors.part-* files an earlier warm-up returned in $OUT/mtp_warmup/: the
+#     module is restored from them into /tmp/mtp_module (no warm-up on this machine start).
 source benchmarks/gpu/setup.sh
+if [ -n "${MTP_PARTS:-}" ] && [ ! -f /tmp/mtp_module/mtp.safetensors ]; then
+  mkdir -p /tmp/mtp_module && cat "$MTP_PARTS"/mtp.safetensors.part-* > /tmp/mtp_module/mtp.safetensors
+fi
 task=${TASK:-arithmetic_set}
 task_args='{"problems": 26, "digits": [2, 1]}'
 [ "$task" = counting ] && task_args='{"start": [100, 799], "length": [120, 220]}'
@@ -53,7 +60,6 @@ if [ "${PHASE:-1}" = prof ]; then
 fi
 if [ "${PHASE:-1}" = warmup ]; then
   TASK=$task LIMIT=${LIMIT:-200} WARMUP=${WARMUP:-400} bash benchmarks/gpu/mtp_warmup.sh
-  mkdir -p /tmp/mtp_module && cp $OUT/mtp_warmup/mtp.safetensors /tmp/mtp_module/
   exit 0
 fi
 if [ "${PHASE:-1}" = bench ]; then
@@ -92,7 +98,6 @@ if [ "${PHASE:-1}" = 1 ]; then
     tests/rollout/test_sam.py tests/rollout/test_sync_free_spec.py \
     tests/kernels/test_sam_device.py tests/rollout/test_draft_chains.py 2>&1 | grep -v Warn | tail -15 | tee $OUT/gpu_tests.txt
   TASK=arithmetic_set LIMIT=${LIMIT:-240} WARMUP=${WARMUP:-400} bash benchmarks/gpu/mtp_warmup.sh
-  mkdir -p /tmp/mtp_module && cp $OUT/mtp_warmup/mtp.safetensors /tmp/mtp_module/
   exit 0
 fi
 drafters=${DRAFTERS:-sam sam+mtp}
