@@ -4,9 +4,11 @@
 
 A verify step's rule (`rlkit.kernels.spec_verify.verify_drafts_triton`) on random target rows
 (softmax of randn * 4, SmolLM2's vocabulary by default) with deterministic drafts (SAM's, MTP's
-argmax) and with draft distributions q, at `chunks` = 1 (one program a row, as before) and the
-default (up to 16 a row): device time per call, each replayed from a CUDA graph of 20 calls in
+argmax) and with draft distributions q, at `chunks` = 1 (one program a row) and the default
+(up to 16 a row): device time per call, each replayed from a CUDA graph of 20 calls in
 one process (`rlkit.bench.time_cuda_graph`), and whether both give the reference's tokens.
+(The fifteenth session's `one_program` figures were an earlier single-launch kernel; since,
+`chunks` = 1 runs the chunked kernels' two launches with one chunk.)
 """
 
 from __future__ import annotations

@@ -178,27 +178,22 @@ def verify_drafts_reference(
 if HAS_TRITON:
 
     @triton.jit
-    def _verify_kernel(
+    def _verify_greedy_kernel(
         P,
-        Q,
         Drafts,
         NumDrafts,
-        U,
         Accepted,
         Token,
         V,
         stride_pb,
         stride_pt,
-        stride_qb,
-        stride_qt,
         stride_db,
-        stride_ub,
         K: tl.constexpr,
         K_PAD: tl.constexpr,  # next power of two >= K + 1: the positions' axis
         BLOCK_V: tl.constexpr,
-        HAS_Q: tl.constexpr,
-        GREEDY: tl.constexpr,
     ):
+        # Greedy: a draft passes while it is the argmax of its row; the token is the argmax
+        # of row `accepted` (the first index of the maximum, as torch). One program a row.
         b = tl.program_id(0).to(tl.int64)
         offs_k = tl.arange(0, K_PAD)
         m_k = offs_k < K
@@ -206,83 +201,27 @@ if HAS_TRITON:
         d = tl.load(Drafts + b * stride_db + offs_k, mask=m_k, other=0)  # [K_PAD]
         p_base = P + b * stride_pb
         offs_v = tl.arange(0, BLOCK_V)
-        if GREEDY:
-            # Argmax of each fed position's row (the first index of the maximum, as torch).
-            best_val = tl.full([K_PAD], float("-inf"), dtype=tl.float32)
-            best_idx = tl.zeros([K_PAD], dtype=tl.int64)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + offs_v
-                m = (offs_k[:, None] <= K) & (cols[None, :] < V)
-                s = tl.load(
-                    p_base + offs_k[:, None] * stride_pt + cols[None, :],
-                    mask=m,
-                    other=float("-inf"),
-                ).to(tl.float32)  # [K_PAD, BLOCK_V]
-                blk_max = tl.max(s, 1)
-                is_max = (s == blk_max[:, None]) & m
-                blk_idx = tl.min(tl.where(is_max, cols[None, :], V), 1).to(tl.int64)
-                better = blk_max > best_val
-                best_idx = tl.where(better, blk_idx, best_idx)
-                best_val = tl.where(better, blk_max, best_val)
-            passed = d == best_idx
-        else:
-            p_d = tl.load(p_base + offs_k * stride_pt + d, mask=m_k, other=0.0)
-            if HAS_Q:
-                q_d = tl.load(Q + b * stride_qb + offs_k * stride_qt + d, mask=m_k, other=1.0)
-            else:
-                q_d = tl.full([K_PAD], 1.0, dtype=tl.float32)
-            u_k = tl.load(U + b * stride_ub + offs_k, mask=m_k, other=1.0)  # float64
-            passed = u_k * q_d.to(tl.float64) < p_d.to(tl.float64)
-        live = passed & (offs_k < n) & m_k
+        best_val = tl.full([K_PAD], float("-inf"), dtype=tl.float32)
+        best_idx = tl.zeros([K_PAD], dtype=tl.int64)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs_v
+            m = (offs_k[:, None] <= K) & (cols[None, :] < V)
+            s = tl.load(
+                p_base + offs_k[:, None] * stride_pt + cols[None, :],
+                mask=m,
+                other=float("-inf"),
+            ).to(tl.float32)  # [K_PAD, BLOCK_V]
+            blk_max = tl.max(s, 1)
+            is_max = (s == blk_max[:, None]) & m
+            blk_idx = tl.min(tl.where(is_max, cols[None, :], V), 1).to(tl.int64)
+            better = blk_max > best_val
+            best_idx = tl.where(better, blk_idx, best_idx)
+            best_val = tl.where(better, blk_max, best_val)
+        live = (d == best_idx) & (offs_k < n) & m_k
         # The first draft that is not kept (a rejection, or past the row's drafts).
         accepted = tl.minimum(tl.min(tl.where(live, K_PAD, offs_k), 0), n).to(tl.int64)
         tl.store(Accepted + b, accepted)
-        if GREEDY:
-            tl.store(Token + b, tl.sum(tl.where(offs_k == accepted, best_idx, 0), 0))
-        else:
-            rejected = accepted < n
-            d_at = tl.sum(tl.where(offs_k == accepted, d, 0), 0)
-            p_row = p_base + accepted * stride_pt
-            q_row = Q + b * stride_qb + accepted * stride_qt
-            # q's columns that count: all of them after a rejection, none for the bonus token.
-            q_cols = tl.where(rejected, V, 0)
-            # Pass 1: the residual's mass, and p's (the fallback when rounding leaves none).
-            total_r = tl.zeros([1], dtype=tl.float64)
-            total_p = tl.zeros([1], dtype=tl.float64)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + offs_v
-                m = cols < V
-                p = tl.load(p_row + cols, mask=m, other=0.0)
-                if HAS_Q:
-                    q = tl.load(q_row + cols, mask=cols < q_cols, other=0.0)
-                else:
-                    q = tl.where((cols == d_at) & (cols < q_cols), 1.0, 0.0)
-                total_r += tl.sum(tl.maximum(p.to(tl.float64) - q.to(tl.float64), 0.0), 0)
-                total_p += tl.sum(p.to(tl.float64), 0)
-            use_r = tl.sum(total_r, 0) > 0.0
-            q_cols = tl.where(use_r, q_cols, 0)
-            goal = tl.load(U + b * stride_ub + K) * tl.sum(tl.where(use_r, total_r, total_p), 0)
-            # Pass 2: the first token whose running sum exceeds goal.
-            running = tl.zeros([1], dtype=tl.float64)
-            token = tl.full([1], V - 1, dtype=tl.int64)
-            found = tl.zeros([1], dtype=tl.int1)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + offs_v
-                m = cols < V
-                p = tl.load(p_row + cols, mask=m, other=0.0)
-                if HAS_Q:
-                    q = tl.load(q_row + cols, mask=cols < q_cols, other=0.0)
-                else:
-                    q = tl.where((cols == d_at) & (cols < q_cols), 1.0, 0.0)
-                r = tl.maximum(p.to(tl.float64) - q.to(tl.float64), 0.0)
-                cdf = tl.sum(running, 0) + tl.cumsum(r, 0)  # [BLOCK_V]
-                hit = (cdf > goal) & m
-                first = tl.min(tl.where(hit, cols, V), 0).to(tl.int64)
-                take = (first < V) & (found == 0)
-                token = tl.where(take, first, token)
-                found = found | take
-                running += tl.sum(r, 0)
-            tl.store(Token + b + tl.arange(0, 1), token)
+        tl.store(Token + b, tl.sum(tl.where(offs_k == accepted, best_idx, 0), 0))
 
     @triton.jit
     def _accepted_stochastic(
@@ -416,12 +355,13 @@ def verify_drafts_triton(
     block_v: int = 1024,
     chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernels (contract in the module docstring). Greedy, or `chunks` = 1: one
-    program per sequence. Else `chunks` programs per sequence (a power of two; None: up to 16,
-    two blocks of `block_v` a chunk or more), in two launches: each program tests the row's
-    drafts and sums the residual over its chunk of the vocabulary, then the one chunk where
-    the draw falls finds its token. One program a row left most of a GPU idle at a
-    verify step's few rows: 80 us a step on the H200 at 1 and 16 rows (2026-11-30)."""
+    """The Triton kernels (contract in the module docstring). Greedy: one program per
+    sequence. Else `chunks` programs per sequence (a power of two; None: up to 16, two blocks
+    of `block_v` a chunk or more), in two launches: each program tests the row's drafts and
+    sums the residual over its chunk of the vocabulary, then the one chunk where the draw
+    falls finds its token. One program a row (`chunks` = 1) left most of a GPU idle at a
+    verify step's few rows: 77-108 us a step on the H200 at 1-64 rows, 8-12 us in 16 chunks
+    (2026-11-30)."""
     if chunks is not None and (chunks < 1 or chunks & (chunks - 1)):
         raise ValueError(f"chunks must be a power of two >= 1, got {chunks}")
     if not HAS_TRITON:
@@ -441,44 +381,27 @@ def verify_drafts_triton(
         q = q.contiguous()
     # float64, as the reference compares them: the same decisions bit for bit.
     u = target if uniforms is None else uniforms.to(torch.float64).contiguous()
+    if greedy:
+        _verify_greedy_kernel[(B,)](
+            target, drafts, num_drafts.contiguous(), accepted, token, V, target.stride(0),
+            target.stride(1), drafts.stride(0), K=k, K_PAD=_next_pow2(k + 1), BLOCK_V=block_v,
+            num_warps=4,
+        )  # fmt: skip
+        return accepted, token
     if chunks is None:
         chunks = min(16, _next_pow2(max(1, V // (2 * block_v))))
-    if not greedy and chunks > 1:
-        chunk = -(-V // chunks)
-        sums = torch.empty((2, B, chunks), dtype=torch.float64, device=target.device)
-        args = (target, q, drafts, num_drafts.contiguous(), u, accepted, sums[0], sums[1])
-        strides = (
-            target.stride(0), target.stride(1), q.stride(0), q.stride(1), drafts.stride(0),
-            u.stride(0),
-        )  # fmt: skip
-        meta = dict(K=k, BLOCK_V=block_v, HAS_Q=draft_probs is not None, CHUNKS=chunks)
-        _verify_sums_kernel[(B, chunks)](
-            *args, V, chunk, *strides, K_PAD=_next_pow2(k + 1), **meta, num_warps=4
-        )
-        _verify_draw_kernel[(B, chunks)](*args, token, V, chunk, *strides, **meta, num_warps=4)
-        return accepted, token
-    _verify_kernel[(B,)](
-        target,
-        q,
-        drafts,
-        num_drafts.contiguous(),
-        u,
-        accepted,
-        token,
-        V,
-        target.stride(0),
-        target.stride(1),
-        q.stride(0),
-        q.stride(1),
-        drafts.stride(0),
+    chunk = -(-V // chunks)
+    sums = torch.empty((2, B, chunks), dtype=torch.float64, device=target.device)
+    args = (target, q, drafts, num_drafts.contiguous(), u, accepted, sums[0], sums[1])
+    strides = (
+        target.stride(0), target.stride(1), q.stride(0), q.stride(1), drafts.stride(0),
         u.stride(0),
-        K=k,
-        K_PAD=_next_pow2(k + 1),
-        BLOCK_V=block_v,
-        HAS_Q=draft_probs is not None,
-        GREEDY=greedy,
-        num_warps=4,
+    )  # fmt: skip
+    meta = dict(K=k, BLOCK_V=block_v, HAS_Q=draft_probs is not None, CHUNKS=chunks)
+    _verify_sums_kernel[(B, chunks)](
+        *args, V, chunk, *strides, K_PAD=_next_pow2(k + 1), **meta, num_warps=4
     )
+    _verify_draw_kernel[(B, chunks)](*args, token, V, chunk, *strides, **meta, num_warps=4)
     return accepted, token
 
 

@@ -8,7 +8,6 @@ import torch
 
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.kernels import sample_rows as gpu_sampler
-from rlkit.kernels import spec_verify
 from rlkit.kernels import top_p as top_p_kernels
 
 
@@ -157,16 +156,11 @@ def draw(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.
 
 def draw_with(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """`draw` with the rows' uniforms u [N] (float64) given: capturable in a CUDA graph. On
-    CUDA with Triton the draw is `verify_drafts`' residual draw with no drafts (the same rule,
-    the vocabulary split over up to 16 programs a row): torch's float64 cumulative sum took
-    80 us for 16 rows of SmolLM2's 49,152 tokens on the H200, 7% of a plain decode step."""
-    if logp.is_cuda and spec_verify.HAS_TRITON and logp.dtype == torch.float32:
-        n = logp.shape[0]
-        none = torch.zeros((n, 0), dtype=torch.int64, device=logp.device)
-        _, tokens = spec_verify.verify_drafts_triton(
-            logp.exp()[:, None, :], none, none.new_zeros(n), None, u.to(torch.float64)[:, None]
-        )
-        return tokens
+    CUDA with Triton the draw is the plain sampler's kernel (`sample_rows`, the same rule, each
+    row split over chunks) on logp at temperature 1: torch's float64 cumulative sum took 80 us
+    for 16 rows of SmolLM2's 49,152 tokens on the H200, 7% of a plain decode step."""
+    if logp.is_cuda and gpu_sampler.HAS_TRITON:
+        return gpu_sampler.sample_rows_triton(logp, 1.0, u)[0]
     cdf = logp.exp().cumsum(dim=-1, dtype=torch.float64)  # [N, V]
     tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
     return tokens.clamp_max_(cdf.shape[-1] - 1)

@@ -56,3 +56,11 @@ def test_sam_extend_kernel_compiles():
         "stride_h": "i32", "stride_m": "i32", "stride_t": "i32", "L": "i32", "T": "i32",
     }  # fmt: skip
     assert _compile(sam_device._extend_kernel, sig, {"BLOCK": 1024})
+
+
+def test_greedy_verify_kernel_compiles():
+    sig = {
+        "P": "*fp32", "Drafts": "*i64", "NumDrafts": "*i64", "Accepted": "*i64",
+        "Token": "*i64", "V": "i32", "stride_pb": "i32", "stride_pt": "i32", "stride_db": "i32",
+    }  # fmt: skip
+    assert _compile(sv._verify_greedy_kernel, sig, {"K": 3, "K_PAD": 4, "BLOCK_V": 1024})

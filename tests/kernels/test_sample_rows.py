@@ -55,7 +55,26 @@ def run_cases(device: str) -> dict[str, dict]:
             "ref_logp": ref_logp.tolist(),
         }
     results["emit"] = run_emit(device)
+    results["nucleus-draw"] = run_nucleus_draw(device)
     return results
+
+
+def run_nucleus_draw(device: str) -> dict:
+    """`sampling.draw_with` on CUDA is this kernel on log-probabilities at temperature 1: rows
+    whose nucleus left most tokens, and whole chunks, at -inf draw the CPU path's tokens."""
+    from rlkit.rollout.sampling import draw_with
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 5000, generator=g) * 4
+    logits[:, ::3] = float("-inf")
+    logits[0, 100:] = float("-inf")  # chunks without mass
+    logp = logits.log_softmax(-1)
+    u = torch.rand(16, generator=g, dtype=torch.float64)
+    try:
+        tok, _ = sr.sample_rows_triton(logp.to(device), 1.0, u.to(device), chunk=1024)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"token": tok.tolist(), "ref_token": draw_with(logp, u).tolist()}
 
 
 def make_emit(n: int, device: str) -> sr.Emit:
@@ -130,6 +149,12 @@ def _check_emit(res: dict) -> None:
     assert [i for i, d in enumerate(res["done"]) if d] == sorted({2, *stopped})
 
 
+def test_triton_interpreted_draws_the_samplers_nucleus_tokens(interpreted_results):
+    res = interpreted_results["nucleus-draw"]
+    assert "error" not in res, res.get("error")
+    assert res["token"] == res["ref_token"]
+
+
 def test_triton_interpreted_emit_writes_what_emit_one_writes(interpreted_results):
     _check_emit(interpreted_results["emit"])
 
@@ -139,8 +164,19 @@ def test_triton_interpreted_emit_writes_what_emit_one_writes(interpreted_results
 def test_triton_on_gpu_matches_reference():
     results = run_cases("cuda")
     _check_emit(results.pop("emit"))
+    nucleus = results.pop("nucleus-draw")
+    assert "error" not in nucleus and nucleus["token"] == nucleus["ref_token"]
     for name, res in results.items():
         _check_result(name, res)
+    # The sampler's draw on CUDA takes this kernel: the CPU path's tokens at SmolLM2's size.
+    from rlkit.rollout.sampling import draw_with
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 49152, generator=g) * 4
+    logits[:, ::3] = float("-inf")  # a nucleus' holes
+    logp = logits.log_softmax(-1)
+    u = torch.rand(32, generator=g, dtype=torch.float64)
+    assert torch.equal(draw_with(logp.cuda(), u.cuda()).cpu(), draw_with(logp, u))
     # The dispatcher takes the kernel for CUDA tensors.
     logits, temperature, u = make_inputs(CASES["N37-V1000-fp32-T1"], seed=0, device="cuda")
     tok, _ = sr.sample_rows(logits, temperature, u)
