@@ -237,6 +237,7 @@ def _native(
             draft_chains=args.draft_chains,
             tail_draft_chains=args.tail_draft_chains,
             chain_kinds=args.chain_kinds.split(","),
+            adaptive_draft=args.adaptive_draft,
         )
         if "mtp" in drafter:
             mtp = load_mtp(args.mtp or model_dir, model.args) or init_mtp(model.args, seed=0)
@@ -659,6 +660,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
         help="which chains, in order (a step of C chains takes the first C the drafter makes)",
     )
     spec.add_argument(
+        "--adaptive-draft",
+        action="store_true",
+        help="the draft length follows the acceptance of the last round (halved below 30%%, "
+        "doubled above 70%%, up to --num-draft-tokens or the tail's)",
+    )
+    spec.add_argument(
         "--spec-max-batch",
         type=int,
         default=0,
@@ -841,6 +848,7 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
             draft_chains=args.draft_chains,
             tail_draft_chains=args.tail_draft_chains,
             chain_kinds=args.chain_kinds,
+            adaptive_draft=args.adaptive_draft,
             mtp=(args.mtp or model_dir) if has else "untrained (no mtp.safetensors)",
         )
     print(", ".join(f"{k}={v}" for k, v in settings.items()))

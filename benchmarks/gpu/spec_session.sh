@@ -32,6 +32,7 @@
 #     (benchmarks/profile_rollout.py, sam+mtp argmax, k = 3, the module from phase 1 if any)
 #     at each batch in BATCHES (default "16 4") for each chain count in PCHAINS (default
 #     "1 4") -> $OUT/prof_c{C}_b{B}.txt.
+#     ADAPTIVE=1: the draft length follows the acceptance (`--adaptive-draft`).
 #   TASK=counting (warmup, bench, prof): recipes/sparse_rl_counting.yaml's task (write every
 #     number from A to B, 120-220 of them) instead of arithmetic_set, for warm-up and bench.
 #   MTP_PARTS=DIR: a folder of the repository (git-ignored, e.g. .mtp_parts; in the call's carry) holding
@@ -83,7 +84,7 @@ if [ "${PHASE:-1}" = bench ]; then
       --mtp-vocab 8192 --num-draft-tokens "${KS:-3}" --sam-min-match "${SAM_MIN_MATCH:-2}" \
       --tail-rows "${tail%:*}" --tail-draft-tokens "${tail#*:}" --tail-draft-chains "$c" \
       --interleave --repeats "${REPEATS:-6}" --json "$OUT/$name.json" \
-      ${STEP_TIMES:+--step-times} 2>&1 | grep -v Warn | tail -${STEP_TIMES:+1}6
+      ${STEP_TIMES:+--step-times} ${ADAPTIVE:+--adaptive-draft} 2>&1 | grep -v Warn | tail -${STEP_TIMES:+1}6
     files+=("$OUT/$name.json")
   done
   done

@@ -120,6 +120,7 @@ RULES: dict[str, Check | None] = {
     "rollout.speculative.draft_chains": in_range(1, 4),  # what the drafter makes: below
     "rollout.speculative.tail_draft_chains": in_range(0, 4),
     "rollout.speculative.chain_kinds": None,  # known kinds, once each: _speculative_fits
+    "rollout.speculative.adaptive_draft": None,
     "rollout.vllm.python": optional(executable),
     "rollout.vllm.gpu_memory_utilization": in_range(0, 1, low_open=True),
     "rollout.vllm.sleep_between_steps": None,

@@ -228,6 +228,14 @@ class SpeculativeConfig:
     # mtp: the MTP module's argmax chain; mtp_runner_up: the chain from its depth-1 runner-up
     # (k - 1 more MTP block passes a step; sam_other costs one more match search).
     chain_kinds: list[str] = field(default_factory=lambda: list(CHAIN_KINDS))
+    # The draft length follows the drafts' acceptance (`steps.DraftAdapter`): after each
+    # round of steps (the host's read of the device, every `sync_every` steps; four steps
+    # where the host drafts), a round whose drafts passed less than 30% of the time halves
+    # the next rounds' length (down to 1) and one above 70% doubles it (up to
+    # num_draft_tokens, or the tail's). A sequence whose text the drafter cannot guess then
+    # pays for one-token drafts, not k: on a GPU each draft depth is a block call of the MTP
+    # module and a wider verification. Lossless either way.
+    adaptive_draft: bool = False
 
     def tail_problem(self) -> tuple[str, str] | None:
         """(key, what is wrong) when the tail setting cannot be honoured, else None."""

@@ -432,7 +432,7 @@ class Engine:
             if device_drafter is not None:
                 step = SyncFreeSpecStep(
                     run, device_drafter, spec.draft_tokens, spec.max_batch, chains,
-                    tuple(spec.chain_order()) if multi else (),
+                    tuple(spec.chain_order()) if multi else (), spec.adaptive_draft,
                 )  # fmt: skip
             elif multi:
                 raise ValueError(
@@ -441,5 +441,7 @@ class Engine:
                     f"{self.cuda_graphs}, dense cache {run.cache.device_lengths})"
                 )
             else:
-                step = SpecStep(host_drafter, spec.draft_tokens, spec.max_batch)
+                step = SpecStep(
+                    host_drafter, spec.draft_tokens, spec.max_batch, spec.adaptive_draft
+                )
         return run.execute(step)

@@ -214,9 +214,18 @@ class SpecStep:
 
     exact_counts = True
 
-    def __init__(self, drafter: Drafter, num_draft_tokens: DraftLength, max_batch: int = 0):
+    ADAPT_STEPS = 4  # verify steps a round of the draft adapter
+
+    def __init__(
+        self,
+        drafter: Drafter,
+        num_draft_tokens: DraftLength,
+        max_batch: int = 0,
+        adaptive: bool = False,
+    ):
         self.drafter, self.max_batch = drafter, max_batch
         self.k_for = _draft_length(num_draft_tokens)
+        self.adapt = DraftAdapter(adaptive)
         self.plain_steps = 0
         self.steps = self.seq_steps = self.emitted = self.drafted = self.accepted = 0
         self.draft_seconds = 0.0
@@ -238,11 +247,13 @@ class SpecStep:
 
     def kind(self, rows: int) -> str:
         # Over max_batch no row drafts: a plain step (so does a step where no row drafts).
-        return "plain" if self.max_batch and rows > self.max_batch else f"spec k{self.k_for(rows)}"
+        if self.max_batch and rows > self.max_batch:
+            return "plain"
+        return f"spec k{self.adapt.k(self.k_for(rows))}"
 
     def step(self, run: Run) -> None:
         B, dev, params = len(run.seq), run.device, run.params
-        k = self.k_for(B)
+        k = self.adapt.k(self.k_for(B))
         room = np.minimum(k, run.limit - run.count - 1)  # the last token is the verifier's
         bound = run.cache.draft_room(B)
         if bound is not None:
@@ -298,6 +309,8 @@ class SpecStep:
         self.emitted += int(kept.sum()) + B
         self.drafted += int(draft.num.sum())
         self.accepted += int(kept.sum())
+        if self.steps % self.ADAPT_STEPS == 0:
+            self.adapt.observe(self.drafted, self.accepted)
 
     def stats(self) -> dict[str, float]:
         """spec/accept_len_mean: tokens emitted per sequence and verify step (accepted drafts
@@ -320,6 +333,42 @@ def _draft_length(k: DraftLength) -> Callable[[int], int]:
     if callable(k):
         return k
     return lambda rows: k
+
+
+class DraftAdapter:
+    """The draft length of the next rounds from the acceptance of the last one
+    (`SpeculativeConfig.adaptive_draft`): a round whose drafts passed less than `LOW` of the
+    time halves it (down to 1), one at `HIGH` or more doubles it, up to the configured length
+    (`k(full)`); in between it stays. Off, `k(full)` is `full`. The step feeds the running
+    totals of drafted and accepted tokens (`observe`) once a round: a verify step over few
+    rows costs more with every draft depth (the MTP module's block call, a wider
+    verification) whether the drafts pass or not."""
+
+    LOW, HIGH = 0.3, 0.7
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.cap: int | None = None  # None: the full length
+        self.last_k = 0  # the length the round ran at
+        self.seen = (0, 0)  # drafted, accepted totals at the last decision
+
+    def k(self, full: int) -> int:
+        k = full if not self.on or self.cap is None else max(1, min(full, self.cap))
+        self.last_k = k
+        return k
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """Totals so far (they only grow within a generate call); decides on the round since
+        the last call."""
+        d, a = drafted - self.seen[0], accepted - self.seen[1]
+        self.seen = (drafted, accepted)
+        if not self.on or d <= 0 or self.last_k == 0:
+            return
+        rate = a / d
+        if rate < self.LOW:
+            self.cap = max(1, self.last_k // 2)
+        elif rate >= self.HIGH:
+            self.cap = 2 * self.last_k
 
 
 def _spec_stats(
@@ -384,6 +433,7 @@ class SyncFreeSpecStep:
         max_batch: int = 0,
         draft_chains: DraftLength = 1,
         chain_kinds: tuple[str, ...] = (),
+        adaptive: bool = False,
     ):
         graphs = run.graphs
         assert graphs is not None and run.cache.device_lengths
@@ -413,6 +463,7 @@ class SyncFreeSpecStep:
         # may pad past the run's slots, up to the cache's.
         self.last, self.count = graphs.slot_state_all()
         self.steps = 0
+        self.adapt = DraftAdapter(adaptive)
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
         self.drafter.admitted(run, first, seqs, hidden)
@@ -433,11 +484,11 @@ class SyncFreeSpecStep:
     def kind(self, rows: int) -> str:
         # Every step feeds k + 1 tokens a row (C chains: 1 + C k), drafts or not.
         C = self.chains_for(rows)
-        return f"spec k{self.k_for(rows)}" + (f" c{C}" if C > 1 else "")
+        return f"spec k{self.adapt.k(self.k_for(rows))}" + (f" c{C}" if C > 1 else "")
 
     def step(self, run: Run) -> None:
         B, st = len(run.seq), self.g.state
-        pad, k, C = self.g.bucket(B), self.k_for(B), self.chains_for(B)
+        pad, k, C = self.g.bucket(B), self.adapt.k(self.k_for(B)), self.chains_for(B)
         u = f"u{k}"  # the step's uniforms [slots, k + 1]
         if u not in st:
             st[u] = torch.zeros(run.cache.num_slots, k + 1, dtype=torch.float64, device=run.device)
@@ -512,9 +563,12 @@ class SyncFreeSpecStep:
         """The host's counts and cache lengths from the device, in one copy."""
         B = len(run.seq)
         lens = run.cache.lengths_on_device(B)
-        host = torch.cat([run.count_dev[:B], lens]).cpu().numpy()
+        # The step's counters ride along (rows, emitted, drafted, accepted, other chains):
+        # the draft adapter's round.
+        host = torch.cat([run.count_dev[:B], lens, self.g.state["counts"]]).cpu().numpy()
         run.count[:] = host[:B]
-        run.cache.lengths_from_device(host[B:])
+        run.cache.lengths_from_device(host[B:-5])
+        self.adapt.observe(int(host[-3]), int(host[-2]))
 
     def stats(self) -> dict[str, float]:
         """As `SpecStep.stats`; spec/draft_ms is the host's drafting time, 0 here: the drafts

@@ -19,11 +19,15 @@ from rlkit.rollout.sam import corpus_automaton
 
 @pytest.fixture
 def make(tiny_dirs):
-    def make(arch="llama", k=3, graphs=True, max_batch=0, tail=(0, 0), match="latest", **kwargs):
+    def make(
+        arch="llama", k=3, graphs=True, max_batch=0, tail=(0, 0), match="latest",
+        adaptive=False, min_match=2, **kwargs,
+    ):  # fmt: skip
         model, tok = load_model(tiny_dirs[arch])
         spec = SpeculativeConfig(
-            drafter="sam", num_draft_tokens=k, sam_min_match=2, max_batch=max_batch,
+            drafter="sam", num_draft_tokens=k, sam_min_match=min_match, max_batch=max_batch,
             tail_rows=tail[0], tail_draft_tokens=tail[1], sam_match=match,
+            adaptive_draft=adaptive,
         )  # fmt: skip
         # cpu_kernels=False: the fused C step would take precedence over padded steps.
         kwargs.setdefault("cpu_kernels", False)
@@ -130,6 +134,52 @@ def test_a_longer_draft_in_the_tail(make, prompts):
     host_k = make(k=2, graphs=False, max_batch_size=4, sync_every=2)
     host_k.generate(prompts, sp, n=2)
     assert host.stats["spec/drafted_per_step"] > host_k.stats["spec/drafted_per_step"]
+
+
+def test_the_draft_adapter_halves_doubles_and_stays_within_bounds():
+    a = steps.DraftAdapter(True)
+    assert a.k(6) == 6  # no round seen yet: the full length
+    a.observe(12, 2)  # 17% passed: halve
+    assert a.k(6) == 3
+    a.observe(12 + 6, 2 + 1)  # 17% again: 1
+    assert a.k(6) == 1
+    a.observe(18 + 4, 3)  # nothing passed: stays at 1
+    assert a.k(6) == 1
+    a.observe(22 + 4, 3 + 3)  # 75%: double
+    assert a.k(6) == 2
+    a.observe(26 + 8, 6 + 4)  # 50%: stays
+    assert a.k(6) == 2
+    a.observe(34 + 8, 10 + 8)  # all passed: double
+    assert a.k(6) == 4 and a.k(3) == 3  # never past the configured (or the tail's) length
+    a.observe(42 + 4, 18 + 4)
+    assert a.k(6) == 6
+    a.observe(46, 22)  # a round that drafted nothing decides nothing
+    assert a.k(6) == 6
+    off = steps.DraftAdapter(False)
+    off.observe(100, 0)
+    assert off.k(5) == 5
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_adaptive_draft_shortens_drafts_that_fail_and_stays_lossless(make, prompts, graphs):
+    """adaptive_draft: sampled text of a random model defeats SAM (minimum match 1, k = 4), so
+    the rounds' drafts rarely pass and the draft length falls below k; the device step then
+    runs graphs of shorter drafts. Greedy output is still plain decoding's token for token."""
+    sp = SamplingParams(max_new_tokens=40, temperature=1.0, seed=3)
+    fixed = make(k=4, graphs=graphs, min_match=1, max_batch_size=4, sync_every=2)
+    fixed.generate(prompts, sp, n=2)
+    adaptive = make(k=4, graphs=graphs, min_match=1, adaptive=True, max_batch_size=4, sync_every=2)
+    adaptive.generate(prompts, sp, n=2)
+    assert fixed.stats["spec/accept_rate"] < steps.DraftAdapter.LOW, fixed.stats
+    assert adaptive.stats["spec/drafted_per_step"] < 0.75 * fixed.stats["spec/drafted_per_step"]
+    if graphs:
+        (g,) = _sync_free(adaptive)
+        assert {k for _, k in g.steps} >= {4, 2, 1}, g.steps
+        (g,) = _sync_free(fixed)
+        assert {k for _, k in g.steps} == {4}
+    greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=[17, 99])
+    out = adaptive.generate(prompts, greedy, n=2)
+    _same(out, adaptive.generate(prompts, greedy, n=2, drafter="none"))
 
 
 def test_the_tail_setting_samples_the_policy(make, reference, prompts):
