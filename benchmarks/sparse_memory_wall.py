@@ -104,6 +104,14 @@ def main(argv: list[str]) -> dict[str, Any]:
     ap.add_argument("--copy-gb", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--also-interval",
+        type=int,
+        default=0,
+        help="then one more equal-memory row at this compression interval (its own sequence "
+        "count), added to the JSON as `equal_memory_other_interval` once the main rows are "
+        "written",
+    )
     a = ap.parse_args(argv)
     model_dir = resolve_model_dir(a.model)
     with open(f"{model_dir}/config.json") as f:
@@ -207,6 +215,43 @@ def main(argv: list[str]) -> dict[str, Any]:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
         print(f"sparse_memory_wall: written to {a.json}")
+    if a.also_interval:
+        other = KVCompressionConfig(
+            policy=a.policy,
+            budget=a.budget,
+            window=a.window,
+            interval=a.also_interval,  # type: ignore[arg-type]
+        )
+        slot = CompressedKVCache.compressed_slot_bytes(
+            margs.num_layers, min(length, a.budget + a.also_interval), length, margs.num_heads,
+            margs.num_kv_heads, margs.head_dim, other, dtype,
+        )  # fmt: skip
+        n_other = memory // slot
+        args = [*common, "--batch", str(n_other), "--modes", "sparse"]
+        args[args.index("--interval") + 1] = str(a.also_interval)
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        (row,) = rollout(args)
+        kv = row["seqs_admitted"] * mean_entries(a.prompt_len, a.new_tokens, other) * per_entry
+        floor_ms = 1000 * (weights + kv) / bandwidth
+        out["equal_memory_other_interval"] = {
+            "interval": a.also_interval,
+            "sequences_ratio": row["seqs_admitted"] / dense["seqs_admitted"],
+            "speedup": row["tokens_per_s"] / dense["tokens_per_s"],
+            "floor_ms_per_step": floor_ms,
+            "ms_per_step": row["ms_per_step"],
+            "step_over_floor": row["ms_per_step"] / floor_ms,
+            "row": row,
+        }
+        print(
+            json.dumps(
+                {k: v for k, v in out["equal_memory_other_interval"].items() if k != "row"},
+                indent=1,
+            )
+        )
+        if a.json:
+            with open(a.json, "w", encoding="utf-8") as f:
+                json.dump(out, f, indent=1)
     return out
 
 

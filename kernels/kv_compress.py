@@ -22,7 +22,18 @@ of each sequence's cache row. Three ops, each a Triton kernel beside its PyTorch
         indices  [R, KVH, budget] ascending  -> store[rows[r], h, :budget] = store[rows[r], h,
                                                 indices[r, h]]
 
-The dispatchers (`window_scores`, `keep_top`, `compact_rows`) run the kernel for CUDA tensors
+    fill_moves(chosen, budget, length) -> (src, dst)
+        chosen   [R, KVH, budget] the kept entries, any order, all < length
+        src, dst [R, KVH, length - budget] int64: the kept entries at or past `budget` (in
+                                entry order) and the evicted places below it (in order) they
+                                go to; -1 past each row's count. Pure PyTorch, no host read.
+
+    fill_rows(store, rows, src, dst)          in place
+        store[rows[r], h, dst[r, h, i]] = store[rows[r], h, src[r, h, i]] where src >= 0:
+        the kept entries end in places 0..budget-1 moving only the ones past the budget
+        (a row's order changes; `rollout/kv_cache.py` keeps the entries' positions)
+
+The dispatchers (`window_scores`, `keep_top`, `compact_rows`, `fill_rows`) run the kernel for CUDA tensors
 when Triton is importable and the reference otherwise. None of them reads a value back to the
 host, so a compression is launched without a host synchronisation.
 
@@ -45,6 +56,10 @@ over (entry block, head, row)), and its output place is the number of kept entri
 `compact_rows`: one program per (sequence, kv head) walks the kept places in blocks; since
 indices are ascending and indices[p] >= p, a block reads only places at or after its own, and
 a barrier between its loads and its stores makes the copy in place safe (and the walk serial).
+It reads and writes every kept entry: at the memory wall (455 rows of a 1.5B model) 252 us a
+layer's K or V, at the copy bandwidth. `fill_rows` moves only the kept entries past the budget,
+at most `interval` a row (sources past the budget, destinations below it: no program reads
+what another writes), one program per (sequence, kv head, block of moves).
 """
 
 from __future__ import annotations
@@ -59,6 +74,10 @@ __all__ = [
     "compact_rows",
     "compact_rows_reference",
     "compact_rows_triton",
+    "fill_moves",
+    "fill_rows",
+    "fill_rows_reference",
+    "fill_rows_triton",
     "keep_top",
     "keep_top_reference",
     "keep_top_triton",
@@ -179,6 +198,59 @@ def compact_rows_reference(store: torch.Tensor, rows: torch.Tensor, indices: tor
     heads = torch.arange(kvh, device=store.device)
     kept = store[rows[:, None, None], heads[None, :, None], indices.to(store.device)]
     store[rows, :, :n] = kept  # [R, KVH, n(, D)]
+
+
+def fill_moves(chosen: torch.Tensor, budget: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) [R, KVH, length - budget] of `fill_rows` for the kept entries `chosen`
+    [R, KVH, budget] (distinct, < length): the i-th kept entry at or past the budget goes to
+    the i-th evicted place below it; -1 past each row's count (the two counts are equal)."""
+    if chosen.dim() != 3 or chosen.shape[2] != budget or not 0 < budget <= length:
+        raise ValueError(
+            f"chosen must be [R, KVH, budget={budget}] with budget <= length {length}, got "
+            f"shape {tuple(chosen.shape)}"
+        )
+    R, kvh, _ = chosen.shape
+    kept = torch.zeros(R, kvh, length, dtype=torch.bool, device=chosen.device)
+    kept.scatter_(-1, chosen, True)
+    moves = length - budget
+
+    def ranked(mask: torch.Tensor, offset: int) -> torch.Tensor:
+        # The indices (+ offset) of mask's True entries in order, into `moves` places.
+        rank = torch.where(mask, mask.long().cumsum(-1) - 1, moves)  # `moves`: a spare place
+        at = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask) + offset
+        out = torch.full((R, kvh, moves + 1), -1, dtype=torch.long, device=mask.device)
+        out.scatter_(-1, rank, torch.where(mask, at, -1))
+        return out[..., :moves]
+
+    return ranked(kept[..., budget:], budget), ranked(~kept[..., :budget], 0)
+
+
+def _check_fill(store: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+    if store.dim() not in (3, 4):
+        raise ValueError(f"store must be [S, KVH, L(, D)], got shape {tuple(store.shape)}")
+    if rows.dim() != 1 or src.dim() != 3 or src.shape != dst.shape:
+        raise ValueError(
+            f"need rows [R] and src, dst [R, KVH, M] of one shape, got {tuple(rows.shape)}, "
+            f"{tuple(src.shape)}, {tuple(dst.shape)}"
+        )
+    if src.shape[:2] != (rows.shape[0], store.shape[1]):
+        raise ValueError(
+            f"src must be [R={rows.shape[0]}, KVH={store.shape[1]}, M], got {tuple(src.shape)}"
+        )
+
+
+def fill_rows_reference(
+    store: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+) -> None:
+    """Plain PyTorch: gather the moved entries out of place, write them to their places."""
+    _check_fill(store, rows, src, dst)
+    R, kvh, M = src.shape
+    dev = store.device
+    valid = (src >= 0).to(dev)
+    r = rows.to(dev)[:, None, None].expand(R, kvh, M)[valid]
+    h = torch.arange(kvh, device=dev)[None, :, None].expand(R, kvh, M)[valid]
+    moved = store[r, h, src.to(dev)[valid]]
+    store[r, h, dst.to(dev)[valid]] = moved
 
 
 # -- Triton kernels -------------------------------------------------------------------------
@@ -528,6 +600,40 @@ if HAS_TRITON:
                 mask=m,
             )
 
+    @triton.jit
+    def _fill_kernel(
+        Store,
+        Rows,
+        Src,
+        Dst,
+        n_moves,
+        stride_s0,
+        stride_sh,
+        stride_sl,
+        stride_sd,
+        stride_mb,
+        stride_mh,
+        stride_ml,
+        D: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+        slot = tl.load(Rows + r).to(tl.int64)
+        base = Store + slot * stride_s0 + h * stride_sh
+        at = r * stride_mb + h * stride_mh + offs_p.to(tl.int64) * stride_ml
+        m_p = offs_p < n_moves
+        src = tl.load(Src + at, mask=m_p, other=-1).to(tl.int64)
+        dst = tl.load(Dst + at, mask=m_p, other=-1).to(tl.int64)
+        valid = m_p & (src >= 0)
+        offs_d = tl.arange(0, BLOCK_D)
+        m = valid[:, None] & (offs_d < D)[None, :]
+        # Sources lie past the budget and destinations below it: no barrier needed.
+        vals = tl.load(base + src[:, None] * stride_sl + offs_d[None, :] * stride_sd, mask=m)
+        tl.store(base + dst[:, None] * stride_sl + offs_d[None, :] * stride_sd, vals, mask=m)
+
 
 # Rows up to this many entries take the bisection kernel of `keep_top_triton` (its registers
 # hold a row); longer ones the rank kernel.
@@ -670,6 +776,36 @@ def compact_rows_triton(
     )
 
 
+def fill_rows_triton(
+    store: torch.Tensor,
+    rows: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    *,
+    block_p: int = 16,
+) -> None:
+    _require_triton("fill_rows_triton")
+    _check_fill(store, rows, src, dst)
+    view = store if store.dim() == 4 else store[..., None]
+    R, kvh, M = src.shape
+    if R == 0 or M == 0:
+        return
+    D = view.shape[3]
+    _fill_kernel[(R, kvh, triton.cdiv(M, block_p))](
+        view,
+        rows,
+        src,
+        dst,
+        M,
+        *view.stride(),
+        *src.stride(),
+        D=D,
+        BLOCK_P=block_p,
+        BLOCK_D=max(2, _next_pow2(D)),
+        num_warps=4,
+    )
+
+
 # -- dispatchers ----------------------------------------------------------------------------
 
 
@@ -690,3 +826,12 @@ def compact_rows(store: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor)
         compact_rows_triton(store, rows, indices)
     else:
         compact_rows_reference(store, rows, indices)
+
+
+def fill_rows(
+    store: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+) -> None:
+    if store.is_cuda and HAS_TRITON:
+        fill_rows_triton(store, rows, src, dst)
+    else:
+        fill_rows_reference(store, rows, src, dst)

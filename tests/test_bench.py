@@ -231,6 +231,7 @@ def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path):
         "--model", model_dir, "--device", "cpu", "--dtype", "float32", "--batch", "2",
         "--prompt-len", "8", "--new-tokens", "40", "--budget", "16", "--window", "4",
         "--interval", "8", "--copy-gb", "0.01", "--threads", "1", "--json", str(out),
+        "--also-interval", "4",
     ]  # fmt: skip
     res = mod.main(argv)
     saved = json.loads(out.read_text())
@@ -244,6 +245,10 @@ def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path):
     assert [r["seqs_admitted"] for r in res["rows"]["equal_batch"]] == [2, 2]
     assert 0 < res["equal_batch_kv_fraction"] < 1
     assert res["floors"]["dense"]["floor_ms_per_step"] > 0
+    # The row at the other interval holds a smaller row a sequence: no fewer sequences.
+    other = saved["equal_memory_other_interval"]
+    assert other["interval"] == 4 and other["row"]["kv_bytes_peak"] > 0
+    assert other["sequences_ratio"] >= res["equal_memory_sequences_ratio"]
     # Mean entries follow the cache: dense grows with every token; sparse stays under
     # budget + interval.
     cfg = KVCompressionConfig(policy="snapkv", budget=16, window=4, interval=8)

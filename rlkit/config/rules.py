@@ -107,6 +107,7 @@ RULES: dict[str, Check | None] = {
     "rollout.kv_compression.rkv_threshold": in_range(-1, 1),  # a cosine similarity
     "rollout.kv_compression.full_every": positive,
     "rollout.kv_compression.hybrid_local": None,
+    "rollout.kv_compression.compaction": None,
     "rollout.speculative.drafter": None,
     "rollout.speculative.num_draft_tokens": in_range(1, 16),
     "rollout.speculative.sam_min_match": positive,

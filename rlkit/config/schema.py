@@ -133,6 +133,21 @@ class KVCompressionConfig:
     # `hybrid_local` is true (NSA-style local/global alternation).
     full_every: int = 2
     hybrid_local: bool = False
+    # How a compression moves the kept entries into a row's first `budget` places. ordered:
+    # all of them, keeping the tokens' order. auto: where the policy's choice does not depend
+    # on where entries sit (snapkv, rkv, h2o with window <= interval), only the kept entries
+    # past the budget, into the places evicted below it (at most `interval` a row instead of
+    # `budget`; the cache keeps each entry's position, so scores, pooling, the window and
+    # ties see the tokens' order and keep the same entries); elsewhere ordered.
+    compaction: Literal["auto", "ordered"] = "auto"
+
+    def fills(self) -> bool:
+        """Whether compressions move only the entries past the budget (`compaction`)."""
+        return (
+            self.compaction == "auto"
+            and self.policy in ("snapkv", "rkv", "h2o")
+            and self.window <= self.interval
+        )
 
 
 @dataclass

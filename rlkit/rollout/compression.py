@@ -6,11 +6,17 @@ than `cfg.budget` entries and returns, per sequence (and per kv head, or one row
 all heads), exactly `cfg.budget` entry indices to keep, ascending: [B, KVH or 1, budget].
 The last `cfg.window` entries of each sequence are always among them (`keep_top`).
 
-Entries are indices into a sequence's cache row, not token positions: after a compression a
-row holds a subset of the tokens, in their original order, with the newest at the end. So the
-last `window` entries are always the last `window` tokens, and the `window` stored queries
-(`CompressionInputs.queries`) are those tokens' queries, the query i of them sitting at entry
-`length - window + i`.
+Entries are indices into a sequence's cache row, not token positions. With the ordered
+compaction a row holds a subset of the tokens in their original order, the newest at the end.
+With the fill compaction (`KVCompressionConfig.fills`) a compression moves only the kept
+entries past the budget into the places evicted below it, so the first `budget` places are in
+no order, and the ones after them (the tokens since) are in order; the cache then hands the
+policy `CompressionInputs.order`, the row's entries sorted by position, and every score is
+taken in that order (`_in_order`) before pooling and selection: the policy returns indices
+into the sorted order and keeps what it would keep in an ordered row. Either way the last
+`window` entries are the last `window` tokens (the fill layout needs window <= interval), and
+the `window` stored queries (`CompressionInputs.queries`) are those tokens' queries, the query
+i of them sitting at entry `length - window + i`.
 
 `KVCompressedCache` (kv_cache.py) gathers the inputs, calls the policy and compacts the rows;
 `layer_hybrid` is a layer scheme as well as a policy: the cache never compresses its full
@@ -44,6 +50,10 @@ class CompressionInputs:
     accumulated: torch.Tensor | None = None
     # [B, L] per-entry scores from the preceding full layer (layer_hybrid).
     oracle: torch.Tensor | None = None
+    # [B, KVH, L] each row's entries sorted by their tokens' positions (padding last), where
+    # the cache's rows are not in that order (the fill compaction); the policy's scores are
+    # taken in this order and the indices it returns are into it. None: rows are in order.
+    order: torch.Tensor | None = None
     # Score and select with the CPU C kernels where they apply (bf16 keys on the CPU and the
     # kernels built); the PyTorch code below is their reference.
     kernels: bool = False
@@ -108,10 +118,19 @@ def window_attention(
     return kv_compress.window_scores(queries, keys, lengths.to(keys.device))
 
 
+def _in_order(scores: torch.Tensor, inputs: CompressionInputs) -> torch.Tensor:
+    """Per-entry scores [B, X, L] in the tokens' order (`CompressionInputs.order`)."""
+    if inputs.order is None:
+        return scores
+    order = inputs.order[..., : scores.shape[-1]]
+    return scores.expand(-1, order.shape[1], -1).gather(-1, order)
+
+
 def pooled_importance(inputs: CompressionInputs, kernel: int) -> torch.Tensor:
-    """SnapKV's score [B, KVH, L]: window attention max-pooled along entries."""
+    """SnapKV's score [B, KVH, L]: window attention max-pooled along the tokens' order."""
     assert inputs.queries is not None, "this policy needs the window's queries"
     scores = window_attention(inputs.queries, inputs.keys, inputs.lengths, inputs.kernels)
+    scores = _in_order(scores, inputs)
     if kernel <= 1:
         return scores
     B, kvh, L = scores.shape
@@ -160,7 +179,9 @@ def snapkv(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
 @POLICIES.register("rkv")
 def rkv(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
     importance = pooled_importance(inputs, cfg.pool_kernel)
-    red = redundancy(inputs.keys, inputs.lengths, cfg.rkv_threshold, inputs.kernels)
+    red = _in_order(
+        redundancy(inputs.keys, inputs.lengths, cfg.rkv_threshold, inputs.kernels), inputs
+    )
     lam = cfg.rkv_lambda
     scores = lam * importance - (1 - lam) * red
     return keep_top(scores, inputs.lengths, cfg.budget, cfg.window, inputs.kernels)
@@ -170,12 +191,13 @@ def rkv(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
 def h2o(inputs: CompressionInputs, cfg: KVCompressionConfig) -> torch.Tensor:
     assert inputs.accumulated is not None, "h2o needs the accumulated attention"
     L = inputs.keys.shape[2]
-    acc = inputs.accumulated[..., :L]
+    acc = _in_order(inputs.accumulated[..., :L], inputs)
     return keep_top(acc, inputs.lengths, cfg.budget, cfg.window, inputs.kernels)
 
 
 def _recency(inputs: CompressionInputs, sink: int) -> torch.Tensor:
     """Scores [B, 1, L] that rank newer entries higher, the first `sink` entries highest."""
+    assert inputs.order is None, "recency reads the entries' places: an ordered row"
     B, L = inputs.keys.shape[0], inputs.keys.shape[2]
     idx = torch.arange(L, device=inputs.keys.device, dtype=torch.float32)
     scores = idx.masked_fill(idx < sink, math.inf)

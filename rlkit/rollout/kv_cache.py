@@ -535,6 +535,16 @@ class CompressedKVCache(KVCache):
             dtype=torch.long,
             device=device,
         )
+        # The fill compaction (cfg.fills()): per compressed layer, slot and kv head the true
+        # positions of the entries in places 0..budget-1 of the rows a compression (or a long
+        # prompt) filled (`squeezed`); a row's later entries follow them in order.
+        self.fill = cfg.fills()
+        self.slot_pos = torch.zeros(
+            (len(self.comp_layers) if self.fill else 0, num_slots, num_kv_heads, cfg.budget),
+            dtype=torch.int32,
+            device=device,
+        )
+        self.squeezed = np.zeros(num_slots, dtype=bool)
         self.events = 0
         self._mode: str | None = None
         self._static: dict[int, torch.Tensor] = {}
@@ -590,12 +600,14 @@ class CompressedKVCache(KVCache):
             total += len(comp) * num_kv_heads * m * 4  # float32
         if oracle:
             total += len(full) * m * 8  # int64
+        if cfg.fills():
+            total += len(comp) * num_kv_heads * cfg.budget * 4  # int32 positions
         return total
 
     @property
     def held_bytes(self) -> int:
         tensors = (self.k, self.v, self.kf, self.vf, self.queries, self.accumulated)
-        return sum(t.numel() * t.element_size() for t in (*tensors, self.entry_pos))
+        return sum(t.numel() * t.element_size() for t in (*tensors, self.entry_pos, self.slot_pos))
 
     @property
     def capacity(self) -> int:
@@ -640,6 +652,7 @@ class CompressedKVCache(KVCache):
         self.group_lengths[1, idx] = src
         self.positions[idx] = src
         self.since[idx] = 0
+        self.squeezed[idx] = src > self.cfg.budget
         self.events += int((src > self.cfg.budget).sum()) * len(self.comp_layers)
 
     def _last_queries(
@@ -693,6 +706,8 @@ class CompressedKVCache(KVCache):
             chosen = self.policy(inputs, cfg)  # [Rc, KVH or 1, budget]
             idx = idx.clone()
             idx[squeeze] = chosen.expand(-1, self.num_kv_heads, -1)
+        if self.fill:  # the kept prompt entries' positions (their indices in the prompt)
+            self.slot_pos[self.where[layer][1]][slots, :, :keep] = idx[rows].int()
         gidx = idx[..., None].expand(-1, -1, -1, D)
         ks[slots, :, :keep] = k.gather(2, gidx)[rows]
         vs[slots, :, :keep] = v.gather(2, gidx)[rows]
@@ -894,21 +909,70 @@ class CompressedKVCache(KVCache):
             inputs.accumulated = acc
             if self.oracle:
                 inputs.oracle = oracle[layer // cfg.full_every]
+            pos = None
+            if self.fill:
+                pos = self._entry_positions(j, rows, rows_np, L, lens)
+                inputs.order = pos.argsort(dim=-1)
             chosen = self.policy(inputs, cfg).expand(-1, kvh, -1)  # [R, KVH, budget]
-            if fast:
-                for store in (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ()):
+            stores = (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ())
+            if pos is not None:
+                assert inputs.order is not None
+                self._fill(j, rows, inputs.order.gather(-1, chosen), pos, stores, L)
+            elif fast:
+                for store in stores:
                     cpu_kernels.compact_rows(store, rows, chosen)
             else:  # CUDA: the Triton kernel, in place, no host sync; else its reference
-                for store in (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ()):
+                for store in stores:
                     kv_compress.compact_rows(store, rows, chosen)
             if self.oracle:
                 chosen_of[layer // cfg.full_every] = chosen[:, 0]
         for g, chosen in chosen_of.items():
             self.entry_pos[g][rows, : cfg.budget] = self.entry_pos[g][rows, :L].gather(1, chosen)
         self.group_lengths[0, rows_np] = cfg.budget
+        if self.fill:
+            self.squeezed[rows_np] = True
         n = R * len(self.comp_layers)
         self.events += n
         return n
+
+    def _entry_positions(
+        self, j: int, rows: torch.Tensor, rows_np: np.ndarray, L: int, lens: torch.Tensor
+    ) -> torch.Tensor:
+        """The true positions [R, KVH, L] (int64) of compressed layer j's entries in `rows`
+        (fill layout): places 0..budget-1 of a squeezed row from `slot_pos`, every other place
+        s of a row at position positions - length + s (its entries there are the tokens since,
+        in order; a row never squeezed is all in order); past a row's length a value above
+        every position, so that sorting puts the padding last."""
+        b, dev = self.cfg.budget, self.device
+        span = torch.arange(L, device=dev)
+        offset = to_device(self.positions[rows_np] - self.group_lengths[0, rows_np], dev)
+        pos = (offset[:, None] + span)[:, None, :].expand(-1, self.num_kv_heads, -1)
+        squeezed = to_device(self.squeezed[rows_np], dev)[:, None, None] > 0
+        head = torch.where(squeezed, self.slot_pos[j][rows].long(), pos[..., :b])
+        pos = torch.cat([head, pos[..., b:]], dim=-1)
+        return pos.masked_fill(span >= lens[:, None, None], torch.iinfo(torch.long).max)
+
+    def _fill(
+        self,
+        j: int,
+        rows: torch.Tensor,
+        chosen: torch.Tensor,
+        pos: torch.Tensor,
+        stores: tuple[torch.Tensor, ...],
+        L: int,
+    ) -> None:
+        """The fill compaction of compressed layer j's `rows` keeping entries `chosen`
+        [R, KVH, budget] (any order): the kept entries past the budget move into the evicted
+        places below it, in every store, and their positions with them."""
+        b = self.cfg.budget
+        src, dst = kv_compress.fill_moves(chosen, b, L)
+        for store in stores:
+            kv_compress.fill_rows(store, rows, src, dst)
+        # Positions of places 0..b-1 after the moves (a spare column takes the no-moves).
+        kept = torch.cat([pos[..., :b], pos[..., :1]], dim=-1)
+        moved = pos.gather(-1, src.clamp(min=0))
+        kept.scatter_(-1, torch.where(dst >= 0, dst, b), moved)
+        self.slot_pos[j][rows] = kept[..., :b].int()
 
     def move(self, src: list[int], dst: list[int]) -> None:
         if not src:
@@ -924,6 +988,8 @@ class CompressedKVCache(KVCache):
             self.kf[:, d, :, :nf] = self.kf[:, s, :, :nf]
             self.vf[:, d, :, :nf] = self.vf[:, s, :, :nf]
         self.queries[:, d] = self.queries[:, s]
+        self.slot_pos[:, d] = self.slot_pos[:, s]
+        self.squeezed[dst] = self.squeezed[src]
         self.group_lengths[:, dst] = self.group_lengths[:, src]
         self.positions[dst] = self.positions[src]
         self.since[dst] = self.since[src]

@@ -7,6 +7,7 @@ here)."""
 from __future__ import annotations
 
 import pytest
+from rlkit.kernels import kv_compress as kc
 from rlkit.kernels import sam_device
 from rlkit.kernels import spec_verify as sv
 from rlkit.kernels import top_p as tp
@@ -64,3 +65,12 @@ def test_greedy_verify_kernel_compiles():
         "Token": "*i64", "V": "i32", "stride_pb": "i32", "stride_pt": "i32", "stride_db": "i32",
     }  # fmt: skip
     assert _compile(sv._verify_greedy_kernel, sig, {"K": 3, "K_PAD": 4, "BLOCK_V": 1024})
+
+
+def test_fill_kernel_compiles():
+    sig = {
+        "Store": "*bf16", "Rows": "*i64", "Src": "*i64", "Dst": "*i64", "n_moves": "i32",
+        "stride_s0": "i32", "stride_sh": "i32", "stride_sl": "i32", "stride_sd": "i32",
+        "stride_mb": "i32", "stride_mh": "i32", "stride_ml": "i32",
+    }  # fmt: skip
+    assert _compile(kc._fill_kernel, sig, {"D": 128, "BLOCK_P": 16, "BLOCK_D": 128})

@@ -86,6 +86,21 @@ def compact_inputs(case: tuple, seed: int, device: str = "cpu"):
     return store.to(device), rows.to(device), indices.to(device)
 
 
+def fill_inputs(case: tuple, seed: int, device: str = "cpu"):
+    """A store, rows, and the fill moves of a random kept set of `budget` of each row's first
+    L - 3 entries (so some rows' last entries are padding)."""
+    S, KVH, L, D, budget, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    shape = (S, KVH, L, D) if D else (S, KVH, L)
+    store = torch.randn(*shape, generator=g).to(dtype)
+    rows = torch.tensor([S - 1, 0, 2][: S - 1], dtype=torch.int64)
+    scores = torch.rand(len(rows), KVH, L, generator=g)
+    scores[..., L - 3 :] = -1.0
+    chosen = scores.topk(budget, dim=-1).indices  # any order
+    src, dst = kc.fill_moves(chosen, budget, L)
+    return store.to(device), rows.to(device), src.to(device), dst.to(device), chosen
+
+
 def run_cases(device: str) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for i, (name, case) in enumerate(SCORE_CASES.items()):
@@ -124,6 +139,16 @@ def run_cases(device: str) -> dict[str, dict]:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
         results[name] = {"equal": bool(torch.equal(store, want))}
+    for i, (name, case) in enumerate(COMPACT_CASES.items()):
+        store, rows, src, dst, _ = fill_inputs(case, seed=i, device=device)
+        want = store.clone()
+        kc.fill_rows_reference(want, rows, src, dst)
+        try:
+            kc.fill_rows_triton(store, rows, src, dst, block_p=4)
+        except Exception as e:
+            results["fill-" + name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        results["fill-" + name] = {"equal": bool(torch.equal(store, want))}
     return results
 
 
@@ -140,7 +165,11 @@ def test_triton_interpreted_window_scores_match_reference(name, interpreted_resu
 
 
 @pytest.mark.parametrize(
-    "name", list(KEEP_CASES) + [n + "-rank" for n in KEEP_CASES] + list(COMPACT_CASES)
+    "name",
+    list(KEEP_CASES)
+    + [n + "-rank" for n in KEEP_CASES]
+    + list(COMPACT_CASES)
+    + ["fill-" + n for n in COMPACT_CASES],
 )
 def test_triton_interpreted_keep_top_and_compaction_match_reference(name, interpreted_results):
     res = interpreted_results[name]
@@ -188,6 +217,37 @@ def test_bad_arguments_raise_value_error(call, match):
         call()
 
 
+def test_fill_moves_put_every_kept_entry_below_the_budget():
+    """Against a brute force: after the moves, places 0..budget-1 of each row hold exactly the
+    kept entries; only kept entries past the budget move, each into an evicted place below it,
+    in order; nothing else is touched."""
+    for i, case in enumerate(COMPACT_CASES.values()):
+        store, rows, src, dst, chosen = fill_inputs(case, seed=10 + i)
+        budget = case[4]
+        before = store.clone()
+        kc.fill_rows(store, rows, src, dst)
+        for r, slot in enumerate(rows.tolist()):
+            for h in range(store.shape[1]):
+                kept = sorted(chosen[r, h].tolist())
+                up = [e for e in kept if e >= budget]
+                holes = [p for p in range(budget) if p not in kept]
+                n = len(up)
+                assert src[r, h, :n].tolist() == up and dst[r, h, :n].tolist() == holes
+                assert (src[r, h, n:] == -1).all() and (dst[r, h, n:] == -1).all()
+                want = before[slot, h].clone()
+                want[holes] = before[slot, h, up]
+                assert torch.equal(store[slot, h], want)
+                got = {tuple(x.reshape(-1).tolist()) for x in store[slot, h, :budget]}
+                assert got == {tuple(x.reshape(-1).tolist()) for x in before[slot, h, kept]}
+    with pytest.raises(ValueError, match="chosen must be"):
+        kc.fill_moves(torch.zeros(2, 1, 3, dtype=torch.long), 4, 10)
+    with pytest.raises(ValueError, match="src must be"):
+        kc.fill_rows(
+            torch.zeros(3, 2, 5), torch.zeros(2, dtype=torch.long),
+            torch.zeros(2, 1, 3, dtype=torch.long), torch.zeros(2, 1, 3, dtype=torch.long),
+        )  # fmt: skip
+
+
 # ------------------------------------------------------------------ compiled kernels on CUDA
 
 
@@ -212,6 +272,16 @@ def test_triton_cuda_matches_reference():
         kc.keep_top(scores, lengths, budget, window),
         kc.keep_top_reference(scores, lengths, budget, window),
     )
+    # The fill compaction at the memory wall's shape: 455 rows, 8 kv heads, 512 + 64 entries.
+    store, rows, src, dst, _ = fill_inputs((456, 8, 576, 128, 512, torch.bfloat16), 9, "cuda")
+    rows = torch.arange(455, device="cuda").flip(0)
+    src, dst = kc.fill_moves(
+        torch.rand(455, 8, 576, device="cuda").topk(512, dim=-1).indices, 512, 576
+    )
+    want = store.clone()
+    kc.fill_rows_reference(want, rows, src, dst)
+    kc.fill_rows(store, rows, src, dst)
+    assert torch.equal(store, want)
 
 
 def test_selection_gap_is_zero_for_equal_scores_and_small_for_near_ties():

@@ -166,6 +166,72 @@ def test_cache_keeps_budget_and_the_newest_tokens(name, deep_dir):
         assert at == sorted(set(at)) and at[-c.window :] == list(range(total - c.window, total))
 
 
+@pytest.mark.parametrize("name", ["snapkv", "rkv", "h2o"])
+def test_fill_compaction_keeps_what_ordered_compaction_keeps(name, deep_dir):
+    """compaction auto (the fill layout) against ordered, on the same tokens: after a squeezed
+    prompt and eight compressions every layer and head holds the same tokens (each cached key
+    matched to the dense key of its true position), the fill rows out of order (so the fill
+    path ran), and `slot_pos` with the tail's positions names each entry's true position."""
+    model = load_model(deep_dir)[0].eval()
+    a = model.args
+    caches = {}
+    for mode in ("auto", "ordered"):
+        c = cfg(name, budget=12, window=3, interval=4, compaction=mode)
+        caches[mode] = CompressedKVCache(
+            a.num_layers, 2, c.budget + c.interval, 64, a.num_heads, a.num_kv_heads,
+            a.head_dim, c, torch.float32,
+        )  # fmt: skip
+        prompt, tokens = list(range(30, 50)), list(range(60, 92))  # prompt 20 > budget 12
+        _feed(model, caches[mode], prompt, tokens)
+    fill, ordered = caches["auto"], caches["ordered"]
+    assert fill.fill and not ordered.fill and fill.squeezed[0]
+    total = 20 + 32
+    dense = KVCache(a.num_layers, 1, 64, a.num_kv_heads, a.head_dim, torch.float32)
+    with torch.no_grad():
+        dense.begin_prefill(torch.tensor([0]), torch.tensor([0]), [total])
+        model.forward_cached(
+            torch.tensor([list(range(30, 50)) + list(range(60, 92))]),
+            torch.arange(total)[None],
+            dense,
+        )
+    n = int(fill.group_lengths[0, 0])
+    assert n == int(ordered.group_lengths[0, 0]) == 12
+    scrambled = False
+    for j, layer in enumerate(fill.comp_layers):
+        pos = fill._entry_positions(j, torch.tensor([0]), np.array([0]), n, torch.tensor([n]))
+        scrambled |= bool((pos[0].diff(dim=-1) < 0).any())
+        if layer != 0:  # only layer 0's keys depend on nothing but token and position
+            continue
+        for h in range(a.num_kv_heads):
+            got = torch.cdist(fill.k[j, 0, h, :n], dense.k[0, 0, h, :total]).argmin(1)
+            want = torch.cdist(ordered.k[j, 0, h, :n], dense.k[0, 0, h, :total]).argmin(1)
+            assert sorted(got.tolist()) == want.tolist()
+            assert pos[0, h].tolist() == got.tolist()
+    # H2O's old entries hold the most accumulated attention here: it evicts only entries
+    # past the budget, so its fill moves nothing (which is the point of the layout).
+    assert scrambled == (name != "h2o")
+
+
+@pytest.mark.parametrize("name", ["snapkv", "rkv", "h2o"])
+def test_fill_compaction_decodes_as_ordered_compaction(name, deep_dir):
+    """The engine with the fill layout gives ordered compaction's tokens: ragged prompts (two
+    longer than the budget), 10 sequences through 3 slots (moves, refill), greedy and sampled."""
+    prompts = long_prompts()
+    out = {}
+    for mode in ("auto", "ordered"):
+        c = cfg(name, budget=12, window=3, interval=4, compaction=mode)
+        eng = engine(deep_dir, max_batch_size=3, sync_every=2, kv_compression=c)
+        greedy = eng.generate(prompts, SamplingParams(max_new_tokens=24, **GREEDY), n=2)
+        assert eng.stats["compression_events"] > 0
+        sampled = eng.generate(
+            prompts, SamplingParams(max_new_tokens=24, temperature=1.0, seed=5), n=2
+        )
+        out[mode] = greedy + sampled
+    for f, o in zip(out["auto"], out["ordered"], strict=True):
+        assert f.token_ids == o.token_ids
+        torch.testing.assert_close(f.logprobs, o.logprobs, atol=1e-5, rtol=0)
+
+
 # -- the engine -------------------------------------------------------------------------------
 
 
