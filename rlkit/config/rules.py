@@ -255,6 +255,12 @@ def _window_below_budget(cfg: RecipeConfig) -> None:
             f"must be less than rollout.kv_compression.budget ({kv.budget}), got {kv.window}",
             key="rollout.kv_compression.window",
         )
+    if kv.compaction == "fill" and kv.policy != "none" and not kv.can_fill():
+        raise Invalid(
+            f"fill needs policy snapkv, rkv or h2o and window <= interval, got policy "
+            f"{kv.policy}, window {kv.window}, interval {kv.interval}",
+            key="rollout.kv_compression.compaction",
+        )
     if kv.policy == "streaming" and kv.sink > kv.budget - kv.window:
         room = kv.budget - kv.window
         raise Invalid(

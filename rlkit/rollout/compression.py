@@ -76,6 +76,11 @@ def validate(cfg: KVCompressionConfig) -> None:
         raise ValueError(f"pool_kernel must be >= 1, got {cfg.pool_kernel}")
     if cfg.full_every < 1:
         raise ValueError(f"full_every must be >= 1, got {cfg.full_every}")
+    if cfg.compaction == "fill" and not cfg.can_fill():
+        raise ValueError(
+            f"compaction fill needs policy snapkv, rkv or h2o and window <= interval, got "
+            f"policy {cfg.policy}, window {cfg.window}, interval {cfg.interval}"
+        )
 
 
 def keep_top(

@@ -535,10 +535,10 @@ class CompressedKVCache(KVCache):
             dtype=torch.long,
             device=device,
         )
-        # The fill compaction (cfg.fills()): per compressed layer, slot and kv head the true
+        # The fill compaction (cfg.fills(num_slots)): per compressed layer, slot and kv head the true
         # positions of the entries in places 0..budget-1 of the rows a compression (or a long
         # prompt) filled (`squeezed`); a row's later entries follow them in order.
-        self.fill = cfg.fills()
+        self.fill = cfg.fills(num_slots)
         self.slot_pos = torch.zeros(
             (len(self.comp_layers) if self.fill else 0, num_slots, num_kv_heads, cfg.budget),
             dtype=torch.int32,
@@ -600,7 +600,7 @@ class CompressedKVCache(KVCache):
             total += len(comp) * num_kv_heads * m * 4  # float32
         if oracle:
             total += len(full) * m * 8  # int64
-        if cfg.fills():
+        if cfg.compaction != "ordered" and cfg.can_fill():  # whatever the cache's size
             total += len(comp) * num_kv_heads * cfg.budget * 4  # int32 positions
         return total
 

@@ -76,6 +76,21 @@ def test_group_baselines_are_the_estimators_that_zero_a_group_of_one():
     [
         (["rollout.kv_compression.window=512"], "rollout.kv_compression.window", "less than"),
         (
+            ["rollout.kv_compression.policy=streaming", "rollout.kv_compression.compaction=fill"],
+            "rollout.kv_compression.compaction",
+            "fill needs policy snapkv, rkv or h2o",
+        ),
+        (
+            [
+                "rollout.kv_compression.policy=snapkv",
+                "rollout.kv_compression.window=16",
+                "rollout.kv_compression.interval=8",
+                "rollout.kv_compression.compaction=fill",
+            ],
+            "rollout.kv_compression.compaction",
+            "window <= interval",
+        ),
+        (
             ["rollout.kv_memory_gb=2", "rollout.kv_memory_fraction=0.5"],
             "rollout.kv_memory_fraction",
             "give one",

@@ -175,7 +175,7 @@ def test_fill_compaction_keeps_what_ordered_compaction_keeps(name, deep_dir):
     model = load_model(deep_dir)[0].eval()
     a = model.args
     caches = {}
-    for mode in ("auto", "ordered"):
+    for mode in ("fill", "ordered"):
         c = cfg(name, budget=12, window=3, interval=4, compaction=mode)
         caches[mode] = CompressedKVCache(
             a.num_layers, 2, c.budget + c.interval, 64, a.num_heads, a.num_kv_heads,
@@ -183,7 +183,7 @@ def test_fill_compaction_keeps_what_ordered_compaction_keeps(name, deep_dir):
         )  # fmt: skip
         prompt, tokens = list(range(30, 50)), list(range(60, 92))  # prompt 20 > budget 12
         _feed(model, caches[mode], prompt, tokens)
-    fill, ordered = caches["auto"], caches["ordered"]
+    fill, ordered = caches["fill"], caches["ordered"]
     assert fill.fill and not ordered.fill and fill.squeezed[0]
     total = 20 + 32
     dense = KVCache(a.num_layers, 1, 64, a.num_kv_heads, a.head_dim, torch.float32)
@@ -218,7 +218,7 @@ def test_fill_compaction_decodes_as_ordered_compaction(name, deep_dir):
     longer than the budget), 10 sequences through 3 slots (moves, refill), greedy and sampled."""
     prompts = long_prompts()
     out = {}
-    for mode in ("auto", "ordered"):
+    for mode in ("fill", "ordered"):
         c = cfg(name, budget=12, window=3, interval=4, compaction=mode)
         eng = engine(deep_dir, max_batch_size=3, sync_every=2, kv_compression=c)
         greedy = eng.generate(prompts, SamplingParams(max_new_tokens=24, **GREEDY), n=2)
@@ -227,9 +227,37 @@ def test_fill_compaction_decodes_as_ordered_compaction(name, deep_dir):
             prompts, SamplingParams(max_new_tokens=24, temperature=1.0, seed=5), n=2
         )
         out[mode] = greedy + sampled
-    for f, o in zip(out["auto"], out["ordered"], strict=True):
+    for f, o in zip(out["fill"], out["ordered"], strict=True):
         assert f.token_ids == o.token_ids
         torch.testing.assert_close(f.logprobs, o.logprobs, atol=1e-5, rtol=0)
+
+
+def test_auto_compaction_fills_large_caches_where_the_policy_allows():
+    """compaction auto: fill in a cache of FILL_MIN_SLOTS sequences or more where the policy
+    and schedule allow it, ordered elsewhere; fill where it cannot apply is refused by name;
+    a slot's bytes count the positions wherever a cache of it could fill."""
+    big = KVCompressionConfig.FILL_MIN_SLOTS
+
+    def cache(c, slots):
+        return CompressedKVCache(2, slots, c.budget + c.interval, 64, 4, 2, 8, c, torch.float32)
+
+    auto = cfg("snapkv", budget=12, window=3, interval=4)
+    assert not cache(auto, 2).fill and cache(auto, big).fill
+    assert not cache(cfg("snapkv", window=3, interval=2), big).fill  # window > interval
+    assert not cache(cfg("streaming", window=3, interval=4), big).fill  # reads places
+    assert not cache(cfg("snapkv", window=3, interval=4, compaction="ordered"), big).fill
+    assert cache(cfg("h2o", window=3, interval=4, compaction="fill"), 2).fill
+    for bad in (cfg("streaming", compaction="fill"), cfg("snapkv", interval=2, compaction="fill")):
+        with pytest.raises(ValueError, match="compaction fill needs"):
+            cache(bad, 2)
+
+    def slot(c):
+        return CompressedKVCache.compressed_slot_bytes(2, 16, 64, 4, 2, 8, c, torch.float32)
+
+    assert (
+        slot(auto)
+        == slot(cfg("snapkv", window=3, interval=4, compaction="ordered")) + 2 * 2 * 12 * 4
+    )
 
 
 # -- the engine -------------------------------------------------------------------------------
