@@ -33,9 +33,9 @@ of each sequence's cache row. Three ops, each a Triton kernel beside its PyTorch
         the kept entries end in places 0..budget-1 moving only the ones past the budget
         (a row's order changes; `rollout/kv_cache.py` keeps the entries' positions)
 
-The dispatchers (`window_scores`, `keep_top`, `compact_rows`, `fill_rows`) run the kernel for CUDA tensors
-when Triton is importable and the reference otherwise. None of them reads a value back to the
-host, so a compression is launched without a host synchronisation.
+The dispatchers (`window_scores`, `keep_top`, `compact_rows`, `fill_rows`) run the kernel for
+CUDA tensors when Triton is importable and the reference otherwise. None of them reads a value
+back to the host, so a compression is launched without a host synchronisation.
 
 Kernels. `window_scores`: three launches, the first and last parallel over (entry block, kv
 head, sequence), so that the work spreads over the whole GPU whatever the batch: per block of

@@ -535,9 +535,9 @@ class CompressedKVCache(KVCache):
             dtype=torch.long,
             device=device,
         )
-        # The fill compaction (cfg.fills(num_slots)): per compressed layer, slot and kv head the true
-        # positions of the entries in places 0..budget-1 of the rows a compression (or a long
-        # prompt) filled (`squeezed`); a row's later entries follow them in order.
+        # The fill compaction (cfg.fills(num_slots)): per compressed layer, slot and kv head
+        # the true positions of the entries in places 0..budget-1 of the rows a compression
+        # (or a long prompt) filled (`squeezed`); a row's later entries follow them in order.
         self.fill = cfg.fills(num_slots)
         self.slot_pos = torch.zeros(
             (len(self.comp_layers) if self.fill else 0, num_slots, num_kv_heads, cfg.budget),
