@@ -538,9 +538,12 @@ class CompressedKVCache(KVCache):
         # The fill compaction (cfg.fills(num_slots)): per compressed layer, slot and kv head
         # the true positions of the entries in places 0..budget-1 of the rows a compression
         # (or a long prompt) filled (`squeezed`); a row's later entries follow them in order.
+        # Allocated wherever a cache of this config could fill, as `compressed_slot_bytes`
+        # counts them (the engine sizes its batch from a slot's bytes before the cache).
         self.fill = cfg.fills(num_slots)
+        could = cfg.compaction != "ordered" and cfg.can_fill()
         self.slot_pos = torch.zeros(
-            (len(self.comp_layers) if self.fill else 0, num_slots, num_kv_heads, cfg.budget),
+            (len(self.comp_layers) if could else 0, num_slots, num_kv_heads, cfg.budget),
             dtype=torch.int32,
             device=device,
         )
