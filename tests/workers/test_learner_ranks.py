@@ -73,7 +73,9 @@ def _rank_main(rank, world, address, model_dir, overrides, ckpt, resume, out):
     torch.save({"parts": parts, "weights": weights}, f"{out}.{rank}")
     # Tear the gloo group down before the process exits: left to the interpreter's exit, its
     # threads were once destroyed while joinable (std::terminate, SIGABRT) after the rank had
-    # written its results.
+    # written its results. Both ranks first meet at a barrier: under a loaded CPU one rank's
+    # teardown while the other still talked aborted it the same way (2026-12-01).
+    torch.distributed.barrier()
     distributed.leave()
 
 
