@@ -123,19 +123,25 @@ def main(argv: list[str]) -> dict[str, Any]:
             f"prompt + new tokens ({length}) exceed the model's max_position_embeddings "
             f"({margs.max_position_embeddings})"
         )
-    cfg = KVCompressionConfig(
-        policy=a.policy,
-        budget=a.budget,
-        window=a.window,
-        interval=a.interval,  # type: ignore[arg-type]
-    )
+
+    def compressed(interval: int) -> tuple[KVCompressionConfig, int]:
+        """The compression at this interval, and the bytes a sequence's cache takes under it."""
+        c = KVCompressionConfig(
+            policy=a.policy,
+            budget=a.budget,
+            window=a.window,
+            interval=interval,  # type: ignore[arg-type]
+        )
+        slot = CompressedKVCache.compressed_slot_bytes(
+            margs.num_layers, min(length, a.budget + interval), length, margs.num_heads,
+            margs.num_kv_heads, margs.head_dim, c, dtype,
+        )  # fmt: skip
+        return c, slot
+
+    cfg, sparse_slot = compressed(a.interval)
     dense_slot = KVCache.slot_bytes(
         margs.num_layers, length, margs.num_kv_heads, margs.head_dim, dtype
     )
-    sparse_slot = CompressedKVCache.compressed_slot_bytes(
-        margs.num_layers, min(length, a.budget + a.interval), length, margs.num_heads,
-        margs.num_kv_heads, margs.head_dim, cfg, dtype,
-    )  # fmt: skip
     memory = a.batch * dense_slot
     gb = memory / 2**30  # exact: a power-of-two division
     n_sparse = memory // sparse_slot
@@ -161,16 +167,13 @@ def main(argv: list[str]) -> dict[str, Any]:
     mem_sparse = equal_memory[0]
     weights = weight_bytes(margs, dtype.itemsize)
     per_entry = 2 * margs.num_layers * margs.num_kv_heads * margs.head_dim * dtype.itemsize
-    floors = {}
-    for name, row, comp in (
-        ("dense", dense, None),
-        ("sparse_equal_batch", sparse, cfg),
-        ("sparse_equal_memory", mem_sparse, cfg),
-    ):
+
+    def floor(row: dict[str, Any], comp: KVCompressionConfig | None) -> dict[str, float]:
+        """A row's bytes a decode step reads, its bandwidth floor, and its step against it."""
         seqs = row["seqs_admitted"]
         kv = seqs * mean_entries(a.prompt_len, a.new_tokens, comp) * per_entry
         floor_ms = 1000 * (weights + kv) / bandwidth
-        floors[name] = {
+        return {
             "seqs": seqs,
             "kv_bytes_read_per_step": kv,
             "weight_bytes_per_step": weights,
@@ -178,6 +181,12 @@ def main(argv: list[str]) -> dict[str, Any]:
             "ms_per_step": row["ms_per_step"],
             "step_over_floor": row["ms_per_step"] / floor_ms,
         }
+
+    floors = {
+        "dense": floor(dense, None),
+        "sparse_equal_batch": floor(sparse, cfg),
+        "sparse_equal_memory": floor(mem_sparse, cfg),
+    }
     out = {
         "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -216,31 +225,18 @@ def main(argv: list[str]) -> dict[str, Any]:
             json.dump(out, f, indent=1)
         print(f"sparse_memory_wall: written to {a.json}")
     if a.also_interval:
-        other = KVCompressionConfig(
-            policy=a.policy,
-            budget=a.budget,
-            window=a.window,
-            interval=a.also_interval,  # type: ignore[arg-type]
-        )
-        slot = CompressedKVCache.compressed_slot_bytes(
-            margs.num_layers, min(length, a.budget + a.also_interval), length, margs.num_heads,
-            margs.num_kv_heads, margs.head_dim, other, dtype,
-        )  # fmt: skip
-        n_other = memory // slot
-        args = [*common, "--batch", str(n_other), "--modes", "sparse"]
+        other, slot = compressed(a.also_interval)
+        args = [*common, "--batch", str(memory // slot), "--modes", "sparse"]
         args[args.index("--interval") + 1] = str(a.also_interval)
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
         (row,) = rollout(args)
-        kv = row["seqs_admitted"] * mean_entries(a.prompt_len, a.new_tokens, other) * per_entry
-        floor_ms = 1000 * (weights + kv) / bandwidth
+        at = floor(row, other)
         out["equal_memory_other_interval"] = {
             "interval": a.also_interval,
             "sequences_ratio": row["seqs_admitted"] / dense["seqs_admitted"],
             "speedup": row["tokens_per_s"] / dense["tokens_per_s"],
-            "floor_ms_per_step": floor_ms,
-            "ms_per_step": row["ms_per_step"],
-            "step_over_floor": row["ms_per_step"] / floor_ms,
+            **{k: at[k] for k in ("floor_ms_per_step", "ms_per_step", "step_over_floor")},
             "row": row,
         }
         print(

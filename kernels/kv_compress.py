@@ -237,6 +237,8 @@ def _check_fill(store: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst:
         raise ValueError(
             f"src must be [R={rows.shape[0]}, KVH={store.shape[1]}, M], got {tuple(src.shape)}"
         )
+    if src.stride() != dst.stride():  # the kernel reads both with src's strides
+        raise ValueError(f"src and dst need one layout, got strides {src.stride()}, {dst.stride()}")
 
 
 def fill_rows_reference(

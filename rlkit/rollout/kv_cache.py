@@ -899,6 +899,7 @@ class CompressedKVCache(KVCache):
         # place; other row sets are gathered for the policy. Compaction is in place (C kernels,
         # the Triton kernel on CUDA, or its reference).
         fast = self._kernels()
+        base: tuple[torch.Tensor, torch.Tensor] | None = None
         span = slice(int(rows_np[0]), int(rows_np[0]) + R)
         in_place = bool((np.diff(rows_np) == 1).all())
         for j, layer in enumerate(self.comp_layers):
@@ -914,7 +915,9 @@ class CompressedKVCache(KVCache):
                 inputs.oracle = oracle[layer // cfg.full_every]
             pos = None
             if self.fill:
-                pos = self._entry_positions(j, rows, rows_np, L, lens)
+                if base is None:  # the same for every layer: one host copy a compression
+                    base = self._in_order_positions(rows_np, L, lens)
+                pos = self._entry_positions(j, rows, base)
                 inputs.order = pos.argsort(dim=-1)
             chosen = self.policy(inputs, cfg).expand(-1, kvh, -1)  # [R, KVH, budget]
             stores = (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ())
@@ -938,22 +941,34 @@ class CompressedKVCache(KVCache):
         self.events += n
         return n
 
-    def _entry_positions(
-        self, j: int, rows: torch.Tensor, rows_np: np.ndarray, L: int, lens: torch.Tensor
-    ) -> torch.Tensor:
-        """The true positions [R, KVH, L] (int64) of compressed layer j's entries in `rows`
-        (fill layout): places 0..budget-1 of a squeezed row from `slot_pos`, every other place
-        s of a row at position positions - length + s (its entries there are the tokens since,
-        in order; a row never squeezed is all in order); past a row's length a value above
-        every position, so that sorting puts the padding last."""
-        b, dev = self.cfg.budget, self.device
+    def _in_order_positions(
+        self, rows_np: np.ndarray, L: int, lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What every compressed layer's entry positions share in `rows` (fill layout): the
+        position [R, 1, L] (int64) of each place s of a row whose entries there are in order,
+        positions - length + s (the tokens since a row's last fill; a row never squeezed is
+        all in order), past a row's length a value above every position, so that sorting puts
+        the padding last; and which rows were squeezed [R, 1, 1]."""
+        dev = self.device
         span = torch.arange(L, device=dev)
         offset = to_device(self.positions[rows_np] - self.group_lengths[0, rows_np], dev)
-        pos = (offset[:, None] + span)[:, None, :].expand(-1, self.num_kv_heads, -1)
+        pos = (offset[:, None] + span).masked_fill(
+            span >= lens[:, None], torch.iinfo(torch.long).max
+        )
         squeezed = to_device(self.squeezed[rows_np], dev)[:, None, None] > 0
+        return pos[:, None, :], squeezed
+
+    def _entry_positions(
+        self, j: int, rows: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """The true positions [R, KVH, L] (int64) of compressed layer j's entries in `rows`:
+        places 0..budget-1 of a squeezed row from `slot_pos`, the others as
+        `_in_order_positions` (`base`) says."""
+        pos, squeezed = base
+        pos = pos.expand(-1, self.num_kv_heads, -1)
+        b = self.cfg.budget
         head = torch.where(squeezed, self.slot_pos[j][rows].long(), pos[..., :b])
-        pos = torch.cat([head, pos[..., b:]], dim=-1)
-        return pos.masked_fill(span >= lens[:, None, None], torch.iinfo(torch.long).max)
+        return torch.cat([head, pos[..., b:]], dim=-1)
 
     def _fill(
         self,

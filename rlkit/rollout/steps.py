@@ -565,10 +565,13 @@ class SyncFreeSpecStep:
         lens = run.cache.lengths_on_device(B)
         # The step's counters ride along (rows, emitted, drafted, accepted, other chains):
         # the draft adapter's round.
-        host = torch.cat([run.count_dev[:B], lens, self.g.state["counts"]]).cpu().numpy()
+        counts = self.g.state["counts"]
+        host = torch.cat([run.count_dev[:B], lens, counts]).cpu().numpy()
         run.count[:] = host[:B]
-        run.cache.lengths_from_device(host[B:-5])
-        self.adapt.observe(int(host[-3]), int(host[-2]))
+        n = B + lens.numel()
+        run.cache.lengths_from_device(host[B:n])
+        _, _, drafted, accepted, _ = host[n:].tolist()
+        self.adapt.observe(drafted, accepted)
 
     def stats(self) -> dict[str, float]:
         """As `SpecStep.stats`; spec/draft_ms is the host's drafting time, 0 here: the drafts

@@ -75,26 +75,27 @@ def keep_inputs(case: tuple, seed: int, device: str = "cpu"):
     return scores.to(device), lengths.to(device), budget, window
 
 
-def compact_inputs(case: tuple, seed: int, device: str = "cpu"):
-    S, KVH, L, D, budget, dtype = case
+def _store_rows_scores(case: tuple, seed: int):
+    """A random cache store, the slots compacted (not in order) and random entry scores."""
+    S, KVH, L, D, _, dtype = case
     g = torch.Generator().manual_seed(seed)
     shape = (S, KVH, L, D) if D else (S, KVH, L)
     store = torch.randn(*shape, generator=g).to(dtype)
     rows = torch.tensor([S - 1, 0, 2][: S - 1], dtype=torch.int64)
-    scores = torch.rand(len(rows), KVH, L, generator=g)
-    indices = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+    return store, rows, torch.rand(len(rows), KVH, L, generator=g)
+
+
+def compact_inputs(case: tuple, seed: int, device: str = "cpu"):
+    store, rows, scores = _store_rows_scores(case, seed)
+    indices = scores.topk(case[4], dim=-1).indices.sort(dim=-1).values
     return store.to(device), rows.to(device), indices.to(device)
 
 
 def fill_inputs(case: tuple, seed: int, device: str = "cpu"):
     """A store, rows, and the fill moves of a random kept set of `budget` of each row's first
     L - 3 entries (so some rows' last entries are padding)."""
-    S, KVH, L, D, budget, dtype = case
-    g = torch.Generator().manual_seed(seed)
-    shape = (S, KVH, L, D) if D else (S, KVH, L)
-    store = torch.randn(*shape, generator=g).to(dtype)
-    rows = torch.tensor([S - 1, 0, 2][: S - 1], dtype=torch.int64)
-    scores = torch.rand(len(rows), KVH, L, generator=g)
+    _, _, L, _, budget, _ = case
+    store, rows, scores = _store_rows_scores(case, seed)
     scores[..., L - 3 :] = -1.0
     chosen = scores.topk(budget, dim=-1).indices  # any order
     src, dst = kc.fill_moves(chosen, budget, L)

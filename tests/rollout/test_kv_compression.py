@@ -198,7 +198,8 @@ def test_fill_compaction_keeps_what_ordered_compaction_keeps(name, deep_dir):
     assert n == int(ordered.group_lengths[0, 0]) == 12
     scrambled = False
     for j, layer in enumerate(fill.comp_layers):
-        pos = fill._entry_positions(j, torch.tensor([0]), np.array([0]), n, torch.tensor([n]))
+        base = fill._in_order_positions(np.array([0]), n, torch.tensor([n]))
+        pos = fill._entry_positions(j, torch.tensor([0]), base)
         scrambled |= bool((pos[0].diff(dim=-1) < 0).any())
         if layer != 0:  # only layer 0's keys depend on nothing but token and position
             continue
