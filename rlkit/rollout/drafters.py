@@ -615,8 +615,9 @@ class DeviceMTP:
                     x = mtp.step_input(g[:, None], tokens[:, c, i : i + 1], model)
                     g = self._block(x, active)[:, 0]
                     self.cache.advance_device(one)
-            # The depths' entries go: a second chain writes the same ones.
-            self.cache.advance_device(-(k - 1) * one)
+            # The depths' entries go: a second chain writes the same ones. (k = 0: the
+            # catch-up alone, nothing to rewind.)
+            self.cache.advance_device(-max(k - 1, 0) * one)
         return tokens, probs
 
     def extend(

@@ -246,10 +246,12 @@ class SpecStep:
         pass
 
     def kind(self, rows: int) -> str:
-        # Over max_batch no row drafts: a plain step (so does a step where no row drafts).
-        if self.max_batch and rows > self.max_batch:
+        # Over max_batch no row drafts: a plain step (so does a step where no row drafts, and
+        # one where the draft adapter's length is 0).
+        k = self.adapt.k(self.k_for(rows))
+        if (self.max_batch and rows > self.max_batch) or k == 0:
             return "plain"
-        return f"spec k{self.adapt.k(self.k_for(rows))}"
+        return f"spec k{k}"
 
     def step(self, run: Run) -> None:
         B, dev, params = len(run.seq), run.device, run.params
@@ -266,14 +268,15 @@ class SpecStep:
         self.draft_seconds += time.perf_counter() - t0
         width = int(draft.num.max())
         if not width:
-            # No row drafts (a batch over max_batch, or every row at its limit): a plain step,
-            # which the drafter still observes.
+            # No row drafts (a batch over max_batch, every row at its limit, or the draft
+            # adapter's length 0): a plain step, which the drafter still observes.
             hidden = forward_tokens(run, run.last[:B, None])
             tok, tok_logp = run.sample(hidden[:, -1])
             run.emit_one(tok, tok_logp)
             one = np.ones(B, dtype=np.int64)
             self.drafter.observed(run, hidden, tok[:, None], one, tok[:, None].cpu().numpy())
             self.plain_steps += 1
+            self._round()
             return
         if run.graphs is not None:
             width = k  # one graph per (bucket, k) serves every drafting step
@@ -309,7 +312,11 @@ class SpecStep:
         self.emitted += int(kept.sum()) + B
         self.drafted += int(draft.num.sum())
         self.accepted += int(kept.sum())
-        if self.steps % self.ADAPT_STEPS == 0:
+        self._round()
+
+    def _round(self) -> None:
+        """Every ADAPT_STEPS steps, verify or plain, the draft adapter's round ends."""
+        if (self.steps + self.plain_steps) % self.ADAPT_STEPS == 0:
             self.adapt.observe(self.drafted, self.accepted)
 
     def stats(self) -> dict[str, float]:
@@ -317,7 +324,8 @@ class SpecStep:
         + 1); spec/accept_rate: accepted / drafted tokens; spec/drafted_per_step: drafts per
         sequence and verify step; spec/draft_ms: the drafter's time per decode step, verify
         and plain (in a plain step it only catches up on the new token); spec/plain_steps:
-        steps where no row drafted (over max_batch, or every row at its limit)."""
+        steps where no row drafted (over max_batch, every row at its limit, or the draft
+        adapter's length 0)."""
         draft_ms = 1000 * self.draft_seconds / max(self.steps + self.plain_steps, 1)
         return _spec_stats(
             self.seq_steps, self.emitted, self.drafted, self.accepted, draft_ms, self.steps,
@@ -338,22 +346,32 @@ def _draft_length(k: DraftLength) -> Callable[[int], int]:
 class DraftAdapter:
     """The draft length of the next rounds from the acceptance of the last one
     (`SpeculativeConfig.adaptive_draft`): a round whose drafts passed less than `LOW` of the
-    time halves it (down to 1), one at `HIGH` or more doubles it, up to the configured length
+    time halves it, one at `HIGH` or more doubles it, up to the configured length
     (`k(full)`); in between it stays. Off, `k(full)` is `full`. The step feeds the running
     totals of drafted and accepted tokens (`observe`) once a round: a verify step over few
     rows costs more with every draft depth (the MTP module's block call, a wider
-    verification) whether the drafts pass or not."""
+    verification) whether the drafts pass or not.
+
+    Halved from 1 the length is 0: the rounds decode without drafts (a step that costs about
+    a plain one; the drafter still observes every token). After `PROBE_WAIT` such rounds one
+    round drafts a token again (a probe): if its drafts pass the length grows as above, if
+    not it is 0 again and the wait before the next probe doubles, up to `PROBE_WAIT_MAX`
+    rounds (a probe that passes resets it)."""
 
     LOW, HIGH = 0.3, 0.7
+    PROBE_WAIT, PROBE_WAIT_MAX = 2, 16
 
     def __init__(self, on: bool):
         self.on = on
         self.cap: int | None = None  # None: the full length
         self.last_k = 0  # the length the round ran at
         self.seen = (0, 0)  # drafted, accepted totals at the last decision
+        self.idle = 0  # rounds run at length 0 since the last probe
+        self.wait = self.PROBE_WAIT  # rounds at length 0 before the next probe
+        self.backoff = self.PROBE_WAIT  # the wait after the next fall to 0
 
     def k(self, full: int) -> int:
-        k = full if not self.on or self.cap is None else max(1, min(full, self.cap))
+        k = full if not self.on or self.cap is None else max(0, min(full, self.cap))
         self.last_k = k
         return k
 
@@ -362,13 +380,24 @@ class DraftAdapter:
         the last call."""
         d, a = drafted - self.seen[0], accepted - self.seen[1]
         self.seen = (drafted, accepted)
-        if not self.on or d <= 0 or self.last_k == 0:
+        if not self.on:
+            return
+        if self.cap == 0 and self.last_k == 0:  # a round without drafts
+            self.idle += 1
+            if self.idle >= self.wait:
+                self.cap, self.idle = 1, 0  # the probe
+            return
+        if d <= 0 or self.last_k == 0:
             return
         rate = a / d
         if rate < self.LOW:
-            self.cap = max(1, self.last_k // 2)
+            self.cap = self.last_k // 2
+            if self.cap == 0:  # wait, then probe; each fall waits twice as long
+                self.idle, self.wait = 0, self.backoff
+                self.backoff = min(2 * self.backoff, self.PROBE_WAIT_MAX)
         elif rate >= self.HIGH:
             self.cap = 2 * self.last_k
+            self.backoff = self.PROBE_WAIT
 
 
 def _spec_stats(
@@ -463,6 +492,7 @@ class SyncFreeSpecStep:
         # may pad past the run's slots, up to the cache's.
         self.last, self.count = graphs.slot_state_all()
         self.steps = 0
+        self.undrafted = 0  # steps the draft adapter ran at length 0
         self.adapt = DraftAdapter(adaptive)
 
     def admitted(self, run: Run, first: int, seqs: list[int], hidden: torch.Tensor) -> None:
@@ -483,12 +513,15 @@ class SyncFreeSpecStep:
 
     def kind(self, rows: int) -> str:
         # Every step feeds k + 1 tokens a row (C chains: 1 + C k), drafts or not.
-        C = self.chains_for(rows)
-        return f"spec k{self.adapt.k(self.k_for(rows))}" + (f" c{C}" if C > 1 else "")
+        k = self.adapt.k(self.k_for(rows))
+        C = self.chains_for(rows) if k else 1
+        return f"spec k{k}" + (f" c{C}" if C > 1 else "")
 
     def step(self, run: Run) -> None:
         B, st = len(run.seq), self.g.state
-        pad, k, C = self.g.bucket(B), self.adapt.k(self.k_for(B)), self.chains_for(B)
+        pad, k = self.g.bucket(B), self.adapt.k(self.k_for(B))
+        # The draft adapter's length 0: one token a row, the drafter only catching up.
+        C = self.chains_for(B) if k else 1
         u = f"u{k}"  # the step's uniforms [slots, k + 1]
         if u not in st:
             st[u] = torch.zeros(run.cache.num_slots, k + 1, dtype=torch.float64, device=run.device)
@@ -513,6 +546,7 @@ class SyncFreeSpecStep:
         run.write_out(emitted, logp, num, seqs, start)
         run.count += 1  # a lower bound until `sync`
         self.steps += 1
+        self.undrafted += k == 0
 
     def _device_step(self, run: Run, pad: int, k: int, C: int) -> tuple[torch.Tensor, ...]:
         """One step of slots 0..pad-1 drafting up to k tokens a row (in C chains) on the
@@ -554,9 +588,10 @@ class SyncFreeSpecStep:
         self.last[:pad] = torch.where(active, last, self.last[:pad])
         self.count[:pad] += num
         self.drafter.extend(pad, emitted, num, hidden)
-        st["counts"] += torch.stack(
-            [active.sum(), num.sum(), dnum.sum(), (num - 1).clamp(min=0).sum(), other.sum()]
-        )
+        if k:  # the counters cover verify steps, as `SpecStep`'s
+            st["counts"] += torch.stack(
+                [active.sum(), num.sum(), dnum.sum(), (num - 1).clamp(min=0).sum(), other.sum()]
+            )
         return emitted, logp, num, active
 
     def sync(self, run: Run) -> None:
@@ -577,7 +612,8 @@ class SyncFreeSpecStep:
         """As `SpecStep.stats`; spec/draft_ms is the host's drafting time, 0 here: the drafts
         are made inside the step's graph."""
         rows, emitted, drafted, accepted, other = self.g.state["counts"].tolist()
-        out = _spec_stats(rows, emitted, drafted, accepted, 0.0, self.steps, 0)
+        verify = self.steps - self.undrafted
+        out = _spec_stats(rows, emitted, drafted, accepted, 0.0, verify, self.undrafted)
         if self.multi:
             # Several chains: spec/drafted_per_step counts every chain's drafts.
             out["spec/other_chain_rate"] = other / max(rows, 1)

@@ -143,43 +143,148 @@ def test_the_draft_adapter_halves_doubles_and_stays_within_bounds():
     assert a.k(6) == 3
     a.observe(12 + 6, 2 + 1)  # 17% again: 1
     assert a.k(6) == 1
-    a.observe(18 + 4, 3)  # nothing passed: stays at 1
+    a.observe(18 + 4, 3 + 2)  # 50%: stays at 1
     assert a.k(6) == 1
-    a.observe(22 + 4, 3 + 3)  # 75%: double
+    a.observe(22 + 4, 5 + 3)  # 75%: double
     assert a.k(6) == 2
-    a.observe(26 + 8, 6 + 4)  # 50%: stays
+    a.observe(26 + 8, 8 + 4)  # 50%: stays
     assert a.k(6) == 2
-    a.observe(34 + 8, 10 + 8)  # all passed: double
+    a.observe(34 + 8, 12 + 8)  # all passed: double
     assert a.k(6) == 4 and a.k(3) == 3  # never past the configured (or the tail's) length
-    a.observe(42 + 4, 18 + 4)
+    a.observe(42 + 4, 20 + 4)
     assert a.k(6) == 6
-    a.observe(46, 22)  # a round that drafted nothing decides nothing
+    a.observe(46, 24)  # a round that drafted nothing decides nothing
     assert a.k(6) == 6
     off = steps.DraftAdapter(False)
     off.observe(100, 0)
     assert off.k(5) == 5
 
 
+def test_the_draft_adapter_stops_drafting_and_probes_with_a_growing_wait():
+    """Halved from 1 the length is 0; after PROBE_WAIT rounds without drafts one round drafts
+    a token; a probe that fails doubles the wait (up to PROBE_WAIT_MAX), one that passes
+    grows the length and resets it."""
+    a = steps.DraftAdapter(True)
+    d = acc = 0
+
+    def round_(drafted: int, accepted: int, full: int = 4) -> int:
+        nonlocal d, acc
+        k = a.k(full)
+        d, acc = d + drafted * (k > 0), acc + accepted * (k > 0)
+        a.observe(d, acc)
+        return k
+
+    assert [round_(4, 0) for _ in range(3)] == [4, 2, 1]  # nothing passes: 4, 2, 1, then 0
+    waits = []
+    for _ in range(6):  # six probes fail
+        lengths = []
+        while not lengths or lengths[-1] == 0:
+            lengths.append(round_(4, 0))
+        assert lengths[-1] == 1  # the probe drafts one token
+        waits.append(len(lengths) - 1)
+    assert waits == [2, 4, 8, 16, 16, 16]
+    assert round_(4, 0) == 0
+    while (k := round_(4, 4)) == 0:  # the text turns guessable: the next probe passes
+        pass
+    assert k == 1 and a.k(4) == 2
+    assert [round_(4, 4) for _ in range(2)] == [2, 4]
+    assert [round_(4, 0) for _ in range(3)] == [4, 2, 1]  # the wait starts over
+    assert [round_(4, 0) for _ in range(3)] == [0, 0, 1]
+    off = steps.DraftAdapter(False)
+    off.observe(100, 0)
+    assert off.k(5) == 5
+
+
 @pytest.mark.parametrize("graphs", [True, False])
-def test_adaptive_draft_shortens_drafts_that_fail_and_stays_lossless(make, prompts, graphs):
+def test_adaptive_draft_shortens_drafts_that_fail_and_stays_lossless(
+    make, reference, prompts, graphs
+):
     """adaptive_draft: sampled text of a random model defeats SAM (minimum match 1, k = 4), so
-    the rounds' drafts rarely pass and the draft length falls below k; the device step then
-    runs graphs of shorter drafts. Greedy output is still plain decoding's token for token."""
+    the rounds' drafts rarely pass and the draft length falls below k, down to 0 (steps
+    without drafts, then a one-token probe); the device step then runs graphs of shorter
+    drafts. The sampled tokens carry the policy's log-probs, and greedy output is still plain
+    decoding's token for token."""
     sp = SamplingParams(max_new_tokens=40, temperature=1.0, seed=3)
     fixed = make(k=4, graphs=graphs, min_match=1, max_batch_size=4, sync_every=2)
     fixed.generate(prompts, sp, n=2)
     adaptive = make(k=4, graphs=graphs, min_match=1, adaptive=True, max_batch_size=4, sync_every=2)
-    adaptive.generate(prompts, sp, n=2)
+    out = adaptive.generate(prompts, sp, n=2)
     assert fixed.stats["spec/accept_rate"] < steps.DraftAdapter.LOW, fixed.stats
     assert adaptive.stats["spec/drafted_per_step"] < 0.75 * fixed.stats["spec/drafted_per_step"]
+    # (The host-drafted step is plain wherever no row's SAM matched, adaptive or not.)
+    assert adaptive.stats["spec/plain_steps"] > fixed.stats["spec/plain_steps"]
+    _assert_policy_logprobs(reference("llama"), prompts, out, sp)
     if graphs:
         (g,) = _sync_free(adaptive)
-        assert {k for _, k in g.steps} >= {4, 2, 1}, g.steps
+        assert {k for _, k in g.steps} >= {4, 2, 1, 0}, g.steps
         (g,) = _sync_free(fixed)
         assert {k for _, k in g.steps} == {4}
     greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=[17, 99])
     out = adaptive.generate(prompts, greedy, n=2)
     _same(out, adaptive.generate(prompts, greedy, n=2, drafter="none"))
+
+
+@pytest.mark.parametrize(
+    "graphs, device",
+    [
+        (True, "cpu"),
+        (False, "cpu"),
+        pytest.param(
+            True, "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)  # fmt: skip
+def test_adaptive_mtp_drafts_catch_up_through_steps_without_drafts(
+    tiny_dirs, reference, prompts, monkeypatch, graphs, device
+):
+    """A random MTP module's argmax drafts rarely pass sampled text of a random model (its
+    near-uniform distribution): with adaptive_draft the length falls to 0, where each step
+    feeds one token a row and the module only catches up on it (the device drafter's k = 0
+    step, `SyncFreeSpecStep`, captured on a GPU; or the host drafter's plain step). Its
+    block cache stays in step with the text: after every device step a row's next block
+    position plus its pairs still to catch up on is the policy cache's next position.
+    Greedy output is plain decoding's and sampled tokens carry the policy's log-probs."""
+    seen = []
+    step = steps.SyncFreeSpecStep.step
+
+    def checked(self, run):
+        step(self, run)
+        B, mtp = len(run.seq), self.drafter
+        # Next positions: the device lengths plus each cache's offset (the block's cache
+        # starts at the last prompt position).
+        trunk = run.cache.lengths_on_device(B) + run.cache._off_dev[:B]
+        block = mtp.cache.lengths_on_device(B) + mtp.cache._off_dev[:B] + mtp.n[:B]
+        assert torch.equal(block, trunk), (self.adapt.last_k, block, trunk)
+        seen.append(self.adapt.last_k)
+
+    monkeypatch.setattr(steps.SyncFreeSpecStep, "step", checked)
+
+    def engine() -> Engine:
+        model, tok = load_model(tiny_dirs["llama"])
+        spec = SpeculativeConfig(
+            drafter="mtp", num_draft_tokens=3, adaptive_draft=True, mtp_draft="argmax"
+        )
+        return Engine(
+            model.to(device), tok, dtype=torch.float32, speculative=spec, cuda_graphs=graphs,
+            max_batch_size=4, sync_every=2, mtp=init_mtp(model.args, seed=0), max_seq_len=96,
+            cpu_kernels=False,
+        )  # fmt: skip
+
+    sp = SamplingParams(max_new_tokens=40, temperature=1.0, seed=3)
+    adaptive = engine()
+    out = adaptive.generate(prompts, sp, n=2)
+    assert adaptive.stats["spec/plain_steps"] > 0, adaptive.stats
+    assert adaptive.stats["spec/verify_steps"] > 0, adaptive.stats
+    _assert_policy_logprobs(reference("llama"), prompts, out, sp)
+    if graphs:
+        (g,) = _sync_free(adaptive)
+        assert 0 in {k for _, k in g.steps}, g.steps
+        assert 0 in seen and 1 in seen[seen.index(0) :], seen  # checked at 0, then a probe
+    greedy = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=[17, 99])
+    got = adaptive.generate(prompts, greedy, n=2)
+    atol = 1e-4 if device == "cuda" else 1e-5
+    _same(got, adaptive.generate(prompts, greedy, n=2, drafter="none"), atol=atol)
 
 
 def test_the_tail_setting_samples_the_policy(make, reference, prompts):
