@@ -253,10 +253,12 @@ class SpeculativeConfig:
     # The draft length follows the drafts' acceptance (`steps.DraftAdapter`): after each
     # round of steps (the host's read of the device, every `sync_every` steps; four steps
     # where the host drafts), a round whose drafts passed less than 30% of the time halves
-    # the next rounds' length (down to 1) and one above 70% doubles it (up to
-    # num_draft_tokens, or the tail's). A sequence whose text the drafter cannot guess then
-    # pays for one-token drafts, not k: on a GPU each draft depth is a block call of the MTP
-    # module and a wider verification. Lossless either way.
+    # the next rounds' length and one above 70% doubles it (up to num_draft_tokens, or the
+    # tail's). Halved from 1 it is 0: steps without drafts, the drafter only catching up on
+    # the new tokens, then after 2 such rounds a one-token probe; each probe that fails
+    # doubles the wait (up to 16 rounds). A sequence whose text the drafter cannot guess then
+    # pays about a plain step, not k draft depths: on a GPU each depth is a block call of the
+    # MTP module and a wider verification. Lossless either way.
     adaptive_draft: bool = False
 
     def tail_problem(self) -> tuple[str, str] | None:
