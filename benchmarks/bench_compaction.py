@@ -1,7 +1,8 @@
 """The two compactions of a compressed cache's rows on CUDA, side by side (issue 16): the
 ordered one (`kv_compress.compact_rows`: every kept entry to the front, in order) against the
-fill one (`kv_compress.fill_moves` + `fill_rows`: only the kept entries past the budget, into
-the evicted places below it), at the memory wall's shape.
+fill one (`kv_compress.fill_plan` + `fill_rows`: only the kept entries past the budget, into
+the evicted places below it, and the head's new order), at the memory wall's shape; the plan
+as one Triton launch and as its PyTorch reference (`fill_moves` and a dozen launches).
 
     python benchmarks/bench_compaction.py [--rows 64,455] [--kv-heads 8] [--head-dim 128]
         [--budget 512] [--interval 64] [--json FILE]
@@ -9,7 +10,8 @@ the evicted places below it), at the memory wall's shape.
 Per row count: one store [rows, KVH, budget + interval, D] bf16 (one layer's K or V), a kept
 set of `budget` entries a row from random scores (the window's last entries among them), each
 op replayed from a CUDA graph (`rlkit.bench.time_cuda_graph`, median of 20), device
-microseconds per call. Both results are checked against the references first.
+microseconds per call: one store, and a layer's K and V (what a compression does a layer).
+The results are checked against the references first.
 """
 
 from __future__ import annotations
@@ -42,19 +44,30 @@ def measure(R: int, a: argparse.Namespace) -> dict:
     kc.fill_rows(got, rows, src, dst)
     assert torch.equal(got, want), "fill_rows"
     moved = int((src >= 0).sum())
+    got = kc.fill_plan(chosen, b, L)
+    assert all(torch.equal(x, y) for x, y in zip(got, kc.fill_plan_reference(chosen, b, L)))
+    values = store.clone()  # a layer's K and V
 
-    def fill_all(_i: int) -> None:
-        s, d = kc.fill_moves(chosen, b, L)
+    def fill_layer(plan) -> None:
+        s, d, _ = plan(chosen, b, L)
         kc.fill_rows(store, rows, s, d)
+        kc.fill_rows(values, rows, s, d)
+
+    def ordered_layer(_i: int) -> None:
+        kc.compact_rows(store, rows, chosen)
+        kc.compact_rows(values, rows, chosen)
 
     t_ordered = time_cuda_graph(lambda _i: kc.compact_rows(store, rows, chosen), 20, 20)
     t_fill = time_cuda_graph(lambda _i: kc.fill_rows(store, rows, src, dst), 20, 20)
-    t_fill_all = time_cuda_graph(fill_all, 20, 20)
+    t_layer_ordered = time_cuda_graph(ordered_layer, 20, 20)
+    t_layer_torch = time_cuda_graph(lambda _i: fill_layer(kc.fill_plan_reference), 20, 20)
+    t_layer_fill = time_cuda_graph(lambda _i: fill_layer(kc.fill_plan), 20, 20)
     return {
         "rows": R, "kv_heads": a.kv_heads, "entries": L, "budget": b, "head_dim": a.head_dim,
         "moved_per_row_head": moved / (R * a.kv_heads), "ordered_us": 1e6 * t_ordered,
-        "fill_us": 1e6 * t_fill, "fill_with_moves_us": 1e6 * t_fill_all,
-        "ordered_over_fill_with_moves": t_ordered / t_fill_all,
+        "fill_us": 1e6 * t_fill, "layer_ordered_us": 1e6 * t_layer_ordered,
+        "layer_fill_torch_plan_us": 1e6 * t_layer_torch, "layer_fill_us": 1e6 * t_layer_fill,
+        "layer_ordered_over_fill": t_layer_ordered / t_layer_fill,
     }  # fmt: skip
 
 
@@ -75,9 +88,11 @@ def main() -> None:
         row = measure(R, a)
         out.append(row)
         print(
-            f"rows {R:4d}: ordered {row['ordered_us']:7.1f} us, fill {row['fill_us']:6.1f} us "
-            f"(+ moves {row['fill_with_moves_us']:6.1f} us; {row['moved_per_row_head']:.1f} "
-            f"entries a row and head), ordered / fill {row['ordered_over_fill_with_moves']:.2f}x",
+            f"rows {R:4d}: one store ordered {row['ordered_us']:7.1f} us, fill "
+            f"{row['fill_us']:6.1f} us ({row['moved_per_row_head']:.1f} entries a row and head); "
+            f"a layer's K and V: ordered {row['layer_ordered_us']:7.1f} us, fill with the "
+            f"PyTorch plan {row['layer_fill_torch_plan_us']:7.1f} us, with the Triton plan "
+            f"{row['layer_fill_us']:7.1f} us, ordered / fill {row['layer_ordered_over_fill']:.2f}x",
             flush=True,
         )
     if a.json:

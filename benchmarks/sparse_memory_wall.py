@@ -3,7 +3,7 @@ KV memory, each decode step against its bandwidth floor (issue 16).
 
     python benchmarks/sparse_memory_wall.py --model DIR [--device cuda] [--batch 64]
         [--prompt-len 64] [--new-tokens 4096] [--budget 512] [--window 8] [--interval 64]
-        [--policy snapkv] [--json FILE]
+        [--policy snapkv] [--compaction auto|fill|ordered] [--json FILE]
 
 Three `rlkit bench rollout` rows of the native engine (ignore_eos, temperature 1, one timed
 run each, after a warm-up that reaches the first compression):
@@ -101,6 +101,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--interval", type=int, default=64)
+    ap.add_argument("--compaction", default="auto", choices=["auto", "fill", "ordered"])
     ap.add_argument("--copy-gb", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
@@ -131,6 +132,7 @@ def main(argv: list[str]) -> dict[str, Any]:
             budget=a.budget,
             window=a.window,
             interval=interval,  # type: ignore[arg-type]
+            compaction=a.compaction,  # type: ignore[arg-type]
         )
         slot = CompressedKVCache.compressed_slot_bytes(
             margs.num_layers, min(length, a.budget + interval), length, margs.num_heads,
@@ -150,6 +152,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "--prompt-len", str(a.prompt_len), "--max-new-tokens", str(a.new_tokens),
         "--repeats", "1", "--policy", a.policy, "--budget", str(a.budget),
         "--window", str(a.window), "--interval", str(a.interval), "--kv-memory-gb", repr(gb),
+        "--compaction", a.compaction,
     ]  # fmt: skip
     if a.threads:
         common += ["--threads", str(a.threads)]
@@ -208,6 +211,7 @@ def main(argv: list[str]) -> dict[str, Any]:
             "budget": a.budget,
             "window": a.window,
             "interval": a.interval,
+            "compaction": a.compaction,
         },  # fmt: skip
         "acceptance": {},
         "rows": {"equal_batch": equal_batch, "equal_memory": equal_memory},

@@ -28,13 +28,22 @@ of each sequence's cache row. Three ops, each a Triton kernel beside its PyTorch
                                 entry order) and the evicted places below it (in order) they
                                 go to; -1 past each row's count. Pure PyTorch, no host read.
 
+    fill_plan(kept, budget, length) -> (src, dst, head)
+        kept     [R, KVH, budget] the kept places in their tokens' order: the places below the
+                                budget in any order, then the ones at or past it ascending
+                                (those hold the tokens since the last compression)
+        src, dst as fill_moves'; head [R, KVH, budget] int64: places 0..budget-1 after the
+                                moves in their tokens' order (the unmoved kept places, then
+                                the places the moved entries went to). The order a filled row
+                                keeps for its next compression.
+
     fill_rows(store, rows, src, dst)          in place
         store[rows[r], h, dst[r, h, i]] = store[rows[r], h, src[r, h, i]] where src >= 0:
         the kept entries end in places 0..budget-1 moving only the ones past the budget
         (a row's order changes; `rollout/kv_cache.py` keeps the entries' positions)
 
-The dispatchers (`window_scores`, `keep_top`, `compact_rows`, `fill_rows`) run the kernel for
-CUDA tensors when Triton is importable and the reference otherwise. None of them reads a value
+The dispatchers (`window_scores`, `keep_top`, `compact_rows`, `fill_plan`, `fill_rows`) run the
+kernel for CUDA tensors when Triton is importable and the reference otherwise. None of them reads a value
 back to the host, so a compression is launched without a host synchronisation.
 
 Kernels. `window_scores`: three launches, the first and last parallel over (entry block, kv
@@ -59,7 +68,11 @@ a barrier between its loads and its stores makes the copy in place safe (and the
 It reads and writes every kept entry: at the memory wall (455 rows of a 1.5B model) 252 us a
 layer's K or V, at the copy bandwidth. `fill_rows` moves only the kept entries past the budget,
 at most `interval` a row (sources past the budget, destinations below it: no program reads
-what another writes), one program per (sequence, kv head, block of moves).
+what another writes), one program per (sequence, kv head, block of moves). `fill_plan`: one
+program per (sequence, kv head) in one launch, where `fill_moves` and the head's order take a
+dozen PyTorch launches: the kept places below the budget marked in a scratch row (a scatter,
+then a barrier), the evicted places ranked by a cumulative sum, and src, dst and the head's
+order scattered from those ranks.
 """
 
 from __future__ import annotations
@@ -223,6 +236,26 @@ def fill_moves(chosen: torch.Tensor, budget: int, length: int) -> tuple[torch.Te
         return out[..., :moves]
 
     return ranked(kept[..., budget:], budget), ranked(~kept[..., :budget], 0)
+
+
+def _check_plan(kept: torch.Tensor, budget: int, length: int) -> None:
+    if kept.dim() != 3 or kept.shape[2] != budget or not 0 < budget < length:
+        raise ValueError(
+            f"kept must be [R, KVH, budget={budget}] with budget < length {length}, got shape "
+            f"{tuple(kept.shape)}"
+        )
+
+
+def fill_plan_reference(
+    kept: torch.Tensor, budget: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: `fill_moves`, then the head's order (module docstring)."""
+    _check_plan(kept, budget, length)
+    src, dst = fill_moves(kept, budget, length)
+    stay = budget - (kept >= budget).sum(dim=-1, keepdim=True)  # [R, KVH, 1]
+    i = torch.arange(budget, device=kept.device)
+    moved_to = dst.gather(-1, (i - stay).clamp(min=0))
+    return src, dst, torch.where(i < stay, kept, moved_to)
 
 
 def _check_fill(store: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
@@ -603,6 +636,54 @@ if HAS_TRITON:
             )
 
     @triton.jit
+    def _fill_plan_kernel(
+        Kept,
+        Src,
+        Dst,
+        Head,
+        Scratch,
+        budget,
+        n_moves,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_mb,
+        stride_mh,
+        stride_ml,
+        BLOCK_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs = tl.arange(0, BLOCK_B)
+        in_b = offs < budget
+        kept = tl.load(
+            Kept + r * stride_kb + h * stride_kh + offs * stride_kl, mask=in_b, other=0
+        ).to(tl.int64)
+        past = in_b & (kept >= budget)  # the last m of `kept` (the contract)
+        stay = budget - tl.sum(past.to(tl.int32), 0)
+        # Which places below the budget stay: marked in this program's scratch row.
+        scr = Scratch + (r * tl.num_programs(1) + h) * BLOCK_B
+        tl.store(scr + offs, tl.zeros([BLOCK_B], dtype=tl.int32))
+        tl.debug_barrier()
+        tl.store(scr + kept, tl.full([BLOCK_B], 1, dtype=tl.int32), mask=in_b & (kept < budget))
+        tl.debug_barrier()
+        hit = tl.load(scr + offs, cache_modifier=".cg")  # past the L1: other threads' stores
+        evicted = in_b & (hit == 0)
+        rank = tl.cumsum(evicted.to(tl.int32), 0) - 1  # among the evicted places, < m
+        mv = r * stride_mb + h * stride_mh
+        offs_m = tl.arange(0, BLOCK_M)
+        rest = (offs_m >= budget - stay) & (offs_m < n_moves)
+        # The i-th kept place past the budget moves to the i-th evicted place.
+        tl.store(Src + mv + (offs - stay).to(tl.int64) * stride_ml, kept, mask=past)
+        tl.store(Dst + mv + rank.to(tl.int64) * stride_ml, offs.to(tl.int64), mask=evicted)
+        tl.store(Src + mv + offs_m * stride_ml, tl.full([BLOCK_M], -1, tl.int64), mask=rest)
+        tl.store(Dst + mv + offs_m * stride_ml, tl.full([BLOCK_M], -1, tl.int64), mask=rest)
+        hd = Head + (r * tl.num_programs(1) + h) * budget
+        tl.store(hd + offs, kept, mask=in_b & (offs < stay))
+        tl.store(hd + stay + rank, offs.to(tl.int64), mask=evicted)
+
+    @triton.jit
     def _fill_kernel(
         Store,
         Rows,
@@ -778,6 +859,28 @@ def compact_rows_triton(
     )
 
 
+def fill_plan_triton(
+    kept: torch.Tensor, budget: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernel (contract in the module docstring): one program per (row, kv head)."""
+    _require_triton("fill_plan_triton")
+    _check_plan(kept, budget, length)
+    R, kvh, _ = kept.shape
+    M, dev = length - budget, kept.device
+    src = torch.empty(R, kvh, M, dtype=torch.long, device=dev)
+    dst = torch.empty_like(src)
+    head = torch.empty(R, kvh, budget, dtype=torch.long, device=dev)
+    if R == 0 or kvh == 0:
+        return src, dst, head
+    block_b = max(16, _next_pow2(budget))
+    scratch = torch.empty(R * kvh * block_b, dtype=torch.int32, device=dev)
+    _fill_plan_kernel[(R, kvh)](
+        kept, src, dst, head, scratch, budget, M, *kept.stride(), *src.stride(),
+        BLOCK_B=block_b, BLOCK_M=max(16, _next_pow2(M)), num_warps=4,
+    )  # fmt: skip
+    return src, dst, head
+
+
 def fill_rows_triton(
     store: torch.Tensor,
     rows: torch.Tensor,
@@ -828,6 +931,14 @@ def compact_rows(store: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor)
         compact_rows_triton(store, rows, indices)
     else:
         compact_rows_reference(store, rows, indices)
+
+
+def fill_plan(
+    kept: torch.Tensor, budget: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if kept.is_cuda and HAS_TRITON:
+        return fill_plan_triton(kept, budget, length)
+    return fill_plan_reference(kept, budget, length)
 
 
 def fill_rows(

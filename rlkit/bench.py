@@ -249,6 +249,7 @@ def _native(
             budget=args.budget,
             window=args.window,
             interval=args.interval,
+            compaction=args.compaction,
         )
     engine = Engine(
         model,
@@ -626,6 +627,12 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     sparse.add_argument("--budget", type=int, default=256)
     sparse.add_argument("--window", type=int, default=8)
     sparse.add_argument("--interval", type=int, default=32)
+    sparse.add_argument(
+        "--compaction",
+        default="auto",
+        choices=["auto", "fill", "ordered"],
+        help="rollout.kv_compression.compaction: how a compression packs the kept entries",
+    )
     spec = ap.add_argument_group("spec mode (speculative decoding)")
     spec.add_argument(
         "--drafter", default="sam+mtp", help=f"one row each, of {', '.join(DRAFTER_NAMES)}"
@@ -830,8 +837,9 @@ def rollout(argv: Sequence[str]) -> list[dict[str, Any]]:
     settings["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     if "sparse" in modes:
         settings.update(
-            policy=args.policy, budget=args.budget, window=args.window, interval=args.interval
-        )
+            policy=args.policy, budget=args.budget, window=args.window, interval=args.interval,
+            compaction=args.compaction,
+        )  # fmt: skip
     if any(m.startswith("spec:") for m in modes):
         from rlkit.models.mtp import MTP_FILE
 

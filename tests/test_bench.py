@@ -215,10 +215,10 @@ def test_kv_memory_sizes_each_mode_and_the_rows_say_how_many(model_dir, capsys):
     assert "seqs" in out and "kv_memory_gb=" in out
 
 
-def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path):
-    """benchmarks/sparse_memory_wall.py (the GPU script's driver) end to end at tiny sizes:
-    the equal-memory row admits what the budget holds for the compressed cache, and the JSON
-    has the keys the issue asks for."""
+def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path, monkeypatch):
+    """benchmarks/sparse_memory_wall.py (the GPU script's driver) end to end at tiny sizes,
+    with the fill compaction: the equal-memory row admits what the budget holds for the
+    compressed cache, and the JSON has the keys the issue asks for."""
     import importlib.util
     import pathlib
 
@@ -231,15 +231,24 @@ def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path):
         "--model", model_dir, "--device", "cpu", "--dtype", "float32", "--batch", "2",
         "--prompt-len", "8", "--new-tokens", "40", "--budget", "16", "--window", "4",
         "--interval", "8", "--copy-gb", "0.01", "--threads", "1", "--json", str(out),
-        "--also-interval", "4",
+        "--also-interval", "4", "--compaction", "fill",
     ]  # fmt: skip
+    from rlkit.rollout.kv_cache import CompressedKVCache
+
+    fills = []
+    fill = CompressedKVCache._fill
+    monkeypatch.setattr(
+        CompressedKVCache, "_fill", lambda self, *a: (fills.append(1), fill(self, *a))[1]
+    )
     res = mod.main(argv)
     saved = json.loads(out.read_text())
     for key in ("device", "equal_batch_speedup", "equal_batch_kv_fraction",
                 "equal_memory_sequences_ratio", "equal_memory_speedup"):  # fmt: skip
         assert key in saved
-    assert saved["device"] == "cpu"
+    assert saved["device"] == "cpu" and saved["settings"]["compaction"] == "fill"
     mem_rows = res["rows"]["equal_memory"]
+    # --compaction reaches the engine's cache: it filled (auto would not, at 2 sequences).
+    assert fills
     assert mem_rows[0]["seqs_admitted"] == res["equal_memory_sequences_expected"] > 2
     assert res["equal_memory_sequences_ratio"] == mem_rows[0]["seqs_admitted"] / 2
     assert [r["seqs_admitted"] for r in res["rows"]["equal_batch"]] == [2, 2]

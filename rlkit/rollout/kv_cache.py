@@ -536,18 +536,20 @@ class CompressedKVCache(KVCache):
             device=device,
         )
         # The fill compaction (cfg.fills(num_slots)): per compressed layer, slot and kv head
-        # the true positions of the entries in places 0..budget-1 of the rows a compression
-        # (or a long prompt) filled (`squeezed`); a row's later entries follow them in order.
-        # Allocated wherever a cache of this config could fill, as `compressed_slot_bytes`
-        # counts them (the engine sizes its batch from a slot's bytes before the cache).
+        # the order of places 0..budget-1 by their tokens' positions (the places of the
+        # oldest entry first; identity where a row was never filled). A row's entries past
+        # the budget are the tokens since its last compression, in order and newer than all
+        # of them. Allocated wherever a cache of this config could fill, as
+        # `compressed_slot_bytes` counts it (the engine sizes its batch from a slot's bytes
+        # before the cache).
         self.fill = cfg.fills(num_slots)
         could = cfg.compaction != "ordered" and cfg.can_fill()
-        self.slot_pos = torch.zeros(
+        self.slot_order = torch.empty(
             (len(self.comp_layers) if could else 0, num_slots, num_kv_heads, cfg.budget),
-            dtype=torch.int32,
+            dtype=_order_dtype(cfg.budget),
             device=device,
         )
-        self.squeezed = np.zeros(num_slots, dtype=bool)
+        self.slot_order.copy_(torch.arange(cfg.budget, device=device).expand_as(self.slot_order))
         self.events = 0
         self._mode: str | None = None
         self._static: dict[int, torch.Tensor] = {}
@@ -604,13 +606,15 @@ class CompressedKVCache(KVCache):
         if oracle:
             total += len(full) * m * 8  # int64
         if cfg.compaction != "ordered" and cfg.can_fill():  # whatever the cache's size
-            total += len(comp) * num_kv_heads * cfg.budget * 4  # int32 positions
+            order = _order_dtype(cfg.budget).itemsize  # the head's order (`slot_order`)
+            total += len(comp) * num_kv_heads * cfg.budget * order
         return total
 
     @property
     def held_bytes(self) -> int:
         tensors = (self.k, self.v, self.kf, self.vf, self.queries, self.accumulated)
-        return sum(t.numel() * t.element_size() for t in (*tensors, self.entry_pos, self.slot_pos))
+        extra = (self.entry_pos, self.slot_order)
+        return sum(t.numel() * t.element_size() for t in (*tensors, *extra))
 
     @property
     def capacity(self) -> int:
@@ -655,7 +659,10 @@ class CompressedKVCache(KVCache):
         self.group_lengths[1, idx] = src
         self.positions[idx] = src
         self.since[idx] = 0
-        self.squeezed[idx] = src > self.cfg.budget
+        if self.fill:  # a prompt's kept entries are written in order
+            self.slot_order[:, idx] = torch.arange(self.cfg.budget, device=self.device).to(
+                self.slot_order.dtype
+            )
         self.events += int((src > self.cfg.budget).sum()) * len(self.comp_layers)
 
     def _last_queries(
@@ -709,8 +716,6 @@ class CompressedKVCache(KVCache):
             chosen = self.policy(inputs, cfg)  # [Rc, KVH or 1, budget]
             idx = idx.clone()
             idx[squeeze] = chosen.expand(-1, self.num_kv_heads, -1)
-        if self.fill:  # the kept prompt entries' positions (their indices in the prompt)
-            self.slot_pos[self.where[layer][1]][slots, :, :keep] = idx[rows].int()
         gidx = idx[..., None].expand(-1, -1, -1, D)
         ks[slots, :, :keep] = k.gather(2, gidx)[rows]
         vs[slots, :, :keep] = v.gather(2, gidx)[rows]
@@ -899,7 +904,6 @@ class CompressedKVCache(KVCache):
         # place; other row sets are gathered for the policy. Compaction is in place (C kernels,
         # the Triton kernel on CUDA, or its reference).
         fast = self._kernels()
-        base: tuple[torch.Tensor, torch.Tensor] | None = None
         span = slice(int(rows_np[0]), int(rows_np[0]) + R)
         in_place = bool((np.diff(rows_np) == 1).all())
         for j, layer in enumerate(self.comp_layers):
@@ -913,17 +917,14 @@ class CompressedKVCache(KVCache):
             inputs.accumulated = acc
             if self.oracle:
                 inputs.oracle = oracle[layer // cfg.full_every]
-            pos = None
             if self.fill:
-                if base is None:  # the same for every layer: one host copy a compression
-                    base = self._in_order_positions(rows_np, L, lens)
-                pos = self._entry_positions(j, rows, base)
-                inputs.order = pos.argsort(dim=-1)
+                # The head's places by position, then the places past it (already in order).
+                tail = torch.arange(cfg.budget, L, device=dev).expand(R, kvh, L - cfg.budget)
+                inputs.order = torch.cat([self.slot_order[j][rows].long(), tail], dim=-1)
             chosen = self.policy(inputs, cfg).expand(-1, kvh, -1)  # [R, KVH, budget]
             stores = (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ())
-            if pos is not None:
-                assert inputs.order is not None
-                self._fill(j, rows, inputs.order.gather(-1, chosen), pos, stores, L)
+            if inputs.order is not None:
+                self._fill(j, rows, inputs.order.gather(-1, chosen), stores, L)
             elif fast:
                 for store in stores:
                     cpu_kernels.compact_rows(store, rows, chosen)
@@ -935,62 +936,27 @@ class CompressedKVCache(KVCache):
         for g, chosen in chosen_of.items():
             self.entry_pos[g][rows, : cfg.budget] = self.entry_pos[g][rows, :L].gather(1, chosen)
         self.group_lengths[0, rows_np] = cfg.budget
-        if self.fill:
-            self.squeezed[rows_np] = True
         n = R * len(self.comp_layers)
         self.events += n
         return n
-
-    def _in_order_positions(
-        self, rows_np: np.ndarray, L: int, lens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What every compressed layer's entry positions share in `rows` (fill layout): the
-        position [R, 1, L] (int64) of each place s of a row whose entries there are in order,
-        positions - length + s (the tokens since a row's last fill; a row never squeezed is
-        all in order), past a row's length a value above every position, so that sorting puts
-        the padding last; and which rows were squeezed [R, 1, 1]."""
-        dev = self.device
-        span = torch.arange(L, device=dev)
-        offset = to_device(self.positions[rows_np] - self.group_lengths[0, rows_np], dev)
-        pos = (offset[:, None] + span).masked_fill(
-            span >= lens[:, None], torch.iinfo(torch.long).max
-        )
-        squeezed = to_device(self.squeezed[rows_np], dev)[:, None, None] > 0
-        return pos[:, None, :], squeezed
-
-    def _entry_positions(
-        self, j: int, rows: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        """The true positions [R, KVH, L] (int64) of compressed layer j's entries in `rows`:
-        places 0..budget-1 of a squeezed row from `slot_pos`, the others as
-        `_in_order_positions` (`base`) says."""
-        pos, squeezed = base
-        pos = pos.expand(-1, self.num_kv_heads, -1)
-        b = self.cfg.budget
-        head = torch.where(squeezed, self.slot_pos[j][rows].long(), pos[..., :b])
-        return torch.cat([head, pos[..., b:]], dim=-1)
 
     def _fill(
         self,
         j: int,
         rows: torch.Tensor,
-        chosen: torch.Tensor,
-        pos: torch.Tensor,
+        kept: torch.Tensor,
         stores: tuple[torch.Tensor, ...],
         L: int,
     ) -> None:
-        """The fill compaction of compressed layer j's `rows` keeping entries `chosen`
-        [R, KVH, budget] (any order): the kept entries past the budget move into the evicted
-        places below it, in every store, and their positions with them."""
-        b = self.cfg.budget
-        src, dst = kv_compress.fill_moves(chosen, b, L)
+        """The fill compaction of compressed layer j's `rows` keeping the entries at places
+        `kept` [R, KVH, budget], in their tokens' order: the kept entries past the budget (the
+        last m of `kept`) move into the evicted places below it, in every store; the head's
+        order is then the unmoved kept places, then those evicted places, ascending (the i-th
+        moved entry went to the i-th of them)."""
+        src, dst, head = kv_compress.fill_plan(kept, self.cfg.budget, L)
         for store in stores:
             kv_compress.fill_rows(store, rows, src, dst)
-        # Positions of places 0..b-1 after the moves (a spare column takes the no-moves).
-        kept = torch.cat([pos[..., :b], pos[..., :1]], dim=-1)
-        moved = pos.gather(-1, src.clamp(min=0))
-        kept.scatter_(-1, torch.where(dst >= 0, dst, b), moved)
-        self.slot_pos[j][rows] = kept[..., :b].int()
+        self.slot_order[j][rows] = head.to(self.slot_order.dtype)
 
     def move(self, src: list[int], dst: list[int]) -> None:
         if not src:
@@ -1006,8 +972,7 @@ class CompressedKVCache(KVCache):
             self.kf[:, d, :, :nf] = self.kf[:, s, :, :nf]
             self.vf[:, d, :, :nf] = self.vf[:, s, :, :nf]
         self.queries[:, d] = self.queries[:, s]
-        self.slot_pos[:, d] = self.slot_pos[:, s]
-        self.squeezed[dst] = self.squeezed[src]
+        self.slot_order[:, d] = self.slot_order[:, s]
         self.group_lengths[:, dst] = self.group_lengths[:, src]
         self.positions[dst] = self.positions[src]
         self.since[dst] = self.since[src]
@@ -1049,3 +1014,8 @@ def _causal_attention_with_colsum(
     real = (t[None, :] < lengths[:, None]).repeat(1, G)  # [R, G*T]
     colsum = (probs * real[:, None, :, None]).sum(dim=2)
     return out, colsum
+
+
+def _order_dtype(budget: int) -> torch.dtype:
+    """The narrowest integer type of `CompressedKVCache.slot_order`'s places."""
+    return torch.int16 if budget <= torch.iinfo(torch.int16).max else torch.int32

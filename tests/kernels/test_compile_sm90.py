@@ -74,3 +74,12 @@ def test_fill_kernel_compiles():
         "stride_mb": "i32", "stride_mh": "i32", "stride_ml": "i32",
     }  # fmt: skip
     assert _compile(kc._fill_kernel, sig, {"D": 128, "BLOCK_P": 16, "BLOCK_D": 128})
+
+
+def test_fill_plan_kernel_compiles():
+    sig = {
+        "Kept": "*i64", "Src": "*i64", "Dst": "*i64", "Head": "*i64", "Scratch": "*i32",
+        "budget": "i32", "n_moves": "i32", "stride_kb": "i32", "stride_kh": "i32",
+        "stride_kl": "i32", "stride_mb": "i32", "stride_mh": "i32", "stride_ml": "i32",
+    }  # fmt: skip
+    assert _compile(kc._fill_plan_kernel, sig, {"BLOCK_B": 512, "BLOCK_M": 64})

@@ -43,6 +43,41 @@ COMPACT_CASES: dict[str, tuple] = {
     "S3-KVH2-L33-acc-b20-fp32": (3, 2, 33, 0, 20, torch.float32),
 }
 
+# name: (R, KVH, budget, length, strided): fill plans of budgets that are and are not powers
+# of two, one move at most (length = budget + 1), a view of a wider tensor.
+PLAN_CASES: dict[str, tuple] = {
+    "R3-KVH2-b10-L14": (3, 2, 10, 14, False),
+    "R4-KVH3-b64-L90": (4, 3, 64, 90, True),
+    "R2-KVH2-b37-L50": (2, 2, 37, 50, False),
+    "R3-KVH1-b16-L17": (3, 1, 16, 17, True),
+}
+
+
+def plan_inputs(case: tuple, seed: int, device: str = "cpu"):
+    """Kept places in their tokens' order, as a filled row has them (`fill_plan`'s contract),
+    and each place's token position: the head's places 0..budget-1 in a random order of
+    positions, the places past it newer and in order; m of those kept (m from 0 to all)."""
+    R, KVH, budget, length, strided = case
+    g = torch.Generator().manual_seed(seed)
+    kept = torch.empty(R, KVH, budget, dtype=torch.long)
+    pos = torch.empty(R, KVH, length, dtype=torch.long)
+    for r in range(R):
+        for h in range(KVH):
+            order = torch.randperm(budget, generator=g)  # places by position
+            pos[r, h, order] = torch.arange(budget)
+            pos[r, h, budget:] = torch.arange(budget, length)
+            m = [0, min(budget, length - budget), 1][(r + h) % 3] if r < 2 else None
+            if m is None:
+                m = int(torch.randint(0, min(budget, length - budget) + 1, (1,), generator=g))
+            tail = budget + torch.randperm(length - budget, generator=g)[:m].sort().values
+            head = order[torch.randperm(budget, generator=g)[: budget - m].sort().values]
+            kept[r, h] = torch.cat([head, tail])
+    if strided:  # a view: every other column of a wider tensor
+        wide = torch.zeros(R, KVH, 2 * budget, dtype=torch.long)
+        wide[..., ::2] = kept
+        kept = wide[..., ::2]
+    return kept.to(device), pos, budget, length
+
 
 def score_inputs(case: tuple, seed: int, device: str = "cpu"):
     R, H, KVH, w, D, L, dtype, strided = case
@@ -150,6 +185,16 @@ def run_cases(device: str) -> dict[str, dict]:
             results["fill-" + name] = {"error": f"{type(e).__name__}: {e}"}
             continue
         results["fill-" + name] = {"equal": bool(torch.equal(store, want))}
+    for i, (name, case) in enumerate(PLAN_CASES.items()):
+        kept, _, budget, length = plan_inputs(case, seed=i, device=device)
+        want = kc.fill_plan_reference(kept, budget, length)
+        try:
+            got = kc.fill_plan_triton(kept, budget, length)
+        except Exception as e:
+            results["plan-" + name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        same = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        results["plan-" + name] = {"equal": same}
     return results
 
 
@@ -170,7 +215,8 @@ def test_triton_interpreted_window_scores_match_reference(name, interpreted_resu
     list(KEEP_CASES)
     + [n + "-rank" for n in KEEP_CASES]
     + list(COMPACT_CASES)
-    + ["fill-" + n for n in COMPACT_CASES],
+    + ["fill-" + n for n in COMPACT_CASES]
+    + ["plan-" + n for n in PLAN_CASES],
 )
 def test_triton_interpreted_keep_top_and_compaction_match_reference(name, interpreted_results):
     res = interpreted_results[name]
@@ -249,6 +295,26 @@ def test_fill_moves_put_every_kept_entry_below_the_budget():
         )  # fmt: skip
 
 
+def test_fill_plan_leaves_the_head_in_token_order():
+    """After the plan's moves the places `head` names hold the kept tokens in position order:
+    the entries' positions, moved with them, read through `head`, are the kept positions
+    sorted; and its src, dst are `fill_moves`'."""
+    for i, case in enumerate(PLAN_CASES.values()):
+        kept, pos, budget, length = plan_inputs(case, seed=20 + i)
+        src, dst, head = kc.fill_plan(kept, budget, length)
+        want_src, want_dst = kc.fill_moves(kept, budget, length)
+        assert torch.equal(src, want_src) and torch.equal(dst, want_dst)
+        after = pos.clone()
+        kc.fill_rows(after, torch.arange(kept.shape[0]), src, dst)
+        for r in range(kept.shape[0]):
+            for h in range(kept.shape[1]):
+                got = after[r, h, head[r, h]].tolist()
+                assert got == sorted(pos[r, h, kept[r, h]].tolist()), (i, r, h)
+                assert sorted(head[r, h].tolist()) == list(range(budget))
+    with pytest.raises(ValueError, match="kept must be"):
+        kc.fill_plan(torch.zeros(2, 1, 3, dtype=torch.long), 4, 10)
+
+
 # ------------------------------------------------------------------ compiled kernels on CUDA
 
 
@@ -283,6 +349,10 @@ def test_triton_cuda_matches_reference():
     kc.fill_rows_reference(want, rows, src, dst)
     kc.fill_rows(store, rows, src, dst)
     assert torch.equal(store, want)
+    kept, _, budget, length = plan_inputs((455, 8, 512, 576, False), 9, "cuda")
+    got = kc.fill_plan(kept, budget, length)
+    want = kc.fill_plan_reference(kept, budget, length)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_selection_gap_is_zero_for_equal_scores_and_small_for_near_ties():

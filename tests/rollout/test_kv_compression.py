@@ -171,7 +171,7 @@ def test_fill_compaction_keeps_what_ordered_compaction_keeps(name, deep_dir):
     """compaction auto (the fill layout) against ordered, on the same tokens: after a squeezed
     prompt and eight compressions every layer and head holds the same tokens (each cached key
     matched to the dense key of its true position), the fill rows out of order (so the fill
-    path ran), and `slot_pos` with the tail's positions names each entry's true position."""
+    path ran), and `slot_order` lists each row's places by their tokens' positions."""
     model = load_model(deep_dir)[0].eval()
     a = model.args
     caches = {}
@@ -184,7 +184,7 @@ def test_fill_compaction_keeps_what_ordered_compaction_keeps(name, deep_dir):
         prompt, tokens = list(range(30, 50)), list(range(60, 92))  # prompt 20 > budget 12
         _feed(model, caches[mode], prompt, tokens)
     fill, ordered = caches["fill"], caches["ordered"]
-    assert fill.fill and not ordered.fill and fill.squeezed[0]
+    assert fill.fill and not ordered.fill
     total = 20 + 32
     dense = KVCache(a.num_layers, 1, 64, a.num_kv_heads, a.head_dim, torch.float32)
     with torch.no_grad():
@@ -198,16 +198,16 @@ def test_fill_compaction_keeps_what_ordered_compaction_keeps(name, deep_dir):
     assert n == int(ordered.group_lengths[0, 0]) == 12
     scrambled = False
     for j, layer in enumerate(fill.comp_layers):
-        base = fill._in_order_positions(np.array([0]), n, torch.tensor([n]))
-        pos = fill._entry_positions(j, torch.tensor([0]), base)
-        scrambled |= bool((pos[0].diff(dim=-1) < 0).any())
+        order = fill.slot_order[j, 0].long()  # [KVH, n]: the row holds the head alone
+        assert (order.sort(dim=-1).values == torch.arange(n)).all()  # a permutation
+        scrambled |= bool((order != torch.arange(n)).any())
         if layer != 0:  # only layer 0's keys depend on nothing but token and position
             continue
         for h in range(a.num_kv_heads):
             got = torch.cdist(fill.k[j, 0, h, :n], dense.k[0, 0, h, :total]).argmin(1)
             want = torch.cdist(ordered.k[j, 0, h, :n], dense.k[0, 0, h, :total]).argmin(1)
             assert sorted(got.tolist()) == want.tolist()
-            assert pos[0, h].tolist() == got.tolist()
+            assert got[order[h]].tolist() == want.tolist()  # places in their tokens' order
     # H2O's old entries hold the most accumulated attention here: it evicts only entries
     # past the budget, so its fill moves nothing (which is the point of the layout).
     assert scrambled == (name != "h2o")
@@ -236,7 +236,7 @@ def test_fill_compaction_decodes_as_ordered_compaction(name, deep_dir):
 def test_auto_compaction_fills_large_caches_where_the_policy_allows():
     """compaction auto: fill in a cache of FILL_MIN_SLOTS sequences or more where the policy
     and schedule allow it, ordered elsewhere; fill where it cannot apply is refused by name;
-    a slot's bytes count the positions wherever a cache of it could fill."""
+    a slot's bytes count the head's order wherever a cache of it could fill."""
     big = KVCompressionConfig.FILL_MIN_SLOTS
 
     def cache(c, slots):
@@ -255,9 +255,10 @@ def test_auto_compaction_fills_large_caches_where_the_policy_allows():
     def slot(c):
         return CompressedKVCache.compressed_slot_bytes(2, 16, 64, 4, 2, 8, c, torch.float32)
 
+    # The head's order: int16 places, per compressed layer and kv head.
     assert (
         slot(auto)
-        == slot(cfg("snapkv", window=3, interval=4, compaction="ordered")) + 2 * 2 * 12 * 4
+        == slot(cfg("snapkv", window=3, interval=4, compaction="ordered")) + 2 * 2 * 12 * 2
     )
 
 
