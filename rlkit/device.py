@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from rlkit.kernels import cpu as cpu_kernels
+from rlkit.kernels.triton_support import HAS_TRITON
 
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 _BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -39,6 +40,12 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
         and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
+
+
+def compiled_kernels(device: torch.device | str) -> bool:
+    """Whether rlkit's Triton kernels run compiled on `device` (CUDA, Triton importable);
+    elsewhere their dispatchers take the PyTorch references (or the CPU's C kernels)."""
+    return torch.device(device).type == "cuda" and HAS_TRITON
 
 
 def _cpu_name() -> str:

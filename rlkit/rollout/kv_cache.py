@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from rlkit.config.schema import KVCompressionConfig
-from rlkit.device import to_device
+from rlkit.device import compiled_kernels, to_device
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.kernels import kv_compress, rope_append
 from rlkit.kernels import sparse_decode_attention as sda
@@ -535,14 +535,14 @@ class CompressedKVCache(KVCache):
             dtype=torch.long,
             device=device,
         )
-        # The fill compaction (cfg.fills(num_slots)): per compressed layer, slot and kv head
+        # The fill compaction (`KVCompressionConfig.fills`): per compressed layer, slot and kv head
         # the order of places 0..budget-1 by their tokens' positions (the places of the
         # oldest entry first; identity where a row was never filled). A row's entries past
         # the budget are the tokens since its last compression, in order and newer than all
         # of them. Allocated wherever a cache of this config could fill, as
         # `compressed_slot_bytes` counts it (the engine sizes its batch from a slot's bytes
         # before the cache).
-        self.fill = cfg.fills(num_slots)
+        self.fill = cfg.fills(compiled_kernels(device))
         could = cfg.compaction != "ordered" and cfg.can_fill()
         self.slot_order = torch.empty(
             (len(self.comp_layers) if could else 0, num_slots, num_kv_heads, cfg.budget),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from rlkit.kernels import kv_compress
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.models import load_model
@@ -233,20 +234,25 @@ def test_fill_compaction_decodes_as_ordered_compaction(name, deep_dir):
         torch.testing.assert_close(f.logprobs, o.logprobs, atol=1e-5, rtol=0)
 
 
-def test_auto_compaction_fills_large_caches_where_the_policy_allows():
-    """compaction auto: fill in a cache of FILL_MIN_SLOTS sequences or more where the policy
-    and schedule allow it, ordered elsewhere; fill where it cannot apply is refused by name;
-    a slot's bytes count the head's order wherever a cache of it could fill."""
-    big = KVCompressionConfig.FILL_MIN_SLOTS
+def test_auto_compaction_fills_where_the_policy_allows_and_the_kernels_run():
+    """compaction auto: fill where the policy and schedule allow it on a device that runs the
+    fill's Triton kernels (CUDA), ordered elsewhere (the CPU, whose ordered C kernel is the
+    faster); fill where it cannot apply is refused by name; a slot's bytes count the head's
+    order wherever a cache of it could fill."""
 
-    def cache(c, slots):
-        return CompressedKVCache(2, slots, c.budget + c.interval, 64, 4, 2, 8, c, torch.float32)
+    def cache(c, slots, device="cpu"):
+        return CompressedKVCache(
+            2, slots, c.budget + c.interval, 64, 4, 2, 8, c, torch.float32, device
+        )
 
     auto = cfg("snapkv", budget=12, window=3, interval=4)
-    assert not cache(auto, 2).fill and cache(auto, big).fill
-    assert not cache(cfg("snapkv", window=3, interval=2), big).fill  # window > interval
-    assert not cache(cfg("streaming", window=3, interval=4), big).fill  # reads places
-    assert not cache(cfg("snapkv", window=3, interval=4, compaction="ordered"), big).fill
+    assert auto.fills(kernels=True) and not auto.fills(kernels=False)
+    assert not cache(auto, 2).fill and not cache(auto, 512).fill  # the CPU: ordered
+    if torch.cuda.is_available() and kv_compress.HAS_TRITON:
+        assert cache(auto, 2, "cuda").fill
+    assert not cfg("snapkv", window=3, interval=2).fills(True)  # window > interval
+    assert not cfg("streaming", window=3, interval=4).fills(True)  # reads places
+    assert not cfg("snapkv", window=3, interval=4, compaction="ordered").fills(True)
     assert cache(cfg("h2o", window=3, interval=4, compaction="fill"), 2).fill
     for bad in (cfg("streaming", compaction="fill"), cfg("snapkv", interval=2, compaction="fill")):
         with pytest.raises(ValueError, match="compaction fill needs"):
