@@ -231,7 +231,7 @@ def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path, monkeypatch):
         "--model", model_dir, "--device", "cpu", "--dtype", "float32", "--batch", "2",
         "--prompt-len", "8", "--new-tokens", "40", "--budget", "16", "--window", "4",
         "--interval", "8", "--copy-gb", "0.01", "--threads", "1", "--json", str(out),
-        "--also-interval", "4", "--compaction", "fill",
+        "--also-interval", "4", "--compaction", "fill", "--rounds", "3",
     ]  # fmt: skip
     from rlkit.rollout.kv_cache import CompressedKVCache
 
@@ -247,8 +247,13 @@ def test_sparse_memory_wall_driver_on_cpu(model_dir, tmp_path, monkeypatch):
         assert key in saved
     assert saved["device"] == "cpu" and saved["settings"]["compaction"] == "fill"
     mem_rows = res["rows"]["equal_memory"]
-    # --compaction reaches the engine's cache: it filled (auto would not, at 2 sequences).
+    # --compaction reaches the engine's cache: it filled (auto would not, on the CPU).
     assert fills
+    # Three rounds, each row at its median one: the figures are a round's rows' ratios.
+    assert len(res["rounds"]) == 3
+    ratios = sorted(r["equal_memory_speedup"] for r in res["rounds"])
+    assert ratios[0] <= res["equal_memory_speedup"] <= ratios[-1]
+    assert res["floors"]["dense"]["ms_per_step"] in [r["dense_ms_per_step"] for r in res["rounds"]]
     assert mem_rows[0]["seqs_admitted"] == res["equal_memory_sequences_expected"] > 2
     assert res["equal_memory_sequences_ratio"] == mem_rows[0]["seqs_admitted"] / 2
     assert [r["seqs_admitted"] for r in res["rows"]["equal_batch"]] == [2, 2]

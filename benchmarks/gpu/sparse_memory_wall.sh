@@ -8,9 +8,10 @@
 # equal_batch_kv_fraction, equal_memory_sequences_ratio, equal_memory_speedup, floors, rows)
 # and $OUT/gpu_sparse_memory_wall.log. ALSO_INTERVAL=N: one more equal-memory row at
 # compression interval N (`--also-interval`). COMPACTION=fill|ordered: both sparse rows
-# compact that way (default auto); WALL_NAME: the JSON's and log's name. Expected: ~4.5
-# minutes on an H200 (tests ~40 s, dense ~30 s, sparse ~20 s, sparse at ~455 sequences ~45 s,
-# model build and loads the rest).
+# compact that way (default auto); WALL_NAME: the JSON's and log's name. ROUNDS (default 3):
+# the rows run that many times, each row's figure its median round (a fresh machine's first
+# dense run was ~7% slower than the next ones). Expected: ~2 minutes a round on an H200
+# (dense ~30 s, sparse ~20 s, sparse at ~454 sequences ~45 s, warm-ups), tests ~40 s.
 source benchmarks/gpu/setup.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -42,6 +43,7 @@ save_tiny_model('/tmp/m15b_4k', 'qwen2', vocab_size=32000, hidden_size=2048, int
                 max_position_embeddings=4224)" || exit 1
 python3 benchmarks/sparse_memory_wall.py --model /tmp/m15b_4k --device cuda --batch 64 \
   --prompt-len 64 --new-tokens 4096 --policy snapkv --budget 512 --window 8 --interval 64 \
-  --compaction "${COMPACTION:-auto}" --json "$OUT/${WALL_NAME:-gpu_sparse_memory_wall}.json" \
+  --compaction "${COMPACTION:-auto}" --rounds "${ROUNDS:-3}" \
+  --json "$OUT/${WALL_NAME:-gpu_sparse_memory_wall}.json" \
   ${ALSO_INTERVAL:+--also-interval $ALSO_INTERVAL} 2>&1 | grep -v Warning \
   | tee -a "$OUT/${WALL_NAME:-gpu_sparse_memory_wall}.log" | tail -60
