@@ -906,6 +906,8 @@ class CompressedKVCache(KVCache):
         fast = self._kernels()
         span = slice(int(rows_np[0]), int(rows_np[0]) + R)
         in_place = bool((np.diff(rows_np) == 1).all())
+        # Fill layout: the places past the head, already in their tokens' order (every layer).
+        tail = torch.arange(cfg.budget, L, device=dev).expand(R, kvh, L - cfg.budget)
         for j, layer in enumerate(self.comp_layers):
             keys = self.k[j][span, :, :L] if in_place else self.k[j][rows, :, :L]
             inputs = CompressionInputs(keys, lens, kernels=fast)
@@ -917,9 +919,7 @@ class CompressedKVCache(KVCache):
             inputs.accumulated = acc
             if self.oracle:
                 inputs.oracle = oracle[layer // cfg.full_every]
-            if self.fill:
-                # The head's places by position, then the places past it (already in order).
-                tail = torch.arange(cfg.budget, L, device=dev).expand(R, kvh, L - cfg.budget)
+            if self.fill:  # the head's places by their tokens' order, then the tail
                 inputs.order = torch.cat([self.slot_order[j][rows].long(), tail], dim=-1)
             chosen = self.policy(inputs, cfg).expand(-1, kvh, -1)  # [R, KVH, budget]
             stores = (self.k[j], self.v[j]) + ((self.accumulated[j],) if self.h2o else ())

@@ -214,7 +214,7 @@ class SpecStep:
 
     exact_counts = True
 
-    ADAPT_STEPS = 4  # verify steps a round of the draft adapter
+    ADAPT_STEPS = 4  # steps (verify or plain) a round of the draft adapter
 
     def __init__(
         self,
@@ -511,17 +511,20 @@ class SyncFreeSpecStep:
         st["limit"][:B].copy_(to_device(run.limit, run.device))
         st["nrows"].fill_(B)
 
+    def _draft_shape(self, rows: int) -> tuple[int, int]:
+        """(k, C): the draft length and chains of a step over `rows` rows. The draft
+        adapter's length 0: one token a row, one chain, the drafter only catching up."""
+        k = self.adapt.k(self.k_for(rows))
+        return k, self.chains_for(rows) if k else 1
+
     def kind(self, rows: int) -> str:
         # Every step feeds k + 1 tokens a row (C chains: 1 + C k), drafts or not.
-        k = self.adapt.k(self.k_for(rows))
-        C = self.chains_for(rows) if k else 1
+        k, C = self._draft_shape(rows)
         return f"spec k{k}" + (f" c{C}" if C > 1 else "")
 
     def step(self, run: Run) -> None:
         B, st = len(run.seq), self.g.state
-        pad, k = self.g.bucket(B), self.adapt.k(self.k_for(B))
-        # The draft adapter's length 0: one token a row, the drafter only catching up.
-        C = self.chains_for(B) if k else 1
+        pad, (k, C) = self.g.bucket(B), self._draft_shape(B)
         u = f"u{k}"  # the step's uniforms [slots, k + 1]
         if u not in st:
             st[u] = torch.zeros(run.cache.num_slots, k + 1, dtype=torch.float64, device=run.device)
