@@ -3,15 +3,18 @@
 then `sparse_decode_attention_triton`), at the memory-wall bench's shapes (issue 16).
 
     python benchmarks/bench_rope_attention.py [--rows 64:512,64:2048,64:4096,455:576]
-        [--heads 16 --kv-heads 8 --head-dim 128] [--repeats 20] [--json FILE]
+        [--heads 16 --kv-heads 8 --head-dim 128] [--repeats 20] [--json FILE] [--sweep]
+        [--read-probe]
 
 Each `B:L` row: B sequences of a cache row of L entries, lengths uniform in [L/2, L] (the
 dense cache midway through a 4,096-token rollout holds ~2k entries a row; the sparse one 512 +
-up to its interval), bf16, the new token's k/v/q as the decoder passes them. Every variant runs
+up to its interval); `B:L:N`, every row N entries long (the engine's steady compressed step:
+all rows between budget and budget + interval together), bf16, the new token's k/v/q as the decoder passes them. Every variant runs
 from a CUDA graph of calls rotating over enough caches (>= 512 MB) that K/V come from memory,
 replayed between CUDA events (median of --repeats, per call); the ratio two-launch / fused is
 measured side by side in one process. Also prints the bandwidth of each (bytes of K/V read
-over time) and the largest difference between the two outputs.
+over time) and the largest difference between the two outputs. `--read-probe`: first the
+device's read bandwidth, a sum over 2 GiB of bf16 (the ceiling the kernels' GB/s compare to).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from rlkit.bench import time_cuda_graph
 ROTATE_BYTES = 512 << 20
 
 
-def make_set(B, H, KVH, D, L, gen):
+def make_set(B, H, KVH, D, L, gen, length=None):
     dev, dt = "cuda", torch.bfloat16
     rnd = lambda *s: torch.randn(*s, generator=gen).to(dt).to(dev)  # noqa: E731
-    lengths = torch.randint(L // 2, L + 1, (B,), generator=gen).to(dev)
+    if length:
+        lengths = torch.full((B,), length, dtype=torch.int64).to(dev)
+    else:
+        lengths = torch.randint(L // 2, L + 1, (B,), generator=gen).to(dev)
     angles = torch.rand(B, 1, 1, D // 2, generator=gen) * 6.28
     cos = torch.cat([angles.cos()] * 2, -1).to(dt).to(dev)
     sin = torch.cat([angles.sin()] * 2, -1).to(dt).to(dev)
@@ -62,7 +68,7 @@ def fused(s, **knobs):
 
 SWEEP = [
     {"num_splits": sp, "num_warps": w, "num_stages": st, "block_n": bn}
-    for sp in (1, 2, 4) for w in (4, 8) for st in (2, 3) for bn in (32, 64, 128)
+    for sp in (1, 2, 4) for w in (4, 8) for st in (2, 3, 4) for bn in (32, 64, 128)
 ]  # fmt: skip
 
 
@@ -85,19 +91,29 @@ def sweep_row(sets: list, n: int, repeats: int) -> dict:
     }
 
 
+def read_probe(repeats: int) -> float:
+    """GB/s of a sum over 2 GiB of bf16 (four 512 MiB buffers in turn), from a CUDA graph."""
+    xs = [torch.ones(256 << 20, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+    t = time_cuda_graph(lambda i: xs[i % 4].sum(dtype=torch.float32), 8, repeats)
+    gb_s = xs[0].numel() * 2 / t / 1e9
+    print(f"read probe: {gb_s:.0f} GB/s (sum over 512 MiB of bf16)", flush=True)
+    return gb_s
+
+
 def bench_row(
-    B: int, L: int, H: int, KVH: int, D: int, repeats: int, gen, sweep: bool = False
-) -> dict:
+    B: int, L: int, H: int, KVH: int, D: int, repeats: int, gen, sweep: bool = False,
+    length: int | None = None,
+) -> dict:  # fmt: skip
     set_bytes = 2 * B * KVH * L * D * 2
     n = max(2, min(32, -(-ROTATE_BYTES // set_bytes)))
-    sets = [make_set(B, H, KVH, D, L, gen) for _ in range(n)]
+    sets = [make_set(B, H, KVH, D, L, gen, length) for _ in range(n)]
     out_two, out_fused = two_launch(sets[0]), fused(sets[0])
     diff = (out_two.float() - out_fused.float()).abs().max().item()
     kv_read = sum(2 * int(s["lengths"].sum()) * KVH * D * 2 for s in sets) / n
     t_two = time_cuda_graph(lambda i: two_launch(sets[i % n]), 2 * n, repeats)
     t_fused = time_cuda_graph(lambda i: fused(sets[i % n]), 2 * n, repeats)
     row = {
-        "B": B, "L": L, "H": H, "KVH": KVH, "D": D,
+        "B": B, "L": L, "length": length, "H": H, "KVH": KVH, "D": D,
         "splits": sda._pick_num_splits(B, KVH, L, 64, sets[0]["q"].device),
         "two_launch_us": 1e6 * t_two, "fused_us": 1e6 * t_fused,
         "two_over_fused": t_two / t_fused,
@@ -131,19 +147,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true", help="also the best splits/warps/stages/block")
+    ap.add_argument("--read-probe", action="store_true", help="first the device's read GB/s")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_rope_attention.py needs a CUDA device")
     H, KVH, D = args.heads, args.kv_heads, args.head_dim
     gen = torch.Generator().manual_seed(0)
     rows = []
+    probe = read_probe(args.repeats) if args.read_probe else None
     for spec in args.rows.split(","):
-        B, L = (int(x) for x in spec.split(":"))
-        rows.append(bench_row(B, L, H, KVH, D, args.repeats, gen, args.sweep))
+        B, L, *n = (int(x) for x in spec.split(":"))
+        rows.append(bench_row(B, L, H, KVH, D, args.repeats, gen, args.sweep, n[0] if n else None))
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "read_gb_s": probe, "rows": rows},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":
