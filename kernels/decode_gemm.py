@@ -6,6 +6,10 @@ the accumulators (one launch, half the output written).
                                                        layout), bias [N], y [M, N]
     decode_gate_up_silu(x, gate_up) -> y               gate_up [2I, K] (gate rows, then up
                                                        rows), y [M, I] = silu(x W_g^T) * x W_u^T
+    linear_partials(x, weight, splits) -> p            p [S, M, N]: x's K split in S slices,
+                                                       p[s] = x[:, slice s] @ W[:, slice s]^T
+                                                       (so sum_s p[s] = x @ W^T): cuBLAS's
+                                                       batched GEMM over views, no copies
 
 Why (issue 16): at batch 64 of a 1.5B model on an H200, cuBLAS's kernels for the four
 projections of a layer ran at 37-79% of the bandwidth of their weight reads (40 us a layer
@@ -23,6 +27,18 @@ output dtype; tensor-core dots of the inputs' dtype, float32 products under the 
 1.10x at 16 rows and 1.17x at 64 (15.1 against 17.7 us); the plain linear kernel did not beat
 cuBLAS (0.92-1.02x) and is not called. `gate_up_applies` says where the engine's GPU step
 (`Decoder._run_glued`) takes the gate/up kernel: the measured regime only.
+
+Split-K for the narrow projections (o and down: N = hidden): at a few hundred rows their
+output has too few tiles to fill an H200, and cuBLAS ran them at 400-500 TFLOP/s (gate/up:
+~700). One `torch.bmm` over 2 K-slices, its bf16 partial sums left for the consumer to add
+(`fused_norm.add_rms_norm` sums them in float32 with the residual, in the launch it takes
+anyway), took o from 10.1 to 8.5 us and down from 22.4 to 17.0 at 454 rows
+(`benchmarks/bench_gemm_split.py`, 2026-12-01, H200; `gpu_bench_gemm_split*.json`). In the
+engine's 454-row step the two took 26.0 us a layer against 30.9 and the adds 0.76 us more
+each: ~3.4 us a layer net. At 64 rows the bench's gains (cuBLAS already splits down there)
+did not survive the engine: the two GEMMs 14.3 against 15.1 us, the adds of 4 partials 3.9
+against 2.0 us (`benchmarks/results/profiles/gpu_prof_b{64,454}_sparse_splitk.txt`). So
+`split_k` takes 2 slices from SPLIT_MIN_ROWS rows to SPLIT_MAX_ROWS, and none elsewhere.
 """
 
 from __future__ import annotations
@@ -40,6 +56,8 @@ __all__ = [
     "decode_linear_triton",
     "gate_up_applies",
     "GATE_UP_KNOBS",
+    "linear_partials",
+    "split_k",
 ]
 
 # The kernels hold all M rows of a tile in registers.
@@ -51,6 +69,50 @@ _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 GATE_UP_KNOBS = {"block_n": 64, "block_k": 128, "num_stages": 4}
 GATE_UP_MAX_ROWS = 64
 GATE_UP_MIN_INTERMEDIATE = 4096
+
+
+# Split-K's regime, from the engine's profiles above (bf16, the 1.5B shape): 2 slices from 384
+# rows (64 lost; the bench's 256 gained less than the adds' extra reads cost at 454) to 512
+# (past it the GEMM has tiles enough: a prefill).
+SPLIT_MIN_ROWS = 384
+SPLIT_MAX_ROWS = 512
+
+
+def split_k(x: torch.Tensor, weight: object, bias: torch.Tensor | None) -> int:
+    """The K slices `linear_partials` takes for x [M, K] @ weight [N, K]^T in a GPU decode
+    step (`Decoder._run_glued`), or 0 where it does not apply: CUDA bf16/fp16, no bias, a
+    plain weight, SPLIT_MIN_ROWS to SPLIT_MAX_ROWS rows, and K in two slices of a multiple of
+    16 (aligned for the tensor cores)."""
+    if not (
+        isinstance(weight, torch.Tensor)
+        and x.is_cuda
+        and bias is None
+        and x.dim() == 2
+        and weight.dim() == 2
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and SPLIT_MIN_ROWS <= x.shape[0] <= SPLIT_MAX_ROWS
+        and x.shape[1] % 32 == 0
+    ):
+        return 0
+    return 2
+
+
+def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """[S, M, N] partial products of x [M, K] @ weight [N, K]^T over S equal K slices (module
+    docstring): one batched GEMM over views of x and weight, each partial rounded to x's
+    dtype; their sum is the product."""
+    _check(x, weight, None, "linear_partials")
+    m, k = x.shape
+    n = weight.shape[0]
+    if splits < 1 or k % splits:
+        raise ValueError(f"linear_partials: K = {k} does not split in {splits} slices")
+    c = k // splits
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("linear_partials: x and weight need a unit stride on K")
+    xs = x.as_strided((splits, m, c), (c, x.stride(0), 1))
+    ws = weight.as_strided((splits, c, n), (c, 1, weight.stride(0)))
+    return torch.bmm(xs, ws)
 
 
 def gate_up_applies(x: torch.Tensor, gate_up: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -3,7 +3,10 @@ add fused with the next RMSNorm, and SiLU(gate) * up.
 
     h = add_rms_norm(x, y, weight, eps)   x [N, C] += y [N, C] in place (rounded to x's dtype),
                                           h = RMSNorm(x) * weight (float32 statistics, one
-                                          rounding), returned [N, C] in x's dtype
+                                          rounding), returned [N, C] in x's dtype; y may also
+                                          be S partial sums [S, N, C] (a split-K GEMM's,
+                                          `decode_gemm.linear_partials`): x += their float32
+                                          sum, one rounding
     a = silu_mul(gate_up)                 gate_up [N, 2I] (gate, then up) -> [N, I]:
                                           silu(gate) * up in float32, one rounding
 
@@ -40,14 +43,26 @@ def _check_rows(name: str, *xs: torch.Tensor) -> None:
             raise ValueError(f"{name}: rows must be [N, C] with a unit last stride, got {x.shape}")
 
 
+def _check_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> None:
+    _check_rows("add_rms_norm", x)
+    if y.dim() == 3:  # partial sums [S, N, C]
+        _check_rows("add_rms_norm", *y)
+    else:
+        _check_rows("add_rms_norm", y)
+    if y.shape[-2:] != x.shape or weight.shape != (x.shape[1],):
+        raise ValueError(f"add_rms_norm: y {y.shape} / weight {weight.shape} vs x {x.shape}")
+
+
 def add_rms_norm_reference(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """x += y in place; returns RMSNorm(x) * weight (the model's ops)."""
-    _check_rows("add_rms_norm", x, y)
-    if y.shape != x.shape or weight.shape != (x.shape[1],):
-        raise ValueError(f"add_rms_norm: y {y.shape} / weight {weight.shape} vs x {x.shape}")
-    x.add_(y)
+    """x += y (or the float32 sum of partials y [S, N, C]) in place; returns RMSNorm(x) *
+    weight (the model's ops)."""
+    _check_add(x, y, weight)
+    if y.dim() == 3:
+        x.copy_(x.float() + y.float().sum(0))
+    else:
+        x.add_(y)
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
@@ -63,12 +78,16 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _add_rms_norm_kernel(X, Y, W, H, C, sx, sy, sh, eps, BLOCK: tl.constexpr):
+    def _add_rms_norm_kernel(
+        X, Y, W, H, C, sx, sy, sparts, sh, eps, PARTS: tl.constexpr, BLOCK: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < C
         x = tl.load(X + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + row * sy + cols, mask=mask, other=0.0).to(tl.float32)
+        for p in tl.static_range(1, PARTS):  # y's partial sums in float32, then x + y
+            y += tl.load(Y + p * sparts + row * sy + cols, mask=mask, other=0.0).to(tl.float32)
         s = (x + y).to(X.dtype.element_ty)
         tl.store(X + row * sx + cols, s, mask=mask)
         sf = s.to(tl.float32)
@@ -93,16 +112,15 @@ def add_rms_norm_triton(
     """The Triton kernel (contract in the module docstring): one program per row."""
     if not HAS_TRITON:
         raise RuntimeError("add_rms_norm_triton needs triton, which is not importable")
-    _check_rows("add_rms_norm", x, y)
-    if y.shape != x.shape or weight.shape != (x.shape[1],):
-        raise ValueError(f"add_rms_norm: y {y.shape} / weight {weight.shape} vs x {x.shape}")
+    _check_add(x, y, weight)
     n, c = x.shape
     h = torch.empty_like(x)
+    parts = y if y.dim() == 3 else y[None]
     if n:
         block = triton.next_power_of_2(c)
         _add_rms_norm_kernel[(n,)](
-            x, y, weight, h, c, x.stride(0), y.stride(0), h.stride(0), eps, BLOCK=block,
-            num_warps=4 if block <= 2048 else 8,
+            x, parts, weight, h, c, x.stride(0), parts.stride(1), parts.stride(0), h.stride(0),
+            eps, PARTS=parts.shape[0], BLOCK=block, num_warps=4 if block <= 2048 else 8,
         )  # fmt: skip
     return h
 
@@ -126,7 +144,8 @@ def silu_mul_triton(gate_up: torch.Tensor, *, block: int = 1024) -> torch.Tensor
 def add_rms_norm(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """x += y in place; RMSNorm(x) * weight (module docstring): the kernel on CUDA."""
+    """x += y (or y's partial sums) in place; RMSNorm(x) * weight (module docstring): the
+    kernel on CUDA."""
     fn = add_rms_norm_triton if x.is_cuda and HAS_TRITON else add_rms_norm_reference
     return fn(x, y, weight, eps)
 

@@ -89,6 +89,26 @@ def linear(
     return F.linear(x, weight, bias)
 
 
+# An inference projection: x [..., K] with a layer's fused weights (`linear`'s arguments).
+Projection = Callable[
+    [torch.Tensor, "torch.Tensor | cpu_kernels.PackedLinear", "torch.Tensor | None"], torch.Tensor
+]
+
+
+def linear_partials(
+    x: torch.Tensor, weight: torch.Tensor | cpu_kernels.PackedLinear, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [..., K] @ weight^T as partial sums [S, M, N] (M = x's rows): a split-K GEMM where
+    `decode_gemm.split_k` takes it (a GPU decode step's narrow projections), else `linear`'s
+    result as the one partial [1, M, N]. `fused_norm.add_rms_norm` sums them."""
+    x2 = x.reshape(-1, x.shape[-1])
+    splits = decode_gemm.split_k(x2, weight, bias)
+    if splits:
+        assert isinstance(weight, torch.Tensor)
+        return decode_gemm.linear_partials(x2, weight, splits)
+    return linear(x2, weight, bias)[None]
+
+
 class AttentionCache(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the new tokens' k/v [B, KVH, T, D] and return attention of q [B, H, T, D]
@@ -168,25 +188,33 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [B, 1, T, D]
         sin: torch.Tensor,
         cache: AttentionCache | None,
+        project: Projection = linear,
     ) -> torch.Tensor:
+        """[B, T, hidden]; with the fused weights (`fuse`) the output projection is
+        project(out, *self.o) (`_run_glued` passes `linear_partials`: [S, B * T, hidden])."""
         B, T, _ = x.shape
         if self.qkv is not None:
-            return self.attend_projected(linear(x, *self.qkv), cos, sin, cache)
+            return self.attend_projected(linear(x, *self.qkv), cos, sin, cache, project)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         return self._attend(q, k, v, cos, sin, cache)
 
     def attend_projected(
-        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: AttentionCache | None,
+        project: Projection = linear,
     ) -> torch.Tensor:
         """The rest of `forward` after the fused q/k/v projection qkv [B, T, (H + 2 KVH) D]."""
         B, T = qkv.shape[:2]
         qkv = qkv.view(B, T, -1, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        return self._attend(q, k, v, cos, sin, cache)
+        return self._attend(q, k, v, cos, sin, cache, project)
 
-    def _attend(self, q, k, v, cos, sin, cache):
+    def _attend(self, q, k, v, cos, sin, cache, project: Projection = linear):
         B, T = q.shape[:2]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -195,7 +223,7 @@ class Attention(nn.Module):
         out = None if fused is None else fused(self.layer, q, k, v, cos, sin)
         if out is not None:
             out = out.transpose(1, 2).reshape(B, T, -1)
-            return linear(out, *self.o) if self.o is not None else self.o_proj(out)
+            return project(out, *self.o) if self.o is not None else self.o_proj(out)
         q = rotate(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = rotate(k.transpose(1, 2), cos, sin)  # [B, KVH, T, D]
         v = v.transpose(1, 2)
@@ -205,7 +233,7 @@ class Attention(nn.Module):
         else:
             out = cache.attend(self.layer, q, k, v)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return linear(out, *self.o) if self.o is not None else self.o_proj(out)
+        return project(out, *self.o) if self.o is not None else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -626,7 +654,8 @@ class Decoder(nn.Module):
     def _run_glued(self, x, cos, sin, cache):
         """`_run` for inference on a GPU with the layers' glue in single launches
         (`rlkit.kernels.fused_norm`): each residual add fused with the RMSNorm after it (the
-        next layer's input norm, or the final one), SiLU(gate) * up in one kernel. The
+        next layer's input norm, or the final one), SiLU(gate) * up in one kernel, and the o
+        and down projections as split-K partials that add sums (`linear_partials`). The
         residual stream x [B * T, hidden] is updated in place."""
         B, T, C = x.shape
         layers = [cast(DecoderLayer, lay) for lay in self.model.layers]
@@ -634,7 +663,9 @@ class Decoder(nn.Module):
         eps = layers[0].input_layernorm.eps
         h = F.rms_norm(x, (C,), layers[0].input_layernorm.weight, eps)
         for i, lay in enumerate(layers):
-            attn = lay.self_attn(h.view(B, T, C), cos, sin, cache).reshape(B * T, C)
+            # o and down as split-K partial sums where that pays (`linear_partials`), summed in
+            # the residual add that follows each.
+            attn = lay.self_attn(h.view(B, T, C), cos, sin, cache, linear_partials)
             h = fused_norm.add_rms_norm(x, attn, lay.post_attention_layernorm.weight, eps)
             mlp = lay.mlp
             assert mlp.gate_up is not None and mlp.down is not None
@@ -644,7 +675,7 @@ class Decoder(nn.Module):
                 )
             else:
                 up = fused_norm.silu_mul(linear(h, *mlp.gate_up))
-            down = linear(up, *mlp.down)
+            down = linear_partials(up, *mlp.down)
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h = fused_norm.add_rms_norm(x, down, norm.weight, eps)
         return h.view(B, T, C)

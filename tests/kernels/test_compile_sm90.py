@@ -7,6 +7,7 @@ here)."""
 from __future__ import annotations
 
 import pytest
+from rlkit.kernels import fused_norm as fn
 from rlkit.kernels import kv_compress as kc
 from rlkit.kernels import sam_device
 from rlkit.kernels import spec_verify as sv
@@ -65,6 +66,15 @@ def test_greedy_verify_kernel_compiles():
         "Token": "*i64", "V": "i32", "stride_pb": "i32", "stride_pt": "i32", "stride_db": "i32",
     }  # fmt: skip
     assert _compile(sv._verify_greedy_kernel, sig, {"K": 3, "K_PAD": 4, "BLOCK_V": 1024})
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_add_rms_norm_kernel_compiles(parts):
+    sig = {
+        "X": "*bf16", "Y": "*bf16", "W": "*bf16", "H": "*bf16", "C": "i32", "sx": "i32",
+        "sy": "i32", "sparts": "i32", "sh": "i32", "eps": "fp32",
+    }  # fmt: skip
+    assert _compile(fn._add_rms_norm_kernel, sig, {"PARTS": parts, "BLOCK": 2048})
 
 
 def test_fill_kernel_compiles():

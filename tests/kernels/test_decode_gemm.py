@@ -106,6 +106,51 @@ def test_bad_arguments_name_what_is_wrong():
         dg.decode_linear_reference(x, w.double(), None)
 
 
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_linear_partials_sum_to_the_product(splits):
+    """The split-K partials are the K slices' products (views of x and the weight, strided
+    rows included), and they sum to x @ W^T."""
+    g = torch.Generator().manual_seed(splits)
+    wide = torch.randn(6, 136, generator=g)
+    x, w = wide[:, :128], torch.randn(40, 128, generator=g)  # x: rows of stride 136
+    p = dg.linear_partials(x, w, splits)
+    assert p.shape == (splits, 6, 40)
+    c = 128 // splits
+    for s in range(splits):
+        torch.testing.assert_close(p[s], x[:, s * c : (s + 1) * c] @ w[:, s * c : (s + 1) * c].T)
+    torch.testing.assert_close(p.sum(0), x @ w.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not split"):
+        dg.linear_partials(x, w, 3)
+
+
+def test_split_k_stays_off_where_it_was_not_measured():
+    """Off the GPU `split_k` says 0 whatever the shape."""
+    x, w = torch.randn(454, 2048), torch.randn(2048, 2048)
+    assert dg.split_k(x, w, None) == 0  # a CPU tensor
+    assert dg.split_k(x.bfloat16(), w.bfloat16(), None) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_k_on_gpu():
+    """The regime on a GPU (2 slices from SPLIT_MIN_ROWS to SPLIT_MAX_ROWS rows; none outside
+    it, with a bias, in float32 or with K not in two slices of a multiple of 16), and the
+    partials' sum within bf16 rounding of the product at the 1.5B shape's down projection."""
+    dev, bf = "cuda", torch.bfloat16
+    w = torch.randn(2048, 5632, device=dev, dtype=bf) / 75
+    for rows, want in ((1, 0), (64, 0), (383, 0), (384, 2), (454, 2), (512, 2), (513, 0)):
+        x = torch.randn(rows, 5632, device=dev, dtype=bf)
+        assert dg.split_k(x, w, None) == want, rows
+    x = torch.randn(454, 5632, device=dev, dtype=bf)
+    assert dg.split_k(x, w, torch.zeros(2048, device=dev, dtype=bf)) == 0
+    assert dg.split_k(x.float(), w.float(), None) == 0
+    assert dg.split_k(x[:, :48], w[:, :48], None) == 0  # K = 48: slices of 24
+    assert dg.split_k(x[:, :96], w[:, :96], None) == 2  # 96 = 2 x 48
+    p = dg.linear_partials(x, w, dg.split_k(x, w, None))
+    ref = x.float() @ w.float().T
+    torch.testing.assert_close(p.float().sum(0), ref, rtol=0.02, atol=0.03)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(json.dumps(run_cases("cpu")))

@@ -1,6 +1,7 @@
 """rlkit.kernels.fused_norm: the Triton kernels (residual add + RMSNorm, SiLU * up) match their
 references (the decoder layer's former ops) on rows of the model's widths, bf16 and fp32,
-strided rows, and widths that are not a power of two.
+strided rows, widths that are not a power of two, and a split-K GEMM's partial sums as the
+residual's addend (2 or 4 partials, summed in float32).
 
 On CPU the kernels run under TRITON_INTERPRET=1 in a subprocess (this file run as a script), as
 tests/kernels/test_sparse_decode_attention.py explains; on a CUDA machine the `gpu` test runs the
@@ -16,21 +17,24 @@ import torch
 from interpreter import run_interpreted
 from rlkit.kernels import fused_norm as fn
 
-# name: (N, C, dtype)
+# name: (N, C, dtype, partials: 0 for a plain addend y [N, C], else y [S, N, C])
 CASES: dict[str, tuple] = {
-    "N5-C576-fp32": (5, 576, torch.float32),
-    "N3-C2048-bf16": (3, 2048, torch.bfloat16),
-    "N2-C100-bf16": (2, 100, torch.bfloat16),
+    "N5-C576-fp32": (5, 576, torch.float32, 0),
+    "N3-C2048-bf16": (3, 2048, torch.bfloat16, 0),
+    "N2-C100-bf16": (2, 100, torch.bfloat16, 0),
+    "N4-C576-fp32-S4": (4, 576, torch.float32, 4),
+    "N3-C2048-bf16-S2": (3, 2048, torch.bfloat16, 2),
 }
 
 
 def make_inputs(case: tuple, seed: int, device: str = "cpu") -> dict:
-    n, c, dtype = case
+    n, c, dtype, parts = case
     g = torch.Generator().manual_seed(seed)
     wide = torch.randn(n, c + 8, generator=g) * 3  # a strided view of wider rows
+    y = torch.randn(parts, n, c, generator=g) if parts else torch.randn(n, c, generator=g)
     return {
         "x": wide[:, :c].to(dtype).to(device),
-        "y": torch.randn(n, c, generator=g).to(dtype).to(device),
+        "y": y.to(dtype).to(device),
         "w": (1 + torch.randn(c, generator=g) / 4).to(dtype).to(device),
         "gate_up": (torch.randn(n, 2 * c, generator=g) * 2).to(dtype).to(device),
     }
@@ -61,8 +65,10 @@ def _check_result(name: str, res: dict) -> None:
     tol = 1e-5 if CASES[name][2] == torch.float32 else 2e-2
     for key, pair in res.items():
         got, want = torch.tensor(pair["got"]), torch.tensor(pair["want"])
-        if key == "x" and tol < 1e-3:  # the residual sum: one rounding either way
+        if key == "x" and tol < 1e-3 and not CASES[name][3]:  # one rounding either way
             assert torch.equal(got, want), name
+        elif key == "x" and tol < 1e-3:  # partials: float32 sums of the same order
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
         elif key == "x":  # one bf16 unit (Triton's interpreter truncates where CUDA rounds)
             torch.testing.assert_close(got, want, rtol=2**-7, atol=0, msg=name)
         else:
@@ -96,10 +102,25 @@ def test_reference_is_the_layers_ops():
     assert torch.equal(fn.silu_mul_reference(inp["gate_up"]), torch.nn.functional.silu(gate) * up)
 
 
+def test_reference_sums_partials_in_float32():
+    """The partials' addend: x + (p0 + p1) in float32, one rounding to x's dtype; not the
+    bf16 sum of the partials (which rounds twice), not x + p0 then + p1 in bf16."""
+    inp = make_inputs(CASES["N3-C2048-bf16-S2"], seed=2)
+    x = inp["x"].clone()
+    h = fn.add_rms_norm_reference(x, inp["y"], inp["w"], 1e-6)
+    want = (inp["x"].double() + inp["y"].double().sum(0)).to(torch.bfloat16)
+    assert torch.equal(x, want)
+    twice = (inp["x"] + inp["y"][0]) + inp["y"][1]
+    assert not torch.equal(x, twice)  # the case tells the two apart
+    assert torch.equal(h, torch.nn.functional.rms_norm(want, (want.shape[1],), inp["w"], 1e-6))
+
+
 def test_bad_arguments_name_what_is_wrong():
     inp = make_inputs(CASES["N5-C576-fp32"], seed=0)
     with pytest.raises(ValueError, match="add_rms_norm"):
         fn.add_rms_norm(inp["x"], inp["y"][:, :10], inp["w"], 1e-6)
+    with pytest.raises(ValueError, match="add_rms_norm"):  # partials of another width
+        fn.add_rms_norm(inp["x"], torch.zeros(2, 5, 570), inp["w"], 1e-6)
     with pytest.raises(ValueError, match="even width"):
         fn.silu_mul(inp["gate_up"][:, :7])
 

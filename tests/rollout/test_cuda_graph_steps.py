@@ -26,14 +26,14 @@ def _same_tokens_and_logprobs(out, ref, atol):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
 
 
-def _glued_against_layers(make_engine, prompts, arch, monkeypatch):
+def _glued_against_layers(make_engine, prompts, arch, monkeypatch, **engine_kw):
     """Completions of the GPU glue path (`Decoder._run_glued`, taken on any machine through
     its kernels' references and whatever the caller patched) and of the layers' own forward:
     (glued, layers)."""
     from rlkit.models.decoder import Decoder
 
     sp = SamplingParams(max_new_tokens=14, stop_token_ids=[17, 99], temperature=1.0, seed=3)
-    kw = dict(max_batch_size=5, sync_every=2, cuda_graphs=True, cpu_kernels=False)
+    kw = dict(max_batch_size=5, sync_every=2, cuda_graphs=True, cpu_kernels=False, **engine_kw)
     ref = make_engine(arch, **kw).generate(prompts, sp, n=2)
     monkeypatch.setattr(Decoder, "_glued", lambda self, x: not torch.is_grad_enabled())
     return make_engine(arch, **kw).generate(prompts, sp, n=2), ref
@@ -438,6 +438,28 @@ def test_the_gpu_glue_takes_the_gate_up_kernel_where_it_applies(make_engine, pro
     out, ref = _glued_against_layers(make_engine, prompts, "qwen2", monkeypatch)
     assert rows and max(rows) <= 8
     _same_tokens_and_logprobs(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_the_gpu_glue_sums_split_k_partials(make_engine, prompts, splits, monkeypatch):
+    """Where `decode_gemm.split_k` applies (forced here on the CPU's plain weights), the glued
+    step's o and down projections are split-K partial sums that the residual add sums: the
+    same tokens and log-probs (to float32 summation order) as the layers' own forward, with
+    both projections of every layer split (plain weights: a GPU's, not oneDNN's)."""
+    from rlkit.kernels import decode_gemm as dg
+
+    widths = []
+
+    def split_k(x, w, b):
+        if not isinstance(w, torch.Tensor) or w.is_mkldnn or b is not None:
+            return 0
+        widths.append(w.shape[1])
+        return splits
+
+    monkeypatch.setattr(dg, "split_k", split_k)
+    out, ref = _glued_against_layers(make_engine, prompts, "qwen2", monkeypatch, prepack=False)
+    assert len(set(widths)) == 2  # o (hidden wide) and down (intermediate wide)
+    _same_tokens_and_logprobs(out, ref, atol=1e-5)
 
 
 def test_gate_up_applies_only_in_the_measured_regime():
