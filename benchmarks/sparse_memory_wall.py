@@ -44,7 +44,7 @@ from rlkit.device import DTYPE_NAMES
 from rlkit.models.config import ModelArgs
 from rlkit.models.decoder import Decoder
 from rlkit.models.loading import DTYPES, resolve_model_dir
-from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
+from rlkit.rollout.kv_cache import CompressedKVCache, KVCache, cache_fills
 
 
 def copy_bandwidth(device: str, gib: float) -> float:
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         )
         slot = CompressedKVCache.compressed_slot_bytes(
             margs.num_layers, min(length, a.budget + interval), length, margs.num_heads,
-            margs.num_kv_heads, margs.head_dim, c, dtype,
+            margs.num_kv_heads, margs.head_dim, c, dtype, fills=cache_fills(c, a.device),
         )  # fmt: skip
         return c, slot
 

@@ -38,7 +38,7 @@ from rlkit.models.tokenizer import eos_token_ids
 from rlkit.rollout.compression import validate
 from rlkit.rollout.cuda_graphs import DecodeGraphs
 from rlkit.rollout.drafters import DRAFTERS, DraftSettings
-from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
+from rlkit.rollout.kv_cache import CompressedKVCache, KVCache, cache_fills
 from rlkit.rollout.sam import SuffixAutomaton, corpus_automaton
 from rlkit.rollout.sampling import SamplingParams
 from rlkit.rollout.scheduler import Completion, DecodeStep, Run
@@ -309,6 +309,7 @@ class Engine:
         return CompressedKVCache.compressed_slot_bytes(
             a.num_layers, min(length, c.budget + c.interval), length, a.num_heads,
             a.num_kv_heads, a.head_dim, c, self.dtype, lookahead,
+            fills=cache_fills(c, self.device),
         )  # fmt: skip
 
     def kv_memory_bytes(self) -> int | None:

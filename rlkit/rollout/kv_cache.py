@@ -539,13 +539,12 @@ class CompressedKVCache(KVCache):
         # the order of places 0..budget-1 by their tokens' positions (the places of the
         # oldest entry first; identity where a row was never filled). A row's entries past
         # the budget are the tokens since its last compression, in order and newer than all
-        # of them. Allocated wherever a cache of this config could fill, as
-        # `compressed_slot_bytes` counts it (the engine sizes its batch from a slot's bytes
-        # before the cache).
-        self.fill = cfg.fills(compiled_kernels(device))
-        could = cfg.compaction != "ordered" and cfg.can_fill()
+        # of them. Allocated only where this cache fills, as `compressed_slot_bytes(...,
+        # fills=...)` counts it (the engine sizes its batch from a slot's bytes before the
+        # cache, with the same choice: `cache_fills`).
+        self.fill = cache_fills(cfg, device)
         self.slot_order = torch.empty(
-            (len(self.comp_layers) if could else 0, num_slots, num_kv_heads, cfg.budget),
+            (len(self.comp_layers) if self.fill else 0, num_slots, num_kv_heads, cfg.budget),
             dtype=_order_dtype(cfg.budget),
             device=device,
         )
@@ -589,12 +588,16 @@ class CompressedKVCache(KVCache):
         cfg: KVCompressionConfig,
         dtype: torch.dtype,
         lookahead: int = 0,
+        *,
+        fills: bool,
     ) -> int:
         """Bytes one slot of a `CompressedKVCache` built with these arguments holds: the
         compressed layers' K/V rows of min(max_len, full_len) entries (the engine passes
         budget + interval: what a row holds at most between compressions), the full layers'
         rows of full_len, each plus `lookahead`, and the policy's statistics (query ring,
-        H2O's accumulated attention, layer_hybrid's entry positions)."""
+        H2O's accumulated attention, layer_hybrid's entry positions); fills: whether the cache
+        compacts by filling (`cache_fills` of its config and device), which keeps each
+        row's order of places."""
         full, comp, q_layers, oracle = _layer_roles(num_layers, cfg)
         m, f = min(max_len, full_len) + lookahead, full_len + lookahead
         item = dtype.itemsize
@@ -605,7 +608,7 @@ class CompressedKVCache(KVCache):
             total += len(comp) * num_kv_heads * m * 4  # float32
         if oracle:
             total += len(full) * m * 8  # int64
-        if cfg.compaction != "ordered" and cfg.can_fill():  # whatever the cache's size
+        if fills:
             order = _order_dtype(cfg.budget).itemsize  # the head's order (`slot_order`)
             total += len(comp) * num_kv_heads * cfg.budget * order
         return total
@@ -1014,6 +1017,12 @@ def _causal_attention_with_colsum(
     real = (t[None, :] < lengths[:, None]).repeat(1, G)  # [R, G*T]
     colsum = (probs * real[:, None, :, None]).sum(dim=2)
     return out, colsum
+
+
+def cache_fills(cfg: KVCompressionConfig, device: torch.device | str) -> bool:
+    """Whether a `CompressedKVCache` of this config on this device compacts by filling
+    (`KVCompressionConfig.fills`: `auto` fills where the device runs the fill's kernels)."""
+    return cfg.fills(compiled_kernels(device))
 
 
 def _order_dtype(budget: int) -> torch.dtype:

@@ -237,8 +237,8 @@ def test_fill_compaction_decodes_as_ordered_compaction(name, deep_dir):
 def test_auto_compaction_fills_where_the_policy_allows_and_the_kernels_run():
     """compaction auto: fill where the policy and schedule allow it on a device that runs the
     fill's Triton kernels (CUDA), ordered elsewhere (the CPU, whose ordered C kernel is the
-    faster); fill where it cannot apply is refused by name; a slot's bytes count the head's
-    order wherever a cache of it could fill."""
+    faster); fill where it cannot apply is refused by name; the head's order is allocated, and
+    counted in a slot's bytes, only where the cache fills."""
 
     def cache(c, slots, device="cpu"):
         return CompressedKVCache(
@@ -258,14 +258,16 @@ def test_auto_compaction_fills_where_the_policy_allows_and_the_kernels_run():
         with pytest.raises(ValueError, match="compaction fill needs"):
             cache(bad, 2)
 
-    def slot(c):
-        return CompressedKVCache.compressed_slot_bytes(2, 16, 64, 4, 2, 8, c, torch.float32)
+    def slot(c, fills):
+        return CompressedKVCache.compressed_slot_bytes(
+            2, 16, 64, 4, 2, 8, c, torch.float32, fills=fills
+        )
 
-    # The head's order: int16 places, per compressed layer and kv head.
-    assert (
-        slot(auto)
-        == slot(cfg("snapkv", window=3, interval=4, compaction="ordered")) + 2 * 2 * 12 * 2
-    )
+    # The head's order: int16 places, per compressed layer and kv head; none in an ordered cache.
+    assert slot(auto, True) == slot(auto, False) + 2 * 2 * 12 * 2
+    assert cache(auto, 3).slot_order.numel() == 0  # the CPU under auto: ordered
+    filled = cache(cfg("snapkv", budget=12, window=3, interval=4, compaction="fill"), 3)
+    assert filled.slot_order.shape == (2, 3, 2, 12) and filled.slot_order.dtype == torch.int16
 
 
 # -- the engine -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 from rlkit.config.schema import KVCompressionConfig
 from rlkit.rollout import SamplingParams
-from rlkit.rollout.kv_cache import CompressedKVCache, KVCache
+from rlkit.rollout.kv_cache import CompressedKVCache, KVCache, cache_fills
 
 SNAPKV = KVCompressionConfig(policy="snapkv", budget=16, window=4, interval=8)
 PROMPTS = [[5, 17, 99, 3], [42, 7, 7, 1], [60, 61, 62, 63], [7, 200, 31, 4], [9, 9, 8, 8]]
@@ -26,10 +26,11 @@ def _gb(n_bytes: int) -> float:
         None,
         SNAPKV,
         KVCompressionConfig(policy="h2o", budget=16, window=4, interval=8),
+        KVCompressionConfig(policy="snapkv", budget=16, window=4, interval=8, compaction="fill"),
         KVCompressionConfig(policy="streaming", budget=16, window=4, interval=8),
         KVCompressionConfig(policy="layer_hybrid", budget=16, window=4, interval=8, full_every=2),
     ],
-    ids=["dense", "snapkv", "h2o", "streaming", "layer_hybrid"],
+    ids=["dense", "snapkv", "h2o", "snapkv-fill", "streaming", "layer_hybrid"],
 )
 @pytest.mark.parametrize("lookahead", [0, 3])
 def test_slot_bytes_are_what_a_cache_allocates_per_slot(cfg, lookahead):
@@ -40,7 +41,9 @@ def test_slot_bytes_are_what_a_cache_allocates_per_slot(cfg, lookahead):
     else:
         args = (3, 5, 24, 50, 4, 2, 16, cfg, dt)
         cache = CompressedKVCache(*args, lookahead=lookahead)
-        per = CompressedKVCache.compressed_slot_bytes(3, 24, 50, 4, 2, 16, cfg, dt, lookahead)
+        per = CompressedKVCache.compressed_slot_bytes(
+            3, 24, 50, 4, 2, 16, cfg, dt, lookahead, fills=cache_fills(cfg, "cpu")
+        )
     assert cache.held_bytes == 5 * per
     assert cache.held_bytes >= cache.allocated_bytes
 
