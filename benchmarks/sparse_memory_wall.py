@@ -21,7 +21,8 @@ the cache's length schedule (dense: prompt + t; sparse: grows to the budget, the
 budget + interval between compressions) times the sequences; floor_ms = bytes / bandwidth.
 
 `--rounds N` runs the three rows N times one after another and takes each row's median round
-(a first run on a fresh machine can be slower than the next ones).
+(a device's drift cannot decide a figure; a fresh process's first dense row was ~6% slower
+until its warm-up became a whole run: `rlkit.bench._warm`).
 
 Output JSON: device, equal_batch_speedup, equal_batch_kv_fraction,
 equal_memory_sequences_ratio, equal_memory_speedup, bandwidth_gb_s, floors per row, and the

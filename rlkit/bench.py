@@ -374,14 +374,24 @@ class _Timed:
 
 def _warm(runner: _Runner, args: argparse.Namespace) -> _Timed:
     """Warm-up (allocation, thread pools, first kernels: CUDA graphs, Triton compilation),
-    then the prefill's median time. On a GPU, where sequences retire at different steps (at
-    their EOS, or a speculative row's own pace), the warm-up is a whole run: the engine
-    captures a CUDA graph per padded row count (and a verify step's draft length and chains)
-    when a run first reaches it, and a timed run must not pay for those captures (the
-    2026-11-30 H200 bench's first speculative repeat, after an 8-token warm-up, took 1.7x the
-    others). Rows that all run to the cap together keep one shape: a short warm-up does."""
+    then the prefill's median time. On a GPU the warm-up is a whole run where a short one
+    would not build what the timed run uses:
+    - where sequences retire at different steps (at their EOS, or a speculative row's own
+      pace): the engine captures a CUDA graph per padded row count (and a verify step's draft
+      length and chains) when a run first reaches it (the 2026-11-30 H200 bench's first
+      speculative repeat, after an 8-token warm-up, took 1.7x the others);
+    - a native dense row: its cache is sized by the run's new tokens, and the kernels a step takes
+      depend on that capacity (the one-launch RoPE + attention up to 1,024 entries, two
+      launches past it). After an 8-token warm-up the 4,096-token timed run compiled
+      `_rope_append_kernel` and a second attention variant, ~1 s: a fresh process's first
+      dense memory-wall row was ~6% slower than the next (2026-12-01, H200,
+      `benchmarks/gpu/dense_first_run_compiles.sh`).
+    A compressed row's cache is sized by its budget and interval: the warm-up that reaches
+    its first compression (`warmup_tokens`) builds it."""
     n = min(args.max_new_tokens, runner.warmup_tokens)
-    if args.device.startswith("cuda") and (args.stop_at_eos or runner.drafter):
+    if args.device.startswith("cuda") and (
+        args.stop_at_eos or runner.drafter or (runner.engine, runner.mode) == ("native", "dense")
+    ):
         n = args.max_new_tokens
     runner.generate(n, 0)
     prefill = statistics.median(runner.generate(1, 100 + i)[0] for i in range(args.repeats))

@@ -421,9 +421,10 @@ def test_spec_summary_at_a_fixed_policy_and_the_rl_runs_length_flag(model_dir, t
 
 
 def test_warm_up_on_a_gpu_is_a_whole_run():
-    """A timed GPU run must not pay for the CUDA graphs its tail captures: where rows retire
-    at different steps the warm-up runs as long as a timed run; on the CPU a few tokens (or up
-    to the first compression)."""
+    """A timed GPU run must not pay for the CUDA graphs its tail captures or for kernels its
+    cache's capacity selects: where rows retire at different steps, and for a native dense
+    row (its cache sized by the run's tokens), the warm-up runs as long as a timed run; a
+    compressed row's to its first compression (`warmup_tokens`); on the CPU a few tokens."""
     import argparse
 
     import rlkit.bench as bench
@@ -431,24 +432,28 @@ def test_warm_up_on_a_gpu_is_a_whole_run():
     class Runner:
         warmup_tokens = 8
 
-        def __init__(self, drafter):
+        def __init__(self, drafter, engine="native", mode="sparse"):
             self.calls = []
             self.drafter = drafter
+            self.engine, self.mode = engine, mode
 
         def generate(self, n, seed):
             self.calls.append(n)
             return 0.01, n
 
-    for device, eos, drafter, first in (
-        ("cuda", True, None, 300),
-        ("cuda:1", False, "sam", 300),
-        ("cuda", False, None, 8),  # every row to the cap together: one shape
-        ("cpu", True, "sam", 8),
+    for device, eos, drafter, kind, first in (
+        ("cuda", True, None, ("native", "sparse"), 300),
+        ("cuda:1", False, "sam", ("native", "spec"), 300),
+        ("cuda", False, None, ("native", "dense"), 300),  # the capacity picks the kernels
+        ("cuda", False, None, ("native", "sparse"), 8),  # sized by budget: one shape
+        ("cuda", False, None, ("hf", "dense"), 8),
+        ("cpu", True, "sam", ("native", "spec"), 8),
+        ("cpu", False, None, ("native", "dense"), 8),
     ):
-        r = Runner(drafter)
+        r = Runner(drafter, *kind)
         ns = argparse.Namespace(max_new_tokens=300, repeats=2, device=device, stop_at_eos=eos)
         bench._warm(r, ns)
-        assert r.calls == [first, 1, 1], (device, eos, drafter)
+        assert r.calls == [first, 1, 1], (device, eos, drafter, kind)
 
 
 def test_step_timeline_by_kind_and_rows(model_dir, capsys):

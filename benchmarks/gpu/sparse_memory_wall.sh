@@ -9,9 +9,12 @@
 # and $OUT/gpu_sparse_memory_wall.log. ALSO_INTERVAL=N: one more equal-memory row at
 # compression interval N (`--also-interval`). COMPACTION=fill|ordered: both sparse rows
 # compact that way (default auto); WALL_NAME: the JSON's and log's name. ROUNDS (default 3):
-# the rows run that many times, each row's figure its median round (a fresh machine's first
-# dense run was ~7% slower than the next ones). Expected: ~2 minutes a round on an H200
-# (dense ~30 s, sparse ~20 s, sparse at ~454 sequences ~45 s, warm-ups), tests ~40 s.
+# the rows run that many times, each row's figure its median round. (A fresh process's first
+# dense run was ~6% slower than the next ones until 2026-12-01: its 8-token warm-up built a
+# 72-entry cache, and the timed run's 4,160-entry one compiled two more Triton kernels. A
+# native dense row's GPU warm-up is now a whole run.) Expected: ~2.5 minutes a round on an
+# H200 (dense ~20 s + its warm-up, sparse ~10 s, sparse at ~454 sequences ~36 s, warm-ups),
+# tests ~40 s.
 source benchmarks/gpu/setup.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
