@@ -9,11 +9,12 @@ gate/up. Does splitting K into S slices (one `torch.bmm` of S batches, then a su
 Variants a projection x [M, K] @ W[N, K]^T, bf16 (the random 1.5B Qwen2 shape):
   linear         F.linear (the engine's path)
   pad            F.linear over the rows rounded up to a multiple of 64 (a padded buffer)
-  bmm{S}         torch.bmm of S K-slices -> [S, M, N] bf16 partials alone (what a consumer that
+  bmm{S}         `decode_gemm.linear_partials` (the engine's: torch.bmm of S K-slice views)
+                 -> [S, M, N] bf16 partials alone (what a consumer that
                  sums the partials itself, e.g. the residual add + RMSNorm after o and down,
                  would pay for the GEMM)
   bmm{S}+sum     the same, then .sum(0) (a standalone split-K)
-  bmm{S}f32      torch.bmm(..., out_dtype=float32) partials (where this torch has it)
+  bmm{S}f32      float32 partials (`out_dtype`, where this torch's bmm takes it)
 Each from a CUDA graph of calls over enough weight copies that they come from memory, median
 of --repeats (`rlkit.bench.time_cuda_graph`); the largest difference of each output from
 linear's is printed beside it.
@@ -27,6 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from rlkit.kernels import decode_gemm as dg
 
 from rlkit.bench import time_cuda_graph
 
@@ -39,13 +41,6 @@ SHAPES = {
 ROTATE_BYTES = 256 << 20
 
 
-def _split_views(x: torch.Tensor, w: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> [S, M, K/S] and W [N, K] -> [S, K/S, N], both views (no copies)."""
-    m, k = x.shape
-    n = w.shape[0]
-    return x.view(m, s, k // s).transpose(0, 1), w.view(n, s, k // s).permute(1, 2, 0)
-
-
 def _variants(x: torch.Tensor, xp: torch.Tensor, ws: list[torch.Tensor], splits: list[int]):
     """label -> fn(i) over weight copy i % len(ws) (see the module's docstring)."""
     c, k = len(ws), x.shape[1]
@@ -54,10 +49,10 @@ def _variants(x: torch.Tensor, xp: torch.Tensor, ws: list[torch.Tensor], splits:
         "pad": lambda i: F.linear(xp, ws[i % c]),
     }
     for s in (s for s in splits if k % s == 0):
-        out[f"bmm{s}"] = lambda i, s=s: torch.bmm(*_split_views(x, ws[i % c], s))
-        out[f"bmm{s}+sum"] = lambda i, s=s: torch.bmm(*_split_views(x, ws[i % c], s)).sum(0)
-        out[f"bmm{s}f32"] = lambda i, s=s: torch.bmm(
-            *_split_views(x, ws[i % c], s), out_dtype=torch.float32
+        out[f"bmm{s}"] = lambda i, s=s: dg.linear_partials(x, ws[i % c], s)
+        out[f"bmm{s}+sum"] = lambda i, s=s: dg.linear_partials(x, ws[i % c], s).sum(0)
+        out[f"bmm{s}f32"] = lambda i, s=s: dg.linear_partials(
+            x, ws[i % c], s, out_dtype=torch.float32
         )
     return out
 

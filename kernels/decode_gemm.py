@@ -98,10 +98,13 @@ def split_k(x: torch.Tensor, weight: object, bias: torch.Tensor | None) -> int:
     return 2
 
 
-def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+def linear_partials(
+    x: torch.Tensor, weight: torch.Tensor, splits: int, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """[S, M, N] partial products of x [M, K] @ weight [N, K]^T over S equal K slices (module
     docstring): one batched GEMM over views of x and weight, each partial rounded to x's
-    dtype; their sum is the product."""
+    dtype (or to out_dtype, e.g. float32, where this torch's bmm takes one); their sum is the
+    product."""
     _check(x, weight, None, "linear_partials")
     m, k = x.shape
     n = weight.shape[0]
@@ -112,7 +115,7 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch
         raise ValueError("linear_partials: x and weight need a unit stride on K")
     xs = x.as_strided((splits, m, c), (c, x.stride(0), 1))
     ws = weight.as_strided((splits, c, n), (c, 1, weight.stride(0)))
-    return torch.bmm(xs, ws)
+    return torch.bmm(xs, ws) if out_dtype is None else torch.bmm(xs, ws, out_dtype=out_dtype)
 
 
 def gate_up_applies(x: torch.Tensor, gate_up: torch.Tensor, bias: torch.Tensor | None) -> bool:

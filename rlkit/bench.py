@@ -385,7 +385,7 @@ def _warm(runner: _Runner, args: argparse.Namespace) -> _Timed:
       launches past it). After an 8-token warm-up the 4,096-token timed run compiled
       `_rope_append_kernel` and a second attention variant, ~1 s: a fresh process's first
       dense memory-wall row was ~6% slower than the next (2026-12-01, H200,
-      `benchmarks/gpu/dense_first_run_compiles.sh`).
+      `benchmarks/gpu/dense_first_run.sh`).
     A compressed row's cache is sized by its budget and interval: the warm-up that reaches
     its first compression (`warmup_tokens`) builds it."""
     n = min(args.max_new_tokens, runner.warmup_tokens)

@@ -19,11 +19,7 @@ for mode in dense spec; do
   timeout 120 python3 benchmarks/profile_rollout.py --model $m --mode $mode --batch 128 \
     --new-tokens 256 --mtp-vocab 8192 --out $OUT/prof_smol_$mode.txt 2>&1 | grep -v Warn | head -3
 done
-[ -d /tmp/m15b_4k ] || python3 -c "
-from rlkit.models.tiny import save_tiny_model
-save_tiny_model('/tmp/m15b_4k', 'qwen2', vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                num_layers=24, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
-                max_position_embeddings=4224)"
+memory_wall_model
 for mode in dense sparse; do
   timeout 120 python3 benchmarks/profile_rollout.py --model /tmp/m15b_4k --mode $mode --batch 64 \
     --new-tokens 1024 --out $OUT/prof_15b_$mode.txt 2>&1 | grep -v Warn | head -3

@@ -24,4 +24,13 @@ smollm2_with_mtp() {
   cp -r "$(python3 -c "from rlkit.models.loading import resolve_model_dir as r; print(r('smollm2-135m-instruct'))")" /tmp/smollm2_mtp
   cp "$1/mtp.safetensors" /tmp/smollm2_mtp/
 }
+# The memory wall's random 1.5B Qwen2-shaped checkpoint (max_position_embeddings 4224: 64 +
+# 4,096 tokens) at /tmp/m15b_4k, written once per machine.
+memory_wall_model() {
+  [ -d /tmp/m15b_4k ] || python3 -c "
+from rlkit.models.tiny import save_tiny_model
+save_tiny_model('/tmp/m15b_4k', 'qwen2', vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                num_layers=24, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
+                max_position_embeddings=4224)"
+}
 set +e

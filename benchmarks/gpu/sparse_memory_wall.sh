@@ -39,11 +39,7 @@ if [ "${SPARSE_TESTS:-1}" != 0 ]; then
     tests/rollout/test_cuda_graph_steps.py -k "cuda_graph_steps_decode_like_eager or never_sync or gate_up" 2>&1 \
     | tail -4 | tee -a $OUT/gpu_sparse_memory_wall.log
 fi
-python3 -c "
-from rlkit.models.tiny import save_tiny_model
-save_tiny_model('/tmp/m15b_4k', 'qwen2', vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                num_layers=24, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
-                max_position_embeddings=4224)" || exit 1
+memory_wall_model || exit 1
 python3 benchmarks/sparse_memory_wall.py --model /tmp/m15b_4k --device cuda --batch 64 \
   --prompt-len 64 --new-tokens 4096 --policy snapkv --budget 512 --window 8 --interval 64 \
   --compaction "${COMPACTION:-auto}" --rounds "${ROUNDS:-3}" \

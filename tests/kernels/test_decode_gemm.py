@@ -149,6 +149,9 @@ def test_split_k_on_gpu():
     p = dg.linear_partials(x, w, dg.split_k(x, w, None))
     ref = x.float() @ w.float().T
     torch.testing.assert_close(p.float().sum(0), ref, rtol=0.02, atol=0.03)
+    p32 = dg.linear_partials(x, w, 2, out_dtype=torch.float32)  # the bench's float32 variant
+    assert p32.dtype == torch.float32
+    torch.testing.assert_close(p32.sum(0), ref, rtol=0.01, atol=0.01)
 
 
 if __name__ == "__main__":
