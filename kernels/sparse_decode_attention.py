@@ -618,9 +618,10 @@ def _check_fused(q, k, v, cos, sin, k_cache, v_cache, lengths, ring_store, ring)
     attention's."""
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, H, D] (one new token a row), got {tuple(q.shape)}")
-    write = (lengths.to(torch.int64) - 1)[:, None]
-    rope_append._check(q, k, v, cos, sin, write, k_cache, v_cache, ring_store, ring)
     _check(q[:, 0], k_cache, v_cache, lengths, None)
+    # rope_append checks its write indices' shape only: a view of lengths stands in for them.
+    # (Computing them, lengths - 1, was a launch a layer in every captured decode step.)
+    rope_append._check(q, k, v, cos, sin, lengths[:, None], k_cache, v_cache, ring_store, ring)
 
 
 # RLKIT_FUSED_ROPE_ATTENTION=0 keeps the decode step on the two-launch path (rope_append, then
