@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
+from rlkit.kernels.triton_support import HAS_TRITON, pdl, tl, triton, wait_for_inputs
 
 __all__ = [
     "HAS_TRITON",
@@ -177,7 +177,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -249,6 +251,7 @@ def _launch(
         HAS_BIAS=bias is not None, SILU_PAIR=silu_pair,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
         UPCAST=not x.is_cuda or x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        **pdl(x.device),
     )  # fmt: skip
     return out
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
+from rlkit.kernels.triton_support import HAS_TRITON, pdl, tl, triton, wait_for_inputs
 
 __all__ = [
     "HAS_TRITON",
@@ -79,8 +79,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_rms_norm_kernel(
-        X, Y, W, H, C, sx, sy, sparts, sh, eps, PARTS: tl.constexpr, BLOCK: tl.constexpr
-    ):
+        X, Y, W, H, C, sx, sy, sparts, sh, eps, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < C
@@ -96,7 +98,8 @@ if HAS_TRITON:
         tl.store(H + row * sh + cols, (sf * rstd * w).to(H.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(GU, A, inner, sg, sa, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(GU, A, inner, sg, sa, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inner
@@ -121,6 +124,7 @@ def add_rms_norm_triton(
         _add_rms_norm_kernel[(n,)](
             x, parts, weight, h, c, x.stride(0), parts.stride(1), parts.stride(0), h.stride(0),
             eps, PARTS=parts.shape[0], BLOCK=block, num_warps=4 if block <= 2048 else 8,
+            **pdl(x.device),
         )  # fmt: skip
     return h
 
@@ -137,7 +141,9 @@ def silu_mul_triton(gate_up: torch.Tensor, *, block: int = 1024) -> torch.Tensor
     a = torch.empty((n, inner), dtype=gate_up.dtype, device=gate_up.device)
     if n:
         grid = (n, triton.cdiv(inner, block))
-        _silu_mul_kernel[grid](gate_up, a, inner, gate_up.stride(0), a.stride(0), BLOCK=block)
+        _silu_mul_kernel[grid](
+            gate_up, a, inner, gate_up.stride(0), a.stride(0), BLOCK=block, **pdl(a.device)
+        )
     return a
 
 

@@ -29,7 +29,7 @@ kernel for CUDA tensors when Triton is importable and D is a power of two, else 
 from __future__ import annotations
 
 import torch
-from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
+from rlkit.kernels.triton_support import HAS_TRITON, pdl, tl, triton, wait_for_inputs
 
 __all__ = ["HAS_TRITON", "rope_append", "rope_append_reference", "rope_append_triton"]
 
@@ -121,10 +121,12 @@ if HAS_TRITON:
         HALF: tl.constexpr,
         HP: tl.constexpr,
         KP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Program (token): every query, key and value head of one token, so that a program
         has work enough (one per (token, head) left the GPU scheduling 14,560 tiny programs
         a layer at 455 sequences) and loads its cos / sin once."""
+        wait_for_inputs(PDL)
         bt = tl.program_id(0)
         b = (bt // T).to(tl.int64)
         t = (bt % T).to(tl.int64)
@@ -204,7 +206,7 @@ def rope_append_triton(
         v_store.stride(0), v_store.stride(1), v_store.stride(2),
         qr.stride(0), qr.stride(1), qr.stride(2), rg.stride(0), rg.stride(1),
         HAS_RING=has_ring, HALF=D // 2, HP=triton.next_power_of_2(H),
-        KP=triton.next_power_of_2(kvh), num_warps=4,
+        KP=triton.next_power_of_2(kvh), num_warps=4, **pdl(q.device),
     )  # fmt: skip
     return q_out
 

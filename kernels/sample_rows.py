@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
+from rlkit.kernels.triton_support import HAS_TRITON, pdl, tl, triton, wait_for_inputs
 
 __all__ = [
     "HAS_TRITON",
@@ -119,9 +119,12 @@ def emit_reference(emit: Emit, tokens: torch.Tensor, logp: torch.Tensor) -> None
 if HAS_TRITON:
 
     @triton.jit
-    def _chunk_stats_kernel(X, M, S, V, stride_x, C, inv_t, CHUNK: tl.constexpr):
+    def _chunk_stats_kernel(
+        X, M, S, V, stride_x, C, inv_t, CHUNK: tl.constexpr, PDL: tl.constexpr = False
+    ):
         """Program (row, chunk): the chunk's maximum of x / T and its total of
         exp(x / T - that maximum), accumulated in float64."""
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         cols = c * CHUNK + tl.arange(0, CHUNK)
@@ -137,10 +140,11 @@ if HAS_TRITON:
     def _pick_kernel(
         X, M, S, U, Tokens, Logp, V, stride_x, C, inv_t,
         OutTok, OutLogp, stride_out, Seq, Count, Last, Done, Stop, n_stop,
-        CHUNK: tl.constexpr, CP: tl.constexpr, EMIT: tl.constexpr,
+        CHUNK: tl.constexpr, CP: tl.constexpr, EMIT: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Program row: combine the chunks' statistics into the row's maximum and total, find
         the chunk where the running sum passes u times the total, then the token inside it."""
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         cs = tl.arange(0, CP)
         m_c = tl.load(M + row * C + cs, mask=cs < C, other=float("-inf"))
@@ -227,7 +231,9 @@ def sample_rows_triton(
     m = torch.empty(n, c, dtype=torch.float32, device=dev)
     s = torch.empty(n, c, dtype=torch.float64, device=dev)
     inv_t = 1.0 / temperature
-    _chunk_stats_kernel[(n, c)](logits, m, s, v, logits.stride(0), c, inv_t, CHUNK=chunk)
+    _chunk_stats_kernel[(n, c)](
+        logits, m, s, v, logits.stride(0), c, inv_t, CHUNK=chunk, **pdl(dev)
+    )
     if emit is None:
         targets: tuple = (tokens, logp, 0, tokens, tokens, tokens, tokens, tokens, 0)
     else:
@@ -238,6 +244,7 @@ def sample_rows_triton(
     _pick_kernel[(n,)](
         logits, m, s, u, tokens, logp, v, logits.stride(0), c, inv_t, *targets,
         CHUNK=chunk, CP=triton.next_power_of_2(c), EMIT=emit is not None, num_warps=4,
+        **pdl(dev),
     )  # fmt: skip
     return tokens, logp
 

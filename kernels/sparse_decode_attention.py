@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from rlkit.kernels import cpu as cpu_kernels
 from rlkit.kernels import rope_append
-from rlkit.kernels.triton_support import HAS_TRITON, tl, triton
+from rlkit.kernels.triton_support import HAS_TRITON, pdl, tl, triton, wait_for_inputs
 
 __all__ = [
     "HAS_TRITON",
@@ -234,7 +234,9 @@ if HAS_TRITON:
         HAS_RING: tl.constexpr = False,
         T: tl.constexpr = 1,  # new tokens a row; query row r is head kvh * G + r // T, token r % T
         CHAIN: tl.constexpr = 0,  # > 0: the T tokens are a tree of chains of CHAIN tokens
+        PDL: tl.constexpr = False,
     ):
+        wait_for_inputs(PDL)
         # 64-bit indices: a view of a large cache easily puts b * stride_kb past 2**31.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
@@ -391,7 +393,9 @@ if HAS_TRITON:
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        wait_for_inputs(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
@@ -550,6 +554,7 @@ def sparse_decode_attention_triton(
         DIRECT=num_splits == 1,
         IEEE_DOT=ieee,
         **opts,
+        **pdl(q.device),
     )
     if num_splits > 1:
         # (head, token) pairs as H * T rows: out4 is contiguous, so row h * T + t is at
@@ -567,6 +572,7 @@ def sparse_decode_attention_triton(
             BLOCK_D=BLOCK_D,
             BLOCK_S=max(2, _next_pow2(num_splits)),
             num_warps=4 if BLOCK_D >= 128 else 2,
+            **pdl(q.device),
         )
     return out
 

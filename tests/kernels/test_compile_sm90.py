@@ -68,13 +68,34 @@ def test_greedy_verify_kernel_compiles():
     assert _compile(sv._verify_greedy_kernel, sig, {"K": 3, "K_PAD": 4, "BLOCK_V": 1024})
 
 
-@pytest.mark.parametrize("parts", [1, 2])
-def test_add_rms_norm_kernel_compiles(parts):
+@pytest.mark.parametrize("parts, pdl", [(1, False), (2, False), (1, True)])
+def test_add_rms_norm_kernel_compiles(parts, pdl):
     sig = {
         "X": "*bf16", "Y": "*bf16", "W": "*bf16", "H": "*bf16", "C": "i32", "sx": "i32",
         "sy": "i32", "sparts": "i32", "sh": "i32", "eps": "fp32",
     }  # fmt: skip
-    assert _compile(fn._add_rms_norm_kernel, sig, {"PARTS": parts, "BLOCK": 2048})
+    cubin = _compile(fn._add_rms_norm_kernel, sig, {"PARTS": parts, "BLOCK": 2048, "PDL": pdl})
+    assert cubin
+
+
+def test_pdl_wait_compiles_into_the_kernel():
+    """With PDL the kernel's first instruction waits on its predecessor (`griddepcontrol.wait`
+    in the PTX); without, no such instruction."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {"GU": "*bf16", "A": "*bf16", "inner": "i32", "sg": "i32", "sa": "i32"}
+    ptx = {}
+    for on in (False, True):
+        consts = {"BLOCK": 1024, "PDL": on}
+        src = ASTSource(
+            fn=fn._silu_mul_kernel,
+            signature={**sig, **{k: "constexpr" for k in consts}},
+            constexprs=consts,
+        )
+        ptx[on] = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx[True]
+    assert "griddepcontrol.wait" not in ptx[False]
 
 
 def test_fill_kernel_compiles():
