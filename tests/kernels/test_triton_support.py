@@ -3,7 +3,6 @@ on only for a CUDA device that has it (compute capability 9.0+) and can be turne
 
 from __future__ import annotations
 
-import pytest
 import torch
 from rlkit.kernels import triton_support as ts
 
@@ -13,13 +12,15 @@ def test_pdl_is_off_off_cuda():
 
 
 def test_pdl_follows_the_switch_and_the_capability(monkeypatch):
-    if not (ts.HAS_TRITON and ts._HAS_GDC):
-        pytest.skip("this triton has no gdc_wait: pdl is off everywhere")
     dev = torch.device("cuda", 0)
+    monkeypatch.setattr(ts, "_HAS_GDC", True)  # a Triton with gdc_wait, installed or not
     monkeypatch.setattr(ts, "_CAPABLE", {0: True})
     assert ts.pdl(dev) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setattr(ts, "_PDL_ON", False)  # RLKIT_PDL=0
     assert ts.pdl(dev) == {"PDL": False}
     monkeypatch.setattr(ts, "_PDL_ON", True)
+    monkeypatch.setattr(ts, "_HAS_GDC", False)  # a Triton without it
+    assert ts.pdl(dev) == {"PDL": False}
+    monkeypatch.setattr(ts, "_HAS_GDC", True)
     monkeypatch.setattr(ts, "_CAPABLE", {0: False})  # an Ampere GPU
     assert ts.pdl(dev) == {"PDL": False}
